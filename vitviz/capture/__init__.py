@@ -1,0 +1,7 @@
+"""Attention capture: adapters registry and the `capture()` context manager."""
+
+from . import _timm, _transformers, _torch_mha, _generic  # noqa: F401  (register adapters)
+from ._capture import Pass, Recording, capture
+from ._registry import Adapter, Site, list_adapters, register_adapter
+
+__all__ = ["capture", "Recording", "Pass", "Adapter", "Site", "list_adapters", "register_adapter"]

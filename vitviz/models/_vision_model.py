@@ -1,0 +1,346 @@
+"""`VisionModel`: a torch module plus what vitviz needs to know about its tokens.
+
+The token layout is data that the model reports (timm's ``num_prefix_tokens`` and
+``patch_embed``, a transformers config's ``patch_size``, a hand-written model's
+``cls_token``), completed by the input's height and width at capture time. It is
+never guessed from ``sqrt(N)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import LayoutError
+from ..types import TokenLayout
+
+_PREFIX_PARAM_NAMES = ("cls_token", "class_token", "dist_token", "distillation_token", "reg_token",
+                       "register_tokens")
+
+
+def _pair(x) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        return int(x[0]), int(x[-1])
+    return int(x), int(x)
+
+
+class VisionModel:
+    """A torch module in eval mode with its token layout and preprocessing.
+
+    Build one with :func:`vitviz.load_model` or :func:`vitviz.wrap`; call it like the
+    module itself.
+
+    Attributes:
+        module: the ``torch.nn.Module`` (in eval mode).
+        layout: :class:`TokenLayout` at the model's default input size.
+        patch_size: ``(ph, pw)`` when known; with the input size it gives the grid.
+        labels: class names, when the model has them.
+        tokenizer: a tokenizer for captioning models, when available.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        patch_size: Optional[tuple[int, int]] = None,
+        grid: Optional[tuple[int, int]] = None,
+        num_prefix: Optional[int] = None,
+        has_cls: Optional[bool] = None,
+        pad_to_patch: bool = False,
+        preprocessor: Optional[Callable[..., torch.Tensor]] = None,
+        labels: Optional[Sequence[str]] = None,
+        tokenizer: Any = None,
+        name: Optional[str] = None,
+        grid_fixed: bool = False,
+    ):
+        self.module = module.eval()
+        self.patch_size = _pair(patch_size) if patch_size is not None else None
+        self.num_prefix = num_prefix
+        self.has_cls = has_cls
+        self.pad_to_patch = pad_to_patch
+        self.preprocessor = preprocessor
+        self.labels = list(labels) if labels is not None else None
+        self.tokenizer = tokenizer
+        self.name = name or type(module).__name__
+        self._grid = _pair(grid) if grid is not None else None
+        # grid_fixed: the user stated the grid (e.g. a CNN feature map); use it for every input
+        self._grid_fixed = grid_fixed and grid is not None
+
+    # -- calling ---------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def to(self, *args, **kwargs) -> "VisionModel":
+        self.module.to(*args, **kwargs)
+        return self
+
+    # -- preprocessing ---------------------------------------------------------------------
+    @property
+    def input_size(self) -> Optional[tuple[int, int]]:
+        """``(H, W)`` of the preprocessed input, when known."""
+        size = getattr(self.preprocessor, "size", None)
+        if size is not None:
+            return _pair(size)
+        if self._grid is not None and self.patch_size is not None:
+            return self._grid[0] * self.patch_size[0], self._grid[1] * self.patch_size[1]
+        return None
+
+    def preprocess(self, image) -> torch.Tensor:
+        """Turn an image into the model's input tensor ``[1, 3, H, W]`` on the model's device.
+
+        Args:
+            image: a path, a ``PIL.Image``, an ``HxWx3`` uint8 RGB array, or an already
+                preprocessed tensor (``[3, H, W]`` or ``[B, 3, H, W]``), passed through.
+        """
+        if isinstance(image, torch.Tensor):
+            x = image if image.dim() == 4 else image.unsqueeze(0)
+        else:
+            if self.preprocessor is None:
+                raise LayoutError(
+                    f"{self.name} has no preprocessing configuration; pass a preprocessed tensor "
+                    "or give one with vitviz.wrap(module, preprocess=vitviz.Preprocess(...))"
+                )
+            x = self.preprocessor(image)
+        return x.to(device=self.device, dtype=self.dtype)
+
+    # -- layout ----------------------------------------------------------------------------
+    @property
+    def layout(self) -> TokenLayout:
+        """The token layout at the default input size."""
+        grid = self._grid
+        if grid is None:
+            size = self.input_size
+            if size is None or self.patch_size is None:
+                raise LayoutError(
+                    f"{self.name}: the patch grid is unknown; pass grid=(rows, cols) to vitviz.wrap"
+                )
+            grid = self._grid_from_hw(size)
+        return TokenLayout(self.num_prefix if self.num_prefix is not None else 0, grid,
+                           has_cls=self.has_cls)
+
+    def _grid_from_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        ph, pw = self.patch_size
+        rnd = math.ceil if self.pad_to_patch else math.floor
+        return int(rnd(hw[0] / ph)), int(rnd(hw[1] / pw))
+
+    def layout_for(self, input_hw: Optional[tuple[int, int]], num_tokens: int) -> TokenLayout:
+        """The token layout of a sequence of ``num_tokens`` produced from an input of ``input_hw``.
+
+        The grid comes from a fixed grid the user stated, else from the input size and the
+        patch size, else from the default grid. The number of prefix tokens comes from the
+        model, else from ``num_tokens - gh*gw``. A mismatch raises :class:`LayoutError`.
+        """
+        if self._grid_fixed:
+            grid = self._grid
+        elif input_hw is not None and self.patch_size is not None:
+            grid = self._grid_from_hw(input_hw)
+        elif self._grid is not None:
+            grid = self._grid
+        else:
+            raise LayoutError(
+                f"{self.name}: cannot tell the patch grid of a {num_tokens}-token sequence; "
+                "pass grid=(rows, cols) (and num_prefix=) to vitviz.wrap"
+            )
+        num_prefix = self.num_prefix
+        if num_prefix is None:
+            num_prefix = num_tokens - grid[0] * grid[1]
+            if num_prefix < 0:
+                raise LayoutError(
+                    f"{self.name}: {num_tokens} tokens cannot hold a {grid[0]}x{grid[1]} patch grid; "
+                    "pass grid=(rows, cols) to vitviz.wrap"
+                )
+        layout = TokenLayout(num_prefix, grid, has_cls=self.has_cls if num_prefix else None)
+        layout.check_tokens(num_tokens)
+        return layout
+
+    def __repr__(self) -> str:
+        try:
+            layout = self.layout
+        except LayoutError:
+            layout = "unknown"
+        return f"VisionModel({self.name}, layout={layout}, patch_size={self.patch_size})"
+
+
+# --------------------------------------------------------------------------------------------
+# wrap(): describe any module
+# --------------------------------------------------------------------------------------------
+
+def _find_patch_conv(module: nn.Module) -> Optional[nn.Conv2d]:
+    """The first Conv2d whose kernel equals its stride: a ViT patch embedding."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == tuple(m.stride) and m.kernel_size[0] > 1:
+            return m
+    return None
+
+
+def _count_prefix_params(module: nn.Module) -> Optional[int]:
+    """Count CLS / distillation / register tokens held as parameters, or None if there are none."""
+    count, found = 0, False
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _PREFIX_PARAM_NAMES and p.dim() >= 2:
+            found = True
+            count += p.shape[-2] if p.dim() == 3 else 1
+    return count if found else None
+
+
+def _describe_timm(module: nn.Module) -> dict:
+    pe = module.patch_embed
+    info = dict(patch_size=_pair(pe.patch_size), grid=_pair(pe.grid_size),
+                num_prefix=int(module.num_prefix_tokens),
+                has_cls=bool(getattr(module, "cls_token", None) is not None),
+                pad_to_patch=bool(getattr(pe, "dynamic_img_pad", False)))
+    if info["num_prefix"] == 0:
+        info["has_cls"] = None
+    return info
+
+
+def _hf_vision_config(config):
+    """The config of the image encoder inside a transformers config."""
+    for attr in ("vision_config", "encoder"):
+        sub = getattr(config, attr, None)
+        if sub is not None and getattr(sub, "patch_size", None) is not None:
+            return sub
+    return config if getattr(config, "patch_size", None) is not None else None
+
+
+def _describe_hf(module: nn.Module) -> dict:
+    cfg = _hf_vision_config(module.config)
+    if cfg is None:
+        return {}
+    info = dict(patch_size=_pair(cfg.patch_size))
+    if getattr(cfg, "image_size", None) is not None:
+        size = _pair(cfg.image_size)
+        info["grid"] = (size[0] // info["patch_size"][0], size[1] // info["patch_size"][1])
+    # the number of prefix tokens is read off each capture: N - gh*gw (all these models put CLS first)
+    info["has_cls"] = True
+    return info
+
+
+def describe(module: nn.Module) -> dict:
+    """What can be read off a module about its tokens: patch_size, grid, num_prefix, has_cls."""
+    if hasattr(module, "patch_embed") and hasattr(module, "num_prefix_tokens"):
+        return _describe_timm(module)
+    config = getattr(module, "config", None)
+    if config is not None and type(config).__module__.startswith("transformers"):
+        return _describe_hf(module)
+    info: dict = {}
+    conv = _find_patch_conv(module)
+    if conv is not None:
+        info["patch_size"] = _pair(conv.stride)
+    prefix = _count_prefix_params(module)
+    if prefix is not None:
+        info["num_prefix"] = prefix
+        info["has_cls"] = prefix > 0 and any(
+            n.rsplit(".", 1)[-1] in ("cls_token", "class_token") for n, _ in module.named_parameters())
+    image_size = getattr(module, "image_size", None)
+    if image_size is not None and "patch_size" in info:
+        size = _pair(image_size)
+        info["grid"] = (size[0] // info["patch_size"][0], size[1] // info["patch_size"][1])
+    return info
+
+
+def wrap(
+    module: nn.Module,
+    *,
+    grid: Optional[tuple[int, int]] = None,
+    num_prefix: Optional[int] = None,
+    tokenizer: Any = None,
+    patch_size: Optional[int | tuple[int, int]] = None,
+    has_cls: Optional[bool] = None,
+    preprocess: Optional[Callable[..., torch.Tensor]] = None,
+    labels: Optional[Sequence[str]] = None,
+    name: Optional[str] = None,
+) -> VisionModel:
+    """Describe any torch module (timm, transformers, hand-written) as a :class:`VisionModel`.
+
+    The layout is read from the model where possible; ``grid`` and ``num_prefix`` state it
+    where the model cannot tell (e.g. a captioner whose encoder is a CNN with a 12x20 feature
+    map: ``wrap(catr, grid=(12, 20), num_prefix=0)``). A stated ``grid`` is used for every input.
+
+    Args:
+        module: the model; it is put in eval mode.
+        grid: ``(rows, cols)`` of the patch grid, for every input.
+        num_prefix: number of tokens before the patches (CLS, distillation, registers).
+        tokenizer: tokenizer for captioning models.
+        patch_size: patch size, when no patch-embedding convolution reveals it.
+        has_cls: whether token 0 is a CLS token (default: ``num_prefix > 0``).
+        preprocess: callable turning an image into ``[1, 3, H, W]``.
+        labels: class names.
+
+    Returns:
+        VisionModel
+
+    Example:
+        >>> m = vitviz.wrap(timm.create_model("vit_tiny_patch16_224"))
+        >>> m.layout
+        TokenLayout(num_prefix=1, grid=(14, 14), has_cls=True)
+    """
+    if isinstance(module, VisionModel):
+        module = module.module
+    info = describe(module)
+    if patch_size is not None:
+        info["patch_size"] = _pair(patch_size)
+    if num_prefix is not None:
+        info["num_prefix"] = int(num_prefix)
+        if has_cls is None and int(num_prefix) == 0:
+            info["has_cls"] = None
+    if has_cls is not None:
+        info["has_cls"] = has_cls
+    if preprocess is None:
+        preprocess = _default_preprocess(module, info)
+    if labels is None:
+        labels = _labels_of(module)
+    return VisionModel(
+        module,
+        patch_size=info.get("patch_size"),
+        grid=grid if grid is not None else info.get("grid"),
+        grid_fixed=grid is not None,
+        num_prefix=info.get("num_prefix"),
+        has_cls=info.get("has_cls"),
+        pad_to_patch=info.get("pad_to_patch", False),
+        preprocessor=preprocess,
+        labels=labels,
+        tokenizer=tokenizer,
+        name=name,
+    )
+
+
+def _default_preprocess(module: nn.Module, info: dict):
+    from ._preprocess import Preprocess
+
+    if hasattr(module, "pretrained_cfg") and hasattr(module, "patch_embed"):
+        return Preprocess.from_timm(module)
+    config = getattr(module, "config", None)
+    if config is not None and type(config).__module__.startswith("transformers"):
+        return Preprocess.from_hf_config(config)
+    if "grid" in info and "patch_size" in info:
+        g, p = info["grid"], info["patch_size"]
+        return Preprocess(size=(g[0] * p[0], g[1] * p[1]))
+    return None
+
+
+def _labels_of(module: nn.Module) -> Optional[list[str]]:
+    config = getattr(module, "config", None)
+    id2label = getattr(config, "id2label", None) if config is not None else None
+    if id2label and getattr(module, "num_labels", None):
+        names = [str(id2label.get(i, i)) for i in range(len(id2label))]
+        if not all(n.startswith("LABEL_") for n in names):
+            return names
+    return None

@@ -1,0 +1,163 @@
+"""The data that flows between capture, analyzers and renderers.
+
+Everything here is plain data: a token layout and tensors of attention
+probabilities. Users can build these themselves (e.g. from saved ``.npy`` files)
+and hand them to any analyzer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from .errors import LayoutError
+
+if TYPE_CHECKING:  # torch is imported lazily so `vitviz --help` stays fast
+    import torch
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of a Vision Transformer sequence come from.
+
+    The sequence is ``num_prefix`` prefix tokens (CLS first, then distillation
+    and register tokens) followed by ``gh * gw`` patch tokens in row-major order.
+    ``has_cls`` says whether the first prefix token is a CLS token; models with
+    prefix tokens normally have one, models without prefix tokens do not.
+
+    Args:
+        num_prefix: number of non-patch tokens before the patches.
+        grid: ``(gh, gw)`` patch rows and columns of *this* input.
+        has_cls: whether token 0 is a CLS token (default: ``num_prefix > 0``).
+
+    Example:
+        >>> TokenLayout(num_prefix=2, grid=(14, 14)).num_tokens  # DeiT distilled
+        198
+    """
+
+    num_prefix: int = 1
+    grid: tuple[int, int] = (14, 14)
+    has_cls: Optional[bool] = field(default=None)
+
+    def __post_init__(self) -> None:
+        grid = tuple(int(g) for g in self.grid)
+        if len(grid) != 2 or min(grid) < 1:
+            raise LayoutError(f"grid must be two positive ints (rows, cols), got {self.grid!r}")
+        if int(self.num_prefix) < 0:
+            raise LayoutError(f"num_prefix must be >= 0, got {self.num_prefix}")
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "num_prefix", int(self.num_prefix))
+        if self.has_cls is None:
+            object.__setattr__(self, "has_cls", self.num_prefix > 0)
+        elif self.has_cls and self.num_prefix == 0:
+            raise LayoutError("has_cls=True needs num_prefix >= 1 (the CLS token is a prefix token)")
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+    def check_tokens(self, n: int, what: str = "attention") -> None:
+        """Raise :class:`LayoutError` unless a sequence of ``n`` tokens fits this layout."""
+        if n != self.num_tokens:
+            raise LayoutError(
+                f"{what} has {n} tokens but the layout {self} needs "
+                f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches = {self.num_tokens}; "
+                "pass the right grid= / num_prefix= to vitviz.wrap or TokenLayout"
+            )
+
+
+def _as_tensor(x) -> "torch.Tensor":
+    import numpy as np
+    import torch
+
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x
+
+
+@dataclass
+class AttentionMaps:
+    """Self-attention probabilities of an image encoder.
+
+    Args:
+        tensor: ``[L, B, H, N, N]`` float attention (rows sum to 1), layer-major in
+            the order the layers run; query index first, key index second.
+        layout: the :class:`TokenLayout` of the ``N`` tokens.
+
+    Example:
+        >>> maps = AttentionMaps(torch.softmax(torch.randn(2, 1, 3, 5, 5), -1),
+        ...                      TokenLayout(num_prefix=1, grid=(2, 2)))
+        >>> maps.num_layers, maps.num_heads
+        (2, 3)
+    """
+
+    tensor: "torch.Tensor"
+    layout: TokenLayout
+
+    def __post_init__(self) -> None:
+        self.tensor = _as_tensor(self.tensor)
+        t = self.tensor
+        if t.dim() != 5 or t.shape[-1] != t.shape[-2]:
+            raise LayoutError(
+                f"AttentionMaps expects a [L, B, H, N, N] tensor, got shape {tuple(t.shape)}"
+            )
+        self.layout.check_tokens(t.shape[-1])
+
+    @property
+    def num_layers(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.tensor.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.tensor.shape[2]
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def to(self, *args, **kwargs) -> "AttentionMaps":
+        return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout)
+
+
+@dataclass
+class CrossAttentionMaps:
+    """Cross-attention of text queries over image-encoder tokens.
+
+    Args:
+        tensor: ``[L, B, H, T, Ni]``: for every decoder layer, sample, head and
+            text position, the attention over the ``Ni`` encoder tokens.
+        layout: the :class:`TokenLayout` of the encoder tokens (which are patches).
+        tokens: the ``T`` text tokens as strings, when known.
+    """
+
+    tensor: "torch.Tensor"
+    layout: TokenLayout
+    tokens: Optional[Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        self.tensor = _as_tensor(self.tensor)
+        t = self.tensor
+        if t.dim() != 5:
+            raise LayoutError(
+                f"CrossAttentionMaps expects a [L, B, H, T, Ni] tensor, got shape {tuple(t.shape)}"
+            )
+        self.layout.check_tokens(t.shape[-1], "cross-attention keys")
+        if self.tokens is not None:
+            self.tokens = list(self.tokens)
+            if len(self.tokens) != t.shape[-2]:
+                raise LayoutError(
+                    f"{len(self.tokens)} tokens given for {t.shape[-2]} cross-attention query rows"
+                )
+
+    @property
+    def num_layers(self) -> int:
+        return self.tensor.shape[0]
