@@ -1,1 +1,247 @@
-"""(being written)"""
+"""transformers attention (ViT, DeiT, DINOv2, BEiT, CLIP, BLIP, GPT-2, VisionEncoderDecoder, ...).
+
+Which modules produce attention is data that every transformers model declares: its
+``_can_record_outputs`` maps output names (``"attentions"``, ``"cross_attentions"``, ...) to
+module classes, class-name suffixes or ``OutputRecorder`` specs. transformers itself reads
+it in ``utils/output_capturing.py`` (``install_all_output_capturing_hooks`` /
+``recursively_install_hooks``) to serve ``output_attentions=True``; this adapter walks the
+module tree the same way -- each ``PreTrainedModel`` (sub-)model dispatches its own specs
+to its descendants that are not themselves ``PreTrainedModel`` s -- but installs its own
+hooks, which live only inside the capture. ``output_attentions=True`` is never used: it
+installs hooks that transformers leaves on the model for good.
+
+With the default ``sdpa`` implementation the probabilities never exist (the attention
+modules return ``None`` weights). Inside the capture every (sub-)model is switched to
+``eager`` with ``set_attn_implementation``; since that writes to config objects, which may
+be shared (between a model, its sub-models and other models built from the same config),
+the implementation of every reachable config is snapshotted first and written back on
+exit -- to the internal attribute ``_attn_implementation_internal``, so that the public
+setter does not recurse into sub-configs.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ._registry import AUTO, CROSS, IMAGE, TEXT, Adapter, Emit, Site, register_adapter
+
+# attributes that only the config of an image (or patch) encoder has
+_VISION_CONFIG_ATTRS = ("patch_size", "image_size", "num_channels")
+
+
+@dataclass
+class HFSite(Site):
+    """A transformers attention module.
+
+    Attributes:
+        index: position of the attention probabilities in the module's output tuple.
+        key: the ``_can_record_outputs`` key that named the module (e.g. ``"cross_attentions"``).
+        top: the top-most ``PreTrainedModel`` above the module, the one that is switched to eager.
+    """
+
+    index: int = 1
+    key: str = "attentions"
+    top: Optional[nn.Module] = None
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One normalised ``_can_record_outputs`` entry (cf. transformers' ``OutputRecorder``)."""
+
+    key: str
+    target_class: Optional[type]
+    class_name: Optional[str]
+    layer_name: Optional[str]
+    index: int
+
+    def matches(self, module: nn.Module, dotted: str) -> bool:
+        """Whether ``module``, at transformers-style name ``dotted`` (``".a.b"``), is recorded.
+
+        The same test as transformers' ``recursively_install_hooks``.
+        """
+        hit = (isinstance(self.target_class, type) and isinstance(module, self.target_class)) or (
+            self.class_name is not None and dotted.endswith(self.class_name))
+        if not hit:
+            return False
+        if self.layer_name is not None:
+            return "." + self.layer_name.strip(".") + "." in dotted + "."
+        return True
+
+
+def _transformers():
+    """``(PreTrainedModel, PreTrainedConfig, OutputRecorder, registry)``, or None.
+
+    A model built by transformers implies ``transformers.modeling_utils`` is imported; when it
+    is not, there is nothing to find, and importing transformers (slow) is avoided.
+    """
+    if "transformers.modeling_utils" not in sys.modules:
+        return None
+    from transformers.configuration_utils import PreTrainedConfig
+    from transformers.modeling_utils import PreTrainedModel
+
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
+    except ImportError:  # older layouts: read the class attribute instead of the registry
+        _CAN_RECORD_REGISTRY = None
+        from transformers.utils.generic import OutputRecorder  # type: ignore[no-redef]
+    return PreTrainedModel, PreTrainedConfig, OutputRecorder, _CAN_RECORD_REGISTRY
+
+
+def _attention_tasks(model: nn.Module, recorder_cls: type, registry: Any) -> list[_Task]:
+    """The attention entries of ``model``'s ``_can_record_outputs``, normalised.
+
+    As in transformers' ``install_all_output_capturing_hooks``: an entry is a class, a
+    class-name string, an ``OutputRecorder`` or a list of those; a bare class or string
+    records ``output[1]`` for every key that is not a hidden-states key.
+    """
+    flags = registry.get(model) if registry is not None else None
+    if not flags:
+        flags = getattr(model, "_can_record_outputs", None) or {}
+    tasks: list[_Task] = []
+    for key, specs in flags.items():
+        if "attentions" not in key:
+            continue
+        for spec in specs if isinstance(specs, (list, tuple)) else [specs]:
+            if isinstance(spec, recorder_cls):
+                tasks.append(_Task(key, spec.target_class, spec.class_name, spec.layer_name,
+                                   int(spec.index)))
+            elif isinstance(spec, str):
+                tasks.append(_Task(key, None, spec, None, 1))
+            else:
+                tasks.append(_Task(key, spec, None, None, 1))
+    return tasks
+
+
+def _nearest_config(module: nn.Module, ancestors: list[nn.Module], config_cls: type):
+    """The transformers config of ``module`` or of its nearest ancestor holding one."""
+    for m in [module] + ancestors[::-1]:
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, config_cls):
+            return cfg
+    return None
+
+
+def _is_vision_config(cfg) -> bool:
+    return cfg is not None and any(getattr(cfg, a, None) is not None for a in _VISION_CONFIG_ATTRS)
+
+
+def _role(key: str, cfg) -> str:
+    """CROSS for a cross-attention key; else IMAGE in an image encoder, TEXT elsewhere."""
+    if "cross" in key:
+        return CROSS
+    return IMAGE if _is_vision_config(cfg) else TEXT
+
+
+def _reachable_configs(tops: list[nn.Module], config_cls: type) -> dict[int, Any]:
+    """Every transformers config held by a module under ``tops``, and their sub-configs, by id."""
+    found: dict[int, Any] = {}
+
+    def add(cfg) -> None:
+        if not isinstance(cfg, config_cls) or id(cfg) in found:
+            return
+        found[id(cfg)] = cfg
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            add(getattr(cfg, key, None))
+
+    for top in tops:
+        for m in top.modules():
+            add(getattr(m, "config", None))
+    return found
+
+
+@register_adapter
+class TransformersAdapter(Adapter):
+    """Attention of any transformers model, read from its real (eager) forward pass."""
+
+    name = "transformers"
+    priority = 20
+
+    def find(self, root: nn.Module, is_free: Callable[[str], bool]) -> list[Site]:
+        lib = _transformers()
+        if lib is None:
+            return []
+        pretrained_cls, config_cls, recorder_cls, registry = lib
+        found: dict[int, HFSite] = {}
+
+        def walk(module: nn.Module, dotted: str, rel: str, tasks: list[_Task],
+                 top: Optional[nn.Module], ancestors: list[nn.Module]) -> None:
+            # children first, as transformers does; a PreTrainedModel child brings its own tasks
+            for child_name, child in module.named_children():
+                child_dotted = f"{dotted}.{child_name}"
+                child_rel = f"{rel}.{child_name}" if rel else child_name
+                if isinstance(child, pretrained_cls):
+                    walk(child, child_dotted, child_rel, _attention_tasks(child, recorder_cls, registry),
+                         top if top is not None else child, ancestors + [module])
+                else:
+                    walk(child, child_dotted, child_rel, tasks, top, ancestors + [module])
+            for task in tasks:
+                if not task.matches(module, dotted) or not is_free(rel):
+                    continue
+                role = _role(task.key, _nearest_config(module, ancestors, config_cls))
+                prev = found.get(id(module))
+                if prev is None:
+                    found[id(module)] = HFSite(rel, module, role, self, index=task.index,
+                                               key=task.key, top=top)
+                elif prev.role != role:  # named by a self- and a cross-attention key alike
+                    prev.role = AUTO
+
+        if isinstance(root, pretrained_cls):
+            walk(root, "", "", _attention_tasks(root, recorder_cls, registry), root, [])
+        else:
+            walk(root, "", "", [], None, [])
+        # module order (transformers' walk visits children before their parents)
+        order = {id(m): i for i, m in enumerate(root.modules())}
+        sites = sorted(found.values(), key=lambda s: order.get(id(s.module), len(order)))
+        # one site per module tree branch: drop a site nested in another one
+        kept: list[Site] = []
+        for s in sites:
+            if not any(s.name.startswith(k.name + ".") for k in kept):
+                kept.append(s)
+        return kept
+
+    def attach(self, sites: list[Site], emit: Emit, stack: ExitStack) -> None:
+        lib = _transformers()
+        if lib is None:  # pragma: no cover - find() returned nothing then
+            return
+        _, config_cls, _, _ = lib
+        tops: list[nn.Module] = []
+        for s in sites:
+            top = getattr(s, "top", None)
+            if top is not None and all(top is not t for t in tops):
+                tops.append(top)
+
+        # snapshot every reachable config before switching: configs may be shared
+        configs = _reachable_configs(tops, config_cls)
+        snapshot = [(cfg, cfg._attn_implementation_internal) for cfg in configs.values()
+                    if hasattr(cfg, "_attn_implementation_internal")]
+
+        def restore() -> None:
+            for cfg, value in snapshot:
+                # the internal attribute: the public setter would recurse into sub-configs
+                cfg._attn_implementation_internal = value
+
+        stack.callback(restore)
+        for top in tops:
+            top.set_attn_implementation("eager")
+
+        for site in sites:
+            index = getattr(site, "index", 1)
+
+            def hook(_mod: nn.Module, _args: tuple, output: Any, _site: Site = site,
+                     _index: int = index) -> None:
+                if isinstance(output, (tuple, list)):
+                    attn = output[_index] if len(output) > _index else None
+                else:
+                    attn = output
+                # [B, H, Q, K] post-softmax; None when the module ran a fused path
+                if isinstance(attn, torch.Tensor) and attn.dim() == 4:
+                    emit(_site, attn, None)
+
+            handle = site.module.register_forward_hook(hook)
+            stack.callback(handle.remove)

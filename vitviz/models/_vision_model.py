@@ -51,6 +51,7 @@ class VisionModel:
         has_cls: Optional[bool] = None,
         pad_to_patch: bool = False,
         preprocessor: Optional[Callable[..., torch.Tensor]] = None,
+        preprocessor_factory: Optional[Callable[[], Any]] = None,
         labels: Optional[Sequence[str]] = None,
         tokenizer: Any = None,
         name: Optional[str] = None,
@@ -61,7 +62,8 @@ class VisionModel:
         self.num_prefix = num_prefix
         self.has_cls = has_cls
         self.pad_to_patch = pad_to_patch
-        self.preprocessor = preprocessor
+        self._preprocessor = preprocessor
+        self._preprocessor_factory = preprocessor_factory
         self.labels = list(labels) if labels is not None else None
         self.tokenizer = tokenizer
         self.name = name or type(module).__name__
@@ -91,6 +93,18 @@ class VisionModel:
         return self
 
     # -- preprocessing ---------------------------------------------------------------------
+    @property
+    def preprocessor(self):
+        """The callable image -> ``[1, 3, H, W]`` tensor (built on first use), or None."""
+        if self._preprocessor is None and self._preprocessor_factory is not None:
+            self._preprocessor = self._preprocessor_factory()
+            self._preprocessor_factory = None
+        return self._preprocessor
+
+    @preprocessor.setter
+    def preprocessor(self, value) -> None:
+        self._preprocessor, self._preprocessor_factory = value, None
+
     @property
     def input_size(self) -> Optional[tuple[int, int]]:
         """``(H, W)`` of the preprocessed input, when known."""
@@ -303,8 +317,6 @@ def wrap(
             info["has_cls"] = None
     if has_cls is not None:
         info["has_cls"] = has_cls
-    if preprocess is None:
-        preprocess = _default_preprocess(module, info)
     if labels is None:
         labels = _labels_of(module)
     return VisionModel(
@@ -316,6 +328,7 @@ def wrap(
         has_cls=info.get("has_cls"),
         pad_to_patch=info.get("pad_to_patch", False),
         preprocessor=preprocess,
+        preprocessor_factory=None if preprocess is not None else (lambda: _default_preprocess(module, info)),
         labels=labels,
         tokenizer=tokenizer,
         name=name,

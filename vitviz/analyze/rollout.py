@@ -1,0 +1,137 @@
+"""Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers").
+
+Per sample and layer: fuse heads; optionally zero the smallest entries; add the identity
+for the residual connection (``0.5*A + 0.5*I``); re-normalise rows; multiply the layers
+in order. The map is the CLS row of the product over the patch tokens, not rescaled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LayoutError
+from ..types import AttentionMaps, TokenLayout
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """Fuse the head dimension of ``[..., H, Q, K]`` attention into ``[..., Q, K]``.
+
+    Args:
+        attn: attention with heads in dim ``-3``.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"``.
+    """
+    if head_fusion == "mean":
+        return attn.mean(dim=-3)
+    if head_fusion == "max":
+        return attn.amax(dim=-3)
+    if head_fusion == "min":
+        return attn.amin(dim=-3)
+    raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+
+
+def discard_smallest(a: torch.Tensor, discard_ratio: float, keep_first: bool = True) -> torch.Tensor:
+    """Zero the ``k = int(N*N*discard_ratio)`` smallest entries of each sample's ``[N, N]`` matrix.
+
+    When ``keep_first`` (the model has a CLS token), the CLS->CLS entry ``[0, 0]`` is kept even
+    if it is among the ``k`` smallest (then ``k - 1`` entries are zeroed). Batched: one top-k
+    over the flattened matrices, no per-sample loop.
+
+    Shape:
+        a: ``[B, N, N]`` -> ``[B, N, N]`` (a new tensor)
+    """
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    b, n, _ = a.shape
+    k = int(n * n * discard_ratio)
+    if k == 0:
+        return a
+    flat = a.reshape(b, n * n)  # [B, N*N]
+    idx = flat.topk(k, dim=-1, largest=False).indices  # [B, k]
+    keep = torch.ones_like(flat, dtype=torch.bool)  # [B, N*N]
+    keep.scatter_(1, idx, False)
+    if keep_first:
+        keep[:, 0] = True
+    return (flat * keep).reshape(b, n, n)
+
+
+def _layer_matrix(attn_l: torch.Tensor, head_fusion: str, discard_ratio: float,
+                  keep_first: bool) -> torch.Tensor:
+    """One layer's rollout matrix ``0.5*A + 0.5*I``, rows re-normalised.
+
+    Shape:
+        attn_l: ``[B, H, N, N]`` -> ``[B, N, N]`` float32
+    """
+    a = fuse_heads(attn_l.float(), head_fusion)  # [B, N, N]
+    if discard_ratio > 0:
+        a = discard_smallest(a, discard_ratio, keep_first)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # [N, N]
+    a = 0.5 * a + 0.5 * eye
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def rollout_matrix(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                   start_layer: int = 0) -> torch.Tensor:
+    """The full rollout product ``R = Â_L … Â_start`` over all tokens.
+
+    Returns:
+        ``[B, N, N]`` float32; row ``i`` says how much of token ``i``'s final representation
+        flows from each input token.
+    """
+    t = attn.tensor  # [L, B, H, N, N]
+    num_layers = t.shape[0]
+    if not -num_layers <= start_layer < num_layers:
+        raise ValueError(f"start_layer {start_layer} is out of range for {num_layers} layers")
+    start = start_layer % num_layers
+    keep_first = bool(attn.layout.has_cls)
+    r = None
+    for layer in range(start, num_layers):
+        a = _layer_matrix(t[layer], head_fusion, discard_ratio, keep_first)  # [B, N, N]
+        r = a if r is None else a @ r  # R = Â_l R
+    return r
+
+
+def token_map(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Read a patch map out of square token-to-token matrices.
+
+    The CLS row over the patch tokens (prefix tokens dropped), or, for a model without a CLS
+    token, the mean of the patch rows.
+
+    Shape:
+        rows: ``[..., N, N]`` -> ``[..., gh, gw]``
+    """
+    p = layout.num_prefix
+    if rows.shape[-1] != layout.num_tokens:
+        raise LayoutError(f"{rows.shape[-1]} tokens do not fit the layout {layout}")
+    if layout.has_cls:
+        vec = rows[..., 0, p:]  # [..., P]
+    else:
+        vec = rows[..., p:, p:].mean(dim=-2)  # [..., P]
+    return vec.reshape(*vec.shape[:-1], *layout.grid)
+
+
+def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+            start_layer: int = 0) -> torch.Tensor:
+    """Attention rollout map per sample.
+
+    Args:
+        attn: :class:`AttentionMaps` ``[L, B, H, N, N]``.
+        head_fusion: how heads are combined per layer: ``"mean"``, ``"max"`` or ``"min"``.
+        discard_ratio: share of each fused ``N x N`` matrix set to zero, smallest first
+            (the CLS->CLS entry is kept).
+        start_layer: first layer of the product (negative counts from the end).
+
+    Returns:
+        ``[B, gh, gw]`` float32: the CLS row of the rollout product over the patch tokens,
+        not rescaled (for models without CLS, the mean of the patch rows).
+
+    Example:
+        >>> with vitviz.capture(m) as rec:
+        ...     m(x)
+        >>> vitviz.rollout(rec.attentions, discard_ratio=0.9).shape
+        torch.Size([1, 14, 14])
+    """
+    r = rollout_matrix(attn, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                       start_layer=start_layer)  # [B, N, N]
+    return token_map(r, attn.layout)

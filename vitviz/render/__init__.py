@@ -1,0 +1,5 @@
+"""Renderers: RGB uint8 images and maps in, arrays or figures out."""
+
+from .overlay import colorize, normalize_map, overlay
+
+__all__ = ["overlay", "colorize", "normalize_map"]
