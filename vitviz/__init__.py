@@ -1,15 +1,76 @@
-"""vitviz: where is the Vision Transformer looking, and why?"""
+"""vitviz: where is the Vision Transformer looking, and why?
 
-from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, ModelNotFoundError,
-                     VitvizError, WeightsNotFoundError)
-from .types import AttentionMaps, CrossAttentionMaps, TokenLayout
-from .models import VisionModel, wrap
-from .capture import capture
-from .analyze import cls_maps, rollout
-from .render import overlay
+The public API is re-exported here. Names are loaded on first use, so that importing
+``vitviz`` (and running ``vitviz --help``) does not import torch, timm or transformers.
 
-__all__ = [
-    "AttentionMaps", "CrossAttentionMaps", "TokenLayout", "VisionModel", "wrap", "capture", "rollout", "cls_maps", "overlay",
-    "VitvizError", "CaptureError", "CheckpointError", "ImageError", "LayoutError",
-    "ModelNotFoundError", "WeightsNotFoundError",
-]
+Example:
+    >>> import vitviz
+    >>> m = vitviz.load_model("b16")
+    >>> x = m.preprocess("cat.jpg")
+    >>> with vitviz.capture(m) as rec:
+    ...     logits = m(x)
+    >>> heat = vitviz.rollout(rec.attentions, discard_ratio=0.9)[0]
+    >>> png = vitviz.overlay(m.preprocessor.view("cat.jpg"), heat)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # data
+    "TokenLayout": "vitviz.types",
+    "AttentionMaps": "vitviz.types",
+    "CrossAttentionMaps": "vitviz.types",
+    # errors
+    "VitvizError": "vitviz.errors",
+    "CaptureError": "vitviz.errors",
+    "CheckpointError": "vitviz.errors",
+    "ImageError": "vitviz.errors",
+    "LayoutError": "vitviz.errors",
+    "ModelNotFoundError": "vitviz.errors",
+    "WeightsNotFoundError": "vitviz.errors",
+    # load
+    "VisionModel": "vitviz.models",
+    "wrap": "vitviz.models",
+    "load_model": "vitviz.models",
+    "list_models": "vitviz.models",
+    "load_image": "vitviz.models",
+    "Preprocess": "vitviz.models",
+    # capture
+    "capture": "vitviz.capture",
+    "Recording": "vitviz.capture",
+    # analyze
+    "rollout": "vitviz.analyze",
+    "cls_maps": "vitviz.analyze",
+    # render
+    "overlay": "vitviz.render",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vitviz' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .analyze import cls_maps, rollout
+    from .capture import Recording, capture
+    from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, ModelNotFoundError,
+                         VitvizError, WeightsNotFoundError)
+    from .models import Preprocess, VisionModel, list_models, load_image, load_model, wrap
+    from .render import overlay
+    from .types import AttentionMaps, CrossAttentionMaps, TokenLayout

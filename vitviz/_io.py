@@ -1,0 +1,79 @@
+"""Whole-file writes: write to a temporary name in the same folder, then rename.
+
+An interrupted run therefore leaves either the old file, the new file, or nothing at the
+final name, never half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def save_png(path, rgb) -> Path:
+    """Save an ``HxWx3`` uint8 RGB array as PNG (atomically)."""
+    import cv2
+    import numpy as np
+
+    arr = np.ascontiguousarray(rgb)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"OpenCV could not encode {path} as PNG")
+    return atomic_write_bytes(path, buf.tobytes())
+
+
+def save_npy(path, array) -> Path:
+    """Save an array as ``.npy`` (atomically)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+_UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
+
+
+def safe_stem(name: str) -> str:
+    """A file-name stem derived from any source name: no path separators, no traversal,
+    no control characters; Unicode letters are kept."""
+    stem = unicodedata.normalize("NFC", Path(str(name)).stem)
+    stem = _UNSAFE.sub("_", stem).strip("._") or "image"
+    return stem[:120]
+
+
+def unique_stems(names) -> list[str]:
+    """Safe stems for a list of source names, made unique by a numeric suffix."""
+    used: set[str] = set()
+    out = []
+    for n in names:
+        base = stem = safe_stem(n)
+        i = 1
+        while stem.lower() in used:
+            i += 1
+            stem = f"{base}-{i}"
+        used.add(stem.lower())
+        out.append(stem)
+    return out

@@ -1,0 +1,350 @@
+"""`load_model` and `list_models`: aliases, timm names, transformers ids and local files.
+
+Offline first: pretrained weights come from the local Hugging Face / torch hub cache or a
+file given with ``weights=``. Nothing here touches the network, so a missing file fails
+in milliseconds with a message that says what was looked for, where, and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import CheckpointError, ModelNotFoundError, VitvizError, WeightsNotFoundError
+from ._aliases import ALIASES, Alias
+
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def list_models() -> list[str]:
+    """The model aliases vitviz knows (any timm name or transformers id works too).
+
+    Example:
+        >>> "b16" in vitviz.list_models()
+        True
+    """
+    from ..zoo import ZOO  # bundled offline models
+
+    return list(ALIASES) + [n for n in ZOO if n not in ALIASES]
+
+
+@dataclass
+class Resolved:
+    """Where a model name leads."""
+
+    name: str  # what the user typed
+    source: str  # "timm", "transformers" or "zoo"
+    model_id: str  # timm name, transformers id or local directory
+    exact_size: bool = True  # False: position embeddings are interpolated to image_size
+    alias: Optional[Alias] = None
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models() + timm.list_models(pretrained=True)
+
+
+def _looks_like_hf(name: str) -> bool:
+    p = Path(name).expanduser()
+    return (p.is_dir() and (p / "config.json").is_file()) or (
+        name.count("/") == 1 and not name.startswith((".", "/")) and not p.exists())
+
+
+def resolve(name: str, image_size=None) -> Resolved:
+    """Resolve an alias, zoo name, timm name or transformers id; unknown names list close ones."""
+    from ..zoo import ZOO
+
+    if name in ZOO:
+        return Resolved(name, "zoo", name)
+    if name in ALIASES:
+        alias = ALIASES[name]
+        model_id, exact = alias.resolve(image_size)
+        return Resolved(name, alias.source, model_id, exact, alias)
+    if _looks_like_hf(name):
+        return Resolved(name, "transformers", name)
+    import timm
+
+    if timm.is_model(name):
+        return Resolved(name, "timm", name, image_size is None)
+    if Path(name).exists():
+        raise ModelNotFoundError(
+            f"{name} is a path but not a transformers model directory (no config.json); "
+            "to load a weights file use --model <architecture> --weights FILE")
+    candidates = list(ALIASES) + list(ZOO) + _timm_names()
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    if not close:  # substrings help with long timm names ("vit_base" -> vit_base_patch16_224, ...)
+        close = [c for c in candidates if name.lower() in c.lower()][:5]
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise ModelNotFoundError(
+        f"unknown model {name!r}{hint}. Run `vitviz models` for the aliases; any timm model name or "
+        "transformers id (org/name) or local model directory also works")
+
+
+# ---------------------------------------------------------------------------------------------
+# finding pretrained weights locally
+# ---------------------------------------------------------------------------------------------
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def timm_weights_location(model_id: str) -> tuple[Optional[str], str]:
+    """The local file of a timm model's pretrained weights, and a description of what was sought.
+
+    Returns:
+        ``(path or None, "what was looked for, and where")``
+    """
+    import torch
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_id)
+    if cfg is None:
+        return None, f"timm has no pretrained weights for {model_id}"
+    sought = []
+    if cfg.file and os.path.isfile(cfg.file):
+        return cfg.file, cfg.file
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HF_WEIGHT_FILES
+        for filename in files:
+            path = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(path, str) and os.path.isfile(path):
+                return path, path
+        sought.append(f"{repo} ({' or '.join(files)}) in the Hugging Face cache {_hf_cache_dir()}")
+    if cfg.url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url.split("?")[0]))
+        if os.path.isfile(path):
+            return path, path
+        sought.append(path)
+    return None, "; ".join(sought) or f"no download source is known for {model_id}"
+
+
+def _missing_weights(name: str, sought: str) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
+        f"no pretrained weights for {name!r} on this machine (looked for {sought}). Fix: pass "
+        f"--weights FILE, or run once with network access to fill the cache, or use --random "
+        "for untrained weights")
+
+
+def weights_status(name: str) -> tuple[str, Optional[str]]:
+    """``(model id, local weights path or None)`` for `vitviz models`."""
+    r = resolve(name)
+    if r.source == "zoo":
+        from ..zoo import ZOO
+
+        return r.model_id, ZOO[r.name].weights_path()
+    if r.source == "timm":
+        return r.model_id, timm_weights_location(r.model_id)[0]
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(r.model_id, local_files_only=True)
+        return r.model_id, "cached"
+    except (OSError, ValueError):
+        return r.model_id, None
+
+
+# ---------------------------------------------------------------------------------------------
+# load_model
+# ---------------------------------------------------------------------------------------------
+
+def _pick_device(device: Optional[str]):
+    import torch
+
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise VitvizError(f"unknown device {device!r}: {e}; use cpu, cuda or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VitvizError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise VitvizError("--device mps was asked for but MPS is not available; use --device cpu")
+    return dev
+
+
+def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes: Optional[int] = None,
+               image_size=None, device: Optional[str] = "cpu"):
+    """Load a model by alias, timm name, transformers id or local directory.
+
+    Args:
+        name: alias (``b16``, ``deit-s-distilled``, ``dinov2-s-reg`` ... see :func:`list_models`),
+            a bundled zoo model, any timm model name, or a transformers checkpoint id / directory.
+        weights: a weights file (``.safetensors``, ``.pth``/``.pt``/``.bin`` state dict, also
+            nested under ``model``/``state_dict`` or saved from ``pytorch_pretrained_vit``),
+            loaded with ``weights_only=True``.
+        pretrained: ``False`` builds the architecture with untrained weights (no download).
+        num_classes: classifier size (inferred from ``weights`` when not given).
+        image_size: input size in pixels; position embeddings are interpolated when the model
+            was trained at another size.
+        device: ``"cpu"``, ``"cuda"``, ``"mps"`` or ``None`` for the best available.
+
+    Returns:
+        VisionModel in eval mode on ``device``.
+
+    Raises:
+        ModelNotFoundError: unknown name (the message lists the closest names).
+        WeightsNotFoundError: pretrained weights are not on this machine.
+        CheckpointError: the weights file cannot be read or does not fit.
+
+    Example:
+        >>> m = vitviz.load_model("b16", pretrained=False)
+        >>> m.layout
+        TokenLayout(num_prefix=1, grid=(14, 14), has_cls=True)
+    """
+    dev = _pick_device(device)
+    if weights is not None and not pretrained:
+        raise VitvizError("weights= (--weights) and pretrained=False (--random) exclude each other; pick one")
+    if image_size is not None:
+        image_size = int(image_size) if not isinstance(image_size, (tuple, list)) else tuple(image_size)
+    r = resolve(name, image_size)
+    if r.source == "zoo":
+        from ..zoo import ZOO
+
+        vm = ZOO[r.name].load(weights=weights, pretrained=pretrained)
+    elif r.source == "timm":
+        vm = _load_timm(r, weights, pretrained, num_classes, image_size)
+    else:
+        vm = _load_transformers(r, weights, pretrained, num_classes, image_size)
+    return vm.to(dev)
+
+
+def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
+    import timm
+
+    from ._vision_model import wrap
+
+    kwargs = {}
+    if image_size is not None and not r.exact_size:
+        kwargs["img_size"] = image_size
+    labels = None
+    if weights is not None:
+        from ._checkpoint import (convert_pytorch_pretrained_vit, infer_timm_args,
+                                  is_pytorch_pretrained_vit, load_into_timm, read_state_dict)
+
+        sd = read_state_dict(weights)
+        if is_pytorch_pretrained_vit(sd):
+            sd = convert_pytorch_pretrained_vit(sd)
+        inferred = infer_timm_args(sd)
+        if num_classes is None and inferred.get("num_classes") is not None:
+            num_classes = inferred["num_classes"]
+        if image_size is None and inferred.get("grid") is not None:
+            # the checkpoint's own size, when the architecture was made for another one
+            patch = timm.create_model(r.model_id, pretrained=False).patch_embed.patch_size
+            size = (inferred["grid"][0] * patch[0], inferred["grid"][1] * patch[1])
+            kwargs["img_size"] = size
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        model = timm.create_model(r.model_id, pretrained=False, **kwargs)
+        load_into_timm(model, sd, source=str(weights))
+    elif pretrained:
+        path, sought = timm_weights_location(r.model_id)
+        if path is None:
+            raise _missing_weights(r.name if r.name == r.model_id else f"{r.name} ({r.model_id})", sought)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        try:
+            model = timm.create_model(r.model_id, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=path), **kwargs)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise CheckpointError(f"cached weights {path} for {r.model_id} could not be loaded: {e}; "
+                                  "delete the file and download it again") from e
+        labels = _imagenet_labels(model)
+    else:
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        model = timm.create_model(r.model_id, pretrained=False, **kwargs)
+    return wrap(model, labels=labels, name=r.name)
+
+
+def _imagenet_labels(model) -> Optional[list[str]]:
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if not subset:
+            return None
+        info = ImageNetInfo(subset)
+        n = model.num_classes
+        return [info.index_to_description(i) for i in range(n)]
+    except Exception:  # label files are optional metadata; a model without them still works
+        return None
+
+
+def _hf_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel
+
+    return AutoModel
+
+
+def _load_transformers(r: Resolved, weights, pretrained, num_classes, image_size):
+    from transformers import AutoConfig
+
+    from ._vision_model import wrap
+
+    if image_size is not None:
+        raise VitvizError(
+            "--image-size is supported for timm models; a transformers model takes other sizes when "
+            "called with interpolate_pos_encoding=True")
+    try:
+        config = AutoConfig.from_pretrained(r.model_id, local_files_only=True)
+    except (OSError, ValueError) as e:
+        where = r.model_id if Path(r.model_id).is_dir() else f"the Hugging Face cache {_hf_cache_dir()}"
+        raise _missing_weights(r.name, f"the config of {r.model_id} in {where}") from e
+    extra = {}
+    if num_classes is not None:
+        extra = dict(num_labels=num_classes)
+    cls = _hf_class(config)
+    if weights is not None or not pretrained:
+        for k, v in extra.items():
+            setattr(config, k, v)
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        if weights is not None:
+            from ._checkpoint import read_state_dict
+
+            sd = read_state_dict(weights)
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{weights} does not fit {r.model_id}: {len(missing)} missing keys "
+                    f"({', '.join(missing[:5])}) and {len(unexpected)} unexpected keys "
+                    f"({', '.join(unexpected[:5])}); check --model and --num-classes")
+    else:
+        try:
+            model = cls.from_pretrained(r.model_id, local_files_only=True,
+                                        ignore_mismatched_sizes=bool(extra), **extra)
+        except OSError as e:
+            raise _missing_weights(r.name, f"the weights of {r.model_id} in {_hf_cache_dir()}") from e
+    vm = wrap(model, name=r.name)
+    _attach_hf_processor(vm, r.model_id)
+    return vm
+
+
+def _attach_hf_processor(vm, model_id: str) -> None:
+    """Use the checkpoint's own image processor settings when they are on disk."""
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(model_id, local_files_only=True)
+    except (OSError, ValueError, ImportError):
+        return
+    from ._preprocess import Preprocess
+
+    vm.preprocessor = Preprocess.from_hf_processor(proc)
