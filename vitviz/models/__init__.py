@@ -1,5 +1,9 @@
-"""Model loading: aliases, loaders, checkpoint converters, preprocessing."""
+"""Model loading: aliases, loaders, checkpoint converters, image loading, preprocessing."""
 
+from ._image import load_image, to_rgb_array
+from ._loader import list_models, load_model
+from ._preprocess import Preprocess
 from ._vision_model import VisionModel, describe, wrap
 
-__all__ = ["VisionModel", "wrap", "describe"]
+__all__ = ["VisionModel", "wrap", "describe", "load_model", "list_models", "load_image",
+           "to_rgb_array", "Preprocess"]

@@ -239,11 +239,9 @@ def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
         inferred = infer_timm_args(sd)
         if num_classes is None and inferred.get("num_classes") is not None:
             num_classes = inferred["num_classes"]
-        if image_size is None and inferred.get("grid") is not None:
-            # the checkpoint's own size, when the architecture was made for another one
-            patch = timm.create_model(r.model_id, pretrained=False).patch_embed.patch_size
-            size = (inferred["grid"][0] * patch[0], inferred["grid"][1] * patch[1])
-            kwargs["img_size"] = size
+        if image_size is None and inferred.get("img_size") is not None:
+            # the checkpoint's own size (e.g. a 384 px fine-tune of a 224 px architecture)
+            kwargs["img_size"] = inferred["img_size"]
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         model = timm.create_model(r.model_id, pretrained=False, **kwargs)
