@@ -12,10 +12,12 @@ for the duration of the ``with`` block only:
   exactly what it asked for: ``(out, None)``, ``(out, head-averaged weights)`` or
   ``(out, per-head weights)``, so the module's outputs are unchanged by capture.
 - In eval mode without grad, ``nn.TransformerEncoderLayer`` runs the fused kernel
-  ``torch._transformer_encoder_layer_fwd``, which never calls ``MultiheadAttention.forward``,
-  and ``nn.TransformerEncoder`` may turn padded batches into nested tensors. Both are behind
-  the process-wide switch ``torch.backends.mha.get_fastpath_enabled()``, which is turned off
-  inside the block and restored to its previous value on exit.
+  ``torch._transformer_encoder_layer_fwd``, which never calls ``MultiheadAttention.forward``
+  (torch 2.14 also skips it when a hook sits on the layer, older versions do not), and
+  ``nn.TransformerEncoder`` turns a batch with a key padding mask into a nested tensor before
+  any layer runs, hooks or not. All of these are behind the process-wide switch
+  ``torch.backends.mha.get_fastpath_enabled()``, which is turned off inside the block and
+  restored to its previous value on exit.
 
 Roles: inside ``nn.TransformerDecoderLayer``, ``self_attn`` is the text self-attention (TEXT)
 and ``multihead_attn`` the cross-attention over the encoder tokens (CROSS); inside

@@ -86,11 +86,15 @@ def _transformers():
     from transformers.modeling_utils import PreTrainedModel
 
     try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
-    except ImportError:  # older layouts: read the class attribute instead of the registry
-        _CAN_RECORD_REGISTRY = None
-        from transformers.utils.generic import OutputRecorder  # type: ignore[no-redef]
-    return PreTrainedModel, PreTrainedConfig, OutputRecorder, _CAN_RECORD_REGISTRY
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY as registry
+        from transformers.utils.output_capturing import OutputRecorder as recorder
+    except ImportError:  # other layouts: read the class attribute instead of the registry
+        registry = None
+        try:
+            from transformers.utils.generic import OutputRecorder as recorder  # type: ignore
+        except ImportError:
+            recorder = ()  # isinstance(x, ()) is always False
+    return PreTrainedModel, PreTrainedConfig, recorder, registry
 
 
 def _attention_tasks(model: nn.Module, recorder_cls: type, registry: Any) -> list[_Task]:
@@ -163,6 +167,18 @@ class TransformersAdapter(Adapter):
     priority = 20
 
     def find(self, root: nn.Module, is_free: Callable[[str], bool]) -> list[Site]:
+        """The modules named by the attention keys of each (sub-)model's ``_can_record_outputs``.
+
+        Args:
+            root: any module; the transformers models may be nested anywhere in it.
+            is_free: ``is_free(name)`` is False for modules another adapter claimed.
+
+        Returns:
+            :class:`HFSite` s in module order: role CROSS for a key containing ``"cross"``,
+            else IMAGE when the nearest config (of the module or its nearest ancestor holding
+            one) describes an image encoder (``patch_size`` / ``image_size`` / ``num_channels``),
+            TEXT otherwise.
+        """
         lib = _transformers()
         if lib is None:
             return []
@@ -206,6 +222,13 @@ class TransformersAdapter(Adapter):
         return kept
 
     def attach(self, sites: list[Site], emit: Emit, stack: ExitStack) -> None:
+        """Switch the models owning ``sites`` to eager attention and hook every site.
+
+        Args:
+            sites: what :meth:`find` returned.
+            emit: called with ``(site, attention [B, H, Q, K], None)`` at every forward.
+            stack: receives the undo steps: configs restored, hooks removed.
+        """
         lib = _transformers()
         if lib is None:  # pragma: no cover - find() returned nothing then
             return

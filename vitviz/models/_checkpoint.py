@@ -1,0 +1,552 @@
+"""Weights files: read them safely, convert pytorch_pretrained_vit keys to timm, load into timm.
+
+Reading never runs arbitrary code: ``.safetensors`` files go through safetensors and
+pickled files (``.pth``, ``.pt``, ``.bin``, ``.ckpt``) through
+``torch.load(..., weights_only=True)``. A pickle that needs more than tensors and plain
+containers (a whole pickled ``nn.Module``, a custom class, numpy arrays, an
+``argparse.Namespace``) is refused with :class:`~vitviz.errors.CheckpointError`.
+
+Checkpoints saved from ``pytorch_pretrained_vit`` (https://github.com/lukemelas/PyTorch-Pretrained-ViT)
+hold the same ViT as timm's ``VisionTransformer`` under other names, with the query, key
+and value projections kept apart; :func:`convert_pytorch_pretrained_vit` renames them and
+concatenates q, k, v into timm's fused ``qkv``.
+
+Example:
+    >>> sd = read_state_dict("B_16_imagenet1k_finetuned.pth")
+    >>> if is_pytorch_pretrained_vit(sd):
+    ...     sd = convert_pytorch_pretrained_vit(sd)
+    >>> model = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=37)
+    >>> load_into_timm(model, sd, source="B_16_imagenet1k_finetuned.pth")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+
+# Keys under which training scripts nest the weights, in order of preference: the live
+# weights first, an exponential moving average only when nothing else is there.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network",
+                 "state_dict_ema", "model_ema", "ema")
+# Prefixes that wrappers add to every key: DistributedDataParallel / DataParallel ("module."),
+# torch.compile ("_orig_mod."), a LightningModule or a wrapper holding the net as `.model`.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+_RESAVE_FIX = (
+    "in the code that wrote it (and only if you trust the file), load it there and save the "
+    "weights alone: torch.save(model.state_dict(), 'weights.pth') or "
+    "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')"
+)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file into a flat ``{name: tensor}`` dict on the CPU, without running code.
+
+    ``.safetensors`` files are read with safetensors; ``.pth``, ``.pt``, ``.bin`` and
+    ``.ckpt`` files with ``torch.load(path, map_location="cpu", weights_only=True)``.
+    Training checkpoints that nest the weights (under ``"state_dict"``,
+    ``"model_state_dict"``, ``"model"``, ``"module"``, or an EMA copy under
+    ``"state_dict_ema"``/``"model_ema"``/``"ema"`` when nothing else holds them) are
+    unwrapped, and a prefix that every key shares because of a wrapper (``"module."`` from
+    DistributedDataParallel, ``"_orig_mod."`` from ``torch.compile``, ``"model."`` from a
+    wrapper module) is stripped. The format is told by the file's first bytes, so a
+    torch file named ``.safetensors`` (or the reverse) still loads; the extension decides
+    only when the bytes say nothing.
+
+    Args:
+        path: the weights file.
+
+    Returns:
+        dict mapping parameter names to tensors (CPU, dtype as stored).
+
+    Raises:
+        CheckpointError: the file is missing, empty, of an unknown kind, unreadable, holds
+            no tensors, or needs arbitrary code execution to unpickle (a pickled
+            ``nn.Module``, a custom class); the message names the file and the fix.
+
+    Example:
+        >>> sd = read_state_dict("finetuned.pth")
+        >>> sd["pos_embed"].shape
+        torch.Size([1, 577, 768])
+    """
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        raise CheckpointError(f"{name}: no such weights file; check the path given to --weights")
+    if p.is_dir():
+        raise CheckpointError(
+            f"{name}: is a directory, not a weights file; pass the .safetensors or .pth file inside it")
+    suffix = p.suffix.lower()
+    if suffix not in PICKLE_SUFFIXES + SAFETENSORS_SUFFIXES:
+        raise CheckpointError(
+            f"{name}: unknown weights file type {suffix or '(no extension)'!r}; expected one of "
+            f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}. Rename the file if it is one of "
+            "these, or re-save the weights with torch.save(model.state_dict(), 'weights.pth')")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{name}: the file is empty (0 bytes); it was probably cut off while "
+                              "being written or downloaded: copy or download it again")
+
+    kind = _sniff(p) or ("safetensors" if suffix in SAFETENSORS_SUFFIXES else "torch")
+    obj = _read_safetensors(p, name) if kind == "safetensors" else _read_pickle(p, name)
+    sd = _unwrap(obj, name)
+    return _strip_wrapper_prefixes(sd)
+
+
+def _sniff(p: Path) -> Optional[str]:
+    """The file's format from its first bytes (a misnamed file still loads), or None."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot be opened ({e.strerror}); check its permissions") from e
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save zip / legacy pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then JSON
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= p.stat().st_size - 8:
+            return "safetensors"
+    return None
+
+
+def _read_safetensors(p: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise CheckpointError(
+            f"{name}: not a readable safetensors file ({type(e).__name__}: {_first_line(e)}); "
+            "check that it was written by safetensors and copied completely") from e
+
+
+def _read_pickle(p: Path, name: str):
+    try:
+        with warnings.catch_warnings():  # a plain pickle: refused below, with a clearer message
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # a file object, not the path: torch.load dispatches on a ".safetensors" name itself
+            with open(p, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" not in msg:
+            raise CheckpointError(
+                f"{name}: not a PyTorch checkpoint (unpickling failed: {_first_line(e)}); "
+                "check that it was written by torch.save and copied completely") from e
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+        if found:
+            what = (f"holds the Python object {found.group(1)} (a pickled class or function, e.g. a "
+                    "whole nn.Module or a custom class), not just tensors")
+        else:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+            what = ("uses pickle features that weights-only loading refuses "
+                    f"({detail.group(1).strip()[:120] if detail else 'not plain tensors'})")
+        raise CheckpointError(
+            f"{name}: {what}; unpickling it needs arbitrary code execution, which vitviz refuses. "
+            f"Fix: {_RESAVE_FIX}") from e
+    except Exception as e:  # zip errors (RuntimeError), truncated pickles (EOFError), garbage (KeyError...)
+        raise CheckpointError(
+            f"{name}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)}); "
+            "check that it was written by torch.save and copied completely") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else "no details"
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrap(obj, name: str, depth: int = 0) -> dict[str, torch.Tensor]:
+    """Find the ``{name: tensor}`` dict inside what a checkpoint file holds."""
+    if _is_tensor_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping) and depth < 4:
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner:
+                return _unwrap(inner, name, depth + 1)
+    if isinstance(obj, Mapping):
+        if not obj:
+            raise CheckpointError(f"{name}: holds an empty dict, no weights; re-save it with "
+                                  "torch.save(model.state_dict(), 'weights.pth')")
+        tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+        others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        raise CheckpointError(
+            f"{name}: holds a dict that is not a state dict ({len(tensors)} tensors, {len(others)} "
+            f"other entries such as {others[:5]}) and none of the usual keys "
+            f"{list(_WRAPPER_KEYS)} holding one; re-save the weights alone with "
+            "torch.save(model.state_dict(), 'weights.pth')")
+    raise CheckpointError(
+        f"{name}: holds a {type(obj).__name__}, not a dict of tensors; re-save the weights with "
+        "torch.save(model.state_dict(), 'weights.pth')")
+
+
+def _strip_wrapper_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip prefixes that *every* key shares because of a wrapper, repeatedly."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) and len(k) > len(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# pytorch_pretrained_vit -> timm
+# --------------------------------------------------------------------------------------------
+
+_PPVIT_BLOCK = re.compile(r"^transformer\.blocks\.(\d+)\.(.+)$")
+# block-level renames (the q/k/v projections are fused separately)
+_PPVIT_BLOCK_RENAMES = {
+    "proj.weight": "attn.proj.weight", "proj.bias": "attn.proj.bias",
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+    "pwff.fc1.weight": "mlp.fc1.weight", "pwff.fc1.bias": "mlp.fc1.bias",
+    "pwff.fc2.weight": "mlp.fc2.weight", "pwff.fc2.bias": "mlp.fc2.bias",
+}
+_PPVIT_TOP_RENAMES = {
+    "class_token": "cls_token",
+    "patch_embedding.weight": "patch_embed.proj.weight",
+    "patch_embedding.bias": "patch_embed.proj.bias",
+    "positional_embedding.pos_embedding": "pos_embed",
+    "norm.weight": "norm.weight", "norm.bias": "norm.bias",
+    "fc.weight": "head.weight", "fc.bias": "head.bias",
+}
+_QKV = ("proj_q", "proj_k", "proj_v")
+
+
+def is_pytorch_pretrained_vit(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict was saved from ``pytorch_pretrained_vit.ViT``.
+
+    Recognised by its patch embedding, position embedding and transformer-block key names.
+    """
+    return ("patch_embedding.weight" in sd and "positional_embedding.pos_embedding" in sd
+            and any(k.startswith("transformer.blocks.") for k in sd))
+
+
+def convert_pytorch_pretrained_vit(sd: Mapping[str, torch.Tensor], *,
+                                   drop_pre_logits: bool = False) -> dict[str, torch.Tensor]:
+    """Rename a ``pytorch_pretrained_vit.ViT`` state dict into timm ``VisionTransformer`` keys.
+
+    ``class_token`` → ``cls_token``, ``patch_embedding`` → ``patch_embed.proj``,
+    ``positional_embedding.pos_embedding`` → ``pos_embed``,
+    ``transformer.blocks.i.attn.proj_{q,k,v}`` → ``blocks.i.attn.qkv`` (q, k, v concatenated
+    along dim 0, weights and biases: timm splits its ``qkv`` output as
+    ``reshape(B, N, 3, H, D)``, so rows ``[0:C]`` are q, ``[C:2C]`` k and ``[2C:3C]`` v),
+    ``transformer.blocks.i.proj`` → ``blocks.i.attn.proj``, ``norm1``/``norm2`` unchanged,
+    ``pwff.fc1``/``fc2`` → ``mlp.fc1``/``fc2``, ``norm`` → ``norm``, ``fc`` → ``head``.
+    Both libraries use LayerNorm eps 1e-6, exact GELU and the same head split, so the
+    converted model computes the same function.
+
+    ``pre_logits`` (the "representation layer" of the ImageNet-21k ``B_16``/``B_32``/``L_32``
+    release files) has no counterpart in timm's ``VisionTransformer``: pytorch_pretrained_vit
+    applies ``tanh(pre_logits(x))`` to every token *before* the final norm, and only when the
+    model is built with ``load_repr_layer=True``; by default (``load_repr_layer=False``) its
+    loader drops these weights. A file that holds them is refused unless
+    ``drop_pre_logits=True``, which reproduces the library's default model.
+
+    Args:
+        sd: the state dict (keys as ``pytorch_pretrained_vit.ViT.state_dict()`` names them).
+        drop_pre_logits: drop ``pre_logits.*`` as ``pytorch_pretrained_vit`` does by default.
+
+    Returns:
+        a new dict with timm keys; tensors are shared with ``sd`` except the fused ``qkv``.
+
+    Raises:
+        CheckpointError: keys the converter does not know, incomplete q/k/v projections,
+            no class token, or ``pre_logits`` without ``drop_pre_logits=True``.
+
+    Shape:
+        ``blocks.i.attn.qkv.weight``: ``[3C, C]`` from three ``[C, C]``;
+        ``blocks.i.attn.qkv.bias``: ``[3C]`` from three ``[C]``.
+    """
+    if not is_pytorch_pretrained_vit(sd):
+        raise CheckpointError(
+            "the state dict is not from pytorch_pretrained_vit (no 'patch_embedding.weight', "
+            "'positional_embedding.pos_embedding' and 'transformer.blocks.*' keys); load it "
+            "without conversion")
+    if "class_token" not in sd:
+        raise CheckpointError(
+            "the pytorch_pretrained_vit checkpoint has no 'class_token' (a model built with "
+            "classifier != 'token'); pytorch_pretrained_vit then still classifies from token 0, "
+            "which timm's VisionTransformer cannot reproduce. Only classifier='token' models "
+            "(all the library's released ones) can be converted")
+    pre_logits = [k for k in sd if k.startswith("pre_logits.")]
+    if pre_logits and not drop_pre_logits:
+        raise CheckpointError(
+            "the pytorch_pretrained_vit checkpoint has a representation layer "
+            f"({', '.join(sorted(pre_logits))}); timm's VisionTransformer has no such layer "
+            "(pytorch_pretrained_vit applies tanh(pre_logits(x)) before the final norm, only when "
+            "built with load_repr_layer=True). Its default model (load_repr_layer=False) drops "
+            "these weights: pass drop_pre_logits=True to do the same, or use an *_imagenet1k "
+            "checkpoint, which has none")
+
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[int, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, value in sd.items():
+        if key in _PPVIT_TOP_RENAMES:
+            out[_PPVIT_TOP_RENAMES[key]] = value
+            continue
+        if key.startswith("pre_logits."):
+            continue  # dropped on request, checked above
+        m = _PPVIT_BLOCK.match(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        if rest in _PPVIT_BLOCK_RENAMES:
+            out[f"blocks.{i}.{_PPVIT_BLOCK_RENAMES[rest]}"] = value
+        elif rest.startswith("attn.") and rest[5:].split(".")[0] in _QKV and \
+                rest.rsplit(".", 1)[-1] in ("weight", "bias"):
+            qkv.setdefault(i, {})[rest[5:]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"the pytorch_pretrained_vit checkpoint has {len(unknown)} keys the converter does not "
+            f"know, e.g. {unknown[:5]}; it was not saved from pytorch_pretrained_vit.ViT — load it "
+            "with the model class that wrote it")
+
+    for i in sorted(qkv):
+        parts = qkv[i]
+        for kind in ("weight", "bias"):
+            names = [f"{p}.{kind}" for p in _QKV]
+            missing = [n for n in names if n not in parts]
+            if missing:
+                raise CheckpointError(
+                    f"block {i} of the pytorch_pretrained_vit checkpoint lacks "
+                    f"{['transformer.blocks.%d.attn.%s' % (i, n) for n in missing]}; the file is "
+                    "incomplete: re-save the model's full state_dict()")
+            shapes = {tuple(parts[n].shape) for n in names}
+            if len(shapes) != 1:
+                raise CheckpointError(
+                    f"block {i}: proj_q/proj_k/proj_v {kind}s have different shapes {sorted(shapes)}; "
+                    "the file is not a consistent pytorch_pretrained_vit checkpoint")
+            # [3C, C] (weight) or [3C] (bias): q rows, then k rows, then v rows
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[n] for n in names], dim=0)
+    return out
+
+
+def infer_timm_args(sd: Mapping[str, torch.Tensor]) -> dict:
+    """Read ``timm.create_model`` keyword arguments of a ViT off its weights.
+
+    Works on timm-keyed state dicts and on ``pytorch_pretrained_vit`` ones (converted
+    first). Returns ``embed_dim``, ``depth``, ``num_classes`` (rows of ``head.weight``; 0
+    without a head), ``mlp_ratio``, ``patch_size``, ``in_chans``, ``qkv_bias``,
+    ``class_token`` and, when it can be told, ``img_size``.
+
+    **num_heads is not in the weights**: the q, k and v projections are ``[C, C]`` whatever
+    the number of heads, so the caller must supply it (ViT-B: 12, ViT-L: 16, ViT-S: 6,
+    ViT-Ti: 3 — all with 64-dimensional heads).
+
+    ``img_size`` assumes a **square patch grid**: ``pos_embed`` holds ``N = P + gh*gw``
+    rows (``P`` = CLS and register tokens found in the weights), and when ``N - P`` is a
+    perfect square ``s*s`` the grid is taken as ``s x s`` and ``img_size = s * patch``. A
+    checkpoint trained on non-square inputs whose patch count happens to be square (4x16 =
+    8x8) would be misread; when ``N - P`` is not a perfect square ``img_size`` is left out.
+
+    Args:
+        sd: the state dict.
+
+    Returns:
+        dict of ``timm.create_model`` keyword arguments (without ``num_heads``).
+
+    Raises:
+        CheckpointError: the weights are not a ViT (no ``patch_embed.proj.weight`` or no blocks).
+
+    Example:
+        >>> args = infer_timm_args(sd)
+        >>> model = timm.create_model("vit_base_patch16_224", pretrained=False, num_heads=12, **args)
+    """
+    if is_pytorch_pretrained_vit(sd):
+        sd = convert_pytorch_pretrained_vit(sd, drop_pre_logits=True)
+    w = sd.get("patch_embed.proj.weight")
+    depth = len({int(m.group(1)) for k in sd for m in [re.match(r"^blocks\.(\d+)\.", k)] if m})
+    if w is None or w.dim() != 4 or depth == 0:
+        raise CheckpointError(
+            "cannot read ViT arguments off these weights: no 4-d 'patch_embed.proj.weight' or no "
+            "'blocks.N.*' keys; they are not a timm VisionTransformer (or pytorch_pretrained_vit) "
+            "checkpoint")
+    embed_dim, in_chans, ph, pw = (int(s) for s in w.shape)  # [C, in_chans, ph, pw]
+    args: dict = dict(embed_dim=embed_dim, depth=depth, in_chans=in_chans,
+                      patch_size=ph if ph == pw else (ph, pw))
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")  # [hidden, C]
+    if fc1 is not None:
+        args["mlp_ratio"] = fc1.shape[0] / embed_dim
+    head = sd.get("head.weight")  # [num_classes, C]
+    args["num_classes"] = int(head.shape[0]) if head is not None else 0
+    args["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
+    args["class_token"] = "cls_token" in sd
+    pos = sd.get("pos_embed")  # [1, N, C]
+    if pos is not None and pos.dim() == 3:
+        num_prefix = int(args["class_token"]) + (int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0)
+        side = _square_side(int(pos.shape[1]) - num_prefix)
+        if side is not None:
+            args["img_size"] = side * ph if ph == pw else (side * ph, side * pw)
+    return args
+
+
+def _square_side(n: int) -> Optional[int]:
+    side = math.isqrt(n) if n > 0 else 0
+    return side if side > 0 and side * side == n else None
+
+
+# --------------------------------------------------------------------------------------------
+# loading into timm
+# --------------------------------------------------------------------------------------------
+
+def _list(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def _arch_hint(sd: Mapping[str, torch.Tensor]) -> str:
+    try:
+        args = infer_timm_args(sd)
+    except CheckpointError:
+        return ""
+    shown = ", ".join(f"{k}={v}" for k, v in args.items())
+    return f" The checkpoint looks like a ViT with {shown} (num_heads is not stored in weights)."
+
+
+def load_into_timm(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str,
+                   checkpoint_grid: Optional[tuple[int, int]] = None,
+                   drop_pre_logits: bool = False) -> list[str]:
+    """Load a state dict into a timm ``VisionTransformer``, checking every key and shape.
+
+    A ``pytorch_pretrained_vit`` state dict is converted first
+    (:func:`convert_pytorch_pretrained_vit`). When the checkpoint's position embedding was
+    trained for another patch grid than the model's (a model built with another
+    ``img_size`` / ``--image-size``), it is resampled with timm's own
+    ``timm.layers.resample_abs_pos_embed`` (bicubic, prefix-token rows kept as they are).
+    The checkpoint's grid is ``checkpoint_grid`` when given, else assumed square (see
+    :func:`infer_timm_args`).
+
+    Args:
+        model: a timm ``VisionTransformer`` (or any module; pos-embed resampling needs
+            ``pos_embed`` and ``patch_embed.grid_size``).
+        sd: the state dict (timm or pytorch_pretrained_vit keys); not modified.
+        source: where the weights come from (a file name), for messages.
+        checkpoint_grid: ``(gh, gw)`` the checkpoint was trained at, when not square.
+        drop_pre_logits: see :func:`convert_pytorch_pretrained_vit`.
+
+    Returns:
+        notes on what was adapted (conversion, resampling), for the user; empty when the
+        weights loaded as they were.
+
+    Raises:
+        CheckpointError: a classifier with another number of classes than the model (the
+            message says which ``--num-classes`` to pass), missing or unexpected keys (up to
+            5 of each listed, with counts), shapes that do not fit, or a position embedding
+            whose grid cannot be told.
+    """
+    notes: list[str] = []
+    if is_pytorch_pretrained_vit(sd):
+        sd = convert_pytorch_pretrained_vit(sd, drop_pre_logits=drop_pre_logits)
+        notes.append(f"{source}: converted pytorch_pretrained_vit keys to timm")
+    else:
+        sd = dict(sd)
+    own = model.state_dict()
+
+    # 1. the classifier: the most common mismatch, with the most useful fix
+    head_w = sd.get("head.weight")  # [K, C]
+    model_head = own.get("head.weight")  # [M, C]
+    if head_w is not None and (model_head is None or model_head.shape[0] != head_w.shape[0]):
+        have = 0 if model_head is None else int(model_head.shape[0])
+        raise CheckpointError(
+            f"{source}: the checkpoint's classifier has {int(head_w.shape[0])} classes but the model "
+            f"was built with {have}; pass --num-classes {int(head_w.shape[0])} "
+            f"(num_classes={int(head_w.shape[0])} in Python)")
+
+    # 2. the position embedding: resample to the model's grid with timm's own function
+    if "pos_embed" in sd and own.get("pos_embed") is not None and hasattr(model, "patch_embed"):
+        note = _fit_pos_embed(model, sd, own["pos_embed"], source, checkpoint_grid)
+        if note:
+            notes.append(note)
+
+    # 3. strict key and shape checks, with messages a user can act on
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_list(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_list(unexpected)})")
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model {type(model).__name__}: "
+            f"{' and '.join(parts)}. Build the model with the checkpoint's architecture, or pass "
+            f"the weights of this architecture.{_arch_hint(sd)}")
+    bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} weights have other shapes than the model's: {_list(bad)}. Build "
+            f"the model with the checkpoint's architecture.{_arch_hint(sd)}")
+
+    model.load_state_dict(sd, strict=True)
+    return notes
+
+
+def _fit_pos_embed(model: nn.Module, sd: dict, own_pos: torch.Tensor, source: str,
+                   checkpoint_grid: Optional[tuple[int, int]]) -> Optional[str]:
+    """Resample ``sd["pos_embed"]`` in place to the model's grid; return a note, or None."""
+    from timm.layers import resample_abs_pos_embed
+
+    pos = sd["pos_embed"]  # [1, N_ckpt, C]
+    if pos.dim() != 3 or pos.shape[-1] != own_pos.shape[-1]:
+        return None  # another embed_dim: reported by the shape check
+    # rows of pos_embed before the patch positions (none when timm's no_embed_class is set)
+    num_prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    new_grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    n_patches = int(pos.shape[1]) - num_prefix
+    if checkpoint_grid is not None:
+        old_grid = (int(checkpoint_grid[0]), int(checkpoint_grid[1]))
+        if old_grid[0] * old_grid[1] != n_patches:
+            raise CheckpointError(
+                f"{source}: checkpoint_grid={old_grid} holds {old_grid[0] * old_grid[1]} patches but "
+                f"the checkpoint's pos_embed has {n_patches} patch rows (after {num_prefix} prefix "
+                "rows); give the grid the checkpoint was trained at")
+    elif n_patches == new_grid[0] * new_grid[1] and tuple(pos.shape) == tuple(own_pos.shape):
+        return None  # same number of positions: the same grid
+    else:
+        side = _square_side(n_patches)
+        if side is None:
+            raise CheckpointError(
+                f"{source}: cannot tell the patch grid of the checkpoint's position embedding: "
+                f"{n_patches} patch rows (after {num_prefix} prefix rows) is not a square grid; "
+                "pass checkpoint_grid=(rows, cols), or build the model at the checkpoint's image size")
+        old_grid = (side, side)
+    if old_grid == new_grid:
+        return None
+    # timm's resampling (bicubic, antialiased), prefix rows copied unchanged
+    sd["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(new_grid), old_size=list(old_grid),
+                                             num_prefix_tokens=num_prefix)  # [1, P + gh*gw, C]
+    return (f"{source}: resampled the position embedding from a {old_grid[0]}x{old_grid[1]} to a "
+            f"{new_grid[0]}x{new_grid[1]} patch grid (timm resample_abs_pos_embed, bicubic)")
