@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitviz
-from vitviz.capture import capture  # not vitviz.capture: importing the subpackage shadows it
+from vitviz import capture
 
 ATOL = 1e-5
 

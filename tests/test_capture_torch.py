@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import vitviz
-from vitviz.capture import capture  # not vitviz.capture: importing the subpackage shadows it
+from vitviz import capture
 
 ATOL = 1e-5
 

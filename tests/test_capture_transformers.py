@@ -16,9 +16,9 @@ from transformers import PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils.output_capturing import OutputRecorder, install_all_output_capturing_hooks
 
-from vitviz.capture import capture  # not vitviz.capture: importing the subpackage shadows it
-from vitviz.capture._registry import CROSS, IMAGE, TEXT, discover
-from vitviz.capture._transformers import TransformersAdapter
+from vitviz import capture
+from vitviz.hooks._registry import CROSS, IMAGE, TEXT, discover
+from vitviz.hooks._transformers import TransformersAdapter
 from vitviz.models import wrap
 from vitviz.types import TokenLayout
 

@@ -33,16 +33,18 @@ _EXPORTS = {
     "LayoutError": "vitviz.errors",
     "ModelNotFoundError": "vitviz.errors",
     "WeightsNotFoundError": "vitviz.errors",
+    "PreprocessError": "vitviz.errors",
     # load
     "VisionModel": "vitviz.models",
     "wrap": "vitviz.models",
     "load_model": "vitviz.models",
     "list_models": "vitviz.models",
     "load_image": "vitviz.models",
+    "to_rgb_array": "vitviz.models",
     "Preprocess": "vitviz.models",
     # capture
-    "capture": "vitviz.capture",
-    "Recording": "vitviz.capture",
+    "capture": "vitviz.hooks",
+    "Recording": "vitviz.hooks",
     # analyze
     "rollout": "vitviz.analyze",
     "cls_maps": "vitviz.analyze",
@@ -68,9 +70,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .analyze import cls_maps, rollout
-    from .capture import Recording, capture
+    from .hooks import Recording, capture
     from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, ModelNotFoundError,
-                         VitvizError, WeightsNotFoundError)
-    from .models import Preprocess, VisionModel, list_models, load_image, load_model, wrap
+                         PreprocessError, VitvizError, WeightsNotFoundError)
+    from .models import (Preprocess, VisionModel, list_models, load_image, load_model, to_rgb_array,
+                         wrap)
     from .render import overlay
     from .types import AttentionMaps, CrossAttentionMaps, TokenLayout

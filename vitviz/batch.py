@@ -54,7 +54,7 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
     from tqdm.auto import tqdm
 
     from .analyze import rollout
-    from .capture import capture
+    from .hooks import capture
     from .models import load_image
     from .render import overlay
 

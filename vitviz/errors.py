@@ -43,3 +43,7 @@ class LayoutError(VitvizError, ValueError):
 
 class CaptureError(VitvizError, RuntimeError):
     """Nothing (or something inconsistent) was captured from a forward pass."""
+
+
+class PreprocessError(VitvizError, ValueError):
+    """Preprocessing settings that cannot work (bad size, mean/std, interpolation)."""

@@ -204,14 +204,21 @@ def _find_patch_conv(module: nn.Module) -> Optional[nn.Conv2d]:
 
 
 def _count_prefix_params(module: nn.Module) -> Optional[int]:
-    """Count CLS / distillation / register tokens held as parameters, or None if there are none."""
-    count, found = 0, False
-    for name, p in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in _PREFIX_PARAM_NAMES and p.dim() >= 2:
-            found = True
-            count += p.shape[-2] if p.dim() == 3 else 1
-    return count if found else None
+    """Count CLS / distillation / register tokens held as parameters, or None if unknown.
+
+    Only the shallowest parameters with those names count; when one name appears twice at
+    that depth (a container of several models), the count is unknown and is read off the
+    capture instead (``N - gh*gw``).
+    """
+    found = [(n.count("."), n.rsplit(".", 1)[-1], p) for n, p in module.named_parameters()
+             if n.rsplit(".", 1)[-1] in _PREFIX_PARAM_NAMES and p.dim() >= 2]
+    if not found:
+        return None
+    depth = min(d for d, _, _ in found)
+    top = [(leaf, p) for d, leaf, p in found if d == depth]
+    if len({leaf for leaf, _ in top}) != len(top):
+        return None
+    return sum(p.shape[-2] if p.dim() == 3 else 1 for _, p in top)
 
 
 def _describe_timm(module: nn.Module) -> dict:
@@ -225,18 +232,11 @@ def _describe_timm(module: nn.Module) -> dict:
     return info
 
 
-def _hf_vision_config(config):
-    """The config of the image encoder inside a transformers config."""
-    for attr in ("vision_config", "encoder"):
-        sub = getattr(config, attr, None)
-        if sub is not None and getattr(sub, "patch_size", None) is not None:
-            return sub
-    return config if getattr(config, "patch_size", None) is not None else None
-
-
 def _describe_hf(module: nn.Module) -> dict:
-    cfg = _hf_vision_config(module.config)
-    if cfg is None:
+    from ._preprocess import hf_vision_config
+
+    cfg = hf_vision_config(module.config)
+    if getattr(cfg, "patch_size", None) is None:
         return {}
     info = dict(patch_size=_pair(cfg.patch_size))
     if getattr(cfg, "image_size", None) is not None:

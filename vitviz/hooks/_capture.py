@@ -118,7 +118,7 @@ def capture(model, *, adapters: Optional[list[str]] = None) -> Iterator[Recordin
 
     Args:
         model: a :class:`VisionModel` or any ``torch.nn.Module`` (wrapped with :func:`wrap`).
-        adapters: restrict to these adapter names (see ``vitviz.capture.list_adapters()``).
+        adapters: restrict to these adapter names (see ``vitviz.hooks.list_adapters()``).
 
     Returns:
         A :class:`Recording` (``rec.attentions``, ``rec.cross``).

@@ -1,0 +1,49 @@
+"""The public contract (DESIGN.md) is locked: these names exist and resolve."""
+
+import inspect
+
+import vitviz
+
+CONTRACT = {
+    "list_models", "load_model", "wrap", "capture", "VisionModel", "TokenLayout", "AttentionMaps",
+    "CrossAttentionMaps", "rollout", "cls_maps", "overlay",
+}
+
+
+def test_contract_names_are_public_and_resolve():
+    assert CONTRACT <= set(vitviz.__all__)
+    for name in vitviz.__all__:
+        assert getattr(vitviz, name) is not None, name
+
+
+def test_capture_stays_callable_after_importing_the_hooks_subpackage():
+    import vitviz.hooks._registry  # noqa: F401
+
+    assert callable(vitviz.capture) and inspect.isfunction(vitviz.capture)
+
+
+def test_signatures_of_the_contract():
+    p = inspect.signature(vitviz.load_model).parameters
+    assert list(p)[:1] == ["name"]
+    assert {"weights", "pretrained", "num_classes", "image_size", "device"} <= set(p)
+    assert p["pretrained"].default is True and p["device"].default == "cpu"
+    r = inspect.signature(vitviz.rollout).parameters
+    assert r["head_fusion"].default == "mean" and r["discard_ratio"].default == 0.0
+    assert r["start_layer"].default == 0
+    assert inspect.signature(vitviz.cls_maps).parameters["layer"].default == -1
+    o = inspect.signature(vitviz.overlay).parameters
+    assert o["cmap"].default == "jet" and o["alpha"].default == 0.5
+    w = inspect.signature(vitviz.wrap).parameters
+    assert {"grid", "num_prefix", "tokenizer"} <= set(w)
+
+
+def test_token_layout_defaults():
+    layout = vitviz.TokenLayout()
+    assert layout.num_prefix == 1 and layout.grid == (14, 14) and layout.num_tokens == 197
+
+
+def test_unknown_attribute():
+    import pytest
+
+    with pytest.raises(AttributeError):
+        vitviz.not_a_name
