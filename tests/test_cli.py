@@ -73,6 +73,8 @@ def test_debug_shows_the_traceback(no_cache, tmp_path):
 
     with pytest.raises(WeightsNotFoundError):
         main(["--debug", "rollout", str(SAMPLES[0]), "--model", "b16", "--out", str(tmp_path)])
+    with pytest.raises(WeightsNotFoundError):
+        main(["rollout", str(SAMPLES[0]), "--model", "b16", "--out", str(tmp_path), "--debug"])
 
 
 def test_refused_pickle_checkpoint_exit_2(tmp_path, capsys):
