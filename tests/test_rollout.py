@@ -164,3 +164,19 @@ def test_cls_maps_golden():
 def test_bad_discard_ratio():
     with pytest.raises(ValueError, match="discard_ratio"):
         vitviz.rollout(maps([[[[0.5, 0.5], [0.5, 0.5]]]], ONE_PATCH), discard_ratio=1.0)
+
+
+@pytest.mark.parametrize("ratio,start", [(0.0, 0), (0.9, 0), (0.5, 2), (0.5, -2)])
+def test_stream_equals_stored(ratio, start):
+    from vitviz.analyze.rollout import RolloutStream
+
+    layout = TokenLayout(num_prefix=1, grid=(3, 3))
+    att = torch.softmax(torch.randn(5, 3, 2, 10, 10) * 2, dim=-1)
+    s = RolloutStream(discard_ratio=ratio, start_layer=start, num_layers=5)
+    for layer in att:
+        s.update(layer)
+    stored = vitviz.rollout(AttentionMaps(att, layout), discard_ratio=ratio, start_layer=start)
+    assert torch.equal(s.result(layout), stored)
+    s.reset()
+    with pytest.raises(ValueError, match="no layer"):
+        s.result(layout)

@@ -135,3 +135,58 @@ def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: fl
     r = rollout_matrix(attn, head_fusion=head_fusion, discard_ratio=discard_ratio,
                        start_layer=start_layer)  # [B, N, N]
     return token_map(r, attn.layout)
+
+
+class RolloutStream:
+    """Attention rollout computed layer by layer, as the layers run (streaming).
+
+    Keeps only the running product ``[B, N, N]`` (float32) instead of every layer's
+    ``[B, H, N, N]``: memory ``O(B*N^2)`` instead of ``O(L*B*H*N^2)``. Gives exactly
+    :func:`rollout`'s result (same per-layer matrix, same product order).
+
+    Args:
+        head_fusion, discard_ratio, start_layer: as :func:`rollout`; a negative
+            ``start_layer`` needs ``num_layers``.
+        num_layers: number of layers, needed only for a negative ``start_layer``.
+        has_cls: whether token 0 is a CLS token (keeps CLS->CLS when discarding).
+
+    Example:
+        >>> s = RolloutStream(discard_ratio=0.9)
+        >>> for a in per_layer_attention:   # each [B, H, N, N]
+        ...     s.update(a)
+        >>> s.result(layout)                # [B, gh, gw]
+    """
+
+    def __init__(self, *, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
+                 num_layers: int | None = None, has_cls: bool = True):
+        fuse_heads(torch.zeros(1, 1, 1), head_fusion)  # validate the name early
+        if not 0.0 <= discard_ratio < 1.0:
+            raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        if start_layer < 0:
+            if num_layers is None:
+                raise ValueError("a negative start_layer needs num_layers")
+            start_layer %= num_layers
+        self.head_fusion, self.discard_ratio, self.start_layer = head_fusion, discard_ratio, start_layer
+        self.has_cls = has_cls
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the layers seen so far (a new forward pass)."""
+        self.layers_seen = 0
+        self.product = None  # [B, N, N] float32
+
+    def update(self, attn_l: torch.Tensor) -> None:
+        """Fold in the next layer's attention ``[B, H, N, N]``."""
+        index = self.layers_seen
+        self.layers_seen += 1
+        if index < self.start_layer:
+            return
+        a = _layer_matrix(attn_l.detach(), self.head_fusion, self.discard_ratio, self.has_cls)  # [B, N, N]
+        self.product = a if self.product is None else a @ self.product
+
+    def result(self, layout: TokenLayout) -> torch.Tensor:
+        """The rollout map ``[B, gh, gw]`` of the layers seen."""
+        if self.product is None:
+            raise ValueError(f"no layer at or after start_layer {self.start_layer} was seen "
+                             f"({self.layers_seen} layers seen)")
+        return token_map(self.product, layout)

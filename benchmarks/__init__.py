@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (not part of the test run; `python -m benchmarks.run`)."""
