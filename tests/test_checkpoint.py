@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import pytorch_pretrained_vit as ppvit
 import timm
 import torch
 from pytorch_pretrained_vit.configs import PRETRAINED_MODELS
 from safetensors.torch import save_file
+from PIL import Image
 from torch import nn
 
 import vitviz
@@ -301,8 +303,8 @@ def test_converted_checkpoint_same_logits_and_attention(monkeypatch, tmp_path):
     with torch.no_grad():
         want = src(x)  # [B, 37]
         want_attn = _attention_of_ppvit(src)  # [L, B, H, N, N]
-        with vitviz.capture(vitviz.wrap(model)) as rec:
-            got = model(x)  # [B, 37]
+        with vitviz.capture(vm) as rec:
+            got = vm(x)  # [B, 37]
     assert want.abs().max() > 0.1  # a real head, not zeros compared with zeros
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     attn = rec.attentions.tensor  # [L, B, H, N, N]
@@ -462,20 +464,30 @@ def test_full_size_b16_imagenet1k(tmp_path):
     torch.manual_seed(0)
     src = ppvit.ViT("B_16_imagenet1k", pretrained=False, num_classes=NUM_CLASSES).eval()
     _randomise(src)
-    path = tmp_path / "B_16_imagenet1k_pets.safetensors"
-    save_file(src.state_dict(), str(path))
-    model = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=NUM_CLASSES).eval()
-    notes = load_into_timm(model, read_state_dict(path), source=path.name)
-    assert notes == [f"{path.name}: converted pytorch_pretrained_vit keys to timm"]
+    path = tmp_path / "B_16_imagenet1k_pets.pth"
+    torch.save(src.state_dict(), path)  # what users of that library save
+    # the documented path: --model b16 --weights FILE --num-classes 37 --image-size 384
+    vm = vitviz.load_model("b16", weights=str(path), num_classes=NUM_CLASSES, image_size=384)
+    model = vm.module
+    assert model.default_cfg["architecture"] == "vit_base_patch16_384"
 
     x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = src(x)  # [1, 37]
         want_attn = _attention_of_ppvit(src)  # [12, 1, 12, 577, 577]
-        with vitviz.capture(vitviz.wrap(model)) as rec:
-            got = model(x)
+        with vitviz.capture(vm) as rec:
+            got = vm(x)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert rec.attentions.tensor.shape == (12, 1, 12, 577, 577)
     assert rec.attentions.layout.grid == (24, 24)
     torch.testing.assert_close(rec.attentions.tensor, want_attn, atol=1e-6, rtol=1e-5)
+
+    from vitviz.cli import main
+
+    image = tmp_path / "pet.png"
+    Image.fromarray((np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)).save(image)
+    code = main(["rollout", str(image), "--model", "b16", "--weights", str(path), "--num-classes",
+                 str(NUM_CLASSES), "--image-size", "384", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert np.load(tmp_path / "out" / "pet_rollout.npy").shape == (24, 24)
