@@ -48,6 +48,10 @@ _EXPORTS = {
     # analyze
     "rollout": "vitviz.analyze",
     "cls_maps": "vitviz.analyze",
+    "chefer_relevance": "vitviz.analyze",
+    "grad_rollout": "vitviz.analyze",
+    # explain (model + capture + analyzer)
+    "relevance": "vitviz.explain",
     # render
     "overlay": "vitviz.render",
 }
@@ -69,7 +73,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .analyze import cls_maps, rollout
+    from .analyze import chefer_relevance, cls_maps, grad_rollout, rollout
+    from .explain import relevance
     from .hooks import Recording, capture
     from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, ModelNotFoundError,
                          PreprocessError, VitvizError, WeightsNotFoundError)

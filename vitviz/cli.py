@@ -15,6 +15,7 @@ examples:
   vitviz rollout cat.jpg --model b16 --discard-ratio 0.9
   vitviz rollout photos/*.jpg --model b16 --weights my_finetune.pth --num-classes 37 --out maps/
   vitviz rollout cat.jpg --model deit-s-distilled --random      # untrained weights, no download
+  vitviz relevance cat.jpg --model b16 --class 281              # class-specific relevance (Chefer et al. 2021)
   vitviz models                                                 # aliases and whether weights are cached
   vitviz demo                                                   # bundled images, offline
 

@@ -1,4 +1,11 @@
-"""`vitviz.capture`: read attention from a real forward pass, inside a ``with`` block."""
+"""`vitviz.capture`: read attention from a real forward pass, inside a ``with`` block.
+
+With ``grad=True`` the capture also reads the gradient of whatever is backpropagated inside
+the block with respect to each attention tensor: a tensor hook (``Tensor.register_hook``)
+sits on the exact tensor that the model multiplies with ``V`` (the post-softmax
+probabilities, as adapters emit them; for ``nn.MultiheadAttention`` the tensor that its
+returned weights are a view of). Tensor hooks are removed on exit like module hooks.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +28,12 @@ class Pass:
 
     input_hw: Optional[tuple[int, int]] = None
     records: list[tuple[str, Site, torch.Tensor]] = field(default_factory=list)
+    # with capture(grad=True): indices of the records whose tensor carried a gradient hook,
+    # the gradients received so far (float32, shaped like the record, summed over backward
+    # calls), and the hooked graph tensors (only while the block runs)
+    hooked: set[int] = field(default_factory=set)
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    graph: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def of(self, role: str) -> list[torch.Tensor]:
         return [t for r, _, t in self.records if r == role]
@@ -53,27 +66,70 @@ class Recording:
         cross: :class:`CrossAttentionMaps` ``[L, B, H, T, Ni]`` of the last pass with
             cross-attention, or ``None``.
         text: decoder self-attention ``[L, B, H, T, T]`` of the last pass with it, or ``None``.
+        attention_grads: with ``capture(model, grad=True)``, :class:`AttentionMaps`-shaped
+            ``[L, B, H, N, N]`` gradients of what was backpropagated inside the block with
+            respect to the attention probabilities of :attr:`attentions`.
         passes: every forward pass of the model, in order.
         sites: the attention modules that were hooked.
     """
 
-    def __init__(self, model: VisionModel, sites: list[Site]):
+    def __init__(self, model: VisionModel, sites: list[Site], grad: bool = False):
         self.model = model
         self.sites = sites
+        self.grad = grad
         self.passes: list[Pass] = []
+        self._grad_handles: list = []  # RemovableHandles of the tensor hooks
+        self._open = True
 
     # -- filled by hooks -------------------------------------------------------------------
     def _begin(self, hw: Optional[tuple[int, int]]) -> None:
         self.passes.append(Pass(input_hw=hw))
 
-    def _emit(self, site: Site, attn: torch.Tensor, role: Optional[str] = None) -> None:
+    def _emit(self, site: Site, attn: torch.Tensor, role: Optional[str] = None,
+              graph: Optional[torch.Tensor] = None) -> None:
+        """Record one attention call.
+
+        Args:
+            site: the attention module.
+            attn: ``[B, H, Q, K]`` post-softmax probabilities.
+            role: IMAGE / TEXT / CROSS, or None for the site's role.
+            graph: the tensor of the autograd graph whose gradient is the gradient with
+                respect to ``attn`` (same number of elements, e.g. ``[B*H, Q, K]``), when
+                ``attn`` itself is a view the model does not compute with; default ``attn``.
+        """
         role = role or site.role
         if role == AUTO:
             role = IMAGE if attn.shape[-1] == attn.shape[-2] else CROSS
         if not self.passes:  # a submodule was called directly
             self._begin(None)
+        p = self.passes[-1]
         # [B, H, Q, K]; detached float32 copy-free view when already float32
-        self.passes[-1].records.append((role, site, attn.detach().float()))
+        p.records.append((role, site, attn.detach().float()))
+        if self.grad:
+            self._hook_grad(p, len(p.records) - 1, attn if graph is None else graph, attn.shape)
+
+    def _hook_grad(self, p: Pass, index: int, tensor: torch.Tensor, shape: torch.Size) -> None:
+        """Put a tensor hook on ``tensor`` that stores its gradient as record ``index`` of ``p``."""
+        if not tensor.requires_grad or tensor.numel() != shape.numel():
+            return  # no graph (torch.no_grad, nothing requires grad): reported by attention_grads
+
+        def on_grad(g: torch.Tensor) -> None:
+            g = g.detach().to(torch.float32, copy=True).reshape(shape)  # [B, H, Q, K]
+            prev = p.grads.get(index)
+            p.grads[index] = g if prev is None else prev + g  # summed over backward calls
+
+        self._grad_handles.append(tensor.register_hook(on_grad))
+        p.hooked.add(index)
+        p.graph[index] = tensor
+
+    def _close(self) -> None:
+        """Remove every tensor hook and drop the graph tensors (on exit, also after an error)."""
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles.clear()
+        for p in self.passes:
+            p.graph.clear()
+        self._open = False
 
     # -- results ---------------------------------------------------------------------------
     def _last_with(self, role: str) -> Optional[Pass]:
@@ -103,13 +159,90 @@ class Recording:
         p = self._last_with(TEXT)
         return None if p is None else _stack(p.of(TEXT), "text self-attention")
 
+    def grad_inputs(self, role: str = IMAGE) -> list[torch.Tensor]:
+        """The hooked graph tensors of the last pass with ``role`` attention, in layer order.
+
+        Pass them as ``inputs`` to ``torch.autograd.grad`` (or ``backward(inputs=...)``) to
+        compute only the gradients the capture needs: parameter gradients are then neither
+        computed nor accumulated into ``.grad``. Only inside the ``with`` block.
+
+        Returns:
+            Tensors of the autograd graph (the attention tensors, or what they are views of).
+        """
+        if not self.grad:
+            raise CaptureError("gradients are not recorded: use vitviz.capture(model, grad=True)")
+        if not self._open:
+            raise CaptureError("grad_inputs() is only available inside the `with vitviz.capture(...)` "
+                               "block: compute the gradients there")
+        p = self._last_with(role)
+        if p is None:
+            return []
+        return [p.graph[i] for i, (r, _, _) in enumerate(p.records) if r == role and i in p.graph]
+
+    def _grads_of(self, role: str, what: str) -> Optional[torch.Tensor]:
+        """``[L, B, H, Q, K]`` gradients of the last pass with ``role`` attention, or None."""
+        if not self.grad:
+            raise CaptureError(
+                "gradients were not recorded: use `with vitviz.capture(model, grad=True) as rec:` and "
+                "backpropagate a score inside the block")
+        p = self._last_with(role)
+        if p is None:
+            return None
+        idx = [i for i, (r, _, _) in enumerate(p.records) if r == role]
+        missing = [i for i in idx if i not in p.hooked]
+        if missing:
+            raise CaptureError(
+                f"{len(missing)} of {len(idx)} {what} layers ran without an autograd graph, so no "
+                "gradient can reach them; run the forward pass with gradients enabled (not under "
+                "torch.no_grad() or torch.inference_mode()) and with parameters or the input "
+                "requiring grad (e.g. x.requires_grad_())")
+        if not any(i in p.grads for i in idx):
+            raise CaptureError(
+                f"no gradient reached the {what}: call score.backward() (or torch.autograd.grad("
+                "score, rec.grad_inputs())) inside the `with vitviz.capture(..., grad=True)` block, "
+                "on a score computed from this forward pass")
+        # a layer that the score does not depend on receives no gradient at all: zero
+        tensors = [p.grads[i] if i in p.grads else torch.zeros_like(p.records[i][2]) for i in idx]
+        return _stack(tensors, f"{what} gradient")  # [L, B, H, Q, K]
+
+    @property
+    def attention_grads(self) -> Optional[AttentionMaps]:
+        """Gradients w.r.t. the image self-attention probabilities of :attr:`attentions`.
+
+        Requires ``capture(model, grad=True)`` and a backward pass inside the block. Gradients
+        of several backward calls are summed, as ``.grad`` is. A layer the score does not
+        depend on gets zeros.
+
+        Returns:
+            :class:`AttentionMaps` whose tensor ``[L, B, H, N, N]`` float32 holds
+            ``d score / d A`` (rows do not sum to 1), with the layout of :attr:`attentions`;
+            None when no image self-attention ran.
+
+        Raises:
+            CaptureError: not recorded with ``grad=True``; the forward ran without an autograd
+                graph; or no backward pass reached the attention.
+
+        Example:
+            >>> with vitviz.capture(m, grad=True) as rec:
+            ...     logits = m(x)
+            ...     logits[0, 3].backward()
+            >>> rec.attention_grads.tensor.shape  # [L, B, H, N, N]
+            torch.Size([12, 1, 12, 197, 197])
+        """
+        p = self._last_with(IMAGE)
+        tensor = self._grads_of(IMAGE, "image self-attention")
+        if tensor is None:
+            return None
+        return AttentionMaps(tensor, self.model.layout_for(p.input_hw, tensor.shape[-1]))
+
     def __repr__(self) -> str:
         counts = [len(p.records) for p in self.passes]
         return f"Recording(sites={len(self.sites)}, passes={len(self.passes)}, records={counts})"
 
 
 @contextmanager
-def capture(model, *, adapters: Optional[list[str]] = None) -> Iterator[Recording]:
+def capture(model, *, adapters: Optional[list[str]] = None,
+            grad: bool = False) -> Iterator[Recording]:
     """Capture attention probabilities from every forward pass run inside the block.
 
     Hooks and implementation switches (timm's ``fused_attn``, transformers' attention
@@ -119,9 +252,12 @@ def capture(model, *, adapters: Optional[list[str]] = None) -> Iterator[Recordin
     Args:
         model: a :class:`VisionModel` or any ``torch.nn.Module`` (wrapped with :func:`wrap`).
         adapters: restrict to these adapter names (see ``vitviz.hooks.list_adapters()``).
+        grad: also record the gradient of what is backpropagated inside the block with
+            respect to every attention tensor (``rec.attention_grads``): one forward and one
+            backward, read by tensor hooks that are removed on exit.
 
     Returns:
-        A :class:`Recording` (``rec.attentions``, ``rec.cross``).
+        A :class:`Recording` (``rec.attentions``, ``rec.cross``, ``rec.attention_grads``).
 
     Raises:
         CaptureError: no attention module was found, or a forward pass ran and no attention
@@ -131,6 +267,10 @@ def capture(model, *, adapters: Optional[list[str]] = None) -> Iterator[Recordin
         >>> with vitviz.capture(m) as rec:
         ...     logits = m(x)
         >>> rec.attentions.tensor.shape  # [L, B, H, N, N]
+        torch.Size([12, 1, 12, 197, 197])
+        >>> with vitviz.capture(m, grad=True) as rec:
+        ...     m(x)[0, 3].backward()
+        >>> rec.attention_grads.tensor.shape  # d logit_3 / d attention
         torch.Size([12, 1, 12, 197, 197])
     """
     vm = model if isinstance(model, VisionModel) else wrap(model)
@@ -144,8 +284,9 @@ def capture(model, *, adapters: Optional[list[str]] = None) -> Iterator[Recordin
             + "; supported: timm ViTs, transformers models, torch.nn.MultiheadAttention, "
             "pytorch_pretrained_vit, and modules returning (output, attention) or using nn.Softmax"
         )
-    rec = Recording(vm, sites)
+    rec = Recording(vm, sites, grad=grad)
     with ExitStack() as stack:
+        stack.callback(rec._close)  # last undo: tensor hooks of this forward removed
         def on_root(_module, args, kwargs):
             rec._begin(_input_hw(args, kwargs))
 

@@ -37,7 +37,8 @@ class Site:
     adapter: "Adapter"
 
 
-# emit(site, attention [B, H, Q, K], role) is how adapters hand over what they read
+# emit(site, attention [B, H, Q, K], role_or_None, *, graph=None) is how adapters hand over what they
+# read; graph: the autograd tensor whose gradient is d/d attention when attention is a view
 Emit = Callable[[Site, "object", Optional[str]], None]
 
 

@@ -19,6 +19,14 @@ for the duration of the ``with`` block only:
   ``torch.backends.mha.get_fastpath_enabled()``, which is turned off inside the block and
   restored to its previous value on exit.
 
+Gradients (``capture(..., grad=True)``): the per-head weights that ``MultiheadAttention``
+returns are not the tensor its output is computed from. ``F.multi_head_attention_forward``
+multiplies ``V`` with the ``[B*H, Q, K]`` softmax (after dropout) and returns a *view*
+``[B, H, Q, K]`` of it, which is a separate autograd node that no gradient of the output
+ever reaches. The gradient hook therefore goes on the view's base (``weights._base``), the
+tensor of the graph, whose gradient reshaped to ``[B, H, Q, K]`` is the gradient with
+respect to the returned probabilities; the outputs stay bit-identical (no recomputation).
+
 Roles: inside ``nn.TransformerDecoderLayer``, ``self_attn`` is the text self-attention (TEXT)
 and ``multihead_attn`` the cross-attention over the encoder tokens (CROSS); inside
 ``nn.TransformerEncoderLayer`` it is IMAGE. A standalone MHA is decided per call: IMAGE when
@@ -68,6 +76,21 @@ def _forward_signature(module: nn.Module) -> inspect.Signature:
     return sig
 
 
+def _computed_weights(weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """The tensor ``MultiheadAttention`` multiplied with ``V``, of which ``weights`` is a view.
+
+    ``F.multi_head_attention_forward`` returns ``attn_output_weights.view(B, H, Q, K)`` (and
+    ``.squeeze(0)`` of it for unbatched inputs), where ``attn_output_weights`` ``[B*H, Q, K]``
+    is the operand of ``bmm(attn_output_weights, v)``. None when ``weights`` is not such a
+    view (then the gradient is read from ``weights`` itself).
+    """
+    base = weights._base
+    if (base is None or base.numel() != weights.numel()
+            or base.data_ptr() != weights.data_ptr() or not base.is_contiguous()):
+        return None
+    return base  # [B*H, Q, K]
+
+
 @register_adapter
 class TorchMHAAdapter(Adapter):
     """Every ``nn.MultiheadAttention`` (and subclass) of the model."""
@@ -115,10 +138,13 @@ class TorchMHAAdapter(Adapter):
             out, weights = output[0], output[1]
             if weights is None:
                 return None
+            # gradients are read on the tensor the output was computed from (see module doc)
+            graph = _computed_weights(weights) if weights.requires_grad else None
+            extra = {} if graph is None else {"graph": graph}
             if weights.dim() == 3:  # unbatched input: [H, Q, K] -> [1, H, Q, K]
-                emit(site, weights.unsqueeze(0), role)
+                emit(site, weights.unsqueeze(0), role, **extra)
             else:
-                emit(site, weights, role)  # [B, H, Q, K]
+                emit(site, weights, role, **extra)  # [B, H, Q, K]
             # give the caller what it asked for
             if not need_weights:
                 return out, None

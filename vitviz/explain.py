@@ -1,0 +1,153 @@
+"""Class-specific relevance of a model for an input: one forward, one backward, then a pure map.
+
+This module sits above ``hooks`` (capture) and ``analyze`` (the formulas), so that the
+analyzers stay pure tensor functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .analyze.relevance import METHODS, relevance_map
+from .errors import CaptureError, VitvizError
+from .hooks import capture
+from .models._vision_model import VisionModel, wrap
+
+Target = Union[None, int, Sequence[int], torch.Tensor]
+
+
+@dataclass
+class RelevanceResult:
+    """What one relevance pass produced.
+
+    Attributes:
+        maps: ``[B, gh, gw]`` float32 relevance maps.
+        logits: ``[B, C]`` the model's logits of this pass (detached), or the detached
+            output when ``score_fn`` was used.
+        target: ``[B]`` long, the explained class per sample (None with ``score_fn``).
+    """
+
+    maps: torch.Tensor
+    logits: Any
+    target: Optional[torch.Tensor]
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    """``[B, C]`` classifier logits in a model's output (tensor, ``.logits`` or first element)."""
+    t = getattr(output, "logits", output)
+    if isinstance(t, (tuple, list)) and t:
+        t = t[0]
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise VitvizError(
+            f"relevance explains a class logit and needs classifier logits [B, classes] from the "
+            f"model, got {shape}; load the model with a classifier head (num_classes > 0) or pass "
+            "score_fn=lambda output: <a [B] tensor of per-sample scores>")
+    return t
+
+
+def _targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
+    """``[B]`` long class indices: the argmax per sample, or ``target`` checked and broadcast."""
+    b, c = logits.shape
+    if target is None:
+        return logits.detach().argmax(dim=-1)  # [B]
+    t = torch.as_tensor(target, device=logits.device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise VitvizError(f"target must be class indices (int), got dtype {t.dtype}")
+    t = t.reshape(-1).long()
+    if t.numel() == 1:
+        t = t.expand(b)
+    elif t.numel() != b:
+        raise VitvizError(f"target has {t.numel()} classes for a batch of {b}: give one class, "
+                          "one per sample, or None for the predicted class")
+    bad = ((t < 0) | (t >= c)).nonzero().flatten().tolist()
+    if bad:
+        raise VitvizError(f"target class {t[bad[0]].item()} is out of range: the model has {c} "
+                          f"classes (0..{c - 1}); check --class / target=")
+    return t
+
+
+def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
+                   head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
+                   score_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> RelevanceResult:
+    """:func:`relevance` that also returns the logits and the explained classes.
+
+    One forward pass (eager attention, captured) and one backward pass that computes only the
+    gradients w.r.t. the attention probabilities (no parameter gradients, nothing accumulated
+    into ``.grad``). The score is the sum over samples of each sample's own target logit, so
+    every sample gets the gradient of its own logit (samples do not interact in a ViT).
+
+    Returns:
+        :class:`RelevanceResult`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if score_fn is not None and target is not None:
+        raise ValueError("give either target= or score_fn=, not both")
+    vm = model if isinstance(model, VisionModel) else wrap(model)
+    x = vm.preprocess(x)  # [B, 3, H, W] on the model's device and dtype
+    # the input requires grad so that the graph exists even when the parameters are frozen;
+    # its own gradient is never computed (only the attention tensors are asked for)
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad(), capture(vm, grad=True) as rec:
+        output = vm(x)
+        if score_fn is not None:
+            scores = score_fn(output)  # [B]
+            if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+                raise VitvizError("score_fn must return a [B] tensor of per-sample scores, got "
+                                  f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+            t, logits = None, output
+        else:
+            logits = _logits_of(output)  # [B, C]
+            t = _targets(logits, target)  # [B]
+            scores = logits.gather(1, t[:, None]).squeeze(1)  # [B] each sample's own logit
+        inputs = rec.grad_inputs()
+        if not inputs:
+            raise CaptureError(f"{vm.name}: no image self-attention with an autograd graph was "
+                               "captured, so there is nothing to explain")
+        # tensor hooks of the capture store d score / d A while this runs
+        torch.autograd.grad(scores.sum(), inputs, allow_unused=True)
+    attn, grads = rec.attentions, rec.attention_grads
+    maps = relevance_map(attn, grads, method=method, head_fusion=head_fusion,
+                         discard_ratio=discard_ratio, start_layer=start_layer)  # [B, gh, gw]
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach()
+    return RelevanceResult(maps, logits, t)
+
+
+def relevance(model, x, *, target: Target = None, method: str = "chefer",
+              head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
+              score_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> torch.Tensor:
+    """Class-specific relevance maps: Chefer et al. 2021 or gradient rollout.
+
+    Args:
+        model: a :class:`vitviz.VisionModel` or any classifier ``nn.Module`` vitviz can capture
+            (timm, transformers, torch ``MultiheadAttention``, pytorch_pretrained_vit, ...).
+        x: ``[B, 3, H, W]`` preprocessed input, or one image (path, PIL image, ``HxWx3`` array).
+        target: class to explain: None for each sample's predicted class, an int for all
+            samples, or one int per sample.
+        method: ``"chefer"`` (Chefer et al. 2021, ``R += mean_h[(dA⊙A)⁺]·R``) or
+            ``"grad_rollout"`` (vit-explain's gradient rollout).
+        head_fusion, discard_ratio: gradient rollout only (as :func:`vitviz.rollout`).
+        start_layer: first layer taken into account.
+        score_fn: instead of a target class, a function of the model's output returning the
+            ``[B]`` per-sample scores to explain.
+
+    Returns:
+        ``[B, gh, gw]`` float32 maps over the patch grid (prefix tokens dropped), not rescaled.
+
+    Raises:
+        VitvizError: the output is not classifier logits, or a target is out of range.
+        CaptureError: no attention could be captured with gradients.
+
+    Example:
+        >>> m = vitviz.load_model("b16")
+        >>> heat = vitviz.relevance(m, m.preprocess("cat.jpg"))[0]  # predicted class
+        >>> heat = vitviz.relevance(m, x, target=281, method="grad_rollout")[0]
+    """
+    return relevance_pass(model, x, target=target, method=method, head_fusion=head_fusion,
+                          discard_ratio=discard_ratio, start_layer=start_layer,
+                          score_fn=score_fn).maps
