@@ -495,3 +495,21 @@ def test_batched_equals_one_by_one():
             model(pixel_values=x[i:i + 1], decoder_input_ids=ids[i:i + 1])
         for got, full in zip((one.attentions.tensor, one.cross.tensor, one.text), batched):
             torch.testing.assert_close(got, full[:, i:i + 1], atol=ATOL, rtol=0)
+
+
+def test_prefix_tokens_read_off_the_model_before_any_capture():
+    import vitviz
+
+    """wrap() counts CLS / distillation / register / class_embedding parameters of HF models."""
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, DeiTConfig,
+                              DeiTForImageClassificationWithTeacher, Dinov2WithRegistersConfig,
+                              Dinov2WithRegistersModel)
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 image_size=32, patch_size=8)
+    deit = vitviz.wrap(DeiTForImageClassificationWithTeacher(DeiTConfig(**small)))
+    assert deit.layout == vitviz.TokenLayout(2, (4, 4))
+    regs = vitviz.wrap(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=3, **small)))
+    assert regs.layout == vitviz.TokenLayout(4, (4, 4))
+    clip = vitviz.wrap(CLIPVisionModel(CLIPVisionConfig(**small)))
+    assert clip.layout == vitviz.TokenLayout(1, (4, 4))

@@ -303,8 +303,8 @@ def test_converted_checkpoint_same_logits_and_attention(monkeypatch, tmp_path):
     with torch.no_grad():
         want = src(x)  # [B, 37]
         want_attn = _attention_of_ppvit(src)  # [L, B, H, N, N]
-        with vitviz.capture(vm) as rec:
-            got = vm(x)  # [B, 37]
+        with vitviz.capture(vitviz.wrap(model)) as rec:
+            got = model(x)  # [B, 37]
     assert want.abs().max() > 0.1  # a real head, not zeros compared with zeros
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     attn = rec.attentions.tensor  # [L, B, H, N, N]

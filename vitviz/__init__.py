@@ -50,6 +50,10 @@ _EXPORTS = {
     "cls_maps": "vitviz.analyze",
     "chefer_relevance": "vitviz.analyze",
     "grad_rollout": "vitviz.analyze",
+    "word_grids": "vitviz.analyze",
+    # captioning
+    "caption": "vitviz.captioning",
+    "Caption": "vitviz.captioning",
     # explain (model + capture + analyzer)
     "relevance": "vitviz.explain",
     # render
@@ -73,7 +77,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .analyze import chefer_relevance, cls_maps, grad_rollout, rollout
+    from .analyze import chefer_relevance, cls_maps, grad_rollout, rollout, word_grids
+    from .captioning import Caption, caption
     from .explain import relevance
     from .hooks import Recording, capture
     from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, ModelNotFoundError,

@@ -33,17 +33,17 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[i:i + size]
 
 
-def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean",
-                  discard_ratio: float = 0.0, start_layer: int = 0, batch_size: int = 8,
-                  cmap: str = "jet", alpha: float = 0.5, progress: bool = True,
-                  on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
-    """Write a rollout overlay PNG and the raw ``[gh, gw]`` map (``.npy``) for every image.
+def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
+              batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, progress: bool = True,
+              on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
+    """The shared loop: load and batch images, ``compute`` maps, write overlay PNG + ``.npy``.
 
     Args:
         model: a :class:`vitviz.VisionModel`.
         sources: image paths (or PIL images / arrays).
-        out_dir: folder for ``<name>_rollout.png`` and ``<name>_rollout.npy``.
-        head_fusion, discard_ratio, start_layer: as :func:`vitviz.rollout`.
+        out_dir: folder for ``<name>_<suffix>.png`` and ``<name>_<suffix>.npy``.
+        compute: ``x [B, 3, H, W] -> (maps [B, gh, gw], per-sample labels list or None)``.
+        suffix: the file-name suffix of the method.
         batch_size: images per forward pass.
         cmap, alpha: as :func:`vitviz.overlay`.
 
@@ -53,103 +53,11 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
     import torch
     from tqdm.auto import tqdm
 
-    from .analyze import rollout
-    from .hooks import capture
     from .models import load_image
     from .render import overlay
 
     if model.preprocessor is None:
         raise ImageError(model.name, "the model has no preprocessing configuration")
-    out_dir = Path(out_dir)
-    names = [str(s) if isinstance(s, (str, Path)) else f"image{i}" for i, s in enumerate(sources)]
-    stems = unique_stems(names)
-    outcomes = [Outcome(n) for n in names]
-    bar = tqdm(total=len(sources), unit="img", disable=not progress, desc="rollout")
-    for chunk in _chunks(list(range(len(sources))), max(1, batch_size)):
-        xs, views, idx = [], [], []
-        for i in chunk:
-            try:
-                img = load_image(sources[i])
-                xs.append(model.preprocessor(img))  # [1, 3, H, W]
-                views.append(model.preprocessor.view(img))  # [H, W, 3] uint8
-                idx.append(i)
-            except ImageError as e:
-                outcomes[i].error = e.reason
-        if xs:
-            x = torch.cat(xs).to(device=model.device, dtype=model.dtype)  # [B, 3, H, W]
-            with torch.no_grad(), capture(model) as rec:
-                logits = model(x)
-            maps = rollout(rec.attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                           start_layer=start_layer)  # [B, gh, gw]
-            preds = _predictions(model, logits)
-            for j, i in enumerate(idx):
-                heat = maps[j].cpu().numpy()
-                o = outcomes[i]
-                o.prediction = preds[j] if preds else None
-                o.outputs.append(save_npy(out_dir / f"{stems[i]}_rollout.npy", heat))
-                o.outputs.append(save_png(out_dir / f"{stems[i]}_rollout.png",
-                                          overlay(views[j], heat, cmap=cmap, alpha=alpha)))
-        for i in chunk:
-            if on_outcome is not None:
-                on_outcome(outcomes[i])
-        bar.update(len(chunk))
-    bar.close()
-    return outcomes
-
-
-def _predictions(model, logits) -> Optional[list[str]]:
-    """Top-1 class per sample ("label (p=0.93)"), when the output is classifier logits."""
-    import torch
-
-    t = getattr(logits, "logits", logits)
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[-1] < 2:
-        return None
-    p = t.float().softmax(-1)
-    conf, cls = p.max(-1)
-    labels = model.labels
-    return [f"{labels[c] if labels and c < len(labels) else c} (p={v:.2f})"
-            for c, v in zip(cls.tolist(), conf.tolist())]
-
-
-def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer",
-                    target: Optional[int] = None, head_fusion: str = "mean",
-                    discard_ratio: float = 0.0, start_layer: int = 0, batch_size: int = 8,
-                    cmap: str = "jet", alpha: float = 0.5, progress: bool = True,
-                    on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
-    """Write a class-specific relevance overlay PNG and the raw ``[gh, gw]`` map per image.
-
-    One forward and one backward pass per batch (:func:`vitviz.explain.relevance_pass`).
-
-    Args:
-        model: a :class:`vitviz.VisionModel` with a classifier head.
-        sources: image paths (or PIL images / arrays).
-        out_dir: folder for ``<name>_relevance.{png,npy}`` (``method="chefer"``) or
-            ``<name>_grad_rollout.{png,npy}``.
-        method: ``"chefer"`` or ``"grad_rollout"``.
-        target: class to explain for every image; None for each image's predicted class.
-        head_fusion, discard_ratio: gradient rollout only.
-        start_layer: first layer taken into account.
-        batch_size: images per forward pass.
-        cmap, alpha: as :func:`vitviz.overlay`.
-
-    Returns:
-        One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the
-        prediction says which class was explained.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from .explain import relevance_pass
-    from .models import load_image
-    from .render import overlay
-
-    if model.preprocessor is None:
-        raise ImageError(model.name, "the model has no preprocessing configuration")
-    classes = _num_classes(model.module)
-    if target is not None and classes is not None and not 0 <= target < classes:
-        raise VitvizError(f"class {target} is out of range: {model.name} has {classes} classes "
-                          f"(0..{classes - 1}); check --class")
-    suffix = "relevance" if method == "chefer" else method
     out_dir = Path(out_dir)
     names = [str(s) if isinstance(s, (str, Path)) else f"image{i}" for i, s in enumerate(sources)]
     stems = unique_stems(names)
@@ -167,25 +75,117 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
                 outcomes[i].error = e.reason
         if xs:
             x = torch.cat(xs).to(device=model.device, dtype=model.dtype)  # [B, 3, H, W]
-            res = relevance_pass(model, x, target=target, method=method, head_fusion=head_fusion,
-                                 discard_ratio=discard_ratio, start_layer=start_layer)
-            preds = _predictions(model, res.logits)
-            labels = model.labels
+            maps, labels = compute(x)  # [B, gh, gw]
+            maps = maps.cpu().numpy()
             for j, i in enumerate(idx):
-                heat = res.maps[j].cpu().numpy()  # [gh, gw]
-                k = int(res.target[j])
                 o = outcomes[i]
-                explained = f"explained: {labels[k] if labels and k < len(labels) else k}"
-                o.prediction = f"{preds[j]}; {explained}" if preds else explained
-                o.outputs.append(save_npy(out_dir / f"{stems[i]}_{suffix}.npy", heat))
+                o.prediction = labels[j] if labels else None
+                o.outputs.append(save_npy(out_dir / f"{stems[i]}_{suffix}.npy", maps[j]))
                 o.outputs.append(save_png(out_dir / f"{stems[i]}_{suffix}.png",
-                                          overlay(views[j], heat, cmap=cmap, alpha=alpha)))
+                                          overlay(views[j], maps[j], cmap=cmap, alpha=alpha)))
         for i in chunk:
             if on_outcome is not None:
                 on_outcome(outcomes[i])
         bar.update(len(chunk))
     bar.close()
     return outcomes
+
+
+def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean",
+                  discard_ratio: float = 0.0, start_layer: int = 0, **kwargs) -> list[Outcome]:
+    """Write a rollout overlay PNG and the raw ``[gh, gw]`` map (``.npy``) for every image.
+
+    Streaming: each layer's attention is folded into the running rollout product as it runs
+    and then freed (:class:`vitviz.analyze.RolloutStream`), so memory stays ``O(B*N^2)``.
+
+    Args:
+        model: a :class:`vitviz.VisionModel`.
+        sources: image paths (or PIL images / arrays).
+        out_dir: folder for ``<name>_rollout.png`` and ``<name>_rollout.npy``.
+        head_fusion, discard_ratio, start_layer: as :func:`vitviz.rollout`.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome`` of :func:`map_files`.
+
+    Returns:
+        One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
+    """
+    import torch
+
+    from .analyze import RolloutStream
+    from .hooks import capture
+
+    def compute(x):
+        stream = RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio,
+                               start_layer=start_layer,
+                               has_cls=bool(model.has_cls if model.has_cls is not None else model.num_prefix),
+                               num_layers=len(_image_sites(model)) if start_layer < 0 else None)
+        with torch.no_grad(), capture(model, keep="none", streams={"rollout": stream}) as rec:
+            logits = model(x)
+        return rec.stream("rollout"), _predictions(model, logits)  # [B, gh, gw]
+
+    return map_files(model, sources, out_dir, compute, suffix="rollout", **kwargs)
+
+
+def _image_sites(model) -> list:
+    from .hooks._registry import AUTO, IMAGE, discover
+
+    return [s for s in discover(model.module) if s.role in (IMAGE, AUTO)]
+
+
+def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer",
+                    target: Optional[int] = None, head_fusion: str = "mean",
+                    discard_ratio: float = 0.0, start_layer: int = 0, **kwargs) -> list[Outcome]:
+    """Write a class-specific relevance overlay PNG and the raw ``[gh, gw]`` map per image.
+
+    One forward and one backward pass per batch (:func:`vitviz.explain.relevance_pass`).
+
+    Args:
+        model: a :class:`vitviz.VisionModel` with a classifier head.
+        sources: image paths (or PIL images / arrays).
+        out_dir: folder for ``<name>_relevance.{png,npy}`` (``method="chefer"``) or
+            ``<name>_grad_rollout.{png,npy}``.
+        method: ``"chefer"`` or ``"grad_rollout"``.
+        target: class to explain for every image; None for each image's predicted class.
+        head_fusion, discard_ratio: gradient rollout only.
+        start_layer: first layer taken into account.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome`` of :func:`map_files`.
+
+    Returns:
+        One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the
+        prediction says which class was explained.
+    """
+    from .explain import relevance_pass
+
+    classes = _num_classes(model.module)
+    if target is not None and classes is not None and not 0 <= target < classes:
+        raise VitvizError(f"class {target} is out of range: {model.name} has {classes} classes "
+                          f"(0..{classes - 1}); check --class")
+
+    def compute(x):
+        res = relevance_pass(model, x, target=target, method=method, head_fusion=head_fusion,
+                             discard_ratio=discard_ratio, start_layer=start_layer)
+        preds = _predictions(model, res.logits)
+        names = model.labels
+        explained = [f"explained: {names[k] if names and k < len(names) else k}"
+                     for k in (int(t) for t in res.target)]
+        labels = [f"{p}; {e}" for p, e in zip(preds, explained)] if preds else explained
+        return res.maps, labels  # [B, gh, gw]
+
+    suffix = "relevance" if method == "chefer" else method
+    return map_files(model, sources, out_dir, compute, suffix=suffix, **kwargs)
+
+
+def _predictions(model, logits) -> Optional[list[str]]:
+    """Top-1 class per sample ("label (p=0.93)"), when the output is classifier logits."""
+    import torch
+
+    t = getattr(logits, "logits", logits)
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[-1] < 2:
+        return None
+    p = t.float().softmax(-1)
+    conf, cls = p.max(-1)
+    labels = model.labels
+    return [f"{labels[c] if labels and c < len(labels) else c} (p={v:.2f})"
+            for c, v in zip(cls.tolist(), conf.tolist())]
 
 
 def _num_classes(module) -> Optional[int]:

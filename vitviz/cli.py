@@ -16,6 +16,7 @@ examples:
   vitviz rollout photos/*.jpg --model b16 --weights my_finetune.pth --num-classes 37 --out maps/
   vitviz rollout cat.jpg --model deit-s-distilled --random      # untrained weights, no download
   vitviz relevance cat.jpg --model b16 --class 281              # class-specific relevance (Chefer et al. 2021)
+  vitviz caption girl.jpg --model vit-gpt2 --num-beams 4        # one map per generated word
   vitviz models                                                 # aliases and whether weights are cached
   vitviz demo                                                   # bundled images, offline
 

@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..models._aliases import ALIASES
-    from ..models._loader import timm_weights_location
+    from ..models._loader import weights_status
     from ..zoo import ZOO
 
     print(f"{'alias':<20} {'source':<13} {'model id':<40} weights")
@@ -21,9 +21,7 @@ def run(args) -> int:
         state = "bundled" if entry.weights_path() else "missing"
         print(f"{name:<20} {'vitviz zoo':<13} {name:<40} {state}  {entry.about}")
     for name, alias in ALIASES.items():
-        path = None
-        if alias.source == "timm":
-            path, _ = timm_weights_location(alias.default_id)
+        _, path = weights_status(name)
         state = "cached" if path else "not cached"
         print(f"{name:<20} {alias.source:<13} {alias.default_id:<40} {state}  {alias.about}")
     print("\nAlso: any timm model name (vitviz rollout x.jpg --model vit_base_patch16_224), a "

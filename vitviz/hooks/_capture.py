@@ -34,6 +34,9 @@ class Pass:
     hooked: set[int] = field(default_factory=set)
     grads: dict[int, torch.Tensor] = field(default_factory=dict)
     graph: dict[int, torch.Tensor] = field(default_factory=dict)
+    # per role: layers seen in this pass (kept or not) and their key count N
+    seen: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
 
     def of(self, role: str) -> list[torch.Tensor]:
         return [t for r, _, t in self.records if r == role]
@@ -57,6 +60,19 @@ def _stack(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
     return torch.stack(tensors)  # [L, B, H, Q, K]
 
 
+def _keep_spec(keep):
+    if isinstance(keep, str):
+        if keep not in ("all", "none"):
+            raise ValueError(f"keep must be 'all', 'none' or a list of layer indices, got {keep!r}")
+        return keep
+    if keep is None:
+        return "none"
+    try:
+        return tuple(int(k) for k in keep)
+    except TypeError:
+        raise ValueError(f"keep must be 'all', 'none' or a list of layer indices, got {keep!r}") from None
+
+
 class Recording:
     """What :func:`capture` read. Filled while the ``with`` block runs.
 
@@ -73,10 +89,17 @@ class Recording:
         sites: the attention modules that were hooked.
     """
 
-    def __init__(self, model: VisionModel, sites: list[Site], grad: bool = False):
+    def __init__(self, model: VisionModel, sites: list[Site], grad: bool = False,
+                 keep="all", streams: Optional[dict] = None):
         self.model = model
         self.sites = sites
         self.grad = grad
+        self.keep = _keep_spec(keep)
+        self.streams = dict(streams or {})
+        if grad and self.keep != "all":
+            raise CaptureError("capture(grad=True) needs keep='all': gradients are matched to kept layers")
+        # layers of each role per pass, for negative indices in keep=[...]
+        self._num_layers = {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)}
         self.passes: list[Pass] = []
         self._grad_handles: list = []  # RemovableHandles of the tensor hooks
         self._open = True
@@ -84,6 +107,16 @@ class Recording:
     # -- filled by hooks -------------------------------------------------------------------
     def _begin(self, hw: Optional[tuple[int, int]]) -> None:
         self.passes.append(Pass(input_hw=hw))
+        for stream in self.streams.values():
+            stream.reset()
+
+    def _keeps(self, role: str, index: int) -> bool:
+        if self.keep == "all":
+            return True
+        if self.keep == "none":
+            return False
+        n = self._num_layers[role]
+        return any(k == index or (k < 0 and n and k % n == index) for k in self.keep)
 
     def _emit(self, site: Site, attn: torch.Tensor, role: Optional[str] = None,
               graph: Optional[torch.Tensor] = None) -> None:
@@ -103,6 +136,14 @@ class Recording:
         if not self.passes:  # a submodule was called directly
             self._begin(None)
         p = self.passes[-1]
+        index = p.seen.get(role, 0)
+        p.seen[role] = index + 1
+        p.tokens[role] = int(attn.shape[-1])
+        if role == IMAGE:
+            for stream in self.streams.values():  # streaming analyses see every layer
+                stream.update(attn.detach())  # [B, H, N, N]
+        if not self._keeps(role, index):
+            return  # not kept: freed as soon as the model is done with it
         # [B, H, Q, K]; detached float32 copy-free view when already float32
         p.records.append((role, site, attn.detach().float()))
         if self.grad:
@@ -133,9 +174,14 @@ class Recording:
 
     # -- results ---------------------------------------------------------------------------
     def _last_with(self, role: str) -> Optional[Pass]:
+        """The last pass that kept ``role`` attention; an error if it ran but was not kept."""
         for p in reversed(self.passes):
             if p.of(role):
                 return p
+        if any(p.seen.get(role) for p in self.passes):
+            raise CaptureError(
+                f"{role} attention ran but no layer of it was kept (keep={self.keep!r}); use "
+                "capture(..., keep='all') or read the streams with rec.stream(name)")
         return None
 
     @property
@@ -153,6 +199,21 @@ class Recording:
             return None
         tensor = _stack(p.of(CROSS), "cross-attention")  # [L, B, H, T, Ni]
         return CrossAttentionMaps(tensor, self.model.layout_for(p.input_hw, tensor.shape[-1]))
+
+    def stream(self, name: str) -> torch.Tensor:
+        """The result of the streaming analysis ``name`` for the last pass with image attention.
+
+        Example:
+            >>> with vitviz.capture(m, keep="none", streams={"rollout": RolloutStream()}) as rec:
+            ...     m(x)
+            >>> rec.stream("rollout").shape  # [B, gh, gw]
+        """
+        if name not in self.streams:
+            raise KeyError(f"no stream {name!r}; streams: {', '.join(self.streams) or 'none'}")
+        p = next((q for q in reversed(self.passes) if q.seen.get(IMAGE)), None)
+        if p is None:
+            raise CaptureError("no image self-attention ran inside the capture block")
+        return self.streams[name].result(self.model.layout_for(p.input_hw, p.tokens[IMAGE]))
 
     @property
     def text(self) -> Optional[torch.Tensor]:
@@ -241,8 +302,8 @@ class Recording:
 
 
 @contextmanager
-def capture(model, *, adapters: Optional[list[str]] = None,
-            grad: bool = False) -> Iterator[Recording]:
+def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, keep="all",
+            streams: Optional[dict] = None) -> Iterator[Recording]:
     """Capture attention probabilities from every forward pass run inside the block.
 
     Hooks and implementation switches (timm's ``fused_attn``, transformers' attention
@@ -255,6 +316,12 @@ def capture(model, *, adapters: Optional[list[str]] = None,
         grad: also record the gradient of what is backpropagated inside the block with
             respect to every attention tensor (``rec.attention_grads``): one forward and one
             backward, read by tensor hooks that are removed on exit.
+        keep: which layers to store: ``"all"`` (default), ``"none"`` (only ``streams`` run:
+            memory ``O(B*N^2)`` instead of ``O(L*B*H*N^2)``), or layer indices per role, e.g.
+            ``[-1]`` for the last layer only (``rec.attentions`` then holds the kept layers).
+        streams: name -> streaming analysis (``reset()``, ``update(attn [B, H, N, N])``,
+            ``result(layout)``, e.g. :class:`vitviz.analyze.RolloutStream`) fed every image
+            self-attention layer as it runs; read with ``rec.stream(name)``.
 
     Returns:
         A :class:`Recording` (``rec.attentions``, ``rec.cross``, ``rec.attention_grads``).
@@ -284,7 +351,7 @@ def capture(model, *, adapters: Optional[list[str]] = None,
             + "; supported: timm ViTs, transformers models, torch.nn.MultiheadAttention, "
             "pytorch_pretrained_vit, and modules returning (output, attention) or using nn.Softmax"
         )
-    rec = Recording(vm, sites, grad=grad)
+    rec = Recording(vm, sites, grad=grad, keep=keep, streams=streams)
     with ExitStack() as stack:
         stack.callback(rec._close)  # last undo: tensor hooks of this forward removed
         def on_root(_module, args, kwargs):
@@ -298,7 +365,7 @@ def capture(model, *, adapters: Optional[list[str]] = None,
         for group in by_adapter.values():
             group[0].adapter.attach(group, rec._emit, stack)
         yield rec
-    if rec.passes and not any(p.records for p in rec.passes):
+    if rec.passes and not any(p.seen for p in rec.passes):
         names = ", ".join(f"{s.name} ({s.adapter.name})" for s in sites[:6])
         raise CaptureError(
             f"the forward pass ran but none of the {len(sites)} hooked attention modules "

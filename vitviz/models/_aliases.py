@@ -74,7 +74,13 @@ for _name, _id, _about in [
     ("dinov2-l-reg", "vit_large_patch14_reg4_dinov2.lvd142m", "DINOv2 ViT-L/14 with 4 registers"),
 ]:
     ALIASES[_name] = Alias(_name, "timm", {518: _id}, _about)
-del _name, _pattern, _sizes, _about, _id
+# image captioners (transformers): cross-attention of every generated word, `vitviz caption`
+for _name, _size, _id, _about in [
+    ("vit-gpt2", 224, "nlpconnect/vit-gpt2-image-captioning", "ViT-B/16 encoder + GPT-2 decoder captioner (COCO)"),
+    ("blip-base", 384, "Salesforce/blip-image-captioning-base", "BLIP base image captioner (COCO)"),
+]:
+    ALIASES[_name] = Alias(_name, "transformers", {_size: _id}, _about)
+del _name, _pattern, _sizes, _about, _id, _size
 
 
 def alias_names() -> list[str]:

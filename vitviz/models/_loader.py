@@ -143,13 +143,12 @@ def weights_status(name: str) -> tuple[str, Optional[str]]:
         return r.model_id, ZOO[r.name].weights_path()
     if r.source == "timm":
         return r.model_id, timm_weights_location(r.model_id)[0]
-    try:
-        from transformers import AutoConfig
+    if Path(r.model_id).is_dir():
+        return r.model_id, r.model_id
+    from huggingface_hub import try_to_load_from_cache
 
-        AutoConfig.from_pretrained(r.model_id, local_files_only=True)
-        return r.model_id, "cached"
-    except (OSError, ValueError):
-        return r.model_id, None
+    found = try_to_load_from_cache(r.model_id, "config.json")  # no transformers import needed
+    return r.model_id, found if isinstance(found, str) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +331,25 @@ def _load_transformers(r: Resolved, weights, pretrained, num_classes, image_size
             raise _missing_weights(r.name, f"the weights of {r.model_id} in {_hf_cache_dir()}") from e
     vm = wrap(model, name=r.name)
     _attach_hf_processor(vm, r.model_id)
+    _attach_hf_tokenizer(vm, r.model_id, model)
     return vm
+
+
+def _attach_hf_tokenizer(vm, model_id: str, model) -> None:
+    """Give a captioner (a model that generates text) its tokenizer, when the files are on disk.
+
+    Read with ``local_files_only=True``: nothing is downloaded. Without tokenizer files the
+    model still works and captions show token ids (``vitviz.caption`` says so in a note).
+    """
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        vm.tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError):  # no (usable) tokenizer files
+        vm.tokenizer = None
 
 
 def _attach_hf_processor(vm, model_id: str) -> None:

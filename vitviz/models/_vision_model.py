@@ -17,8 +17,9 @@ from torch import nn
 from ..errors import LayoutError
 from ..types import TokenLayout
 
-_PREFIX_PARAM_NAMES = ("cls_token", "class_token", "dist_token", "distillation_token", "reg_token",
-                       "register_tokens")
+_PREFIX_PARAM_NAMES = ("cls_token", "class_token", "class_embedding", "dist_token", "distillation_token",
+                       "reg_token", "register_tokens")
+_CLS_PARAM_NAMES = ("cls_token", "class_token", "class_embedding")
 
 
 def _pair(x) -> tuple[int, int]:
@@ -145,8 +146,11 @@ class VisionModel:
                     f"{self.name}: the patch grid is unknown; pass grid=(rows, cols) to vitviz.wrap"
                 )
             grid = self._grid_from_hw(size)
-        return TokenLayout(self.num_prefix if self.num_prefix is not None else 0, grid,
-                           has_cls=self.has_cls)
+        if self.num_prefix is None:
+            raise LayoutError(
+                f"{self.name}: the number of prefix tokens is not known before a capture (it is "
+                "read off the captured attention); pass num_prefix= to vitviz.wrap")
+        return TokenLayout(self.num_prefix, grid, has_cls=self.has_cls if self.num_prefix else None)
 
     def _grid_from_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         ph, pw = self.patch_size
@@ -211,7 +215,8 @@ def _count_prefix_params(module: nn.Module) -> Optional[int]:
     capture instead (``N - gh*gw``).
     """
     found = [(n.count("."), n.rsplit(".", 1)[-1], p) for n, p in module.named_parameters()
-             if n.rsplit(".", 1)[-1] in _PREFIX_PARAM_NAMES and p.dim() >= 2]
+             if n.rsplit(".", 1)[-1] in _PREFIX_PARAM_NAMES
+             and (p.dim() >= 2 or n.endswith("class_embedding"))]  # CLIP: class_embedding is [D]
     if not found:
         return None
     depth = min(d for d, _, _ in found)
@@ -242,8 +247,11 @@ def _describe_hf(module: nn.Module) -> dict:
     if getattr(cfg, "image_size", None) is not None:
         size = _pair(cfg.image_size)
         info["grid"] = (size[0] // info["patch_size"][0], size[1] // info["patch_size"][1])
-    # the number of prefix tokens is read off each capture: N - gh*gw (all these models put CLS first)
-    info["has_cls"] = True
+    # CLS (+ distillation / register tokens) parameters; else read off each capture: N - gh*gw
+    prefix = _count_prefix_params(module)
+    if prefix is not None:
+        info["num_prefix"] = prefix
+    info["has_cls"] = True  # all these models put CLS first
     return info
 
 
@@ -262,7 +270,7 @@ def describe(module: nn.Module) -> dict:
     if prefix is not None:
         info["num_prefix"] = prefix
         info["has_cls"] = prefix > 0 and any(
-            n.rsplit(".", 1)[-1] in ("cls_token", "class_token") for n, _ in module.named_parameters())
+            n.rsplit(".", 1)[-1] in _CLS_PARAM_NAMES for n, _ in module.named_parameters())
     image_size = getattr(module, "image_size", None)
     if image_size is not None and "patch_size" in info:
         size = _pair(image_size)

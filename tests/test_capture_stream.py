@@ -1,0 +1,65 @@
+"""Streaming capture: keep='none' / keep=[...] with streams gives the stored path's maps."""
+
+import pytest
+import timm
+import torch
+
+import vitviz
+from vitviz.analyze import RolloutStream, cls_maps
+from vitviz.errors import CaptureError
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=3, img_size=64,
+                             num_classes=4).eval()
+
+
+def test_streamed_rollout_equals_stored(model):
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad(), vitviz.capture(model) as rec:
+        ref = model(x)
+    stored = vitviz.rollout(rec.attentions, discard_ratio=0.9)
+    stream = RolloutStream(discard_ratio=0.9)
+    with torch.no_grad(), vitviz.capture(model, keep="none", streams={"r": stream}) as rec2:
+        out = model(x)
+    assert torch.equal(out, ref)
+    assert torch.equal(rec2.stream("r"), stored)
+    assert all(not p.records for p in rec2.passes)  # nothing stored
+    with pytest.raises(CaptureError, match="no layer of it was kept"):
+        rec2.attentions
+
+
+def test_keep_selected_layers(model):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), vitviz.capture(model) as rec:
+        model(x)
+    with torch.no_grad(), vitviz.capture(model, keep=[-1, 0]) as rec2:
+        model(x)
+    kept = rec2.attentions
+    assert kept.num_layers == 2
+    assert torch.equal(kept.tensor[0], rec.attentions.tensor[0])
+    assert torch.equal(kept.tensor[1], rec.attentions.tensor[-1])
+    assert torch.equal(cls_maps(kept, layer=-1), cls_maps(rec.attentions, layer=-1))
+
+
+def test_streams_reset_per_pass(model):
+    stream = RolloutStream()
+    a, b = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), vitviz.capture(model, keep="none", streams={"r": stream}) as rec:
+        model(a)
+        model(b)
+    with torch.no_grad(), vitviz.capture(model) as ref:
+        model(b)
+    assert torch.equal(rec.stream("r"), vitviz.rollout(ref.attentions))
+
+
+def test_bad_keep_and_grad_with_keep():
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32).eval()
+    with pytest.raises(ValueError, match="keep"):
+        with vitviz.capture(m, keep="some"):
+            pass
+    with pytest.raises(CaptureError, match="keep='all'"):
+        with vitviz.capture(m, grad=True, keep="none"):
+            pass
