@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 import vitviz
-from vitviz.analyze import rollout
+from vitviz.analyze import RolloutStream, rollout
+from vitviz.explain import relevance
 
 
 def _build(model: str, size: int):
@@ -58,8 +59,17 @@ def methods(m, x) -> dict[str, Callable[[], object]]:
             m(x)
         return rollout(rec.attentions, discard_ratio=0.9)
 
-    out = {"forward (floor)": floor, "capture+rollout": rollout_stored}
-    return out
+    def rollout_streaming():
+        stream = RolloutStream(discard_ratio=0.9)
+        with torch.no_grad(), vitviz.capture(m, keep="none", streams={"r": stream}) as rec:
+            m(x)
+        return rec.stream("r")
+
+    def relevance_chefer():
+        return relevance(m, x)  # one forward + one backward
+
+    return {"forward (floor)": floor, "rollout (stored)": rollout_stored,
+            "rollout (streaming)": rollout_streaming, "relevance (chefer)": relevance_chefer}
 
 
 def bench(model: str, size: int, batch: int, reps: int) -> list[dict]:
@@ -74,15 +84,19 @@ def bench(model: str, size: int, batch: int, reps: int) -> list[dict]:
     return rows
 
 
-def _child_peak(model: str, size: int, batch: int, method: str) -> float:
-    """Peak RSS (MB) of a fresh process running one call of ``method``."""
+def _child_peak(model: str, size: int, batch: int, method: str) -> tuple[float, float]:
+    """Peak RSS (MB) of a fresh process running one call of ``method``, and how far that call
+    raised the peak above what loading the model and the input had reached (MB)."""
     code = (f"import sys, resource, torch; sys.path.insert(0, {os.getcwd()!r});"
             f"from benchmarks.run import _build, methods;"
             f"m = _build({model!r}, {size}); x = torch.randn({batch}, 3, {size}, {size});"
+            f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
             f"methods(m, x)[{method!r}]();"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            f"after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"print(after / 1024, (after - before) / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, extra = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), float(extra)
 
 
 def main(argv=None) -> list[dict]:
@@ -105,9 +119,10 @@ def main(argv=None) -> list[dict]:
             for batch in map(int, a.batches.split(",")):
                 for r in bench(model, size, batch, a.reps):
                     if a.memory:
-                        r["peak_mb"] = _child_peak(model, size, batch, r["method"])
+                        r["peak_mb"], r["call_mb"] = _child_peak(model, size, batch, r["method"])
                     rows.append(r)
-                    mem = f"  peak {r['peak_mb']:.0f} MB" if "peak_mb" in r else ""
+                    mem = (f"  peak {r['peak_mb']:.0f} MB (call +{r['call_mb']:.0f} MB)"
+                           if "peak_mb" in r else "")
                     print(f"{model:>5} {size:>4}px b{batch:<2} {r['method']:<22} "
                           f"{r['seconds'] * 1000:9.1f} ms  {r['ratio']:5.2f}x{mem}", flush=True)
     if a.json:

@@ -1,0 +1,14 @@
+"""The benchmark script runs (reduced: a tiny model) so it cannot rot. No timing is asserted."""
+
+from benchmarks.run import main
+
+
+def test_quick_benchmark_runs_every_method(tmp_path):
+    rows = main(["--quick", "--memory", "--json", str(tmp_path / "rows.json")])
+    methods = {r["method"] for r in rows}
+    assert {"forward (floor)", "rollout (stored)", "rollout (streaming)", "relevance (chefer)"} <= methods
+    for r in rows:
+        assert r["seconds"] > 0 and r["ratio"] > 0 and r["peak_mb"] > 0
+        if r["method"] == "forward (floor)":
+            assert r["ratio"] == 1.0
+    assert (tmp_path / "rows.json").stat().st_size > 0
