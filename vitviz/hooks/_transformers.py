@@ -251,6 +251,11 @@ class TransformersAdapter(Adapter):
 
         stack.callback(restore)
         for top in tops:
+            # already eager everywhere (e.g. BLIP, which cannot switch): nothing to do, and
+            # calling set_attn_implementation would only log a warning per capture
+            if all(getattr(cfg, "_attn_implementation_internal", None) == "eager"
+                   for cfg in _reachable_configs([top], config_cls).values()):
+                continue
             top.set_attn_implementation("eager")
 
         for site in sites:
