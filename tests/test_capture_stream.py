@@ -63,3 +63,24 @@ def test_bad_keep_and_grad_with_keep():
     with pytest.raises(CaptureError, match="keep='all'"):
         with vitviz.capture(m, grad=True, keep="none"):
             pass
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.05), (torch.float16, 0.005)])
+def test_half_precision_models_give_float32_maps_close_to_float32(dtype, tol):
+    """Stated tolerance: max |map - map_fp32| <= tol * max(map_fp32) (bf16 5%, fp16 0.5%),
+    with discard_ratio 0.9, whose top-k is the most precision-sensitive step."""
+    import copy
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, img_size=64).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad(), vitviz.capture(m) as rec:
+        m(x)
+    ref = vitviz.rollout(rec.attentions, discard_ratio=0.9)
+    half = copy.deepcopy(m).to(dtype)
+    stream = RolloutStream(discard_ratio=0.9)
+    with torch.no_grad(), vitviz.capture(half, keep="none", streams={"r": stream}) as rec2:
+        half(x.to(dtype))
+    out = rec2.stream("r")
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
