@@ -6,7 +6,7 @@ import vitviz
 
 CONTRACT = {
     "list_models", "load_model", "wrap", "capture", "VisionModel", "TokenLayout", "AttentionMaps",
-    "CrossAttentionMaps", "rollout", "cls_maps", "overlay", "caption", "word_grids",
+    "CrossAttentionMaps", "rollout", "cls_maps", "overlay", "caption", "word_grids", "pos_similarity",
 }
 
 

@@ -51,6 +51,13 @@ _EXPORTS = {
     "chefer_relevance": "vitviz.analyze",
     "grad_rollout": "vitviz.analyze",
     "word_grids": "vitviz.analyze",
+    "query_maps": "vitviz.analyze",
+    "attention_flow": "vitviz.analyze",
+    "mass_masks": "vitviz.analyze",
+    "attention_entropy": "vitviz.analyze",
+    "mean_attention_distance": "vitviz.analyze",
+    "prefix_attention_share": "vitviz.analyze",
+    "pos_similarity": "vitviz.models",
     # captioning
     "caption": "vitviz.captioning",
     "Caption": "vitviz.captioning",
@@ -77,13 +84,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .analyze import chefer_relevance, cls_maps, grad_rollout, rollout, word_grids
+    from .analyze import (attention_entropy, attention_flow, chefer_relevance, cls_maps, grad_rollout,
+                          mass_masks, mean_attention_distance, prefix_attention_share, query_maps,
+                          rollout, word_grids)
     from .captioning import Caption, caption
     from .explain import relevance
     from .hooks import Recording, capture
     from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, ModelNotFoundError,
                          PreprocessError, VitvizError, WeightsNotFoundError)
-    from .models import (Preprocess, VisionModel, list_models, load_image, load_model, to_rgb_array,
-                         wrap)
+    from .models import (Preprocess, VisionModel, list_models, load_image, load_model, pos_similarity,
+                         to_rgb_array, wrap)
     from .render import overlay
     from .types import AttentionMaps, CrossAttentionMaps, TokenLayout

@@ -16,6 +16,10 @@ examples:
   vitviz rollout photos/*.jpg --model b16 --weights my_finetune.pth --num-classes 37 --out maps/
   vitviz rollout cat.jpg --model deit-s-distilled --random      # untrained weights, no download
   vitviz relevance cat.jpg --model b16 --class 281              # class-specific relevance (Chefer et al. 2021)
+  vitviz cls cat.jpg --model dino-s16 --mask 0.6               # per-head CLS maps + DINO masks
+  vitviz flow cat.jpg --model b16                               # attention flow (max-flow)
+  vitviz posembed --model b16                                   # position-embedding similarity
+  vitviz heads photos/*.jpg --model b16                         # entropy, attention distance per head
   vitviz caption girl.jpg --model vit-gpt2 --num-beams 4        # one map per generated word
   vitviz models                                                 # aliases and whether weights are cached
   vitviz demo                                                   # bundled images, offline

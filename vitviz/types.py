@@ -127,6 +127,21 @@ class AttentionMaps:
     def to(self, *args, **kwargs) -> "AttentionMaps":
         return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout)
 
+    def _repr_png_(self) -> bytes:
+        """PNG for notebooks: the CLS-row map (mean of the patch rows without CLS) of every
+        layer and head of the first sample, as a layers x heads grid."""
+        from .analyze.cls import all_layer_maps
+        from .render.figures import figure_png, map_grid
+
+        first = AttentionMaps(self.tensor[:, :1], self.layout)
+        maps = all_layer_maps(first)[:, 0]  # [L, H, gh, gw]
+        what = "CLS attention" if self.layout.has_cls else "mean patch attention"
+        fig, _ = map_grid(maps, row_labels=[f"layer {i}" for i in range(self.num_layers)],
+                          col_labels=[f"head {h}" for h in range(self.num_heads)], cmap="inferno",
+                          title=f"{what}, sample 0 of {self.batch_size} ({self.layout.grid[0]}x"
+                                f"{self.layout.grid[1]} patches)")
+        return figure_png(fig)
+
 
 @dataclass
 class CrossAttentionMaps:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import torch
 
 from ..types import AttentionMaps
-from .rollout import token_map
+from .query import Query, check_layer, query_maps, query_weights
 
 
-def cls_maps(attn: AttentionMaps, *, layer: int = -1) -> torch.Tensor:
+def cls_maps(attn: AttentionMaps, *, layer: int = -1, query: Query = "auto") -> torch.Tensor:
     """Per-head attention of the CLS token over the patches at one layer.
 
-    Models without a CLS token get the mean attention of the patch rows.
+    Models without a CLS token get the mean attention of the patch rows. ``query`` picks
+    another row: ``"dist"`` (distillation token), ``"cls+dist"`` (their mean),
+    ``"patches"`` (mean of the patch rows), a token index or ``(row, col)`` of a patch;
+    see :func:`vitviz.analyze.query.query_weights`.
 
     Args:
         attn: :class:`AttentionMaps` ``[L, B, H, N, N]``.
         layer: layer index (negative counts from the end).
+        query: which query row(s) to read (default: CLS, else the mean of the patch rows).
 
     Returns:
         ``[B, H, gh, gw]`` float32, prefix tokens dropped, not rescaled.
@@ -24,7 +28,18 @@ def cls_maps(attn: AttentionMaps, *, layer: int = -1) -> torch.Tensor:
         >>> vitviz.cls_maps(rec.attentions, layer=-1).shape
         torch.Size([1, 12, 14, 14])
     """
-    num_layers = attn.num_layers
-    if not -num_layers <= layer < num_layers:
-        raise ValueError(f"layer {layer} is out of range for {num_layers} layers")
-    return token_map(attn.tensor[layer].float(), attn.layout)  # [B, H, gh, gw]
+    check_layer(attn.num_layers, layer)
+    return query_maps(attn, query, layer=layer)  # [B, H, gh, gw]
+
+
+def all_layer_maps(attn: AttentionMaps, *, query: Query = "auto") -> torch.Tensor:
+    """:func:`cls_maps` of every layer at once.
+
+    Returns:
+        ``[L, B, H, gh, gw]`` float32.
+    """
+    layout = attn.layout
+    a = attn.tensor.float()  # [L, B, H, N, N]
+    w = query_weights(layout, query, dtype=a.dtype, device=a.device)  # [N]
+    rows = torch.einsum("q,lbhqk->lbhk", w, a)[..., layout.num_prefix:]  # [L, B, H, P]
+    return rows.reshape(*rows.shape[:3], *layout.grid)  # [L, B, H, gh, gw]

@@ -1,0 +1,147 @@
+"""`vitviz cls`: per-head CLS maps of every layer as a grid over each image (and DINO masks)."""
+
+from __future__ import annotations
+
+from ._common import add_model_arguments, fail, load, report
+
+NAME = "cls"
+HELP = "per-head CLS attention maps of every layer, as a grid over each image"
+DESCRIPTION = ("What the CLS token (or another query) attends to, per layer and head: writes "
+               "<name>_cls.png (layers x heads grid over the image) and <name>_cls.npy "
+               "([layers, heads, gh, gw] raw maps). --mask T adds <name>_mask.png: per head, the "
+               "smallest set of patches holding a fraction T of the attention (DINO).")
+EXAMPLE = "vitviz cls cat.jpg --model dino-s16 --layer -1 --mask 0.6 --out maps/"
+
+QUERY_HELP = ("query row: cls, dist (distillation token), cls+dist, patches (mean of the patch rows), "
+              "prefix, auto (cls, else patches), ROW,COL of a patch, or a token index (default: auto)")
+
+
+def parse_query(text: str):
+    """``"cls"`` / ``"3,7"`` (a patch) / ``"5"`` (a token index) -> a query for the analyzers."""
+    t = text.strip().lower()
+    if "," in t:
+        parts = t.split(",")
+        try:
+            row, col = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"a patch query is ROW,COL (two integers), got {text!r}") from None
+        return row, col
+    if t.lstrip("-").isdigit():
+        return int(t)
+    return t
+
+
+def add_arguments(p) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_model_arguments(p)
+    p.add_argument("--layer", type=int, default=None, metavar="L",
+                   help="only this layer (negative counts from the end; default: every layer)")
+    p.add_argument("--query", default="auto", metavar="Q", help=QUERY_HELP)
+    p.add_argument("--mask", type=float, default=None, metavar="T",
+                   help="also draw per-head attention-mass masks keeping a fraction T, e.g. 0.6 "
+                        "(of --layer, default the last layer)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--cmap", default="jet")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
+    p.add_argument("--out", default="vitviz-out", metavar="DIR")
+
+
+def iter_captures(model, sources, *, batch_size: int = 8, desc: str = "images", progress: bool = True):
+    """Load, batch and capture the images; yield one result per source, in order.
+
+    Yields:
+        ``(outcome, stem, view, attn)``: the :class:`vitviz.batch.Outcome` to fill, a unique
+        safe file stem, the ``HxWx3`` uint8 image the model saw and the
+        :class:`~vitviz.AttentionMaps` of this image (``[L, 1, H, N, N]``). For an unreadable
+        image ``outcome.error`` is set and ``view`` and ``attn`` are ``None``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .._io import unique_stems
+    from ..batch import Outcome
+    from ..errors import ImageError
+    from ..hooks import capture
+    from ..models import load_image
+    from ..types import AttentionMaps
+
+    if model.preprocessor is None:
+        raise ImageError(model.name, "the model has no preprocessing configuration")
+    names = [str(s) for s in sources]
+    stems = unique_stems(names)
+    bar = tqdm(total=len(sources), unit="img", disable=not progress, desc=desc)
+    size = max(1, batch_size)
+    for start in range(0, len(sources), size):
+        idx = list(range(start, min(start + size, len(sources))))
+        xs, views, good = [], {}, []
+        failed = {}
+        for i in idx:
+            try:
+                img = load_image(sources[i])
+                xs.append(model.preprocessor(img))  # [1, 3, H, W]
+                views[i] = model.preprocessor.view(img)  # [H, W, 3] uint8
+                good.append(i)
+            except ImageError as e:
+                failed[i] = e.reason
+        attn = None
+        if xs:
+            x = torch.cat(xs).to(device=model.device, dtype=model.dtype)  # [B, 3, H, W]
+            with torch.no_grad(), capture(model) as rec:
+                model(x)
+            attn = rec.attentions
+        for i in idx:
+            o = Outcome(names[i])
+            if i in failed:
+                o.error = failed[i]
+                yield o, stems[i], None, None
+            else:
+                j = good.index(i)
+                yield o, stems[i], views[i], AttentionMaps(attn.tensor[:, j:j + 1], attn.layout)
+        bar.update(len(idx))
+    bar.close()
+
+
+def run(args) -> int:
+    if not 0.0 <= args.alpha <= 1.0:
+        return fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.mask is not None and not 0.0 < args.mask <= 1.0:
+        return fail(f"--mask must be in (0, 1], got {args.mask}")
+    try:
+        query = parse_query(args.query)
+    except ValueError as e:
+        return fail(str(e))
+    from pathlib import Path
+
+    from .._io import save_npy
+    from ..analyze.cls import all_layer_maps
+    from ..analyze.masks import mass_masks
+    from ..analyze.query import check_layer
+    from ..render.figures import map_grid, mask_contours, save_figure
+
+    model = load(args)
+    out = Path(args.out)
+    outcomes = []
+    for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="cls"):
+        outcomes.append(o)
+        if o.error:
+            continue
+        maps = all_layer_maps(attn, query=query)[:, 0]  # [L, H, gh, gw]
+        layers = list(range(attn.num_layers))
+        if args.layer is not None:
+            try:
+                chosen = check_layer(attn.num_layers, args.layer)
+            except ValueError as e:
+                return fail(f"--layer: {e}")
+            maps, layers = maps[chosen:chosen + 1], [chosen]
+        what = "CLS" if query in ("auto", "cls") and attn.layout.has_cls else f"query {args.query}"
+        fig, _ = map_grid(maps, view, row_labels=[f"layer {i}" for i in layers],
+                          col_labels=[f"head {h}" for h in range(maps.shape[1])], cmap=args.cmap,
+                          alpha=args.alpha, title=f"{what} attention: {Path(o.source).name}")
+        o.outputs.append(save_npy(out / f"{stem}_cls.npy", maps.cpu().numpy()))
+        if args.mask is not None:
+            masks = mass_masks(maps[-1], args.mask)  # [H, gh, gw]
+            mfig, _ = mask_contours(view, masks, labels=[f"head {h}" for h in range(masks.shape[0])],
+                                    title=f"{args.mask:.0%} of the attention mass, layer {layers[-1]}")
+            o.outputs.append(save_figure(mfig, out / f"{stem}_mask.png"))
+        o.outputs.append(save_figure(fig, out / f"{stem}_cls.png"))
+    return report(outcomes)
