@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Chromium and its driver from Debian, for the gallery page's browser test
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	      || echo "warning: could not install chromium; the browser test will fail"; \
+	  else echo "note: install chromium and chromium-driver (sudo apt-get install chromium chromium-driver) for the browser test"; fi; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest tests
 
 demo: $(STAMP)

@@ -61,6 +61,9 @@ _EXPORTS = {
     # captioning
     "caption": "vitviz.captioning",
     "Caption": "vitviz.captioning",
+    # batch
+    "build_gallery": "vitviz.gallery",
+    "merge_gallery": "vitviz.gallery",
     # explain (model + capture + analyzer)
     "relevance": "vitviz.explain",
     # render
@@ -88,6 +91,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
                           mass_masks, mean_attention_distance, prefix_attention_share, query_maps,
                           rollout, word_grids)
     from .captioning import Caption, caption
+    from .gallery import build_gallery, merge_gallery
     from .explain import relevance
     from .hooks import Recording, capture
     from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, ModelNotFoundError,

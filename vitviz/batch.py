@@ -33,6 +33,54 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[i:i + size]
 
 
+@dataclass
+class Item:
+    """One input of a batch: its outcome to fill, a unique safe file stem, and the
+    ``HxWx3`` uint8 image the model saw (None when unreadable)."""
+
+    outcome: Outcome
+    stem: str
+    view: Optional[object] = None
+
+
+def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "images",
+                 progress: bool = True) -> Iterable[tuple[list[Item], Optional[object]]]:
+    """Load, preprocess and batch images; unreadable ones are marked, not fatal.
+
+    Yields:
+        ``(items, x)`` per chunk of ``batch_size`` sources, in order: every source of the
+        chunk as an :class:`Item`, and ``x [B, 3, H, W]`` of the readable ones (in the same
+        order, on the model's device and dtype), or None when none was readable.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .models import load_image
+
+    if model.preprocessor is None:
+        raise ImageError(model.name, "the model has no preprocessing configuration")
+    names = [str(s) if isinstance(s, (str, Path)) else f"image{i}" for i, s in enumerate(sources)]
+    stems = unique_stems(names)
+    bar = tqdm(total=len(sources), unit="img", disable=not progress, desc=desc)
+    try:
+        for chunk in _chunks(list(range(len(sources))), max(1, batch_size)):
+            items, xs = [], []
+            for i in chunk:
+                item = Item(Outcome(names[i]), stems[i])
+                try:
+                    img = load_image(sources[i])
+                    xs.append(model.preprocessor(img))  # [1, 3, H, W]
+                    item.view = model.preprocessor.view(img)  # [H, W, 3] uint8
+                except ImageError as e:
+                    item.outcome.error = e.reason
+                items.append(item)
+            x = torch.cat(xs).to(device=model.device, dtype=model.dtype) if xs else None  # [B, 3, H, W]
+            yield items, x
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
 def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
               batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, progress: bool = True,
               on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
@@ -50,44 +98,25 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from .models import load_image
     from .render import overlay
 
-    if model.preprocessor is None:
-        raise ImageError(model.name, "the model has no preprocessing configuration")
     out_dir = Path(out_dir)
-    names = [str(s) if isinstance(s, (str, Path)) else f"image{i}" for i, s in enumerate(sources)]
-    stems = unique_stems(names)
-    outcomes = [Outcome(n) for n in names]
-    bar = tqdm(total=len(sources), unit="img", disable=not progress, desc=suffix)
-    for chunk in _chunks(list(range(len(sources))), max(1, batch_size)):
-        xs, views, idx = [], [], []
-        for i in chunk:
-            try:
-                img = load_image(sources[i])
-                xs.append(model.preprocessor(img))  # [1, 3, H, W]
-                views.append(model.preprocessor.view(img))  # [H, W, 3] uint8
-                idx.append(i)
-            except ImageError as e:
-                outcomes[i].error = e.reason
-        if xs:
-            x = torch.cat(xs).to(device=model.device, dtype=model.dtype)  # [B, 3, H, W]
+    outcomes = []
+    for items, x in load_batches(model, sources, batch_size=batch_size, desc=suffix, progress=progress):
+        good = [it for it in items if it.view is not None]
+        if x is not None:
             maps, labels = compute(x)  # [B, gh, gw]
             maps = maps.cpu().numpy()
-            for j, i in enumerate(idx):
-                o = outcomes[i]
+            for j, it in enumerate(good):
+                o = it.outcome
                 o.prediction = labels[j] if labels else None
-                o.outputs.append(save_npy(out_dir / f"{stems[i]}_{suffix}.npy", maps[j]))
-                o.outputs.append(save_png(out_dir / f"{stems[i]}_{suffix}.png",
-                                          overlay(views[j], maps[j], cmap=cmap, alpha=alpha)))
-        for i in chunk:
+                o.outputs.append(save_npy(out_dir / f"{it.stem}_{suffix}.npy", maps[j]))
+                o.outputs.append(save_png(out_dir / f"{it.stem}_{suffix}.png",
+                                          overlay(it.view, maps[j], cmap=cmap, alpha=alpha)))
+        for it in items:
+            outcomes.append(it.outcome)
             if on_outcome is not None:
-                on_outcome(outcomes[i])
-        bar.update(len(chunk))
-    bar.close()
+                on_outcome(it.outcome)
     return outcomes
 
 

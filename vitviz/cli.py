@@ -21,6 +21,7 @@ examples:
   vitviz posembed --model b16                                   # position-embedding similarity
   vitviz heads photos/*.jpg --model b16                         # entropy, attention distance per head
   vitviz caption girl.jpg --model vit-gpt2 --num-beams 4        # one map per generated word
+  vitviz gallery photos/ --model b16 --out gallery/             # every map of a folder + index.html
   vitviz models                                                 # aliases and whether weights are cached
   vitviz demo                                                   # bundled images, offline
 

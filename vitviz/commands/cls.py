@@ -56,49 +56,24 @@ def iter_captures(model, sources, *, batch_size: int = 8, desc: str = "images", 
         image ``outcome.error`` is set and ``view`` and ``attn`` are ``None``.
     """
     import torch
-    from tqdm.auto import tqdm
 
-    from .._io import unique_stems
-    from ..batch import Outcome
-    from ..errors import ImageError
+    from ..batch import load_batches
     from ..hooks import capture
-    from ..models import load_image
     from ..types import AttentionMaps
 
-    if model.preprocessor is None:
-        raise ImageError(model.name, "the model has no preprocessing configuration")
-    names = [str(s) for s in sources]
-    stems = unique_stems(names)
-    bar = tqdm(total=len(sources), unit="img", disable=not progress, desc=desc)
-    size = max(1, batch_size)
-    for start in range(0, len(sources), size):
-        idx = list(range(start, min(start + size, len(sources))))
-        xs, views, good = [], {}, []
-        failed = {}
-        for i in idx:
-            try:
-                img = load_image(sources[i])
-                xs.append(model.preprocessor(img))  # [1, 3, H, W]
-                views[i] = model.preprocessor.view(img)  # [H, W, 3] uint8
-                good.append(i)
-            except ImageError as e:
-                failed[i] = e.reason
+    for items, x in load_batches(model, sources, batch_size=batch_size, desc=desc, progress=progress):
         attn = None
-        if xs:
-            x = torch.cat(xs).to(device=model.device, dtype=model.dtype)  # [B, 3, H, W]
+        if x is not None:
             with torch.no_grad(), capture(model) as rec:
                 model(x)
             attn = rec.attentions
-        for i in idx:
-            o = Outcome(names[i])
-            if i in failed:
-                o.error = failed[i]
-                yield o, stems[i], None, None
+        j = 0
+        for it in items:
+            if it.view is None:
+                yield it.outcome, it.stem, None, None
             else:
-                j = good.index(i)
-                yield o, stems[i], views[i], AttentionMaps(attn.tensor[:, j:j + 1], attn.layout)
-        bar.update(len(idx))
-    bar.close()
+                yield it.outcome, it.stem, it.view, AttentionMaps(attn.tensor[:, j:j + 1], attn.layout)
+                j += 1
 
 
 def run(args) -> int:

@@ -1,0 +1,170 @@
+"""The gallery page in a real headless Chromium, opened from file:// (no server, no network).
+
+Needs Debian's `chromium` and `chromium-driver` and the `selenium` package. Skipped when they
+are missing on a developer's machine; in CI (CI set in the environment) a missing browser is
+a failure, so the page is always tested there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+try:
+    import selenium  # noqa: F401
+
+    HAVE_SELENIUM = True
+except ImportError:
+    HAVE_SELENIUM = False
+
+ODD = "<img src=x onerror=alert(1)> & \"quotes\" 'n' #?%.png"
+
+
+def _need_browser():
+    missing = [n for n, ok in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER),
+                               ("selenium", HAVE_SELENIUM)) if not ok]
+    if missing:
+        message = (f"{', '.join(missing)} not installed: apt-get install -y chromium chromium-driver; "
+                   "pip install selenium")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """A 13-image gallery (one unreadable) in pages of 5."""
+    from vitviz.gallery import build_gallery
+    from vitviz.models import load_model
+
+    root = tmp_path_factory.mktemp("browser")
+    src = root / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(src / f"img{i:02d}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(src / ODD)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = load_model("ti16", pretrained=False, image_size=64)
+        result = build_gallery(src, model, root / "g", methods="rollout,cls", batch_size=8, workers=0,
+                               progress=False, page_size=5)
+    finally:
+        torch.set_num_threads(before)
+    assert len(result.records) == 13 and len(result.skipped) == 1
+    return root / "g", result
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="vitviz-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,2400"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _errors(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e.get("level") in ("SEVERE", "ERROR")]
+
+
+def _images_loaded(driver, css: str) -> list:
+    """(src, naturalWidth) of the images matching css that are displayed."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]))"
+        ".filter(i => i.offsetParent !== null).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);",
+        css)
+
+
+def test_page_loads_from_file_url_counts_and_opens_the_view(gallery, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out, result = gallery
+    d = browser
+    d.get((out / "index.html").resolve().as_uri())
+    wait = WebDriverWait(d, 20)
+    wait.until(lambda drv: drv.execute_script("return document.readyState") == "complete")
+    assert d.title.startswith("vitviz gallery")
+
+    # the right count: 13 images in all, 5 cards on page 1 of 3
+    assert d.find_element(By.ID, "count").text == "13"
+    assert "1 skipped" in d.find_element(By.ID, "summary").text
+    cards = d.find_elements(By.CSS_SELECTOR, "#grid .card")
+    assert len(cards) == 5
+    assert d.find_element(By.ID, "where").text == "page 1 of 3, images 1–5"
+
+    # the file name with markup in it is text, not markup: only the page's own script exists
+    names = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#grid .card .name")]
+    assert ODD in names
+    assert d.execute_script("return document.scripts.length") == 1
+    assert d.execute_script("return document.querySelectorAll('#grid img:not(.t)').length") == 0
+
+    # the input thumbnails show; the rollout tab swaps them for the overlays
+    wait.until(lambda drv: all(c and w > 0 for _, c, w in _images_loaded(drv, "#grid img")))
+    shown = _images_loaded(d, "#grid img")
+    assert len(shown) == 4 and all(src.startswith("images/") for src, _, _ in shown)  # 1 card is skipped
+    d.find_element(By.CSS_SELECTOR, '.tabs button[data-name="rollout"]').click()
+    wait.until(lambda drv: all(c and w > 0 for _, c, w in _images_loaded(drv, "#grid img")))
+    shown = _images_loaded(d, "#grid img")
+    assert len(shown) == 4 and all(src.startswith("rollout/") for src, _, _ in shown)
+
+    # a click opens the larger view of that image with every method; Escape closes it
+    viewer = d.find_element(By.ID, "viewer")
+    assert not viewer.is_displayed()
+    target = next(c for c in cards if "done" in c.get_attribute("class"))
+    key = target.find_element(By.CSS_SELECTOR, ".name").text
+    target.click()
+    wait.until(lambda drv: viewer.is_displayed())
+    assert d.find_element(By.CSS_SELECTOR, "#viewer-body h2").text == key
+    wait.until(lambda drv: len(_images_loaded(drv, "#viewer-body img")) == 3
+               and all(c and w > 0 for _, c, w in _images_loaded(drv, "#viewer-body img")))
+    big = d.execute_script("return document.querySelector('#viewer-body img').getBoundingClientRect().width")
+    thumb = d.execute_script("return document.querySelector('#grid img.t1').getBoundingClientRect().width")
+    assert big > thumb  # larger than the thumbnail
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    wait.until(lambda drv: not viewer.is_displayed())
+
+    # the skipped image shows its reason in its view
+    skipped = next(c for c in cards if "skipped" in c.get_attribute("class"))
+    skipped.click()
+    wait.until(lambda drv: viewer.is_displayed())
+    assert "truncated" in d.find_element(By.CSS_SELECTOR, "#viewer-body .why").text
+    d.find_element(By.ID, "close").click()
+    wait.until(lambda drv: not viewer.is_displayed())
+
+    # paging: the last page holds the remaining 3 images and keeps the chosen tab
+    d.find_element(By.CSS_SELECTOR, '.pager a[rel="next"]').click()
+    wait.until(lambda drv: drv.execute_script("return document.body.dataset.page") == "2")
+    d.find_element(By.CSS_SELECTOR, '.pager a[href="index-3.html"]').click()
+    wait.until(lambda drv: drv.execute_script("return document.body.dataset.page") == "3")
+    assert len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 3
+    assert d.execute_script("return document.body.dataset.tab") == "1"
+
+    assert _errors(d) == []

@@ -1,0 +1,185 @@
+"""Gallery methods beyond rollout and cls: streaming vs stored capture, gradient relevance
+(one forward + one backward per batch), and captions with word maps for captioning models."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitviz
+from vitviz.errors import VitvizError
+from vitviz.gallery import _pipeline, build_gallery, list_methods
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two cores shared by several jobs: see tests/test_gallery.py
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return vitviz.load_model("ti16", pretrained=False, image_size=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    src = tmp_path_factory.mktemp("methods-src")
+    rng = np.random.default_rng(1)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(src / f"im{i}.png")
+    return src
+
+
+def test_streamed_capture_keeps_no_layer_and_equals_the_stored_path(model, folder, tmp_path, monkeypatch):
+    import vitviz.hooks
+
+    calls = []
+    real = vitviz.hooks.capture
+
+    @functools.wraps(real)  # keeps the signature the gallery inspects
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vitviz.hooks, "capture", spy)
+    opts = {"rollout": {"discard_ratio": 0.5, "head_fusion": "max"}, "cls": {"layer": 4}}
+    streamed = build_gallery(folder, model, tmp_path / "s", options=opts, batch_size=3, workers=0,
+                             progress=False)
+    assert calls and all(c.get("keep") == "none" and set(c["streams"]) == {"rollout", "cls"} for c in calls)
+    calls.clear()
+    monkeypatch.setattr(_pipeline, "USE_STREAMS", False)
+    stored = build_gallery(folder, model, tmp_path / "k", options=opts, batch_size=3, workers=0,
+                           progress=False)
+    assert calls and all("keep" not in c for c in calls)
+    for a, b in zip(streamed.done, stored.done):
+        for m in ("rollout", "cls"):
+            np.testing.assert_array_equal(np.load(tmp_path / "s" / a["outputs"][m]["npy"]),
+                                          np.load(tmp_path / "k" / b["outputs"][m]["npy"]))
+    # and both equal the analyzers on the stored attention of one image
+    x = model.preprocess(folder / "im3.png")
+    with torch.no_grad(), vitviz.capture(model) as rec:
+        model(x)
+    np.testing.assert_allclose(np.load(tmp_path / "s" / "rollout" / "im3.npy"),
+                               vitviz.rollout(rec.attentions, discard_ratio=0.5, head_fusion="max")[0],
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.load(tmp_path / "s" / "cls" / "im3.npy"),
+                               vitviz.cls_maps(rec.attentions, layer=4)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_relevance_methods_equal_vitviz_relevance_with_one_backward(model, folder, tmp_path, monkeypatch):
+    if "relevance" not in list_methods():
+        pytest.skip("vitviz.analyze.relevance is not in this tree")
+    from vitviz.explain import relevance
+
+    backward = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backward.append(1) or real(*a, **k))
+    r = build_gallery(folder, model, tmp_path / "g", methods="rollout,relevance,grad_rollout",
+                      options={"grad_rollout": {"discard_ratio": 0.3}}, batch_size=4, workers=0,
+                      progress=False)
+    assert r.exit_code == 0 and len(r.done) == 7
+    assert len(backward) == 2  # one backward pass per batch (7 images in batches of 4), shared
+    assert all(p.grad is None for p in model.module.parameters())  # no parameter gradients
+    for rec in r.done:
+        x = model.preprocess(folder / rec["key"])
+        np.testing.assert_allclose(np.load(tmp_path / "g" / rec["outputs"]["relevance"]["npy"]),
+                                   relevance(model, x)[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.load(tmp_path / "g" / rec["outputs"]["grad_rollout"]["npy"]),
+                                   relevance(model, x, method="grad_rollout", discard_ratio=0.3)[0],
+                                   rtol=1e-4, atol=1e-6)
+        # the explained class is the predicted one in the manifest
+        with torch.no_grad():
+            assert model(x).argmax(-1).item() == rec["prediction"]["index"]
+
+
+def test_flow_method_equals_attention_flow(model, folder, tmp_path):
+    if "flow" not in list_methods():
+        pytest.skip("vitviz.analyze.flow is not in this tree")
+    from vitviz.analyze.flow import attention_flow
+
+    r = build_gallery(folder, model, tmp_path / "g", methods="flow", batch_size=4, workers=0,
+                      progress=False, limit=3, options={"flow": {"start_layer": 6}})
+    assert r.exit_code == 0 and len(r.done) == 3
+    for rec in r.done:
+        with torch.no_grad(), vitviz.capture(model) as cap:
+            model(model.preprocess(folder / rec["key"]))
+        np.testing.assert_allclose(np.load(tmp_path / "g" / rec["outputs"]["flow"]["npy"]),
+                                   attention_flow(cap.attentions, start_layer=6)[0], rtol=1e-4, atol=1e-6)
+
+
+def _tiny_captioner():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    enc = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, image_size=32, patch_size=8)
+    dec = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32,
+                                  add_cross_attention=True, is_decoder=True, bos_token_id=1,
+                                  eos_token_id=None, pad_token_id=0)
+    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
+    m = transformers.VisionEncoderDecoderModel(cfg).eval()
+    m.generation_config.eos_token_id = None
+    return vitviz.wrap(m, name="tiny-ved")
+
+
+def test_caption_method_writes_the_caption_and_one_map_per_word(folder, tmp_path):
+    if "caption" not in list_methods():
+        pytest.skip("vitviz.captioning is not in this tree")
+    from vitviz.captioning import caption
+
+    m = _tiny_captioner()
+    r = build_gallery(folder, m, tmp_path / "g", methods="caption", options={"caption": {"max_new_tokens": 4}},
+                      batch_size=3, workers=0, progress=False, limit=4)
+    assert r.exit_code == 0 and len(r.done) == 4
+    for rec in r.done:
+        cap = caption(m, m.preprocess(folder / rec["key"]), max_new_tokens=4)
+        assert rec["caption"] == cap.text and rec["prediction"] is None
+        out = rec["outputs"]["caption"]
+        assert out["names"] == [w.text for w in cap.words]
+        np.testing.assert_allclose(np.load(tmp_path / "g" / out["npy"]),
+                                   cap.word_grids(merge="mean"), rtol=1e-5, atol=1e-7)
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert f'<span class="cap">{r.done[0]["caption"]}</span>' in page
+    # attention methods call the model as model(images): a captioner gets a typed error
+    with pytest.raises(VitvizError, match="--methods caption"):
+        build_gallery(folder, m, tmp_path / "r", methods="rollout", workers=0, progress=False, limit=2)
+
+
+def test_throughput_measurement_runs_and_reports_ratios(model, folder, tmp_path):
+    """The benchmark's gallery-vs-plain measurement, reduced so that it cannot rot."""
+    from vitviz.gallery import measure_throughput
+
+    r = measure_throughput(model, folder, tmp_path / "g", batch_size=4, workers=0, reps=1, limit=4)
+    assert r["images"] == 4
+    for k in ("gallery", "forward", "decode_forward"):
+        assert r[k] > 0 and r["cpu_ms_per_image"][k] > 0
+    assert r["ratio_forward"] == pytest.approx(r["gallery"] / r["forward"])
+    assert len(list((tmp_path / "g" / "rollout").glob("*.png"))) == 4
+
+
+@pytest.mark.parametrize("layer", [0, 2, -1, -3])
+def test_layer_stream_equals_cls_maps_of_stored_attention(layer):
+    from vitviz.gallery._methods import LayerStream
+    from vitviz.types import AttentionMaps, TokenLayout
+
+    layout = TokenLayout(num_prefix=2, grid=(2, 3))  # CLS + one more prefix token, 2x3 patches
+    attn = AttentionMaps(torch.randn(4, 2, 3, 8, 8).softmax(-1), layout)  # [L, B, H, N, N]
+    s = LayerStream(layer)
+    for _ in range(2):  # a second pass starts afresh after reset()
+        s.reset()
+        for a in attn.tensor:
+            s.update(a)  # [B, H, N, N]
+        torch.testing.assert_close(s.result(layout), vitviz.cls_maps(attn, layer=layer), rtol=0, atol=0)
+    short = LayerStream(5)
+    for a in attn.tensor:
+        short.update(a)
+    with pytest.raises(ValueError, match="out of range"):
+        short.result(layout)

@@ -1,0 +1,24 @@
+"""Batch gallery: a folder of images in, every map for every image and a page to browse them out.
+
+``build_gallery(src, model, out_dir, methods=...)`` decodes images in background worker
+processes, runs the model in batches under :func:`vitviz.capture`, turns each batch into
+maps with the registered methods (:func:`list_methods`; add your own with
+:func:`register_method`), and renders overlays and raw maps in threads while the next batch
+runs. Everything is written whole; a re-run resumes; ``shard="K/N"`` splits the work over N
+processes or machines and :func:`merge_gallery` (or the last shard) writes the combined page.
+
+Named ``build_gallery``/``merge_gallery`` (not ``gallery``) so that the function never
+shadows this subpackage as an attribute of :mod:`vitviz`.
+"""
+
+from ._methods import (Method, MethodInput, MethodResult, get_method, list_methods,
+                       register_method)
+from ._pipeline import GalleryResult, build_gallery, merge_gallery, weights_fingerprint
+from ._throughput import measure_throughput
+from ._sources import (IMAGE_EXTENSIONS, Source, SourceError, list_sources, output_names,
+                       parse_shard, shard_of)
+
+__all__ = ["build_gallery", "merge_gallery", "GalleryResult", "register_method", "list_methods",
+           "get_method", "Method", "MethodInput", "MethodResult", "list_sources", "Source",
+           "SourceError", "output_names", "parse_shard", "shard_of", "IMAGE_EXTENSIONS",
+           "weights_fingerprint", "measure_throughput"]

@@ -1,0 +1,362 @@
+"""The gallery's method registry: what can be drawn for every image.
+
+A method turns one batch into maps. It receives a :class:`MethodInput` (the model, the
+input batch, the capture recording and the model's output) and returns a
+:class:`MethodResult` (or just a tensor): ``[B, gh, gw]`` for one map per image,
+``[B, K, gh, gw]`` for several (one per head, per word ...), or a list of ``B`` tensors
+``[K_i, gh, gw]`` when the count varies per image (caption words). The gallery renders
+one overlay PNG per image and method (several maps become a labelled grid) and saves the
+raw maps as ``.npy``.
+
+What a method needs from the forward pass is declared when it is registered:
+
+* ``needs="attention"``: one forward pass under :func:`vitviz.capture` (no gradients);
+  ``inp.attentions`` holds ``[L, B, H, N, N]``. A method that can work layer by layer also
+  gives ``stream=`` (a factory of a streaming analysis with ``reset()``, ``update(attn)``,
+  ``result(layout)``, e.g. :class:`vitviz.analyze.rollout.RolloutStream`): when every
+  chosen attention method streams, the capture keeps no layer at all (memory ``O(B*N^2)``)
+  and the method reads its result as ``inp.streamed``.
+* ``needs="grad"``: the shared forward pass runs with gradients under
+  ``vitviz.capture(model, grad=True)``, followed by one backward pass of every image's
+  predicted-class logit (``inp.target``); ``inp.rec.attention_grads`` holds ``dA``. All grad
+  methods share that one backward pass.
+* ``needs="model"``: no shared forward pass; the method runs the model itself (captioning:
+  generate, then read the cross-attention).
+
+Example:
+    >>> from vitviz.gallery import register_method
+    >>> @register_method("last_layer_mean", description="mean attention of the last layer")
+    ... def _last(inp):
+    ...     a = inp.attentions.tensor[-1].mean(1)            # [B, N, N]
+    ...     return vitviz.analyze.token_map(a, inp.attentions.layout)   # [B, gh, gw]
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from ..errors import CaptureError, VitvizError
+
+if TYPE_CHECKING:  # torch stays out of `vitviz gallery --merge` and `--help`
+    import torch
+
+NEEDS = ("attention", "grad", "model")
+
+
+@dataclass
+class MethodInput:
+    """What a method gets for one batch.
+
+    Attributes:
+        model: the :class:`vitviz.VisionModel`.
+        x: ``[B, 3, H, W]`` input batch on the model's device and dtype.
+        rec: the :class:`vitviz.Recording` of the shared forward pass (``None`` for
+            ``needs="model"`` methods).
+        output: the model's output for ``x`` (logits, or a transformers output object), or
+            ``None`` for ``needs="model"`` methods.
+        streamed: the result of this method's streaming analysis, when the capture streamed.
+        target: ``[B]`` the predicted classes whose logits were backpropagated (``needs="grad"``).
+    """
+
+    model: Any
+    x: "torch.Tensor"
+    rec: Any = None
+    output: Any = None
+    streamed: Any = None
+    target: Optional["torch.Tensor"] = None
+
+    @property
+    def attentions(self):
+        """:class:`vitviz.AttentionMaps` ``[L, B, H, N, N]`` of the image encoder."""
+        maps = None if self.rec is None else self.rec.attentions
+        if maps is None:
+            raise CaptureError(
+                f"{getattr(self.model, 'name', 'the model')} ran no self-attention over image tokens "
+                "in the gallery's forward pass; attention methods (rollout, cls, ...) need a "
+                "Vision Transformer encoder")
+        return maps
+
+    @property
+    def logits(self) -> Optional["torch.Tensor"]:
+        """``[B, C]`` classifier logits, or ``None`` when the output is not a classifier's."""
+        return classifier_logits(self.output)
+
+
+@dataclass
+class MethodResult:
+    """Maps for one batch.
+
+    Attributes:
+        maps: ``[B, gh, gw]``, ``[B, K, gh, gw]``, or a sequence of ``B`` tensors/arrays
+            ``[K_i, gh, gw]``.
+        names: per image, the names of its ``K`` maps (``"head 0"``, words ...), or ``None``.
+        texts: per image, a text shown with it (a caption), or ``None``.
+    """
+
+    maps: Any
+    names: Optional[Sequence[Sequence[str]]] = None
+    texts: Optional[Sequence[str]] = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered gallery method."""
+
+    name: str
+    fn: Callable[..., Any]
+    needs: str = "attention"
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+    stream: Optional[Callable[..., Any]] = None  # stream(model, **options) -> streaming analysis
+
+    def options(self, given: Optional[dict] = None) -> dict:
+        """The method's options: its defaults updated with ``given`` (unknown names refused)."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise VitvizError(f"method {self.name!r} has no option {', '.join(unknown)} "
+                              f"(its options: {known})")
+        return {**self.defaults, **given}
+
+    def __call__(self, inp: MethodInput, **options) -> MethodResult:
+        out = self.fn(inp, **self.options(options))
+        return out if isinstance(out, MethodResult) else MethodResult(out)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, needs: str = "attention", description: str = "",
+                    replace: bool = False, stream: Optional[Callable[..., Any]] = None,
+                    **defaults) -> Callable:
+    """Decorator registering ``fn(inp: MethodInput, **options) -> MethodResult | Tensor``.
+
+    Args:
+        name: the name used with ``--methods`` (lower case, no commas).
+        needs: ``"attention"``, ``"grad"`` or ``"model"`` (see the module docstring).
+        description: one line for ``vitviz gallery --list-methods``.
+        replace: allow replacing a registered method of the same name.
+        stream: for ``needs="attention"``: ``stream(model, **options)`` returning a streaming
+            analysis whose ``result(layout)`` the method then reads as ``inp.streamed``.
+        **defaults: the method's options and their default values.
+    """
+    if needs not in NEEDS:
+        raise ValueError(f"needs must be one of {', '.join(NEEDS)}, got {needs!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name or "") or name in ("input", "image", "images"):
+        raise ValueError(f"invalid method name {name!r}: letters, digits, '_' and '-' only (it names "
+                         "the method's output folder), not 'input'/'images'")
+
+    def deco(fn: Callable) -> Callable:
+        if name in _METHODS and not replace and _METHODS[name].fn is not fn:
+            raise ValueError(f"a gallery method named {name!r} is already registered; pass replace=True")
+        _METHODS[name] = Method(name, fn, needs, description, dict(defaults), stream)
+        return fn
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    """Names of the registered gallery methods (optional ones appear once their modules exist)."""
+    _register_optional()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; an unknown name lists the close ones.
+
+    Raises:
+        VitvizError: unknown name.
+    """
+    _register_optional()
+    if name in _METHODS:
+        return _METHODS[name]
+    close = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise VitvizError(f"unknown gallery method {name!r}{hint} (available: {', '.join(sorted(_METHODS))})")
+
+
+def classifier_logits(output) -> Optional["torch.Tensor"]:
+    """``[B, C]`` logits from a model output (a tensor or an object with ``.logits``), else None."""
+    import torch
+
+    t = getattr(output, "logits", output)
+    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
+        t = t[0]
+    if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] >= 2 and t.is_floating_point():
+        return t
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# built-in methods
+# --------------------------------------------------------------------------------------------
+
+def _has_cls(model) -> bool:
+    try:
+        return bool(model.layout.has_cls)
+    except Exception:  # noqa: BLE001 - a layout known only per input: the rollout default
+        return True
+
+
+def _rollout_stream(model, *, head_fusion: str, discard_ratio: float, start_layer: int):
+    from ..analyze.rollout import RolloutStream
+
+    if start_layer < 0:
+        return None  # needs the number of layers: the stored path handles it
+    return RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer,
+                         has_cls=_has_cls(model))
+
+
+@register_method("rollout", description="attention rollout (Abnar & Zuidema 2020), one map per image",
+                 stream=_rollout_stream, head_fusion="mean", discard_ratio=0.0, start_layer=0)
+def _rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, start_layer: int):
+    if inp.streamed is not None:
+        return inp.streamed  # [B, gh, gw], computed layer by layer during the forward pass
+    from ..analyze.rollout import rollout
+
+    return rollout(inp.attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                   start_layer=start_layer)  # [B, gh, gw]
+
+
+class LayerStream:
+    """Keeps one layer's attention ``[B, H, N, N]`` while the layers run (a negative ``layer``
+    keeps the last ``-layer`` seen); ``result`` gives :func:`vitviz.cls_maps` of it.
+
+    Memory: one layer (``|layer|`` layers for a negative index) instead of all ``L``.
+    """
+
+    def __init__(self, layer: int = -1):
+        self.layer = int(layer)
+        self.reset()
+
+    def reset(self) -> None:
+        from collections import deque
+
+        self.seen = 0
+        self.kept = None  # [B, H, N, N]
+        self.recent = deque(maxlen=max(1, -self.layer))
+
+    def update(self, attn_l) -> None:
+        if self.layer >= 0:
+            if self.seen == self.layer:
+                self.kept = attn_l
+        else:
+            self.recent.append(attn_l)
+        self.seen += 1
+
+    def result(self, layout):
+        from ..analyze.cls import cls_maps
+        from ..types import AttentionMaps
+
+        if self.layer >= 0:
+            a = self.kept
+        else:
+            a = self.recent[0] if len(self.recent) == -self.layer else None
+        if a is None:
+            raise ValueError(f"layer {self.layer} is out of range for {self.seen} layers")
+        return cls_maps(AttentionMaps(a[None], layout), layer=0)  # [B, H, gh, gw]
+
+
+def _cls_stream(model, *, layer: int):
+    return LayerStream(layer)
+
+
+@register_method("cls", description="attention of the CLS token at one layer, one map per head",
+                 stream=_cls_stream, layer=-1)
+def _cls(inp: MethodInput, *, layer: int):
+    if inp.streamed is not None:
+        maps = inp.streamed  # [B, H, gh, gw]
+    else:
+        from ..analyze.cls import cls_maps
+
+        maps = cls_maps(inp.attentions, layer=layer)  # [B, H, gh, gw]
+    b, h = maps.shape[:2]
+    return MethodResult(maps, names=[[f"head {i}" for i in range(h)] for _ in range(b)])
+
+
+# --------------------------------------------------------------------------------------------
+# methods whose analyses live in modules written alongside the gallery: registered as soon as
+# those modules can be imported. Each entry: (method name, module, attribute that must exist,
+# registration function). Add a line here when a new analysis lands.
+# --------------------------------------------------------------------------------------------
+
+def _has(module: str, attr: str) -> Optional[Any]:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    return getattr(mod, attr, None)
+
+
+def _register_relevance() -> None:
+    relevance_map = _has("vitviz.analyze.relevance", "relevance_map")
+    recording = _has("vitviz.hooks._capture", "Recording")
+    capture_fn = _has("vitviz.hooks._capture", "capture")
+    if relevance_map is None or recording is None or capture_fn is None \
+            or "grad" not in inspect.signature(capture_fn).parameters \
+            or not hasattr(recording, "grad_inputs"):
+        return
+
+    @register_method("relevance", needs="grad", start_layer=0,
+                     description="class-specific relevance of the predicted class (Chefer et al. 2021)")
+    def _relevance(inp: MethodInput, *, start_layer: int):
+        return relevance_map(inp.attentions, inp.rec.attention_grads, method="chefer",
+                             start_layer=start_layer)  # [B, gh, gw]
+
+    @register_method("grad_rollout", needs="grad", head_fusion="mean", discard_ratio=0.0, start_layer=0,
+                     description="gradient rollout of the predicted class (vit-explain)")
+    def _grad_rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, start_layer: int):
+        return relevance_map(inp.attentions, inp.rec.attention_grads, method="grad_rollout",
+                             head_fusion=head_fusion, discard_ratio=discard_ratio,
+                             start_layer=start_layer)  # [B, gh, gw]
+
+
+def _register_flow() -> None:
+    flow = _has("vitviz.analyze.flow", "attention_flow")
+    if flow is None:
+        return
+
+    @register_method("flow", head_fusion="mean", start_layer=0,
+                     description="attention flow (Abnar & Zuidema 2020), max-flow per patch")
+    def _flow(inp: MethodInput, *, head_fusion: str, start_layer: int):
+        return flow(inp.attentions, head_fusion=head_fusion, start_layer=start_layer)  # [B, gh, gw]
+
+
+def _register_caption() -> None:
+    caption = _has("vitviz.captioning", "caption")
+    if caption is None:
+        return
+
+    @register_method("caption", needs="model", max_new_tokens=20, num_beams=1, layer=-1,
+                     head_fusion="mean",
+                     description="caption under each image, one cross-attention map per word")
+    def _caption(inp: MethodInput, *, max_new_tokens: int, num_beams: int, layer: int, head_fusion: str):
+        maps, names, texts = [], [], []
+        for j in range(inp.x.shape[0]):  # vitviz.caption decodes one image at a time
+            cap = caption(inp.model, inp.x[j:j + 1], max_new_tokens=max_new_tokens, num_beams=num_beams)
+            grids = cap.word_grids(layer=layer, head_fusion=head_fusion, merge="mean")  # [W, gh, gw]
+            maps.append(grids)
+            names.append([w.text for w in cap.words])
+            texts.append(cap.text)
+        return MethodResult(maps, names=names, texts=texts)
+
+
+# name -> registration; each registers only when the modules it needs can be imported
+_OPTIONAL = {"relevance": _register_relevance, "flow": _register_flow, "caption": _register_caption}
+_optional_done = False
+
+
+def _register_optional() -> None:
+    global _optional_done
+    if _optional_done:
+        return
+    _optional_done = True
+    for name, register in _OPTIONAL.items():
+        if name not in _METHODS:
+            register()

@@ -1,0 +1,125 @@
+"""Gallery throughput against plain batched inference of the same model on the same images.
+
+For the speed benchmark (``benchmarks/``): every number is measured in the same process,
+interleaved repetition by repetition, so that the ratios compare like with like on a busy
+machine too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the DataLoader workers)."""
+    try:
+        import resource
+    except ImportError:  # Windows: this process only
+        return time.process_time()
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _timed(fn) -> tuple[float, float]:
+    """``(images/second, CPU seconds per image)`` of ``fn() -> number of images``."""
+    c, t = _cpu_seconds(), time.perf_counter()
+    n = fn()
+    wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+    return n / wall, cpu / max(n, 1)
+
+
+def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size: int = 16,
+                       workers: Optional[int] = None, limit: Optional[int] = None, reps: int = 3,
+                       **gallery_kwargs) -> dict:
+    """Images/second of :func:`build_gallery` and of plain batched inference, and their ratios.
+
+    Plain batched inference is measured two ways, each at torch's thread setting and at the
+    gallery's (the better counts): ``forward``, the model's own forward pass (fused attention,
+    ``torch.no_grad``) over the preprocessed images held in memory; and ``decode+forward``,
+    the same DataLoader workers decoding the files feeding that forward pass. The gallery
+    runs end to end (decode, capture, maps, PNG/``.npy``, manifest, HTML) into a fresh folder
+    each repetition. Medians over ``reps`` interleaved repetitions.
+
+    Args:
+        model: a :class:`vitviz.VisionModel`.
+        src: the images (as :func:`build_gallery` takes them).
+        out_dir: scratch folder for the gallery (deleted and rewritten each repetition).
+        methods, batch_size, workers, limit, **gallery_kwargs: as :func:`build_gallery`.
+        reps: repetitions.
+
+    Returns:
+        ``{"images", "gallery", "forward", "decode_forward"`` (images/second),
+        ``"ratio_forward", "ratio_decode_forward"`` (gallery / plain), ``"cpu_ms_per_image"``
+        (``{"gallery", "forward", "decode_forward"}``), ``"threads"}``.
+
+    Example:
+        >>> measure_throughput(vitviz.load_model("b16", pretrained=False), "photos/", "/tmp/g")
+        {'images': 64, 'gallery': 2.31, 'forward': 2.61, 'ratio_forward': 0.886, ...}
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ._pipeline import _ImageSet, _collate, _default_workers, build_gallery
+    from ._sources import list_sources
+
+    out_dir = Path(out_dir)
+    sources = list_sources(src, exclude=out_dir)[:limit] if limit else list_sources(src, exclude=out_dir)
+    workers = _default_workers() if workers is None else workers
+    pre = model.preprocessor
+    paths = [s.path for s in sources]
+    xs = torch.stack([pre.normalize(pre.view(p)) for p in paths]).to(model.device, model.dtype)  # [N, 3, H, W]
+    default_threads = torch.get_num_threads()
+    gallery_threads = max(1, min(default_threads, (os.cpu_count() or 1) - workers))
+
+    def forward() -> int:
+        with torch.no_grad():
+            for i in range(0, len(xs), batch_size):
+                model(xs[i:i + batch_size])
+        return len(xs)
+
+    def decode_forward() -> int:
+        loader = DataLoader(_ImageSet(paths, pre), batch_size=batch_size, num_workers=workers,
+                            collate_fn=_collate, prefetch_factor=4 if workers else None)
+        n = 0
+        with torch.no_grad():
+            for b in loader:
+                if b["x"] is not None:
+                    model(b["x"].to(model.device, model.dtype))
+                    n += len(b["index"])
+        return n
+
+    def gallery() -> int:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        r = build_gallery(sources, model, out_dir, methods=methods, batch_size=batch_size,
+                          workers=workers, progress=False, **gallery_kwargs)
+        return r.processed
+
+    runs: dict[str, list] = {"gallery": []}
+    thread_counts = sorted({default_threads, gallery_threads})
+    try:
+        forward()  # warm-up
+        for _ in range(max(1, reps)):
+            for t in thread_counts:
+                torch.set_num_threads(t)
+                runs.setdefault(f"forward@{t}", []).append(_timed(forward))
+                runs.setdefault(f"decode_forward@{t}", []).append(_timed(decode_forward))
+            torch.set_num_threads(default_threads)
+            runs["gallery"].append(_timed(gallery))
+    finally:
+        torch.set_num_threads(default_threads)
+    med = {k: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
+
+    def best(kind: str) -> tuple[float, float]:
+        return max((v for k, v in med.items() if k.split("@")[0] == kind), key=lambda v: v[0])
+
+    g, f, d = med["gallery"], best("forward"), best("decode_forward")
+    return {"images": len(paths), "gallery": g[0], "forward": f[0], "decode_forward": d[0],
+            "ratio_forward": g[0] / f[0], "ratio_decode_forward": g[0] / d[0],
+            "cpu_ms_per_image": {"gallery": 1000 * g[1], "forward": 1000 * f[1], "decode_forward": 1000 * d[1]},
+            "threads": {"default": default_threads, "gallery": gallery_threads}}
