@@ -99,6 +99,30 @@ def _child_peak(model: str, size: int, batch: int, method: str) -> tuple[float, 
     return float(peak), float(extra)
 
 
+def gallery_throughput(model: str, size: int, n: int, reps: int = 3) -> dict:
+    """Gallery images/s (decode, capture, maps, PNGs, manifest, page) vs plain batched inference
+    on ``n`` generated 500x375 JPEGs (vitviz.gallery.measure_throughput)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from vitviz.gallery import measure_throughput
+
+    m = _build(model, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        src = os.path.join(tmp, "src")
+        os.makedirs(src)
+        for i in range(n):
+            arr = (rng.random((375, 500, 3)) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(os.path.join(src, f"img{i:04d}.jpg"), quality=90)
+        r = measure_throughput(m, src, os.path.join(tmp, "out"), methods="rollout,cls",
+                               batch_size=16, reps=reps)
+    return dict(model=model, size=size, method="gallery", **{k: v for k, v in r.items()
+                                                              if not isinstance(v, dict)})
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="s16,b16")
@@ -107,10 +131,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="also measure peak memory (child processes)")
     p.add_argument("--quick", action="store_true", help="tiny model, for the test suite")
+    p.add_argument("--gallery", type=int, default=0, metavar="N",
+                   help="also measure gallery images/s against plain batched inference on N generated images")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.sizes, a.batches, a.reps = "ti16", "64", "1,2", 1
+        a.gallery = a.gallery and 8
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     rows = []
@@ -125,6 +152,14 @@ def main(argv=None) -> list[dict]:
                            if "peak_mb" in r else "")
                     print(f"{model:>5} {size:>4}px b{batch:<2} {r['method']:<22} "
                           f"{r['seconds'] * 1000:9.1f} ms  {r['ratio']:5.2f}x{mem}", flush=True)
+    if a.gallery:
+        for model in a.models.split(","):
+            size = int(a.sizes.split(",")[0])
+            g = gallery_throughput(model, size, a.gallery, reps=max(1, min(a.reps, 3)))
+            rows.append(g)
+            print(f"{model:>5} {size:>4}px gallery rollout,cls: {g['gallery']:.2f} img/s vs plain batched "
+                  f"inference {g['forward']:.2f} img/s = {g['ratio_forward']:.2f}x "
+                  f"(vs decode+forward {g['ratio_decode_forward']:.2f}x)", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
