@@ -22,6 +22,23 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
                    help="cpu, cuda or mps (default: cuda when available)")
 
 
+def add_render_arguments(p: argparse.ArgumentParser) -> None:
+    """--batch-size, --cmap, --alpha, --out of the commands that write overlays."""
+    p.add_argument("--batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--cmap", default="jet")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
+    p.add_argument("--out", default="vitviz-out", metavar="DIR")
+
+
+def check_render_arguments(args):
+    """The exit status for bad overlay arguments (after printing the error), or None."""
+    if not 0.0 <= args.alpha <= 1.0:
+        return fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.batch_size < 1:
+        return fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    return None
+
+
 def load(args):
     """The model the common arguments describe."""
     from ..models import load_model

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_model_arguments, fail, load, report
+from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
+                      report)
 
 NAME = "cls"
 HELP = "per-head CLS attention maps of every layer, as a grid over each image"
@@ -40,10 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mask", type=float, default=None, metavar="T",
                    help="also draw per-head attention-mass masks keeping a fraction T, e.g. 0.6 "
                         "(of --layer, default the last layer)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N")
-    p.add_argument("--cmap", default="jet")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
-    p.add_argument("--out", default="vitviz-out", metavar="DIR")
+    add_render_arguments(p)
 
 
 def iter_captures(model, sources, *, batch_size: int = 8, desc: str = "images", progress: bool = True):
@@ -77,8 +75,9 @@ def iter_captures(model, sources, *, batch_size: int = 8, desc: str = "images", 
 
 
 def run(args) -> int:
-    if not 0.0 <= args.alpha <= 1.0:
-        return fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    bad = check_render_arguments(args)
+    if bad is not None:
+        return bad
     if args.mask is not None and not 0.0 < args.mask <= 1.0:
         return fail(f"--mask must be in (0, 1], got {args.mask}")
     try:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_model_arguments, fail, load, report
+from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
+                      report)
 from .cls import QUERY_HELP, parse_query
 
 NAME = "flow"
@@ -19,15 +20,13 @@ def add_arguments(p) -> None:
     p.add_argument("--query", default="auto", metavar="Q", help=QUERY_HELP)
     p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean")
     p.add_argument("--start-layer", type=int, default=0, metavar="L")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N")
-    p.add_argument("--cmap", default="jet")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
-    p.add_argument("--out", default="vitviz-out", metavar="DIR")
+    add_render_arguments(p)
 
 
 def run(args) -> int:
-    if not 0.0 <= args.alpha <= 1.0:
-        return fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    bad = check_render_arguments(args)
+    if bad is not None:
+        return bad
     try:
         query = parse_query(args.query)
     except ValueError as e:

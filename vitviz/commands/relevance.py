@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_model_arguments, fail, load, report
+from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
+                      report)
 
 NAME = "relevance"
 HELP = "class-specific relevance overlay per image (gradient-weighted attention)"
@@ -25,10 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
                    help="grad_rollout only: share of smallest entries zeroed per layer, in [0, 1)")
     p.add_argument("--start-layer", type=int, default=0, metavar="L")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N")
-    p.add_argument("--cmap", default="jet")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
-    p.add_argument("--out", default="vitviz-out", metavar="DIR")
+    add_render_arguments(p)
 
 
 def run(args) -> int:
@@ -37,8 +35,9 @@ def run(args) -> int:
     if args.method == "chefer" and (args.discard_ratio != 0.0 or args.head_fusion != "mean"):
         return fail("--head-fusion and --discard-ratio apply to --method grad_rollout; "
                     "chefer averages the clamped heads")
-    if not 0.0 <= args.alpha <= 1.0:
-        return fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    bad = check_render_arguments(args)
+    if bad is not None:
+        return bad
     if args.target is not None and args.target < 0:
         return fail(f"--class must be a class index >= 0, got {args.target}")
     if args.batch_size < 1:
