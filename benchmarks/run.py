@@ -99,7 +99,7 @@ def _child_peak(model: str, size: int, batch: int, method: str) -> tuple[float, 
     return float(peak), float(extra)
 
 
-def gallery_throughput(model: str, size: int, n: int, reps: int = 3) -> dict:
+def gallery_throughput(model: str, size: int, n: int, reps: int = 3, batch_size: int = 16) -> dict:
     """Gallery images/s (decode, capture, maps, PNGs, manifest, page) vs plain batched inference
     on ``n`` generated 500x375 JPEGs (vitviz.gallery.measure_throughput)."""
     import tempfile
@@ -118,7 +118,7 @@ def gallery_throughput(model: str, size: int, n: int, reps: int = 3) -> dict:
             arr = (rng.random((375, 500, 3)) * 255).astype(np.uint8)
             Image.fromarray(arr).save(os.path.join(src, f"img{i:04d}.jpg"), quality=90)
         r = measure_throughput(m, src, os.path.join(tmp, "out"), methods="rollout,cls",
-                               batch_size=16, reps=reps)
+                               batch_size=batch_size, reps=reps)
     return dict(model=model, size=size, method="gallery", **{k: v for k, v in r.items()
                                                               if not isinstance(v, dict)})
 
@@ -133,11 +133,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="tiny model, for the test suite")
     p.add_argument("--gallery", type=int, default=0, metavar="N",
                    help="also measure gallery images/s against plain batched inference on N generated images")
+    p.add_argument("--gallery-batch", type=int, default=16, metavar="B")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     a = p.parse_args(argv)
     if a.quick:
-        a.models, a.sizes, a.batches, a.reps = "ti16", "64", "1,2", 1
-        a.gallery = a.gallery and 8
+        a.models, a.sizes, a.batches, a.reps = "ti16", "64", "2", 1
+        a.gallery, a.gallery_batch = a.gallery and 8, 4
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     rows = []
@@ -155,7 +156,7 @@ def main(argv=None) -> list[dict]:
     if a.gallery:
         for model in a.models.split(","):
             size = int(a.sizes.split(",")[0])
-            g = gallery_throughput(model, size, a.gallery, reps=max(1, min(a.reps, 3)))
+            g = gallery_throughput(model, size, a.gallery, reps=max(1, min(a.reps, 3)), batch_size=a.gallery_batch)
             rows.append(g)
             print(f"{model:>5} {size:>4}px gallery rollout,cls: {g['gallery']:.2f} img/s vs plain batched "
                   f"inference {g['forward']:.2f} img/s = {g['ratio_forward']:.2f}x "
