@@ -1,0 +1,24 @@
+"""`vitviz.metrics`: does a map point at what the model uses? Faithfulness and localisation metrics.
+
+One namespace for the pure metrics of :mod:`vitviz.analyze.metrics` (maps against
+ground-truth masks) and the deletion / insertion curves of :mod:`vitviz.faithfulness`
+(which run the model).
+
+Example:
+    >>> import vitviz.metrics as vm
+    >>> vm.pointing_game(maps, masks).mean()          # maps [B, gh, gw], masks [B, H, W]
+    >>> curves = vm.deletion_insertion(model, x, maps)
+    >>> curves.deletion_auc.mean(), curves.insertion_auc.mean()
+"""
+
+from __future__ import annotations
+
+from .analyze.metrics import (centre_prior, curve_auc, energy_pointing, mask_auc, mask_iou,
+                              normalize_maps, patch_counts, patch_order, pointing_game, random_maps,
+                              step_counts, step_masks, word_grounding)
+from .faithfulness import Curves, deletion_insertion, gaussian_blur, substrate
+
+__all__ = ["pointing_game", "energy_pointing", "mask_iou", "mask_auc", "word_grounding",
+           "deletion_insertion", "Curves", "curve_auc", "patch_order", "step_counts", "step_masks",
+           "substrate", "gaussian_blur", "patch_counts", "normalize_maps", "random_maps",
+           "centre_prior"]

@@ -1,0 +1,227 @@
+"""The offline demo: the bundled models on fresh synthetic scenes, written as a small gallery.
+
+``vitviz demo --out DIR`` (and ``make demo``) calls :func:`write_demo`. Everything runs on
+the CPU in seconds: two tiny models, a few 64 px scenes, matplotlib figures, one HTML page.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .._io import atomic_write_bytes
+
+UPSCALE = 4  # 64 px scenes are drawn at 256 px
+
+
+def _big(image: np.ndarray) -> np.ndarray:
+    """Upscale a small RGB image for display (nearest neighbour keeps the pixels honest)."""
+    return np.repeat(np.repeat(image, UPSCALE, axis=0), UPSCALE, axis=1)
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _pos_similarity(model):
+    """``[P, gh, gw]`` cosine similarity of the patch position embeddings (vitviz's analyzer if present)."""
+    try:
+        from ..models._posembed import pos_similarity
+
+        return pos_similarity(model)
+    except ImportError:
+        import torch
+
+        grid = model.layout.grid
+        pe = model.module.pos_embed[0, -grid[0] * grid[1]:].detach().float()  # [P, D]
+        pe = torch.nn.functional.normalize(pe, dim=-1)
+        return (pe @ pe.T).reshape(-1, *grid)  # [P, gh, gw]
+
+
+def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str, str, str]]:
+    """Figures of ``shapes-vit``; returns ``(title, file, text)`` per figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from ..analyze import cls_maps, rollout
+    from ..analyze.metrics import pointing_game
+    from ..hooks import capture
+    from ..models import load_model
+    from ..render import overlay
+    from .models import to_input
+    from .scenes import make_dataset
+
+    model = load_model("shapes-vit")
+    scenes = make_dataset("classification", range(seed, seed + num_images))
+    x = to_input(np.stack([s.image for s in scenes]))  # [B, 3, 64, 64]
+    with torch.no_grad(), capture(model) as rec:
+        probs = model(x).softmax(-1)  # [B, C]
+    attn = rec.attentions  # [L, B, H, N, N]
+    roll = rollout(attn)  # [B, gh, gw]
+    roll_d = rollout(attn, discard_ratio=0.9)  # [B, gh, gw]
+    last = cls_maps(attn, layer=-1)  # [B, H, gh, gw]
+    try:
+        from ..explain import relevance
+
+        rel = relevance(model, x, method="chefer")  # [B, gh, gw]
+    except ImportError:
+        rel = None
+    masks = torch.from_numpy(np.stack([s.mask for s in scenes]))
+    hits = pointing_game(roll, masks)
+    entries = []
+    panels = [("rollout", roll), ("rollout, discard 0.9", roll_d), ("CLS, last layer", last.mean(1))]
+    if rel is not None:
+        panels.append(("relevance (Chefer)", rel))
+    for i, s in enumerate(scenes):
+        pred = int(probs[i].argmax())
+        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.3 * (len(panels) + 1), 2.6))
+        axes[0].imshow(_big(s.image))
+        axes[0].set_title(f"truth: {s.label_name}\npredicted: {model.labels[pred]} "
+                          f"({float(probs[i, pred]):.0%})", fontsize=9)
+        for ax, (name, maps) in zip(axes[1:], panels):
+            ax.imshow(overlay(_big(s.image), maps[i], alpha=0.5))
+            ax.set_title(name, fontsize=9)
+        for ax in axes:
+            ax.axis("off")
+        f = _save_fig(fig, out / f"classifier_{i}.png")
+        entries.append((f"scene {s.seed}", f.name,
+                        f"rollout's maximum {'is' if hits[i] == 1 else 'is not'} on the {s.label_name}"))
+    # every head of every layer for the first scene
+    all_cls = torch.stack([cls_maps(attn, layer=l)[0] for l in range(attn.num_layers)])  # [L, H, gh, gw]
+    nl, nh = all_cls.shape[:2]
+    fig, axes = plt.subplots(nl, nh, figsize=(1.7 * nh, 1.7 * nl), squeeze=False)
+    for l in range(nl):
+        for h in range(nh):
+            axes[l, h].imshow(overlay(_big(scenes[0].image), all_cls[l, h], alpha=0.6))
+            axes[l, h].set_title(f"layer {l}, head {h}", fontsize=8)
+            axes[l, h].axis("off")
+    f = _save_fig(fig, out / "classifier_cls_heads.png")
+    entries.append(("CLS attention of every head", f.name,
+                    f"scene {scenes[0].seed}: what the CLS token reads in each layer and head"))
+    # position-embedding similarity: one small grid per patch, as in the ViT paper's figure
+    sim = _pos_similarity(model).detach().float().cpu().numpy()  # [P, gh, gw]
+    gh, gw = sim.shape[-2:]
+    fig, axes = plt.subplots(gh, gw, figsize=(0.55 * gw, 0.55 * gh), squeeze=False)
+    for p in range(gh * gw):
+        ax = axes[p // gw, p % gw]
+        ax.imshow(sim[p], cmap="viridis", vmin=-1, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("position-embedding similarity", fontsize=9)
+    f = _save_fig(fig, out / "classifier_posembed.png")
+    entries.append(("position embeddings", f.name,
+                    "cosine similarity of each patch's learned position embedding with all others"))
+    return entries
+
+
+def files_section(out: Path) -> list[tuple[str, str, str]]:
+    """``shapes-vit`` on the sample image files, through the same pipeline as `vitviz rollout`."""
+    from ..batch import rollout_files
+    from ..models import load_model
+    from . import sample_images
+
+    model = load_model("shapes-vit")
+    outcomes = rollout_files(model, sample_images(), out, discard_ratio=0.9, progress=False)
+    entries = []
+    for o in outcomes:
+        if o.ok:
+            png = next(p for p in o.outputs if p.suffix == ".png")
+            entries.append((Path(o.source).name, png.name,
+                            f"predicted: {o.prediction}; `vitviz rollout {Path(o.source).name} --model "
+                            "shapes-vit --discard-ratio 0.9` (the file is squashed to 64x64 px)"))
+    return entries
+
+
+def captioner_section(out: Path, num_images: int, seed: int) -> list[tuple[str, str, str]]:
+    """Caption strips of ``shapes-captioner``; returns ``(title, file, text)`` per figure."""
+    from ..captioning import caption
+    from ..models import load_model
+    from ..render.caption_strip import caption_strip
+    from .scenes import make_dataset
+
+    model = load_model("shapes-captioner")
+    scenes = make_dataset("caption", range(seed, seed + num_images))
+    entries = []
+    for i, s in enumerate(scenes):
+        cap = caption(model, s.image, max_new_tokens=12)
+        # the mean over the decoder layers grounds words best (`vitviz benchmark-maps --model
+        # shapes-captioner`: 0.99 of colour and shape words peak on their object)
+        grids = cap.word_grids(layer=None, head_fusion="mean", merge="mean").mean(0)  # [W, gh, gw]
+        fig, _ = caption_strip(_big(cap.image), grids, [w.text for w in cap.words],
+                               title=f"generated: {cap.text}\ntruth: {s.caption}")
+        f = _save_fig(fig, out / f"caption_{i}.png")
+        entries.append((f"scene {s.seed}", f.name, f"generated: “{cap.text}”; truth: “{s.caption}”"))
+    return entries
+
+
+def _page(sections: list[tuple[str, str, list[tuple[str, str, str]]]]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>vitviz demo</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "figure{margin:1em 0}img{max-width:100%}figcaption{color:#444;font-size:90%}</style>",
+             "</head><body><h1>vitviz demo</h1>",
+             "<p>Bundled models trained on synthetic scenes whose objects are known "
+             "(<code>vitviz.zoo</code>); regenerate with <code>vitviz demo</code>.</p>"]
+    for title, intro, entries in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(intro)}</p>")
+        for name, file, text in entries:
+            parts.append(f"<figure><img src='{html.escape(file)}' alt='{html.escape(name)}'>"
+                         f"<figcaption><b>{html.escape(name)}</b>: {html.escape(text)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_demo(out_dir, *, num_images: int = 4, seed: int = 3_000_000,
+               captioner: Optional[bool] = None) -> Path:
+    """Write the demo gallery to ``out_dir``; returns the path of its ``index.html``.
+
+    Args:
+        out_dir: output folder (created).
+        num_images: scenes per model.
+        seed: first scene seed (outside the training range).
+        captioner: include the captioner (default: when ``vitviz.captioning`` is available).
+    """
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    sections = [("shapes-vit: which shape is it?",
+                 "A timm ViT (64 px, 8 px patches, 4 blocks) names the shape. Each row: the scene, "
+                 "then maps over it: attention rollout, rollout keeping the largest 10% of "
+                 "attention, the last layer's CLS attention, and class relevance.",
+                 classifier_section(out, num_images, seed))]
+    sections.append(("image files",
+                     "The sample images shipped in vitviz/assets, read from disk and preprocessed "
+                     "like any user image; each file also gets the raw map as .npy.",
+                     files_section(out)))
+    if captioner is None:
+        try:
+            import vitviz.captioning  # noqa: F401
+
+            captioner = True
+        except ImportError:
+            captioner = False
+    if captioner:
+        sections.append(("shapes-captioner: what does each word look at?",
+                         "A ViT encoder + GPT-2 decoder captions the scene; each panel is the "
+                         "cross-attention of the decoder query that chose that word (heads and "
+                         "decoder layers averaged).",
+                         captioner_section(out, num_images, seed + 1000)))
+    index = out / "index.html"
+    atomic_write_bytes(index, _page(sections).encode("utf-8"))
+    return index
+
+
+__all__ = ["write_demo"]
