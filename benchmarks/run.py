@@ -133,12 +133,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="tiny model, for the test suite")
     p.add_argument("--gallery", type=int, default=0, metavar="N",
                    help="also measure gallery images/s against plain batched inference on N generated images")
+    p.add_argument("--threads", type=int, default=0, metavar="T", help="torch threads (default: torch's)")
     p.add_argument("--gallery-batch", type=int, default=16, metavar="B")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.sizes, a.batches, a.reps = "ti16", "64", "2", 1
         a.gallery, a.gallery_batch = a.gallery and 8, 4
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     rows = []

@@ -47,3 +47,7 @@ def test_unknown_attribute():
 
     with pytest.raises(AttributeError):
         vitviz.not_a_name
+
+
+def test_metrics_submodule():
+    assert callable(vitviz.metrics.pointing_game)

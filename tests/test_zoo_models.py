@@ -29,8 +29,15 @@ FRESH = list(FRESH_SEEDS)
 @pytest.fixture(autouse=True)
 def offline(tmp_path, monkeypatch):
     """No network and an empty Hugging Face / torch hub cache: the zoo needs neither."""
+    import socket
+
     from huggingface_hub import constants
 
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -45,6 +52,15 @@ def vit():
 @pytest.fixture(scope="module")
 def captioner():
     return vitviz.load_model("shapes-captioner")
+
+
+def test_both_models_load_with_no_network_and_empty_caches():
+    vit = vitviz.load_model("shapes-vit")
+    cap = vitviz.load_model("shapes-captioner")
+    x = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        assert vit(x).shape == (1, len(SHAPES))
+        assert cap.module.generate(pixel_values=x, max_new_tokens=3).shape[0] == 1
 
 
 def test_zoo_lists_both_models():
@@ -146,13 +162,38 @@ def test_random_weights_and_bad_weights(tmp_path):
 
 
 def test_benchmark_maps_command(capsys):
-    code = main(["benchmark-maps", "--model", "shapes-vit", "--num-images", "8", "--batch-size", "8",
-                 "--steps", "2"])
+    code = main(["benchmark-maps", "--model", "shapes-vit", "--num-images", "4", "--batch-size", "4",
+                 "--steps", "1", "--no-flow", "--no-relevance"])
     out = capsys.readouterr().out
     assert code == 0
     for row in ("rollout", "CLS attention, layer 3", "baseline: random", "baseline: centre prior"):
         assert row in out
     assert "pointing game" in out and "deletion AUC" in out
+    assert "note: attention flow was skipped" in out and "relevance (Chefer" not in out
+
+
+def test_benchmark_rows_and_scores(vit):
+    from vitviz.zoo.benchmark import _try_flow, benchmark_classifier, classifier_methods
+
+    scenes = make_dataset("classification", FRESH[2000:2002])
+    x = to_input(np.stack([s.image for s in scenes]))
+    maps, notes = classifier_methods(vit, x, flow=False)  # flow: seconds per image, see below
+    assert {"rollout", "relevance (Chefer 2021)", "gradient rollout", "baseline: random"} <= set(maps)
+    assert all(m.shape == (2, 8, 8) for m in maps.values()) and notes == ["attention flow was skipped"]
+    flow = pytest.importorskip("vitviz.analyze.flow")
+    assert _try_flow() is flow.attention_flow  # the row `vitviz benchmark-maps` adds
+    table = benchmark_classifier(vit, seeds=FRESH[2000:2010], batch_size=10, deletion=False, flow=False)
+    assert table.n == 10 and set(table.rows["rollout"]) == {"pointing", "energy", "iou", "auc"}
+    # the table is the mean of the metric over the scenes
+    from vitviz.analyze import rollout
+    from vitviz.analyze.metrics import pointing_game
+
+    scenes = make_dataset("classification", FRESH[2000:2010])
+    x = to_input(np.stack([s.image for s in scenes]))
+    with torch.no_grad(), vitviz.capture(vit) as rec:
+        vit(x)
+    want = pointing_game(rollout(rec.attentions), torch.from_numpy(np.stack([s.mask for s in scenes])))
+    assert table.rows["rollout"]["pointing"] == pytest.approx(float(want.mean()))
 
 
 def test_benchmark_maps_captioner_command(capsys):

@@ -70,10 +70,14 @@ _EXPORTS = {
     "overlay": "vitviz.render",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+_SUBMODULES = ("metrics", "zoo", "gallery")  # `vitviz.metrics.pointing_game(...)` without an import
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"vitviz.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'vitviz' has no attribute {name!r}")

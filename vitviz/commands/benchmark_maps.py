@@ -29,6 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=16, metavar="S",
                    help="points of the deletion / insertion curves minus one (default 16)")
     p.add_argument("--no-deletion", action="store_true", help="skip deletion / insertion (faster)")
+    p.add_argument("--no-flow", action="store_true",
+                   help="skip attention flow (one max-flow problem per patch: the slowest row)")
+    p.add_argument("--no-relevance", action="store_true", help="skip relevance and gradient rollout")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--device", default="cpu", metavar="DEV")
 
@@ -56,7 +59,9 @@ def run(args) -> int:
     t0 = time.time()
     if args.model == "shapes-vit":
         table = benchmark_classifier(model, n=args.num_images, batch_size=args.batch_size,
-                                     steps=args.steps, deletion=not args.no_deletion, progress=progress)
+                                     steps=args.steps, deletion=not args.no_deletion,
+                                     relevance=not args.no_relevance, flow=not args.no_flow,
+                                     progress=progress)
         head = f"shapes-vit, {table.n} held-out scenes, accuracy {table.extra['accuracy']:.3f}"
     else:
         table = benchmark_captioner(model, n=args.num_images, batch_size=args.batch_size,

@@ -113,6 +113,8 @@ def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: 
         maps["gradient rollout"] = rel(model, x, method="grad_rollout")
     elif relevance:
         notes.append("relevance: vitviz.explain is not available")
+    else:
+        notes.append("relevance and gradient rollout were skipped")
     flow_fn = _try_flow() if flow else None
     if flow_fn is not None:
         try:
@@ -121,6 +123,8 @@ def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: 
             notes.append(f"attention flow failed: {type(e).__name__}: {e}")
     elif flow:
         notes.append("attention flow: vitviz.analyze.flow is not available")
+    else:
+        notes.append("attention flow was skipped")
     g = torch.Generator(device="cpu").manual_seed(seed)
     maps["baseline: random"] = random_maps(b, grid, generator=g).to(x.device)
     maps["baseline: centre prior"] = centre_prior(grid, device=x.device).expand(b, *grid)
