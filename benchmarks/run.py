@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -84,16 +83,33 @@ def bench(model: str, size: int, batch: int, reps: int) -> list[dict]:
     return rows
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> None:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _child_peak(model: str, size: int, batch: int, method: str) -> tuple[float, float]:
-    """Peak RSS (MB) of a fresh process running one call of ``method``, and how far that call
-    raised the peak above what loading the model and the input had reached (MB)."""
-    code = (f"import sys, resource, torch; sys.path.insert(0, {os.getcwd()!r});"
-            f"from benchmarks.run import _build, methods;"
+    """Peak RSS (MB) of a fresh process during one call of ``method`` (model, input and
+    libraries included), and how far the call raised RSS above what it was before (MB).
+
+    Uses VmHWM, reset just before the call: ``ru_maxrss`` would not do, as Linux keeps it
+    across exec, so a child inherits its parent's high-water mark."""
+    code = (f"import sys, torch; sys.path.insert(0, {os.getcwd()!r});"
+            f"from benchmarks.run import _build, methods, _reset_peak, _status_mb;"
             f"m = _build({model!r}, {size}); x = torch.randn({batch}, 3, {size}, {size});"
-            f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            f"methods(m, x)[{method!r}]();"
-            f"after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            f"print(after / 1024, (after - before) / 1024)")
+            f"call = methods(m, x)[{method!r}];"
+            f"before = _status_mb('VmRSS'); _reset_peak(); call();"
+            f"peak = _status_mb('VmHWM'); print(peak, peak - before)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak, extra = out.stdout.strip().splitlines()[-1].split()
     return float(peak), float(extra)
