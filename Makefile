@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install browser clean
+.PHONY: test demo gallery install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP) browser
 
 demo: $(STAMP)
 	$(VENV)/bin/vitviz demo --out demo-output
+
+# the committed showcase in gallery/ (README images), regenerated offline by the demo
+gallery: $(STAMP)
+	rm -rf gallery
+	$(VENV)/bin/vitviz demo --out gallery
 
 clean:
 	rm -rf $(VENV) demo-output
