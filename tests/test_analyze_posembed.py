@@ -99,7 +99,7 @@ def test_transformers_vit_deit_and_clip():
 
 
 def test_pytorch_pretrained_vit(monkeypatch):
-    ppv = pytest.importorskip("pytorch_pretrained_vit")
+    import pytorch_pretrained_vit as ppv  # dev dependency
     import pytorch_pretrained_vit.model as ppv_model
 
     # ViT(name=None, ...) reads an undefined global `resize_positional_embedding` in 0.0.7

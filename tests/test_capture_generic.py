@@ -61,7 +61,7 @@ def heads_softmax(x, w_q, b_q, w_k, b_k, heads):
 @pytest.fixture
 def ppv_vit(monkeypatch):
     """pytorch_pretrained_vit's ViT built by the library with small arguments (random weights)."""
-    ppv = pytest.importorskip("pytorch_pretrained_vit")
+    import pytorch_pretrained_vit as ppv  # dev dependency
     import pytorch_pretrained_vit.model as ppv_model
 
     # ViT(name=None, ...) reads an undefined global `resize_positional_embedding` in 0.0.7

@@ -253,7 +253,7 @@ def test_torch_mha_grad_includes_the_callers_use_of_the_weights():
 @pytest.fixture
 def ppv_vit(monkeypatch):
     """pytorch_pretrained_vit's ViT built by the library with small arguments (random weights)."""
-    ppv = pytest.importorskip("pytorch_pretrained_vit")
+    import pytorch_pretrained_vit as ppv  # dev dependency
     import pytorch_pretrained_vit.model as ppv_model
 
     monkeypatch.setattr(ppv_model, "resize_positional_embedding", False, raising=False)

@@ -180,7 +180,7 @@ def test_benchmark_rows_and_scores(vit):
     maps, notes = classifier_methods(vit, x, flow=False)  # flow: seconds per image, see below
     assert {"rollout", "relevance (Chefer 2021)", "gradient rollout", "baseline: random"} <= set(maps)
     assert all(m.shape == (2, 8, 8) for m in maps.values()) and notes == ["attention flow was skipped"]
-    flow = pytest.importorskip("vitviz.analyze.flow")
+    from vitviz.analyze import flow
     assert _try_flow() is flow.attention_flow  # the row `vitviz benchmark-maps` adds
     table = benchmark_classifier(vit, seeds=FRESH[2000:2010], batch_size=10, deletion=False, flow=False)
     assert table.n == 10 and set(table.rows["rollout"]) == {"pointing", "energy", "iou", "auc"}
