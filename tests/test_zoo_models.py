@@ -173,15 +173,15 @@ def test_benchmark_maps_command(capsys):
 
 
 def test_benchmark_rows_and_scores(vit):
-    from vitviz.zoo.benchmark import _try_flow, benchmark_classifier, classifier_methods
+    from vitviz.zoo.benchmark import benchmark_classifier, classifier_methods
 
     scenes = make_dataset("classification", FRESH[2000:2002])
     x = to_input(np.stack([s.image for s in scenes]))
     maps, notes = classifier_methods(vit, x, flow=False)  # flow: seconds per image, see below
     assert {"rollout", "relevance (Chefer 2021)", "gradient rollout", "baseline: random"} <= set(maps)
     assert all(m.shape == (2, 8, 8) for m in maps.values()) and notes == ["attention flow was skipped"]
-    from vitviz.analyze import flow
-    assert _try_flow() is flow.attention_flow  # the row `vitviz benchmark-maps` adds
+    from vitviz.analyze import attention_flow, flow
+    assert attention_flow is flow.attention_flow  # the analyzer the flow row of `vitviz benchmark-maps` calls
     table = benchmark_classifier(vit, seeds=FRESH[2000:2010], batch_size=10, deletion=False, flow=False)
     assert table.n == 10 and set(table.rows["rollout"]) == {"pointing", "energy", "iou", "auc"}
     # the table is the mean of the metric over the scenes

@@ -66,31 +66,11 @@ def _masks(scenes: Sequence[Scene]) -> torch.Tensor:
     return torch.from_numpy(np.stack([s.mask for s in scenes]))  # [B, H, W] bool
 
 
-def _try_flow():
-    """The attention-flow analyzer, when ``vitviz.analyze.flow`` is installed (else None)."""
-    try:
-        from ..analyze import flow as flow_mod
-    except ImportError:
-        return None
-    for name in ("attention_flow", "flow"):
-        fn = getattr(flow_mod, name, None)
-        if callable(fn):
-            return fn
-    return None
-
-
-def _try_relevance():
-    try:
-        from ..explain import relevance
-    except ImportError:
-        return None
-    return relevance
-
-
 def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: bool = True,
                        seed: int = 0) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Every map of a batch: ``{method name: [B, gh, gw]}``, and notes on what was left out."""
-    from ..analyze import cls_maps, rollout
+    from ..analyze import attention_flow, cls_maps, rollout
+    from ..explain import relevance as explain_relevance
     from ..hooks import capture
 
     notes = []
@@ -107,22 +87,13 @@ def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: 
     maps["rollout min"] = rollout(attn, head_fusion="min")
     for layer in range(attn.num_layers):
         maps[f"CLS attention, layer {layer}"] = cls_maps(attn, layer=layer).mean(1)  # [B, gh, gw]
-    rel = _try_relevance() if relevance else None
-    if rel is not None:
-        maps["relevance (Chefer 2021)"] = rel(model, x, method="chefer")
-        maps["gradient rollout"] = rel(model, x, method="grad_rollout")
-    elif relevance:
-        notes.append("relevance: vitviz.explain is not available")
+    if relevance:
+        maps["relevance (Chefer 2021)"] = explain_relevance(model, x, method="chefer")
+        maps["gradient rollout"] = explain_relevance(model, x, method="grad_rollout")
     else:
         notes.append("relevance and gradient rollout were skipped")
-    flow_fn = _try_flow() if flow else None
-    if flow_fn is not None:
-        try:
-            maps["attention flow"] = flow_fn(attn)
-        except Exception as e:  # a module still being written must not break the table
-            notes.append(f"attention flow failed: {type(e).__name__}: {e}")
-    elif flow:
-        notes.append("attention flow: vitviz.analyze.flow is not available")
+    if flow:
+        maps["attention flow"] = attention_flow(attn)
     else:
         notes.append("attention flow was skipped")
     g = torch.Generator(device="cpu").manual_seed(seed)
