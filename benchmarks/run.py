@@ -139,6 +139,24 @@ def gallery_throughput(model: str, size: int, n: int, reps: int = 3, batch_size:
                                                               if not isinstance(v, dict)})
 
 
+def flow_seconds(reps: int, layers: int = 12, heads: int = 12, grid: int = 14) -> list[dict]:
+    """Seconds per image of exact attention flow, by default at the ViT-B/16, 224 px size
+    (12 layers, 12 heads, 197 tokens), on synthetic attention: spread out like an untrained
+    model's, and peaked like a trained model's (70% of every row on three sink tokens)."""
+    g = torch.Generator().manual_seed(0)
+    n = grid * grid + 1
+    spread = torch.softmax(torch.randn(layers, 1, heads, n, n, generator=g), -1)
+    peaked = torch.softmax(torch.randn(layers, 1, heads, n, n, generator=g) * 2, -1) * 0.3
+    peaked[..., [0, 5, n // 2]] += 0.7 / 3
+    layout = vitviz.TokenLayout(num_prefix=1, grid=(grid, grid))
+    rows = []
+    for name, att in (("spread", spread), ("peaked", peaked)):
+        maps = vitviz.AttentionMaps(att, layout)
+        t = _timed(lambda: vitviz.attention_flow(maps), max(1, reps))
+        rows.append(dict(model=f"L{layers}", size=n, batch=1, method=f"flow ({name} attention)", seconds=t))
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="s16,b16")
@@ -151,6 +169,8 @@ def main(argv=None) -> list[dict]:
                    help="also measure gallery images/s against plain batched inference on N generated images")
     p.add_argument("--threads", type=int, default=0, metavar="T", help="torch threads (default: torch's)")
     p.add_argument("--gallery-batch", type=int, default=16, metavar="B")
+    p.add_argument("--flow", action="store_true",
+                   help="also time attention flow at the ViT-B/16 224 px size (spread and peaked attention)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     a = p.parse_args(argv)
     if a.quick:
@@ -180,6 +200,12 @@ def main(argv=None) -> list[dict]:
             print(f"{model:>5} {size:>4}px gallery rollout,cls: {g['gallery']:.2f} img/s vs plain batched "
                   f"inference {g['forward']:.2f} img/s = {g['ratio_forward']:.2f}x "
                   f"(vs decode+forward {g['ratio_decode_forward']:.2f}x)", flush=True)
+    if a.flow:
+        size = dict(layers=3, heads=2, grid=4) if a.quick else {}
+        for r in flow_seconds(min(a.reps, 3), **size):
+            rows.append(r)
+            print(f"{r['model']:>5} {r['size']:>4} tokens {r['method']:<26} {r['seconds']:7.2f} s per image",
+                  flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -48,12 +48,14 @@ def discard_smallest(a: torch.Tensor, discard_ratio: float, keep_first: bool = T
     if k == 0:
         return a
     flat = a.reshape(b, n * n)  # [B, N*N]
-    idx = flat.topk(k, dim=-1, largest=False).indices  # [B, k]
-    keep = torch.ones_like(flat, dtype=torch.bool)  # [B, N*N]
-    keep.scatter_(1, idx, False)
+    # Keep the N*N - k largest instead of finding the k smallest: an unsorted top-k of the
+    # kept entries is several times faster than a sorted top-k of the discarded ones and
+    # selects the same set (up to the order among equal values at the boundary).
+    idx = flat.topk(n * n - k, dim=-1, largest=True, sorted=False).indices  # [B, N*N-k]
+    out = torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx))  # [B, N*N]
     if keep_first:
-        keep[:, 0] = True
-    return (flat * keep).reshape(b, n, n)
+        out[:, 0] = flat[:, 0]
+    return out.reshape(b, n, n)
 
 
 def _layer_matrix(attn_l: torch.Tensor, head_fusion: str, discard_ratio: float,
@@ -63,12 +65,15 @@ def _layer_matrix(attn_l: torch.Tensor, head_fusion: str, discard_ratio: float,
     Shape:
         attn_l: ``[B, H, N, N]`` -> ``[B, N, N]`` float32
     """
-    a = fuse_heads(attn_l.float(), head_fusion)  # [B, N, N]
+    if head_fusion == "mean":  # accumulate in float32 without a float32 copy of every head
+        a = attn_l.mean(dim=-3, dtype=torch.float32)  # [B, N, N]
+    else:
+        a = fuse_heads(attn_l, head_fusion).float()  # [B, N, N] (exact: max/min pick values)
     if discard_ratio > 0:
         a = discard_smallest(a, discard_ratio, keep_first)
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # [N, N]
-    a = 0.5 * a + 0.5 * eye
-    return a / a.sum(dim=-1, keepdim=True)
+    # 0.5*A + 0.5*I with rows re-normalised == (A + I) / rowsum(A + I); a is a new tensor here
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return a.div_(a.sum(dim=-1, keepdim=True))
 
 
 def rollout_matrix(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
