@@ -35,15 +35,19 @@ def _build(model: str, size: int):
     return vitviz.load_model(model, pretrained=False, image_size=size, device="cpu")
 
 
-def _timed(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time in seconds of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def _timed(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall time in seconds of every call after one warm-up call each. The calls are
+    interleaved (rep by rep), so a machine that speeds up or slows down during the run
+    shifts every method alike instead of biasing the ratios to whichever ran first."""
+    for fn in calls.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def methods(m, x) -> dict[str, Callable[[], object]]:
@@ -58,29 +62,30 @@ def methods(m, x) -> dict[str, Callable[[], object]]:
             m(x)
         return rollout(rec.attentions, discard_ratio=0.9)
 
-    def rollout_streaming():
-        stream = RolloutStream(discard_ratio=0.9)
-        with torch.no_grad(), vitviz.capture(m, keep="none", streams={"r": stream}) as rec:
-            m(x)
-        return rec.stream("r")
+    def streaming(discard_ratio):
+        def run():
+            stream = RolloutStream(discard_ratio=discard_ratio)
+            with torch.no_grad(), vitviz.capture(m, keep="none", streams={"r": stream}) as rec:
+                m(x)
+            return rec.stream("r")
+        return run
 
     def relevance_chefer():
         return relevance(m, x)  # one forward + one backward
 
+    # rollout rows use discard_ratio 0.9 (the popular script's setting) unless "no discard"
     return {"forward (floor)": floor, "rollout (stored)": rollout_stored,
-            "rollout (streaming)": rollout_streaming, "relevance (chefer)": relevance_chefer}
+            "rollout (streaming)": streaming(0.9), "rollout (streaming, no discard)": streaming(0.0),
+            "relevance (chefer)": relevance_chefer}
 
 
 def bench(model: str, size: int, batch: int, reps: int) -> list[dict]:
     m = _build(model, size)
     x = torch.randn(batch, 3, size, size)
-    rows = []
-    calls = methods(m, x)
-    floor = _timed(calls["forward (floor)"], reps)
-    for name, fn in calls.items():
-        t = floor if name == "forward (floor)" else _timed(fn, reps)
-        rows.append(dict(model=model, size=size, batch=batch, method=name, seconds=t, ratio=t / floor))
-    return rows
+    seconds = _timed(methods(m, x), reps)
+    floor = seconds["forward (floor)"]
+    return [dict(model=model, size=size, batch=batch, method=name, seconds=t, ratio=t / floor)
+            for name, t in seconds.items()]
 
 
 def _status_mb(field: str) -> float:
@@ -152,7 +157,7 @@ def flow_seconds(reps: int, layers: int = 12, heads: int = 12, grid: int = 14) -
     rows = []
     for name, att in (("spread", spread), ("peaked", peaked)):
         maps = vitviz.AttentionMaps(att, layout)
-        t = _timed(lambda: vitviz.attention_flow(maps), max(1, reps))
+        t = _timed({"flow": lambda: vitviz.attention_flow(maps)}, max(1, reps))["flow"]
         rows.append(dict(model=f"L{layers}", size=n, batch=1, method=f"flow ({name} attention)", seconds=t))
     return rows
 
@@ -190,7 +195,7 @@ def main(argv=None) -> list[dict]:
                     rows.append(r)
                     mem = (f"  peak {r['peak_mb']:.0f} MB (call +{r['call_mb']:.0f} MB)"
                            if "peak_mb" in r else "")
-                    print(f"{model:>5} {size:>4}px b{batch:<2} {r['method']:<22} "
+                    print(f"{model:>5} {size:>4}px b{batch:<2} {r['method']:<32} "
                           f"{r['seconds'] * 1000:9.1f} ms  {r['ratio']:5.2f}x{mem}", flush=True)
     if a.gallery:
         for model in a.models.split(","):

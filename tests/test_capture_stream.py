@@ -5,7 +5,7 @@ import timm
 import torch
 
 import vitviz
-from vitviz.analyze import RolloutStream, cls_maps
+from vitviz.analyze import RelevanceStream, RolloutStream, cls_maps, relevance_map
 from vitviz.errors import CaptureError
 
 
@@ -61,7 +61,7 @@ def test_bad_keep_and_grad_with_keep():
         with vitviz.capture(m, keep="some"):
             pass
     with pytest.raises(CaptureError, match="keep='all'"):
-        with vitviz.capture(m, grad=True, keep="none"):
+        with vitviz.capture(m, grad=True, keep="none"):  # without a gradient stream
             pass
 
 
@@ -84,3 +84,55 @@ def test_half_precision_models_give_float32_maps_close_to_float32(dtype, tol):
     out = rec2.stream("r")
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+# -- gradient streams: relevance computed in the backward pass ------------------------------------
+
+def _relevance_both_ways(m, x, target, stream, **kw):
+    """(streamed map, stored-path map, recording of the streamed run)."""
+    with vitviz.capture(m, grad=True) as rec:
+        m(x).gather(1, target[:, None]).sum().backward()
+    stored = relevance_map(rec.attentions, rec.attention_grads, method=stream.method, **kw)
+    with vitviz.capture(m, grad=True, keep="none", streams={"rel": stream}) as rec2:
+        logits = m(x)
+        torch.autograd.grad(logits.gather(1, target[:, None]).sum(), rec2.grad_inputs())
+    return rec2.stream("rel"), stored, rec2
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("chefer", {}), ("chefer", {"start_layer": -2}),
+    ("grad_rollout", {"discard_ratio": 0.5}), ("grad_rollout", {"head_fusion": "max", "start_layer": 1}),
+])
+def test_streamed_relevance_equals_stored(model, method, kw):
+    # distilled model: two prefix tokens; batch of 3 with different targets
+    x, target = torch.randn(3, 3, 64, 64), torch.tensor([0, 3, 1])
+    streamed, stored, rec = _relevance_both_ways(model, x, target, RelevanceStream(method, **kw), **kw)
+    assert streamed.shape == stored.shape == (3, 4, 4)
+    assert torch.allclose(streamed, stored, rtol=1e-5, atol=1e-7)
+    assert all(not p.records and not p.grads for p in rec.passes)  # nothing per layer was kept
+    with pytest.raises(CaptureError, match="no layer of it was kept"):
+        rec.attention_grads
+
+
+def test_streamed_relevance_without_cls_token():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, img_size=32, num_classes=4,
+                          class_token=False, global_pool="avg").eval()
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([2, 1])
+    for method in ("chefer", "grad_rollout"):
+        streamed, stored, _ = _relevance_both_ways(m, x, target, RelevanceStream(method))
+        assert torch.allclose(streamed, stored, rtol=1e-5, atol=1e-7)
+
+
+def test_relevance_stream_errors(model):
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(CaptureError, match="grad=True"):
+        with vitviz.capture(model, streams={"rel": RelevanceStream()}):
+            pass
+    with pytest.raises(ValueError, match="grad_rollout"):
+        RelevanceStream("chefer", discard_ratio=0.9)
+    with vitviz.capture(model, grad=True, keep="none", streams={"rel": RelevanceStream()}) as rec:
+        out = model(x)[0, 1]
+        out.backward(retain_graph=True)
+        with pytest.raises(ValueError, match="second gradient"):
+            out.backward()

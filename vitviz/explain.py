@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .analyze.relevance import METHODS, relevance_map
+from .analyze.relevance import RelevanceStream
 from .errors import CaptureError, VitvizError
 from .hooks import capture
 from .models._vision_model import VisionModel, wrap
@@ -83,8 +83,10 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
     Returns:
         :class:`RelevanceResult`.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    # the map is computed in the backward pass as the gradients arrive (RelevanceStream):
+    # neither the attention nor the gradients of all layers are kept or stacked
+    stream = RelevanceStream(method, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                             start_layer=start_layer)  # checks the options before any work
     if score_fn is not None and target is not None:
         raise ValueError("give either target= or score_fn=, not both")
     vm = model if isinstance(model, VisionModel) else wrap(model)
@@ -92,7 +94,7 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
     # the input requires grad so that the graph exists even when the parameters are frozen;
     # its own gradient is never computed (only the attention tensors are asked for)
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), capture(vm, grad=True) as rec:
+    with torch.enable_grad(), capture(vm, grad=True, keep="none", streams={"relevance": stream}) as rec:
         output = vm(x)
         if score_fn is not None:
             scores = score_fn(output)  # [B]
@@ -108,11 +110,9 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
         if not inputs:
             raise CaptureError(f"{vm.name}: no image self-attention with an autograd graph was "
                                "captured, so there is nothing to explain")
-        # tensor hooks of the capture store d score / d A while this runs
+        # tensor hooks of the capture hand d score / d A to the stream while this runs
         torch.autograd.grad(scores.sum(), inputs, allow_unused=True)
-    attn, grads = rec.attentions, rec.attention_grads
-    maps = relevance_map(attn, grads, method=method, head_fusion=head_fusion,
-                         discard_ratio=discard_ratio, start_layer=start_layer)  # [B, gh, gw]
+    maps = rec.stream("relevance")  # [B, gh, gw]
     if isinstance(logits, torch.Tensor):
         logits = logits.detach()
     return RelevanceResult(maps, logits, t)

@@ -33,8 +33,8 @@ from typing import Union
 import torch
 
 from ..errors import LayoutError
-from ..types import AttentionMaps, _as_tensor
-from .rollout import discard_smallest, fuse_heads, token_map
+from ..types import AttentionMaps, TokenLayout, _as_tensor
+from .rollout import HEAD_FUSIONS, fuse_heads, residual_matrix, token_map
 
 METHODS = ("chefer", "grad_rollout")
 
@@ -138,20 +138,26 @@ def grad_rollout_matrix(attn: AttentionMaps, grads: Grads, *, head_fusion: str =
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     t = attn.tensor  # [L, B, H, N, N]
     g = _grad_tensor(attn, grads)  # [L, B, H, N, N]
-    num_layers, n = t.shape[0], t.shape[-1]
-    start = _start(num_layers, start_layer)
+    start = _start(t.shape[0], start_layer)
     keep_first = bool(attn.layout.has_cls)
-    eye = torch.eye(n, dtype=torch.float32, device=t.device)  # [N, N]
     r = None
-    for layer in range(start, num_layers):
-        weighted = t[layer].float() * g[layer].to(t.device).float()  # [B, H, N, N]
-        w = fuse_heads(weighted, head_fusion).clamp_(min=0)  # [B, N, N]
-        if discard_ratio > 0:
-            w = discard_smallest(w, discard_ratio, keep_first)
-        a = 0.5 * w + 0.5 * eye  # [B, N, N]; rows sum to >= 0.5
-        a = a / a.sum(dim=-1, keepdim=True)
+    for layer in range(start, t.shape[0]):
+        a = grad_rollout_layer(t[layer], g[layer].to(t.device), head_fusion, discard_ratio, keep_first)
         r = a if r is None else torch.bmm(a, r)  # R = Â_l R
     return r
+
+
+def grad_rollout_layer(attn_l: torch.Tensor, grad_l: torch.Tensor, head_fusion: str = "mean",
+                       discard_ratio: float = 0.0, keep_first: bool = True) -> torch.Tensor:
+    """One layer's gradient-rollout matrix: ``W = fuse_h(A ⊙ dA)⁺``, smallest entries
+    discarded, ``rownorm(0.5·W + 0.5·I)``.
+
+    Shape:
+        attn_l, grad_l: ``[B, H, N, N]`` -> ``[B, N, N]`` float32
+    """
+    weighted = attn_l.float() * grad_l.float()  # [B, H, N, N]
+    w = fuse_heads(weighted, head_fusion).clamp_(min=0)  # [B, N, N]
+    return residual_matrix(w, discard_ratio, keep_first)
 
 
 def grad_rollout(attn: AttentionMaps, grads: Grads, *, head_fusion: str = "mean",
@@ -173,6 +179,18 @@ def grad_rollout(attn: AttentionMaps, grads: Grads, *, head_fusion: str = "mean"
     return token_map(r, attn.layout)
 
 
+def _check_method(method: str, head_fusion: str, discard_ratio: float) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "chefer" and (head_fusion != "mean" or discard_ratio != 0.0):
+        raise ValueError("method='chefer' averages the clamped heads and discards nothing; "
+                         "head_fusion= and discard_ratio= apply to method='grad_rollout'")
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+
+
 def relevance_map(attn: AttentionMaps, grads: Grads, *, method: str = "chefer",
                   head_fusion: str = "mean", discard_ratio: float = 0.0,
                   start_layer: int = 0) -> torch.Tensor:
@@ -184,12 +202,81 @@ def relevance_map(attn: AttentionMaps, grads: Grads, *, method: str = "chefer",
     Returns:
         ``[B, gh, gw]`` float32.
     """
+    _check_method(method, head_fusion, discard_ratio)
     if method == "chefer":
-        if head_fusion != "mean" or discard_ratio != 0.0:
-            raise ValueError("method='chefer' averages the clamped heads and discards nothing; "
-                             "head_fusion= and discard_ratio= apply to method='grad_rollout'")
         return chefer_relevance(attn, grads, start_layer=start_layer)
-    if method == "grad_rollout":
-        return grad_rollout(attn, grads, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                            start_layer=start_layer)
-    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return grad_rollout(attn, grads, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                        start_layer=start_layer)
+
+
+class RelevanceStream:
+    """Chefer relevance or gradient rollout, computed in the backward pass as the gradients
+    arrive (a gradient stream of :func:`vitviz.capture`).
+
+    Each layer's factor (``Ā = mean_h[(dA ⊙ A)⁺]`` for Chefer, the normalised gradient-rollout
+    matrix otherwise) is computed when that layer's gradient arrives and kept as one
+    ``[B, N, N]`` float32 matrix; the attention and gradient of the layer are then free.
+    The map needs only the query row of the product (the CLS row, or the mean of the patch
+    rows), so :meth:`result` multiplies a ``[B, N]`` row through the layers, last layer first:
+    ``O(L*B*N^2)`` work and memory instead of the stored path's ``[L, B, H, N, N]`` attention
+    and gradients and ``O(L*B*N^3)`` products. Equal to :func:`relevance_map` on the stored
+    attention and gradients (same factors; the product is only associated differently).
+
+    Args:
+        method, head_fusion, discard_ratio, start_layer: as :func:`relevance_map`.
+
+    Example:
+        >>> s = RelevanceStream("chefer")
+        >>> with vitviz.capture(m, grad=True, keep="none", streams={"rel": s}) as rec:
+        ...     logits = m(x)
+        ...     torch.autograd.grad(logits[:, 281].sum(), rec.grad_inputs())
+        >>> rec.stream("rel").shape  # [B, gh, gw]
+    """
+
+    def __init__(self, method: str = "chefer", *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                 start_layer: int = 0):
+        _check_method(method, head_fusion, discard_ratio)
+        self.method, self.head_fusion, self.discard_ratio = method, head_fusion, discard_ratio
+        self.start_layer = start_layer
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the layers seen so far (a new forward pass)."""
+        self.factors: dict[int, torch.Tensor] = {}  # layer -> [B, N, N] float32
+
+    def update_grad(self, attn_l: torch.Tensor, grad_l: torch.Tensor, *, layer: int, num_layers: int,
+                    layout: TokenLayout) -> None:
+        """Fold in layer ``layer`` (of ``num_layers``, forward order) with its attention and
+        gradient ``[B, H, N, N]``."""
+        if layer < _start(num_layers, self.start_layer):
+            return
+        if layer in self.factors:
+            raise ValueError(f"layer {layer} received a second gradient: a relevance stream takes "
+                             "one backward pass per forward pass (for gradients summed over several, "
+                             "use keep='all' and rec.attention_grads)")
+        if self.method == "chefer":
+            self.factors[layer] = chefer_layer(attn_l, grad_l)
+        else:
+            self.factors[layer] = grad_rollout_layer(attn_l, grad_l, self.head_fusion, self.discard_ratio,
+                                                     bool(layout.has_cls))
+
+    def result(self, layout: TokenLayout) -> torch.Tensor:
+        """The maps ``[B, gh, gw]`` float32 (patch tokens, not rescaled)."""
+        if not self.factors:
+            raise ValueError("no gradient reached the attention: backpropagate a score inside the "
+                             "`with vitviz.capture(..., grad=True)` block")
+        first = next(iter(self.factors.values()))  # [B, N, N]
+        b, n = first.shape[0], first.shape[-1]
+        if n != layout.num_tokens:
+            raise LayoutError(f"{n} tokens do not fit the layout {layout}")
+        p = layout.num_prefix
+        row = torch.zeros(b, 1, n, dtype=torch.float32, device=first.device)  # [B, 1, N]
+        if layout.has_cls:
+            row[..., 0] = 1.0
+        else:
+            row[..., p:] = 1.0 / (n - p)  # the mean of the patch rows
+        # a layer with no gradient has factor 0 (Chefer: R += 0) or the identity (rollout)
+        for layer in sorted(self.factors, reverse=True):
+            f = self.factors[layer]
+            row = torch.baddbmm(row, row, f) if self.method == "chefer" else torch.bmm(row, f)
+        return row[:, 0, p:].reshape(b, *layout.grid)

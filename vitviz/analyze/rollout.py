@@ -69,9 +69,19 @@ def _layer_matrix(attn_l: torch.Tensor, head_fusion: str, discard_ratio: float,
         a = attn_l.mean(dim=-3, dtype=torch.float32)  # [B, N, N]
     else:
         a = fuse_heads(attn_l, head_fusion).float()  # [B, N, N] (exact: max/min pick values)
+    return residual_matrix(a, discard_ratio, keep_first)
+
+
+def residual_matrix(a: torch.Tensor, discard_ratio: float, keep_first: bool) -> torch.Tensor:
+    """Discard the smallest entries of fused ``[B, N, N]`` weights, add the residual and
+    re-normalise the rows: ``rownorm(0.5 * W + 0.5 * I)``, computed in place on ``a`` (which
+    must be a fresh tensor) as the equal ``(W + I) / rowsum(W + I)``.
+
+    Shape:
+        a: ``[B, N, N]`` float -> ``[B, N, N]``
+    """
     if discard_ratio > 0:
         a = discard_smallest(a, discard_ratio, keep_first)
-    # 0.5*A + 0.5*I with rows re-normalised == (A + I) / rowsum(A + I); a is a new tensor here
     a.diagonal(dim1=-2, dim2=-1).add_(1.0)
     return a.div_(a.sum(dim=-1, keepdim=True))
 

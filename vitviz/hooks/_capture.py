@@ -5,6 +5,13 @@ the block with respect to each attention tensor: a tensor hook (``Tensor.registe
 sits on the exact tensor that the model multiplies with ``V`` (the post-softmax
 probabilities, as adapters emit them; for ``nn.MultiheadAttention`` the tensor that its
 returned weights are a view of). Tensor hooks are removed on exit like module hooks.
+
+Streams (``streams=``) see the layers as they happen instead of after the pass: an object
+with ``update(attn)`` is fed every image self-attention layer in the forward pass, one with
+``update_grad(attn, grad, *, layer, num_layers, layout)`` every layer's attention with its
+gradient in the backward pass (``grad=True``; in the order the gradients arrive, last layer
+first), e.g. :class:`vitviz.analyze.relevance.RelevanceStream`. Neither needs the ``[L, B, H, N, N]``
+stacks, so with ``keep="none"`` nothing per layer outlives its use.
 """
 
 from __future__ import annotations
@@ -27,19 +34,23 @@ class Pass:
     """What one forward pass of the root module produced."""
 
     input_hw: Optional[tuple[int, int]] = None
-    records: list[tuple[str, Site, torch.Tensor]] = field(default_factory=list)
-    # with capture(grad=True): indices of the records whose tensor carried a gradient hook,
-    # the gradients received so far (float32, shaped like the record, summed over backward
-    # calls), and the hooked graph tensors (only while the block runs)
-    hooked: set[int] = field(default_factory=set)
-    grads: dict[int, torch.Tensor] = field(default_factory=dict)
-    graph: dict[int, torch.Tensor] = field(default_factory=dict)
+    # (role, site, attention, layer index within the role) of the kept layers
+    records: list[tuple[str, Site, torch.Tensor, int]] = field(default_factory=list)
+    # with capture(grad=True), keyed by (role, layer): the layers whose tensor carried a
+    # gradient hook, the gradients received so far (float32, shaped like the attention,
+    # summed over backward calls), and the hooked graph tensors (only while the block runs)
+    hooked: set[tuple[str, int]] = field(default_factory=set)
+    grads: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    graph: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     # per role: layers seen in this pass (kept or not) and their key count N
     seen: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
 
     def of(self, role: str) -> list[torch.Tensor]:
-        return [t for r, _, t in self.records if r == role]
+        return [t for r, _, t, _ in self.records if r == role]
+
+    def layers(self, role: str) -> list[int]:
+        return [i for r, _, _, i in self.records if r == role]
 
 
 def _input_hw(args: tuple, kwargs: dict) -> Optional[tuple[int, int]]:
@@ -96,8 +107,12 @@ class Recording:
         self.grad = grad
         self.keep = _keep_spec(keep)
         self.streams = dict(streams or {})
-        if grad and self.keep != "all":
-            raise CaptureError("capture(grad=True) needs keep='all': gradients are matched to kept layers")
+        self._grad_streams = [s for s in self.streams.values() if hasattr(s, "update_grad")]
+        if self._grad_streams and not grad:
+            raise CaptureError("streams with update_grad need capture(..., grad=True)")
+        if grad and self.keep != "all" and not self._grad_streams:
+            raise CaptureError("capture(grad=True) needs keep='all' (gradients are matched to kept "
+                               "layers) or streams that take the gradients as they arrive")
         # layers of each role per pass, for negative indices in keep=[...]
         self._num_layers = {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)}
         self.passes: list[Pass] = []
@@ -141,27 +156,41 @@ class Recording:
         p.tokens[role] = int(attn.shape[-1])
         if role == IMAGE:
             for stream in self.streams.values():  # streaming analyses see every layer
-                stream.update(attn.detach())  # [B, H, N, N]
-        if not self._keeps(role, index):
-            return  # not kept: freed as soon as the model is done with it
-        # [B, H, Q, K]; detached float32 copy-free view when already float32
-        p.records.append((role, site, attn.detach().float()))
-        if self.grad:
-            self._hook_grad(p, len(p.records) - 1, attn if graph is None else graph, attn.shape)
+                if hasattr(stream, "update"):
+                    stream.update(attn.detach())  # [B, H, N, N]
+        kept = self._keeps(role, index)
+        if kept:  # [B, H, Q, K]; detached float32 copy-free view when already float32
+            p.records.append((role, site, attn.detach().float(), index))
+        streamed = role == IMAGE and bool(self._grad_streams)
+        if self.grad and (kept or streamed):
+            self._hook_grad(p, (role, index), attn if graph is None else graph, attn, store=kept)
+        # not kept: freed as soon as the model (and the backward pass) is done with it
 
-    def _hook_grad(self, p: Pass, index: int, tensor: torch.Tensor, shape: torch.Size) -> None:
-        """Put a tensor hook on ``tensor`` that stores its gradient as record ``index`` of ``p``."""
+    def _hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn: torch.Tensor,
+                   store: bool) -> None:
+        """Put a tensor hook on ``tensor`` that receives ``d score / d attn`` of layer ``key``:
+        stored in ``p.grads`` when ``store``, and given to the gradient streams (image layers)."""
+        shape = attn.shape
         if not tensor.requires_grad or tensor.numel() != shape.numel():
             return  # no graph (torch.no_grad, nothing requires grad): reported by attention_grads
+        role, layer = key
+        streams = self._grad_streams if role == IMAGE else []
+        value = attn.detach() if streams else None  # an alias of what autograd keeps anyway
 
         def on_grad(g: torch.Tensor) -> None:
-            g = g.detach().to(torch.float32, copy=True).reshape(shape)  # [B, H, Q, K]
-            prev = p.grads.get(index)
-            p.grads[index] = g if prev is None else prev + g  # summed over backward calls
+            g = g.detach().reshape(shape)  # [B, H, Q, K]
+            if streams:
+                layout = self.model.layout_for(p.input_hw, shape[-1])
+                for stream in streams:
+                    stream.update_grad(value, g, layer=layer, num_layers=p.seen.get(role, 0), layout=layout)
+            if store:
+                prev = p.grads.get(key)
+                g = g.to(torch.float32, copy=True)
+                p.grads[key] = g if prev is None else prev + g  # summed over backward calls
 
         self._grad_handles.append(tensor.register_hook(on_grad))
-        p.hooked.add(index)
-        p.graph[index] = tensor
+        p.hooked.add(key)
+        p.graph[key] = tensor
 
     def _close(self) -> None:
         """Remove every tensor hook and drop the graph tensors (on exit, also after an error)."""
@@ -235,10 +264,10 @@ class Recording:
         if not self._open:
             raise CaptureError("grad_inputs() is only available inside the `with vitviz.capture(...)` "
                                "block: compute the gradients there")
-        p = self._last_with(role)
+        p = next((q for q in reversed(self.passes) if q.seen.get(role)), None)  # last pass with it
         if p is None:
             return []
-        return [p.graph[i] for i, (r, _, _) in enumerate(p.records) if r == role and i in p.graph]
+        return [p.graph[k] for k in sorted(p.graph) if k[0] == role]
 
     def _grads_of(self, role: str, what: str) -> Optional[torch.Tensor]:
         """``[L, B, H, Q, K]`` gradients of the last pass with ``role`` attention, or None."""
@@ -249,7 +278,7 @@ class Recording:
         p = self._last_with(role)
         if p is None:
             return None
-        idx = [i for i, (r, _, _) in enumerate(p.records) if r == role]
+        idx = [(role, i) for i in p.layers(role)]
         missing = [i for i in idx if i not in p.hooked]
         if missing:
             raise CaptureError(
@@ -263,7 +292,7 @@ class Recording:
                 "score, rec.grad_inputs())) inside the `with vitviz.capture(..., grad=True)` block, "
                 "on a score computed from this forward pass")
         # a layer that the score does not depend on receives no gradient at all: zero
-        tensors = [p.grads[i] if i in p.grads else torch.zeros_like(p.records[i][2]) for i in idx]
+        tensors = [p.grads[i] if i in p.grads else torch.zeros_like(t) for i, t in zip(idx, p.of(role))]
         return _stack(tensors, f"{what} gradient")  # [L, B, H, Q, K]
 
     @property
@@ -319,9 +348,13 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         keep: which layers to store: ``"all"`` (default), ``"none"`` (only ``streams`` run:
             memory ``O(B*N^2)`` instead of ``O(L*B*H*N^2)``), or layer indices per role, e.g.
             ``[-1]`` for the last layer only (``rec.attentions`` then holds the kept layers).
-        streams: name -> streaming analysis (``reset()``, ``update(attn [B, H, N, N])``,
-            ``result(layout)``, e.g. :class:`vitviz.analyze.RolloutStream`) fed every image
-            self-attention layer as it runs; read with ``rec.stream(name)``.
+        streams: name -> streaming analysis (``reset()``, ``result(layout)`` and
+            ``update(attn [B, H, N, N])``, e.g. :class:`vitviz.analyze.RolloutStream`, fed every
+            image self-attention layer as it runs, and/or, with ``grad=True``,
+            ``update_grad(attn, grad, *, layer, num_layers, layout)``, e.g.
+            :class:`vitviz.analyze.RelevanceStream`, fed every layer's attention and gradient
+            as the backward pass reaches it); read with ``rec.stream(name)``. With gradient
+            streams, ``grad=True`` works with any ``keep``.
 
     Returns:
         A :class:`Recording` (``rec.attentions``, ``rec.cross``, ``rec.attention_grads``).
