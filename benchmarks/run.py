@@ -2,7 +2,11 @@
 
 Every number is measured in the same process run as its floor (the model's own forward
 with fused attention, under ``torch.no_grad``), so ratios compare like with like on
-whatever machine runs this. Random weights; nothing is downloaded.
+whatever machine runs this. Random weights; nothing is downloaded. Two reference rows show
+what any capture must pay before vitviz computes anything: "capture only" (the model's own
+eager attention path, which materialises the probabilities, with the hooks but no
+analysis) and "forward+backward (capture only)" (the same plus one backward pass, the floor
+of the gradient methods).
 
     python -m benchmarks.run                       # ViT-S/16 and ViT-B/16, 224 and 384 px, batch 1 and 8
     python -m benchmarks.run --models s16 --sizes 224 --batches 1 --reps 3
@@ -70,13 +74,23 @@ def methods(m, x) -> dict[str, Callable[[], object]]:
             return rec.stream("r")
         return run
 
+    def capture_only():  # the floor of every capture: the model's eager attention path, hooked
+        with torch.no_grad(), vitviz.capture(m, keep="none"):
+            return m(x)
+
+    def forward_backward():  # the floor of every gradient method: the same, forward + backward
+        with vitviz.capture(m, keep="none"):
+            xx = x.detach().requires_grad_(True)
+            return torch.autograd.grad(m(xx).amax(-1).sum(), [xx])
+
     def relevance_chefer():
         return relevance(m, x)  # one forward + one backward
 
     # rollout rows use discard_ratio 0.9 (the popular script's setting) unless "no discard"
-    return {"forward (floor)": floor, "rollout (stored)": rollout_stored,
-            "rollout (streaming)": streaming(0.9), "rollout (streaming, no discard)": streaming(0.0),
-            "relevance (chefer)": relevance_chefer}
+    return {"forward (floor)": floor, "capture only (eager attention)": capture_only,
+            "rollout (stored)": rollout_stored, "rollout (streaming)": streaming(0.9),
+            "rollout (streaming, no discard)": streaming(0.0),
+            "forward+backward (capture only)": forward_backward, "relevance (chefer)": relevance_chefer}
 
 
 def bench(model: str, size: int, batch: int, reps: int) -> list[dict]:

