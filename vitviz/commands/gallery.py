@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="decoding processes (0: decode in the main process; default min(4, CPUs-1))")
     g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads for the model (default on the CPU: CPUs minus --workers)")
+                   help="torch threads for the model (default: torch's own setting)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
     g.add_argument("--shard", default=None, metavar="K/N",
                    help="do shard K of N (1 <= K <= N), deterministic by file path")

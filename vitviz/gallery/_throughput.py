@@ -7,7 +7,6 @@ machine too.
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import time
@@ -75,7 +74,7 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
     paths = [s.path for s in sources]
     xs = torch.stack([pre.normalize(pre.view(p)) for p in paths]).to(model.device, model.dtype)  # [N, 3, H, W]
     default_threads = torch.get_num_threads()
-    gallery_threads = max(1, min(default_threads, (os.cpu_count() or 1) - workers))
+    gallery_threads = int(gallery_kwargs.get("threads") or default_threads)  # what build_gallery uses
 
     def forward() -> int:
         with torch.no_grad():
