@@ -318,6 +318,25 @@ def test_frozen_model_grad_mode_off_and_custom_scores():
     assert torch.allclose(got, chefer_relevance(rec.attentions, rec.attention_grads), atol=1e-6)
 
 
+def test_backward_reaches_every_layer_when_the_input_is_cut_off_the_graph():
+    # the backward pass asks for d score / dx and for the first layer's attention: a model that
+    # detaches its input (no path from the score to x) still gets every layer's gradient
+    class Detaching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = tiny_timm()
+
+        def forward(self, img):
+            return self.vit(img.detach())
+
+    wrapped = Detaching()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(relevance(wrapped, x), relevance(wrapped.vit, x), atol=1e-6)
+    assert torch.allclose(relevance(wrapped, x, method="grad_rollout"),
+                          by_hand(wrapped.vit, x, relevance_pass(wrapped.vit, x).target, "grad_rollout"),
+                          atol=1e-6, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------

@@ -70,6 +70,26 @@ def _targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
     return t
 
 
+def backward_through_attention(score: torch.Tensor, x: torch.Tensor, rec, name: str) -> None:
+    """One backward pass of ``score`` inside a ``capture(grad=True)`` block that reaches every
+    captured attention layer, computing no parameter gradients.
+
+    The capture's tensor hooks read (store or stream) ``d score / dA`` as the pass goes by.
+    Autograd is asked only for ``d score / dx`` and for the lowest layer's attention (so that
+    every layer on the way from the score to the input or to the first layer is reached),
+    not for every attention tensor: returning ``L`` gradients ``[B, H, N, N]`` at the end
+    cost ViT-B/16 at 384 px, batch 8, 3.9x a fused forward instead of 2.8x.
+
+    Raises:
+        CaptureError: no image self-attention with an autograd graph was captured.
+    """
+    inputs = rec.grad_inputs()
+    if not inputs:
+        raise CaptureError(f"{name}: no image self-attention with an autograd graph was captured, "
+                           "so there is nothing to explain")
+    torch.autograd.grad(score, [x, inputs[0]], allow_unused=True)
+
+
 def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
                    head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
                    score_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> RelevanceResult:
@@ -107,15 +127,7 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
             logits = _logits_of(output)  # [B, C]
             t = _targets(logits, target)  # [B]
             scores = logits.gather(1, t[:, None]).squeeze(1)  # [B] each sample's own logit
-        inputs = rec.grad_inputs()
-        if not inputs:
-            raise CaptureError(f"{vm.name}: no image self-attention with an autograd graph was "
-                               "captured, so there is nothing to explain")
-        # Tensor hooks hand d score / d A to the stream as the backward pass reaches each layer.
-        # Asking for d score / d x (every attention lies on the way) instead of for the attention
-        # tensors themselves keeps autograd from returning L [B, H, N, N] gradients at the end:
-        # measured 2.8x instead of 3.9x a fused forward for ViT-B/16 at 384 px, batch 8.
-        torch.autograd.grad(scores.sum(), [x], allow_unused=True)
+        backward_through_attention(scores.sum(), x, rec, vm.name)
     maps = rec.stream("relevance")  # [B, gh, gw]
     if isinstance(logits, torch.Tensor):
         logits = logits.detach()

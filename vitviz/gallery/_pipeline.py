@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import CaptureError, ImageError, VitvizError
+from ..errors import ImageError, VitvizError
 from . import _manifest as mf
 from ._methods import Method, MethodInput, MethodResult, classifier_logits, get_method
 from ._sources import Source, list_sources, output_names, parse_shard, shard_of
@@ -205,6 +205,7 @@ def _run_methods(model, x, methods: list[tuple[Method, dict]]):
     """
     import torch
 
+    from ..explain import backward_through_attention
     from ..hooks import capture
 
     results: dict[str, MethodResult] = {}
@@ -228,13 +229,7 @@ def _run_methods(model, x, methods: list[tuple[Method, dict]]):
                                   "this model's output is not a classifier's")
             target = logits.detach().argmax(dim=-1)  # [B]
             score = logits.gather(1, target[:, None]).sum()  # each sample's own predicted logit
-            inputs = rec.grad_inputs()
-            if not inputs:
-                raise CaptureError(f"{model.name}: no image self-attention with an autograd graph "
-                                   "was captured, so there is nothing to explain")
-            # hooks store or stream dA on the way to d score / d x (as vitviz.explain does: no
-            # L [B, H, N, N] gradients returned at the end)
-            torch.autograd.grad(score, [xg], allow_unused=True)
+            backward_through_attention(score, xg, rec, model.name)  # hooks store or stream dA
     elif shared:
         target = None
         with torch.no_grad(), capture(model, **kw) as rec:
