@@ -134,5 +134,5 @@ def test_relevance_stream_errors(model):
     with vitviz.capture(model, grad=True, keep="none", streams={"rel": RelevanceStream()}) as rec:
         out = model(x)[0, 1]
         out.backward(retain_graph=True)
-        with pytest.raises(ValueError, match="second gradient"):
+        with pytest.raises(CaptureError, match="second gradient"):
             out.backward()

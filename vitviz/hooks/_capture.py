@@ -175,14 +175,25 @@ class Recording:
             return  # no graph (torch.no_grad, nothing requires grad): reported by attention_grads
         role, layer = key
         streams = self._grad_streams if role == IMAGE else []
-        value = attn.detach() if streams else None  # an alias of what autograd keeps anyway
+        # the attention for the streams: an alias of what autograd keeps anyway, dropped (with
+        # the graph tensor) once the streams have it, so that a layer's attention is freed as
+        # the backward pass leaves it instead of when the block ends
+        held = {"attn": attn.detach()} if streams else {}
 
         def on_grad(g: torch.Tensor) -> None:
             g = g.detach().reshape(shape)  # [B, H, Q, K]
             if streams:
+                if "attn" not in held:
+                    raise CaptureError(
+                        f"layer {layer} received a second gradient: gradient streams take one "
+                        "backward pass per forward pass (to sum several, use keep='all' and "
+                        "rec.attention_grads without streams)")
+                value = held.pop("attn")
                 layout = self.model.layout_for(p.input_hw, shape[-1])
                 for stream in streams:
                     stream.update_grad(value, g, layer=layer, num_layers=p.seen.get(role, 0), layout=layout)
+                if not store:
+                    p.graph.pop(key, None)
             if store:
                 prev = p.grads.get(key)
                 g = g.to(torch.float32, copy=True)
