@@ -113,7 +113,7 @@ def flow_values(attn: AttentionMaps, *, query: Query = "auto", head_fusion: str 
         head_fusion: ``"mean"``, ``"max"`` or ``"min"``.
         start_layer: first block of the graph.
         tol: absolute precision of every value (see the module docstring).
-        progress: show a progress bar over the push-relabel chunks.
+        progress: show a progress bar over the sinks left to the exact max-flow.
 
     Returns:
         ``[B, N]`` float64: ``[b, j]`` is the max-flow value from the query to input token ``j``
@@ -143,7 +143,7 @@ def attention_flow(attn: AttentionMaps, *, query: Query = "auto", head_fusion: s
         normalize: divide by the total flow into all input tokens (prefix included); ``False``
             returns the raw max-flow values.
         tol: absolute precision of the raw values.
-        progress: progress bar over the exact max-flow chunks.
+        progress: progress bar over the sinks left to the exact max-flow.
 
     Returns:
         ``[B, gh, gw]`` float32.
@@ -179,10 +179,10 @@ def layered_max_flow(caps: torch.Tensor, source: torch.Tensor, *, tol: float = 1
         caps: ``[B, L, N, N]`` non-negative arc capacities (float64 recommended).
         source: ``[B, N]`` non-negative capacities of the super-source arcs.
         tol: absolute precision: each value is within ``tol`` below the exact maximum.
-        progress: progress bar over the push-relabel chunks.
+        progress: progress bar over the sinks left to the exact max-flow.
         exact_only: skip the certificates and run the exact max-flow for every sink (for tests).
         stats: if a dict is given, ``stats["certified"]`` receives a ``[B, N]`` bool tensor of
-            the sinks settled by certificates (without push-relabel).
+            the sinks settled by certificates (without a max-flow run).
 
     Returns:
         ``[B, N]`` max-flow values (dtype of ``caps``).
@@ -399,7 +399,7 @@ def _exact_values(caps: torch.Tensor, source: torch.Tensor, todo: torch.Tensor, 
     OR-tools' push-relabel (``ortools.graph.python.max_flow``, integer capacities, C++), one
     graph per sample, re-solved per sink with only the bottom arcs changed. Measured on
     ViT-B/16 size graphs at 224 px with peaked (trained-like) attention: ~17 ms per sink on
-    one CPU core, ~3.5 s for a whole map, where a vectorised torch push-relabel took 100 s.
+    one CPU core, ~3 s for a whole map, where a vectorised torch push-relabel took 100 s.
     Max-flow is a combinatorial CPU algorithm: the capacities are copied to the CPU once.
     """
     import numpy as np
