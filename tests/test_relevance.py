@@ -380,3 +380,20 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys, args, needle):
                  "--out", str(tmp_path / "o")] + args)
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
+@pytest.mark.parametrize("method", ["chefer", "grad_rollout"])
+def test_half_precision_models_give_relevance_close_to_float32(dtype, tol, method):
+    """Stated tolerance: per image, max |map - map_fp32| <= tol * max(map_fp32) (bf16 3%, fp16
+    0.5%; measured 0.8% and 0.15% on this model), maps in float32, same explained classes."""
+    import copy
+
+    model = tiny_timm(depth=4, img_size=64)
+    x = torch.randn(4, 3, 64, 64)
+    ref = relevance_pass(model, x, method=method)
+    half = copy.deepcopy(model).to(dtype)
+    got = relevance(half, x.to(dtype), target=ref.target, method=method)
+    assert got.dtype == torch.float32
+    err = (got - ref.maps).abs().amax((1, 2)) / ref.maps.abs().amax((1, 2))
+    assert (err <= tol).all(), err
