@@ -44,8 +44,11 @@ def add_arguments(p) -> None:
     add_render_arguments(p)
 
 
-def iter_captures(model, sources, *, batch_size: int = 8, desc: str = "images", progress: bool = True):
+def iter_captures(model, sources, *, batch_size: int = 8, desc: str = "images", progress: bool = True,
+                  keep="all"):
     """Load, batch and capture the images; yield one result per source, in order.
+
+    ``keep`` is passed to :func:`vitviz.capture` (e.g. ``[layer]``: only that layer is kept).
 
     Yields:
         ``(outcome, stem, view, attn)``: the :class:`vitviz.batch.Outcome` to fill, a unique
@@ -62,7 +65,7 @@ def iter_captures(model, sources, *, batch_size: int = 8, desc: str = "images", 
     for items, x in load_batches(model, sources, batch_size=batch_size, desc=desc, progress=progress):
         attn = None
         if x is not None:
-            with torch.no_grad(), capture(model) as rec:
+            with torch.no_grad(), capture(model, keep=keep) as rec:
                 model(x)
             attn = rec.attentions
         j = 0
@@ -88,25 +91,27 @@ def run(args) -> int:
 
     from .._io import save_npy
     from ..analyze.cls import all_layer_maps
+    from ..batch import _image_sites
     from ..analyze.masks import mass_masks
     from ..analyze.query import check_layer
     from ..render.figures import map_grid, mask_contours, save_figure
 
     model = load(args)
+    chosen = None
+    if args.layer is not None:  # keep only that layer (memory of one layer, not of all L)
+        try:
+            chosen = check_layer(len(_image_sites(model)), args.layer)
+        except ValueError as e:
+            return fail(f"--layer: {e}")
     out = Path(args.out)
     outcomes = []
-    for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="cls"):
+    for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="cls",
+                                             keep="all" if chosen is None else [chosen]):
         outcomes.append(o)
         if o.error:
             continue
-        maps = all_layer_maps(attn, query=query)[:, 0]  # [L, H, gh, gw]
-        layers = list(range(attn.num_layers))
-        if args.layer is not None:
-            try:
-                chosen = check_layer(attn.num_layers, args.layer)
-            except ValueError as e:
-                return fail(f"--layer: {e}")
-            maps, layers = maps[chosen:chosen + 1], [chosen]
+        maps = all_layer_maps(attn, query=query)[:, 0]  # [L', H, gh, gw] (L' = 1 with --layer)
+        layers = list(range(attn.num_layers)) if chosen is None else [chosen]
         what = "CLS" if query in ("auto", "cls") and attn.layout.has_cls else f"query {args.query}"
         fig, _ = map_grid(maps, view, row_labels=[f"layer {i}" for i in layers],
                           col_labels=[f"head {h}" for h in range(maps.shape[1])], cmap=args.cmap,
