@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 import vitviz
-from vitviz.analyze import RolloutStream, rollout
+from vitviz.analyze import RolloutStream, cls_maps, rollout
 from vitviz.explain import relevance
 
 
@@ -83,14 +83,24 @@ def methods(m, x) -> dict[str, Callable[[], object]]:
             xx = x.detach().requires_grad_(True)
             return torch.autograd.grad(m(xx).amax(-1).sum(), [xx])
 
+    def cls_last_layer():  # only the last layer is kept
+        with torch.no_grad(), vitviz.capture(m, keep=[-1]) as rec:
+            m(x)
+        return cls_maps(rec.attentions, layer=-1)
+
     def relevance_chefer():
         return relevance(m, x)  # one forward + one backward
+
+    def grad_rollout():
+        return relevance(m, x, method="grad_rollout", discard_ratio=0.9)
 
     # rollout rows use discard_ratio 0.9 (the popular script's setting) unless "no discard"
     return {"forward (floor)": floor, "capture only (eager attention)": capture_only,
             "rollout (stored)": rollout_stored, "rollout (streaming)": streaming(0.9),
             "rollout (streaming, no discard)": streaming(0.0),
-            "forward+backward (capture only)": forward_backward, "relevance (chefer)": relevance_chefer}
+            "cls maps (last layer kept)": cls_last_layer,
+            "forward+backward (capture only)": forward_backward, "relevance (chefer)": relevance_chefer,
+            "grad rollout": grad_rollout}
 
 
 def bench(model: str, size: int, batch: int, reps: int) -> list[dict]:
