@@ -116,6 +116,7 @@ class Recording:
         # layers of each role per pass, for negative indices in keep=[...]
         self._num_layers = {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)}
         self.passes: list[Pass] = []
+        self._selected = self._selection()  # image sites switched to eager, when not all
         self._grad_handles: list = []  # RemovableHandles of the tensor hooks
         self._open = True
 
@@ -124,6 +125,26 @@ class Recording:
         self.passes.append(Pass(input_hw=hw))
         for stream in self.streams.values():
             stream.reset()
+
+    def _selection(self) -> Optional[dict[int, int]]:
+        """With ``keep=[layers]``, no streams and no gradients, when every image site can be
+        switched on its own: ``{id(module): layer}`` of the image sites that must run their
+        eager path (the others keep their fused attention); otherwise None (all must)."""
+        if not isinstance(self.keep, tuple) or self.streams or self.grad:
+            return None
+        image = [s for s in self.sites if s.role in (IMAGE, AUTO)]
+        if not image or any(s.role != IMAGE or not s.adapter.selectable for s in image):
+            return None
+        n = len(image)
+        wanted = {k % n for k in self.keep if -n <= k < n}
+        return {id(s.module): i for i, s in enumerate(image) if i in wanted}
+
+    def _skip(self, site: Site) -> None:
+        """Count an image layer left on its fast path (nothing recorded), keeping indices right."""
+        if not self.passes:
+            self._begin(None)
+        p = self.passes[-1]
+        p.seen[IMAGE] = p.seen.get(IMAGE, 0) + 1
 
     def _keeps(self, role: str, index: int) -> bool:
         if self.keep == "all":
@@ -153,6 +174,11 @@ class Recording:
         p = self.passes[-1]
         index = p.seen.get(role, 0)
         p.seen[role] = index + 1
+        if self._selected is not None and role == IMAGE and self._selected.get(id(site.module)) != index:
+            raise CaptureError(
+                f"{site.name} ran as image attention layer {index}, not as layer "
+                f"{self._selected.get(id(site.module))} of the module order that keep={list(self.keep)} "
+                "was resolved with; use capture(..., keep='all') for this model")
         p.tokens[role] = int(attn.shape[-1])
         if role == IMAGE:
             for stream in self.streams.values():  # streaming analyses see every layer
@@ -407,7 +433,17 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         for s in sites:
             by_adapter.setdefault(id(s.adapter), []).append(s)
         for group in by_adapter.values():
-            group[0].adapter.attach(group, rec._emit, stack)
+            adapter = group[0].adapter
+            if rec._selected is not None and adapter.selectable:
+                # layers that are not kept stay on their fast (fused) path; a forward hook only
+                # counts them, so that the kept layers get their right index
+                for s in group:
+                    if id(s.module) not in rec._selected:
+                        h = s.module.register_forward_hook(lambda *_a, _s=s: rec._skip(_s))
+                        stack.callback(h.remove)
+                group = [s for s in group if id(s.module) in rec._selected]
+            if group:
+                adapter.attach(group, rec._emit, stack)
         yield rec
     if rec.passes and not any(p.seen for p in rec.passes):
         names = ", ".join(f"{s.name} ({s.adapter.name})" for s in sites[:6])

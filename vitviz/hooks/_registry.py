@@ -47,6 +47,9 @@ class Adapter:
 
     name: str = ""
     priority: int = 100
+    # True when every site is switched and hooked on its own (no shared config): a capture
+    # that keeps only some layers may then leave the other sites on their fast path
+    selectable: bool = False
 
     def find(self, root: nn.Module, is_free: Callable[[str], bool]) -> list[Site]:
         """Return the attention sites this adapter handles, in module order."""

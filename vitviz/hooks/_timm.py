@@ -25,6 +25,7 @@ def _is_timm_attention(m: nn.Module) -> bool:
 class TimmAdapter(Adapter):
     name = "timm"
     priority = 10
+    selectable = True  # fused_attn and the hook are per attention module
 
     def find(self, root, is_free):
         return [Site(n, m, IMAGE, self) for n, m in root.named_modules()
