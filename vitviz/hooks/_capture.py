@@ -385,6 +385,9 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         keep: which layers to store: ``"all"`` (default), ``"none"`` (only ``streams`` run:
             memory ``O(B*N^2)`` instead of ``O(L*B*H*N^2)``), or layer indices per role, e.g.
             ``[-1]`` for the last layer only (``rec.attentions`` then holds the kept layers).
+            With layer indices and no streams or gradients, sites that can be switched one by
+            one (timm) leave the other layers on their fused attention path; a model whose
+            layers run in another order than its modules are registered is then refused.
         streams: name -> streaming analysis (``reset()``, ``result(layout)`` and
             ``update(attn [B, H, N, N])``, e.g. :class:`vitviz.analyze.RolloutStream`, fed every
             image self-attention layer as it runs, and/or, with ``grad=True``,
