@@ -123,18 +123,9 @@ def test_flow_method_equals_attention_flow(model, folder, tmp_path):
 
 
 def _tiny_captioner():
-    import transformers
-    torch.manual_seed(0)
-    enc = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, image_size=32, patch_size=8)
-    dec = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32,
-                                  add_cross_attention=True, is_decoder=True, bos_token_id=1,
-                                  eos_token_id=None, pad_token_id=0)
-    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
-    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
-    m = transformers.VisionEncoderDecoderModel(cfg).eval()
-    m.generation_config.eos_token_id = None
-    return vitviz.wrap(m, name="tiny-ved")
+    from test_captioning import build_ved  # ViT encoder + GPT-2 decoder, 2 layers each
+
+    return vitviz.wrap(build_ved(), name="tiny-ved")
 
 
 def test_caption_method_writes_the_caption_and_one_map_per_word(folder, tmp_path):

@@ -34,7 +34,8 @@ import torch
 
 from ..errors import LayoutError
 from ..types import AttentionMaps, TokenLayout, _as_tensor
-from .rollout import HEAD_FUSIONS, fuse_heads, residual_matrix, token_map
+from .query import query_weights
+from .rollout import check_options, fuse_heads, residual_matrix, token_map
 
 METHODS = ("chefer", "grad_rollout")
 
@@ -134,8 +135,7 @@ def grad_rollout_matrix(attn: AttentionMaps, grads: Grads, *, head_fusion: str =
     Returns:
         ``[B, N, N]`` float32.
     """
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    check_options(head_fusion, discard_ratio)
     t = attn.tensor  # [L, B, H, N, N]
     g = _grad_tensor(attn, grads)  # [L, B, H, N, N]
     start = _start(t.shape[0], start_layer)
@@ -185,10 +185,7 @@ def _check_method(method: str, head_fusion: str, discard_ratio: float) -> None:
     if method == "chefer" and (head_fusion != "mean" or discard_ratio != 0.0):
         raise ValueError("method='chefer' averages the clamped heads and discards nothing; "
                          "head_fusion= and discard_ratio= apply to method='grad_rollout'")
-    if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    check_options(head_fusion, discard_ratio)
 
 
 def relevance_map(attn: AttentionMaps, grads: Grads, *, method: str = "chefer",
@@ -270,11 +267,8 @@ class RelevanceStream:
         if n != layout.num_tokens:
             raise LayoutError(f"{n} tokens do not fit the layout {layout}")
         p = layout.num_prefix
-        row = torch.zeros(b, 1, n, dtype=torch.float32, device=first.device)  # [B, 1, N]
-        if layout.has_cls:
-            row[..., 0] = 1.0
-        else:
-            row[..., p:] = 1.0 / (n - p)  # the mean of the patch rows
+        # the CLS row, or the mean of the patch rows: token_map's rows as query weights
+        row = query_weights(layout, "auto", device=first.device).expand(b, 1, n)  # [B, 1, N]
         # a layer with no gradient has factor 0 (Chefer: R += 0) or the identity (rollout)
         for layer in sorted(self.factors, reverse=True):
             f = self.factors[layer]

@@ -15,6 +15,14 @@ from ..types import AttentionMaps, TokenLayout
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
+def check_options(head_fusion: str = "mean", discard_ratio: float = 0.0) -> None:
+    """Raise ``ValueError`` for an unknown head fusion or a discard ratio outside ``[0, 1)``."""
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+
+
 def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     """Fuse the head dimension of ``[..., H, Q, K]`` attention into ``[..., Q, K]``.
 
@@ -28,7 +36,7 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
         return attn.amax(dim=-3)
     if head_fusion == "min":
         return attn.amin(dim=-3)
-    raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+    check_options(head_fusion)  # raises: an unknown name
 
 
 def discard_smallest(a: torch.Tensor, discard_ratio: float, keep_first: bool = True) -> torch.Tensor:
@@ -41,8 +49,7 @@ def discard_smallest(a: torch.Tensor, discard_ratio: float, keep_first: bool = T
     Shape:
         a: ``[B, N, N]`` -> ``[B, N, N]`` (a new tensor)
     """
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    check_options(discard_ratio=discard_ratio)
     b, n, _ = a.shape
     k = int(n * n * discard_ratio)
     if k == 0:
@@ -174,9 +181,7 @@ class RolloutStream:
 
     def __init__(self, *, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
                  num_layers: int | None = None, has_cls: bool = True):
-        fuse_heads(torch.zeros(1, 1, 1), head_fusion)  # validate the name early
-        if not 0.0 <= discard_ratio < 1.0:
-            raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        check_options(head_fusion, discard_ratio)
         if start_layer < 0:
             if num_layers is None:
                 raise ValueError("a negative start_layer needs num_layers")
