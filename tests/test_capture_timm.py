@@ -1,4 +1,5 @@
-"""timm capture: equal to a from-weights recomputation, fused path restored, layouts from the model."""
+"""timm capture: equal to a from-weights recomputation whichever path the model runs (fused SDPA or
+eager), no flag switched, nothing left behind, layouts from the model."""
 
 import pytest
 import timm
@@ -7,16 +8,14 @@ import torch
 import vitviz
 from vitviz.errors import CaptureError
 
+from helpers import hook_state, torch_function_modes
+
 
 def tiny(name, **kw):
     torch.manual_seed(0)
     args = dict(pretrained=False, depth=2, num_heads=2, embed_dim=32, num_classes=5)
     args.update(kw)
     return timm.create_model(name, **args).eval()
-
-
-def hook_state(model):
-    return {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
 
 
 def recompute(model, x):
@@ -59,10 +58,11 @@ def test_capture_equals_recomputation_and_output_unchanged(name, kw, prefix, hw,
         ref_out = model(x)
     before = hook_state(model)
     with vitviz.capture(model) as rec:
-        assert not any(b.attn.fused_attn for b in model.blocks)
+        assert all(b.attn.fused_attn for b in model.blocks)  # nothing switched: SDPA is read at the op
+        assert torch_function_modes() == 1
         with torch.no_grad():
             out = model(x)
-    assert all(b.attn.fused_attn for b in model.blocks)  # restored
+    assert torch_function_modes() == 0
     assert hook_state(model) == before
     assert torch.allclose(out, ref_out, atol=1e-5)
     maps = rec.attentions
@@ -75,6 +75,12 @@ def test_capture_equals_recomputation_and_output_unchanged(name, kw, prefix, hw,
     assert torch.allclose(maps.tensor, recompute(model, x), atol=1e-6)
     assert vitviz.rollout(maps).shape == (2, *grid)
     assert rec.cross is None
+    # the model's own eager path (softmax, then @ v) gives the same maps
+    for b in model.blocks:
+        b.attn.fused_attn = False
+    with vitviz.capture(model) as eager, torch.no_grad():
+        assert torch.allclose(model(x), ref_out, atol=1e-5)
+    assert torch.allclose(eager.attentions.tensor, maps.tensor, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
@@ -90,6 +96,13 @@ def test_eva_and_beit(name):
     assert t.shape[:3] == (2, 1, 2)
     assert torch.allclose(t.sum(-1), torch.ones_like(t.sum(-1)), atol=1e-5)
     assert rec.attentions.layout.grid == tuple(model.patch_embed.grid_size)
+    # read at SDPA (RoPE'd q and k for EVA, the relative-position bias as BEiT's float mask):
+    # equal to the model's own non-fused softmax
+    for b in model.blocks:
+        b.attn.fused_attn = False
+    with vitviz.capture(model) as eager, torch.no_grad():
+        model(x)
+    assert torch.allclose(eager.attentions.tensor, t, atol=1e-6)
 
 
 def test_batched_equals_one_by_one():
@@ -104,7 +117,7 @@ def test_batched_equals_one_by_one():
         assert torch.allclose(rec1.attentions.tensor[:, 0], batched[:, i], atol=1e-6)
 
 
-def test_hooks_removed_and_flags_restored_after_exception():
+def test_hooks_and_mode_removed_and_flags_untouched_after_exception():
     model = tiny("vit_tiny_patch16_224", img_size=64)
     model.blocks[1].attn.fused_attn = False  # a per-instance setting that must survive as it was
     before = hook_state(model)
@@ -112,7 +125,7 @@ def test_hooks_removed_and_flags_restored_after_exception():
         with vitviz.capture(model):
             model(torch.randn(1, 3, 64, 64))
             raise RuntimeError("boom")
-    assert hook_state(model) == before
+    assert hook_state(model) == before and torch_function_modes() == 0
     assert [b.attn.fused_attn for b in model.blocks] == [True, False]
 
 
@@ -137,9 +150,13 @@ def test_last_pass_is_reported():
 
 
 def test_empty_capture_is_an_error():
-    with pytest.raises(CaptureError, match="no attention module"):
-        with vitviz.capture(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())):
-            pass
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(CaptureError, match="no attention call was seen"):
+        with vitviz.capture(cnn), torch.no_grad():
+            cnn(torch.randn(1, 3, 8, 8))
+    with vitviz.capture(cnn) as rec:  # nothing ran: nothing to report
+        pass
+    assert rec.attentions is None
 
 
 def test_model_outputs_equal_fused_path_in_float64():

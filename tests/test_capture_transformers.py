@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils.output_capturing import OutputRecorder, install_all_output_capturing_hooks
 
+import vitviz
 from vitviz import capture
 from vitviz.hooks._registry import CROSS, IMAGE, TEXT, discover
 from vitviz.hooks._transformers import TransformersAdapter
@@ -160,14 +161,13 @@ def test_image_encoder_equals_output_attentions(case):
     x = torch.randn(2, 3, h, w)  # [B, 3, H, W]
     impls_before = attn_impls(model)
     hooks_before = hook_state(model)
-    assert set(impls_before.values()) == {"sdpa"}  # transformers' default: capture must switch it
+    assert set(impls_before.values()) == {"sdpa"}  # transformers' default: read at SDPA
     with torch.no_grad():
         plain = model(x, **kwargs)[0]
     ref_out, _ = eager_reference(model, x, **kwargs)
 
     with torch.no_grad(), capture(model) as rec:
-        assert set(attn_impls(model).values()) == {"eager"}
-        assert hook_state(model) != hooks_before  # the capture's hooks are there while it runs
+        assert attn_impls(model) == impls_before  # nothing switched
         out = model(x, **kwargs)[0]
 
     attn = rec.attentions
@@ -206,7 +206,7 @@ def test_vision_encoder_decoder_gpt2():
     ref_out, _ = eager_reference(model, pixel_values=x, decoder_input_ids=ids)
 
     with torch.no_grad(), capture(model) as rec:
-        assert set(attn_impls(model).values()) == {"eager"}
+        assert attn_impls(model) == impls_before  # nothing switched: read at SDPA
         logits = model(pixel_values=x, decoder_input_ids=ids).logits
 
     # encoder self-attention [L, B, H, N, N]
@@ -303,11 +303,11 @@ def test_sites_are_transformers_own_attention_modules(case):
 
 
 class ToyAttn(nn.Module):
-    """softmax(x x^T / sqrt(D)) over [B, N, D]; it has no ``config`` attribute."""
+    """softmax(x x^T / sqrt(D)) over [B, N, D], multiplied with the values; no ``config`` attribute."""
 
     def forward(self, x):  # x: [B, N, D]
         a = torch.softmax(x @ x.transpose(-1, -2) / x.shape[-1] ** 0.5, dim=-1)  # [B, N, N]
-        return x + 1, a.unsqueeze(1)  # ([B, N, D], [B, 1, N, N])
+        return x + 1, a.unsqueeze(1), a @ x  # ([B, N, D], [B, 1, N, N], [B, N, D])
 
 
 class ToyText(PreTrainedModel):
@@ -424,14 +424,10 @@ def test_shared_config_restored_and_both_models_captured():
     x = torch.randn(1, 3, 32, 32)  # [B, 3, H, W]
     ref_a, _ = eager_reference(a, x)
     ref_b, _ = eager_reference(b, x)
-    with torch.no_grad(), capture(a):
-        assert b.config._attn_implementation == "eager"  # the same config object
-    assert a.config._attn_implementation == b.config._attn_implementation == "sdpa"
-
     hooks_before = hook_state(pair)
     # wrap() of a container would count both models' cls_token parameters: state the layout
     with torch.no_grad(), capture(wrap(pair, num_prefix=1)) as rec:
-        assert {a.config._attn_implementation, b.config._attn_implementation} == {"eager"}
+        assert a.config._attn_implementation == "sdpa"  # the shared config is not touched
         pair(x)
     assert rec.attentions.tensor.shape == (4, 1, 4, 17, 17)
     expected = torch.cat([stack(ref_a.attentions), stack(ref_b.attentions)])  # a runs first
@@ -440,14 +436,20 @@ def test_shared_config_restored_and_both_models_captured():
     assert hook_state(pair) == hooks_before
 
 
-def test_mixed_implementations_restored_per_sub_config():
+def test_mixed_implementations_untouched_and_both_read():
     model = build_ved()
     model.set_attn_implementation({"encoder": "eager", "decoder": "sdpa"})
     before = attn_impls(model)
     assert before["encoder"] == "eager" and before["decoder"] == "sdpa"
-    with torch.no_grad(), capture(model):
-        assert set(attn_impls(model).values()) == {"eager"}
+    x, ids = torch.randn(1, 3, 32, 32), torch.randint(0, 50, (1, 4))
+    ref_out, _ = eager_reference(model, pixel_values=x, decoder_input_ids=ids)
+    with torch.no_grad(), capture(model) as rec:
+        assert attn_impls(model) == before
+        model(pixel_values=x, decoder_input_ids=ids)
     assert attn_impls(model) == before
+    torch.testing.assert_close(rec.attentions.tensor, stack(ref_out.encoder_attentions), atol=ATOL, rtol=0)
+    torch.testing.assert_close(rec.cross.tensor, stack(ref_out.cross_attentions), atol=ATOL, rtol=0)
+    torch.testing.assert_close(rec.text, stack(ref_out.decoder_attentions), atol=ATOL, rtol=0)
 
     blip = build_blip()  # eager by construction, and cannot be switched: stays as it is
     before = attn_impls(blip)
@@ -476,6 +478,15 @@ def test_restored_after_exception_inside_block():
     assert attn_impls(model) == impls_before
     assert hook_state(model) == hooks_before
     assert no_transformers_hooks_flag(model)
+
+
+def test_external_kernels_are_refused_with_the_way_out():
+    model = build("ViTModel", "ViTConfig")
+    model.config._attn_implementation_internal = "flash_attention_2"  # as set_attn_implementation would
+    with pytest.raises(vitviz.CaptureError, match=r"external kernel 'flash_attention_2'.*set_attn_implementation\('sdpa'\)"):
+        with capture(model):
+            pass
+    assert hook_state(model) == hook_state(build("ViTModel", "ViTConfig"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,21 +143,12 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
     from .hooks import capture
 
     def compute(x):
-        stream = RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio,
-                               start_layer=start_layer,
-                               has_cls=bool(model.has_cls if model.has_cls is not None else model.num_prefix),
-                               num_layers=len(_image_sites(model)) if start_layer < 0 else None)
+        stream = RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
         with torch.no_grad(), capture(model, keep="none", streams={"rollout": stream}) as rec:
             logits = model(x)
         return rec.stream("rollout"), _predictions(model, logits)  # [B, gh, gw]
 
     return map_files(model, sources, out_dir, compute, suffix="rollout", **kwargs)
-
-
-def _image_sites(model) -> list:
-    from .hooks._registry import AUTO, IMAGE, discover
-
-    return [s for s in discover(model.module) if s.role in (IMAGE, AUTO)]
 
 
 def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer",

@@ -160,53 +160,64 @@ def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: fl
 
 
 class RolloutStream:
-    """Attention rollout computed layer by layer, as the layers run (streaming).
+    """Attention rollout computed layer by layer, as the layers run (a stream of
+    :func:`vitviz.capture`).
 
     Keeps only the running product ``[B, N, N]`` (float32) instead of every layer's
     ``[B, H, N, N]``: memory ``O(B*N^2)`` instead of ``O(L*B*H*N^2)``. Gives exactly
-    :func:`rollout`'s result (same per-layer matrix, same product order).
+    :func:`rollout`'s result (same per-layer matrix, same product order). What it needs to
+    know about the model comes with each layer: whether token 0 is a CLS token (kept when
+    discarding) from ``layout``, the depth from ``num_layers`` (for a negative
+    ``start_layer``; when the depth is not known before the pass ends, the last
+    ``-start_layer`` layer matrices are kept and multiplied at the end).
 
     Args:
-        head_fusion, discard_ratio, start_layer: as :func:`rollout`; a negative
-            ``start_layer`` needs ``num_layers``.
-        num_layers: number of layers, needed only for a negative ``start_layer``.
-        has_cls: whether token 0 is a CLS token (keeps CLS->CLS when discarding).
+        head_fusion, discard_ratio, start_layer: as :func:`rollout`.
 
     Example:
         >>> s = RolloutStream(discard_ratio=0.9)
-        >>> for a in per_layer_attention:   # each [B, H, N, N]
-        ...     s.update(a)
-        >>> s.result(layout)                # [B, gh, gw]
+        >>> for i, a in enumerate(per_layer_attention):   # each [B, H, N, N]
+        ...     s.update(a, layer=i, layout=layout)
+        >>> s.result(layout)                              # [B, gh, gw]
     """
 
-    def __init__(self, *, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
-                 num_layers: int | None = None, has_cls: bool = True):
+    def __init__(self, *, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0):
         check_options(head_fusion, discard_ratio)
-        if start_layer < 0:
-            if num_layers is None:
-                raise ValueError("a negative start_layer needs num_layers")
-            start_layer %= num_layers
         self.head_fusion, self.discard_ratio, self.start_layer = head_fusion, discard_ratio, start_layer
-        self.has_cls = has_cls
         self.reset()
 
     def reset(self) -> None:
         """Forget the layers seen so far (a new forward pass)."""
         self.layers_seen = 0
         self.product = None  # [B, N, N] float32
+        self.last: list[torch.Tensor] = []  # negative start_layer, depth unknown: [B, N, N] each
 
-    def update(self, attn_l: torch.Tensor) -> None:
-        """Fold in the next layer's attention ``[B, H, N, N]``."""
-        index = self.layers_seen
-        self.layers_seen += 1
-        if index < self.start_layer:
+    def update(self, attn_l: torch.Tensor, *, layer: int, layout: TokenLayout,
+               num_layers: int | None = None) -> None:
+        """Fold in layer ``layer`` (of ``num_layers``, when known) with attention ``[B, H, N, N]``."""
+        self.layers_seen = max(self.layers_seen, layer + 1)
+        start = self.start_layer
+        if start < 0 and num_layers:
+            start %= num_layers
+        if start >= 0 and layer < start:
             return
-        a = _layer_matrix(attn_l.detach(), self.head_fusion, self.discard_ratio, self.has_cls)  # [B, N, N]
+        a = _layer_matrix(attn_l.detach(), self.head_fusion, self.discard_ratio,
+                          bool(layout.has_cls))  # [B, N, N]
+        if start < 0:  # depth unknown: keep the last -start layers
+            self.last = (self.last + [a])[start:]
+            return
         self.product = a if self.product is None else a @ self.product
 
     def result(self, layout: TokenLayout) -> torch.Tensor:
         """The rollout map ``[B, gh, gw]`` of the layers seen."""
-        if self.product is None:
+        product = self.product
+        if self.last:
+            if len(self.last) < -self.start_layer:
+                raise ValueError(f"start_layer {self.start_layer} is out of range for "
+                                 f"{self.layers_seen} layers")
+            for a in self.last:
+                product = a if product is None else a @ product
+        if product is None:
             raise ValueError(f"no layer at or after start_layer {self.start_layer} was seen "
                              f"({self.layers_seen} layers seen)")
-        return token_map(self.product, layout)
+        return token_map(product, layout)

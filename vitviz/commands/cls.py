@@ -91,7 +91,7 @@ def run(args) -> int:
 
     from .._io import save_npy
     from ..analyze.cls import all_layer_maps
-    from ..batch import _image_sites
+    from ..hooks import count_layers
     from ..analyze.masks import mass_masks
     from ..analyze.query import check_layer
     from ..render.figures import map_grid, mask_contours, save_figure
@@ -100,7 +100,8 @@ def run(args) -> int:
     chosen = None
     if args.layer is not None:  # keep only that layer (memory of one layer, not of all L)
         try:
-            chosen = check_layer(len(_image_sites(model)), args.layer)
+            depth = count_layers(model.module)  # None: known only when the model runs
+            chosen = check_layer(depth, args.layer) if depth else args.layer
         except ValueError as e:
             return fail(f"--layer: {e}")
     out = Path(args.out)

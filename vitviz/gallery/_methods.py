@@ -196,20 +196,10 @@ def classifier_logits(output) -> Optional["torch.Tensor"]:
 # built-in methods
 # --------------------------------------------------------------------------------------------
 
-def _has_cls(model) -> bool:
-    try:
-        return bool(model.layout.has_cls)
-    except Exception:  # noqa: BLE001 - a layout known only per input: the rollout default
-        return True
-
-
 def _rollout_stream(model, *, head_fusion: str, discard_ratio: float, start_layer: int):
     from ..analyze.rollout import RolloutStream
 
-    if start_layer < 0:
-        return None  # needs the number of layers: the stored path handles it
-    return RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer,
-                         has_cls=_has_cls(model))
+    return RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
 
 
 @register_method("rollout", description="attention rollout (Abnar & Zuidema 2020), one map per image",
@@ -225,7 +215,8 @@ def _rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, start_
 
 class LayerStream:
     """Keeps one layer's attention ``[B, H, N, N]`` while the layers run (a negative ``layer``
-    keeps the last ``-layer`` seen); ``result`` gives :func:`vitviz.cls_maps` of it.
+    counts from the end: when the depth is not known before the pass ends, the last ``-layer``
+    seen are kept); ``result`` gives :func:`vitviz.cls_maps` of it.
 
     Memory: one layer (``|layer|`` layers for a negative index) instead of all ``L``.
     """
@@ -241,19 +232,22 @@ class LayerStream:
         self.kept = None  # [B, H, N, N]
         self.recent = deque(maxlen=max(1, -self.layer))
 
-    def update(self, attn_l) -> None:
+    def update(self, attn_l, *, layer: int, layout, num_layers=None) -> None:
+        self.seen = max(self.seen, layer + 1)
         if self.layer >= 0:
-            if self.seen == self.layer:
+            if layer == self.layer:
+                self.kept = attn_l
+        elif num_layers:  # the depth is known: the index from the end is a layer number
+            if layer == num_layers + self.layer:
                 self.kept = attn_l
         else:
             self.recent.append(attn_l)
-        self.seen += 1
 
     def result(self, layout):
         from ..analyze.cls import cls_maps
         from ..types import AttentionMaps
 
-        if self.layer >= 0:
+        if self.kept is not None:
             a = self.kept
         else:
             a = self.recent[0] if len(self.recent) == -self.layer else None

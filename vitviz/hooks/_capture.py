@@ -1,21 +1,36 @@
-"""`vitviz.capture`: read attention from a real forward pass, inside a ``with`` block.
+"""`vitviz.capture`: read attention at the attention op of a real forward pass.
+
+Inside the ``with`` block, :class:`~vitviz.hooks._ops.AttentionOps` (a ``TorchFunctionMode``,
+thread-local) sees the model's own attention calls and hands their probabilities to the
+capture's internal :class:`_Recorder`; the only hook on the model is a forward pre-hook on the
+root module that marks where a forward pass begins. No implementation flag or config of the
+model is switched. Adapters (:mod:`._registry`) say what only the library knows: which
+modules are image self-attention, text self-attention or cross-attention. Calls in modules no
+adapter claims are decided per call: square (queries = keys) is image self-attention,
+otherwise cross-attention. A call is attributed to a layer by its role and call order.
 
 With ``grad=True`` the capture also reads the gradient of whatever is backpropagated inside
-the block with respect to each attention tensor: a tensor hook (``Tensor.register_hook``)
-sits on the exact tensor that the model multiplies with ``V`` (the post-softmax
-probabilities, as adapters emit them; for ``nn.MultiheadAttention`` the tensor that its
-returned weights are a view of). Tensor hooks are removed on exit like module hooks.
+the block with respect to each attention tensor, by a tensor hook on the exact tensor the
+output was computed from (the probabilities, or the tensor the returned weights of
+``nn.MultiheadAttention`` are a view of). Tensor hooks are removed on exit.
 
-Streams (``streams=``) see the layers as they happen instead of after the pass: an object
-with ``update(attn)`` is fed every image self-attention layer in the forward pass, one with
-``update_grad(attn, grad, *, layer, num_layers, layout)`` every layer's attention with its
-gradient in the backward pass (``grad=True``; in the order the gradients arrive, last layer
-first), e.g. :class:`vitviz.analyze.relevance.RelevanceStream`. Neither needs the ``[L, B, H, N, N]``
-stacks, so with ``keep="none"`` nothing per layer outlives its use.
+Streams (``streams=``) see the layers as they happen. One protocol, with the layer's context
+passed in, so a stream needs no knowledge of the model in its constructor:
+
+- ``update(attn, *, layer, num_layers, layout)``: every image self-attention layer in the
+  forward pass (``attn`` ``[B, H, N, N]``; ``num_layers`` None where the depth is not known
+  before the pass ends);
+- ``update_grad(attn, grad, *, layer, num_layers, layout)``: every layer's attention with its
+  gradient in the backward pass (``grad=True``; last layer first), e.g.
+  :class:`vitviz.analyze.relevance.RelevanceStream`;
+- ``reset()`` at every forward pass and ``result(layout)`` for :meth:`Recording.stream`.
+
+With ``keep="none"`` nothing per layer outlives its use.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -24,9 +39,13 @@ import torch
 from torch import nn
 
 from ..errors import CaptureError
-from ..models._vision_model import VisionModel, wrap
-from ..types import AttentionMaps, CrossAttentionMaps
-from ._registry import AUTO, CROSS, IMAGE, TEXT, Site, discover, named_attention_like
+from ..models import VisionModel, wrap
+from ..types import AttentionMaps, CrossAttentionMaps, TokenLayout
+from ._ops import AttentionOps
+from ._registry import AUTO, CROSS, IMAGE, POOL, TEXT, Site, discover
+
+# implementations whose attention runs in kernels that the op level cannot see
+_VISIBLE_HF_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
 
 @dataclass
@@ -84,123 +103,133 @@ def _keep_spec(keep):
         raise ValueError(f"keep must be 'all', 'none' or a list of layer indices, got {keep!r}") from None
 
 
-class Recording:
-    """What :func:`capture` read. Filled while the ``with`` block runs.
+def _selected(keep, index: int, num_layers: int) -> bool:
+    """Whether layer ``index`` of ``num_layers`` (0: not known yet) is one that ``keep`` names."""
+    if keep == "all":
+        return True
+    if keep == "none":
+        return False
+    return any(k == index or (k < 0 and (not num_layers or k % num_layers == index)) for k in keep)
 
-    Attributes:
-        attentions: :class:`AttentionMaps` ``[L, B, H, N, N]`` of the image encoder in the
-            last forward pass that ran it, or ``None``.
-        cross: :class:`CrossAttentionMaps` ``[L, B, H, T, Ni]`` of the last pass with
-            cross-attention, or ``None``.
-        text: decoder self-attention ``[L, B, H, T, T]`` of the last pass with it, or ``None``.
-        attention_grads: with ``capture(model, grad=True)``, :class:`AttentionMaps`-shaped
-            ``[L, B, H, N, N]`` gradients of what was backpropagated inside the block with
-            respect to the attention probabilities of :attr:`attentions`.
-        passes: every forward pass of the model, in order.
-        sites: the attention modules that were hooked.
-    """
 
-    def __init__(self, model: VisionModel, sites: list[Site], grad: bool = False,
-                 keep="all", streams: Optional[dict] = None):
+class _Recorder:
+    """The machinery that fills a :class:`Recording`: called by the op-level mode and by the
+    root module's pre-hook. Internal; users read the :class:`Recording`."""
+
+    def __init__(self, model: VisionModel, sites: list[Site], *, restricted: bool, grad: bool,
+                 keep, streams: Optional[dict]):
         self.model = model
-        self.sites = sites
+        self.sites = list(sites)
+        self.restricted = restricted  # adapters= given: calls outside their sites are ignored
         self.grad = grad
         self.keep = _keep_spec(keep)
         self.streams = dict(streams or {})
-        self._grad_streams = [s for s in self.streams.values() if hasattr(s, "update_grad")]
-        if self._grad_streams and not grad:
+        self.forward_streams = [s for s in self.streams.values() if hasattr(s, "update")]
+        self.grad_streams = [s for s in self.streams.values() if hasattr(s, "update_grad")]
+        if self.grad_streams and not grad:
             raise CaptureError("streams with update_grad need capture(..., grad=True)")
-        if grad and self.keep != "all" and not self._grad_streams:
+        if grad and self.keep != "all" and not self.grad_streams:
             raise CaptureError("capture(grad=True) needs keep='all' (gradients are matched to kept "
                                "layers) or streams that take the gradients as they arrive")
-        # layers of each role per pass, for negative indices in keep=[...]
-        self._num_layers = {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)}
+        root = model.module
+        self.names = {id(m): n for n, m in root.named_modules()}
+        self.modules = {id(m): m for m in root.modules()}
+        # every module inside a site belongs to that site
+        self.owner: dict[int, Site] = {}
+        for s in sites:
+            for m in s.module.modules():
+                self.owner.setdefault(id(m), s)
+        # layers of each role per pass from the adapters' sites (0: known only after a pass)
+        self.num_layers = {role: sum(1 for s in sites if s.role in (role, AUTO))
+                           for role in (IMAGE, TEXT, CROSS)}
         self.passes: list[Pass] = []
-        self._selected = self._selection()  # image sites switched to eager, when not all
-        self._grad_handles: list = []  # RemovableHandles of the tensor hooks
-        self._open = True
+        self.grad_handles: list = []  # RemovableHandles of the tensor hooks
+        self.open = True
 
-    # -- filled by hooks -------------------------------------------------------------------
-    def _begin(self, hw: Optional[tuple[int, int]]) -> None:
+    # -- where a call belongs --------------------------------------------------------------
+    def site_for(self, module: Optional[nn.Module], square: bool) -> Optional[tuple[Site, str]]:
+        """The site and role of an attention call run by ``module``; None to ignore it."""
+        if module is None:
+            return None  # not run by the model (the user's own code inside the block)
+        site = self.owner.get(id(module))
+        if site is None:
+            if self.restricted:
+                return None
+            site = Site(self.names.get(id(module), type(module).__name__) or "<root>", module, AUTO, None)
+            self.owner[id(module)] = site
+            self.sites.append(site)
+        role = site.role
+        if role == AUTO:
+            role = IMAGE if square else CROSS
+        elif role == IMAGE and not square:
+            role = POOL  # latent queries pooling image tokens (timm's attention-pool heads)
+        return site, role
+
+    def current(self) -> Pass:
+        if not self.passes:  # a submodule was called directly
+            self.begin(None)
+        return self.passes[-1]
+
+    def begin(self, hw: Optional[tuple[int, int]]) -> None:
         self.passes.append(Pass(input_hw=hw))
         for stream in self.streams.values():
             stream.reset()
 
-    def _selection(self) -> Optional[dict[int, int]]:
-        """With ``keep=[layers]``, no streams and no gradients, when every image site can be
-        switched on its own: ``{id(module): layer}`` of the image sites that must run their
-        eager path (the others keep their fused attention); otherwise None (all must)."""
-        if not isinstance(self.keep, tuple) or self.streams or self.grad:
-            return None
-        image = [s for s in self.sites if s.role in (IMAGE, AUTO)]
-        if not image or any(s.role != IMAGE or not s.adapter.selectable for s in image):
-            return None
-        n = len(image)
-        wanted = {k % n for k in self.keep if -n <= k < n}
-        return {id(s.module): i for i, s in enumerate(image) if i in wanted}
-
-    def _skip(self, site: Site) -> None:
-        """Count an image layer left on its fast path (nothing recorded), keeping indices right."""
-        if not self.passes:
-            self._begin(None)
-        p = self.passes[-1]
-        p.seen[IMAGE] = p.seen.get(IMAGE, 0) + 1
-
-    def _keeps(self, role: str, index: int) -> bool:
-        if self.keep == "all":
-            return True
-        if self.keep == "none":
+    def needs(self, role: str) -> bool:
+        """Whether the next layer of ``role`` needs its probabilities (else the fused kernel runs)."""
+        if role == POOL:
             return False
-        n = self._num_layers[role]
-        return any(k == index or (k < 0 and n and k % n == index) for k in self.keep)
+        if role == IMAGE and (self.forward_streams or self.grad_streams):
+            return True
+        p = self.current()
+        return _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0))
 
-    def _emit(self, site: Site, attn: torch.Tensor, role: Optional[str] = None,
-              graph: Optional[torch.Tensor] = None) -> None:
+    def skip(self, role: str) -> None:
+        """Count a layer that ran on the fused kernel, so that the next ones get their index."""
+        p = self.current()
+        p.seen[role] = p.seen.get(role, 0) + 1
+
+    def layout(self, p: Pass, num_tokens: int) -> TokenLayout:
+        return self.model.layout_for(p.input_hw, num_tokens)
+
+    def record(self, site: Site, role: str, attn: torch.Tensor, graph: Optional[torch.Tensor] = None) -> None:
         """Record one attention call.
 
         Args:
-            site: the attention module.
-            attn: ``[B, H, Q, K]`` post-softmax probabilities.
-            role: IMAGE / TEXT / CROSS, or None for the site's role.
+            site, role: where the call belongs (:meth:`site_for`).
+            attn: ``[B, H, Q, K]`` (or ``[B, Q, K]``) post-softmax probabilities.
             graph: the tensor of the autograd graph whose gradient is the gradient with
                 respect to ``attn`` (same number of elements, e.g. ``[B*H, Q, K]``), when
                 ``attn`` itself is a view the model does not compute with; default ``attn``.
         """
-        role = role or site.role
-        if role == AUTO:
-            role = IMAGE if attn.shape[-1] == attn.shape[-2] else CROSS
-        if not self.passes:  # a submodule was called directly
-            self._begin(None)
-        p = self.passes[-1]
+        if attn.dim() == 3:
+            attn = attn.unsqueeze(1)  # [B, 1, Q, K]
+        p = self.current()
         index = p.seen.get(role, 0)
         p.seen[role] = index + 1
-        if self._selected is not None and role == IMAGE and self._selected.get(id(site.module)) != index:
-            raise CaptureError(
-                f"{site.name} ran as image attention layer {index}, not as layer "
-                f"{self._selected.get(id(site.module))} of the module order that keep={list(self.keep)} "
-                "was resolved with; use capture(..., keep='all') for this model")
         p.tokens[role] = int(attn.shape[-1])
-        if role == IMAGE:
-            for stream in self.streams.values():  # streaming analyses see every layer
-                if hasattr(stream, "update"):
-                    stream.update(attn.detach())  # [B, H, N, N]
-        kept = self._keeps(role, index)
-        if kept:  # [B, H, Q, K]; detached float32 copy-free view when already float32
+        if role == IMAGE and self.forward_streams:
+            layout = self.layout(p, attn.shape[-1])
+            for stream in self.forward_streams:  # streaming analyses see every layer
+                stream.update(attn.detach(), layer=index, num_layers=self.num_layers[IMAGE] or None,
+                              layout=layout)  # [B, H, N, N]
+        kept = role != POOL and _selected(self.keep, index, self.num_layers.get(role, 0))
+        if kept:  # [B, H, Q, K]; detached float32 (no copy when already float32)
             p.records.append((role, site, attn.detach().float(), index))
-        streamed = role == IMAGE and bool(self._grad_streams)
+        streamed = role == IMAGE and bool(self.grad_streams)
         if self.grad and (kept or streamed):
-            self._hook_grad(p, (role, index), attn if graph is None else graph, attn, store=kept)
+            self.hook_grad(p, (role, index), attn if graph is None else graph, attn, store=kept)
         # not kept: freed as soon as the model (and the backward pass) is done with it
 
-    def _hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn: torch.Tensor,
-                   store: bool) -> None:
+    def hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn: torch.Tensor,
+                  store: bool) -> None:
         """Put a tensor hook on ``tensor`` that receives ``d score / d attn`` of layer ``key``:
         stored in ``p.grads`` when ``store``, and given to the gradient streams (image layers)."""
         shape = attn.shape
         if not tensor.requires_grad or tensor.numel() != shape.numel():
             return  # no graph (torch.no_grad, nothing requires grad): reported by attention_grads
         role, layer = key
-        streams = self._grad_streams if role == IMAGE else []
+        streams = self.grad_streams if role == IMAGE else []
         # the attention for the streams: an alias of what autograd keeps anyway, dropped (with
         # the graph tensor) once the streams have it, so that a layer's attention is freed as
         # the backward pass leaves it instead of when the block ends
@@ -215,7 +244,7 @@ class Recording:
                         "backward pass per forward pass (to sum several, use keep='all' and "
                         "rec.attention_grads without streams)")
                 value = held.pop("attn")
-                layout = self.model.layout_for(p.input_hw, shape[-1])
+                layout = self.layout(p, shape[-1])
                 for stream in streams:
                     stream.update_grad(value, g, layer=layer, num_layers=p.seen.get(role, 0), layout=layout)
                 if not store:
@@ -225,46 +254,99 @@ class Recording:
                 g = g.to(torch.float32, copy=True)
                 p.grads[key] = g if prev is None else prev + g  # summed over backward calls
 
-        self._grad_handles.append(tensor.register_hook(on_grad))
+        self.grad_handles.append(tensor.register_hook(on_grad))
         p.hooked.add(key)
         p.graph[key] = tensor
 
-    def _close(self) -> None:
+    def close(self) -> None:
         """Remove every tensor hook and drop the graph tensors (on exit, also after an error)."""
-        for h in self._grad_handles:
+        for h in self.grad_handles:
             h.remove()
-        self._grad_handles.clear()
+        self.grad_handles.clear()
         for p in self.passes:
             p.graph.clear()
-        self._open = False
+        self.open = False
 
-    # -- results ---------------------------------------------------------------------------
+    def kept(self, p: Pass, role: str) -> list[tuple[int, torch.Tensor]]:
+        """``(layer, attention)`` of the layers of ``role`` that ``keep`` names, now that the
+        pass has shown how many there are."""
+        n = p.seen.get(role, 0)
+        return [(i, t) for r, _, t, i in p.records if r == role and _selected(self.keep, i, n)]
+
+
+class Recording:
+    """What :func:`capture` read: a read-only view, filled while the ``with`` block runs.
+
+    Attributes:
+        attentions: :class:`AttentionMaps` ``[L, B, H, N, N]`` of the image encoder in the
+            last forward pass that ran it, or ``None``.
+        cross: :class:`CrossAttentionMaps` ``[L, B, H, T, Ni]`` of the last pass with
+            cross-attention, or ``None``.
+        text: decoder self-attention ``[L, B, H, T, T]`` of the last pass with it, or ``None``.
+        attention_grads: with ``capture(model, grad=True)``, :class:`AttentionMaps`-shaped
+            ``[L, B, H, N, N]`` gradients of what was backpropagated inside the block with
+            respect to the attention probabilities of :attr:`attentions`.
+        passes: every forward pass of the model, in order.
+        sites: the modules whose attention calls were recorded or are known to the adapters.
+    """
+
+    def __init__(self, recorder: _Recorder):
+        self._rec = recorder
+
+    @property
+    def model(self) -> VisionModel:
+        return self._rec.model
+
+    @property
+    def sites(self) -> list[Site]:
+        return list(self._rec.sites)
+
+    @property
+    def passes(self) -> list[Pass]:
+        return list(self._rec.passes)
+
+    @property
+    def grad(self) -> bool:
+        return self._rec.grad
+
+    @property
+    def keep(self):
+        return self._rec.keep
+
     def _last_with(self, role: str) -> Optional[Pass]:
         """The last pass that kept ``role`` attention; an error if it ran but was not kept."""
-        for p in reversed(self.passes):
-            if p.of(role):
+        for p in reversed(self._rec.passes):
+            if self._rec.kept(p, role):
                 return p
-        if any(p.seen.get(role) for p in self.passes):
+        if any(p.seen.get(role) for p in self._rec.passes):
             raise CaptureError(
                 f"{role} attention ran but no layer of it was kept (keep={self.keep!r}); use "
                 "capture(..., keep='all') or read the streams with rec.stream(name)")
         return None
+
+    def _tensors(self, p: Pass, role: str) -> list[torch.Tensor]:
+        return [t for _, t in self._rec.kept(p, role)]
 
     @property
     def attentions(self) -> Optional[AttentionMaps]:
         p = self._last_with(IMAGE)
         if p is None:
             return None
-        tensor = _stack(p.of(IMAGE), "image self-attention")  # [L, B, H, N, N]
-        return AttentionMaps(tensor, self.model.layout_for(p.input_hw, tensor.shape[-1]))
+        tensor = _stack(self._tensors(p, IMAGE), "image self-attention")  # [L, B, H, N, N]
+        return AttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
 
     @property
     def cross(self) -> Optional[CrossAttentionMaps]:
         p = self._last_with(CROSS)
         if p is None:
             return None
-        tensor = _stack(p.of(CROSS), "cross-attention")  # [L, B, H, T, Ni]
-        return CrossAttentionMaps(tensor, self.model.layout_for(p.input_hw, tensor.shape[-1]))
+        tensor = _stack(self._tensors(p, CROSS), "cross-attention")  # [L, B, H, T, Ni]
+        return CrossAttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
+
+    @property
+    def text(self) -> Optional[torch.Tensor]:
+        p = self._last_with(TEXT)
+        return None if p is None else _stack(self._tensors(p, TEXT), "text self-attention")
 
     def stream(self, name: str) -> torch.Tensor:
         """The result of the streaming analysis ``name`` for the last pass with image attention.
@@ -274,17 +356,13 @@ class Recording:
             ...     m(x)
             >>> rec.stream("rollout").shape  # [B, gh, gw]
         """
-        if name not in self.streams:
-            raise KeyError(f"no stream {name!r}; streams: {', '.join(self.streams) or 'none'}")
-        p = next((q for q in reversed(self.passes) if q.seen.get(IMAGE)), None)
+        streams = self._rec.streams
+        if name not in streams:
+            raise CaptureError(f"no stream {name!r}; streams: {', '.join(streams) or 'none'}")
+        p = next((q for q in reversed(self._rec.passes) if q.tokens.get(IMAGE)), None)
         if p is None:
             raise CaptureError("no image self-attention ran inside the capture block")
-        return self.streams[name].result(self.model.layout_for(p.input_hw, p.tokens[IMAGE]))
-
-    @property
-    def text(self) -> Optional[torch.Tensor]:
-        p = self._last_with(TEXT)
-        return None if p is None else _stack(p.of(TEXT), "text self-attention")
+        return streams[name].result(self._rec.layout(p, p.tokens[IMAGE]))
 
     def grad_inputs(self, role: str = IMAGE) -> list[torch.Tensor]:
         """The hooked graph tensors of the last pass with ``role`` attention, in layer order.
@@ -298,10 +376,10 @@ class Recording:
         """
         if not self.grad:
             raise CaptureError("gradients are not recorded: use vitviz.capture(model, grad=True)")
-        if not self._open:
+        if not self._rec.open:
             raise CaptureError("grad_inputs() is only available inside the `with vitviz.capture(...)` "
                                "block: compute the gradients there")
-        p = next((q for q in reversed(self.passes) if q.seen.get(role)), None)  # last pass with it
+        p = next((q for q in reversed(self._rec.passes) if q.seen.get(role)), None)  # last pass with it
         if p is None:
             return []
         return [p.graph[k] for k in sorted(p.graph) if k[0] == role]
@@ -315,7 +393,8 @@ class Recording:
         p = self._last_with(role)
         if p is None:
             return None
-        idx = [(role, i) for i in p.layers(role)]
+        layers = self._rec.kept(p, role)
+        idx = [(role, i) for i, _ in layers]
         missing = [i for i in idx if i not in p.hooked]
         if missing:
             raise CaptureError(
@@ -329,7 +408,7 @@ class Recording:
                 "score, rec.grad_inputs())) inside the `with vitviz.capture(..., grad=True)` block, "
                 "on a score computed from this forward pass")
         # a layer that the score does not depend on receives no gradient at all: zero
-        tensors = [p.grads[i] if i in p.grads else torch.zeros_like(t) for i, t in zip(idx, p.of(role))]
+        tensors = [p.grads[i] if i in p.grads else torch.zeros_like(t) for i, (_, t) in zip(idx, layers)]
         return _stack(tensors, f"{what} gradient")  # [L, B, H, Q, K]
 
     @property
@@ -360,11 +439,31 @@ class Recording:
         tensor = self._grads_of(IMAGE, "image self-attention")
         if tensor is None:
             return None
-        return AttentionMaps(tensor, self.model.layout_for(p.input_hw, tensor.shape[-1]))
+        return AttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
 
     def __repr__(self) -> str:
-        counts = [len(p.records) for p in self.passes]
-        return f"Recording(sites={len(self.sites)}, passes={len(self.passes)}, records={counts})"
+        counts = [len(p.records) for p in self._rec.passes]
+        return f"Recording(sites={len(self._rec.sites)}, passes={len(self._rec.passes)}, records={counts})"
+
+
+def _refuse_unseeable(vm: VisionModel) -> None:
+    """A :class:`CaptureError` for attention the op level cannot see: a ``torch.compile``d
+    module, or a transformers model set to an external kernel (flash-attention, flex, ...)."""
+    for name, m in vm.module.named_modules():
+        where = f"{vm.name}.{name}" if name else vm.name
+        if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None:
+            raise CaptureError(
+                f"{where} ({type(m).__name__}) is compiled with torch.compile: its attention runs "
+                "inside a compiled graph that vitviz cannot see; capture the uncompiled model "
+                "(for torch.compile(model), its ._orig_mod) and compile again afterwards")
+        config = getattr(m, "config", None)
+        impl = getattr(config, "_attn_implementation_internal", None)
+        if type(config).__module__.startswith("transformers") and isinstance(impl, str) \
+                and impl not in _VISIBLE_HF_IMPLEMENTATIONS:
+            raise CaptureError(
+                f"{where} ({type(m).__name__}) runs attention with the external kernel {impl!r}, "
+                "which vitviz cannot see; select a torch implementation first: "
+                "model.set_attn_implementation('sdpa') (or 'eager')")
 
 
 @contextmanager
@@ -372,36 +471,36 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
             streams: Optional[dict] = None) -> Iterator[Recording]:
     """Capture attention probabilities from every forward pass run inside the block.
 
-    Hooks and implementation switches (timm's ``fused_attn``, transformers' attention
-    implementation, torch's MHA fast path) exist only inside the block; on exit, also after
-    an exception, every hook is removed and every switch restored.
+    The model's own attention calls (``F.scaled_dot_product_attention``, a softmax whose result
+    multiplies the values, ``F.multi_head_attention_forward``) are seen at the torch-function
+    level on this thread and answered by the op's definition from the exact inputs the model
+    passed; nothing on the model is switched. On exit, also after an exception, the mode and
+    the hooks are removed.
 
     Args:
         model: a :class:`VisionModel` or any ``torch.nn.Module`` (wrapped with :func:`wrap`).
-        adapters: restrict to these adapter names (see ``vitviz.hooks.list_adapters()``).
+        adapters: only record the attention of the modules these adapters find (see
+            ``vitviz.hooks.list_adapters()``); default: every attention call of the model.
         grad: also record the gradient of what is backpropagated inside the block with
             respect to every attention tensor (``rec.attention_grads``): one forward and one
             backward, read by tensor hooks that are removed on exit.
         keep: which layers to store: ``"all"`` (default), ``"none"`` (only ``streams`` run:
             memory ``O(B*N^2)`` instead of ``O(L*B*H*N^2)``), or layer indices per role, e.g.
             ``[-1]`` for the last layer only (``rec.attentions`` then holds the kept layers).
-            With layer indices and no streams or gradients, sites that can be switched one by
-            one (timm) leave the other layers on their fused attention path; a model whose
-            layers run in another order than its modules are registered is then refused.
+            Layers whose probabilities nothing needs run the model's fused kernel.
         streams: name -> streaming analysis (``reset()``, ``result(layout)`` and
-            ``update(attn [B, H, N, N])``, e.g. :class:`vitviz.analyze.RolloutStream`, fed every
-            image self-attention layer as it runs, and/or, with ``grad=True``,
-            ``update_grad(attn, grad, *, layer, num_layers, layout)``, e.g.
-            :class:`vitviz.analyze.RelevanceStream`, fed every layer's attention and gradient
-            as the backward pass reaches it); read with ``rec.stream(name)``. With gradient
-            streams, ``grad=True`` works with any ``keep``.
+            ``update(attn, *, layer, num_layers, layout)``, e.g.
+            :class:`vitviz.analyze.RolloutStream`, fed every image self-attention layer as it
+            runs, and/or, with ``grad=True``, ``update_grad(attn, grad, *, layer, num_layers,
+            layout)``, e.g. :class:`vitviz.analyze.RelevanceStream`, fed every layer's attention
+            and gradient as the backward pass reaches it); read with ``rec.stream(name)``.
 
     Returns:
         A :class:`Recording` (``rec.attentions``, ``rec.cross``, ``rec.attention_grads``).
 
     Raises:
-        CaptureError: no attention module was found, or a forward pass ran and no attention
-            was recorded.
+        CaptureError: the model's attention cannot be seen (compiled, external kernels), or a
+            forward pass ran and no attention call was seen.
 
     Example:
         >>> with vitviz.capture(m) as rec:
@@ -414,45 +513,32 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         torch.Size([12, 1, 12, 197, 197])
     """
     vm = model if isinstance(model, VisionModel) else wrap(model)
+    _refuse_unseeable(vm)
     root: nn.Module = vm.module
-    sites = discover(root, adapters)
-    if not sites:
-        seen = named_attention_like(root)
-        raise CaptureError(
-            f"no attention module that vitviz can read was found in {vm.name}"
-            + (f" (attention-like modules: {', '.join(seen)})" if seen else "")
-            + "; supported: timm ViTs, transformers models, torch.nn.MultiheadAttention, "
-            "pytorch_pretrained_vit, and modules returning (output, attention) or using nn.Softmax"
-        )
-    rec = Recording(vm, sites, grad=grad, keep=keep, streams=streams)
-    with ExitStack() as stack:
-        stack.callback(rec._close)  # last undo: tensor hooks of this forward removed
-        def on_root(_module, args, kwargs):
-            rec._begin(_input_hw(args, kwargs))
+    recorder = _Recorder(vm, discover(root, adapters), restricted=adapters is not None, grad=grad,
+                         keep=keep, streams=streams)
+    ops = AttentionOps(recorder, recorder.modules)
+    thread = threading.get_ident()
 
+    def on_root(_module, args, kwargs):
+        if threading.get_ident() == thread:  # another thread's forward is not this capture's
+            ops.forget()
+            recorder.begin(_input_hw(args, kwargs))
+
+    with ExitStack() as stack:
+        stack.callback(recorder.close)  # last undo: tensor hooks of this forward removed
         handle = root.register_forward_pre_hook(on_root, with_kwargs=True)
         stack.callback(handle.remove)
-        by_adapter: dict[int, list[Site]] = {}
-        for s in sites:
-            by_adapter.setdefault(id(s.adapter), []).append(s)
-        for group in by_adapter.values():
-            adapter = group[0].adapter
-            if rec._selected is not None and adapter.selectable:
-                # layers that are not kept stay on their fast (fused) path; a forward hook only
-                # counts them, so that the kept layers get their right index
-                for s in group:
-                    if id(s.module) not in rec._selected:
-                        h = s.module.register_forward_hook(lambda *_a, _s=s: rec._skip(_s))
-                        stack.callback(h.remove)
-                group = [s for s in group if id(s.module) in rec._selected]
-            if group:
-                adapter.attach(group, rec._emit, stack)
-        yield rec
-    if rec.passes and not any(p.seen for p in rec.passes):
-        names = ", ".join(f"{s.name} ({s.adapter.name})" for s in sites[:6])
+        stack.enter_context(ops)
+        stack.callback(ops.forget)
+        yield Recording(recorder)
+    if recorder.passes and not any(p.seen for p in recorder.passes):
+        known = ", ".join(f"{s.name} ({s.adapter.name})" for s in recorder.sites[:6] if s.adapter)
         raise CaptureError(
-            f"the forward pass ran but none of the {len(sites)} hooked attention modules "
-            f"reported attention ({names}); the model may use a fused attention path that no "
-            "adapter could switch off: report it, or call vitviz.wrap with a model whose attention "
-            "module returns (output, attention)"
-        )
+            f"{vm.name} ran inside the capture but no attention call was seen"
+            + (f" (attention modules: {known})" if known else "")
+            + "; vitviz reads F.scaled_dot_product_attention, a softmax whose result multiplies the "
+            "values, and nn.MultiheadAttention. Attention in an external kernel (xformers, "
+            "flash-attn called directly) or in a torch.compile'd function cannot be seen: run the "
+            "model with torch's own attention (e.g. model.set_attn_implementation('sdpa')) and "
+            "uncompiled")

@@ -1,19 +1,18 @@
-"""The adapter registry: one adapter per family of attention implementation.
+"""The adapter registry: what only a library knows about its attention modules.
 
-An adapter finds the attention modules it understands in a model (``find``) and,
-inside a capture, attaches hooks and implementation switches to them (``attach``),
-registering every undo step on an ``ExitStack`` so that the model is restored on exit,
-also after an exception.
+Capture reads attention at the op (:mod:`._ops`), for any module. An adapter adds what the op
+cannot tell: which modules of a model are attention sites and what their calls are -- image
+self-attention, text self-attention or cross-attention (``find``). It switches nothing and
+hooks nothing.
 
 Adapters run in priority order; a module claimed by one adapter, and every ancestor and
-descendant of it, is not offered to the later ones, so no attention is captured twice.
+descendant of it, is not offered to the later ones.
 """
 
 from __future__ import annotations
 
 import difflib
-from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from torch import nn
@@ -25,21 +24,22 @@ IMAGE = "image"  # self-attention over image tokens (the image encoder)
 TEXT = "text"  # self-attention over text tokens (a caption decoder)
 CROSS = "cross"  # text queries over encoder tokens
 AUTO = "auto"  # decided per call: self-attention when queries and keys are the same tokens
+POOL = "pool"  # latent queries pooling the image tokens (attention-pool heads): not a layer map
 
 
 @dataclass
 class Site:
-    """One attention module and the role of its output."""
+    """One attention module and the role of the attention calls it runs.
+
+    ``adapter`` is None for a module no adapter knows, found at its first attention call
+    (role AUTO: square calls are image self-attention, others cross-attention). An IMAGE
+    site's non-square calls (latent queries) have the role POOL.
+    """
 
     name: str
-    module: nn.Module
+    module: nn.Module = field(repr=False)
     role: str
-    adapter: "Adapter"
-
-
-# emit(site, attention [B, H, Q, K], role_or_None, *, graph=None) is how adapters hand over what they
-# read; graph: the autograd tensor whose gradient is d/d attention when attention is a view
-Emit = Callable[[Site, "object", Optional[str]], None]
+    adapter: Optional["Adapter"] = field(repr=False)
 
 
 class Adapter:
@@ -47,16 +47,9 @@ class Adapter:
 
     name: str = ""
     priority: int = 100
-    # True when every site is switched and hooked on its own (no shared config): a capture
-    # that keeps only some layers may then leave the other sites on their fast path
-    selectable: bool = False
 
     def find(self, root: nn.Module, is_free: Callable[[str], bool]) -> list[Site]:
-        """Return the attention sites this adapter handles, in module order."""
-        raise NotImplementedError
-
-    def attach(self, sites: list[Site], emit: Emit, stack: ExitStack) -> None:
-        """Hook ``sites`` so that every forward calls ``emit``; push every undo onto ``stack``."""
+        """Return the attention sites this adapter knows, with their roles, in module order."""
         raise NotImplementedError
 
 
@@ -112,3 +105,10 @@ def named_attention_like(root: nn.Module, limit: int = 6) -> list[str]:
     out = [f"{n or '<root>'} ({type(m).__name__})" for n, m in root.named_modules()
            if "attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower()]
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def count_layers(root: nn.Module, role: str = IMAGE) -> Optional[int]:
+    """How many ``role`` attention layers the adapters know in ``root`` (a module not known to
+    any adapter may add more at run time), or None when they know none."""
+    n = sum(1 for s in discover(root) if s.role in (role, AUTO))
+    return n or None

@@ -1,35 +1,28 @@
 """transformers attention (ViT, DeiT, DINOv2, BEiT, CLIP, BLIP, GPT-2, VisionEncoderDecoder, ...).
 
+The attention itself is read at the op (:mod:`._ops`): transformers' ``sdpa`` implementation
+calls ``F.scaled_dot_product_attention``, ``eager`` a softmax multiplied with the values. No
+config is switched. What this adapter adds is the role of each attention module.
+
 Which modules produce attention is data that every transformers model declares: its
 ``_can_record_outputs`` maps output names (``"attentions"``, ``"cross_attentions"``, ...) to
 module classes, class-name suffixes or ``OutputRecorder`` specs. transformers itself reads
 it in ``utils/output_capturing.py`` (``install_all_output_capturing_hooks`` /
 ``recursively_install_hooks``) to serve ``output_attentions=True``; this adapter walks the
 module tree the same way -- each ``PreTrainedModel`` (sub-)model dispatches its own specs
-to its descendants that are not themselves ``PreTrainedModel`` s -- but installs its own
-hooks, which live only inside the capture. ``output_attentions=True`` is never used: it
-installs hooks that transformers leaves on the model for good.
-
-With the default ``sdpa`` implementation the probabilities never exist (the attention
-modules return ``None`` weights). Inside the capture every (sub-)model is switched to
-``eager`` with ``set_attn_implementation``; since that writes to config objects, which may
-be shared (between a model, its sub-models and other models built from the same config),
-the implementation of every reachable config is snapshotted first and written back on
-exit -- to the internal attribute ``_attn_implementation_internal``, so that the public
-setter does not recurse into sub-configs.
+to its descendants that are not themselves ``PreTrainedModel`` s -- and gives every module
+it names the role CROSS (a cross-attention key), IMAGE (in an image encoder) or TEXT.
 """
 
 from __future__ import annotations
 
 import sys
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
 from torch import nn
 
-from ._registry import AUTO, CROSS, IMAGE, TEXT, Adapter, Emit, Site, register_adapter
+from ._registry import AUTO, CROSS, IMAGE, TEXT, Adapter, Site, register_adapter
 
 # attributes that only the config of an image (or patch) encoder has
 _VISION_CONFIG_ATTRS = ("patch_size", "image_size", "num_channels")
@@ -142,23 +135,6 @@ def _role(key: str, cfg) -> str:
     return IMAGE if _is_vision_config(cfg) else TEXT
 
 
-def _reachable_configs(tops: list[nn.Module], config_cls: type) -> dict[int, Any]:
-    """Every transformers config held by a module under ``tops``, and their sub-configs, by id."""
-    found: dict[int, Any] = {}
-
-    def add(cfg) -> None:
-        if not isinstance(cfg, config_cls) or id(cfg) in found:
-            return
-        found[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            add(getattr(cfg, key, None))
-
-    for top in tops:
-        for m in top.modules():
-            add(getattr(m, "config", None))
-    return found
-
-
 @register_adapter
 class TransformersAdapter(Adapter):
     """Attention of any transformers model, read from its real (eager) forward pass."""
@@ -220,56 +196,3 @@ class TransformersAdapter(Adapter):
             if not any(s.name.startswith(k.name + ".") for k in kept):
                 kept.append(s)
         return kept
-
-    def attach(self, sites: list[Site], emit: Emit, stack: ExitStack) -> None:
-        """Switch the models owning ``sites`` to eager attention and hook every site.
-
-        Args:
-            sites: what :meth:`find` returned.
-            emit: called with ``(site, attention [B, H, Q, K], None)`` at every forward.
-            stack: receives the undo steps: configs restored, hooks removed.
-        """
-        lib = _transformers()
-        if lib is None:  # pragma: no cover - find() returned nothing then
-            return
-        _, config_cls, _, _ = lib
-        tops: list[nn.Module] = []
-        for s in sites:
-            top = getattr(s, "top", None)
-            if top is not None and all(top is not t for t in tops):
-                tops.append(top)
-
-        # snapshot every reachable config before switching: configs may be shared
-        configs = _reachable_configs(tops, config_cls)
-        snapshot = [(cfg, cfg._attn_implementation_internal) for cfg in configs.values()
-                    if hasattr(cfg, "_attn_implementation_internal")]
-
-        def restore() -> None:
-            for cfg, value in snapshot:
-                # the internal attribute: the public setter would recurse into sub-configs
-                cfg._attn_implementation_internal = value
-
-        stack.callback(restore)
-        for top in tops:
-            # already eager everywhere (e.g. BLIP, which cannot switch): nothing to do, and
-            # calling set_attn_implementation would only log a warning per capture
-            if all(getattr(cfg, "_attn_implementation_internal", None) == "eager"
-                   for cfg in _reachable_configs([top], config_cls).values()):
-                continue
-            top.set_attn_implementation("eager")
-
-        for site in sites:
-            index = getattr(site, "index", 1)
-
-            def hook(_mod: nn.Module, _args: tuple, output: Any, _site: Site = site,
-                     _index: int = index) -> None:
-                if isinstance(output, (tuple, list)):
-                    attn = output[_index] if len(output) > _index else None
-                else:
-                    attn = output
-                # [B, H, Q, K] post-softmax; None when the module ran a fused path
-                if isinstance(attn, torch.Tensor) and attn.dim() == 4:
-                    emit(_site, attn, None)
-
-            handle = site.module.register_forward_hook(hook)
-            stack.callback(handle.remove)

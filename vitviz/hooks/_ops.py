@@ -1,0 +1,264 @@
+"""Attention read at the attention op: a ``TorchFunctionMode`` scoped to the capture block.
+
+Inside ``with vitviz.capture(m)``, every torch function the model calls on this thread passes
+through :class:`AttentionOps` first. Three kinds of call are attention, and each is answered by
+the op's own definition from the exact inputs the model passed (its q and k after RoPE,
+q/k-norm and biases, its mask and its scale):
+
+- ``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
+  enable_gqa)``: the probabilities are ``softmax(q kᵀ·scale + mask)`` as SDPA defines them
+  (boolean masks keep ``True`` entries, float masks are added, ``is_causal`` is the
+  top-left-aligned lower triangle, the default scale ``1/√d``, GQA repeats the key and value
+  heads). When the capture needs the probabilities of this call, ``A`` is computed once and
+  the output as ``A @ v`` (the eager path's cost, no recomputation); otherwise the model's own
+  fused kernel runs untouched.
+- an explicit softmax over the last dimension whose result is multiplied with values
+  (``@``, ``matmul``, ``bmm``, ``einsum``), possibly through dropout or a dtype cast on the way:
+  that softmax output is the attention (timm's and transformers' eager paths,
+  pytorch_pretrained_vit, lucidrains-style ``nn.Softmax``, course ViTs with ``torch.einsum``).
+  The model computes it anyway; nothing is recomputed.
+- ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): called with
+  ``need_weights=True, average_attn_weights=False``; the caller gets exactly what it asked for.
+
+Inside ``__torch_function__`` this mode is off, so the calls made by the function answered
+are not seen again; an outer capture's mode (nested captures) still sees them and records
+the same attention. The mode is thread-local: another thread's forward never reaches it.
+Nothing on the model is switched: with a mode active, torch itself skips the
+``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast paths (they refuse inputs
+that have a torch function), so ``MultiheadAttention.forward`` runs as written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_SDPA = F.scaled_dot_product_attention
+_MHA = F.multi_head_attention_forward
+_MHA_SIGNATURE = inspect.signature(_MHA)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SOFTMAX = {torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax}
+# calls through which a softmax output is still the same probabilities (eval dropout, casts)
+_PASS_THROUGH = {F.dropout, torch.dropout, torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.float,
+                 torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double, torch.Tensor.contiguous}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    """SDPA's arguments by name, with its defaults."""
+    bound = dict(zip(_SDPA_ARGS, args))
+    bound.update(kwargs)
+    bound.setdefault("attn_mask", None)
+    bound.setdefault("dropout_p", 0.0)
+    bound.setdefault("is_causal", False)
+    bound.setdefault("scale", None)
+    bound.setdefault("enable_gqa", False)
+    return bound
+
+
+def sdpa_probabilities(query: torch.Tensor, key: torch.Tensor, *, attn_mask=None, is_causal: bool = False,
+                       scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
+    """The attention probabilities of ``F.scaled_dot_product_attention``, by its definition.
+
+    ``softmax(q kᵀ·scale + mask)``: a boolean mask keeps the entries that are ``True``, a
+    float mask is added, ``is_causal`` keeps the top-left-aligned lower triangle, ``scale``
+    defaults to ``1/√d``, and with ``enable_gqa`` each key head serves ``Hq / Hk`` query heads.
+    Half-precision inputs give float32 probabilities (the softmax is taken in float32).
+
+    Shape:
+        query: ``[..., Hq, L, d]``, key: ``[..., Hk, S, d]`` -> ``[..., Hq, L, S]``
+    """
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    logits = torch.matmul(query, key.transpose(-2, -1))  # [..., L, S]
+    logits = logits * scale
+    if is_causal:
+        length, source = query.shape[-2], key.shape[-2]
+        keep = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask
+    return torch.softmax(logits, dim=-1, dtype=torch.float32 if logits.dtype in _HALF else None)
+
+
+def _sdpa_output(probs: torch.Tensor, value: torch.Tensor, dropout_p: float, enable_gqa: bool,
+                 num_heads: int) -> torch.Tensor:
+    """``dropout(A) @ v`` in the value's dtype (``[..., Hq, L, dv]``)."""
+    if enable_gqa and value.shape[-3] != num_heads:
+        value = value.repeat_interleave(num_heads // value.shape[-3], dim=-3)
+    a = probs if probs.dtype == value.dtype else probs.to(value.dtype)
+    if dropout_p > 0:
+        a = F.dropout(a, p=dropout_p)
+    return torch.matmul(a, value)
+
+
+def _mha_weights_view_base(weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """The tensor ``F.multi_head_attention_forward`` multiplied with ``V``, of which the returned
+    per-head ``weights`` are a view (``[B*H, Q, K]`` viewed as ``[B, H, Q, K]``); None when
+    ``weights`` is not such a view. Gradients are read there: the view is a separate autograd
+    node that no gradient of the output reaches."""
+    base = weights._base
+    if (base is None or base.numel() != weights.numel()
+            or base.data_ptr() != weights.data_ptr() or not base.is_contiguous()):
+        return None
+    return base
+
+
+class AttentionOps(TorchFunctionMode):
+    """The torch-function mode of one capture. Internal: :func:`vitviz.capture` enters it.
+
+    Args:
+        recorder: the capture's internal recorder. ``site_for(module, square)`` gives the site
+            and role of a call run by ``module`` (the innermost module of the model on the
+            stack, or None), or None for a call the capture ignores; ``needs(role)`` says
+            whether the next layer of that role needs its probabilities; ``skip(role)`` counts
+            a layer left to the fused kernel; ``record(site, role, attn, graph=)`` records one.
+        modules: ``id(module) -> module`` of the model, to find the module running a call.
+    """
+
+    def __init__(self, recorder: Any, modules: dict[int, torch.nn.Module]):
+        super().__init__()
+        self.recorder = recorder
+        self.modules = modules
+        # id(tensor) -> (weak ref of that tensor, weak ref of the softmax output it carries)
+        self.softmax_outputs: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+    # -- which module runs this call -------------------------------------------------------
+    def enclosing_module(self) -> Optional[torch.nn.Module]:
+        """The innermost module of the model whose code is on the Python stack (its ``forward``
+        or a function it called), found from the frames' ``self``."""
+        frame = sys._getframe(2)
+        modules = self.modules
+        while frame is not None:
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self":
+                owner = frame.f_locals.get("self")
+                if owner is not None and id(owner) in modules and modules[id(owner)] is owner:
+                    return owner
+            frame = frame.f_back
+        return None
+
+    # -- the mode --------------------------------------------------------------------------
+    def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            return self._sdpa(args, kwargs)
+        if func in _SOFTMAX:
+            out = func(*args, **kwargs)
+            self._note_softmax(args, kwargs, out)
+            return out
+        if func in _PASS_THROUGH:
+            out = func(*args, **kwargs)
+            if args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.softmax_outputs:
+                self._carry(args[0], out)
+            return out
+        if func in _MATMUL:
+            if self.softmax_outputs and args and isinstance(args[0], torch.Tensor):
+                self._consume(args[0])
+            return func(*args, **kwargs)
+        if func is torch.einsum:
+            if self.softmax_outputs:
+                operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+                for t in operands:
+                    if isinstance(t, torch.Tensor) and id(t) in self.softmax_outputs:
+                        self._consume(t)
+                        break
+            return func(*args, **kwargs)
+        if func is _MHA:
+            return self._mha(args, kwargs)
+        return func(*args, **kwargs)
+
+    # -- F.scaled_dot_product_attention ----------------------------------------------------
+    def _sdpa(self, args: tuple, kwargs: dict):
+        a = _sdpa_arguments(args, kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if (not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() not in (3, 4)
+                or q.is_nested):
+            return _SDPA(*args, **kwargs)
+        rec = self.recorder
+        found = rec.site_for(self.enclosing_module(), q.shape[-2] == k.shape[-2])
+        if found is None:
+            return _SDPA(*args, **kwargs)
+        site, role = found
+        if not rec.needs(role):
+            rec.skip(role)
+            return _SDPA(*args, **kwargs)  # the model's own fused kernel
+        probs = sdpa_probabilities(q, k, attn_mask=a["attn_mask"], is_causal=a["is_causal"],
+                                   scale=a["scale"], enable_gqa=a["enable_gqa"])  # [B, (Hq,) L, S]
+        heads = q.shape[-3] if q.dim() == 4 else 1
+        out = _sdpa_output(probs, v, a["dropout_p"], a["enable_gqa"] and q.dim() == 4, heads)
+        rec.record(site, role, probs)
+        return out
+
+    # -- explicit softmax multiplied with values -------------------------------------------
+    def _note_softmax(self, args: tuple, kwargs: dict, out) -> None:
+        if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4) or not out.is_floating_point():
+            return
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if not isinstance(dim, int) or dim % out.dim() != out.dim() - 1:
+            return  # not normalised over the last dimension: not attention over keys
+        self._carry(out, out, source=out)
+
+    def _carry(self, tensor: torch.Tensor, out, source: Optional[torch.Tensor] = None) -> None:
+        """Remember that ``out`` carries the softmax output that ``tensor`` carries (or ``source``)."""
+        if not isinstance(out, torch.Tensor):
+            return
+        if source is None:
+            ref, src = self.softmax_outputs[id(tensor)]
+            if ref() is not tensor or src() is None:
+                return
+            source = src()
+        self.softmax_outputs[id(out)] = (weakref.ref(out), weakref.ref(source))
+
+    def _consume(self, operand: torch.Tensor) -> None:
+        """``operand`` is multiplied with values: if it carries a softmax output, that is attention."""
+        entry = self.softmax_outputs.get(id(operand))
+        if entry is None:
+            return
+        ref, src = entry
+        source = src()
+        if ref() is not operand or source is None:
+            self.softmax_outputs.pop(id(operand), None)
+            return
+        # forget every tensor carrying this softmax output: it is recorded once
+        for key in [k for k, (_, s) in self.softmax_outputs.items() if s() is source or s() is None]:
+            del self.softmax_outputs[key]
+        found = self.recorder.site_for(self.enclosing_module(), source.shape[-1] == source.shape[-2])
+        if found is not None:
+            self.recorder.record(*found, source)
+
+    # -- F.multi_head_attention_forward ----------------------------------------------------
+    def _mha(self, args: tuple, kwargs: dict):
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        need_weights, average = bool(a["need_weights"]), bool(a["average_attn_weights"])
+        found = self.recorder.site_for(self.enclosing_module(), a["query"] is a["key"])
+        a["need_weights"], a["average_attn_weights"] = True, False
+        out, weights = _MHA(*bound.args, **bound.kwargs)
+        if weights is not None and found is not None:
+            graph = _mha_weights_view_base(weights) if weights.requires_grad else None
+            per_head = weights.unsqueeze(0) if weights.dim() == 3 else weights  # [B, H, Q, K]
+            self.recorder.record(*found, per_head, graph=graph)
+        if not need_weights:
+            return out, None
+        if average and weights is not None:
+            return out, weights.mean(dim=-3)  # [B, Q, K], as torch averages the heads
+        return out, weights
+
+    def forget(self) -> None:
+        """Drop the softmax outputs remembered so far (a new forward pass, or the end)."""
+        self.softmax_outputs.clear()
