@@ -46,9 +46,13 @@ def test_keep_selected_layers(model):
     assert torch.allclose(cls_maps(kept, layer=-1), cls_maps(rec.attentions, layer=-1), atol=1e-6)
 
 
-def _fused_during_forward(model, **capture_kwargs):
-    """{block: fused_attn as the block's attention ran} for one captured forward pass."""
-    seen = {}
+def _computed_during_forward(model, monkeypatch, **capture_kwargs):
+    """(fused_attn of each block as it ran, how many layers' probabilities the capture computed)."""
+    import vitviz.hooks._ops as ops
+
+    seen, computed = {}, []
+    real = ops.sdpa_probabilities
+    monkeypatch.setattr(ops, "sdpa_probabilities", lambda *a, **k: computed.append(1) or real(*a, **k))
     hooks = [blk.attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, m.fused_attn))
              for i, blk in enumerate(model.blocks)]
     try:
@@ -57,23 +61,25 @@ def _fused_during_forward(model, **capture_kwargs):
     finally:
         for h in hooks:
             h.remove()
-    return seen, rec
+        monkeypatch.undo()
+    return seen, len(computed), rec
 
 
-def test_layers_not_kept_stay_on_the_fused_path(model):
-    own = model.blocks[0].attn.fused_attn  # the model's own setting (timm's default)
-    seen, rec = _fused_during_forward(model, keep=[1])
-    assert seen == {0: own, 1: False, 2: own}  # only the kept layer runs its eager path
+def test_layers_not_kept_stay_on_the_fused_kernel(model, monkeypatch):
+    own = model.blocks[0].attn.fused_attn  # the model's own setting (timm's default: fused)
+    assert own
+    seen, computed, rec = _computed_during_forward(model, monkeypatch, keep=[1])
+    assert seen == {0: own, 1: own, 2: own}  # nothing switched
+    assert computed == 1  # only the kept layer's probabilities; the others ran the fused kernel
     assert rec.attentions.num_layers == 1
     assert torch.allclose(rec.attentions.tensor.sum(-1), torch.tensor(1.0))
-    seen, _ = _fused_during_forward(model, keep=[1], streams={"r": RolloutStream()})
-    assert seen == {0: False, 1: False, 2: False}  # a stream needs every layer
-    seen, _ = _fused_during_forward(model)
-    assert seen == {0: False, 1: False, 2: False}
-    assert all(blk.attn.fused_attn == own for blk in model.blocks)  # restored
+    _, computed, _ = _computed_during_forward(model, monkeypatch, keep=[1], streams={"r": RolloutStream()})
+    assert computed == 3  # a stream needs every layer
+    _, computed, _ = _computed_during_forward(model, monkeypatch)
+    assert computed == 3
 
 
-def test_selected_layers_in_another_order_than_the_modules_are_refused(model):
+def test_selected_layers_are_counted_in_the_order_they_run(model):
     class Reversed(torch.nn.Module):  # runs the blocks last to first
         def __init__(self, vit):
             super().__init__()
@@ -88,12 +94,14 @@ def test_selected_layers_in_another_order_than_the_modules_are_refused(model):
             return t
 
     wrapped = vitviz.wrap(Reversed(model), grid=(4, 4), num_prefix=2)
-    with pytest.raises(CaptureError, match="keep='all'"):
-        with torch.no_grad(), vitviz.capture(wrapped, keep=[0]):
-            wrapped(torch.randn(1, 3, 64, 64))
-    with torch.no_grad(), vitviz.capture(wrapped, keep="all") as rec:  # the way out it names
-        wrapped(torch.randn(1, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), vitviz.capture(wrapped, keep=[0]) as first:
+        wrapped(x)
+    with torch.no_grad(), vitviz.capture(wrapped, keep="all") as rec:
+        wrapped(x)
     assert rec.attentions.num_layers == 3
+    # layer 0 is the first to run (blocks[2]), whatever the module order
+    assert torch.equal(first.attentions.tensor[0], rec.attentions.tensor[0])
 
 
 def test_streams_reset_per_pass(model):

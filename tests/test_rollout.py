@@ -172,11 +172,13 @@ def test_stream_equals_stored(ratio, start):
 
     layout = TokenLayout(num_prefix=1, grid=(3, 3))
     att = torch.softmax(torch.randn(5, 3, 2, 10, 10) * 2, dim=-1)
-    s = RolloutStream(discard_ratio=ratio, start_layer=start, num_layers=5)
-    for layer in att:
-        s.update(layer)
     stored = vitviz.rollout(AttentionMaps(att, layout), discard_ratio=ratio, start_layer=start)
-    assert torch.equal(s.result(layout), stored)
+    s = RolloutStream(discard_ratio=ratio, start_layer=start)
+    for depth in (5, None):  # the depth known as the layers run, or only at the end
+        s.reset()
+        for i, layer in enumerate(att):
+            s.update(layer, layer=i, num_layers=depth, layout=layout)
+        assert torch.equal(s.result(layout), stored)
     s.reset()
     with pytest.raises(ValueError, match="no layer"):
         s.result(layout)
