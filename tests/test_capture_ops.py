@@ -378,3 +378,27 @@ def test_compiled_modules_are_refused_with_the_way_out():
         with vitviz.capture(model):
             pass
     assert torch_function_modes() == 0
+
+
+def test_gradient_streams_run_the_fused_kernel_and_get_dout_times_v(monkeypatch):
+    """Relevance streamed from a fused forward (dA = dOut·vᵀ, A recomputed in the backward pass)
+    equals relevance from stored probabilities and autograd's gradients."""
+    import vitviz.hooks._ops as ops
+    from vitviz.analyze import RelevanceStream, relevance_map
+
+    model = TutorialViT(Mixer).eval()
+    x = torch.randn(3, 3, 12, 16)
+    with vitviz.capture(model, grad=True) as rec:
+        model(x)[:, 2].sum().backward()
+    stored = relevance_map(rec.attentions, rec.attention_grads, method="chefer")
+    phases = []
+    real = ops.sdpa_probabilities
+    monkeypatch.setattr(ops, "sdpa_probabilities",
+                        lambda *a, **k: phases.append(torch.is_grad_enabled()) or real(*a, **k))
+    stream = RelevanceStream("chefer")
+    with vitviz.capture(model, grad=True, keep="none", streams={"r": stream}) as rec2:
+        out = model(x)
+        assert not phases  # the forward pass ran the fused kernel only
+        out[:, 2].sum().backward()
+    assert len(phases) == 3  # A recomputed once per layer, as its gradient arrived
+    torch.testing.assert_close(rec2.stream("r"), stored, atol=1e-6, rtol=1e-5)

@@ -176,13 +176,28 @@ class _Recorder:
             stream.reset()
 
     def needs(self, role: str) -> bool:
-        """Whether the next layer of ``role`` needs its probabilities (else the fused kernel runs)."""
+        """Whether the next layer of ``role`` needs its probabilities in the forward pass (else
+        the fused kernel runs)."""
         if role == POOL:
             return False
-        if role == IMAGE and (self.forward_streams or self.grad_streams):
+        if role == IMAGE and self.forward_streams:
             return True
         p = self.current()
         return _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0))
+
+    def wants_gradient(self, role: str, out: torch.Tensor) -> bool:
+        """Whether a fused call's output must carry a gradient hook for the gradient streams."""
+        return role == IMAGE and bool(self.grad_streams) and self.grad and out.requires_grad
+
+    def record_from_output(self, site: Site, role: str, out: torch.Tensor, grad_of, recompute,
+                           num_keys: int) -> None:
+        """Count a layer that ran the fused kernel and hook its output: ``grad_of(dOut)`` is the
+        gradient with respect to the probabilities, ``recompute()`` the probabilities."""
+        p = self.current()
+        index = p.seen.get(role, 0)
+        p.seen[role] = index + 1
+        p.tokens[role] = int(num_keys)
+        self.hook_grad(p, (role, index), out, recompute, store=False, grad_of=grad_of)
 
     def skip(self, role: str) -> None:
         """Count a layer that ran on the fused kernel, so that the next ones get their index."""
@@ -221,22 +236,29 @@ class _Recorder:
             self.hook_grad(p, (role, index), attn if graph is None else graph, attn, store=kept)
         # not kept: freed as soon as the model (and the backward pass) is done with it
 
-    def hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn: torch.Tensor,
-                  store: bool) -> None:
+    def hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn, store: bool,
+                  grad_of=None) -> None:
         """Put a tensor hook on ``tensor`` that receives ``d score / d attn`` of layer ``key``:
-        stored in ``p.grads`` when ``store``, and given to the gradient streams (image layers)."""
-        shape = attn.shape
-        if not tensor.requires_grad or tensor.numel() != shape.numel():
+        stored in ``p.grads`` when ``store``, and given to the gradient streams (image layers).
+
+        ``tensor`` is the attention (or what it is a view of), or, with ``grad_of``, the output
+        of a fused call: then ``grad_of(gradient of tensor)`` is the gradient with respect to
+        the attention and ``attn`` a function recomputing the attention."""
+        if not tensor.requires_grad or (grad_of is None and tensor.numel() != attn.numel()):
             return  # no graph (torch.no_grad, nothing requires grad): reported by attention_grads
         role, layer = key
         streams = self.grad_streams if role == IMAGE else []
-        # the attention for the streams: an alias of what autograd keeps anyway, dropped (with
-        # the graph tensor) once the streams have it, so that a layer's attention is freed as
-        # the backward pass leaves it instead of when the block ends
-        held = {"attn": attn.detach()} if streams else {}
+        # the attention for the streams: an alias of what autograd keeps anyway (or the
+        # function recomputing it), dropped (with the graph tensor) once the streams have it,
+        # so that a layer's attention is freed as the backward pass leaves it instead of when
+        # the block ends
+        held = {"attn": attn if grad_of is not None else attn.detach()} if streams else {}
+        shape = None if grad_of is not None else attn.shape
 
         def on_grad(g: torch.Tensor) -> None:
-            g = g.detach().reshape(shape)  # [B, H, Q, K]
+            g = grad_of(g) if grad_of is not None else g.detach().reshape(shape)  # [B, (H,) Q, K]
+            if g.dim() == 3:
+                g = g.unsqueeze(1)  # [B, 1, Q, K]
             if streams:
                 if "attn" not in held:
                     raise CaptureError(
@@ -244,7 +266,11 @@ class _Recorder:
                         "backward pass per forward pass (to sum several, use keep='all' and "
                         "rec.attention_grads without streams)")
                 value = held.pop("attn")
-                layout = self.layout(p, shape[-1])
+                if grad_of is not None:
+                    value = value()  # recomputed from the call's q and k
+                if value.dim() == 3:
+                    value = value.unsqueeze(1)
+                layout = self.layout(p, g.shape[-1])
                 for stream in streams:
                     stream.update_grad(value, g, layer=layer, num_layers=p.seen.get(role, 0), layout=layout)
                 if not store:

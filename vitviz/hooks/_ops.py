@@ -9,9 +9,12 @@ q/k-norm and biases, its mask and its scale):
   enable_gqa)``: the probabilities are ``softmax(q kᵀ·scale + mask)`` as SDPA defines them
   (boolean masks keep ``True`` entries, float masks are added, ``is_causal`` is the
   top-left-aligned lower triangle, the default scale ``1/√d``, GQA repeats the key and value
-  heads). When the capture needs the probabilities of this call, ``A`` is computed once and
-  the output as ``A @ v`` (the eager path's cost, no recomputation); otherwise the model's own
-  fused kernel runs untouched.
+  heads). When the capture needs the probabilities of this call in the forward pass, ``A`` is
+  computed once and the output as ``A @ v`` (the eager path's cost, no recomputation);
+  otherwise the model's own fused kernel runs untouched. When only a gradient stream needs
+  the layer, the fused kernel runs too and the backward pass gives ``dA = dOut·vᵀ`` (exact,
+  since ``out = A·v``), with ``A`` recomputed from the saved q and k as the gradient arrives:
+  no ``[B, H, N, N]`` tensor is kept between the passes.
 - an explicit softmax over the last dimension whose result is multiplied with values
   (``@``, ``matmul``, ``bmm``, ``einsum``), possibly through dropout or a dtype cast on the way:
   that softmax output is the attention (timm's and transformers' eager paths,
@@ -105,6 +108,15 @@ def _sdpa_output(probs: torch.Tensor, value: torch.Tensor, dropout_p: float, ena
     return torch.matmul(a, value)
 
 
+def _attention_grad(value: torch.Tensor, enable_gqa: bool, num_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``dOut -> dA = dOut·vᵀ``: the gradient with respect to the probabilities of an SDPA call
+    whose output ``out = A·v`` came from the fused kernel (``[..., L, dv] -> [..., L, S]``)."""
+    v = value.detach()
+    if enable_gqa and v.shape[-3] != num_heads:
+        v = v.repeat_interleave(num_heads // v.shape[-3], dim=-3)
+    return lambda d_out: torch.matmul(d_out.detach(), v.transpose(-2, -1))
+
+
 def _mha_weights_view_base(weights: torch.Tensor) -> Optional[torch.Tensor]:
     """The tensor ``F.multi_head_attention_forward`` multiplied with ``V``, of which the returned
     per-head ``weights`` are a view (``[B*H, Q, K]`` viewed as ``[B, H, Q, K]``); None when
@@ -125,7 +137,9 @@ class AttentionOps(TorchFunctionMode):
             and role of a call run by ``module`` (the innermost module of the model on the
             stack, or None), or None for a call the capture ignores; ``needs(role)`` says
             whether the next layer of that role needs its probabilities; ``skip(role)`` counts
-            a layer left to the fused kernel; ``record(site, role, attn, graph=)`` records one.
+            a layer left to the fused kernel; ``record(site, role, attn, graph=)`` records one;
+            ``wants_gradient(role, out)`` and ``record_from_output(...)`` serve gradient streams
+            from a fused call's output.
         modules: ``id(module) -> module`` of the model, to find the module running a call.
     """
 
@@ -194,8 +208,19 @@ class AttentionOps(TorchFunctionMode):
             return _SDPA(*args, **kwargs)
         site, role = found
         if not rec.needs(role):
-            rec.skip(role)
-            return _SDPA(*args, **kwargs)  # the model's own fused kernel
+            out = _SDPA(*args, **kwargs)  # the model's own fused kernel
+            if a["dropout_p"] == 0 and rec.wants_gradient(role, out):
+                # gradients without materialising A in the forward pass: out = A·v, so
+                # d/dA = dOut·vᵀ, with A recomputed from q and k when the gradient arrives
+                heads = q.shape[-3] if q.dim() == 4 else 1
+                rec.record_from_output(site, role, out, _attention_grad(v, a["enable_gqa"] and q.dim() == 4, heads),
+                                       lambda: sdpa_probabilities(
+                                           q.detach(), k.detach(), attn_mask=a["attn_mask"], is_causal=a["is_causal"],
+                                           scale=a["scale"], enable_gqa=a["enable_gqa"]),
+                                       num_keys=k.shape[-2])
+            else:
+                rec.skip(role)
+            return out
         probs = sdpa_probabilities(q, k, attn_mask=a["attn_mask"], is_causal=a["is_causal"],
                                    scale=a["scale"], enable_gqa=a["enable_gqa"])  # [B, (Hq,) L, S]
         heads = q.shape[-3] if q.dim() == 4 else 1
