@@ -402,3 +402,21 @@ def test_gradient_streams_run_the_fused_kernel_and_get_dout_times_v(monkeypatch)
         out[:, 2].sum().backward()
     assert len(phases) == 3  # A recomputed once per layer, as its gradient arrived
     torch.testing.assert_close(rec2.stream("r"), stored, atol=1e-6, rtol=1e-5)
+
+
+def test_kept_layers_are_computed_into_one_stack_without_a_copy():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_heads=2,
+                              embed_dim=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitviz.capture(model) as rec:
+        model(x)
+    t = rec.attentions.tensor  # [L, B, H, N, N]
+    assert rec.attentions.tensor.data_ptr() == t.data_ptr()  # no torch.stack copy per access
+    assert [r[2].data_ptr() for r in rec.passes[-1].records] == [t[i].data_ptr() for i in range(3)]
+    for b in model.blocks:  # the model's own eager softmax as the reference
+        b.attn.fused_attn = False
+    with torch.no_grad(), vitviz.capture(model) as eager:
+        model(x)
+    torch.testing.assert_close(t, eager.attentions.tensor, atol=ATOL, rtol=0)

@@ -25,7 +25,9 @@ def test_streamed_rollout_equals_stored(model):
     with torch.no_grad(), vitviz.capture(model, keep="none", streams={"r": stream}) as rec2:
         out = model(x)
     assert torch.equal(out, ref)
-    assert torch.equal(rec2.stream("r"), stored)
+    # the stream multiplies the layers forward, rollout() pushes the CLS row down from the last
+    # layer: the same matrices associated differently, equal to float rounding
+    torch.testing.assert_close(rec2.stream("r"), stored, rtol=1e-5, atol=1e-7)
     assert all(not p.records for p in rec2.passes)  # nothing stored
     with pytest.raises(CaptureError, match="no layer of it was kept"):
         rec2.attentions
@@ -112,7 +114,7 @@ def test_streams_reset_per_pass(model):
         model(b)
     with torch.no_grad(), vitviz.capture(model) as ref:
         model(b)
-    assert torch.equal(rec.stream("r"), vitviz.rollout(ref.attentions))
+    torch.testing.assert_close(rec.stream("r"), vitviz.rollout(ref.attentions), rtol=1e-5, atol=1e-7)
 
 
 def test_bad_keep_and_grad_with_keep():

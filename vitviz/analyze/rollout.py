@@ -154,9 +154,23 @@ def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: fl
         >>> vitviz.rollout(rec.attentions, discard_ratio=0.9).shape
         torch.Size([1, 14, 14])
     """
-    r = rollout_matrix(attn, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                       start_layer=start_layer)  # [B, N, N]
-    return token_map(r, attn.layout)
+    from .query import query_weights
+
+    t = attn.tensor  # [L, B, H, N, N]
+    num_layers, b, n = t.shape[0], t.shape[1], t.shape[-1]
+    if not -num_layers <= start_layer < num_layers:
+        raise ValueError(f"start_layer {start_layer} is out of range for {num_layers} layers")
+    layout = attn.layout
+    if n != layout.num_tokens:
+        raise LayoutError(f"{n} tokens do not fit the layout {layout}")
+    # The map is one row of R = Â_L … Â_start (the CLS row, or the mean of the patch rows):
+    # pushed through the layers from the last one down, r = ((qᵀ Â_L) Â_{L-1}) … Â_start, it
+    # costs O(L·N²) per sample instead of the O(L·N³) of the full product (same matrices).
+    row = query_weights(layout, "auto", device=t.device).expand(b, 1, n)  # [B, 1, N]
+    keep_first = bool(layout.has_cls)
+    for layer in range(num_layers - 1, start_layer % num_layers - 1, -1):
+        row = torch.bmm(row, _layer_matrix(t[layer], head_fusion, discard_ratio, keep_first))  # [B, 1, N]
+    return row[:, 0, layout.num_prefix:].reshape(b, *layout.grid)
 
 
 class RolloutStream:

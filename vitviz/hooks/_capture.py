@@ -64,6 +64,9 @@ class Pass:
     # per role: layers seen in this pass (kept or not) and their key count N
     seen: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    # per role: the [L, B, H, Q, K] float32 stack that the layers were computed into, when the
+    # probabilities were computed by vitviz and every layer is kept (no copy, no torch.stack)
+    stacks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def of(self, role: str) -> list[torch.Tensor]:
         return [t for r, _, t, _ in self.records if r == role]
@@ -203,6 +206,22 @@ class _Recorder:
         """Count a layer that ran on the fused kernel, so that the next ones get their index."""
         p = self.current()
         p.seen[role] = p.seen.get(role, 0) + 1
+
+    def buffer(self, role: str, shape: tuple, device) -> Optional[torch.Tensor]:
+        """Where the next layer of ``role`` may compute its probabilities ``shape`` (float32):
+        its slice of the pass's ``[L, *shape]`` stack, allocated at the first layer, when every
+        layer is kept, the depth is known and no gradient is read; else None."""
+        n = self.num_layers.get(role, 0)
+        if self.keep != "all" or self.grad or role == POOL or not n:
+            return None
+        p = self.current()
+        index = p.seen.get(role, 0)
+        stack = p.stacks.get(role)
+        if index == 0 and stack is None:
+            stack = p.stacks[role] = torch.empty((n, *shape), dtype=torch.float32, device=device)
+        if stack is None or index >= n or tuple(stack.shape[1:]) != tuple(shape):
+            return None
+        return stack[index]
 
     def layout(self, p: Pass, num_tokens: int) -> TokenLayout:
         return self.model.layout_for(p.input_hw, num_tokens)
@@ -350,15 +369,22 @@ class Recording:
                 "capture(..., keep='all') or read the streams with rec.stream(name)")
         return None
 
-    def _tensors(self, p: Pass, role: str) -> list[torch.Tensor]:
-        return [t for _, t in self._rec.kept(p, role)]
+    def _stacked(self, p: Pass, role: str, what: str) -> torch.Tensor:
+        """``[L, B, H, Q, K]`` of the kept layers: the stack they were computed into, or a copy."""
+        tensors = [t for _, t in self._rec.kept(p, role)]
+        stack = p.stacks.get(role)
+        if (stack is not None and len(tensors) == stack.shape[0]
+                and all(t.shape == stack.shape[1:] and t.data_ptr() == stack[i].data_ptr()
+                        for i, t in enumerate(tensors))):
+            return stack
+        return _stack(tensors, what)
 
     @property
     def attentions(self) -> Optional[AttentionMaps]:
         p = self._last_with(IMAGE)
         if p is None:
             return None
-        tensor = _stack(self._tensors(p, IMAGE), "image self-attention")  # [L, B, H, N, N]
+        tensor = self._stacked(p, IMAGE, "image self-attention")  # [L, B, H, N, N]
         return AttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
 
     @property
@@ -366,13 +392,13 @@ class Recording:
         p = self._last_with(CROSS)
         if p is None:
             return None
-        tensor = _stack(self._tensors(p, CROSS), "cross-attention")  # [L, B, H, T, Ni]
+        tensor = self._stacked(p, CROSS, "cross-attention")  # [L, B, H, T, Ni]
         return CrossAttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
 
     @property
     def text(self) -> Optional[torch.Tensor]:
         p = self._last_with(TEXT)
-        return None if p is None else _stack(self._tensors(p, TEXT), "text self-attention")
+        return None if p is None else self._stacked(p, TEXT, "text self-attention")
 
     def stream(self, name: str) -> torch.Tensor:
         """The result of the streaming analysis ``name`` for the last pass with image attention.

@@ -68,13 +68,18 @@ def _sdpa_arguments(args: tuple, kwargs: dict) -> dict:
 
 
 def sdpa_probabilities(query: torch.Tensor, key: torch.Tensor, *, attn_mask=None, is_causal: bool = False,
-                       scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
+                       scale: Optional[float] = None, enable_gqa: bool = False,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The attention probabilities of ``F.scaled_dot_product_attention``, by its definition.
 
     ``softmax(q kᵀ·scale + mask)``: a boolean mask keeps the entries that are ``True``, a
     float mask is added, ``is_causal`` keeps the top-left-aligned lower triangle, ``scale``
     defaults to ``1/√d``, and with ``enable_gqa`` each key head serves ``Hq / Hk`` query heads.
     Half-precision inputs give float32 probabilities (the softmax is taken in float32).
+
+    Args:
+        out: a tensor of the result's shape and dtype to compute into (no autograd): the
+            logits are written there and normalised in place, with no temporary ``[..., L, S]``.
 
     Shape:
         query: ``[..., Hq, L, d]``, key: ``[..., Hk, S, d]`` -> ``[..., Hq, L, S]``
@@ -83,17 +88,24 @@ def sdpa_probabilities(query: torch.Tensor, key: torch.Tensor, *, attn_mask=None
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    logits = torch.matmul(query, key.transpose(-2, -1))  # [..., L, S]
-    logits = logits * scale
+    query = query * scale  # [..., L, d]: cheaper than scaling the [..., L, S] logits
+    if out is not None:
+        logits = torch.matmul(query, key.transpose(-2, -1), out=out)  # [..., L, S]
+    else:
+        logits = torch.matmul(query, key.transpose(-2, -1))  # [..., L, S]
+    fill = out is not None  # in place into `out`; otherwise new tensors (autograd-safe)
     if is_causal:
         length, source = query.shape[-2], key.shape[-2]
         keep = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        logits = logits.masked_fill(~keep, float("-inf"))
+        logits = logits.masked_fill_(~keep, float("-inf")) if fill else logits.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
+            logits = (logits.masked_fill_(~attn_mask, float("-inf")) if fill
+                      else logits.masked_fill(~attn_mask, float("-inf")))
         else:
-            logits = logits + attn_mask
+            logits = logits.add_(attn_mask) if fill else logits + attn_mask
+    if fill:
+        return torch._softmax(logits, -1, False, out=logits)
     return torch.softmax(logits, dim=-1, dtype=torch.float32 if logits.dtype in _HALF else None)
 
 
@@ -221,8 +233,12 @@ class AttentionOps(TorchFunctionMode):
             else:
                 rec.skip(role)
             return out
+        buffer = None
+        if q.dim() == 4 and q.dtype == torch.float32 and not (
+                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            buffer = rec.buffer(role, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q.device)
         probs = sdpa_probabilities(q, k, attn_mask=a["attn_mask"], is_causal=a["is_causal"],
-                                   scale=a["scale"], enable_gqa=a["enable_gqa"])  # [B, (Hq,) L, S]
+                                   scale=a["scale"], enable_gqa=a["enable_gqa"], out=buffer)  # [B, (Hq,) L, S]
         heads = q.shape[-3] if q.dim() == 4 else 1
         out = _sdpa_output(probs, v, a["dropout_p"], a["enable_gqa"] and q.dim() == 4, heads)
         rec.record(site, role, probs)
