@@ -12,8 +12,8 @@ What a method needs from the forward pass is declared when it is registered:
 
 * ``needs="attention"``: one forward pass under :func:`vitviz.capture` (no gradients);
   ``inp.attentions`` holds ``[L, B, H, N, N]``. A method that can work layer by layer also
-  gives ``stream=`` (a factory of a streaming analysis with ``reset()``, ``update(attn)``,
-  ``result(layout)``, e.g. :class:`vitviz.analyze.rollout.RolloutStream`): when every
+  gives ``stream=`` (a factory of a streaming analysis with ``reset()``,
+  ``update(attn, *, layer, num_layers, layout)``, ``result(layout)``, e.g. :class:`vitviz.analyze.rollout.RolloutStream`): when every
   chosen attention method streams, the capture keeps no layer at all (memory ``O(B*N^2)``)
   and the method reads its result as ``inp.streamed``.
 * ``needs="grad"``: the shared forward pass runs with gradients under
