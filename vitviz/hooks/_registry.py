@@ -100,13 +100,6 @@ def discover(root: nn.Module, adapters: Optional[list[str]] = None) -> list[Site
     return sites
 
 
-def named_attention_like(root: nn.Module, limit: int = 6) -> list[str]:
-    """Names of modules that look like attention, for error messages."""
-    out = [f"{n or '<root>'} ({type(m).__name__})" for n, m in root.named_modules()
-           if "attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower()]
-    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
-
-
 def count_layers(root: nn.Module, role: str = IMAGE) -> Optional[int]:
     """How many ``role`` attention layers the adapters know in ``root`` (a module not known to
     any adapter may add more at run time), or None when they know none."""

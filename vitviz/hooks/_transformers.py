@@ -35,12 +35,10 @@ class HFSite(Site):
     Attributes:
         index: position of the attention probabilities in the module's output tuple.
         key: the ``_can_record_outputs`` key that named the module (e.g. ``"cross_attentions"``).
-        top: the top-most ``PreTrainedModel`` above the module, the one that is switched to eager.
     """
 
     index: int = 1
     key: str = "attentions"
-    top: Optional[nn.Module] = None
 
 
 @dataclass(frozen=True)
@@ -162,16 +160,16 @@ class TransformersAdapter(Adapter):
         found: dict[int, HFSite] = {}
 
         def walk(module: nn.Module, dotted: str, rel: str, tasks: list[_Task],
-                 top: Optional[nn.Module], ancestors: list[nn.Module]) -> None:
+                 ancestors: list[nn.Module]) -> None:
             # children first, as transformers does; a PreTrainedModel child brings its own tasks
             for child_name, child in module.named_children():
                 child_dotted = f"{dotted}.{child_name}"
                 child_rel = f"{rel}.{child_name}" if rel else child_name
                 if isinstance(child, pretrained_cls):
                     walk(child, child_dotted, child_rel, _attention_tasks(child, recorder_cls, registry),
-                         top if top is not None else child, ancestors + [module])
+                         ancestors + [module])
                 else:
-                    walk(child, child_dotted, child_rel, tasks, top, ancestors + [module])
+                    walk(child, child_dotted, child_rel, tasks, ancestors + [module])
             for task in tasks:
                 if not task.matches(module, dotted) or not is_free(rel):
                     continue
@@ -179,14 +177,14 @@ class TransformersAdapter(Adapter):
                 prev = found.get(id(module))
                 if prev is None:
                     found[id(module)] = HFSite(rel, module, role, self, index=task.index,
-                                               key=task.key, top=top)
+                                               key=task.key)
                 elif prev.role != role:  # named by a self- and a cross-attention key alike
                     prev.role = AUTO
 
         if isinstance(root, pretrained_cls):
-            walk(root, "", "", _attention_tasks(root, recorder_cls, registry), root, [])
+            walk(root, "", "", _attention_tasks(root, recorder_cls, registry), [])
         else:
-            walk(root, "", "", [], None, [])
+            walk(root, "", "", [], [])
         # module order (transformers' walk visits children before their parents)
         order = {id(m): i for i, m in enumerate(root.modules())}
         sites = sorted(found.values(), key=lambda s: order.get(id(s.module), len(order)))
