@@ -45,6 +45,10 @@ class CaptureError(VitvizError, RuntimeError):
     """Nothing (or something inconsistent) was captured from a forward pass."""
 
 
+class RenderError(VitvizError, ValueError):
+    """Drawing arguments that cannot work (a box with no area, alpha outside [0, 1])."""
+
+
 class PreprocessError(VitvizError, ValueError):
     """Preprocessing settings that cannot work (bad size, mean/std, interpolation)."""
 
