@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import vitviz
 from vitviz.cli import main
-from vitviz.errors import DownloadError, WeightsNotFoundError
+from vitviz.errors import DownloadError
 from vitviz.models._loader import fetch, weights_status
 
 from fake_hub import FakeHub, closed_port_url
