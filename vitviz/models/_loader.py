@@ -196,7 +196,8 @@ def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes:
         weights: a weights file (``.safetensors``, ``.pth``/``.pt``/``.bin`` state dict, also
             nested under ``model``/``state_dict`` or saved from ``pytorch_pretrained_vit``),
             loaded with ``weights_only=True``.
-        pretrained: ``False`` builds the architecture with untrained weights (no download).
+        pretrained: ``True``: the cached weights, else downloaded from the Hugging Face Hub on
+            first use; ``False`` builds the architecture with untrained weights (no download).
         num_classes: classifier size (inferred from ``weights`` when not given).
         image_size: input size in pixels; position embeddings are interpolated when the model
             was trained at another size.
@@ -207,7 +208,9 @@ def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes:
 
     Raises:
         ModelNotFoundError: unknown name (the message lists the closest names).
-        WeightsNotFoundError: pretrained weights are not on this machine.
+        WeightsNotFoundError: pretrained weights are not on this machine and cannot be had;
+            its subclass DownloadError when the Hub download failed (``reason``: offline,
+            unreachable, not_found, no_file, auth, failed).
         CheckpointError: the weights file cannot be read or does not fit.
 
     Example:
