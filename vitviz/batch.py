@@ -35,16 +35,19 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 @dataclass
 class Item:
-    """One input of a batch: its outcome to fill, a unique safe file stem, and the
-    ``HxWx3`` uint8 image the model saw (None when unreadable)."""
+    """One input of a batch: its outcome to fill, a unique safe file stem, the ``HxWx3``
+    uint8 image the model saw (None when unreadable) and, when asked for, the image at its
+    own resolution."""
 
     outcome: Outcome
     stem: str
     view: Optional[object] = None
+    original: Optional[object] = None  # HxWx3 uint8 of the file itself, when asked for
 
 
 def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "images",
-                 progress: bool = True) -> Iterable[tuple[list[Item], Optional[object]]]:
+                 progress: bool = True, keep_original: bool = False
+                 ) -> Iterable[tuple[list[Item], Optional[object]]]:
     """Load, preprocess and batch images; unreadable ones are marked, not fatal.
 
     Yields:
@@ -52,6 +55,7 @@ def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "
         chunk as an :class:`Item`, and ``x [B, 3, H, W]`` of the readable ones (in the same
         order, on the model's device and dtype), or None when none was readable.
     """
+    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
@@ -71,6 +75,8 @@ def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "
                     img = load_image(sources[i])
                     xs.append(model.preprocessor(img))  # [1, 3, H, W]
                     item.view = model.preprocessor.view(img)  # [H, W, 3] uint8
+                    if keep_original:
+                        item.original = np.asarray(img)  # [H0, W0, 3] uint8, the file's own size
                 except ImageError as e:
                     item.outcome.error = e.reason
                 items.append(item)
@@ -83,7 +89,8 @@ def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "
 
 def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
               batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, progress: bool = True,
-              on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
+              on_outcome: Optional[Callable[[Outcome], None]] = None,
+              on_original: bool = False) -> list[Outcome]:
     """The shared loop: load and batch images, ``compute`` maps, write overlay PNG + ``.npy``.
 
     Args:
@@ -94,15 +101,25 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
         suffix: the file-name suffix of the method.
         batch_size: images per forward pass.
         cmap, alpha: as :func:`vitviz.overlay`.
+        on_original: draw the overlay PNG on the image at its own resolution (the model's
+            centre-crop region mapped back onto it, :func:`vitviz.render.overlay_region`)
+            instead of on the model's view; the ``.npy`` map is the same either way.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
     """
-    from .render import overlay
+    from .render import overlay, overlay_region
+
+    def draw(it, heat):
+        if not on_original:
+            return overlay(it.view, heat, cmap=cmap, alpha=alpha)
+        h, w = it.original.shape[:2]
+        return overlay_region(it.original, heat, model.preprocessor.region((w, h)), cmap=cmap, alpha=alpha)
 
     out_dir = Path(out_dir)
     outcomes = []
-    for items, x in load_batches(model, sources, batch_size=batch_size, desc=suffix, progress=progress):
+    for items, x in load_batches(model, sources, batch_size=batch_size, desc=suffix, progress=progress,
+                                 keep_original=on_original):
         good = [it for it in items if it.view is not None]
         if x is not None:
             maps, labels = compute(x)  # [B, gh, gw]
@@ -111,8 +128,7 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
                 o = it.outcome
                 o.prediction = labels[j] if labels else None
                 o.outputs.append(save_npy(out_dir / f"{it.stem}_{suffix}.npy", maps[j]))
-                o.outputs.append(save_png(out_dir / f"{it.stem}_{suffix}.png",
-                                          overlay(it.view, maps[j], cmap=cmap, alpha=alpha)))
+                o.outputs.append(save_png(out_dir / f"{it.stem}_{suffix}.png", draw(it, maps[j])))
         for it in items:
             outcomes.append(it.outcome)
             if on_outcome is not None:
@@ -132,7 +148,8 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
         sources: image paths (or PIL images / arrays).
         out_dir: folder for ``<name>_rollout.png`` and ``<name>_rollout.npy``.
         head_fusion, discard_ratio, start_layer: as :func:`vitviz.rollout`.
-        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome`` of :func:`map_files`.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome``, ``on_original``
+            of :func:`map_files`.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
@@ -167,7 +184,8 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
         target: class to explain for every image; None for each image's predicted class.
         head_fusion, discard_ratio: gradient rollout only.
         start_layer: first layer taken into account.
-        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome`` of :func:`map_files`.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome``, ``on_original``
+            of :func:`map_files`.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the

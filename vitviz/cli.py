@@ -22,6 +22,8 @@ examples:
   vitviz heads photos/*.jpg --model b16                         # entropy, attention distance per head
   vitviz caption girl.jpg --model vit-gpt2 --num-beams 4        # one map per generated word
   vitviz gallery photos/ --model b16 --out gallery/             # every map of a folder + index.html
+  vitviz rollout cat.jpg --model b16 --on-original              # overlay on the photo at its own size
+  vitviz fetch b16 vit-gpt2                                     # download now (login node), then HF_HUB_OFFLINE=1
   vitviz models                                                 # aliases and whether weights are cached
   vitviz demo                                                   # bundled images, offline
 

@@ -45,5 +45,30 @@ class CaptureError(VitvizError, RuntimeError):
     """Nothing (or something inconsistent) was captured from a forward pass."""
 
 
+class RenderError(VitvizError, ValueError):
+    """Drawing arguments that cannot work (a box with no area, alpha outside [0, 1])."""
+
+
 class PreprocessError(VitvizError, ValueError):
     """Preprocessing settings that cannot work (bad size, mean/std, interpolation)."""
+
+
+class DownloadError(WeightsNotFoundError):
+    """Pretrained weights are not cached and could not be downloaded from the Hugging Face Hub.
+
+    Attributes:
+        reason: ``"offline"`` (``HF_HUB_OFFLINE`` is set), ``"unreachable"`` (no network, no
+            answer in time), ``"not_found"`` (no such repo or revision), ``"no_file"`` (the repo
+            lacks the file), ``"auth"`` (private or gated: log in) or ``"failed"`` (the transfer
+            broke off; only a ``*.incomplete`` file may stay, never taken for the weights).
+        repo_id, filename: what was asked for.
+    """
+
+    def __init__(self, message: str, *, reason: str, repo_id: str = "", filename: str = ""):
+        super().__init__(message)
+        self.reason = reason
+        self.repo_id = repo_id
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -30,6 +30,13 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
 
 
+def add_original_argument(p: argparse.ArgumentParser) -> None:
+    """--on-original of the commands that write one overlay per image."""
+    p.add_argument("--on-original", action="store_true",
+                   help="draw the overlay on the image at its own resolution (the model's centre-crop "
+                        "region mapped back onto it) instead of on the model's input view")
+
+
 def check_render_arguments(args):
     """The exit status for bad overlay arguments (after printing the error), or None."""
     if not 0.0 <= args.alpha <= 1.0:

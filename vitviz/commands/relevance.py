@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
-                      report)
+from ._common import (add_model_arguments, add_original_argument, add_render_arguments,
+                      check_render_arguments, fail, load, report)
 
 NAME = "relevance"
 HELP = "class-specific relevance overlay per image (gradient-weighted attention)"
@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
                    help="grad_rollout only: share of smallest entries zeroed per layer, in [0, 1)")
     p.add_argument("--start-layer", type=int, default=0, metavar="L")
     add_render_arguments(p)
+    add_original_argument(p)
 
 
 def run(args) -> int:
@@ -48,5 +49,5 @@ def run(args) -> int:
     outcomes = relevance_files(model, args.images, args.out, method=args.method, target=args.target,
                                head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
                                start_layer=args.start_layer, batch_size=args.batch_size,
-                               cmap=args.cmap, alpha=args.alpha)
+                               cmap=args.cmap, alpha=args.alpha, on_original=args.on_original)
     return report(outcomes)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
-                      report)
+from ._common import (add_model_arguments, add_original_argument, add_render_arguments,
+                      check_render_arguments, fail, load, report)
 
 NAME = "rollout"
 HELP = "attention rollout overlay per image"
@@ -20,6 +20,7 @@ def add_arguments(p) -> None:
                    help="share of smallest attention entries zeroed per layer, in [0, 1)")
     p.add_argument("--start-layer", type=int, default=0, metavar="L")
     add_render_arguments(p)
+    add_original_argument(p)
 
 
 def run(args) -> int:
@@ -33,5 +34,6 @@ def run(args) -> int:
     model = load(args)
     outcomes = rollout_files(model, args.images, args.out, head_fusion=args.head_fusion,
                              discard_ratio=args.discard_ratio, start_layer=args.start_layer,
-                             batch_size=args.batch_size, cmap=args.cmap, alpha=args.alpha)
+                             batch_size=args.batch_size, cmap=args.cmap, alpha=args.alpha,
+                             on_original=args.on_original)
     return report(outcomes)

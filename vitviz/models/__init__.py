@@ -1,10 +1,10 @@
 """Model loading: aliases, loaders, checkpoint converters, image loading, preprocessing."""
 
 from ._image import load_image, to_rgb_array
-from ._loader import list_models, load_model
+from ._loader import fetch, list_models, load_model
 from ._posembed import patch_position_embeddings, pos_similarity
 from ._preprocess import Preprocess
 from ._vision_model import VisionModel, describe, wrap
 
-__all__ = ["VisionModel", "wrap", "describe", "load_model", "list_models", "load_image",
+__all__ = ["VisionModel", "wrap", "describe", "load_model", "list_models", "fetch", "load_image",
            "to_rgb_array", "Preprocess", "pos_similarity", "patch_position_embeddings"]

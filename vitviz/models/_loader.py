@@ -1,8 +1,11 @@
 """`load_model` and `list_models`: aliases, timm names, transformers ids and local files.
 
-Offline first: pretrained weights come from the local Hugging Face / torch hub cache or a
-file given with ``weights=``. Nothing here touches the network, so a missing file fails
-in milliseconds with a message that says what was looked for, where, and what to do.
+Cache first, then the Hub: pretrained weights come from the local Hugging Face / torch hub
+cache without any network round trip, else they are downloaded from the Hugging Face Hub
+on first use (:mod:`._hub`: huggingface_hub and transformers' own loaders, the standard
+cache and environment variables), or from a file given with ``weights=``. Weights that
+cannot be had fail within seconds with one message that says what was looked for, where,
+and what to do.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import CheckpointError, ModelNotFoundError, VitvizError, WeightsNotFoundError
+from . import _hub
 from ._aliases import ALIASES, Alias
 
-_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_WEIGHT_FILES = _hub.HF_WEIGHT_FILES
 
 
 def list_models() -> list[str]:
@@ -89,9 +93,7 @@ def resolve(name: str, image_size=None) -> Resolved:
 # ---------------------------------------------------------------------------------------------
 
 def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
+    return _hub.cache_dir()
 
 
 def timm_weights_location(model_id: str) -> tuple[Optional[str], str]:
@@ -115,7 +117,7 @@ def timm_weights_location(model_id: str) -> tuple[Optional[str], str]:
         repo, _, revision = cfg.hf_hub_id.partition("@")
         files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HF_WEIGHT_FILES
         for filename in files:
-            path = try_to_load_from_cache(repo, filename, revision=revision or None)
+            path = try_to_load_from_cache(repo, filename, cache_dir=_hf_cache_dir(), revision=revision or None)
             if isinstance(path, str) and os.path.isfile(path):
                 return path, path
         sought.append(f"{repo} ({' or '.join(files)}) in the Hugging Face cache {_hf_cache_dir()}")
@@ -129,9 +131,7 @@ def timm_weights_location(model_id: str) -> tuple[Optional[str], str]:
 
 def _missing_weights(name: str, sought: str) -> WeightsNotFoundError:
     return WeightsNotFoundError(
-        f"no pretrained weights for {name!r} on this machine (looked for {sought}). Fix: pass "
-        f"--weights FILE, or run once with network access to fill the cache, or use --random "
-        "for untrained weights")
+        f"no pretrained weights for {name!r} on this machine (looked for {sought}). {_hub.fixes(name)}")
 
 
 def weights_status(name: str) -> tuple[str, Optional[str]]:
@@ -145,10 +145,23 @@ def weights_status(name: str) -> tuple[str, Optional[str]]:
         return r.model_id, timm_weights_location(r.model_id)[0]
     if Path(r.model_id).is_dir():
         return r.model_id, r.model_id
+    return r.model_id, _hf_snapshot(r.model_id)
+
+
+def _hf_snapshot(model_id: str) -> Optional[str]:
+    """The cached snapshot folder of a transformers repo when its config and weights are there.
+
+    No transformers import and no network: `vitviz models` stays fast.
+    """
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(r.model_id, "config.json")  # no transformers import needed
-    return r.model_id, found if isinstance(found, str) else None
+    config = try_to_load_from_cache(model_id, "config.json", cache_dir=_hf_cache_dir())
+    if not isinstance(config, str):
+        return None
+    snapshot = os.path.dirname(config)
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+    return snapshot if any(os.path.isfile(os.path.join(snapshot, w)) for w in weights) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +196,8 @@ def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes:
         weights: a weights file (``.safetensors``, ``.pth``/``.pt``/``.bin`` state dict, also
             nested under ``model``/``state_dict`` or saved from ``pytorch_pretrained_vit``),
             loaded with ``weights_only=True``.
-        pretrained: ``False`` builds the architecture with untrained weights (no download).
+        pretrained: ``True``: the cached weights, else downloaded from the Hugging Face Hub on
+            first use; ``False`` builds the architecture with untrained weights (no download).
         num_classes: classifier size (inferred from ``weights`` when not given).
         image_size: input size in pixels; position embeddings are interpolated when the model
             was trained at another size.
@@ -194,7 +208,9 @@ def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes:
 
     Raises:
         ModelNotFoundError: unknown name (the message lists the closest names).
-        WeightsNotFoundError: pretrained weights are not on this machine.
+        WeightsNotFoundError: pretrained weights are not on this machine and cannot be had;
+            its subclass DownloadError when the Hub download failed (``reason``: offline,
+            unreachable, not_found, no_file, auth, failed).
         CheckpointError: the weights file cannot be read or does not fit.
 
     Example:
@@ -247,8 +263,8 @@ def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
         load_into_timm(model, sd, source=str(weights))
     elif pretrained:
         path, sought = timm_weights_location(r.model_id)
-        if path is None:
-            raise _missing_weights(r.name if r.name == r.model_id else f"{r.name} ({r.model_id})", sought)
+        if path is None:  # first use: from the Hub (fails fast, one line, when it cannot)
+            path = _hub.timm_download(r.model_id, r.name)
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         try:
@@ -291,6 +307,48 @@ def _hf_class(config):
     return AutoModel
 
 
+def _hf_load(load, r: Resolved, what: str, filename: str, online: bool, **kwargs):
+    """``load(model_id, ...)`` (a transformers ``from_pretrained``) from the cache, else from the Hub.
+
+    Returns ``(result, online)``: ``online`` turns True once the Hub has been asked, so that the
+    model's other files (processor, tokenizer) are fetched the same way. The first Hub request
+    of a model is one huggingface_hub download of ``config.json``: a missing network, a Hub
+    that never answers, a missing or private repo fail there, fast and with one typed line.
+    """
+    local_dir = Path(r.model_id).is_dir()
+    cache = dict(cache_dir=_hf_cache_dir()) if not local_dir else {}
+    if not online:
+        try:
+            return load(r.model_id, local_files_only=True, **cache, **kwargs), False
+        except (OSError, ValueError) as e:
+            if local_dir:
+                raise _missing_weights(r.name, f"the {what} of {r.model_id} in {r.model_id}") from e
+            if _hub.is_offline():
+                raise _hub.explain(e, r.model_id, filename, r.name) or _missing_weights(
+                    r.name, f"the {what} of {r.model_id} in the Hugging Face cache {_hf_cache_dir()}") from e
+        _hub.download(r.model_id, "config.json", name=r.name)  # the probe: DownloadError when it fails
+    try:
+        return load(r.model_id, **cache, **kwargs), True
+    except (OSError, ValueError) as e:
+        err = _hub.explain(e, r.model_id, filename, r.name)
+        if err is not None:
+            raise err from e
+        raise WeightsNotFoundError(
+            f"the {what} of {r.model_id} could not be loaded from {_hub.endpoint()}: "
+            f"{' '.join(str(e).split())[:200]}. {_hub.fixes(r.name)}") from e
+
+
+def _untied(model, missing, sd) -> list:
+    """The missing keys that no loaded key fills: a tied parameter (a decoder's output layer
+    sharing the word embeddings) is saved once by ``save_pretrained`` / safetensors, under one
+    of its names, and filled through the other."""
+    state = model.state_dict(keep_vars=True)
+    names: dict = {}
+    for k, v in state.items():
+        names.setdefault(id(v), []).append(k)
+    return [k for k in missing if not any(o in sd for o in names.get(id(state.get(k)), ()) if o != k)]
+
+
 def _load_transformers(r: Resolved, weights, pretrained, num_classes, image_size):
     from transformers import AutoConfig
 
@@ -300,11 +358,7 @@ def _load_transformers(r: Resolved, weights, pretrained, num_classes, image_size
         raise VitvizError(
             "--image-size is supported for timm models; a transformers model takes other sizes when "
             "called with interpolate_pos_encoding=True")
-    try:
-        config = AutoConfig.from_pretrained(r.model_id, local_files_only=True)
-    except (OSError, ValueError) as e:
-        where = r.model_id if Path(r.model_id).is_dir() else f"the Hugging Face cache {_hf_cache_dir()}"
-        raise _missing_weights(r.name, f"the config of {r.model_id} in {where}") from e
+    config, online = _hf_load(AutoConfig.from_pretrained, r, "config", "config.json", False)
     extra = {}
     if num_classes is not None:
         extra = dict(num_labels=num_classes)
@@ -318,28 +372,38 @@ def _load_transformers(r: Resolved, weights, pretrained, num_classes, image_size
 
             sd = read_state_dict(weights)
             missing, unexpected = model.load_state_dict(sd, strict=False)
+            missing = _untied(model, missing, sd)
             if missing or unexpected:
                 raise CheckpointError(
                     f"{weights} does not fit {r.model_id}: {len(missing)} missing keys "
                     f"({', '.join(missing[:5])}) and {len(unexpected)} unexpected keys "
                     f"({', '.join(unexpected[:5])}); check --model and --num-classes")
     else:
-        try:
-            model = cls.from_pretrained(r.model_id, local_files_only=True,
-                                        ignore_mismatched_sizes=bool(extra), **extra)
-        except OSError as e:
-            raise _missing_weights(r.name, f"the weights of {r.model_id} in {_hf_cache_dir()}") from e
+        model, online = _hf_load(cls.from_pretrained, r, "weights", "model.safetensors", online,
+                                 ignore_mismatched_sizes=bool(extra), **extra)
     vm = wrap(model, name=r.name)
-    _attach_hf_processor(vm, r.model_id)
-    _attach_hf_tokenizer(vm, r.model_id, model)
+    _attach_hf_processor(vm, r.model_id, online)
+    _attach_hf_tokenizer(vm, r.model_id, model, online)
     return vm
 
 
-def _attach_hf_tokenizer(vm, model_id: str, model) -> None:
-    """Give a captioner (a model that generates text) its tokenizer, when the files are on disk.
+def _hf_file_kwargs(model_id: str, online: bool) -> dict:
+    """``from_pretrained`` keywords for a model's processor and tokenizer files.
 
-    Read with ``local_files_only=True``: nothing is downloaded. Without tokenizer files the
-    model still works and captions show token ids (``vitviz.caption`` says so in a note).
+    From the Hub when the model itself was just downloaded (``online``), else from the cache
+    only: a model loaded from the cache never waits for the network for its side files.
+    """
+    if Path(model_id).is_dir():
+        return dict(local_files_only=True)
+    return dict(local_files_only=not online, cache_dir=_hf_cache_dir())
+
+
+def _attach_hf_tokenizer(vm, model_id: str, model, online: bool = False) -> None:
+    """Give a captioner (a model that generates text) its tokenizer.
+
+    Read from the cache, or downloaded with the model on its first use (``online``). Without
+    tokenizer files the model still works and captions show token ids (``vitviz.caption``
+    says so in a note).
     """
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
@@ -347,19 +411,66 @@ def _attach_hf_tokenizer(vm, model_id: str, model) -> None:
     try:
         from transformers import AutoTokenizer
 
-        vm.tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
+        vm.tokenizer = AutoTokenizer.from_pretrained(model_id, **_hf_file_kwargs(model_id, online))
     except (OSError, ValueError, KeyError, ImportError):  # no (usable) tokenizer files
         vm.tokenizer = None
 
 
-def _attach_hf_processor(vm, model_id: str) -> None:
-    """Use the checkpoint's own image processor settings when they are on disk."""
+def _attach_hf_processor(vm, model_id: str, online: bool = False) -> None:
+    """Use the checkpoint's own image processor settings (cached, or downloaded with the model)."""
     try:
         from transformers import AutoImageProcessor
 
-        proc = AutoImageProcessor.from_pretrained(model_id, local_files_only=True)
+        proc = AutoImageProcessor.from_pretrained(model_id, **_hf_file_kwargs(model_id, online))
     except (OSError, ValueError, ImportError):
         return
     from ._preprocess import Preprocess
 
     vm.preprocessor = Preprocess.from_hf_processor(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# fetch: download ahead of time (`vitviz fetch`)
+# ---------------------------------------------------------------------------------------------
+
+def fetch(name: str, *, image_size=None) -> list[str]:
+    """Put a model's pretrained files into the local cache now, and say where they are.
+
+    For a login node before jobs on offline compute nodes: what this downloads is exactly
+    what :func:`load_model` reads later with ``HF_HUB_OFFLINE=1`` (the same ``HF_HOME``).
+    Files already cached are not downloaded again.
+
+    Args:
+        name: as :func:`load_model`.
+        image_size: picks an alias's model for that size (``b16`` at 384 is ``vit_base_patch16_384``).
+
+    Returns:
+        The local files (timm: the weights file; transformers: every file of the cached
+        snapshot, config, weights, processor and tokenizer; zoo: the bundled weights).
+
+    Raises:
+        ModelNotFoundError, DownloadError, WeightsNotFoundError: as :func:`load_model`.
+
+    Example:
+        >>> vitviz.models.fetch("ti16")  # doctest: +ELLIPSIS
+        ['.../hub/models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k/snapshots/.../model.safetensors']
+    """
+    r = resolve(name, image_size)
+    if r.source == "zoo":
+        from ..zoo import ZOO
+
+        path = ZOO[r.name].weights_path()
+        if path is None:
+            raise WeightsNotFoundError(f"the bundled weights of {name!r} are missing from this installation; "
+                                       "reinstall vitviz")
+        return [str(path)]
+    if r.source == "timm":
+        path, _ = timm_weights_location(r.model_id)
+        return [path or _hub.timm_download(r.model_id, r.name)]
+    if Path(r.model_id).is_dir():
+        return [r.model_id]
+    load_model(name)  # config, weights, processor, tokenizer
+    snapshot = _hf_snapshot(r.model_id)
+    if snapshot is None:  # loaded, so this only happens when the cache was changed meanwhile
+        raise WeightsNotFoundError(f"{r.model_id} was loaded but is not in the cache {_hf_cache_dir()}")
+    return sorted(os.path.join(snapshot, f) for f in os.listdir(snapshot))

@@ -169,47 +169,87 @@ class Preprocess:
         return h, w
 
     def _resized(self, im: Image.Image) -> Image.Image:
-        resample = _RESAMPLE[self.interpolation]
         w, h = im.size
-        scale = self._scale_size()
-        if self.resize_mode == "squash":
-            sh, sw = (scale, scale) if isinstance(scale, int) else scale
-            new_h, new_w = sh, sw
-        elif self.resize_mode == "shortest" and isinstance(scale, int):
-            # torchvision.transforms.functional._compute_resized_output_size (also transformers'
-            # get_resize_output_image_size with default_to_square=False)
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = scale, int(scale * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        else:
-            # timm.data.transforms.ResizeKeepRatio: longest=0 (shortest) or 1 (border)
-            sh, sw = (scale, scale) if isinstance(scale, int) else scale
-            ratio_h, ratio_w = h / sh, w / sw
-            ratio = max(ratio_h, ratio_w) if self.resize_mode == "border" else min(ratio_h, ratio_w)
-            new_h, new_w = round(h / ratio), round(w / ratio)
-        new_h, new_w = max(int(new_h), 1), max(int(new_w), 1)
+        new_h, new_w = self._resized_hw(h, w)
         if (new_w, new_h) == (w, h):
             return im
-        return im.resize((new_w, new_h), resample)
+        return im.resize((new_w, new_h), _RESAMPLE[self.interpolation])
 
     def _cropped(self, im: Image.Image) -> Image.Image:
         ch, cw = self.size
         w, h = im.size
+        top, left = self._crop_origin(h, w)
+        if top >= 0 and left >= 0:
+            if (w, h) == (cw, ch):
+                return im
+            return im.crop((left, top, left + cw, top + ch))
+        # torchvision CenterCrop / timm CenterCropOrPad: pad (floor on the left/top), then crop
+        fill = (tuple(round(255 * m) for m in self.mean) if self.resize_mode == "border" else (0, 0, 0))
+        canvas = Image.new("RGB", (cw, ch), fill)
+        canvas.paste(im, (-left, -top))
+        return canvas
+
+    def _resized_hw(self, h: int, w: int) -> tuple[int, int]:
+        """The size ``_resized`` gives an ``h x w`` image (same arithmetic, no pixels)."""
+        scale = self._scale_size()
+        if self.resize_mode == "squash":
+            sh, sw = (scale, scale) if isinstance(scale, int) else scale
+            return max(int(sh), 1), max(int(sw), 1)
+        if self.resize_mode == "shortest" and isinstance(scale, int):
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = scale, int(scale * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        else:
+            sh, sw = (scale, scale) if isinstance(scale, int) else scale
+            ratio_h, ratio_w = h / sh, w / sw
+            ratio = max(ratio_h, ratio_w) if self.resize_mode == "border" else min(ratio_h, ratio_w)
+            new_h, new_w = round(h / ratio), round(w / ratio)
+        return max(int(new_h), 1), max(int(new_w), 1)
+
+    def _crop_origin(self, h: int, w: int) -> tuple[int, int]:
+        """``(top, left)`` of ``_cropped``'s window in the coordinates of its ``h x w`` input
+        (negative where the window reaches into the padding)."""
+        ch, cw = self.size
+        oy = ox = 0
         if cw > w or ch > h:
-            # torchvision CenterCrop / timm CenterCropOrPad: pad (floor on the left/top), then crop
-            fill = (tuple(round(255 * m) for m in self.mean) if self.resize_mode == "border"
-                    else (0, 0, 0))
             pw, ph = max(cw, w), max(ch, h)
-            canvas = Image.new("RGB", (pw, ph), fill)
-            canvas.paste(im, ((pw - w) // 2 if cw > w else 0, (ph - h) // 2 if ch > h else 0))
-            im, w, h = canvas, pw, ph
+            ox, oy = ((pw - w) // 2 if cw > w else 0), ((ph - h) // 2 if ch > h else 0)
+            w, h = pw, ph
         if (w, h) == (cw, ch):
-            return im
+            return -oy, -ox
         if self.crop_offset == "round":
             top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
         else:
             top, left = (h - ch) // 2, (w - cw) // 2
-        return im.crop((left, top, left + cw, top + ch))
+        return top - oy, left - ox
+
+    def region(self, image: Any) -> tuple[float, float, float, float]:
+        """Where the model's view lies on the original image, in its pixels.
+
+        The centre crop (or pad) of :meth:`view` mapped back through the resize: the view's
+        pixel ``(x, y)`` covers the original's ``left + x * (right - left) / W``. With padding
+        the box reaches outside the image; with ``"squash"`` it is the whole image.
+
+        Args:
+            image: anything :func:`~vitviz.models._image.load_image` takes, or its
+                ``(width, height)``.
+
+        Returns:
+            ``(left, top, right, bottom)`` floats, as ``PIL.Image.crop`` boxes.
+
+        Example:
+            >>> Preprocess(size=224, resize_mode="shortest", crop_pct=0.875).region((600, 400))
+            (125.0, 25.0, 475.0, 375.0)
+        """
+        if isinstance(image, tuple) and len(image) == 2 and all(isinstance(v, (int, np.integer)) for v in image):
+            w, h = int(image[0]), int(image[1])
+        else:
+            w, h = load_image(image).size
+        rh, rw = self._resized_hw(h, w)
+        top, left = self._crop_origin(rh, rw)
+        ch, cw = self.size
+        sx, sy = w / rw, h / rh  # original pixels per resized pixel
+        return (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
 
     def view(self, image: Any) -> np.ndarray:
         """The resized and cropped RGB image, exactly as the model sees it (before normalisation).

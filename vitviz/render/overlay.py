@@ -86,3 +86,55 @@ def overlay(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5) -> np.ndar
     colour = colorize(up, cmap).astype(np.float32)  # [H, W, 3]
     out = (1.0 - alpha) * img.astype(np.float32) + alpha * colour
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def overlay_region(image, heatmap, box, *, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    """Draw a patch-grid heatmap over the part of a full-resolution image the model saw.
+
+    ``box`` is the model's view on ``image`` (:meth:`vitviz.models.Preprocess.region`): the
+    map is min-max scaled, upsampled bicubically to the box's size in the image's own pixels,
+    coloured and blended inside the box as :func:`overlay` does; pixels the model never saw
+    (cut off by the centre crop) stay as they are. Parts of the box outside the image (padding)
+    are dropped.
+
+    Args:
+        image: ``HxWx3`` uint8 RGB array or PIL image, the original picture.
+        heatmap: ``[gh, gw]`` map (tensor or array), any scale.
+        box: ``(left, top, right, bottom)`` in ``image`` pixels (floats allowed).
+        cmap, alpha: as :func:`overlay`.
+
+    Returns:
+        ``HxWx3`` uint8 RGB array of ``image``'s size.
+
+    Example:
+        >>> pre = m.preprocessor
+        >>> vis = overlay_region(load_image("cat.jpg"), heat[0], pre.region("cat.jpg"))
+    """
+    import cv2
+
+    from ..errors import RenderError
+
+    if not 0.0 <= alpha <= 1.0:
+        raise RenderError(f"alpha must be in [0, 1], got {alpha}")
+    img = as_rgb_uint8(image)
+    h, w = img.shape[:2]
+    try:
+        left, top, right, bottom = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise RenderError(f"box must be four numbers (left, top, right, bottom), got {box!r}") from None
+    if not (right > left and bottom > top) or not all(np.isfinite((left, top, right, bottom))):
+        raise RenderError(f"box must be finite with right > left and bottom > top, got {box!r}; "
+                          "use model.preprocessor.region(image)")
+    x0, y0 = int(round(left)), int(round(top))
+    bw, bh = max(int(round(right)) - x0, 1), max(int(round(bottom)) - y0, 1)
+    unit = normalize_map(heatmap)  # [gh, gw] in [0, 1]
+    up = np.clip(cv2.resize(unit, (bw, bh), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)  # [bh, bw]
+    # the part of the box inside the image
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + bw, w), min(y0 + bh, h)
+    out = img.copy()
+    if ix1 <= ix0 or iy1 <= iy0:
+        return out
+    colour = colorize(up[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0], cmap).astype(np.float32)  # [h', w', 3]
+    patch = img[iy0:iy1, ix0:ix1].astype(np.float32)
+    out[iy0:iy1, ix0:ix1] = np.clip(np.rint((1.0 - alpha) * patch + alpha * colour), 0, 255).astype(np.uint8)
+    return out
