@@ -420,3 +420,52 @@ def test_kept_layers_are_computed_into_one_stack_without_a_copy():
     with torch.no_grad(), vitviz.capture(model) as eager:
         model(x)
     torch.testing.assert_close(t, eager.attentions.tensor, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"mask": "bool"}, {"mask": "float"}, {"enable_gqa": True}])
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+def test_sdpa_fused_heads_equals_full_probabilities_fused(kw, fusion, monkeypatch):
+    import vitviz.hooks._ops as ops
+    from vitviz.analyze import fuse_heads
+
+    monkeypatch.setattr(ops, "_CHUNK_BYTES", 2 * 6 * 7 * 4)  # two heads per chunk: several chunks
+    kw = dict(kw)
+    b, h, length, source, d = 2, 5, 6, 7, 4
+    hk = 1 if kw.get("enable_gqa") else h
+    q, k, v = torch.randn(b, h, length, d), torch.randn(b, hk, source, d), torch.randn(b, hk, source, 3)
+    mask = kw.pop("mask", None)
+    if mask == "bool":
+        kw["attn_mask"] = torch.rand(length, source) > 0.3
+        kw["attn_mask"][:, 0] = True
+    elif mask == "float":
+        kw["attn_mask"] = torch.randn(b, 1, length, source)
+    out, fused = ops.sdpa_fused_heads(q, k, v, fusion=fusion, **kw)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kw), atol=1e-6, rtol=1e-5)
+    full = sdpa_probabilities(q, k, **kw)  # [B, H, L, S]
+    torch.testing.assert_close(fused, fuse_heads(full, fusion).unsqueeze(1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max"])
+def test_streaming_rollout_never_builds_all_heads(fusion, monkeypatch):
+    import timm
+
+    import vitviz.hooks._ops as ops
+    from vitviz.analyze import RolloutStream
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_heads=4,
+                              embed_dim=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitviz.capture(model) as rec:
+        plain = model(x)
+    stored = vitviz.rollout(rec.attentions, head_fusion=fusion, discard_ratio=0.5)
+    shapes = []
+    real = ops.sdpa_probabilities
+    monkeypatch.setattr(ops, "sdpa_probabilities", lambda q, *a, **k: shapes.append(q.dim()) or real(q, *a, **k))
+    monkeypatch.setattr(ops, "_CHUNK_BYTES", 5 * 5 * 4)  # one head of 5 tokens at a time
+    stream = RolloutStream(head_fusion=fusion, discard_ratio=0.5)
+    with torch.no_grad(), vitviz.capture(model, keep="none", streams={"r": stream}) as streamed:
+        out = model(x)
+    assert shapes and set(shapes) == {3}  # chunks of one head: [B, H, N, N] never computed
+    assert len(shapes) == 3 * 2 * 4  # layers x batch x heads
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(streamed.stream("r"), stored, rtol=1e-5, atol=1e-7)

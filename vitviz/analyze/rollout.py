@@ -198,6 +198,8 @@ class RolloutStream:
     def __init__(self, *, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0):
         check_options(head_fusion, discard_ratio)
         self.head_fusion, self.discard_ratio, self.start_layer = head_fusion, discard_ratio, start_layer
+        # the heads are fused first: a capture may hand over [B, 1, N, N] already fused this way
+        self.fused_heads = head_fusion
         self.reset()
 
     def reset(self) -> None:

@@ -19,7 +19,10 @@ passed in, so a stream needs no knowledge of the model in its constructor:
 
 - ``update(attn, *, layer, num_layers, layout)``: every image self-attention layer in the
   forward pass (``attn`` ``[B, H, N, N]``; ``num_layers`` None where the depth is not known
-  before the pass ends);
+  before the pass ends). A stream that fuses the heads first may say so with a
+  ``fused_heads`` attribute (``"mean"``, ``"max"`` or ``"min"``): when every stream says the
+  same and nothing else needs the layer, it gets the fused ``[B, 1, N, N]`` instead, computed
+  a few heads at a time on the CPU without the ``[B, H, N, N]`` probabilities;
 - ``update_grad(attn, grad, *, layer, num_layers, layout)``: every layer's attention with its
   gradient in the backward pass (``grad=True``; last layer first), e.g.
   :class:`vitviz.analyze.relevance.RelevanceStream`;
@@ -187,6 +190,21 @@ class _Recorder:
             return True
         p = self.current()
         return _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0))
+
+    def fused_heads(self, role: str, query: torch.Tensor) -> Optional[str]:
+        """The head fusion (``"mean"``/``"max"``/``"min"``) that is all the next layer of
+        ``role`` is needed for, or None: on the CPU, when every forward stream declares the
+        same ``fused_heads`` and the layer is neither kept nor needed by a gradient."""
+        if (role != IMAGE or not self.forward_streams or self.grad or query.device.type != "cpu"
+                or query.dtype != torch.float32):
+            return None
+        fusions = {getattr(s, "fused_heads", None) for s in self.forward_streams}
+        if len(fusions) != 1 or None in fusions:
+            return None
+        p = self.current()
+        if _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0)):
+            return None
+        return fusions.pop()
 
     def wants_gradient(self, role: str, out: torch.Tensor) -> bool:
         """Whether a fused call's output must carry a gradient hook for the gradient streams."""

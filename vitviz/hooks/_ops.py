@@ -120,6 +120,56 @@ def _sdpa_output(probs: torch.Tensor, value: torch.Tensor, dropout_p: float, ena
     return torch.matmul(a, value)
 
 
+# bytes of probabilities computed at once by sdpa_fused_heads: a chunk stays in the CPU's cache
+_CHUNK_BYTES = 1 << 20
+
+
+def sdpa_fused_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, fusion: str,
+                     attn_mask=None, is_causal: bool = False, scale: Optional[float] = None,
+                     enable_gqa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output and its head-fused probabilities, computed a few heads at a time.
+
+    Each chunk of ``softmax(q kᵀ·scale + mask)`` (about 1 MB) is computed in place in a scratch
+    tensor, multiplied with its values into the output, and folded into the head fusion
+    (mean, max or min), so the ``[B, H, L, S]`` probabilities never go through main memory:
+    what a stream that fuses heads first (rollout) needs, at close to the fused kernel's cost.
+
+    Shape:
+        query ``[B, Hq, L, d]``, key ``[B, Hk, S, d]``, value ``[B, Hk, S, dv]`` ->
+        (output ``[B, Hq, L, dv]``, fused ``[B, 1, L, S]`` float32)
+    """
+    b, h, length, _ = query.shape
+    source = key.shape[-2]
+    if enable_gqa and key.shape[-3] != h:
+        key = key.repeat_interleave(h // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(h // value.shape[-3], dim=-3)
+    out = query.new_empty(b, h, length, value.shape[-1])  # [B, H, L, dv]
+    fused = torch.empty(b, 1, length, source, dtype=torch.float32, device=query.device)  # [B, 1, L, S]
+    per = max(1, min(h, _CHUNK_BYTES // (length * source * query.element_size())))
+    scratch = query.new_empty(per, length, source)  # [h', L, S]
+    mask = None if attn_mask is None else attn_mask.expand(b, h, length, source)
+    for i in range(b):
+        acc = fused[i, 0]  # [L, S]
+        for h0 in range(0, h, per):
+            h1 = min(h, h0 + per)
+            probs = sdpa_probabilities(query[i, h0:h1], key[i, h0:h1], is_causal=is_causal, scale=scale,
+                                       attn_mask=None if mask is None else mask[i, h0:h1],
+                                       out=scratch[:h1 - h0])  # [h', L, S]
+            torch.matmul(probs, value[i, h0:h1], out=out[i, h0:h1])
+            if fusion == "mean":
+                part = probs.sum(dim=0, dtype=torch.float32)  # [L, S]
+                acc.copy_(part) if h0 == 0 else acc.add_(part)
+            else:
+                part = probs.amax(dim=0) if fusion == "max" else probs.amin(dim=0)  # [L, S]
+                if h0 == 0:
+                    acc.copy_(part)
+                else:
+                    torch.maximum(acc, part, out=acc) if fusion == "max" else torch.minimum(acc, part, out=acc)
+    if fusion == "mean":
+        fused.div_(h)
+    return out, fused
+
+
 def _attention_grad(value: torch.Tensor, enable_gqa: bool, num_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``dOut -> dA = dOut·vᵀ``: the gradient with respect to the probabilities of an SDPA call
     whose output ``out = A·v`` came from the fused kernel (``[..., L, dv] -> [..., L, S]``)."""
@@ -232,6 +282,13 @@ class AttentionOps(TorchFunctionMode):
                                        num_keys=k.shape[-2])
             else:
                 rec.skip(role)
+            return out
+        fusion = rec.fused_heads(role, q)
+        if fusion is not None and q.dim() == 4 and a["dropout_p"] == 0:
+            out, fused = sdpa_fused_heads(q, k, v, fusion=fusion, attn_mask=a["attn_mask"],
+                                          is_causal=a["is_causal"], scale=a["scale"],
+                                          enable_gqa=a["enable_gqa"])
+            rec.record(site, role, fused)  # [B, 1, L, S]: streams only, nothing kept
             return out
         buffer = None
         if q.dim() == 4 and q.dtype == torch.float32 and not (
