@@ -47,3 +47,16 @@ class CaptureError(VitvizError, RuntimeError):
 
 class PreprocessError(VitvizError, ValueError):
     """Preprocessing settings that cannot work (bad size, mean/std, interpolation)."""
+
+
+class MissingExtraError(VitvizError, ImportError):
+    """A feature needs an optional dependency that is not installed.
+
+    The message names the package and the extra that installs it, e.g.
+    ``pip install 'vitviz[flow]'``.
+    """
+
+    def __init__(self, message: str, *, extra: str, package: str):
+        self.extra = extra
+        self.package = package
+        super().__init__(message, name=package)
