@@ -27,20 +27,20 @@ def test_quick_benchmark_runs_every_method(tmp_path):
 
 
 def test_scipy_solver_refines_below_its_int32_resolution():
-    """Golden values on a tiny graph: S -> a (1), a -> T (3e-11), S -> b (0.25), b -> T (1),
-    a -> b (0.5). Max flow = 3e-11 + 0.25. One int32 round floors 3e-11 * 2**30 to 0;
-    the refinement rounds find it."""
+    """Golden values on a tiny graph: S -> a (1), a -> T (3e-11), a -> b (0.5), S -> b (0.25),
+    b -> T (0.6). Max flow = min cut {a -> T, b -> T} = 0.6 + 3e-11 (b receives 0.75, passes
+    0.6). One int32 round floors 3e-11 * 2**30 to 0; the refinement rounds find it."""
     from benchmarks.flow_solvers import scipy_max_flow
     import numpy as np
 
     s, a, b, t = 0, 1, 2, 3
     tails, heads = np.array([s, a, s, b, a]), np.array([a, t, b, t, b])
-    cap = np.array([1.0, 3e-11, 0.25, 1.0, 0.5])
+    cap = np.array([1.0, 3e-11, 0.25, 0.6, 0.5])
     stats = {}
     exact = scipy_max_flow(tails, heads, cap, s, t, 4, tol=1e-14, stats=stats)
-    assert exact == pytest.approx(0.25 + 3e-11, abs=1e-14) and stats["rounds"] >= 2
+    assert exact == pytest.approx(0.6 + 3e-11, abs=1e-14) and stats["rounds"] >= 2
     one = scipy_max_flow(tails, heads, cap, s, t, 4, tol=float("inf"), stats=stats)
-    assert stats["rounds"] == 1 and 0.25 - 5 * 1.25 / (2 ** 30 - 1) <= one <= 0.25  # arcs / scale below
+    assert stats["rounds"] == 1 and 0.6 - 5 * 1.25 / (2 ** 30 - 1) <= one <= 0.6  # arcs / scale below
 
 
 def test_scipy_solver_equals_vitviz_exact_max_flow():

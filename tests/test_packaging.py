@@ -68,6 +68,8 @@ def test_core_requirements_are_the_light_set(metadata):
     core = {name for name, extra in reqs if extra is None}
     assert core == CORE
     assert not core & NEVER_IN_CORE
+    assert metadata["Name"] == "vitviz" and metadata["License-Expression"] == "MIT"
+    assert metadata["Requires-Python"] == ">=3.10"
 
 
 def test_extras_as_designed(metadata):
