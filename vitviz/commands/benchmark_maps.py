@@ -47,10 +47,9 @@ def run(args) -> int:
 
     from tqdm.auto import tqdm
 
+    from .._extras import EXTRAS, has_extra
     from ..models import load_model
     from ..zoo.benchmark import benchmark_captioner, benchmark_classifier
-
-    from .._extras import EXTRAS, has_extra
 
     flow = not args.no_flow and has_extra("flow")
     if not args.no_flow and not flow and args.model == "shapes-vit":
