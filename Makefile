@@ -1,4 +1,5 @@
-# One-command set-up: `make test` and `make demo` create .venv and install everything.
+# One-command set-up: `make test` and `make demo` create .venv and install everything:
+# the core package, every optional extra ([all]) and the test tools ([dev]).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[all,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

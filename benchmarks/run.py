@@ -11,6 +11,7 @@ methods).
     python -m benchmarks.run                       # ViT-S/16 and ViT-B/16, 224 and 384 px, batch 1 and 8
     python -m benchmarks.run --models s16 --sizes 224 --batches 1 --reps 3
     python -m benchmarks.run --quick               # tiny model, seconds (what the test runs)
+    python -m benchmarks.run --models '' --flow    # attention flow only, and OR-tools vs SciPy
 
 Peak memory is the peak resident set size of a fresh child process that loads the model
 and runs one measured call, so each figure includes the model and the libraries.
@@ -203,7 +204,66 @@ def flow_seconds(reps: int, layers: int = 12, heads: int = 12, grid: int = 14) -
         maps = vitviz.AttentionMaps(att, layout)
         t = _timed({"flow": lambda: vitviz.attention_flow(maps)}, max(1, reps))["flow"]
         rows.append(dict(model=f"L{layers}", size=n, batch=1, method=f"flow ({name} attention)", seconds=t))
+    rows.extend(flow_solver_seconds(vitviz.AttentionMaps(peaked, layout), reps=max(1, reps)))
     return rows
+
+
+def flow_solver_seconds(maps, reps: int, max_sinks: int = 20) -> list[dict]:
+    """The exact max-flow step of attention flow with OR-tools (what vitviz ships) and with
+    SciPy's Dinic (benchmarks/flow_solvers.py), on the sinks that the certificates leave to it
+    (up to ``max_sinks`` of them, evenly spread), interleaved rep by rep, median seconds per
+    sink. Both return every value within 1e-9; "one int32 round" is SciPy's single solve,
+    whose guaranteed precision is only ``arcs / 2**30``."""
+    import numpy as np
+
+    from vitviz.analyze.flow import _integer_graph, flow_matrices, layered_max_flow
+    from vitviz.analyze.query import query_weights
+
+    try:
+        from benchmarks.flow_solvers import scipy_exact_values, scipy_max_flow, _layered_arcs
+        import scipy  # noqa: F401
+    except ImportError:
+        print("# scipy is not installed: the OR-tools / SciPy comparison is skipped", flush=True)
+        return []
+    caps = flow_matrices(maps)  # [1, L, N, N]
+    source = query_weights(maps.layout, "auto", dtype=caps.dtype)[None]  # [1, N]
+    stats = {}
+    layered_max_flow(caps, source, stats=stats)
+    todo = (~stats["certified"][0]).nonzero()[:, 0].numpy()  # sinks left to the exact step
+    if todo.size == 0:  # all certified (tiny graphs): compare the solvers on every sink
+        todo = np.arange(caps.shape[-1])
+    sinks = todo[np.linspace(0, todo.size - 1, min(max_sinks, todo.size)).astype(int)]
+    c, s = caps[0].numpy(), source[0].numpy()  # [L, N, N], [N]
+
+    def ortools():
+        graph, bottom, scale, node_s, node_t = _integer_graph(c, s, 1e-9)
+        out = []
+        for j in sinks:
+            graph.set_arcs_capacity(bottom, np.floor(c[0, :, j] * scale).astype(np.int64))
+            graph.solve(node_s, node_t)
+            out.append(graph.optimal_flow() / scale)
+        return np.array(out)
+
+    def scipy_one_round():
+        tails, heads, cap, bottom, node_s, node_t, nodes = _layered_arcs(c, s)
+        out = []
+        for j in sinks:
+            cap[bottom] = c[0, :, j]
+            out.append(scipy_max_flow(tails, heads, cap, node_s, node_t, nodes, tol=float("inf")))
+        return np.array(out)
+
+    calls = {"OR-tools push-relabel (int64, exact)": ortools,
+             "SciPy Dinic (int32 rounds, exact)": lambda: scipy_exact_values(c, s, sinks),
+             "SciPy Dinic (one int32 round)": scipy_one_round}
+    exact, light, one = (fn() for fn in calls.values())
+    gaps = {"SciPy Dinic (int32 rounds, exact)": float(np.abs(light - exact).max()),
+            "SciPy Dinic (one int32 round)": float(np.abs(one - exact).max())}
+    seconds = _timed(calls, reps)
+    n = caps.shape[-1]
+    return [dict(model=f"L{caps.shape[1]}", size=n, batch=1, method=f"flow exact step: {name}",
+                 seconds=t / len(sinks), sinks_timed=int(len(sinks)), sinks_left=int(todo.size),
+                 max_abs_diff_to_ortools=gaps.get(name, 0.0))
+            for name, t in seconds.items()]
 
 
 def main(argv=None) -> list[dict]:
@@ -219,7 +279,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0, metavar="T", help="torch threads (default: torch's)")
     p.add_argument("--gallery-batch", type=int, default=16, metavar="B")
     p.add_argument("--flow", action="store_true",
-                   help="also time attention flow at the ViT-B/16 224 px size (spread and peaked attention)")
+                   help="also time attention flow at the ViT-B/16 224 px size (spread and peaked attention), "
+                        "and its exact max-flow step with OR-tools against SciPy's Dinic (needs scipy)")
+    p.add_argument("--flow-reps", type=int, default=None, metavar="R",
+                   help="repetitions of the flow timings (default: min(--reps, 3))")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     a = p.parse_args(argv)
     if a.quick:
@@ -230,7 +293,8 @@ def main(argv=None) -> list[dict]:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     rows = []
-    for model in a.models.split(","):
+    models = [m for m in a.models.split(",") if m]  # --models '' times nothing but --flow
+    for model in models:
         for size in map(int, a.sizes.split(",")):
             for batch in map(int, a.batches.split(",")):
                 for r in bench(model, size, batch, a.reps):
@@ -242,7 +306,7 @@ def main(argv=None) -> list[dict]:
                     print(f"{model:>5} {size:>4}px b{batch:<2} {r['method']:<32} "
                           f"{r['seconds'] * 1000:9.1f} ms  {r['ratio']:5.2f}x{mem}", flush=True)
     if a.gallery:
-        for model in a.models.split(","):
+        for model in models:
             size = int(a.sizes.split(",")[0])
             g = gallery_throughput(model, size, a.gallery, reps=max(1, min(a.reps, 3)), batch_size=a.gallery_batch)
             rows.append(g)
@@ -251,8 +315,13 @@ def main(argv=None) -> list[dict]:
                   f"(vs decode+forward {g['ratio_decode_forward']:.2f}x)", flush=True)
     if a.flow:
         size = dict(layers=3, heads=2, grid=4) if a.quick else {}
-        for r in flow_seconds(min(a.reps, 3), **size):
+        for r in flow_seconds(min(a.reps, 3) if a.flow_reps is None else a.flow_reps, **size):
             rows.append(r)
+            if "sinks_timed" in r:
+                print(f"{r['model']:>5} {r['size']:>4} tokens {r['method']:<52} {r['seconds'] * 1000:7.1f} ms "
+                      f"per sink ({r['sinks_left']} sinks left = {r['seconds'] * r['sinks_left']:.2f} s per "
+                      f"image; max |diff| to OR-tools {r['max_abs_diff_to_ortools']:.1e})", flush=True)
+                continue
             print(f"{r['model']:>5} {r['size']:>4} tokens {r['method']:<26} {r['seconds']:7.2f} s per image",
                   flush=True)
     if a.json:

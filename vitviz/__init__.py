@@ -34,6 +34,7 @@ _EXPORTS = {
     "ModelNotFoundError": "vitviz.errors",
     "WeightsNotFoundError": "vitviz.errors",
     "PreprocessError": "vitviz.errors",
+    "MissingExtraError": "vitviz.errors",
     # load
     "VisionModel": "vitviz.models",
     "wrap": "vitviz.models",
@@ -98,8 +99,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .gallery import build_gallery, merge_gallery
     from .explain import relevance
     from .hooks import Recording, capture
-    from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, ModelNotFoundError,
-                         PreprocessError, VitvizError, WeightsNotFoundError)
+    from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, MissingExtraError,
+                         ModelNotFoundError, PreprocessError, VitvizError, WeightsNotFoundError)
     from .models import (Preprocess, VisionModel, list_models, load_image, load_model, pos_similarity,
                          to_rgb_array, wrap)
     from .render import overlay

@@ -72,3 +72,16 @@ class DownloadError(WeightsNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class MissingExtraError(VitvizError, ImportError):
+    """A feature needs an optional dependency that is not installed.
+
+    The message names the package and the extra that installs it, e.g.
+    ``pip install 'vitviz[flow]'``.
+    """
+
+    def __init__(self, message: str, *, extra: str, package: str):
+        self.extra = extra
+        self.package = package
+        super().__init__(message, name=package)

@@ -48,6 +48,12 @@ exact per-sink maxima, but cheaply:
    trained model's leaves most sinks to this step: ViT-B/16 size synthetic attention with
    70% of the mass on three sink tokens takes about 3 s per image on one CPU core
    (``python -m benchmarks.run --flow``); a vectorised torch push-relabel took 100 s.
+   OR-tools is the optional extra ``vitviz[flow]``: without it, attention flow raises
+   :class:`vitviz.errors.MissingExtraError` naming ``pip install 'vitviz[flow]'``. SciPy's
+   ``maximum_flow`` (Dinic) was measured as the lighter alternative and not kept: its
+   capacities are 32-bit integers, so reaching ``tol`` takes three refinement rounds on the
+   residual graph, and even its single, inexact round is no faster than OR-tools' exact solve
+   (``benchmarks/flow_solvers.py``; numbers in the README).
 
 Values are exact up to ``tol`` (default ``1e-9``, absolute, on flows of total at most 1):
 each returned value ``v`` satisfies ``v <= maxflow <= v + tol`` up to float64 rounding.
@@ -61,6 +67,7 @@ from typing import Optional
 
 import torch
 
+from .._extras import require_extra
 from ..types import AttentionMaps
 from .query import Query, query_weights
 from .rollout import fuse_heads
@@ -187,11 +194,18 @@ def layered_max_flow(caps: torch.Tensor, source: torch.Tensor, *, tol: float = 1
     Returns:
         ``[B, N]`` max-flow values (dtype of ``caps``).
 
+    Raises:
+        MissingExtraError: OR-tools (the ``vitviz[flow]`` extra) is not installed. Checked
+            before any work, also when the certificates alone would settle every sink, so that
+            the same call does not work on one input and fail on the next.
+        ValueError: capacities of the wrong shape, negative or not finite.
+
     Example:
         >>> caps = torch.rand(2, 3, 5, 5, dtype=torch.float64)
         >>> layered_max_flow(caps, torch.ones(2, 5, dtype=torch.float64)).shape
         torch.Size([2, 5])
     """
+    require_extra("flow", "attention flow (its exact max-flow solver, OR-tools)")
     if caps.dim() != 4 or caps.shape[-1] != caps.shape[-2] or caps.shape[1] < 1:
         raise ValueError(f"caps must be [B, L, N, N] with L >= 1, got shape {tuple(caps.shape)}")
     b, num_layers, n, _ = caps.shape
@@ -358,8 +372,8 @@ def _integer_graph(caps, source, tol: float):
         ValueError: the capacities span so much that ``arcs / scale`` exceeds ``tol``.
     """
     import numpy as np
-    from ortools.graph.python import max_flow
 
+    max_flow = require_extra("flow", "attention flow (its exact max-flow solver, OR-tools)")
     num_layers, n, _ = caps.shape
     total = float(source.sum() + caps.sum())  # bounds every sum of capacities the solver forms
     scale = 2.0 ** min(1000, _INT_BITS - 1 - int(np.ceil(np.log2(total)))) if total > 0 else 1.0

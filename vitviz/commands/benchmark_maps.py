@@ -47,9 +47,14 @@ def run(args) -> int:
 
     from tqdm.auto import tqdm
 
+    from .._extras import EXTRAS, has_extra
     from ..models import load_model
     from ..zoo.benchmark import benchmark_captioner, benchmark_classifier
 
+    flow = not args.no_flow and has_extra("flow")
+    if not args.no_flow and not flow and args.model == "shapes-vit":
+        print(f"vitviz: note: attention flow is skipped: its solver '{EXTRAS['flow'].distribution}' is "
+              "not installed (pip install 'vitviz[flow]')", file=sys.stderr)
     model = load_model(args.model, weights=args.weights, device=args.device)
     bar = tqdm(total=args.num_images, unit="img", desc=args.model, file=sys.stderr)
 
@@ -60,7 +65,7 @@ def run(args) -> int:
     if args.model == "shapes-vit":
         table = benchmark_classifier(model, n=args.num_images, batch_size=args.batch_size,
                                      steps=args.steps, deletion=not args.no_deletion,
-                                     relevance=not args.no_relevance, flow=not args.no_flow,
+                                     relevance=not args.no_relevance, flow=flow,
                                      progress=progress)
         head = f"shapes-vit, {table.n} held-out scenes, accuracy {table.extra['accuracy']:.3f}"
     else:

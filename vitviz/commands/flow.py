@@ -31,6 +31,9 @@ def run(args) -> int:
         query = parse_query(args.query)
     except ValueError as e:
         return fail(str(e))
+    from .._extras import require_extra
+
+    require_extra("flow", "vitviz flow")  # before the model loads: one line, exit status 2
     from pathlib import Path
 
     from .._io import save_npy, save_png

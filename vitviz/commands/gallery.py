@@ -100,7 +100,7 @@ def run(args) -> int:
     shard = parse_shard(args.shard)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        get_method(m)  # unknown names fail now, before the model loads
+        get_method(m).check_installed()  # unknown names and missing extras fail now, before the model loads
     options = {}
     for name in ("rollout", "grad_rollout"):
         if name in methods:

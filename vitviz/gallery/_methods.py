@@ -113,6 +113,15 @@ class Method:
     description: str = ""
     defaults: dict = field(default_factory=dict)
     stream: Optional[Callable[..., Any]] = None  # stream(model, **options) -> streaming analysis
+    extra: Optional[str] = None  # the optional vitviz extra it needs (vitviz._extras), if any
+
+    def check_installed(self) -> None:
+        """Raise :class:`vitviz.errors.MissingExtraError` (naming ``pip install 'vitviz[EXTRA]'``)
+        when the optional package this method needs is not installed."""
+        if self.extra is not None:
+            from .._extras import require_extra
+
+            require_extra(self.extra, f"the gallery method {self.name!r}")
 
     def options(self, given: Optional[dict] = None) -> dict:
         """The method's options: its defaults updated with ``given`` (unknown names refused)."""
@@ -134,7 +143,7 @@ _METHODS: dict[str, Method] = {}
 
 def register_method(name: str, *, needs: str = "attention", description: str = "",
                     replace: bool = False, stream: Optional[Callable[..., Any]] = None,
-                    **defaults) -> Callable:
+                    extra: Optional[str] = None, **defaults) -> Callable:
     """Decorator registering ``fn(inp: MethodInput, **options) -> MethodResult | Tensor``.
 
     Args:
@@ -145,6 +154,8 @@ def register_method(name: str, *, needs: str = "attention", description: str = "
         stream: ``stream(model, **options)`` returning a streaming analysis (``update`` for
             ``needs="attention"``, ``update_grad`` for ``needs="grad"``) whose
             ``result(layout)`` the method then reads as ``inp.streamed``.
+        extra: the optional vitviz extra the method needs (``"flow"``); a gallery that asks
+            for the method without it fails before any image is read, naming the install.
         **defaults: the method's options and their default values.
     """
     if needs not in NEEDS:
@@ -156,7 +167,12 @@ def register_method(name: str, *, needs: str = "attention", description: str = "
     def deco(fn: Callable) -> Callable:
         if name in _METHODS and not replace and _METHODS[name].fn is not fn:
             raise ValueError(f"a gallery method named {name!r} is already registered; pass replace=True")
-        _METHODS[name] = Method(name, fn, needs, description, dict(defaults), stream)
+        if extra is not None:
+            from .._extras import EXTRAS
+
+            if extra not in EXTRAS:
+                raise ValueError(f"unknown extra {extra!r} (known: {', '.join(sorted(EXTRAS))})")
+        _METHODS[name] = Method(name, fn, needs, description, dict(defaults), stream, extra)
         return fn
 
     return deco
@@ -304,7 +320,7 @@ def _grad_rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, s
                          start_layer=start_layer)  # [B, gh, gw]
 
 
-@register_method("flow", head_fusion="mean", start_layer=0,
+@register_method("flow", head_fusion="mean", start_layer=0, extra="flow",
                  description="attention flow (Abnar & Zuidema 2020), max-flow per patch")
 def _flow(inp: MethodInput, *, head_fusion: str, start_layer: int):
     from ..analyze.flow import attention_flow

@@ -437,6 +437,8 @@ def build_gallery(
         if k not in names_wanted:
             raise VitvizError(f"options given for {k!r}, which is not among the methods {', '.join(names_wanted)}")
     chosen = [(get_method(n), None) for n in names_wanted]
+    for m, _ in chosen:
+        m.check_installed()  # a missing optional package fails now, not on every batch
     chosen = [(m, m.options(opts.get(m.name))) for m, _ in chosen]
     if batch_size < 1:
         raise VitvizError(f"batch_size must be at least 1, got {batch_size}")
