@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import vitviz
@@ -358,3 +359,34 @@ def test_padded_batch_skips_nested_tensor_fast_path():
     torch.testing.assert_close(attn, torch.stack(ref), atol=ATOL, rtol=0)
     assert attn[:, 1, :, :, 5:].abs().max() == 0  # padded keys get no attention
     torch.testing.assert_close(captured[~pad], plain[~pad], atol=ATOL, rtol=0)
+
+
+def test_layers_not_kept_run_as_the_caller_asked():
+    import inspect
+
+    from torch.overrides import TorchFunctionMode
+
+    names = list(inspect.signature(F.multi_head_attention_forward).parameters)
+
+    class Spy(TorchFunctionMode):  # an outer mode sees the calls the capture passes on
+        asked: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.multi_head_attention_forward:
+                self.asked.append(dict(zip(names, args), **kwargs).get("need_weights", True))
+            return func(*args, **kwargs)
+
+    model = CourseViT().eval()
+    img = torch.randn(1, 3, 24, 40)
+    with torch.no_grad(), Spy(), capture(model) as full:
+        model(img)
+    assert Spy.asked == [True, True]  # weights asked for at every layer
+    Spy.asked.clear()
+    with torch.no_grad(), Spy(), capture(model, keep=[-1]) as last:
+        out = model(img)
+    # the encoder layer calls its attention with need_weights=False: layer 0 ran that way
+    assert Spy.asked == [False, True]
+    torch.testing.assert_close(last.attentions.tensor[0], full.attentions.tensor[-1], atol=ATOL, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(img), atol=ATOL, rtol=0)

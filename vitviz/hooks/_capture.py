@@ -206,9 +206,9 @@ class _Recorder:
             return None
         return fusions.pop()
 
-    def wants_gradient(self, role: str, out: torch.Tensor) -> bool:
-        """Whether a fused call's output must carry a gradient hook for the gradient streams."""
-        return role == IMAGE and bool(self.grad_streams) and self.grad and out.requires_grad
+    def wants_gradient(self, role: str) -> bool:
+        """Whether the gradient streams need this role's layers (with grad=True, image layers)."""
+        return role == IMAGE and bool(self.grad_streams) and torch.is_grad_enabled()
 
     def record_from_output(self, site: Site, role: str, out: torch.Tensor, grad_of, recompute,
                            num_keys: int) -> None:

@@ -200,7 +200,7 @@ class AttentionOps(TorchFunctionMode):
             stack, or None), or None for a call the capture ignores; ``needs(role)`` says
             whether the next layer of that role needs its probabilities; ``skip(role)`` counts
             a layer left to the fused kernel; ``record(site, role, attn, graph=)`` records one;
-            ``wants_gradient(role, out)`` and ``record_from_output(...)`` serve gradient streams
+            ``wants_gradient(role)`` and ``record_from_output(...)`` serve gradient streams
             from a fused call's output.
         modules: ``id(module) -> module`` of the model, to find the module running a call.
     """
@@ -271,7 +271,7 @@ class AttentionOps(TorchFunctionMode):
         site, role = found
         if not rec.needs(role):
             out = _SDPA(*args, **kwargs)  # the model's own fused kernel
-            if a["dropout_p"] == 0 and rec.wants_gradient(role, out):
+            if a["dropout_p"] == 0 and out.requires_grad and rec.wants_gradient(role):
                 # gradients without materialising A in the forward pass: out = A·v, so
                 # d/dA = dOut·vᵀ, with A recomputed from q and k when the gradient arrives
                 heads = q.shape[-3] if q.dim() == 4 else 1
@@ -344,7 +344,11 @@ class AttentionOps(TorchFunctionMode):
         bound.apply_defaults()
         a = bound.arguments
         need_weights, average = bool(a["need_weights"]), bool(a["average_attn_weights"])
-        found = self.recorder.site_for(self.enclosing_module(), a["query"] is a["key"])
+        rec = self.recorder
+        found = rec.site_for(self.enclosing_module(), a["query"] is a["key"])
+        if found is not None and not rec.needs(found[1]) and not rec.wants_gradient(found[1]):
+            rec.skip(found[1])
+            return _MHA(*args, **kwargs)  # a layer nothing needs: as the caller asked
         a["need_weights"], a["average_attn_weights"] = True, False
         out, weights = _MHA(*bound.args, **bound.kwargs)
         if weights is not None and found is not None:
