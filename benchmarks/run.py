@@ -40,10 +40,11 @@ def _build(model: str, size: int):
     return vitviz.load_model(model, pretrained=False, image_size=size, device="cpu")
 
 
-def _timed(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def _timed(calls: dict[str, Callable[[], object]], reps: int, runs: dict | None = None) -> dict[str, float]:
     """Median wall time in seconds of every call after one warm-up call each. The calls are
     interleaved (rep by rep), so a machine that speeds up or slows down during the run
-    shifts every method alike instead of biasing the ratios to whichever ran first."""
+    shifts every method alike instead of biasing the ratios to whichever ran first. Every
+    rep's time goes into ``runs`` (name -> list) when given."""
     for fn in calls.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -52,6 +53,8 @@ def _timed(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, float
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    if runs is not None:
+        runs.update(times)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -124,13 +127,21 @@ def methods(m, x) -> dict[str, Callable[[], object]]:
             "grad rollout": grad_rollout}
 
 
-def bench(model: str, size: int, batch: int, reps: int) -> list[dict]:
+def bench(model: str, size: int, batch: int, reps: int, only: tuple = ()) -> list[dict]:
+    """Every method (or those whose names start with one of ``only``) against the floor."""
     m = _build(model, size)
     x = torch.randn(batch, 3, size, size)
-    seconds = _timed(methods(m, x), reps)
+    calls = {name: fn for name, fn in methods(m, x).items()
+             if name == "forward (floor)" or not only or name.startswith(only)}
+    runs: dict = {}
+    seconds = _timed(calls, reps, runs)
     floor = seconds["forward (floor)"]
-    return [dict(model=model, size=size, batch=batch, method=name, seconds=t, ratio=t / floor)
-            for name, t in seconds.items()]
+    rows = []
+    for name, t in seconds.items():
+        per_rep = [a / b for a, b in zip(runs[name], runs["forward (floor)"])]  # same rep, same load
+        rows.append(dict(model=model, size=size, batch=batch, method=name, seconds=t, ratio=t / floor,
+                         ratio_low=min(per_rep), ratio_high=max(per_rep)))
+    return rows
 
 
 def _status_mb(field: str) -> float:
@@ -272,6 +283,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sizes", default="224,384")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--methods", default="", metavar="NAMES",
+                   help="comma-separated beginnings of method names to run (default: all)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (child processes)")
     p.add_argument("--quick", action="store_true", help="tiny model, for the test suite")
     p.add_argument("--gallery", type=int, default=0, metavar="N",
@@ -297,14 +310,16 @@ def main(argv=None) -> list[dict]:
     for model in models:
         for size in map(int, a.sizes.split(",")):
             for batch in map(int, a.batches.split(",")):
-                for r in bench(model, size, batch, a.reps):
+                only = tuple(n.strip() for n in a.methods.split(",") if n.strip())
+                for r in bench(model, size, batch, a.reps, only):
                     if a.memory:
                         r["peak_mb"], r["call_mb"] = _child_peak(model, size, batch, r["method"])
                     rows.append(r)
                     mem = (f"  peak {r['peak_mb']:.0f} MB (call +{r['call_mb']:.0f} MB)"
                            if "peak_mb" in r else "")
-                    print(f"{model:>5} {size:>4}px b{batch:<2} {r['method']:<32} "
-                          f"{r['seconds'] * 1000:9.1f} ms  {r['ratio']:5.2f}x{mem}", flush=True)
+                    print(f"{model:>5} {size:>4}px b{batch:<2} {r['method']:<38} "
+                          f"{r['seconds'] * 1000:9.1f} ms  {r['ratio']:5.2f}x "
+                          f"({r['ratio_low']:.2f}-{r['ratio_high']:.2f}){mem}", flush=True)
     if a.gallery:
         for model in models:
             size = int(a.sizes.split(",")[0])
