@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from ._io import save_npy, save_png, unique_stems
+from ._io import save_npy, unique_stems
 from .errors import ImageError, VitvizError
 
 
@@ -82,9 +82,14 @@ def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "
 
 
 def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
-              batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, progress: bool = True,
-              on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
-    """The shared loop: load and batch images, ``compute`` maps, write overlay PNG + ``.npy``.
+              batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, output=None,
+              progress: bool = True, on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
+    """The shared loop: load and batch images, ``compute`` maps, write overlay + ``.npy``.
+
+    Overlays follow ``output`` (:class:`vitviz.render.OutputOptions`): shown at least 256 px
+    on their short side (or ``output.size``), scaled by ``output.norm``. With
+    ``norm="batch"`` the overlays are written after every map of the run is known (one scale
+    for all); the ``.npy`` files as each batch completes.
 
     Args:
         model: a :class:`vitviz.VisionModel`.
@@ -93,30 +98,52 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
         compute: ``x [B, 3, H, W] -> (maps [B, gh, gw], per-sample labels list or None)``.
         suffix: the file-name suffix of the method.
         batch_size: images per forward pass.
-        cmap, alpha: as :func:`vitviz.overlay`.
+        cmap, alpha: as :func:`vitviz.overlay` (used when ``output`` is None).
+        output: the output options; notes (constant maps, ...) are added to ``output.notes``.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
     """
-    from .render import overlay
+    from .render.output import OutputOptions
 
+    if output is None:
+        output = OutputOptions(cmap=cmap, alpha=alpha)
     out_dir = Path(out_dir)
     outcomes = []
+    deferred = []  # (outcome, stem, view, map) waiting for the run's scale (norm="batch")
+
+    def finish(items_done):
+        for o in items_done:
+            outcomes.append(o)
+            if on_outcome is not None:
+                on_outcome(o)
+
     for items, x in load_batches(model, sources, batch_size=batch_size, desc=suffix, progress=progress):
         good = [it for it in items if it.view is not None]
         if x is not None:
             maps, labels = compute(x)  # [B, gh, gw]
-            maps = maps.cpu().numpy()
+            maps = maps.detach().float().cpu().numpy()
             for j, it in enumerate(good):
                 o = it.outcome
                 o.prediction = labels[j] if labels else None
                 o.outputs.append(save_npy(out_dir / f"{it.stem}_{suffix}.npy", maps[j]))
-                o.outputs.append(save_png(out_dir / f"{it.stem}_{suffix}.png",
-                                          overlay(it.view, maps[j], cmap=cmap, alpha=alpha)))
-        for it in items:
-            outcomes.append(it.outcome)
-            if on_outcome is not None:
-                on_outcome(it.outcome)
+                if output.norm == "batch":
+                    deferred.append((o, it.stem, it.view, maps[j]))
+                else:
+                    (scale,) = output.scales([maps[j]])
+                    o.outputs.append(output.save_overlay(out_dir / f"{it.stem}_{suffix}", it.view,
+                                                         maps[j], scale, label=suffix))
+        if output.norm == "batch":
+            outcomes.extend(it.outcome for it in items)
+        else:
+            finish([it.outcome for it in items])
+    if output.norm == "batch":
+        scales = output.scales([d[3] for d in deferred]) if deferred else []
+        for (o, stem, view, heat), scale in zip(deferred, scales):
+            o.outputs.append(output.save_overlay(out_dir / f"{stem}_{suffix}", view, heat, scale,
+                                                 label=suffix))
+        done, outcomes = outcomes, []
+        finish(done)
     return outcomes
 
 
@@ -132,7 +159,8 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
         sources: image paths (or PIL images / arrays).
         out_dir: folder for ``<name>_rollout.png`` and ``<name>_rollout.npy``.
         head_fusion, discard_ratio, start_layer: as :func:`vitviz.rollout`.
-        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome`` of :func:`map_files`.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome`` of
+            :func:`map_files`.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
@@ -176,7 +204,8 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
         target: class to explain for every image; None for each image's predicted class.
         head_fusion, discard_ratio: gradient rollout only.
         start_layer: first layer taken into account.
-        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome`` of :func:`map_files`.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome`` of
+            :func:`map_files`.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the

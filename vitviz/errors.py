@@ -47,3 +47,7 @@ class CaptureError(VitvizError, RuntimeError):
 
 class PreprocessError(VitvizError, ValueError):
     """Preprocessing settings that cannot work (bad size, mean/std, interpolation)."""
+
+
+class RenderError(VitvizError, ValueError):
+    """Drawing settings or maps that cannot be drawn (a bad size, dpi, format, scale or map)."""
