@@ -6,6 +6,8 @@ Every function takes ``ax=`` (draws into that axes) or makes its own figure, and
 no pyplot state, no window, never ``plt.show()``. Grids of maps are drawn as one mosaic
 image in one axes (fast, and it composes with ``ax=``).
 
+Mosaics carry their tile layout as the image's ``gid`` (``"vitviz-mosaic-ROWSxCOLS"``).
+
 Readable by construction: a figure a function makes itself uses matplotlib's constrained
 layout, gives every panel at least :data:`PANEL_IN` inches (at the ``dpi`` it is drawn and
 saved at: 250 px at 100 dpi), draws its tiles at that resolution, and wraps titles and labels
@@ -276,7 +278,7 @@ def map_grid(maps, image=None, *, row_labels: Optional[Sequence] = None,
         + (1.3 if colorbar else 0.0)
     h_in = mosaic.shape[0] / dpi + 0.4 + line * (_label_lines(col_text) + _label_lines([title_text]))
     fig, ax = _fig_ax(ax, w_in, h_in, dpi)
-    ax.imshow(mosaic, interpolation="nearest")
+    ax.imshow(mosaic, interpolation="nearest").set_gid(f"vitviz-mosaic-{rows}x{cols}")
     _label_tiles(ax, rows, cols, size[0], size[1], gap, row_labels, col_labels, dpi=dpi)
     if title:
         ax.set_title(title_text, fontsize=FONT_PT + 2)
@@ -346,7 +348,7 @@ def panels(image, maps: Union[Mapping[str, object], Sequence], *, cmap: str = "j
     w_in = mosaic.shape[1] / dpi + 0.4 + (1.3 if colorbar else 0.0)
     h_in = mosaic.shape[0] / dpi + 0.4 + line * _label_lines(text)
     fig, ax = _fig_ax(ax, w_in, h_in, dpi)
-    ax.imshow(mosaic, interpolation="nearest")
+    ax.imshow(mosaic, interpolation="nearest").set_gid(f"vitviz-mosaic-1x{len(tiles)}")
     _label_tiles(ax, 1, len(tiles), small.shape[0], small.shape[1], gap, None, titles, top=True, dpi=dpi)
     if colorbar and scales:
         add_colorbar(fig, ax, scales, cmap, label=label, length_px=mosaic.shape[0])
@@ -359,14 +361,17 @@ def overlay_figure(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5, vmi
     """One overlay with a colour bar that states its scale (``--colorbar`` of the commands).
 
     The overlay is drawn at its own pixel size (enlarge small images with
-    :func:`vitviz.render.overlay.display_image` first), next to a colour bar with the values of
-    ``vmin .. vmax`` (default: the map's own range).
+    :func:`vitviz.render.overlay.display_image` first), at least :data:`PANEL_IN` inches at
+    ``dpi`` (smaller images are enlarged by a whole factor), next to a colour bar with the values
+    of ``vmin .. vmax`` (default: the map's own range).
 
     Returns:
         ``(fig, ax)``
     """
     img = as_rgb_uint8(image)
     check_dpi(dpi)
+    if max(img.shape[:2]) < PANEL_IN * dpi:
+        img = _fit(img, _tile_px(None, dpi, img))
     (scale,) = figure_scales([as_map(heatmap)], norm, vmin, vmax)
     pic = overlay(img, heatmap, cmap=cmap, alpha=alpha, vmin=scale.vmin, vmax=scale.vmax)
     h, w = pic.shape[:2]
