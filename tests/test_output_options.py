@@ -208,3 +208,32 @@ def test_bad_output_options_exit_2_one_line(extra, needle, tmp_path, capsys):
         code, res = run(["posembed", *VIT, *extra, "--out", str(tmp_path)], capsys)
         assert code == 2 and needle in res.err and len(res.err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_gallery_norm_none_is_one_fixed_scale(tmp_path, capsys):
+    import shutil
+
+    from vitviz.errors import VitvizError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for s in SAMPLES[:2]:
+        shutil.copy(s, src / s.name)
+    model = vitviz.load_model("shapes-vit")
+    out = tmp_path / "g"
+    res = vitviz.build_gallery(src, model, out, methods=["rollout"], norm="none", alpha=1.0, workers=0,
+                               progress=False)
+    assert res.exit_code == 0
+    for s in SAMPLES[:2]:
+        heat = np.load(out / "rollout" / f"{s.stem}.npy")
+        view = model.preprocessor.view(vitviz.load_image(s))
+        got = np.asarray(Image.open(out / "rollout" / f"{s.stem}.png").convert("RGB"))
+        assert np.array_equal(got, vitviz.overlay(view, heat, alpha=1.0, vmin=0.0, vmax=1.0))
+        assert not np.array_equal(got, vitviz.overlay(view, heat, alpha=1.0))  # not min-max per image
+    with pytest.raises(VitvizError, match="norm"):  # resuming with another scale is refused
+        vitviz.build_gallery(src, model, out, methods=["rollout"], alpha=1.0, workers=0, progress=False)
+    with pytest.raises(VitvizError, match="'image' or 'none'"):
+        vitviz.build_gallery(src, model, tmp_path / "g2", methods=["rollout"], norm="batch", workers=0,
+                             progress=False)
+    code, res = run(["gallery", str(src), *VIT, "--out", str(tmp_path / "g3"), "--norm", "batch"], capsys)
+    assert code == 2 and "--norm must be image or none" in res.err and len(res.err.strip().splitlines()) == 1
