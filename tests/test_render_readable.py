@@ -6,7 +6,6 @@ least PANEL_IN inches at the dpi), valid PDF / SVG / JPEG files that keep their 
 command line's output options and errors.
 """
 
-import io
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -56,7 +55,11 @@ def test_overlay_is_backward_compatible():
     assert np.array_equal(old, vitviz.overlay(IMAGE, heat, vmin=float(heat.min()), vmax=float(heat.max())))
     assert np.array_equal(vitviz.overlay(IMAGE, heat, alpha=0.0), IMAGE)  # alpha=0: the image
     assert np.array_equal(vitviz.overlay(IMAGE, heat, alpha=0.0, vmin=0, vmax=9), IMAGE)
-    assert np.array_equal(scale_map(heat), F.scale_map(heat))
+    from vitviz.render import normalize_map
+
+    golden = np.array([[0.0, 0.5], [0.25, 1.0]], dtype=np.float32)  # (h - 1) / (5 - 1)
+    assert np.array_equal(normalize_map(np.array([[1.0, 3.0], [2.0, 5.0]])), golden)
+    assert np.array_equal(scale_map(np.array([[1.0, 3.0], [2.0, 5.0]]), 1.0, 5.0), golden)
 
 
 def test_constant_map_is_flat_not_nan():

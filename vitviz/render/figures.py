@@ -109,9 +109,6 @@ def _fit(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp)
 
 
-_resize = _fit
-
-
 def _per_map(value, k: int, what: str) -> list:
     if value is None or np.isscalar(value):
         return [value] * k
