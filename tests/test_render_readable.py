@@ -128,6 +128,8 @@ def test_display_image_sizes():
     assert big.shape == (256, 256, 3)
     assert np.array_equal(big[::4, ::4], IMAGE) and np.array_equal(big[3::4, 3::4], IMAGE)  # 4x4 blocks
     assert display_image(np.zeros((96, 96, 3), np.uint8)).shape == (288, 288, 3)  # 3x reaches 256
+    assert display_image(np.zeros((224, 224, 3), np.uint8)).shape == (256, 256, 3)  # over half: exactly 256
+    assert display_image(np.zeros((200, 300, 3), np.uint8)).shape == (256, 384, 3)
     photo = np.zeros((300, 400, 3), np.uint8)
     assert display_image(photo) is photo or np.array_equal(display_image(photo), photo)
     assert display_image(photo, size=150).shape == (150, 200, 3)

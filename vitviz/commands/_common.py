@@ -43,7 +43,7 @@ def add_output_arguments(p: argparse.ArgumentParser, maps: bool = True) -> None:
     if maps:
         g.add_argument("--size", type=int, default=None, metavar="PX",
                        help="short side of overlays in pixels (default: the model's input size, "
-                            "enlarged by a whole factor to at least 256)")
+                            "enlarged to at least 256: by a whole factor up to 128 px, e.g. 64 -> 256)")
         g.add_argument("--norm", default="image", metavar="RULE",
                        help="colour scale: image (min-max per image, default), batch (one scale "
                             "shared by all images of the run), none (raw values on [0, 1])")

@@ -26,8 +26,8 @@ class OutputOptions:
     Args:
         format: figures: ``"png"``, ``"jpg"``, ``"pdf"`` or ``"svg"``.
         dpi: resolution figures are drawn and saved at (50..600).
-        size: short side of overlays in pixels; None: the image the model saw, enlarged by a
-            whole factor to at least 256 px when smaller.
+        size: short side of overlays in pixels; None: the image the model saw, enlarged to at
+            least 256 px when smaller (:func:`vitviz.render.display_image`).
         norm: ``"image"``, ``"batch"`` or ``"none"`` (see :mod:`vitviz.render.overlay`).
         colorbar: draw overlays as a figure with a colour bar that states the scale, and add one
             to panels and grids.

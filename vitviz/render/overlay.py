@@ -196,9 +196,10 @@ def display_image(image, size: Optional[int] = None, min_side: int = MIN_OVERLAY
     """The image at the size it is shown at.
 
     With ``size``: resized so that its short side is ``size`` pixels. Without: an image whose
-    short side is under ``min_side`` is enlarged by the smallest whole factor that reaches it
-    (nearest neighbour: every input pixel becomes a clean block, e.g. 64 px -> 256 px); larger
-    images are returned unchanged.
+    short side is at most half of ``min_side`` is enlarged by the smallest whole factor that
+    reaches it (nearest neighbour: every input pixel becomes a clean block, e.g. 64 px -> 256 px,
+    96 px -> 288 px); one between half and ``min_side`` is resized to exactly ``min_side``
+    (bicubic, e.g. 224 px -> 256 px); larger images are returned unchanged.
 
     Shape:
         ``[H, W, 3]`` -> ``[H', W', 3]``
@@ -211,8 +212,11 @@ def display_image(image, size: Optional[int] = None, min_side: int = MIN_OVERLAY
     if size is None:
         if short >= min_side:
             return img
-        k = math.ceil(min_side / short)
-        return np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+        if 2 * short > min_side:
+            size = min_side
+        else:
+            k = math.ceil(min_side / short)
+            return np.repeat(np.repeat(img, k, axis=0), k, axis=1)
     check_size(size)
     s = int(size) / short
     if s == 1.0:
