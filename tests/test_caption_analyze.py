@@ -174,7 +174,7 @@ def test_caption_strip_panels_titles_and_axes():
     assert len(axes) == 4 and [a.get_title() for a in axes] == ["", "a", "dog", "."]
     assert fig._suptitle.get_text() == "a dog."
     shown = axes[1].get_images()[0].get_array()
-    assert shown.shape == (24, 36, 3)
+    assert shown.shape == (24 * 7, 36 * 7, 3)  # enlarged 7x: the smallest whole factor reaching 2.5 in at 100 dpi
 
     # wraps into rows; extra axes hidden
     fig, axes = caption_strip(img, torch.rand(6, 2, 3), list("abcdef"), max_cols=4)

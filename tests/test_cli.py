@@ -31,7 +31,7 @@ def test_rollout_writes_png_and_npy(tmp_path, capsys):
     heat = np.load(tmp_path / f"{stem}_rollout.npy")
     assert heat.shape == (6, 6) and np.isfinite(heat).all() and heat.min() >= 0
     png = np.asarray(Image.open(tmp_path / f"{stem}_rollout.png"))
-    assert png.shape == (96, 96, 3)
+    assert png.shape == (288, 288, 3)  # the 96 px input shown at 3x: the smallest whole factor reaching 256 px
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left
     assert f"{stem}_rollout.png" in capsys.readouterr().out
 

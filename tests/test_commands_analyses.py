@@ -103,7 +103,7 @@ def test_flow_files_equal_the_library(tmp_path, capsys):
     assert heat.shape == (4, 4)
     assert np.allclose(heat, attention_flow(attn)[0].numpy(), atol=1e-6)
     assert heat.min() >= 0 and heat.sum() <= 1 + 1e-6
-    assert png(tmp_path / f"{SAMPLES[0].stem}_flow.png").shape == (64, 64, 3)
+    assert png(tmp_path / f"{SAMPLES[0].stem}_flow.png").shape == (256, 256, 3)  # 64 px shown at 4x
     png(tmp_path / f"{SAMPLES[0].stem}_flow_panels.png")
     assert f"{SAMPLES[0].stem}_flow.png" in capsys.readouterr().out
 

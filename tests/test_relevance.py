@@ -355,7 +355,7 @@ def test_cli_relevance_writes_png_and_npy(tmp_path, capsys):
     heat = np.load(out / "cat_relevance.npy")
     assert heat.shape == (4, 4) and np.isfinite(heat).all() and heat.std() > 0
     png = np.asarray(Image.open(out / "cat_relevance.png"))
-    assert png.shape == (64, 64, 3) and png.std() > 0
+    assert png.shape == (256, 256, 3) and png.std() > 0  # 64 px shown at 4x
     captured = capsys.readouterr()
     assert "explained: 7" in captured.out and "skipped" in captured.err
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from ._io import save_npy, save_png, unique_stems
+from ._io import save_npy, unique_stems
 from .errors import ImageError, VitvizError
 
 
@@ -88,10 +88,15 @@ def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "
 
 
 def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
-              batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, progress: bool = True,
-              on_outcome: Optional[Callable[[Outcome], None]] = None,
+              batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, output=None,
+              progress: bool = True, on_outcome: Optional[Callable[[Outcome], None]] = None,
               on_original: bool = False) -> list[Outcome]:
-    """The shared loop: load and batch images, ``compute`` maps, write overlay PNG + ``.npy``.
+    """The shared loop: load and batch images, ``compute`` maps, write overlay + ``.npy``.
+
+    Overlays follow ``output`` (:class:`vitviz.render.OutputOptions`): shown at least 256 px
+    on their short side (or ``output.size``), scaled by ``output.norm``. With
+    ``norm="batch"`` the overlays are written after every map of the run is known (one scale
+    for all); the ``.npy`` files as each batch completes.
 
     Args:
         model: a :class:`vitviz.VisionModel`.
@@ -100,39 +105,69 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
         compute: ``x [B, 3, H, W] -> (maps [B, gh, gw], per-sample labels list or None)``.
         suffix: the file-name suffix of the method.
         batch_size: images per forward pass.
-        cmap, alpha: as :func:`vitviz.overlay`.
-        on_original: draw the overlay PNG on the image at its own resolution (the model's
-            centre-crop region mapped back onto it, :func:`vitviz.render.overlay_region`)
-            instead of on the model's view; the ``.npy`` map is the same either way.
+        cmap, alpha: as :func:`vitviz.overlay` (used when ``output`` is None).
+        output: the output options; notes (constant maps, ...) are added to ``output.notes``.
+        on_original: draw the overlay on the image at its own resolution (the model's
+            centre-crop region mapped back onto it, :func:`vitviz.render.overlay_region`, each
+            map on its own scale) instead of on the model's view; the ``.npy`` map is the same.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
     """
-    from .render import overlay, overlay_region
+    from ._io import atomic_write_bytes
+    from .render import overlay_region
+    from .render.output import OutputOptions, encode_image
 
-    def draw(it, heat):
-        if not on_original:
-            return overlay(it.view, heat, cmap=cmap, alpha=alpha)
-        h, w = it.original.shape[:2]
-        return overlay_region(it.original, heat, model.preprocessor.region((w, h)), cmap=cmap, alpha=alpha)
-
+    if output is None:
+        output = OutputOptions(cmap=cmap, alpha=alpha)
     out_dir = Path(out_dir)
     outcomes = []
+    deferred = []  # (outcome, item, map) waiting for the run's scale (norm="batch")
+    if on_original and output.norm != "image":
+        output.note("overlays on the original picture are drawn each on its own scale")
+
+    def finish(items_done):
+        for o in items_done:
+            outcomes.append(o)
+            if on_outcome is not None:
+                on_outcome(o)
+
+    def write(o, it, heat, scale):
+        path = out_dir / f"{it.stem}_{suffix}"
+        if not on_original:
+            o.outputs.append(output.save_overlay(path, it.view, heat, scale, label=suffix))
+            return
+        h, w = it.original.shape[:2]
+        pic = overlay_region(it.original, heat, model.preprocessor.region((w, h)), cmap=output.cmap,
+                             alpha=output.alpha)
+        o.outputs.append(atomic_write_bytes(path.with_suffix(f".{output.overlay_ext}"),
+                                            encode_image(pic, output.overlay_ext)))
+
     for items, x in load_batches(model, sources, batch_size=batch_size, desc=suffix, progress=progress,
                                  keep_original=on_original):
         good = [it for it in items if it.view is not None]
         if x is not None:
             maps, labels = compute(x)  # [B, gh, gw]
-            maps = maps.cpu().numpy()
+            maps = maps.detach().float().cpu().numpy()
             for j, it in enumerate(good):
                 o = it.outcome
                 o.prediction = labels[j] if labels else None
                 o.outputs.append(save_npy(out_dir / f"{it.stem}_{suffix}.npy", maps[j]))
-                o.outputs.append(save_png(out_dir / f"{it.stem}_{suffix}.png", draw(it, maps[j])))
-        for it in items:
-            outcomes.append(it.outcome)
-            if on_outcome is not None:
-                on_outcome(it.outcome)
+                if output.norm == "batch":
+                    deferred.append((o, it, maps[j]))
+                else:
+                    (scale,) = output.scales([maps[j]])
+                    write(o, it, maps[j], scale)
+        if output.norm == "batch":
+            outcomes.extend(it.outcome for it in items)
+        else:
+            finish([it.outcome for it in items])
+    if output.norm == "batch":
+        scales = output.scales([d[2] for d in deferred]) if deferred else []
+        for (o, it, heat), scale in zip(deferred, scales):
+            write(o, it, heat, scale)
+        done, outcomes = outcomes, []
+        finish(done)
     return outcomes
 
 
@@ -148,8 +183,8 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
         sources: image paths (or PIL images / arrays).
         out_dir: folder for ``<name>_rollout.png`` and ``<name>_rollout.npy``.
         head_fusion, discard_ratio, start_layer: as :func:`vitviz.rollout`.
-        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome``, ``on_original``
-            of :func:`map_files`.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome``,
+            ``on_original`` of :func:`map_files`.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
@@ -184,8 +219,8 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
         target: class to explain for every image; None for each image's predicted class.
         head_fusion, discard_ratio: gradient rollout only.
         start_layer: first layer taken into account.
-        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``progress``, ``on_outcome``, ``on_original``
-            of :func:`map_files`.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome``,
+            ``on_original`` of :func:`map_files`.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the

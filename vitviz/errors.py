@@ -46,7 +46,7 @@ class CaptureError(VitvizError, RuntimeError):
 
 
 class RenderError(VitvizError, ValueError):
-    """Drawing arguments that cannot work (a box with no area, alpha outside [0, 1])."""
+    """Drawing settings or maps that cannot be drawn (a bad size, dpi, format, scale, alpha, box or map)."""
 
 
 class PreprocessError(VitvizError, ValueError):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_model_arguments, fail, load, report
+from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, fail, load,
+                      output_options, print_notes, report)
 
 NAME = "caption"
 HELP = "caption images and show the cross-attention of every word"
@@ -36,6 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
     p.add_argument("--max-cols", type=int, default=6, metavar="N", help="panels per row")
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
+    add_output_arguments(p)
 
 
 def _layer(value: str):
@@ -59,15 +61,17 @@ def run(args) -> int:
         return fail(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.max_cols < 1:
         return fail(f"--max-cols must be >= 1, got {args.max_cols}")
+    bad = check_output_arguments(args)
+    if bad is not None:
+        return bad
     if args.relevance and args.rollout:
         return fail("--rollout does not apply to --relevance: the relevance already runs through "
                     "the encoder's attention")
-    import io
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
-    from .._io import atomic_write_bytes, unique_stems
+    from .._io import unique_stems
     from ..analyze.cross import word_grids
     from ..batch import Outcome
     from ..captioning import caption
@@ -75,8 +79,17 @@ def run(args) -> int:
     from ..models import load_image
     from ..render.caption_strip import caption_strip
 
+    output = output_options(args)
     model = load(args)
     out = Path(args.out)
+    waiting = []  # (outcome, stem, image, grids, words, title) for --norm batch
+
+    def render(o, stem, image, grids, words, title, scales):
+        fig, _ = caption_strip(image, grids, words, title=title, max_cols=args.max_cols, cmap=output.cmap,
+                               alpha=output.alpha, norm=output.norm, vmin=[s.vmin for s in scales],
+                               vmax=[s.vmax for s in scales], colorbar=output.colorbar, dpi=output.dpi)
+        o.outputs.append(output.save_figure(fig, out / f"{stem}_caption"))
+
     stems = unique_stems([str(s) for s in args.images])
     outcomes, noted = [], False
     for source, stem in zip(tqdm(args.images, unit="img", desc="caption", disable=len(args.images) < 2),
@@ -101,10 +114,17 @@ def run(args) -> int:
         else:
             grids = word_grids(cap, layer=layer, head_fusion=args.head_fusion, merge=args.merge,
                                rollout=args.rollout)  # [W, gh, gw]
-        fig, _ = caption_strip(cap.image, grids, [w.text for w in cap.words], title=cap.text,
-                               max_cols=args.max_cols, cmap=args.cmap, alpha=args.alpha)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        o.outputs.append(atomic_write_bytes(out / f"{stem}_caption.png", buf.getvalue()))
+        grids = grids.detach().float().cpu().numpy()  # [W, gh, gw]
+        job = (o, stem, cap.image, grids, [w.text for w in cap.words], cap.text)
         o.prediction = cap.text or "(empty caption)"
+        if output.norm == "batch":
+            waiting.append(job)
+        else:
+            render(*job, output.scales(list(grids)))
+    if waiting:
+        every = [g for w in waiting for g in w[3]]  # every word map of the run
+        scale = output.scales(every)[0] if every else None
+        for w in waiting:
+            render(*w, [scale] * len(w[3]))
+    print_notes(output)
     return report(outcomes)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
-                      report)
+                      output_options, print_notes, report)
 
 NAME = "cls"
 HELP = "per-head CLS attention maps of every layer, as a grid over each image"
@@ -89,13 +89,17 @@ def run(args) -> int:
         return fail(str(e))
     from pathlib import Path
 
+    import torch
+
     from .._io import save_npy
     from ..analyze.cls import all_layer_maps
     from ..hooks import count_layers
     from ..analyze.masks import mass_masks
     from ..analyze.query import check_layer
-    from ..render.figures import map_grid, mask_contours, save_figure
+    from ..render.figures import map_grid, mask_contours
+    from ..render.overlay import display_image
 
+    output = output_options(args)
     model = load(args)
     chosen = None
     if args.layer is not None:  # keep only that layer (memory of one layer, not of all L)
@@ -105,23 +109,40 @@ def run(args) -> int:
         except ValueError as e:
             return fail(f"--layer: {e}")
     out = Path(args.out)
-    outcomes = []
+    outcomes, waiting = [], []  # waiting: (outcome, stem, view, maps, layers, what) for --norm batch
+
+    def render(o, stem, view, maps, layers, what, scales):
+        fig, _ = map_grid(maps, view, row_labels=[f"layer {i}" for i in layers],
+                          col_labels=[f"head {h}" for h in range(maps.shape[1])], cmap=output.cmap,
+                          alpha=output.alpha, title=f"{what} attention: {Path(o.source).name}",
+                          norm=output.norm, vmin=[s.vmin for s in scales], vmax=[s.vmax for s in scales],
+                          colorbar=output.colorbar, label=f"{what} attention", dpi=output.dpi)
+        o.outputs.append(output.save_figure(fig, out / f"{stem}_cls"))
+
     for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="cls",
                                              keep="all" if chosen is None else [chosen]):
         outcomes.append(o)
         if o.error:
             continue
-        maps = all_layer_maps(attn, query=query)[:, 0]  # [L', H, gh, gw] (L' = 1 with --layer)
+        maps = all_layer_maps(attn, query=query)[:, 0].cpu().numpy()  # [L', H, gh, gw] (L' = 1 with --layer)
         layers = list(range(attn.num_layers)) if chosen is None else [chosen]
         what = "CLS" if query in ("auto", "cls") and attn.layout.has_cls else f"query {args.query}"
-        fig, _ = map_grid(maps, view, row_labels=[f"layer {i}" for i in layers],
-                          col_labels=[f"head {h}" for h in range(maps.shape[1])], cmap=args.cmap,
-                          alpha=args.alpha, title=f"{what} attention: {Path(o.source).name}")
-        o.outputs.append(save_npy(out / f"{stem}_cls.npy", maps.cpu().numpy()))
+        o.outputs.append(save_npy(out / f"{stem}_cls.npy", maps))
         if args.mask is not None:
-            masks = mass_masks(maps[-1], args.mask)  # [H, gh, gw]
-            mfig, _ = mask_contours(view, masks, labels=[f"head {h}" for h in range(masks.shape[0])],
-                                    title=f"{args.mask:.0%} of the attention mass, layer {layers[-1]}")
-            o.outputs.append(save_figure(mfig, out / f"{stem}_mask.png"))
-        o.outputs.append(save_figure(fig, out / f"{stem}_cls.png"))
+            masks = mass_masks(torch.from_numpy(maps[-1]), args.mask)  # [H, gh, gw]
+            mfig, _ = mask_contours(display_image(view, output.size), masks,
+                                    labels=[f"head {h}" for h in range(masks.shape[0])],
+                                    title=f"{args.mask:.0%} of the attention mass, layer {layers[-1]}",
+                                    dpi=output.dpi)
+            o.outputs.append(output.save_figure(mfig, out / f"{stem}_mask"))
+        if output.norm == "batch":
+            waiting.append((o, stem, view, maps, layers, what))
+        else:
+            render(o, stem, view, maps, layers, what, output.scales(list(maps.reshape(-1, *maps.shape[2:]))))
+    if waiting:
+        every = [m for w in waiting for m in w[3].reshape(-1, *w[3].shape[2:])]  # all maps of the run
+        scale = output.scales(every)[0]
+        for w in waiting:
+            render(*w, [scale] * (w[3].shape[0] * w[3].shape[1]))
+    print_notes(output)
     return report(outcomes)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
-                      report)
+                      output_options, print_notes, report)
 from .cls import QUERY_HELP, parse_query
 
 NAME = "flow"
@@ -36,16 +36,26 @@ def run(args) -> int:
     require_extra("flow", "vitviz flow")  # before the model loads: one line, exit status 2
     from pathlib import Path
 
-    from .._io import save_npy, save_png
+    from .._io import save_npy
     from ..analyze.flow import attention_flow
     from ..analyze.rollout import rollout
-    from ..render.figures import panels, save_figure
-    from ..render.overlay import overlay
+    from ..render.figures import panels
+    from ..render.overlay import display_image
     from .cls import iter_captures
 
+    output = output_options(args)
     model = load(args)
     out = Path(args.out)
-    outcomes = []
+    outcomes, waiting = [], []  # waiting: (outcome, stem, view, flow, roll) for --norm batch
+
+    def render(o, stem, view, heat, roll, s_flow, s_roll):
+        fig, _ = panels(display_image(view, output.size), {"rollout": roll, "attention flow": heat},
+                        cmap=output.cmap, alpha=output.alpha, norm=output.norm,
+                        vmin=[s_roll.vmin, s_flow.vmin], vmax=[s_roll.vmax, s_flow.vmax],
+                        colorbar=output.colorbar, dpi=output.dpi)
+        o.outputs.append(output.save_figure(fig, out / f"{stem}_flow_panels"))
+        o.outputs.append(output.save_overlay(out / f"{stem}_flow", view, heat, s_flow, label="attention flow"))
+
     for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="flow"):
         outcomes.append(o)
         if o.error:
@@ -56,9 +66,16 @@ def run(args) -> int:
             roll = rollout(attn, head_fusion=args.head_fusion, start_layer=args.start_layer)[0]  # [gh, gw]
         except ValueError as e:
             return fail(str(e))
-        heat = flow.cpu().numpy()
+        heat, roll = flow.cpu().numpy(), roll.cpu().numpy()
         o.outputs.append(save_npy(out / f"{stem}_flow.npy", heat))
-        fig, _ = panels(view, {"rollout": roll, "attention flow": flow}, cmap=args.cmap, alpha=args.alpha)
-        o.outputs.append(save_figure(fig, out / f"{stem}_flow_panels.png"))
-        o.outputs.append(save_png(out / f"{stem}_flow.png", overlay(view, heat, cmap=args.cmap, alpha=args.alpha)))
+        if output.norm == "batch":
+            waiting.append((o, stem, view, heat, roll))
+        else:
+            render(o, stem, view, heat, roll, output.scales([heat])[0], output.scales([roll])[0])
+    if waiting:
+        s_flow = output.scales([w[3] for w in waiting])
+        s_roll = output.scales([w[4] for w in waiting])
+        for w, sf, sr in zip(waiting, s_flow, s_roll):
+            render(*w, sf, sr)
+    print_notes(output)
     return report(outcomes)

@@ -56,6 +56,9 @@ def add_arguments(p) -> None:
     o.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="caption: longest caption")
     o.add_argument("--cmap", default="jet")
     o.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
+    o.add_argument("--norm", default="image", metavar="RULE",
+                   help="colour scale: image (min-max per image, default) or none (raw values on a "
+                        "fixed [0, 1] scale, the same in every image)")
 
 
 def _report_record(rec: dict, write) -> None:
@@ -91,7 +94,10 @@ def run(args) -> int:
               (args.threads is None or args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
               (args.page_size >= 1, f"--page-size must be at least 1, got {args.page_size}"),
               (0.0 <= args.discard_ratio < 1.0, f"--discard-ratio must be in [0, 1), got {args.discard_ratio}"),
-              (0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1], got {args.alpha}")]
+              (0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1], got {args.alpha}"),
+              (args.norm in ("image", "none"),
+               f"--norm must be image or none for a gallery, got {args.norm!r} (it renders while it "
+               "runs, before the run's range is known; none shares one fixed [0, 1] scale)")]
     for ok, message in checks:
         if not ok:
             return fail(message)
@@ -135,6 +141,7 @@ def run(args) -> int:
                                batch_size=args.batch_size, workers=args.workers, limit=args.limit,
                                threads=args.threads,
                                shard=shard, page_size=args.page_size, cmap=args.cmap, alpha=args.alpha,
+                               norm=args.norm,
                                model_id=f"{args.model} ({weights})", progress=not args.no_progress,
                                on_record=lambda r: _report_record(
                                    r, lambda s: tqdm.write(s, file=sys.stderr)))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_model_arguments, load, report
+from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, load,
+                      output_options, report)
 
 NAME = "heads"
 HELP = "per-head statistics: mean attention distance, entropy, attention on prefix tokens"
@@ -20,22 +21,23 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
+    add_output_arguments(p, maps=False)
 
 
-def _figure(dist, ent, share, unit: str, title: str):
-    from ..render.figures import distance_plot, entropy_heatmap, heatmap, new_figure
+def _figure(dist, ent, share, unit: str, title: str, dpi: int = 100):
+    from ..render.figures import distance_plot, entropy_heatmap, heatmap, new_figure, wrap
 
     num_layers, num_heads = dist.shape
     cols = 3 if share is not None else 2
-    fig = new_figure(430 * cols + 140, 140 + max(420, 30 * num_layers))
+    width_in = 4.6 * cols + 0.6 + 0.3 * max(0, num_heads - 12)
+    fig = new_figure(width_in * dpi, (1.6 + max(4.2, 0.3 * num_layers)) * dpi, dpi)  # constrained layout
     axes = fig.subplots(1, cols)
     distance_plot(dist, unit=unit, ax=axes[0])
     entropy_heatmap(ent, ax=axes[1])
     if share is not None:
         heatmap(share, label="share of attention", title="Patch attention on prefix tokens",
                 cmap="cividis", vmin=0.0, vmax=1.0, ax=axes[2])
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(wrap(title, width_in * dpi * 0.9, 12, dpi))
     return fig
 
 
@@ -53,9 +55,12 @@ def run(args) -> int:
 
     from .._io import atomic_write_bytes
     from ..analyze.stats import attention_entropy, mean_attention_distance, prefix_attention_share
-    from ..render.figures import save_figure
     from .cls import iter_captures
 
+    bad = check_output_arguments(args)
+    if bad is not None:
+        return bad
+    output = output_options(args)
     model = load(args)
     patch = model.patch_size
     unit = "pixels" if patch is not None else "patches"
@@ -71,8 +76,8 @@ def run(args) -> int:
         totals.append((dist, ent, share))
         body = json.dumps({"image": o.source, **_summary(dist, ent, share, unit)}, indent=1)
         o.outputs.append(atomic_write_bytes(out / f"{stem}_heads.json", body.encode()))
-        fig = _figure(dist, ent, share, unit, Path(o.source).name)
-        o.outputs.append(save_figure(fig, out / f"{stem}_heads.png"))
+        fig = _figure(dist, ent, share, unit, Path(o.source).name, output.dpi)
+        o.outputs.append(output.save_figure(fig, out / f"{stem}_heads"))
     code = report(outcomes)
     if len(totals) > 1:
         dist = torch.stack([t[0] for t in totals]).mean(0)
@@ -81,7 +86,7 @@ def run(args) -> int:
         body = json.dumps({"images": [o.source for o in outcomes if o.ok], **_summary(dist, ent, share, unit)},
                           indent=1)
         atomic_write_bytes(out / "heads_mean.json", body.encode())
-        png = save_figure(_figure(dist, ent, share, unit, f"mean over {len(totals)} images"),
-                          out / "heads_mean.png")
+        png = output.save_figure(_figure(dist, ent, share, unit, f"mean over {len(totals)} images",
+                                         output.dpi), out / "heads_mean")
         print(f"{len(totals)} images -> {png}")
     return code

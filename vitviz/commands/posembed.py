@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_model_arguments, fail, load
+from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, fail, load,
+                      output_options)
 
 NAME = "posembed"
 HELP = "position-embedding similarity figure (one small grid per patch, as in the ViT paper)"
@@ -32,6 +33,7 @@ def add_arguments(p) -> None:
                         "another image size); default: the model's own grid")
     p.add_argument("--cmap", default="viridis")
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
+    add_output_arguments(p, maps=False)
 
 
 def run(args) -> int:
@@ -39,12 +41,16 @@ def run(args) -> int:
         grid = _grid(args.grid) if args.grid else None
     except ValueError as e:
         return fail(str(e))
+    bad = check_output_arguments(args)
+    if bad is not None:
+        return bad
     from pathlib import Path
 
     from .._io import safe_stem, save_npy
     from ..models._posembed import pos_similarity
-    from ..render.figures import pos_similarity_grid, save_figure
+    from ..render.figures import pos_similarity_grid
 
+    output = output_options(args)
     model = load(args)
     sim = pos_similarity(model, grid=grid)  # [P, gh, gw]
     stem = safe_stem(args.model)
@@ -52,8 +58,9 @@ def run(args) -> int:
     gh, gw = sim.shape[-2:]
     npy = save_npy(out / f"{stem}_posembed.npy", sim.cpu().numpy())
     fig, _ = pos_similarity_grid(sim, cmap=args.cmap,
-                                 title=f"Position embedding similarity: {args.model} ({gh}x{gw} patches)")
-    png = save_figure(fig, out / f"{stem}_posembed.png")
+                                 title=f"Position embedding similarity: {args.model} ({gh}x{gw} patches)",
+                                 dpi=output.dpi)
+    png = output.save_figure(fig, out / f"{stem}_posembed")
     print(f"{args.model} -> {png}")
     print(f"{args.model} -> {npy}")
     return 0

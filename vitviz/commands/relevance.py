@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_model_arguments, add_original_argument, add_render_arguments,
-                      check_render_arguments, fail, load, report)
+                      check_render_arguments, fail, load, output_options, print_notes, report)
 
 NAME = "relevance"
 HELP = "class-specific relevance overlay per image (gradient-weighted attention)"
@@ -45,9 +45,11 @@ def run(args) -> int:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
     from ..batch import relevance_files
 
+    output = output_options(args)
     model = load(args)
     outcomes = relevance_files(model, args.images, args.out, method=args.method, target=args.target,
                                head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
                                start_layer=args.start_layer, batch_size=args.batch_size,
-                               cmap=args.cmap, alpha=args.alpha, on_original=args.on_original)
+                               on_original=args.on_original, output=output)
+    print_notes(output)
     return report(outcomes)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_model_arguments, add_original_argument, add_render_arguments,
-                      check_render_arguments, fail, load, report)
+                      check_render_arguments, fail, load, output_options, print_notes, report)
 
 NAME = "rollout"
 HELP = "attention rollout overlay per image"
@@ -31,9 +31,10 @@ def run(args) -> int:
         return bad
     from ..batch import rollout_files
 
+    output = output_options(args)
     model = load(args)
     outcomes = rollout_files(model, args.images, args.out, head_fusion=args.head_fusion,
                              discard_ratio=args.discard_ratio, start_layer=args.start_layer,
-                             batch_size=args.batch_size, cmap=args.cmap, alpha=args.alpha,
-                             on_original=args.on_original)
+                             batch_size=args.batch_size, on_original=args.on_original, output=output)
+    print_notes(output)
     return report(outcomes)

@@ -140,7 +140,7 @@ def read_config(out_dir) -> Optional[dict]:
 
 
 # settings that change the content of the outputs: a resumed run or a shard must match them
-_MUST_MATCH = ("model", "weights", "methods", "options", "input_size", "cmap", "alpha")
+_MUST_MATCH = ("model", "weights", "methods", "options", "input_size", "cmap", "alpha", "norm")
 
 
 def check_or_write_config(out_dir, config: dict) -> None:

@@ -272,7 +272,7 @@ def _record(source: Source, name: str, status: str, reason: Optional[str] = None
 # rendering (render threads)
 # --------------------------------------------------------------------------------------------
 
-def _render_batch(out_dir: Path, jobs: list[dict], cmap: str, alpha: float) -> list[dict]:
+def _render_batch(out_dir: Path, jobs: list[dict], cmap: str, alpha: float, norm: str = "image") -> list[dict]:
     from ._render import render_image
 
     records = []
@@ -287,7 +287,7 @@ def _render_batch(out_dir: Path, jobs: list[dict], cmap: str, alpha: float) -> l
             continue
         try:
             image, outputs = render_image(out_dir, name, job["view"], job["maps"], job["names"],
-                                          cmap=cmap, alpha=alpha)
+                                          cmap=cmap, alpha=alpha, norm=norm)
         except OSError:
             raise  # disk full, permissions: the run cannot go on
         except Exception as e:  # noqa: BLE001 - one image's rendering problem, reported for it
@@ -361,6 +361,7 @@ def build_gallery(
     page_size: int = 100,
     cmap: str = "jet",
     alpha: float = 0.5,
+    norm: str = "image",
     title: Optional[str] = None,
     model_id: Optional[str] = None,
     progress: bool = True,
@@ -394,6 +395,9 @@ def build_gallery(
             key); the last shard to finish merges the index, or call :func:`merge_gallery`.
         page_size: images per HTML page.
         cmap, alpha: overlay colour map and heatmap weight (as :func:`vitviz.overlay`).
+        norm: ``"image"`` (each map min-max scaled on its own) or ``"none"`` (raw values on a
+            fixed ``[0, 1]`` scale: equal values have equal colours in every image). ``"batch"``
+            is refused: the gallery renders while it runs, before the run's range is known.
         title: page title (default ``"vitviz gallery: <model_id>"``).
         model_id: the model name stored in ``gallery.json`` (default ``model.name``).
         progress: show a tqdm progress bar with images/second.
@@ -451,6 +455,10 @@ def build_gallery(
         raise VitvizError(f"page_size must be at least 1, got {page_size}")
     if not 0.0 <= alpha <= 1.0:
         raise VitvizError(f"alpha must be in [0, 1], got {alpha}")
+    if norm not in ("image", "none"):
+        raise VitvizError(f"the gallery's norm is 'image' or 'none', got {norm!r}; it renders each "
+                          "batch while the next one runs, before the whole run's range is known: "
+                          "'none' gives every image the same fixed [0, 1] scale")
     shard = parse_shard(shard)
     pre = vm.preprocessor
     if pre is None:
@@ -475,6 +483,8 @@ def build_gallery(
               "methods": method_names, "options": {m.name: o for m, o in chosen},
               "input_size": list(vm.input_size) if vm.input_size else None,
               "cmap": cmap, "alpha": alpha, "title": title}
+    if norm != "image":  # galleries written before the option had per-image scales: still resumable
+        config["norm"] = norm
     mf.check_or_write_config(out_dir, config)
 
     existing = {r["key"]: r for r in mf.all_records(out_dir)}
@@ -509,7 +519,7 @@ def build_gallery(
             torch.set_num_threads(max(1, int(threads)))
         if todo:
             _process(vm, todo, chosen, out_dir, journal, new, bar, batch_size=batch_size,
-                     workers=workers, cmap=cmap, alpha=alpha, render_threads=render_threads,
+                     workers=workers, cmap=cmap, alpha=alpha, norm=norm, render_threads=render_threads,
                      on_record=on_record)
     except BaseException:
         bar.close()
@@ -553,7 +563,7 @@ def _write_index(out_dir: Path, records: list[dict], config: dict, page_size: in
 
 
 def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, workers, cmap, alpha,
-             render_threads, on_record) -> None:
+             render_threads, on_record, norm="image") -> None:
     """Decode, run and render ``todo``; journal each batch's records as it completes."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -602,7 +612,7 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
                                  "names": {k: v[1][j][0] for k, v in split.items()},
                                  "texts": {k: v[1][j][1] for k, v in split.items()},
                                  "top5": top5[j] if top5 else None})
-                fut = pool.submit(_render_batch, out_dir, jobs, cmap, alpha)
+                fut = pool.submit(_render_batch, out_dir, jobs, cmap, alpha, norm)
             pending.append((fut, skipped))
             drain(keep=max(1, render_threads))
         drain(keep=0)

@@ -78,7 +78,7 @@ def _tile_view(view: np.ndarray) -> np.ndarray:
 
 
 def render_image(out_dir: Path, name: str, view: np.ndarray, maps: dict, names: dict,
-                 *, cmap: str, alpha: float) -> tuple[str, dict]:
+                 *, cmap: str, alpha: float, norm: str = "image") -> tuple[str, dict]:
     """Write the outputs of one image and describe them.
 
     One map: ``vitviz.overlay`` of it over the view, at the view's size. Several maps (heads,
@@ -92,6 +92,8 @@ def render_image(out_dir: Path, name: str, view: np.ndarray, maps: dict, names: 
         maps: method -> ``[gh, gw]`` or ``[K, gh, gw]`` float32 array (all finite).
         names: method -> the ``K`` map names (multi-map methods) or ``None``.
         cmap, alpha: as :func:`vitviz.overlay`.
+        norm: ``"image"`` (each map min-max scaled on its own) or ``"none"`` (raw values on
+            ``[0, 1]``, the same scale in every image).
 
     Returns:
         ``(input image path, {method: {"png", "npy", "shape"[, "names"]}})``, paths relative
@@ -99,6 +101,7 @@ def render_image(out_dir: Path, name: str, view: np.ndarray, maps: dict, names: 
     """
     from ..render.overlay import overlay
 
+    lo, hi = (0.0, 1.0) if norm == "none" else (None, None)
     image_rel = f"images/{name}.jpg"
     atomic_write_bytes(out_dir / image_rel, _jpeg(view))
     outputs = {}
@@ -106,12 +109,12 @@ def render_image(out_dir: Path, name: str, view: np.ndarray, maps: dict, names: 
         png_rel, npy_rel = f"{method}/{name}.png", f"{method}/{name}.npy"
         save_npy(out_dir / npy_rel, m)
         if m.ndim == 2:
-            picture = overlay(view, m, cmap=cmap, alpha=alpha)  # [H, W, 3]
+            picture = overlay(view, m, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)  # [H, W, 3]
         elif m.shape[0] == 0:  # no maps for this image (e.g. an empty caption): the image alone
             picture = view
         else:
             small = _tile_view(view)  # [h, w, 3] with max(h, w) <= TILE_MAX
-            tiles = [overlay(small, m[j], cmap=cmap, alpha=alpha) for j in range(m.shape[0])]
+            tiles = [overlay(small, m[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi) for j in range(m.shape[0])]
             picture = tile(tiles, names.get(method))
         save_png(out_dir / png_rel, picture)
         entry = {"png": png_rel, "npy": npy_rel, "shape": list(m.shape)}

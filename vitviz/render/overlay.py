@@ -1,8 +1,26 @@
-"""Heatmaps over images with OpenCV."""
+"""Heatmaps over images with OpenCV, and the scale rules every renderer shares.
+
+Scale: a map is drawn through a colour map after ``(value - vmin) / (vmax - vmin)``,
+clipped to ``[0, 1]``. ``norm`` says where ``vmin, vmax`` come from:
+
+- ``"image"``: each map's own minimum and maximum (min-max per image, the default);
+- ``"batch"``: the minimum and maximum over every map of the run, so that the same value
+  has the same colour in every image;
+- ``"none"``: the raw values on a fixed ``[0, 1]`` scale (attention probabilities), clipped.
+
+A constant map (``vmin == vmax``) is drawn flat in the colour map's lowest colour, never
+divided by zero; :func:`map_scales` reports it in its notes.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
 import numpy as np
+
+from ..errors import RenderError
 
 _CV2_MAPS = {
     "jet": "COLORMAP_JET", "viridis": "COLORMAP_VIRIDIS", "inferno": "COLORMAP_INFERNO",
@@ -11,6 +29,10 @@ _CV2_MAPS = {
     "parula": "COLORMAP_PARULA", "rainbow": "COLORMAP_RAINBOW", "cividis": "COLORMAP_CIVIDIS",
 }
 
+NORMS = ("image", "batch", "none")
+MIN_OVERLAY_SIDE = 256  # overlays are shown at least this large on their short side (pixels)
+SIZE_RANGE = (16, 8192)  # allowed explicit overlay sizes (short side, pixels)
+
 
 def as_rgb_uint8(image) -> np.ndarray:
     """An ``HxWx3`` uint8 RGB array from an RGB array or a PIL image."""
@@ -18,32 +40,140 @@ def as_rgb_uint8(image) -> np.ndarray:
         image = np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(
+        raise RenderError(
             f"image must be an HxWx3 uint8 RGB array or a PIL image, got {arr.dtype} {arr.shape}; "
             "convert it with vitviz.models.load_image(...) first"
         )
     return arr
 
 
-def normalize_map(heatmap) -> np.ndarray:
-    """Min-max scale a 2-D map to ``[0, 1]`` float32 (a constant map becomes zeros)."""
+def as_map(heatmap) -> np.ndarray:
+    """A finite 2-D float32 array from a ``[gh, gw]`` tensor or array (size-1 axes dropped)."""
     if hasattr(heatmap, "detach"):  # torch.Tensor
         heatmap = heatmap.detach().float().cpu().numpy()
-    h = np.asarray(heatmap, dtype=np.float32)
-    h = np.squeeze(h)
+    h = np.squeeze(np.asarray(heatmap, dtype=np.float32))
     if h.ndim != 2:
-        raise ValueError(f"heatmap must be 2-D [gh, gw], got shape {np.shape(heatmap)}")
+        raise RenderError(f"heatmap must be 2-D [gh, gw], got shape {np.shape(heatmap)}")
     if not np.isfinite(h).all():
-        raise ValueError("heatmap contains NaN or infinite values")
-    lo, hi = float(h.min()), float(h.max())
-    return (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+        raise RenderError("heatmap contains NaN or infinite values")
+    return h
+
+
+def scale_map(heatmap, vmin: Optional[float] = None, vmax: Optional[float] = None) -> np.ndarray:
+    """``(h - vmin) / (vmax - vmin)`` clipped to ``[0, 1]`` as float32; a missing bound is the
+    map's own minimum / maximum; ``vmin == vmax`` gives zeros (a flat map).
+
+    Shape:
+        ``[gh, gw]`` -> ``[gh, gw]``
+    """
+    h = as_map(heatmap)
+    lo = float(h.min()) if vmin is None else float(vmin)
+    hi = float(h.max()) if vmax is None else float(vmax)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise RenderError(f"vmin and vmax must be finite numbers, got {vmin}, {vmax}")
+    if hi < lo:
+        raise RenderError(f"vmin must not exceed vmax, got vmin={lo:g} > vmax={hi:g}")
+    if hi == lo:
+        return np.zeros_like(h)
+    return np.clip((h - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def normalize_map(heatmap) -> np.ndarray:
+    """Min-max scale a 2-D map to ``[0, 1]`` float32 (a constant map becomes zeros)."""
+    return scale_map(heatmap)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The colour scale of one map: values ``vmin .. vmax`` span the colour map.
+
+    ``norm`` is the rule it came from; ``flat`` is True for a constant map (drawn in the lowest
+    colour).
+    """
+
+    vmin: float
+    vmax: float
+    norm: str = "image"
+
+    @property
+    def flat(self) -> bool:
+        return self.vmax <= self.vmin
+
+    def describe(self) -> str:
+        """A short text for a colour-bar label."""
+        return {"image": "min-max of this map", "batch": "one scale for all images",
+                "none": "raw values"}[self.norm]
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise RenderError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    return norm
+
+
+def map_scales(maps: Sequence, norm: str = "image") -> tuple[list[Scale], list[str]]:
+    """The colour scale of every map under a ``norm`` rule, and notes for the user.
+
+    Args:
+        maps: ``K`` maps, each ``[..., gh, gw]`` (tensor or array); with ``norm="image"`` one
+            scale per map; ``"batch"``: one scale over all of them; ``"none"``: ``[0, 1]``.
+        norm: ``"image"``, ``"batch"`` or ``"none"``.
+
+    Returns:
+        ``(scales, notes)``: one :class:`Scale` per map, and sentences about constant maps,
+        a batch of one map (nothing shared) or values clipped by ``"none"``.
+
+    Example:
+        >>> scales, notes = map_scales([m1, m2], "batch")
+        >>> vitviz.overlay(img1, m1, vmin=scales[0].vmin, vmax=scales[0].vmax)
+    """
+    check_norm(norm)
+    arrs = []
+    for m in maps:
+        a = m.detach().float().cpu().numpy() if hasattr(m, "detach") else np.asarray(m, dtype=np.float32)
+        if a.size == 0 or not np.isfinite(a).all():
+            raise RenderError("maps must be non-empty and finite to be drawn")
+        arrs.append(a)
+    notes: list[str] = []
+    if norm == "image":
+        scales = [Scale(float(a.min()), float(a.max()), "image") for a in arrs]
+    elif norm == "batch":
+        lo = min((float(a.min()) for a in arrs), default=0.0)
+        hi = max((float(a.max()) for a in arrs), default=1.0)
+        scales = [Scale(lo, hi, "batch") for _ in arrs]
+        if len(arrs) == 1:
+            notes.append("--norm batch with a single image: nothing is shared, the scale is that "
+                         "image's own minimum and maximum")
+    else:
+        scales = [Scale(0.0, 1.0, "none") for _ in arrs]
+        out = sum(bool((a < 0).any() or (a > 1).any()) for a in arrs)
+        if out:
+            notes.append(f"--norm none: {out} map(s) have values outside [0, 1]; they are clipped")
+    flat = sum(1 for a, s in zip(arrs, scales) if float(a.min()) == float(a.max()) and s.norm == "image")
+    if norm == "batch" and scales and scales[0].flat:
+        flat = len(arrs)
+    if flat:
+        notes.append(f"{flat} map(s) are constant: drawn flat (no scale to show)")
+    return scales, notes
+
+
+def colormap_lut(cmap: str = "jet") -> np.ndarray:
+    """The ``[256, 3]`` uint8 RGB table that :func:`colorize` uses for ``cmap``."""
+    return colorize(np.linspace(0.0, 1.0, 256, dtype=np.float32)[None], cmap)[0]
+
+
+def mpl_colormap(cmap: str = "jet"):
+    """A matplotlib colour map with exactly the colours of :func:`colorize` (for colour bars)."""
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(colormap_lut(cmap).astype(np.float64) / 255.0, name=f"vitviz-{cmap}")
 
 
 def colorize(unit_map: np.ndarray, cmap: str = "jet") -> np.ndarray:
     """Map a ``[0, 1]`` float array to ``HxWx3`` uint8 RGB with an OpenCV or matplotlib colormap."""
     import cv2
 
-    u8 = np.clip(np.rint(unit_map * 255.0), 0, 255).astype(np.uint8)
+    u8 = np.clip(np.rint(np.asarray(unit_map, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     if cmap in _CV2_MAPS and hasattr(cv2, _CV2_MAPS[cmap]):
         bgr = cv2.applyColorMap(u8, getattr(cv2, _CV2_MAPS[cmap]))
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -52,35 +182,87 @@ def colorize(unit_map: np.ndarray, cmap: str = "jet") -> np.ndarray:
     try:
         lut = matplotlib.colormaps[cmap](np.arange(256))[:, :3]  # [256, 3] in [0, 1]
     except KeyError:
-        raise ValueError(f"unknown colormap {cmap!r}; try one of {', '.join(_CV2_MAPS)}") from None
+        raise RenderError(f"unknown colormap {cmap!r}; try one of {', '.join(_CV2_MAPS)}") from None
     return (lut[u8] * 255.0 + 0.5).astype(np.uint8)
 
 
-def overlay(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def check_size(size: Optional[int]) -> Optional[int]:
+    if size is not None and not SIZE_RANGE[0] <= int(size) <= SIZE_RANGE[1]:
+        raise RenderError(f"size must be in {SIZE_RANGE[0]}..{SIZE_RANGE[1]} pixels, got {size}")
+    return size
+
+
+def display_image(image, size: Optional[int] = None, min_side: int = MIN_OVERLAY_SIDE) -> np.ndarray:
+    """The image at the size it is shown at.
+
+    With ``size``: resized so that its short side is ``size`` pixels. Without: an image whose
+    short side is at most half of ``min_side`` is enlarged by the smallest whole factor that
+    reaches it (nearest neighbour: every input pixel becomes a clean block, e.g. 64 px -> 256 px,
+    96 px -> 288 px); one between half and ``min_side`` is resized to exactly ``min_side``
+    (bicubic, e.g. 224 px -> 256 px); larger images are returned unchanged.
+
+    Shape:
+        ``[H, W, 3]`` -> ``[H', W', 3]``
+    """
+    import cv2
+
+    img = as_rgb_uint8(image)
+    h, w = img.shape[:2]
+    short = min(h, w)
+    if size is None:
+        if short >= min_side:
+            return img
+        if 2 * short > min_side:
+            size = min_side
+        else:
+            k = math.ceil(min_side / short)
+            return np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+    check_size(size)
+    s = int(size) / short
+    if s == 1.0:
+        return img
+    if s > 1 and abs(s - round(s)) < 1e-9:
+        k = round(s)
+        return np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+    new = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(img, new, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+
+
+def overlay(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5, vmin: Optional[float] = None,
+            vmax: Optional[float] = None) -> np.ndarray:
     """Draw a patch-grid heatmap over an image.
 
-    The map is min-max scaled to ``[0, 1]``, upsampled to the image size with bicubic
-    interpolation, coloured, and blended: ``out = (1 - alpha) * image + alpha * colour``.
+    The map is scaled to ``[0, 1]`` by ``(h - vmin) / (vmax - vmin)`` (clipped), upsampled
+    to the image size with bicubic interpolation, coloured, and blended:
+    ``out = (1 - alpha) * image + alpha * colour``. Without ``vmin`` / ``vmax`` the map's own
+    minimum / maximum are used (min-max per image); pass the same ``vmin, vmax`` to several
+    calls (e.g. from :func:`map_scales` with ``norm="batch"``) to give equal values equal
+    colours in every image. A constant map is drawn flat in the colour map's lowest colour.
 
     Args:
         image: ``HxWx3`` uint8 RGB array or PIL image (the image the model saw, e.g.
-            ``model.preprocessor.view(path)``).
+            ``model.preprocessor.view(path)``; enlarge it first with :func:`display_image`).
         heatmap: ``[gh, gw]`` map (tensor or array), any scale.
         cmap: OpenCV colormap name (``"jet"``, ``"inferno"``, ...) or any matplotlib name.
         alpha: weight of the heatmap; ``alpha=0`` returns the image unchanged.
+        vmin, vmax: the values drawn in the lowest and highest colour (default: the map's
+            own minimum and maximum).
 
     Returns:
         ``HxWx3`` uint8 RGB array.
 
     Example:
         >>> vis = vitviz.overlay(img, vitviz.rollout(rec.attentions)[0], alpha=0.5)
+        >>> same = vitviz.overlay(img, heat, vmin=0.0, vmax=0.05)   # a fixed scale
     """
     import cv2
 
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise RenderError(f"alpha must be in [0, 1], got {alpha}")
     img = as_rgb_uint8(image)
-    unit = normalize_map(heatmap)  # [gh, gw] in [0, 1]
+    unit = scale_map(heatmap, vmin, vmax)  # [gh, gw] in [0, 1]
+    if alpha == 0.0:
+        return img.copy()
     h, w = img.shape[:2]
     up = np.clip(cv2.resize(unit, (w, h), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)  # [H, W]
     colour = colorize(up, cmap).astype(np.float32)  # [H, W, 3]

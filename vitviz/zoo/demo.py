@@ -7,7 +7,6 @@ the CPU in seconds: two tiny models, a few 64 px scenes, matplotlib figures, one
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 from typing import Optional
 
@@ -15,21 +14,10 @@ import numpy as np
 
 from .._io import atomic_write_bytes
 
-UPSCALE = 4  # 64 px scenes are drawn at 256 px
-
-
-def _big(image: np.ndarray) -> np.ndarray:
-    """Upscale a small RGB image for display (nearest neighbour keeps the pixels honest)."""
-    return np.repeat(np.repeat(image, UPSCALE, axis=0), UPSCALE, axis=1)
-
-
 def _save_fig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from ..render.figures import save_figure
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def _pos_similarity(model):
@@ -49,17 +37,13 @@ def _pos_similarity(model):
 
 def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str, str, str]]:
     """Figures of ``shapes-vit``; returns ``(title, file, text)`` per figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     from ..analyze import cls_maps, rollout
     from ..analyze.metrics import pointing_game
     from ..hooks import capture
     from ..models import load_model
-    from ..render import overlay
+    from ..render import figures
     from .models import to_input
     from .scenes import make_dataset
 
@@ -86,40 +70,24 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
         panels.append(("relevance (Chefer)", rel))
     for i, s in enumerate(scenes):
         pred = int(probs[i].argmax())
-        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.3 * (len(panels) + 1), 2.6))
-        axes[0].imshow(_big(s.image))
-        axes[0].set_title(f"truth: {s.label_name}\npredicted: {model.labels[pred]} "
-                          f"({float(probs[i, pred]):.0%})", fontsize=9)
-        for ax, (name, maps) in zip(axes[1:], panels):
-            ax.imshow(overlay(_big(s.image), maps[i], alpha=0.5))
-            ax.set_title(name, fontsize=9)
-        for ax in axes:
-            ax.axis("off")
+        fig, _ = figures.panels(s.image, [(name, maps[i]) for name, maps in panels], alpha=0.5,
+                                image_title=f"truth: {s.label_name}\npredicted: {model.labels[pred]} "
+                                            f"({float(probs[i, pred]):.0%})")
         f = _save_fig(fig, out / f"classifier_{i}.png")
         entries.append((f"scene {s.seed}", f.name,
                         f"rollout's maximum {'is' if hits[i] == 1 else 'is not'} on the {s.label_name}"))
     # every head of every layer for the first scene
     all_cls = torch.stack([cls_maps(attn, layer=l)[0] for l in range(attn.num_layers)])  # [L, H, gh, gw]
     nl, nh = all_cls.shape[:2]
-    fig, axes = plt.subplots(nl, nh, figsize=(1.7 * nh, 1.7 * nl), squeeze=False)
-    for l in range(nl):
-        for h in range(nh):
-            axes[l, h].imshow(overlay(_big(scenes[0].image), all_cls[l, h], alpha=0.6))
-            axes[l, h].set_title(f"layer {l}, head {h}", fontsize=8)
-            axes[l, h].axis("off")
+    fig, _ = figures.map_grid(all_cls, scenes[0].image, row_labels=[f"layer {l}" for l in range(nl)],
+                              col_labels=[f"head {h}" for h in range(nh)], alpha=0.6,
+                              title=f"CLS attention of every head, scene {scenes[0].seed}")
     f = _save_fig(fig, out / "classifier_cls_heads.png")
     entries.append(("CLS attention of every head", f.name,
                     f"scene {scenes[0].seed}: what the CLS token reads in each layer and head"))
     # position-embedding similarity: one small grid per patch, as in the ViT paper's figure
     sim = _pos_similarity(model).detach().float().cpu().numpy()  # [P, gh, gw]
-    gh, gw = sim.shape[-2:]
-    fig, axes = plt.subplots(gh, gw, figsize=(0.55 * gw, 0.55 * gh), squeeze=False)
-    for p in range(gh * gw):
-        ax = axes[p // gw, p % gw]
-        ax.imshow(sim[p], cmap="viridis", vmin=-1, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("position-embedding similarity", fontsize=9)
+    fig, _ = figures.pos_similarity_grid(sim, title="shapes-vit: position-embedding similarity")
     f = _save_fig(fig, out / "classifier_posembed.png")
     entries.append(("position embeddings", f.name,
                     "cosine similarity of each patch's learned position embedding with all others"))
@@ -159,7 +127,7 @@ def captioner_section(out: Path, num_images: int, seed: int) -> list[tuple[str, 
         # the mean over the decoder layers grounds words best (`vitviz benchmark-maps --model
         # shapes-captioner`: 0.99 of colour and shape words peak on their object)
         grids = cap.word_grids(layer=None, head_fusion="mean", merge="mean").mean(0)  # [W, gh, gw]
-        fig, _ = caption_strip(_big(cap.image), grids, [w.text for w in cap.words],
+        fig, _ = caption_strip(cap.image, grids, [w.text for w in cap.words],
                                title=f"generated: {cap.text}\ntruth: {s.caption}")
         f = _save_fig(fig, out / f"caption_{i}.png")
         entries.append((f"scene {s.seed}", f.name, f"generated: “{cap.text}”; truth: “{s.caption}”"))

@@ -1,0 +1,106 @@
+"""How the commands write what they draw: figure format and dpi, overlay size, scale rule.
+
+One :class:`OutputOptions` carries the choices of ``--format``, ``--dpi``, ``--size``,
+``--norm``, ``--colorbar``, ``--cmap`` and ``--alpha``; its methods write overlays and figures
+by those rules (atomically), and collect notes for the user (constant maps, a batch of one).
+Figures go out as PNG, JPEG, PDF or SVG; overlays stay raster (JPEG when the format is
+``jpg``, else PNG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .figures import _DPI, check_dpi, check_format, overlay_figure, save_figure
+from .overlay import NORMS, Scale, check_norm, check_size, display_image, map_scales, overlay
+
+
+@dataclass
+class OutputOptions:
+    """The output choices of a run.
+
+    Args:
+        format: figures: ``"png"``, ``"jpg"``, ``"pdf"`` or ``"svg"``.
+        dpi: resolution figures are drawn and saved at (50..600).
+        size: short side of overlays in pixels; None: the image the model saw, enlarged to at
+            least 256 px when smaller (:func:`vitviz.render.display_image`).
+        norm: ``"image"``, ``"batch"`` or ``"none"`` (see :mod:`vitviz.render.overlay`).
+        colorbar: draw overlays as a figure with a colour bar that states the scale, and add one
+            to panels and grids.
+        cmap, alpha: as :func:`vitviz.overlay`.
+    """
+
+    format: str = "png"
+    dpi: int = _DPI
+    size: Optional[int] = None
+    norm: str = "image"
+    colorbar: bool = False
+    cmap: str = "jet"
+    alpha: float = 0.5
+    notes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        from ..errors import RenderError
+
+        self.format = check_format(self.format)
+        self.dpi = check_dpi(self.dpi)
+        check_size(self.size)
+        check_norm(self.norm)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise RenderError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    @property
+    def overlay_ext(self) -> str:
+        """Overlays stay raster: ``jpg`` with ``format="jpg"``, else ``png``."""
+        return "jpg" if self.format == "jpg" else "png"
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def scales(self, maps: Sequence) -> list[Scale]:
+        """The scale of each map of one method over the run (by ``norm``); notes are kept."""
+        scales, notes = map_scales(maps, self.norm)
+        for n in notes:
+            self.note(n)
+        return scales
+
+    def save_overlay(self, path, view: np.ndarray, heat, scale: Optional[Scale] = None, *,
+                     label: str = "") -> Path:
+        """Write the overlay of ``heat`` over ``view`` at the display size; returns the path
+        (its suffix set to :attr:`overlay_ext`)."""
+        from .._io import atomic_write_bytes
+
+        path = Path(path).with_suffix(f".{self.overlay_ext}")
+        big = display_image(view, self.size)  # [H', W', 3]
+        lo, hi = (scale.vmin, scale.vmax) if scale is not None else (None, None)
+        if self.colorbar:
+            fig, _ = overlay_figure(big, heat, cmap=self.cmap, alpha=self.alpha, vmin=lo, vmax=hi,
+                                    norm=scale.norm if scale is not None else self.norm, label=label,
+                                    dpi=self.dpi)
+            return save_figure(fig, path, dpi=self.dpi, format=self.overlay_ext)
+        pic = overlay(big, heat, cmap=self.cmap, alpha=self.alpha, vmin=lo, vmax=hi)
+        return atomic_write_bytes(path, encode_image(pic, self.overlay_ext))
+
+    def save_figure(self, fig, path) -> Path:
+        """Write a figure in :attr:`format` at :attr:`dpi`; returns the path."""
+        return save_figure(fig, path, dpi=self.dpi, format=self.format)
+
+
+def encode_image(rgb: np.ndarray, ext: str = "png") -> bytes:
+    """PNG or JPEG bytes of an ``HxWx3`` uint8 RGB image."""
+    import cv2
+
+    arr = np.ascontiguousarray(rgb)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 92] if ext == "jpg" else []
+    ok, buf = cv2.imencode(f".{ext}", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise OSError(f"OpenCV could not encode the image as {ext}")
+    return buf.tobytes()
+
+
+__all__ = ["OutputOptions", "encode_image", "NORMS"]
