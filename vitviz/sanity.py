@@ -428,5 +428,123 @@ def randomization(model, images, method: Union[str, MapFn] = "rollout", *, mode:
     return Randomization(["trained"] + [n for n, _ in steps], maps, sp, ss, tk, k, mode, name, target)
 
 
-__all__ = ["randomization", "Randomization", "randomization_layers", "METHODS", "get_map_fn",
+# ---------------------------------------------------------------------------------------------
+# every check for several methods: the table of `vitviz sanity` and `benchmark-maps --sanity`
+# ---------------------------------------------------------------------------------------------
+
+SANITY_COLUMNS = {
+    "rand_head": ("rank corr., head random ↓", False),
+    "rand_all": ("rank corr., all random ↓", False),
+    "ssim_all": ("SSIM, all random ↓", False),
+    "topk_all": ("top-k kept, all random ↓", False),
+    "tok_del": ("token deletion AUC ↓", False),
+    "tok_ins": ("token insertion AUC ↑", True),
+    "road_morf": ("ROAD MoRF AUC ↓", False),
+    "road_lerf": ("ROAD LeRF AUC ↑", True),
+}
+"""Column key -> (header, higher is better) of :meth:`SanityReport.table`."""
+
+DEFAULT_METHODS = ("rollout", "cls", "relevance", "grad_rollout", "flow", "random", "centre")
+
+
+@dataclass
+class SanityReport:
+    """What :func:`sanity_check` found, per method.
+
+    Attributes:
+        randomization: ``{method: Randomization}`` (cascade).
+        tokens: ``{method: Curves}`` token deletion / insertion (MoRF).
+        road: ``{method: RoadCurves}`` (only for the first ``road_images`` inputs), may be empty.
+        seconds: ``{method: seconds}`` wall time per method.
+    """
+
+    randomization: dict
+    tokens: dict
+    road: dict
+    seconds: dict
+    n: int = 0
+
+    def rows(self) -> dict:
+        """``{method: {column: mean over images}}`` (NaN-aware)."""
+        out = {}
+        for name, r in self.randomization.items():
+            row = {}
+            if len(r.steps) > 1:
+                row["rand_head"] = float(torch.nanmean(r.spearman[1]))
+                row["rand_all"] = float(torch.nanmean(r.spearman[-1]))
+                row["ssim_all"] = float(torch.nanmean(r.ssim[-1]))
+                row["topk_all"] = float(torch.nanmean(r.topk[-1]))
+            c = self.tokens.get(name)
+            if c is not None:
+                row["tok_del"] = float(c.deletion_auc.mean())
+                row["tok_ins"] = float(c.insertion_auc.mean())
+            rc = self.road.get(name)
+            if rc is not None:
+                row["road_morf"] = float(rc.morf_auc.mean())
+                row["road_lerf"] = float(rc.lerf_auc.mean())
+            out[name] = row
+        return out
+
+    def table(self):
+        """A :class:`vitviz.zoo.benchmark.Table` (``.format(markdown=True)`` for Markdown)."""
+        from .zoo.benchmark import Table
+
+        return Table(self.rows(), dict(SANITY_COLUMNS), self.n)
+
+
+def sanity_check(model, images, methods: Sequence[Union[str, MapFn]] = DEFAULT_METHODS, *,
+                 randomize: bool = True, tokens: bool = True, road_images: Optional[int] = None,
+                 steps: int = 16, road_steps: int = 10, seed: int = 0, batch_size: int = 32,
+                 score_fn=None, progress: Optional[Callable[[str], None]] = None) -> SanityReport:
+    """Randomisation, token deletion / insertion and ROAD for several map methods on the same inputs.
+
+    Args:
+        model: a classifier (:class:`vitviz.VisionModel` or module).
+        images: ``[B, 3, H, W]`` inputs at the model's size, or a list of images.
+        methods: names of :data:`METHODS` or map functions.
+        randomize, tokens: run the randomisation cascade / the token curves.
+        road_images: ROAD on the first ``road_images`` inputs only (``None``: all; ``0``: none);
+            its imputation is the slowest part.
+        steps: points of the token curves minus one; road_steps: of the ROAD curves.
+        seed: seed of the re-initialisation and of ROAD's noise.
+        batch_size: images per map computation (the curves batch ``8 * batch_size`` sequences).
+        score_fn: for models without a classifier (token curves and ROAD).
+        progress: called with each method's name when it starts.
+
+    Returns:
+        :class:`SanityReport`.
+    """
+    import time
+
+    from .perturbation import road, token_curves
+
+    vm = as_vision_model(model)
+    x = prepare_inputs(vm, images)
+    b = x.shape[0]
+    nr = b if road_images is None else max(0, min(int(road_images), b))
+    rand, tok, rd, secs = {}, {}, {}, {}
+    with torch.no_grad():
+        out = vm(x)
+    target = None if score_fn is not None else logits_of(out, what="sanity_check").argmax(-1)  # [B]
+    for method in methods:
+        name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
+        if progress is not None:
+            progress(name)
+        t0 = time.perf_counter()
+        r = randomization(vm, x, method, seed=seed, batch_size=batch_size, target=target,
+                          num_steps=None if randomize else 0)
+        rand[name] = r
+        maps = r.maps[0]  # [B, gh, gw] of the trained model
+        if tokens:
+            tok[name] = token_curves(vm, x, maps, target=target, steps=min(steps, maps[0].numel()),
+                                     score_fn=score_fn, batch_size=8 * batch_size)
+        if nr:
+            rd[name] = road(vm, x[:nr], maps[:nr], target=None if target is None else target[:nr],
+                            steps=min(road_steps, maps[0].numel()), seed=seed, score_fn=score_fn,
+                            batch_size=8 * batch_size)
+        secs[name] = time.perf_counter() - t0
+    return SanityReport(rand, tok, rd, secs, b)
+
+
+__all__ = ["sanity_check", "SanityReport", "SANITY_COLUMNS", "DEFAULT_METHODS", "randomization", "Randomization", "randomization_layers", "METHODS", "get_map_fn",
            "restored", "prepare_inputs", "logits_of", "check_classifier"]
