@@ -22,6 +22,7 @@ examples:
   vitviz heads photos/*.jpg --model b16                         # entropy, attention distance per head
   vitviz caption girl.jpg --model vit-gpt2 --num-beams 4        # one map per generated word
   vitviz gallery photos/ --model b16 --out gallery/             # every map of a folder + index.html
+  vitviz sanity cat.jpg --model b16 --methods rollout,relevance  # randomisation, token deletion, ROAD
   vitviz models                                                 # aliases and whether weights are cached
   vitviz demo                                                   # bundled images, offline
 

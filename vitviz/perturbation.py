@@ -249,6 +249,9 @@ def _neighbour_kernel(device, dtype) -> torch.Tensor:
 def _pcg(v: torch.Tensor, u: torch.Tensor, z: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
     """Jacobi-preconditioned CG on ``D z_u - W_uu z_u = W_uk v_k`` from the start ``z``.
 
+    Planes stop one by one as their relative residual falls below ``tol``; the ones still
+    running are gathered into smaller tensors as the others finish.
+
     Shape:
         v, u, z: ``[P, 1, H, W]`` (values, unknown 0/1, start) -> ``[P, 1, H, W]``
     """
@@ -258,30 +261,39 @@ def _pcg(v: torch.Tensor, u: torch.Tensor, z: torch.Tensor, tol: float, max_iter
     diag = conv(torch.ones(1, 1, h, w, device=v.device, dtype=v.dtype))  # [1, 1, H, W] in-image weights
     rhs = u * conv(v * (1 - u))  # [P, 1, H, W]
 
-    def apply(t):  # A t on the unknowns
-        return u * (diag * t - conv(t * u))
+    def apply(t, uu):  # A t on the unknowns
+        return uu * (diag * t - conv(t * uu))
 
-    z = z * u
-    r = rhs - apply(z)
+    out = z * u
+    r = rhs - apply(out, u)
     stop = (tol * rhs.flatten(1).norm(dim=1)).clamp_min(1e-12)  # [P]
+    idx = torch.arange(v.shape[0], device=v.device)  # planes still running
+    zz, uu = out.clone(), u
     pz = r / diag
     p = pz.clone()
     rz = (r * pz).flatten(1).sum(1)  # [P]
     for _ in range(max_iter):
-        active = r.flatten(1).norm(dim=1) > stop  # [P]
-        if not bool(active.any()):
+        active = r.flatten(1).norm(dim=1) > stop  # [p]
+        n_active = int(active.sum())
+        if n_active == 0:
             break
-        ap = apply(p)
+        if n_active < 0.75 * len(idx):  # gather the running planes
+            out[idx] = zz
+            keep = active.nonzero().flatten()
+            idx, zz, uu, r, p, rz, stop = idx[keep], zz[keep], uu[keep], r[keep], p[keep], rz[keep], stop[keep]
+            active = active[keep]
+        ap = apply(p, uu)
         pap = (p * ap).flatten(1).sum(1)
         alpha = torch.where(active & (pap > 0), rz / pap.clamp_min(1e-30), torch.zeros_like(rz))
-        z = z + alpha[:, None, None, None] * p
+        zz = zz + alpha[:, None, None, None] * p
         r = r - alpha[:, None, None, None] * ap
         pz = r / diag
         rz_new = (r * pz).flatten(1).sum(1)
         beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
         p = pz + beta[:, None, None, None] * p
         rz = rz_new
-    return z
+    out[idx] = zz
+    return out
 
 
 def _cascade(v: torch.Tensor, u: torch.Tensor, tol: float, max_iter: Optional[int]) -> torch.Tensor:
