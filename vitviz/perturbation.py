@@ -61,8 +61,13 @@ def token_site(module: nn.Module) -> tuple[nn.Module, str]:
     Raises:
         VitvizError: neither a timm ``VisionTransformer``-like nor a transformers ViT-like model.
     """
-    if all(hasattr(module, a) for a in ("patch_drop", "patch_embed", "num_prefix_tokens")) and \
-            isinstance(module.patch_drop, nn.Module):
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        VisionTransformer = ()
+    # only timm's VisionTransformer family: others with a patch_drop (EVA: rotary position
+    # embeddings of the full grid) would need the kept indices passed on as well
+    if isinstance(module, VisionTransformer) and isinstance(getattr(module, "patch_drop", None), nn.Module):
         return module.patch_drop, "timm patch_drop (the model's own token-dropping slot)"
     for name, m in module.named_modules():
         if name.rsplit(".", 1)[-1] == "embeddings" and hasattr(m, "patch_embeddings"):
