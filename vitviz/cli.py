@@ -24,6 +24,7 @@ examples:
   vitviz gallery photos/ --model b16 --out gallery/             # every map of a folder + index.html
   vitviz rollout cat.jpg --model b16 --on-original              # overlay on the photo at its own size
   vitviz fetch b16 vit-gpt2                                     # download now (login node), then HF_HUB_OFFLINE=1
+  vitviz sanity cat.jpg --model b16 --methods rollout,relevance  # randomisation, token deletion, ROAD
   vitviz models                                                 # aliases and whether weights are cached
   vitviz demo                                                   # bundled images, offline
 

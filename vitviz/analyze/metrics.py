@@ -305,6 +305,136 @@ def word_grounding(word_maps: torch.Tensor, word_masks: Sequence[Optional[torch.
 
 
 # ---------------------------------------------------------------------------------------------
+# map against map: how much did a map change? (randomisation sanity checks)
+# ---------------------------------------------------------------------------------------------
+
+def _pair_flat(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.dim() == 2:
+        a = a.unsqueeze(0)
+    if b.dim() == 2:
+        b = b.unsqueeze(0)
+    if a.dim() != 3 or a.shape != b.shape:
+        raise LayoutError(f"{what} compares maps of one shape [B, gh, gw], got {tuple(a.shape)} and "
+                          f"{tuple(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError(f"{what}: maps contain NaN or infinite values")
+    return a, b
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks ``1 .. G`` of each row, ties sharing the mean of their ranks (as ``scipy.stats.rankdata``).
+
+    ``rank_i = 1 + #{j: v_j < v_i} + (#{j: v_j == v_i} - 1) / 2``, computed in chunks of rows
+    with a bounded ``[b, G, G]`` comparison.
+
+    Shape:
+        ``[B, G]`` -> ``[B, G]`` float32
+
+    Example:
+        >>> average_ranks(torch.tensor([[3., 1., 3., 2.]]))
+        tensor([[3.5000, 1.0000, 3.5000, 2.0000]])
+    """
+    v = values.float()
+    g = v.shape[1]
+    step = max(1, _PAIRWISE_BUDGET // max(1, g * g))
+    out = []
+    for i in range(0, v.shape[0], step):
+        c = v[i:i + step]  # [b, G]
+        less = (c[:, None, :] < c[:, :, None]).sum(-1).float()  # [b, G] entries below each value
+        equal = (c[:, None, :] == c[:, :, None]).sum(-1).float()  # [b, G] ties, itself included
+        out.append(1.0 + less + (equal - 1.0) / 2.0)
+    return torch.cat(out) if out else v.clone()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each pair of maps (Pearson correlation of average ranks).
+
+    Args:
+        a, b: ``[B, gh, gw]`` (or ``[gh, gw]``) maps of one shape.
+
+    Returns:
+        ``[B]`` float32 in ``[-1, 1]``; NaN where a map is constant (its ranks do not vary).
+
+    Example:
+        >>> spearman(torch.tensor([[[1., 2.], [3., 4.]]]), torch.tensor([[[10., 20.], [30., 99.]]]))
+        tensor([1.])
+    """
+    a, b = _pair_flat(a, b, "spearman")
+    ra, rb = average_ranks(a.flatten(1)), average_ranks(b.flatten(1))  # [B, G]
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    num = (ra * rb).sum(1)  # [B]
+    den = (ra.square().sum(1) * rb.square().sum(1)).sqrt()  # [B]
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(num, float("nan")))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 7, sigma: float = 1.5,
+         normalize: bool = True) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) of each pair of maps, as in Adebayo et al. 2018.
+
+    Each map is min-max scaled to ``[0, 1]`` first (``normalize=True``; data range 1), then
+    local means, variances and the covariance are taken under a Gaussian window (``sigma``
+    patches, ``min(window, gh, gw)`` patches wide, valid positions only) and
+    ``SSIM = (2 mu_a mu_b + C1)(2 cov + C2) / ((mu_a² + mu_b² + C1)(var_a + var_b + C2))`` with
+    ``C1 = 0.01²``, ``C2 = 0.03²`` is averaged over the positions.
+
+    Args:
+        a, b: ``[B, gh, gw]`` (or ``[gh, gw]``) maps of one shape.
+        window: window width in patches (clipped to the grid).
+        sigma: Gaussian sigma of the window in patches.
+        normalize: min-max scale each map first (a constant map becomes zeros).
+
+    Returns:
+        ``[B]`` float32, 1 for identical maps.
+    """
+    if window < 1 or sigma <= 0:
+        raise ValueError(f"ssim needs window >= 1 and sigma > 0, got window={window}, sigma={sigma}")
+    a, b = _pair_flat(a, b, "ssim")
+    if normalize:
+        a, b = normalize_maps(a), normalize_maps(b)
+    a, b = a.float()[:, None], b.float()[:, None]  # [B, 1, gh, gw]
+    kh, kw = min(window, a.shape[-2]), min(window, a.shape[-1])
+
+    def gauss(k: int) -> torch.Tensor:
+        t = torch.arange(k, device=a.device, dtype=torch.float32) - (k - 1) / 2.0
+        w = torch.exp(-t * t / (2.0 * sigma * sigma))
+        return w / w.sum()  # [k]
+
+    kernel = (gauss(kh)[:, None] * gauss(kw)[None, :])[None, None]  # [1, 1, kh, kw]
+    f = lambda t: torch.nn.functional.conv2d(t, kernel)  # noqa: E731  [B, 1, gh-kh+1, gw-kw+1]
+    mu_a, mu_b = f(a), f(b)
+    var_a = f(a * a) - mu_a * mu_a
+    var_b = f(b * b) - mu_b * mu_b
+    cov = f(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)  # [B]
+
+
+def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of the ``k`` highest patches of ``a`` that are also among the ``k`` highest of ``b``.
+
+    Patches are ranked as :func:`patch_order` ranks them (ties keep index order).
+
+    Args:
+        a, b: ``[B, gh, gw]`` maps of one shape.
+        k: patches compared, ``1 <= k <= gh*gw``.
+
+    Returns:
+        ``[B]`` float32 in ``[0, 1]``.
+    """
+    a, b = _pair_flat(a, b, "topk_overlap")
+    g = a.shape[-2] * a.shape[-1]
+    if not 1 <= int(k) <= g:
+        raise ValueError(f"top-k overlap needs 1 <= k <= {g} (the patches of a {a.shape[-2]}x{a.shape[-1]} "
+                         f"map), got k={k}")
+    ta = patch_order(a)[:, :k]  # [B, k]
+    tb = patch_order(b)[:, :k]
+    hit = (ta[:, :, None] == tb[:, None, :]).any(-1)  # [B, k]
+    return hit.float().mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
 # baseline maps
 # ---------------------------------------------------------------------------------------------
 
@@ -336,4 +466,4 @@ def centre_prior(grid: tuple[int, int], *, sigma: float = 0.25, device=None) -> 
 
 __all__ = ["patch_counts", "pointing_game", "energy_pointing", "normalize_maps", "mask_iou", "mask_auc",
            "patch_order", "step_counts", "step_masks", "curve_auc", "word_grounding", "random_maps",
-           "centre_prior"]
+           "centre_prior", "average_ranks", "spearman", "ssim", "topk_overlap"]

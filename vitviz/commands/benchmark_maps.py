@@ -32,6 +32,11 @@ def add_arguments(p) -> None:
     p.add_argument("--no-flow", action="store_true",
                    help="skip attention flow (one max-flow problem per patch: the slowest row)")
     p.add_argument("--no-relevance", action="store_true", help="skip relevance and gradient rollout")
+    p.add_argument("--sanity", action="store_true",
+                   help="shapes-vit: instead, the sanity checks (model randomisation, token deletion / "
+                        "insertion, ROAD) of every method; see `vitviz sanity`")
+    p.add_argument("--road-images", type=int, default=20, metavar="N",
+                   help="with --sanity: ROAD on the first N scenes (its imputation is the slow part; default 20)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--device", default="cpu", metavar="DEV")
 
@@ -62,6 +67,24 @@ def run(args) -> int:
         bar.update(done - bar.n)
 
     t0 = time.time()
+    if args.sanity:
+        if args.model != "shapes-vit":
+            return fail("--sanity needs a classifier: use --model shapes-vit")
+        if args.road_images < 0:
+            return fail(f"--road-images must be >= 0, got {args.road_images}")
+        from ..zoo.benchmark import benchmark_sanity
+
+        bar.close()
+        table = benchmark_sanity(model, n=args.num_images, road_images=args.road_images, steps=args.steps,
+                                 batch_size=args.batch_size,
+                                 progress=lambda m: print(f"[{time.time() - t0:6.1f} s] {m}", file=sys.stderr))
+        print(f"shapes-vit, {table.n} held-out scenes (ROAD on {table.extra['road_images']}): rank correlation, "
+              "SSIM and top-k overlap with the trained map after the head, then all layers, were re-initialised "
+              "(lower: the map depends on the model); token and ROAD curves of the class probability")
+        print(table.format(markdown=args.markdown))
+        print("seconds per method: " + ", ".join(f"{k} {v:.1f}" for k, v in table.extra["seconds"].items()))
+        print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
+        return 0
     if args.model == "shapes-vit":
         table = benchmark_classifier(model, n=args.num_images, batch_size=args.batch_size,
                                      steps=args.steps, deletion=not args.no_deletion,

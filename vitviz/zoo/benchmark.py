@@ -179,6 +179,39 @@ def benchmark_classifier(model=None, *, n: int = 200, seeds: Optional[Sequence[i
     return table
 
 
+def benchmark_sanity(model=None, *, n: int = 200, seeds: Optional[Sequence[int]] = None,
+                     methods: Optional[Sequence[str]] = None, road_images: Optional[int] = 20,
+                     steps: int = 16, road_steps: int = 10, batch_size: int = 50,
+                     progress: Optional[Callable[[str], None]] = None) -> Table:
+    """Sanity checks of every map method of ``shapes-vit`` on held-out scenes.
+
+    Model-parameter randomisation (cascade, Adebayo et al. 2018), token deletion / insertion
+    and ROAD (on the first ``road_images`` scenes: its imputation is the slow part) for
+    rollout, CLS attention (last layer), relevance, gradient rollout, attention flow and the
+    random and centre baselines; see :func:`vitviz.sanity.sanity_check`.
+
+    Returns:
+        :class:`Table` with the columns of :data:`vitviz.sanity.SANITY_COLUMNS`;
+        ``extra["seconds"]`` holds the time per method and ``extra["road_images"]`` the count.
+    """
+    from ..sanity import DEFAULT_METHODS, sanity_check
+    from .models import to_input
+
+    if model is None:
+        from ..models import load_model
+
+        model = load_model("shapes-vit")
+    seeds = list(seeds) if seeds is not None else list(HELDOUT_SEEDS)[:n]
+    scenes = make_dataset("classification", seeds)
+    x = to_input(np.stack([s.image for s in scenes]), device=model.device, dtype=model.dtype)
+    rep = sanity_check(model, x, list(methods or DEFAULT_METHODS), road_images=road_images, steps=steps,
+                       road_steps=road_steps, batch_size=batch_size, progress=progress)
+    table = rep.table()
+    table.extra["seconds"] = rep.seconds
+    table.extra["road_images"] = min(len(scenes), road_images if road_images is not None else len(scenes))
+    return table
+
+
 def benchmark_captioner(model=None, *, n: int = 200, seeds: Optional[Sequence[int]] = None,
                         batch_size: int = 50,
                         progress: Optional[Callable[[int, int], None]] = None) -> Table:
