@@ -469,3 +469,17 @@ def test_streaming_rollout_never_builds_all_heads(fusion, monkeypatch):
     assert len(shapes) == 3 * 2 * 4  # layers x batch x heads
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(streamed.stream("r"), stored, rtol=1e-5, atol=1e-7)
+
+
+def test_a_changed_module_tree_is_read_again():
+    model = TutorialViT(Mixer, depth=2).eval()
+    vm = vitviz.wrap(model)
+    x = torch.randn(1, 3, 12, 16)
+    with torch.no_grad(), vitviz.capture(vm) as rec:
+        vm(x)
+    assert [s.name for s in rec.sites] == ["body.0.mix", "body.1.mix"]
+    model.body.append(Block(MSA, 32, 4))  # a third layer, of another style
+    with torch.no_grad(), vitviz.capture(vm) as rec2:
+        vm(x)
+    assert [s.name for s in rec2.sites] == ["body.0.mix", "body.1.mix", "body.2.mix"]
+    assert rec2.attentions.tensor.shape[0] == 3

@@ -25,8 +25,8 @@ def test_streamed_rollout_equals_stored(model):
     with torch.no_grad(), vitviz.capture(model, keep="none", streams={"r": stream}) as rec2:
         out = model(x)
     assert torch.equal(out, ref)
-    # the stream multiplies the layers forward, rollout() pushes the CLS row down from the last
-    # layer: the same matrices associated differently, equal to float rounding
+    # the stream got each layer's head mean computed a few heads at a time (summed in another
+    # order than the stored tensor's mean): equal to float rounding
     torch.testing.assert_close(rec2.stream("r"), stored, rtol=1e-5, atol=1e-7)
     assert all(not p.records for p in rec2.passes)  # nothing stored
     with pytest.raises(CaptureError, match="no layer of it was kept"):

@@ -154,36 +154,52 @@ def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: fl
         >>> vitviz.rollout(rec.attentions, discard_ratio=0.9).shape
         torch.Size([1, 14, 14])
     """
-    from .query import query_weights
-
     t = attn.tensor  # [L, B, H, N, N]
-    num_layers, b, n = t.shape[0], t.shape[1], t.shape[-1]
+    num_layers = t.shape[0]
     if not -num_layers <= start_layer < num_layers:
         raise ValueError(f"start_layer {start_layer} is out of range for {num_layers} layers")
-    layout = attn.layout
-    if n != layout.num_tokens:
-        raise LayoutError(f"{n} tokens do not fit the layout {layout}")
-    # The map is one row of R = Â_L … Â_start (the CLS row, or the mean of the patch rows):
-    # pushed through the layers from the last one down, r = ((qᵀ Â_L) Â_{L-1}) … Â_start, it
-    # costs O(L·N²) per sample instead of the O(L·N³) of the full product (same matrices).
-    row = query_weights(layout, "auto", device=t.device).expand(b, 1, n)  # [B, 1, N]
-    keep_first = bool(layout.has_cls)
-    for layer in range(num_layers - 1, start_layer % num_layers - 1, -1):
-        row = torch.bmm(row, _layer_matrix(t[layer], head_fusion, discard_ratio, keep_first))  # [B, 1, N]
-    return row[:, 0, layout.num_prefix:].reshape(b, *layout.grid)
+    keep_first = bool(attn.layout.has_cls)
+    layers = range(start_layer % num_layers, num_layers)
+    return _row_chain((_layer_matrix(t[i], head_fusion, discard_ratio, keep_first) for i in reversed(layers)),
+                      attn.layout)
+
+
+def _row_chain(matrices, layout: TokenLayout) -> torch.Tensor:
+    """The rollout map from the layer matrices ``Â_L, Â_{L-1}, …`` (last layer first).
+
+    The map is one row of ``R = Â_L … Â_start`` (the CLS row, or the mean of the patch rows):
+    pushed through the layers from the last one down, ``r = ((qᵀ Â_L) Â_{L-1}) … Â_start``, it
+    costs ``O(L·N²)`` per sample instead of the ``O(L·N³)`` of the full product.
+
+    Shape:
+        each matrix ``[B, N, N]`` -> ``[B, gh, gw]``
+    """
+    from .query import query_weights
+
+    row = None  # [B, 1, N]
+    for a in matrices:
+        if a.shape[-1] != layout.num_tokens:
+            raise LayoutError(f"{a.shape[-1]} tokens do not fit the layout {layout}")
+        if row is None:
+            row = query_weights(layout, "auto", device=a.device).expand(a.shape[0], 1, a.shape[-1])
+        row = torch.bmm(row, a)  # [B, 1, N]
+    if row is None:
+        raise ValueError("no layer to roll out")
+    return row[:, 0, layout.num_prefix:].reshape(row.shape[0], *layout.grid)
 
 
 class RolloutStream:
     """Attention rollout computed layer by layer, as the layers run (a stream of
     :func:`vitviz.capture`).
 
-    Keeps only the running product ``[B, N, N]`` (float32) instead of every layer's
-    ``[B, H, N, N]``: memory ``O(B*N^2)`` instead of ``O(L*B*H*N^2)``. Gives exactly
-    :func:`rollout`'s result (same per-layer matrix, same product order). What it needs to
-    know about the model comes with each layer: whether token 0 is a CLS token (kept when
-    discarding) from ``layout``, the depth from ``num_layers`` (for a negative
-    ``start_layer``; when the depth is not known before the pass ends, the last
-    ``-start_layer`` layer matrices are kept and multiplied at the end).
+    Each layer's attention ``[B, H, N, N]`` is reduced to its rollout matrix ``[B, N, N]``
+    (float32) as it runs and the attention is freed: memory ``O(L·B·N²)`` instead of the
+    ``O(L·B·H·N²)`` of keeping every layer. :meth:`result` pushes the query row down through
+    the matrices as :func:`rollout` does, so the two are equal to the bit (same matrices,
+    same products). What it needs to know about the model comes with each layer: whether
+    token 0 is a CLS token (kept when discarding) from ``layout``, the depth from
+    ``num_layers`` (for a negative ``start_layer``; when the depth is not known before the
+    pass ends, the last ``-start_layer`` matrices are kept).
 
     Args:
         head_fusion, discard_ratio, start_layer: as :func:`rollout`.
@@ -205,8 +221,7 @@ class RolloutStream:
     def reset(self) -> None:
         """Forget the layers seen so far (a new forward pass)."""
         self.layers_seen = 0
-        self.product = None  # [B, N, N] float32
-        self.last: list[torch.Tensor] = []  # negative start_layer, depth unknown: [B, N, N] each
+        self.matrices: list[torch.Tensor] = []  # [B, N, N] float32 per layer from start_layer
 
     def update(self, attn_l: torch.Tensor, *, layer: int, layout: TokenLayout,
                num_layers: int | None = None) -> None:
@@ -217,23 +232,16 @@ class RolloutStream:
             start %= num_layers
         if start >= 0 and layer < start:
             return
-        a = _layer_matrix(attn_l.detach(), self.head_fusion, self.discard_ratio,
-                          bool(layout.has_cls))  # [B, N, N]
+        self.matrices.append(_layer_matrix(attn_l.detach(), self.head_fusion, self.discard_ratio,
+                                           bool(layout.has_cls)))  # [B, N, N]
         if start < 0:  # depth unknown: keep the last -start layers
-            self.last = (self.last + [a])[start:]
-            return
-        self.product = a if self.product is None else a @ self.product
+            self.matrices = self.matrices[start:]
 
     def result(self, layout: TokenLayout) -> torch.Tensor:
         """The rollout map ``[B, gh, gw]`` of the layers seen."""
-        product = self.product
-        if self.last:
-            if len(self.last) < -self.start_layer:
-                raise ValueError(f"start_layer {self.start_layer} is out of range for "
-                                 f"{self.layers_seen} layers")
-            for a in self.last:
-                product = a if product is None else a @ product
-        if product is None:
+        if not self.matrices:
             raise ValueError(f"no layer at or after start_layer {self.start_layer} was seen "
                              f"({self.layers_seen} layers seen)")
-        return token_map(product, layout)
+        if self.start_layer < 0 and len(self.matrices) < -self.start_layer:
+            raise ValueError(f"start_layer {self.start_layer} is out of range for {self.layers_seen} layers")
+        return _row_chain(reversed(self.matrices), layout)

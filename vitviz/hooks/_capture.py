@@ -122,8 +122,9 @@ class _Recorder:
     """The machinery that fills a :class:`Recording`: called by the op-level mode and by the
     root module's pre-hook. Internal; users read the :class:`Recording`."""
 
-    def __init__(self, model: VisionModel, sites: list[Site], *, restricted: bool, grad: bool,
+    def __init__(self, model: VisionModel, setup: "_Setup", *, restricted: bool, grad: bool,
                  keep, streams: Optional[dict]):
+        sites = setup.sites
         self.model = model
         self.sites = list(sites)
         self.restricted = restricted  # adapters= given: calls outside their sites are ignored
@@ -137,17 +138,9 @@ class _Recorder:
         if grad and self.keep != "all" and not self.grad_streams:
             raise CaptureError("capture(grad=True) needs keep='all' (gradients are matched to kept "
                                "layers) or streams that take the gradients as they arrive")
-        root = model.module
-        self.names = {id(m): n for n, m in root.named_modules()}
-        self.modules = {id(m): m for m in root.modules()}
-        # every module inside a site belongs to that site
-        self.owner: dict[int, Site] = {}
-        for s in sites:
-            for m in s.module.modules():
-                self.owner.setdefault(id(m), s)
-        # layers of each role per pass from the adapters' sites (0: known only after a pass)
-        self.num_layers = {role: sum(1 for s in sites if s.role in (role, AUTO))
-                           for role in (IMAGE, TEXT, CROSS)}
+        self.names, self.modules = setup.names, setup.modules
+        self.owner = dict(setup.owner)  # generic sites are added as their calls are seen
+        self.num_layers = setup.num_layers
         self.passes: list[Pass] = []
         self.grad_handles: list = []  # RemovableHandles of the tensor hooks
         self.open = True
@@ -516,10 +509,41 @@ class Recording:
         return f"Recording(sites={len(self._rec.sites)}, passes={len(self._rec.passes)}, records={counts})"
 
 
-def _refuse_unseeable(vm: VisionModel) -> None:
+@dataclass
+class _Setup:
+    """What a capture needs to know of a model's modules, read once per module tree."""
+
+    key: tuple  # the ids of the modules (and the adapters asked for) it was read from
+    sites: list[Site]  # the adapters' sites
+    names: dict[int, str]  # id(module) -> dotted name
+    modules: dict[int, nn.Module]  # id(module) -> module
+    owner: dict[int, Site]  # id(module) -> the site whose module holds it
+    num_layers: dict[str, int]  # layers of each role per pass (0: known only after a pass)
+
+
+def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: Optional[list[str]]) -> _Setup:
+    """The model's :class:`_Setup`, kept on the :class:`VisionModel` while its module tree is the
+    same (the same modules, by identity, and the same adapters)."""
+    key = (tuple(id(m) for _, m in named), tuple(adapters) if adapters else None)
+    cached = getattr(vm, "_capture_setup", None)
+    if cached is not None and cached.key == key:
+        return cached
+    root = vm.module
+    sites = discover(root, adapters)
+    owner: dict[int, Site] = {}
+    for site in sites:  # every module inside a site belongs to that site
+        for m in site.module.modules():
+            owner.setdefault(id(m), site)
+    setup = _Setup(key, sites, {id(m): n for n, m in named}, {id(m): m for _, m in named}, owner,
+                   {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)})
+    vm._capture_setup = setup
+    return setup
+
+
+def _refuse_unseeable(vm: VisionModel, named: list[tuple[str, nn.Module]]) -> None:
     """A :class:`CaptureError` for attention the op level cannot see: a ``torch.compile``d
     module, or a transformers model set to an external kernel (flash-attention, flex, ...)."""
-    for name, m in vm.module.named_modules():
+    for name, m in named:
         where = f"{vm.name}.{name}" if name else vm.name
         if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None:
             raise CaptureError(
@@ -583,9 +607,10 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         torch.Size([12, 1, 12, 197, 197])
     """
     vm = model if isinstance(model, VisionModel) else wrap(model)
-    _refuse_unseeable(vm)
     root: nn.Module = vm.module
-    recorder = _Recorder(vm, discover(root, adapters), restricted=adapters is not None, grad=grad,
+    named = list(root.named_modules())
+    _refuse_unseeable(vm, named)  # compile and implementation settings may change between captures
+    recorder = _Recorder(vm, _setup(vm, named, adapters), restricted=adapters is not None, grad=grad,
                          keep=keep, streams=streams)
     ops = AttentionOps(recorder, recorder.modules)
     thread = threading.get_ident()

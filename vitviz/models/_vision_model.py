@@ -71,6 +71,7 @@ class VisionModel:
         self._grid = _pair(grid) if grid is not None else None
         # grid_fixed: the user stated the grid (e.g. a CNN feature map); use it for every input
         self._grid_fixed = grid_fixed and grid is not None
+        self._capture_setup = None  # what vitviz.capture read of the module tree, while it is the same
 
     # -- calling ---------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
