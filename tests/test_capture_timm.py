@@ -57,11 +57,19 @@ def test_capture_equals_recomputation_and_output_unchanged(name, kw, prefix, hw,
     with torch.no_grad():
         ref_out = model(x)
     before = hook_state(model)
+    modes = {}
     with vitviz.capture(model) as rec:
         assert all(b.attn.fused_attn for b in model.blocks)  # nothing switched: SDPA is read at the op
-        assert torch_function_modes() == 1
+        # a library model: the capture's mode is active only while an attention module runs
+        spies = [model.blocks[0].attn.register_forward_pre_hook(
+                     lambda *_: modes.__setitem__("attn", torch_function_modes())),
+                 model.blocks[0].mlp.register_forward_pre_hook(
+                     lambda *_: modes.__setitem__("mlp", torch_function_modes()))]
         with torch.no_grad():
             out = model(x)
+        for h in spies:
+            h.remove()
+    assert modes == {"attn": 1, "mlp": 0}
     assert torch_function_modes() == 0
     assert hook_state(model) == before
     assert torch.allclose(out, ref_out, atol=1e-5)
@@ -169,3 +177,18 @@ def test_model_outputs_equal_fused_path_in_float64():
             out = model(x)
     assert torch.allclose(out, ref, atol=1e-10)
     assert rec.attentions.tensor.dtype == torch.float32
+
+
+def test_an_error_inside_an_attention_module_leaves_no_mode():
+    model = tiny("vit_tiny_patch16_224", img_size=64)
+    before = hook_state(model)
+
+    def boom(*_):
+        raise RuntimeError("inside the attention")
+
+    h = model.blocks[1].attn.proj.register_forward_pre_hook(boom)  # after SDPA ran, inside the site
+    with pytest.raises(RuntimeError, match="inside the attention"):
+        with vitviz.capture(model), torch.no_grad():
+            model(torch.randn(1, 3, 64, 64))
+    h.remove()
+    assert torch_function_modes() == 0 and hook_state(model) == before

@@ -49,6 +49,8 @@ from ._registry import AUTO, CROSS, IMAGE, POOL, TEXT, Site, discover
 
 # implementations whose attention runs in kernels that the op level cannot see
 _VISIBLE_HF_IMPLEMENTATIONS = (None, "eager", "sdpa")
+# libraries whose module classes call attention only inside the modules their adapters name
+_LIBRARIES = ("timm.", "transformers.", "torch.nn.")
 
 
 @dataclass
@@ -519,6 +521,10 @@ class _Setup:
     modules: dict[int, nn.Module]  # id(module) -> module
     owner: dict[int, Site]  # id(module) -> the site whose module holds it
     num_layers: dict[str, int]  # layers of each role per pass (0: known only after a pass)
+    # the mode may be active only inside the sites: every module is a timm, transformers or
+    # torch.nn class (no user code that could call attention elsewhere) and no site is a torch
+    # MultiheadAttention (whose encoder layer decides on its fast path outside the site)
+    scoped: bool = False
 
 
 def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: Optional[list[str]]) -> _Setup:
@@ -534,8 +540,11 @@ def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: Option
     for site in sites:  # every module inside a site belongs to that site
         for m in site.module.modules():
             owner.setdefault(id(m), site)
+    library = all(type(m).__module__.startswith(_LIBRARIES) for _, m in named)
+    scoped = bool(sites) and library and all(s.adapter is not None and s.adapter.scoped for s in sites)
     setup = _Setup(key, sites, {id(m): n for n, m in named}, {id(m): m for _, m in named}, owner,
-                   {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)})
+                   {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)},
+                   scoped)
     vm._capture_setup = setup
     return setup
 
@@ -610,8 +619,8 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
     root: nn.Module = vm.module
     named = list(root.named_modules())
     _refuse_unseeable(vm, named)  # compile and implementation settings may change between captures
-    recorder = _Recorder(vm, _setup(vm, named, adapters), restricted=adapters is not None, grad=grad,
-                         keep=keep, streams=streams)
+    setup = _setup(vm, named, adapters)
+    recorder = _Recorder(vm, setup, restricted=adapters is not None, grad=grad, keep=keep, streams=streams)
     ops = AttentionOps(recorder, recorder.modules)
     thread = threading.get_ident()
 
@@ -624,7 +633,23 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         stack.callback(recorder.close)  # last undo: tensor hooks of this forward removed
         handle = root.register_forward_pre_hook(on_root, with_kwargs=True)
         stack.callback(handle.remove)
-        stack.enter_context(ops)
+        if setup.scoped:
+            # library models: the mode is active only while an attention module runs, so the
+            # rest of the forward pass (MLPs, norms) pays nothing for it
+            def enter(_module, _args):
+                if threading.get_ident() == thread:
+                    ops.__enter__()
+
+            def leave(_module, _args, _output):  # always_call: also when the forward raises
+                if threading.get_ident() == thread:
+                    ops.__exit__(None, None, None)
+
+            for site in setup.sites:
+                for h in (site.module.register_forward_pre_hook(enter),
+                          site.module.register_forward_hook(leave, always_call=True)):
+                    stack.callback(h.remove)
+        else:
+            stack.enter_context(ops)
         stack.callback(ops.forget)
         yield Recording(recorder)
     if recorder.passes and not any(p.seen for p in recorder.passes):

@@ -47,6 +47,9 @@ class Adapter:
 
     name: str = ""
     priority: int = 100
+    # True when the library calls its attention ops only inside the site modules' forward (the
+    # capture may then scope its mode to them on models built only from library classes)
+    scoped: bool = False
 
     def find(self, root: nn.Module, is_free: Callable[[str], bool]) -> list[Site]:
         """Return the attention sites this adapter knows, with their roles, in module order."""

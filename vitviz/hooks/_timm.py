@@ -21,6 +21,7 @@ def _is_timm_attention(m: nn.Module) -> bool:
 class TimmAdapter(Adapter):
     name = "timm"
     priority = 10
+    scoped = True
 
     def find(self, root, is_free):
         return [Site(n, m, IMAGE, self) for n, m in root.named_modules()

@@ -139,6 +139,7 @@ class TransformersAdapter(Adapter):
 
     name = "transformers"
     priority = 20
+    scoped = True
 
     def find(self, root: nn.Module, is_free: Callable[[str], bool]) -> list[Site]:
         """The modules named by the attention keys of each (sub-)model's ``_can_record_outputs``.
