@@ -12,6 +12,8 @@ from vitviz.errors import LayoutError, VitvizError
 from vitviz.perturbation import (forward_kept_tokens, linear_impute, noisy_linear_impute, road, token_curves,
                                  token_site)
 
+from helpers import inputs, tiny_hf
+
 
 def tiny_timm(**kw):
     torch.manual_seed(0)
@@ -20,17 +22,6 @@ def tiny_timm(**kw):
     args = dict(pretrained=False, depth=2, num_heads=2, embed_dim=32, num_classes=5, img_size=32, patch_size=8)
     args.update(kw)
     return timm.create_model(name, **args).eval()
-
-
-def tiny_hf():
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
-    return transformers.ViTForImageClassification(cfg).eval()
-
-
-def inputs(b=3, seed=1):
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def maps_of(b=3, seed=2):

@@ -6,12 +6,13 @@ import math
 import pytest
 import timm
 import torch
-import transformers
 
 import vitviz
 from vitviz.analyze.metrics import average_ranks, spearman, ssim, topk_overlap
 from vitviz.errors import LayoutError, VitvizError
 from vitviz.sanity import randomization, randomization_layers
+
+from helpers import inputs, tiny_hf
 
 
 def tiny_timm(**kw):
@@ -29,17 +30,6 @@ def trained_like(model):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model
-
-
-def tiny_hf():
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
-    return transformers.ViTForImageClassification(cfg).eval()
-
-
-def inputs(b=3, seed=1):
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def rollout_of(model, x):

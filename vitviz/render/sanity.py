@@ -68,7 +68,6 @@ def curves_figure(report, *, width_px: int = 1500, height_px: int = 420):
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("score of the class")
     np.atleast_1d(axes)[-1].legend(fontsize=8, loc="best")
-    fig.tight_layout()
     return fig, axes
 
 
