@@ -209,16 +209,21 @@ class _Recorder:
                            num_keys: int) -> None:
         """Count a layer that ran the fused kernel and hook its output: ``grad_of(dOut)`` is the
         gradient with respect to the probabilities, ``recompute()`` the probabilities."""
-        p = self.current()
-        index = p.seen.get(role, 0)
-        p.seen[role] = index + 1
-        p.tokens[role] = int(num_keys)
+        p, index = self.next_layer(role, num_keys)
         self.hook_grad(p, (role, index), out, recompute, store=False, grad_of=grad_of)
 
     def skip(self, role: str) -> None:
         """Count a layer that ran on the fused kernel, so that the next ones get their index."""
+        self.next_layer(role)
+
+    def next_layer(self, role: str, num_keys: Optional[int] = None) -> tuple[Pass, int]:
+        """Count the next layer of ``role`` (over ``num_keys`` tokens, when known): its pass and index."""
         p = self.current()
-        p.seen[role] = p.seen.get(role, 0) + 1
+        index = p.seen.get(role, 0)
+        p.seen[role] = index + 1
+        if num_keys is not None:
+            p.tokens[role] = int(num_keys)
+        return p, index
 
     def buffer(self, role: str, shape: tuple, device) -> Optional[torch.Tensor]:
         """Where the next layer of ``role`` may compute its probabilities ``shape`` (float32):
@@ -251,10 +256,7 @@ class _Recorder:
         """
         if attn.dim() == 3:
             attn = attn.unsqueeze(1)  # [B, 1, Q, K]
-        p = self.current()
-        index = p.seen.get(role, 0)
-        p.seen[role] = index + 1
-        p.tokens[role] = int(attn.shape[-1])
+        p, index = self.next_layer(role, attn.shape[-1])
         if role == IMAGE and self.forward_streams:
             layout = self.layout(p, attn.shape[-1])
             for stream in self.forward_streams:  # streaming analyses see every layer

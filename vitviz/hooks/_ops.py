@@ -67,6 +67,14 @@ def _sdpa_arguments(args: tuple, kwargs: dict) -> dict:
     return bound
 
 
+def _repeat_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """GQA: each of ``t``'s ``Hk`` key/value heads serves ``num_heads / Hk`` query heads
+    (``[..., Hk, S, d] -> [..., num_heads, S, d]``); ``t`` itself when the counts agree."""
+    if t.shape[-3] == num_heads:
+        return t
+    return t.repeat_interleave(num_heads // t.shape[-3], dim=-3)
+
+
 def sdpa_probabilities(query: torch.Tensor, key: torch.Tensor, *, attn_mask=None, is_causal: bool = False,
                        scale: Optional[float] = None, enable_gqa: bool = False,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -84,27 +92,26 @@ def sdpa_probabilities(query: torch.Tensor, key: torch.Tensor, *, attn_mask=None
     Shape:
         query: ``[..., Hq, L, d]``, key: ``[..., Hk, S, d]`` -> ``[..., Hq, L, S]``
     """
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+    if enable_gqa:
+        key = _repeat_heads(key, query.shape[-3])
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     query = query * scale  # [..., L, d]: cheaper than scaling the [..., L, S] logits
-    if out is not None:
-        logits = torch.matmul(query, key.transpose(-2, -1), out=out)  # [..., L, S]
-    else:
-        logits = torch.matmul(query, key.transpose(-2, -1))  # [..., L, S]
-    fill = out is not None  # in place into `out`; otherwise new tensors (autograd-safe)
+    # the logits are a fresh tensor (or `out`): masked in place, which autograd allows (matmul's
+    # backward needs q and k, not its result)
+    logits = torch.matmul(query, key.transpose(-2, -1), out=out)  # [..., L, S]
     if is_causal:
         length, source = query.shape[-2], key.shape[-2]
         keep = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        logits = logits.masked_fill_(~keep, float("-inf")) if fill else logits.masked_fill(~keep, float("-inf"))
+        logits.masked_fill_(~keep, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            logits = (logits.masked_fill_(~attn_mask, float("-inf")) if fill
-                      else logits.masked_fill(~attn_mask, float("-inf")))
+            logits.masked_fill_(~attn_mask, float("-inf"))
+        elif out is None:
+            logits = logits + attn_mask  # promotes half logits to a float32 mask's dtype
         else:
-            logits = logits.add_(attn_mask) if fill else logits + attn_mask
-    if fill:
+            logits.add_(attn_mask)
+    if out is not None:  # normalised in place: no temporary [..., L, S]
         return torch._softmax(logits, -1, False, out=logits)
     return torch.softmax(logits, dim=-1, dtype=torch.float32 if logits.dtype in _HALF else None)
 
@@ -112,8 +119,8 @@ def sdpa_probabilities(query: torch.Tensor, key: torch.Tensor, *, attn_mask=None
 def _sdpa_output(probs: torch.Tensor, value: torch.Tensor, dropout_p: float, enable_gqa: bool,
                  num_heads: int) -> torch.Tensor:
     """``dropout(A) @ v`` in the value's dtype (``[..., Hq, L, dv]``)."""
-    if enable_gqa and value.shape[-3] != num_heads:
-        value = value.repeat_interleave(num_heads // value.shape[-3], dim=-3)
+    if enable_gqa:
+        value = _repeat_heads(value, num_heads)
     a = probs if probs.dtype == value.dtype else probs.to(value.dtype)
     if dropout_p > 0:
         a = F.dropout(a, p=dropout_p)
@@ -140,9 +147,8 @@ def sdpa_fused_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """
     b, h, length, _ = query.shape
     source = key.shape[-2]
-    if enable_gqa and key.shape[-3] != h:
-        key = key.repeat_interleave(h // key.shape[-3], dim=-3)
-        value = value.repeat_interleave(h // value.shape[-3], dim=-3)
+    if enable_gqa:
+        key, value = _repeat_heads(key, h), _repeat_heads(value, h)
     out = query.new_empty(b, h, length, value.shape[-1])  # [B, H, L, dv]
     fused = torch.empty(b, 1, length, source, dtype=torch.float32, device=query.device)  # [B, 1, L, S]
     per = max(1, min(h, _CHUNK_BYTES // (length * source * query.element_size())))
@@ -173,9 +179,7 @@ def sdpa_fused_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def _attention_grad(value: torch.Tensor, enable_gqa: bool, num_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``dOut -> dA = dOut·vᵀ``: the gradient with respect to the probabilities of an SDPA call
     whose output ``out = A·v`` came from the fused kernel (``[..., L, dv] -> [..., L, S]``)."""
-    v = value.detach()
-    if enable_gqa and v.shape[-3] != num_heads:
-        v = v.repeat_interleave(num_heads // v.shape[-3], dim=-3)
+    v = _repeat_heads(value.detach(), num_heads) if enable_gqa else value.detach()
     return lambda d_out: torch.matmul(d_out.detach(), v.transpose(-2, -1))
 
 
