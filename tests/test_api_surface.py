@@ -38,8 +38,16 @@ def test_signatures_of_the_contract():
 
 
 def test_token_layout_defaults():
-    layout = vitviz.TokenLayout()
-    assert layout.num_prefix == 1 and layout.grid == (14, 14) and layout.num_tokens == 197
+    layout = vitviz.TokenLayout(grid=(14, 14))
+    assert layout.num_prefix == 1 and layout.has_cls and layout.num_tokens == 197
+
+
+def test_token_layout_without_grid_is_deprecated():
+    import pytest
+
+    with pytest.warns(DeprecationWarning, match="grid="):
+        layout = vitviz.TokenLayout()
+    assert layout.grid == (14, 14)  # the old default, for code written against v0
 
 
 def test_unknown_attribute():

@@ -7,6 +7,7 @@ and hand them to any analyzer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -27,7 +28,9 @@ class TokenLayout:
 
     Args:
         num_prefix: number of non-patch tokens before the patches.
-        grid: ``(gh, gw)`` patch rows and columns of *this* input.
+        grid: ``(gh, gw)`` patch rows and columns of *this* input (required: a layout has no
+            default grid; ``TokenLayout()`` without one still gives 14x14 with a
+            ``DeprecationWarning``, and will be refused in a later version).
         has_cls: whether token 0 is a CLS token (default: ``num_prefix > 0``).
 
     Example:
@@ -36,10 +39,14 @@ class TokenLayout:
     """
 
     num_prefix: int = 1
-    grid: tuple[int, int] = (14, 14)
+    grid: tuple[int, int] = None  # type: ignore[assignment]  # required; None only for the deprecation path
     has_cls: Optional[bool] = field(default=None)
 
     def __post_init__(self) -> None:
+        if self.grid is None:
+            warnings.warn("TokenLayout() without grid= is deprecated (it assumed a 14x14 grid); pass "
+                          "grid=(rows, cols) of the input", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "grid", (14, 14))
         grid = tuple(int(g) for g in self.grid)
         if len(grid) != 2 or min(grid) < 1:
             raise LayoutError(f"grid must be two positive ints (rows, cols), got {self.grid!r}")
@@ -88,7 +95,14 @@ class AttentionMaps:
     Args:
         tensor: ``[L, B, H, N, N]`` float attention (rows sum to 1), layer-major in
             the order the layers run; query index first, key index second.
-        layout: the :class:`TokenLayout` of the ``N`` tokens.
+        layout: the :class:`TokenLayout` of the ``N`` tokens (of the queries, when
+            ``key_layout`` is given).
+        key_layout: the layout of the keys when they are other tokens than the queries:
+            ``[L, B, H, Nq, Nk]`` attention over keys pooled or spatially reduced to a coarser
+            grid (PVT, Segformer, Twins, MViTv2). None: keys = queries.
+        layers: which of the model's image self-attention layers these are (counted over the
+            whole model, in the order they run), for one stage of a hierarchical model
+            (``rec.stages``); None: every layer, in order.
 
     Example:
         >>> maps = AttentionMaps(torch.softmax(torch.randn(2, 1, 3, 5, 5), -1),
@@ -99,15 +113,47 @@ class AttentionMaps:
 
     tensor: "torch.Tensor"
     layout: TokenLayout
+    key_layout: Optional[TokenLayout] = None
+    layers: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         self.tensor = _as_tensor(self.tensor)
         t = self.tensor
-        if t.dim() != 5 or t.shape[-1] != t.shape[-2]:
+        if self.key_layout == self.layout:
+            self.key_layout = None
+        if t.dim() != 5 or (self.key_layout is None and t.shape[-1] != t.shape[-2]):
             raise LayoutError(
-                f"AttentionMaps expects a [L, B, H, N, N] tensor, got shape {tuple(t.shape)}"
+                f"AttentionMaps expects a [L, B, H, N, N] tensor (or [L, B, H, Nq, Nk] with key_layout=), "
+                f"got shape {tuple(t.shape)}"
             )
-        self.layout.check_tokens(t.shape[-1])
+        if self.key_layout is None:
+            self.layout.check_tokens(t.shape[-1])
+        else:
+            self.layout.check_tokens(t.shape[-2], "attention queries")
+            self.key_layout.check_tokens(t.shape[-1], "attention keys")
+        if self.layers is not None:
+            self.layers = tuple(int(i) for i in self.layers)
+            if len(self.layers) != t.shape[0]:
+                raise LayoutError(f"{len(self.layers)} layer indices given for {t.shape[0]} layers")
+
+    @property
+    def keys(self) -> TokenLayout:
+        """The layout of the key tokens (the query layout unless keys are reduced)."""
+        return self.key_layout if self.key_layout is not None else self.layout
+
+    @property
+    def square(self) -> bool:
+        """Whether queries and keys are the same tokens (what rollout and flow need)."""
+        return self.key_layout is None
+
+    def require_square(self, what: str) -> None:
+        """Raise :class:`LayoutError` unless queries and keys are the same tokens."""
+        if self.key_layout is not None:
+            raise LayoutError(
+                f"{what} chains attention over one set of tokens, but these layers' keys are reduced to "
+                f"{self.key_layout.grid[0]}x{self.key_layout.grid[1]} while the queries are "
+                f"{self.layout.grid[0]}x{self.layout.grid[1]} (spatial-reduction attention); use "
+                "vitviz.cls_maps / vitviz.query_maps, which map each layer over its key grid")
 
     @property
     def num_layers(self) -> int:
@@ -125,7 +171,7 @@ class AttentionMaps:
         return self.num_layers
 
     def to(self, *args, **kwargs) -> "AttentionMaps":
-        return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout)
+        return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout, self.key_layout, self.layers)
 
     def _repr_png_(self) -> bytes:
         """PNG for notebooks: the CLS-row map (mean of the patch rows without CLS) of every
@@ -133,13 +179,14 @@ class AttentionMaps:
         from .analyze.cls import all_layer_maps
         from .render.figures import figure_png, map_grid
 
-        first = AttentionMaps(self.tensor[:, :1], self.layout)
-        maps = all_layer_maps(first)[:, 0]  # [L, H, gh, gw]
+        first = AttentionMaps(self.tensor[:, :1], self.layout, self.key_layout, self.layers)
+        maps = all_layer_maps(first)[:, 0]  # [L, H, gh, gw] over the key grid
+        names = self.layers if self.layers is not None else range(self.num_layers)
         what = "CLS attention" if self.layout.has_cls else "mean patch attention"
-        fig, _ = map_grid(maps, row_labels=[f"layer {i}" for i in range(self.num_layers)],
+        gh, gw = self.keys.grid
+        fig, _ = map_grid(maps, row_labels=[f"layer {i}" for i in names],
                           col_labels=[f"head {h}" for h in range(self.num_heads)], cmap="inferno",
-                          title=f"{what}, sample 0 of {self.batch_size} ({self.layout.grid[0]}x"
-                                f"{self.layout.grid[1]} patches)")
+                          title=f"{what}, sample 0 of {self.batch_size} ({gh}x{gw} patches)")
         return figure_png(fig)
 
 

@@ -38,8 +38,8 @@ def all_layer_maps(attn: AttentionMaps, *, query: Query = "auto") -> torch.Tenso
     Returns:
         ``[L, B, H, gh, gw]`` float32.
     """
-    layout = attn.layout
-    a = attn.tensor.float()  # [L, B, H, N, N]
-    w = query_weights(layout, query, dtype=a.dtype, device=a.device)  # [N]
-    rows = torch.einsum("q,lbhqk->lbhk", w, a)[..., layout.num_prefix:]  # [L, B, H, P]
-    return rows.reshape(*rows.shape[:3], *layout.grid)  # [L, B, H, gh, gw]
+    a = attn.tensor.float()  # [L, B, H, Nq, Nk]
+    w = query_weights(attn.layout, query, dtype=a.dtype, device=a.device)  # [Nq]
+    keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
+    rows = torch.einsum("q,lbhqk->lbhk", w, a)[..., keys.num_prefix:]  # [L, B, H, P]
+    return rows.reshape(*rows.shape[:3], *keys.grid)  # [L, B, H, gh, gw]

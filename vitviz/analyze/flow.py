@@ -95,6 +95,7 @@ def flow_matrices(attn: AttentionMaps, *, head_fusion: str = "mean", start_layer
         ``[B, L', N, N]`` with ``L' = L - start_layer``; ``[b, g]`` are the capacities of the
         arcs from layer ``g + 1`` (query token, row) to layer ``g`` (key token, column).
     """
+    attn.require_square("attention flow")
     t = attn.tensor  # [L, B, H, N, N]
     num_layers = t.shape[0]
     if not -num_layers <= start_layer < num_layers:

@@ -139,11 +139,11 @@ def query_maps(attn: AttentionMaps, query: Query = "auto", *, layer: int = -1,
         >>> what.shape
         torch.Size([1, 12, 14, 14])
     """
-    layout = attn.layout
-    a = attn.tensor[check_layer(attn.num_layers, layer)].float()  # [B, H, N, N]
-    w = query_weights(layout, query, dtype=a.dtype, device=a.device)  # [N]
-    rows = torch.einsum("q,bhqk->bhk", w, a)  # [B, H, N]
-    maps = rows[..., layout.num_prefix:].reshape(*rows.shape[:2], *layout.grid)  # [B, H, gh, gw]
+    a = attn.tensor[check_layer(attn.num_layers, layer)].float()  # [B, H, Nq, Nk]
+    w = query_weights(attn.layout, query, dtype=a.dtype, device=a.device)  # [Nq]
+    rows = torch.einsum("q,bhqk->bhk", w, a)  # [B, H, Nk]
+    keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
+    maps = rows[..., keys.num_prefix:].reshape(*rows.shape[:2], *keys.grid)  # [B, H, gh, gw]
     if head_fusion is not None:
         maps = _fuse(maps, head_fusion)  # [B, gh, gw]
     return maps

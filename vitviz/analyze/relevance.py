@@ -82,6 +82,7 @@ def relevance_matrix(attn: AttentionMaps, grads: Grads, *, start_layer: int = 0)
     Example:
         >>> r = relevance_matrix(rec.attentions, rec.attention_grads)  # [B, N, N]
     """
+    attn.require_square("relevance")
     t = attn.tensor  # [L, B, H, N, N]
     g = _grad_tensor(attn, grads)  # [L, B, H, N, N]
     num_layers, b, _, n, _ = t.shape
@@ -136,6 +137,7 @@ def grad_rollout_matrix(attn: AttentionMaps, grads: Grads, *, head_fusion: str =
         ``[B, N, N]`` float32.
     """
     check_options(head_fusion, discard_ratio)
+    attn.require_square("gradient rollout")
     t = attn.tensor  # [L, B, H, N, N]
     g = _grad_tensor(attn, grads)  # [L, B, H, N, N]
     start = _start(t.shape[0], start_layer)

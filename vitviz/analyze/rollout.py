@@ -101,6 +101,7 @@ def rollout_matrix(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ra
         ``[B, N, N]`` float32; row ``i`` says how much of token ``i``'s final representation
         flows from each input token.
     """
+    attn.require_square("rollout")
     t = attn.tensor  # [L, B, H, N, N]
     num_layers = t.shape[0]
     if not -num_layers <= start_layer < num_layers:
@@ -154,6 +155,7 @@ def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: fl
         >>> vitviz.rollout(rec.attentions, discard_ratio=0.9).shape
         torch.Size([1, 14, 14])
     """
+    attn.require_square("rollout")
     t = attn.tensor  # [L, B, H, N, N]
     num_layers = t.shape[0]
     if not -num_layers <= start_layer < num_layers:

@@ -102,6 +102,7 @@ def mean_attention_distance(attn: AttentionMaps, *, patch_size: Optional[Union[i
     Example:
         >>> d = mean_attention_distance(rec.attentions, patch_size=16).mean(1)  # [L, H] pixels
     """
+    attn.require_square("mean attention distance")
     layout = attn.layout
     p = layout.num_prefix
     a = attn.tensor[..., p:, p:].double()  # [L, B, H, P, P]

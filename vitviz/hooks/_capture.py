@@ -41,11 +41,12 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..errors import CaptureError
+from ..errors import CaptureError, LayoutError
 from ..models import VisionModel, wrap
 from ..types import AttentionMaps, CrossAttentionMaps, TokenLayout
 from ._ops import AttentionOps
-from ._registry import AUTO, CROSS, IMAGE, POOL, TEXT, Site, discover
+from ._registry import AUTO, CROSS, IMAGE, INNER, POOL, TEXT, Site, discover
+from ._windows import stitch
 
 # implementations whose attention runs in kernels that the op level cannot see
 _VISIBLE_HF_IMPLEMENTATIONS = (None, "eager", "sdpa")
@@ -58,6 +59,7 @@ class Pass:
     """What one forward pass of the root module produced."""
 
     input_hw: Optional[tuple[int, int]] = None
+    batch: Optional[int] = None  # images in the input
     # (role, site, attention, layer index within the role) of the kept layers
     records: list[tuple[str, Site, torch.Tensor, int]] = field(default_factory=list)
     # with capture(grad=True), keyed by (role, layer): the layers whose tensor carried a
@@ -72,6 +74,12 @@ class Pass:
     # per role: the [L, B, H, Q, K] float32 stack that the layers were computed into, when the
     # probabilities were computed by vitviz and every layer is kept (no copy, no torch.stack)
     stacks: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (role, layer) -> (query layout, key layout or None when keys = queries) of image and pool
+    # layers, each placed on its own token grid (stages of hierarchical models, windows)
+    layouts: dict[tuple[str, int], tuple[Optional[TokenLayout], Optional[TokenLayout]]] = field(
+        default_factory=dict)
+    # image layers that could not be placed on the image grid: (layer, why)
+    unplaced: list[tuple[int, str]] = field(default_factory=list)
 
     def of(self, role: str) -> list[torch.Tensor]:
         return [t for r, _, t, _ in self.records if r == role]
@@ -80,11 +88,21 @@ class Pass:
         return [i for r, _, _, i in self.records if r == role]
 
 
-def _input_hw(args: tuple, kwargs: dict) -> Optional[tuple[int, int]]:
-    """Height and width of the first image-like tensor ([B, C, H, W]) among a call's inputs."""
+def _input_hw(args: tuple, kwargs: dict) -> tuple[Optional[tuple[int, int]], Optional[int]]:
+    """Height and width, and batch size, of the first image-like tensor ([B, C, H, W]) among a
+    call's inputs."""
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
-            return int(value.shape[-2]), int(value.shape[-1])
+            return (int(value.shape[-2]), int(value.shape[-1])), int(value.shape[0])
+    return None, None
+
+
+def _num_heads(module: nn.Module) -> Optional[int]:
+    """The head count an attention module states, if any."""
+    for name in ("num_heads", "num_attention_heads", "n_heads", "heads"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
     return None
 
 
@@ -148,8 +166,11 @@ class _Recorder:
         self.open = True
 
     # -- where a call belongs --------------------------------------------------------------
-    def site_for(self, module: Optional[nn.Module], square: bool) -> Optional[tuple[Site, str]]:
-        """The site and role of an attention call run by ``module``; None to ignore it."""
+    def site_for(self, module: Optional[nn.Module], queries: int, keys: int,
+                 same_tokens: Optional[bool] = None) -> Optional[tuple[Site, str]]:
+        """The site and role of an attention call of ``queries`` over ``keys`` tokens run by
+        ``module`` (``same_tokens``: whether queries and keys are known to be the same tokens;
+        default: equal counts); None to ignore it."""
         if module is None:
             return None  # not run by the model (the user's own code inside the block)
         site = self.owner.get(id(module))
@@ -160,10 +181,13 @@ class _Recorder:
             self.owner[id(module)] = site
             self.sites.append(site)
         role = site.role
+        if role == INNER:
+            return None  # not attention over the image's tokens (site.note says why)
         if role == AUTO:
-            role = IMAGE if square else CROSS
-        elif role == IMAGE and not square:
-            role = POOL  # latent queries pooling image tokens (timm's attention-pool heads)
+            role = IMAGE if (queries == keys if same_tokens is None else same_tokens) else CROSS
+        elif role == IMAGE and queries < keys:
+            role = POOL  # class token or latents pooling image tokens (CaiT, attention-pool heads)
+        # IMAGE with more queries than keys: keys reduced to a coarser grid (PVT, Segformer)
         return site, role
 
     def current(self) -> Pass:
@@ -171,16 +195,18 @@ class _Recorder:
             self.begin(None)
         return self.passes[-1]
 
-    def begin(self, hw: Optional[tuple[int, int]]) -> None:
-        self.passes.append(Pass(input_hw=hw))
+    def begin(self, hw: Optional[tuple[int, int]], batch: Optional[int] = None) -> None:
+        self.passes.append(Pass(input_hw=hw, batch=batch))
         for stream in self.streams.values():
             stream.reset()
 
-    def needs(self, role: str) -> bool:
-        """Whether the next layer of ``role`` needs its probabilities in the forward pass (else
-        the fused kernel runs)."""
+    def needs(self, role: str, site: Optional[Site] = None) -> bool:
+        """Whether the next layer of ``role`` (run by ``site``) needs its probabilities in the
+        forward pass (else the fused kernel runs)."""
+        if site is not None and site.windows is not None and (self.grad_streams or self.forward_streams):
+            return True  # window attention is stitched from the probabilities
         if role == POOL:
-            return False
+            return self.keep == "all"
         if role == IMAGE and self.forward_streams:
             return True
         p = self.current()
@@ -209,7 +235,15 @@ class _Recorder:
                            num_keys: int) -> None:
         """Count a layer that ran the fused kernel and hook its output: ``grad_of(dOut)`` is the
         gradient with respect to the probabilities, ``recompute()`` the probabilities."""
+        p = self.current()
+        try:
+            scheme, layouts = self.place(p, site, role, (out.shape[0], 0, num_keys, num_keys))
+        except LayoutError as e:
+            _, index = self.next_layer(role)
+            p.unplaced.append((index, str(e)))
+            return
         p, index = self.next_layer(role, num_keys)
+        p.layouts[(role, index)] = layouts
         self.hook_grad(p, (role, index), out, recompute, store=False, grad_of=grad_of)
 
     def skip(self, role: str) -> None:
@@ -230,9 +264,9 @@ class _Recorder:
         its slice of the pass's ``[L, *shape]`` stack, allocated at the first layer, when every
         layer is kept, the depth is known and no gradient is read; else None."""
         n = self.num_layers.get(role, 0)
-        if self.keep != "all" or self.grad or role == POOL or not n:
-            return None
         p = self.current()
+        if self.keep != "all" or self.grad or role == POOL or not n or (p.batch is not None and shape[0] != p.batch):
+            return None
         index = p.seen.get(role, 0)
         stack = p.stacks.get(role)
         if index == 0 and stack is None:
@@ -244,6 +278,14 @@ class _Recorder:
     def layout(self, p: Pass, num_tokens: int) -> TokenLayout:
         return self.model.layout_for(p.input_hw, num_tokens)
 
+    def notes(self, p: Optional[Pass] = None) -> list[str]:
+        """Why attention of this model is not on the image: its INNER sites' notes and the
+        layers of pass ``p`` that could not be placed."""
+        out = list(dict.fromkeys(s.note for s in self.sites if s.role == INNER and s.note))
+        if p is not None:
+            out += list(dict.fromkeys(why for _, why in p.unplaced))
+        return out
+
     def record(self, site: Site, role: str, attn: torch.Tensor, graph: Optional[torch.Tensor] = None) -> None:
         """Record one attention call.
 
@@ -254,31 +296,106 @@ class _Recorder:
                 respect to ``attn`` (same number of elements, e.g. ``[B*H, Q, K]``), when
                 ``attn`` itself is a view the model does not compute with; default ``attn``.
         """
+        p = self.current()
+        if graph is None:
+            graph = attn  # the tensor the model computes with (not the views made below)
         if attn.dim() == 3:
-            attn = attn.unsqueeze(1)  # [B, 1, Q, K]
-        p, index = self.next_layer(role, attn.shape[-1])
+            heads = _num_heads(site.module)
+            if heads and heads > 1 and p.batch and attn.shape[0] % (p.batch * heads) == 0:
+                # heads folded into the batch, [(B * windows) * H, Q, K] (SAM)
+                attn = attn.view(attn.shape[0] // heads, heads, *attn.shape[1:])
+            else:
+                attn = attn.unsqueeze(1)  # [B, 1, Q, K]
+        placed, scheme = attn, None
+        if role in (IMAGE, POOL):
+            try:
+                scheme, layouts = self.place(p, site, role, tuple(attn.shape))
+            except LayoutError as e:  # counted, so that the other layers keep their indices
+                _, index = self.next_layer(role)
+                p.unplaced.append((index, str(e)))
+                return
+            if scheme is not None:
+                placed = stitch(attn, scheme)  # [B, H, N, N] on the stage's grid
+        p, index = self.next_layer(role, placed.shape[-1])
+        if role in (IMAGE, POOL):
+            p.layouts[(role, index)] = layouts
         if role == IMAGE and self.forward_streams:
-            layout = self.layout(p, attn.shape[-1])
+            layout = self.stream_layout(p, index, layouts)
             for stream in self.forward_streams:  # streaming analyses see every layer
-                stream.update(attn.detach(), layer=index, num_layers=self.num_layers[IMAGE] or None,
+                stream.update(placed.detach(), layer=index, num_layers=self.num_layers[IMAGE] or None,
                               layout=layout)  # [B, H, N, N]
-        kept = role != POOL and _selected(self.keep, index, self.num_layers.get(role, 0))
+        kept = _selected(self.keep, index, self.num_layers.get(role, 0)) if role != POOL else self.keep == "all"
         if kept:  # [B, H, Q, K]; detached float32 (no copy when already float32)
-            p.records.append((role, site, attn.detach().float(), index))
+            p.records.append((role, site, placed.detach().float(), index))
         streamed = role == IMAGE and bool(self.grad_streams)
-        if self.grad and (kept or streamed):
-            self.hook_grad(p, (role, index), attn if graph is None else graph, attn, store=kept)
+        if self.grad and role != POOL and (kept or streamed):
+            self.hook_grad(p, (role, index), graph, placed, store=kept,
+                           place=None if scheme is None else (lambda g: stitch(g, scheme)), shape=attn.shape)
         # not kept: freed as soon as the model (and the backward pass) is done with it
 
+    def place(self, p: Pass, site: Site, role: str, shape: tuple):
+        """Where an image (or pool) layer's ``[B', H, Q, K]`` attention lies on the image.
+
+        Returns:
+            ``(scheme, (query layout, key layout))``: for window attention, its
+            :class:`WindowScheme` (the layer is stitched into ``[B, H, N, N]`` over the stage's
+            grid), else None; the key layout is None when keys are the queries; a pool layer's
+            query layout is None (its queries are a class token or latents).
+
+        Raises:
+            LayoutError: the layer's tokens cannot be placed on the image (windows or groups of
+                a scheme vitviz does not know, tokens that tile no grid).
+        """
+        batch, queries, keys = shape[0], shape[-2], shape[-1]
+        windows = site.windows
+        scheme = windows.scheme() if windows is not None else None
+        if scheme is not None and (p.batch is None or batch == p.batch * scheme.num_windows):
+            return scheme, (TokenLayout(0, scheme.grid), None)
+        if p.batch is not None and batch != p.batch:
+            raise LayoutError(
+                f"{site.name} ({type(site.module).__name__}) attends within {batch // max(p.batch, 1)} "
+                f"windows or groups of tokens per image ({batch} sequences for {p.batch} images), which "
+                "vitviz cannot place on the image grid for this model")
+        key_layout = self.token_layout(p, keys)
+        if role == POOL:
+            return None, (None, key_layout)
+        if queries == keys:
+            return None, (key_layout, None)
+        return None, (self.token_layout(p, queries), key_layout)
+
+    def token_layout(self, p: Pass, num_tokens: int) -> TokenLayout:
+        """The layout of ``num_tokens`` image tokens: the model's own layout for this input, else
+        a stage of a hierarchical model (:meth:`VisionModel.stage_layout`)."""
+        try:
+            return self.model.layout_for(p.input_hw, num_tokens)
+        except LayoutError:
+            return self.model.stage_layout(p.input_hw, num_tokens)
+
+    def stream_layout(self, p: Pass, index: int, layouts) -> TokenLayout:
+        """The layout a stream is given for image layer ``index``: streams chain the layers, so
+        every layer must be over the same tokens."""
+        query, key = layouts
+        first = next((v for (r, i), v in sorted(p.layouts.items()) if r == IMAGE and i < index), None)
+        if key is not None or (first is not None and first != layouts):
+            raise CaptureError(
+                f"{self.model.name} changes its tokens between attention layers (layer {index}: queries "
+                f"{query.grid[0]}x{query.grid[1]}" + (f", keys {key.grid[0]}x{key.grid[1]}" if key else "")
+                + "): streaming analyses (rollout, relevance) chain the layers over one set of tokens; "
+                "capture with keep='all' and analyse each stage of rec.stages")
+        return query
+
     def hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn, store: bool,
-                  grad_of=None) -> None:
+                  grad_of=None, place=None, shape=None) -> None:
         """Put a tensor hook on ``tensor`` that receives ``d score / d attn`` of layer ``key``:
         stored in ``p.grads`` when ``store``, and given to the gradient streams (image layers).
 
-        ``tensor`` is the attention (or what it is a view of), or, with ``grad_of``, the output
-        of a fused call: then ``grad_of(gradient of tensor)`` is the gradient with respect to
-        the attention and ``attn`` a function recomputing the attention."""
-        if not tensor.requires_grad or (grad_of is None and tensor.numel() != attn.numel()):
+        ``tensor`` is the attention (or what it is a view of) as the model computed it (of
+        ``shape``, default ``attn.shape``; ``place`` maps its gradient onto ``attn``, e.g. window
+        attention stitched on the grid), or, with ``grad_of``, the output of a fused call: then
+        ``grad_of(gradient of tensor)`` is the gradient with respect to the attention and
+        ``attn`` a function recomputing the attention."""
+        shape = shape if shape is not None else (None if grad_of is not None else attn.shape)
+        if not tensor.requires_grad or (grad_of is None and tensor.numel() != shape.numel()):
             return  # no graph (torch.no_grad, nothing requires grad): reported by attention_grads
         role, layer = key
         streams = self.grad_streams if role == IMAGE else []
@@ -287,10 +404,11 @@ class _Recorder:
         # so that a layer's attention is freed as the backward pass leaves it instead of when
         # the block ends
         held = {"attn": attn if grad_of is not None else attn.detach()} if streams else {}
-        shape = None if grad_of is not None else attn.shape
 
         def on_grad(g: torch.Tensor) -> None:
             g = grad_of(g) if grad_of is not None else g.detach().reshape(shape)  # [B, (H,) Q, K]
+            if place is not None:
+                g = place(g)  # [B, H, N, N] on the grid
             if g.dim() == 3:
                 g = g.unsqueeze(1)  # [B, 1, Q, K]
             if streams:
@@ -304,7 +422,7 @@ class _Recorder:
                     value = value()  # recomputed from the call's q and k
                 if value.dim() == 3:
                     value = value.unsqueeze(1)
-                layout = self.layout(p, g.shape[-1])
+                layout = self.stream_layout(p, layer, p.layouts[key])
                 for stream in streams:
                     stream.update_grad(value, g, layer=layer, num_layers=p.seen.get(role, 0), layout=layout)
                 if not store:
@@ -378,7 +496,9 @@ class Recording:
         for p in reversed(self._rec.passes):
             if self._rec.kept(p, role):
                 return p
-        if any(p.seen.get(role) for p in self._rec.passes):
+        ran = [p for p in self._rec.passes if p.seen.get(role)]
+        if ran:
+            self._refuse(ran[-1], f"{role} attention")  # layers that could not be placed: why
             raise CaptureError(
                 f"{role} attention ran but no layer of it was kept (keep={self.keep!r}); use "
                 "capture(..., keep='all') or read the streams with rec.stream(name)")
@@ -394,13 +514,76 @@ class Recording:
             return stack
         return _stack(tensors, what)
 
+    def _stages(self, p: Pass) -> list[AttentionMaps]:
+        """The kept image layers of pass ``p``, grouped by their tokens, in order of appearance."""
+        groups: dict = {}
+        for i, t in self._rec.kept(p, IMAGE):
+            groups.setdefault(p.layouts[(IMAGE, i)], []).append((i, t))
+        stages = []
+        for (query, key), layers in groups.items():
+            if len(groups) == 1 and (IMAGE in p.stacks or len(layers) == p.seen.get(IMAGE, 0)):
+                tensor = self._stacked(p, IMAGE, "image self-attention")  # no copy where computed in place
+            else:
+                tensor = torch.stack([t for _, t in layers])
+            stages.append(AttentionMaps(tensor, query, key, layers=tuple(i for i, _ in layers)))
+        return stages
+
+    def _refuse(self, p: Optional[Pass], what: str) -> None:
+        """A :class:`CaptureError` when image layers ran that could not be placed (or the model's
+        attention is not over its tokens): ``what`` is then incomplete."""
+        notes = self._rec.notes(p)
+        unplaced = p.unplaced if p is not None else []
+        if unplaced or (notes and (p is None or not self._rec.kept(p, IMAGE))):
+            layers = f"{len(unplaced)} image attention layer(s) of {self.model.name} could not be placed on the " \
+                     "image grid" if unplaced else f"{self.model.name} has no attention over its image tokens"
+            raise CaptureError(f"{layers}, so {what} would be incomplete: " + "; ".join(notes))
+
+    @property
+    def stages(self) -> list[AttentionMaps]:
+        """The image self-attention of the last pass that ran it, one :class:`AttentionMaps` per
+        stage: the layers that attend over the same tokens (a stage of PiT, LeViT, Swin or PVT,
+        a branch of CrossViT), each with its own layout, ``key_layout`` (keys reduced to a
+        coarser grid) and ``layers`` (their indices among all image layers). Window attention
+        (Swin) is stitched into ``[N, N]`` over its stage's grid. A plain ViT has one stage,
+        equal to :attr:`attentions`. Empty when no image attention ran."""
+        p = self._last_with(IMAGE)
+        self._refuse(p, "rec.stages")
+        return [] if p is None else self._stages(p)
+
     @property
     def attentions(self) -> Optional[AttentionMaps]:
         p = self._last_with(IMAGE)
+        self._refuse(p, "rec.attentions")
         if p is None:
             return None
-        tensor = self._stacked(p, IMAGE, "image self-attention")  # [L, B, H, N, N]
-        return AttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
+        stages = self._stages(p)
+        if len(stages) > 1:
+            grids = ", ".join(f"layers {s.layers[0]}-{s.layers[-1]}: {s.layout.grid[0]}x{s.layout.grid[1]}"
+                              + (f" over keys {s.keys.grid[0]}x{s.keys.grid[1]}" if not s.square else "")
+                              for s in stages)
+            raise CaptureError(
+                f"{self.model.name} attends over {len(stages)} token grids ({grids}); rec.attentions holds "
+                "one grid: read rec.stages, one AttentionMaps per stage (maps per layer on that layer's "
+                "grid; rollout within a stage)")
+        s = stages[0]
+        return AttentionMaps(s.tensor, s.layout, s.key_layout)
+
+    @property
+    def pool(self) -> Optional[CrossAttentionMaps]:
+        """Attention of the few queries that pool the image tokens (CaiT/XCiT class attention, the
+        latent of an attention-pool head as in SigLIP, CrossViT's cross-branch class token), in
+        the last pass that ran it: ``[L, B, H, Q, N]`` over the keys' layout, or None.
+        :func:`vitviz.word_grids` style maps: ``pool.tensor[..., pool.layout.num_prefix:]``."""
+        p = next((q for q in reversed(self._rec.passes) if self._rec.kept(q, POOL)), None)
+        if p is None:
+            return None
+        layers = self._rec.kept(p, POOL)
+        keys = {p.layouts[(POOL, i)][1] for i, _ in layers}
+        shapes = {tuple(t.shape) for _, t in layers}
+        if len(keys) != 1 or len(shapes) != 1:
+            raise CaptureError(f"{self.model.name}: the pooling layers attend over different tokens "
+                               f"{sorted(shapes)}; capture one model call per block")
+        return CrossAttentionMaps(torch.stack([t for _, t in layers]), keys.pop())
 
     @property
     def cross(self) -> Optional[CrossAttentionMaps]:
@@ -428,8 +611,11 @@ class Recording:
             raise CaptureError(f"no stream {name!r}; streams: {', '.join(streams) or 'none'}")
         p = next((q for q in reversed(self._rec.passes) if q.tokens.get(IMAGE)), None)
         if p is None:
+            self._refuse(next((q for q in reversed(self._rec.passes) if q.unplaced), None), "the stream")
             raise CaptureError("no image self-attention ran inside the capture block")
-        return streams[name].result(self._rec.layout(p, p.tokens[IMAGE]))
+        self._refuse(p, "the stream")
+        last = max(i for r, i in p.layouts if r == IMAGE)
+        return streams[name].result(p.layouts[(IMAGE, last)][0])
 
     def grad_inputs(self, role: str = IMAGE) -> list[torch.Tensor]:
         """The hooked graph tensors of the last pass with ``role`` attention, in layer order.
@@ -502,11 +688,11 @@ class Recording:
             >>> rec.attention_grads.tensor.shape  # [L, B, H, N, N]
             torch.Size([12, 1, 12, 197, 197])
         """
-        p = self._last_with(IMAGE)
+        maps = self.attentions  # one grid, or the error that says why not
         tensor = self._grads_of(IMAGE, "image self-attention")
-        if tensor is None:
+        if tensor is None or maps is None:
             return None
-        return AttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
+        return AttentionMaps(tensor, maps.layout, maps.key_layout)
 
     def __repr__(self) -> str:
         counts = [len(p.records) for p in self._rec.passes]
@@ -629,12 +815,19 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
     def on_root(_module, args, kwargs):
         if threading.get_ident() == thread:  # another thread's forward is not this capture's
             ops.forget()
-            recorder.begin(_input_hw(args, kwargs))
+            recorder.begin(*_input_hw(args, kwargs))
 
     with ExitStack() as stack:
         stack.callback(recorder.close)  # last undo: tensor hooks of this forward removed
         handle = root.register_forward_pre_hook(on_root, with_kwargs=True)
         stack.callback(handle.remove)
+        for site in setup.sites:  # window attention: the grid each windowed block cuts
+            if site.windows is not None:
+                def read(_module, args, kwargs, windows=site.windows):
+                    if threading.get_ident() == thread:
+                        windows.grid = windows.read_grid(args, kwargs)
+
+                stack.callback(site.windows.block.register_forward_pre_hook(read, with_kwargs=True).remove)
         if setup.scoped:
             # library models: the mode is active only while an attention module runs, so the
             # rest of the forward pass (MLPs, norms) pays nothing for it
@@ -655,6 +848,10 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         stack.callback(ops.forget)
         yield Recording(recorder)
     if recorder.passes and not any(p.seen for p in recorder.passes):
+        notes = recorder.notes()
+        if notes:
+            raise CaptureError(f"{vm.name} ran inside the capture but has no attention over its image tokens: "
+                               + "; ".join(notes))
         known = ", ".join(f"{s.name} ({s.adapter.name})" for s in recorder.sites[:6] if s.adapter)
         raise CaptureError(
             f"{vm.name} ran inside the capture but no attention call was seen"

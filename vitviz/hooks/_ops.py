@@ -199,9 +199,10 @@ class AttentionOps(TorchFunctionMode):
     """The torch-function mode of one capture. Internal: :func:`vitviz.capture` enters it.
 
     Args:
-        recorder: the capture's internal recorder. ``site_for(module, square)`` gives the site
-            and role of a call run by ``module`` (the innermost module of the model on the
-            stack, or None), or None for a call the capture ignores; ``needs(role)`` says
+        recorder: the capture's internal recorder. ``site_for(module, queries, keys)`` gives the
+            site and role of a call of ``queries`` over ``keys`` tokens run by ``module`` (the
+            innermost module of the model on the stack, or None), or None for a call the capture
+            ignores; ``needs(role, site)`` says
             whether the next layer of that role needs its probabilities; ``skip(role)`` counts
             a layer left to the fused kernel; ``record(site, role, attn, graph=)`` records one;
             ``wants_gradient(role)`` and ``record_from_output(...)`` serve gradient streams
@@ -269,11 +270,11 @@ class AttentionOps(TorchFunctionMode):
                 or q.is_nested):
             return _SDPA(*args, **kwargs)
         rec = self.recorder
-        found = rec.site_for(self.enclosing_module(), q.shape[-2] == k.shape[-2])
+        found = rec.site_for(self.enclosing_module(), q.shape[-2], k.shape[-2])
         if found is None:
             return _SDPA(*args, **kwargs)
         site, role = found
-        if not rec.needs(role):
+        if not rec.needs(role, site):
             out = _SDPA(*args, **kwargs)  # the model's own fused kernel
             if a["dropout_p"] == 0 and out.requires_grad and rec.wants_gradient(role):
                 # gradients without materialising A in the forward pass: out = A·v, so
@@ -338,7 +339,7 @@ class AttentionOps(TorchFunctionMode):
         # forget every tensor carrying this softmax output: it is recorded once
         for key in [k for k, (_, s) in self.softmax_outputs.items() if s() is source or s() is None]:
             del self.softmax_outputs[key]
-        found = self.recorder.site_for(self.enclosing_module(), source.shape[-1] == source.shape[-2])
+        found = self.recorder.site_for(self.enclosing_module(), source.shape[-2], source.shape[-1])
         if found is not None:
             self.recorder.record(*found, source)
 
@@ -349,8 +350,9 @@ class AttentionOps(TorchFunctionMode):
         a = bound.arguments
         need_weights, average = bool(a["need_weights"]), bool(a["average_attn_weights"])
         rec = self.recorder
-        found = rec.site_for(self.enclosing_module(), a["query"] is a["key"])
-        if found is not None and not rec.needs(found[1]) and not rec.wants_gradient(found[1]):
+        found = rec.site_for(self.enclosing_module(), a["query"].shape[0], a["key"].shape[0],
+                             same_tokens=a["query"] is a["key"])
+        if found is not None and not rec.needs(found[1], found[0]) and not rec.wants_gradient(found[1]):
             rec.skip(found[1])
             return _MHA(*args, **kwargs)  # a layer nothing needs: as the caller asked
         a["need_weights"], a["average_attn_weights"] = True, False

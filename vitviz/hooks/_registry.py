@@ -24,7 +24,39 @@ IMAGE = "image"  # self-attention over image tokens (the image encoder)
 TEXT = "text"  # self-attention over text tokens (a caption decoder)
 CROSS = "cross"  # text queries over encoder tokens
 AUTO = "auto"  # decided per call: self-attention when queries and keys are the same tokens
-POOL = "pool"  # latent queries pooling the image tokens (attention-pool heads): not a layer map
+POOL = "pool"  # a few queries (class token, latents) pooling the image tokens: rec.pool
+INNER = "inner"  # attention that is not over the image's tokens (channels, pixels inside a patch):
+# not recorded; the site's ``note`` says why (for the error when a model has no other attention)
+
+
+@dataclass
+class Windows:
+    """Where a window-attention site's block keeps its window scheme (Swin-style models).
+
+    Attributes:
+        block: the block that partitions its token grid into windows and calls the site.
+        read_grid: ``(args, kwargs)`` of the block's forward -> ``(H, W)`` of its token grid.
+        pad_first: the block pads its grid before the cyclic shift (transformers), not after (timm).
+        grid: the grid of the block's running call (set by the capture's pre-hook on ``block``).
+    """
+
+    block: nn.Module = field(repr=False)
+    read_grid: Callable[[tuple, dict], tuple[int, int]] = field(repr=False)
+    pad_first: bool = False
+    grid: Optional[tuple[int, int]] = None
+
+    def scheme(self):
+        """The :class:`~vitviz.hooks._windows.WindowScheme` of the running call, or None."""
+        from ._windows import WindowScheme
+
+        if self.grid is None or not getattr(self.block, "window_size", 0):
+            return None  # window_size 0: a global block (SAM)
+        window, shift = _pair(self.block.window_size), _pair(getattr(self.block, "shift_size", 0))
+        return WindowScheme(self.grid, window, shift, self.pad_first)
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x[0]), int(x[-1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 
 
 @dataclass
@@ -33,13 +65,18 @@ class Site:
 
     ``adapter`` is None for a module no adapter knows, found at its first attention call
     (role AUTO: square calls are image self-attention, others cross-attention). An IMAGE
-    site's non-square calls (latent queries) have the role POOL.
+    site's calls with fewer queries than keys (class token, latents) have the role POOL;
+    with more queries than keys, they are image attention over reduced keys (PVT-style).
+    ``windows`` describes window attention (Swin); ``note`` says why an INNER site's calls
+    are not attention over the image's tokens.
     """
 
     name: str
     module: nn.Module = field(repr=False)
     role: str
     adapter: Optional["Adapter"] = field(repr=False)
+    windows: Optional[Windows] = None
+    note: str = ""
 
 
 class Adapter:

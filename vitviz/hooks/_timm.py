@@ -1,20 +1,76 @@
-"""timm attention (ViT, DeiT, DINO, DINOv2, EVA, BEiT, ...): image self-attention sites.
+"""timm attention (ViT, DeiT, DINOv2, EVA, BEiT, Swin, PiT, PVT, LeViT, CaiT, ...): image sites.
 
-timm's attention modules call ``F.scaled_dot_product_attention`` (``fused_attn``, the default)
-or compute ``softmax(q kᵀ)`` and multiply it with ``v``; both are read at the op, whichever
-the module's own setting selects. This adapter only says that their calls are image
-self-attention (an attention-pool head's latent queries are non-square: role POOL).
+timm's attention modules call ``F.scaled_dot_product_attention`` (``fused_attn``) or compute
+``softmax(q kᵀ)`` and multiply it with ``v``; both are read at the op, whichever the module's
+own setting selects. This adapter says which timm modules are attention (every one is over
+image tokens: role IMAGE), which blocks cut their grid into windows (Swin: ``windows``), and
+which attention modules are not over the image's tokens at all (role INNER, with the reason).
 """
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
-from ._registry import IMAGE, Adapter, Site, register_adapter
+from ._registry import IMAGE, INNER, Adapter, Site, Windows, register_adapter
+
+# class names of timm attention modules that have no ``fused_attn`` attribute
+_ATTENTION_CLASS = re.compile(r"(Attention|Attn|Attention2d|AttentionCl)$")
+
+# attention that is not a token-to-token probability matrix over the image: (timm module,
+# class) -> why. Their calls run untouched; the reason is given when nothing else is captured.
+_NOT_OVER_TOKENS = {
+    ("xcit", "XCA"): "XCiT's cross-covariance attention is a softmax over feature channels (a d x d "
+                     "matrix per head), not over tokens, so it has no map on the image (its class-"
+                     "attention layers are read: rec.pool)",
+    ("cait", "TalkingHeadAttn"): "CaiT's talking-heads attention mixes the heads after the softmax, so "
+                                 "its weights are not probabilities over the tokens (its class-attention "
+                                 "layers are read: rec.pool)",
+    ("volo", "OutlookAttention"): "VOLO's outlook attention predicts each token's weights over its k x k "
+                                  "neighbourhood from the token alone (no query-key product)",
+    ("hiera", "MaskUnitAttention"): "Hiera attends within mask units in its unrolled token order, which "
+                                    "vitviz does not map back to the image grid",
+    ("davit", "ChannelAttention"): "DaViT's channel attention is a softmax over feature channels, not tokens",
+    ("efficientvit_mit", "LiteMLA"): "EfficientViT's ReLU linear attention never forms attention probabilities",
+    ("coat", "FactorAttnConvRelPosEnc"): "CoaT's factorised attention normalises the keys alone "
+                                         "(softmax(K)ᵀV), so no token-to-token matrix exists",
+}
 
 
-def _is_timm_attention(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("timm.") and hasattr(m, "fused_attn")
+def _nhwc_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+    x = args[0] if args else kwargs["x"]
+    return int(x.shape[1]), int(x.shape[2])
+
+
+def _nchw_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+    x = args[0] if args else kwargs["x"]
+    return int(x.shape[2]), int(x.shape[3])
+
+
+# blocks that pad their token grid (read from their input) to whole windows, shift it
+# cyclically (Swin, every other block) and call ``attn`` on each window; window_size 0 (SAM's
+# global blocks) or one window over the whole grid (TinyViT) is global attention
+_WINDOW_BLOCKS = {
+    ("swin_transformer", "SwinTransformerBlock"): _nhwc_grid,
+    ("swin_transformer_v2", "SwinTransformerV2Block"): _nhwc_grid,
+    ("vision_transformer_sam", "Block"): _nhwc_grid,  # SAM / ViTDet windowed blocks
+    ("tiny_vit", "TinyVitBlock"): _nhwc_grid,
+    ("davit", "SpatialBlock"): _nchw_grid,
+}
+
+
+def _key(m: nn.Module) -> tuple[str, str]:
+    return type(m).__module__.rsplit(".", 1)[-1], type(m).__name__
+
+
+def _is_timm(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("timm.")
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return _is_timm(m) and (hasattr(m, "fused_attn") or bool(_ATTENTION_CLASS.search(type(m).__name__))
+                            or _key(m) in _NOT_OVER_TOKENS)
 
 
 @register_adapter
@@ -24,5 +80,21 @@ class TimmAdapter(Adapter):
     scoped = True
 
     def find(self, root, is_free):
-        return [Site(n, m, IMAGE, self) for n, m in root.named_modules()
-                if _is_timm_attention(m) and is_free(n)]
+        named = [(n, m) for n, m in root.named_modules() if _is_attention(m) and is_free(n)]
+        # the innermost attention modules: a container of attention (a block named "...Attention")
+        # is not itself a site
+        names = [n for n, _ in named]
+        sites = []
+        parents = dict(root.named_modules())
+        for n, m in named:
+            if any(o.startswith(n + ".") for o in names):
+                continue
+            note = _NOT_OVER_TOKENS.get(_key(m), "")
+            if not note and _key(m) == ("tnt", "Attention") and n.endswith("attn_in"):
+                note = "TNT's inner attention is among the pixels inside each patch, not over the image's patches"
+            parent = parents.get(n.rsplit(".", 1)[0]) if "." in n else None
+            windows = None
+            if parent is not None and _key(parent) in _WINDOW_BLOCKS:
+                windows = Windows(parent, _WINDOW_BLOCKS[_key(parent)], pad_first=False)
+            sites.append(Site(n, m, INNER if note else IMAGE, self, windows=windows, note=note))
+        return sites

@@ -16,13 +16,14 @@ it names the role CROSS (a cross-attention key), IMAGE (in an image encoder) or 
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from torch import nn
 
-from ._registry import AUTO, CROSS, IMAGE, TEXT, Adapter, Site, register_adapter
+from ._registry import AUTO, CROSS, IMAGE, TEXT, Adapter, Site, Windows, register_adapter
 
 # attributes that only the config of an image (or patch) encoder has
 _VISION_CONFIG_ATTRS = ("patch_size", "image_size", "num_channels")
@@ -191,7 +192,29 @@ class TransformersAdapter(Adapter):
         sites = sorted(found.values(), key=lambda s: order.get(id(s.module), len(order)))
         # one site per module tree branch: drop a site nested in another one
         kept: list[Site] = []
+        named = dict(root.named_modules())
         for s in sites:
             if not any(s.name.startswith(k.name + ".") for k in kept):
+                s.windows = _windows(named.get(s.name.rsplit(".", 1)[0]) if "." in s.name else None)
                 kept.append(s)
         return kept
+
+
+def _windows(block: Optional[nn.Module]) -> Optional[Windows]:
+    """The window scheme of a Swin-style layer (``window_size``, ``shift_size`` and a forward
+    taking ``input_dimensions``; it pads its grid, then shifts it), or None."""
+    if block is None or not (hasattr(block, "window_size") and hasattr(block, "shift_size")):
+        return None
+    try:
+        params = list(inspect.signature(block.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "input_dimensions" not in params:
+        return None
+    at = params.index("input_dimensions")
+
+    def read_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+        dims = kwargs["input_dimensions"] if "input_dimensions" in kwargs else args[at]
+        return int(dims[0]), int(dims[1])
+
+    return Windows(block, read_grid, pad_first=True)

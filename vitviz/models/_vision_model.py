@@ -20,6 +20,9 @@ from ..types import TokenLayout
 _PREFIX_PARAM_NAMES = ("cls_token", "class_token", "class_embedding", "dist_token", "distillation_token",
                        "reg_token", "register_tokens")
 _CLS_PARAM_NAMES = ("cls_token", "class_token", "class_embedding")
+# the most prefix tokens (CLS, distillation, registers) a layout is read with when the model does
+# not say how many it has: more "prefix" tokens than that means the sequence is another grid
+_MAX_PREFIX = 16
 
 
 def _pair(x) -> tuple[int, int]:
@@ -179,14 +182,40 @@ class VisionModel:
         num_prefix = self.num_prefix
         if num_prefix is None:
             num_prefix = num_tokens - grid[0] * grid[1]
-            if num_prefix < 0:
+            if not 0 <= num_prefix <= _MAX_PREFIX:
                 raise LayoutError(
-                    f"{self.name}: {num_tokens} tokens cannot hold a {grid[0]}x{grid[1]} patch grid; "
-                    "pass grid=(rows, cols) to vitviz.wrap"
+                    f"{self.name}: {num_tokens} tokens do not hold a {grid[0]}x{grid[1]} patch grid after "
+                    f"0-{_MAX_PREFIX} prefix tokens; pass grid=(rows, cols) (and num_prefix=) to vitviz.wrap"
                 )
         layout = TokenLayout(num_prefix, grid, has_cls=self.has_cls if num_prefix else None)
         layout.check_tokens(num_tokens)
         return layout
+
+    def stage_layout(self, input_hw: Optional[tuple[int, int]], num_tokens: int) -> TokenLayout:
+        """The layout of ``num_tokens`` in a stage of a hierarchical model (PiT, LeViT, PVT,
+        Swin after patch merging, ...): the model's prefix tokens, then a grid that tiles the
+        same image more coarsely than the patch grid.
+
+        The grid is the factorisation ``gh * gw`` of the patch tokens whose aspect is nearest
+        to the input's, accepted only when one stride ``s`` explains both sides up to the
+        rounding of strided convolutions and pooling (``gh = H/s``, ``gw = W/s`` within one
+        token). Raises :class:`LayoutError` when none does.
+        """
+        name = self.name
+        if input_hw is None:
+            raise LayoutError(f"{name}: a {num_tokens}-token stage cannot be placed without the input size; "
+                              "call the model itself inside the capture (not a submodule)")
+        h, w = input_hw
+        # the model's prefix tokens; when it does not say, none, else a CLS (+ distillation) token
+        # (a stage may drop them: VOLO's and CaiT's patch stages run before the class token joins)
+        for prefix in dict.fromkeys((self.num_prefix, 0)) if self.num_prefix is not None else (0, 1, 2):
+            grid = _stage_grid(h, w, num_tokens - prefix)
+            if grid is not None:
+                return TokenLayout(prefix, grid, has_cls=self.has_cls if prefix else None)
+        raise LayoutError(
+            f"{name}: {num_tokens} tokens do not tile a {h}x{w} input as a grid of one stride (after "
+            f"{self.num_prefix if self.num_prefix is not None else '0-2'} prefix tokens); pass "
+            "grid=(rows, cols) (and num_prefix=) to vitviz.wrap")
 
     def __repr__(self) -> str:
         try:
@@ -194,6 +223,24 @@ class VisionModel:
         except LayoutError:
             layout = "unknown"
         return f"VisionModel({self.name}, layout={layout}, patch_size={self.patch_size})"
+
+
+def _stage_grid(h: int, w: int, patches: int) -> Optional[tuple[int, int]]:
+    """The ``(gh, gw)`` with ``gh * gw = patches`` nearest to the aspect of an ``h x w`` input for
+    which one stride ``s`` gives both sides within one token (``|h/s - gh| < 1``,
+    ``|w/s - gw| < 1``), or None."""
+    best = None
+    for gh in range(1, patches + 1):
+        if patches % gh:
+            continue
+        gw = patches // gh
+        lo = max(h / (gh + 1), w / (gw + 1))  # the strides s that explain both sides overlap
+        hi = min(h / (gh - 1) if gh > 1 else math.inf, w / (gw - 1) if gw > 1 else math.inf)
+        if lo < hi:
+            err = abs(math.log(gh / gw) - math.log(h / w))
+            if best is None or err < best[0]:
+                best = (err, (gh, gw))
+    return None if best is None else best[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,11 +275,16 @@ def _count_prefix_params(module: nn.Module) -> Optional[int]:
 
 
 def _describe_timm(module: nn.Module) -> dict:
+    """What a timm model says of its tokens; hierarchical models whose patch embedding lacks
+    ``patch_size`` / ``grid_size`` (MViTv2, XCiT) give what they have."""
     pe = module.patch_embed
-    info = dict(patch_size=_pair(pe.patch_size), grid=_pair(pe.grid_size),
-                num_prefix=int(module.num_prefix_tokens),
-                has_cls=bool(getattr(module, "cls_token", None) is not None),
-                pad_to_patch=bool(getattr(pe, "dynamic_img_pad", False)))
+    info: dict = dict(num_prefix=int(module.num_prefix_tokens),
+                      has_cls=bool(getattr(module, "cls_token", None) is not None),
+                      pad_to_patch=bool(getattr(pe, "dynamic_img_pad", False)))
+    if getattr(pe, "patch_size", None) is not None:
+        info["patch_size"] = _pair(pe.patch_size)
+    if getattr(pe, "grid_size", None) is not None:
+        info["grid"] = _pair(pe.grid_size)
     if info["num_prefix"] == 0:
         info["has_cls"] = None
     return info
