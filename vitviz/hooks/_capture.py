@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 import torch
@@ -46,6 +46,7 @@ from ..models import VisionModel, wrap
 from ..types import AttentionMaps, CrossAttentionMaps, TokenLayout
 from ._ops import AttentionOps
 from ._registry import AUTO, CROSS, IMAGE, INNER, POOL, TEXT, Site, discover
+from ._transformers import window_blocks
 from ._windows import stitch
 
 # implementations whose attention runs in kernels that the op level cannot see
@@ -158,7 +159,9 @@ class _Recorder:
         if grad and self.keep != "all" and not self.grad_streams:
             raise CaptureError("capture(grad=True) needs keep='all' (gradients are matched to kept "
                                "layers) or streams that take the gradients as they arrive")
-        self.names, self.modules = setup.names, setup.modules
+        self.names, self.modules, self.windows = setup.names, setup.modules, setup.windows
+        # the model has a text side (its cross-attention may have more queries than keys)
+        self.text_side = model.tokenizer is not None or any(s.role in (TEXT, CROSS) for s in sites)
         self.owner = dict(setup.owner)  # generic sites are added as their calls are seen
         self.num_layers = setup.num_layers
         self.passes: list[Pass] = []
@@ -177,14 +180,20 @@ class _Recorder:
         if site is None:
             if self.restricted:
                 return None
-            site = Site(self.names.get(id(module), type(module).__name__) or "<root>", module, AUTO, None)
+            site = Site(self.names.get(id(module), type(module).__name__) or "<root>", module, AUTO, None,
+                        windows=self.windows.get(id(module)))
             self.owner[id(module)] = site
             self.sites.append(site)
         role = site.role
         if role == INNER:
             return None  # not attention over the image's tokens (site.note says why)
         if role == AUTO:
-            role = IMAGE if (queries == keys if same_tokens is None else same_tokens) else CROSS
+            if same_tokens is not None:
+                role = IMAGE if same_tokens else CROSS
+            elif queries == keys or (queries > keys and not self.text_side):
+                role = IMAGE  # more queries than keys in a model without text: reduced keys (HF PVT)
+            else:
+                role = CROSS
         elif role == IMAGE and queries < keys:
             role = POOL  # class token or latents pooling image tokens (CaiT, attention-pool heads)
         # IMAGE with more queries than keys: keys reduced to a coarser grid (PVT, Segformer)
@@ -713,6 +722,8 @@ class _Setup:
     # torch.nn class (no user code that could call attention elsewhere) and no site is a torch
     # MultiheadAttention (whose encoder layer decides on its fast path outside the site)
     scoped: bool = False
+    # id(module) -> the window scheme of the window block it is in (transformers Swin layers)
+    windows: dict = field(default_factory=dict)
 
 
 def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: Optional[list[str]]) -> _Setup:
@@ -723,7 +734,17 @@ def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: Option
     if cached is not None and cached.key == key:
         return cached
     root = vm.module
-    sites = discover(root, adapters)
+    windows = window_blocks(root)
+    sites = []
+    for site in discover(root, adapters):
+        inner = [m for m in site.module.modules() if id(m) in windows and windows[id(m)].block is m
+                 and m is not site.module]
+        if inner and id(site.module) not in windows:  # a stage of window blocks: one site per block
+            names = {id(m): n for n, m in site.module.named_modules()}
+            sites += [replace(site, name=f"{site.name}.{names[id(m)]}", module=m, windows=windows[id(m)])
+                      for m in inner]
+        else:
+            sites.append(replace(site, windows=site.windows or windows.get(id(site.module))))
     owner: dict[int, Site] = {}
     for site in sites:  # every module inside a site belongs to that site
         for m in site.module.modules():
@@ -732,7 +753,7 @@ def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: Option
     scoped = bool(sites) and library and all(s.adapter is not None and s.adapter.scoped for s in sites)
     setup = _Setup(key, sites, {id(m): n for n, m in named}, {id(m): m for _, m in named}, owner,
                    {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)},
-                   scoped)
+                   scoped, windows)
     vm._capture_setup = setup
     return setup
 
@@ -821,13 +842,13 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         stack.callback(recorder.close)  # last undo: tensor hooks of this forward removed
         handle = root.register_forward_pre_hook(on_root, with_kwargs=True)
         stack.callback(handle.remove)
-        for site in setup.sites:  # window attention: the grid each windowed block cuts
-            if site.windows is not None:
-                def read(_module, args, kwargs, windows=site.windows):
-                    if threading.get_ident() == thread:
-                        windows.grid = windows.read_grid(args, kwargs)
+        schemes = {id(w): w for w in [s.windows for s in setup.sites] + list(setup.windows.values()) if w}
+        for windows in schemes.values():  # window attention: the grid each windowed block cuts
+            def read(_module, args, kwargs, windows=windows):
+                if threading.get_ident() == thread:
+                    windows.grid = windows.read_grid(args, kwargs)
 
-                stack.callback(site.windows.block.register_forward_pre_hook(read, with_kwargs=True).remove)
+            stack.callback(windows.block.register_forward_pre_hook(read, with_kwargs=True).remove)
         if setup.scoped:
             # library models: the mode is active only while an attention module runs, so the
             # rest of the forward pass (MLPs, norms) pays nothing for it

@@ -192,18 +192,31 @@ class TransformersAdapter(Adapter):
         sites = sorted(found.values(), key=lambda s: order.get(id(s.module), len(order)))
         # one site per module tree branch: drop a site nested in another one
         kept: list[Site] = []
-        named = dict(root.named_modules())
         for s in sites:
             if not any(s.name.startswith(k.name + ".") for k in kept):
-                s.windows = _windows(named.get(s.name.rsplit(".", 1)[0]) if "." in s.name else None)
                 kept.append(s)
         return kept
 
 
-def _windows(block: Optional[nn.Module]) -> Optional[Windows]:
+def window_blocks(root: nn.Module) -> dict[int, Windows]:
+    """``id(module) -> Windows`` for every module inside a transformers Swin-style layer (the
+    innermost one), e.g. SwinLayer, Swinv2Layer, DonutSwinLayer."""
+    if _transformers() is None:
+        return {}
+    found: dict[int, Windows] = {}
+    for _, block in root.named_modules():  # outer blocks first: inner ones override
+        if type(block).__module__.startswith("transformers."):
+            windows = _windows(block)
+            if windows is not None:
+                for m in block.modules():
+                    found[id(m)] = windows
+    return found
+
+
+def _windows(block: nn.Module) -> Optional[Windows]:
     """The window scheme of a Swin-style layer (``window_size``, ``shift_size`` and a forward
     taking ``input_dimensions``; it pads its grid, then shifts it), or None."""
-    if block is None or not (hasattr(block, "window_size") and hasattr(block, "shift_size")):
+    if not (hasattr(block, "window_size") and hasattr(block, "shift_size")):
         return None
     try:
         params = list(inspect.signature(block.forward).parameters)

@@ -208,12 +208,18 @@ class VisionModel:
         h, w = input_hw
         # the model's prefix tokens; when it does not say, none, else a CLS (+ distillation) token
         # (a stage may drop them: VOLO's and CaiT's patch stages run before the class token joins)
+        # with a known patch size, a stage is the patch grid coarsened by a whole factor (so a
+        # subset of the patches, e.g. ViT-MAE's visible ones, is not taken for a stage)
+        base = self._grid_from_hw(input_hw) if self.patch_size is not None else None
         for prefix in dict.fromkeys((self.num_prefix, 0)) if self.num_prefix is not None else (0, 1, 2):
             grid = _stage_grid(h, w, num_tokens - prefix)
-            if grid is not None:
+            if grid is not None and (base is None or any(
+                    abs(base[0] / k - grid[0]) < 1 and abs(base[1] / k - grid[1]) < 1
+                    for k in range(1, max(base) + 1))):
                 return TokenLayout(prefix, grid, has_cls=self.has_cls if prefix else None)
         raise LayoutError(
-            f"{name}: {num_tokens} tokens do not tile a {h}x{w} input as a grid of one stride (after "
+            f"{name}: {num_tokens} tokens do not tile a {h}x{w} input as the patch grid or a coarser stage of it "
+            "(a subset of the patches, e.g. masked image modelling, or extra tokens after the patches) (after "
             f"{self.num_prefix if self.num_prefix is not None else '0-2'} prefix tokens); pass "
             "grid=(rows, cols) (and num_prefix=) to vitviz.wrap")
 
@@ -248,9 +254,11 @@ def _stage_grid(h: int, w: int, patches: int) -> Optional[tuple[int, int]]:
 # --------------------------------------------------------------------------------------------
 
 def _find_patch_conv(module: nn.Module) -> Optional[nn.Conv2d]:
-    """The first Conv2d whose kernel equals its stride: a ViT patch embedding."""
+    """The first Conv2d on the image (3 input channels) whose kernel equals its stride: a ViT
+    patch embedding (not, e.g., PVT's spatial-reduction convolutions over features)."""
     for m in module.modules():
-        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == tuple(m.stride) and m.kernel_size[0] > 1:
+        if (isinstance(m, nn.Conv2d) and m.in_channels == 3 and tuple(m.kernel_size) == tuple(m.stride)
+                and m.kernel_size[0] > 1):
             return m
     return None
 
