@@ -1,0 +1,307 @@
+"""Every attention architecture: each layer on its own token grid, or a clear refusal.
+
+Exactness is checked against the library's own probabilities: timm's non-fused path (the input
+of ``attn_drop`` is the post-softmax attention) and transformers' eager ``output_attentions``.
+Window attention is checked against a brute-force scatter of each window's rows, written here
+independently of vitviz (an index grid pushed through the library's own shift, pad and
+partition), for both orders of shift and pad.
+"""
+
+import pytest
+import timm
+import torch
+import transformers
+from helpers import hook_state, torch_function_modes
+
+import vitviz
+from vitviz.errors import CaptureError, LayoutError, VitvizError
+from vitviz.hooks._windows import WindowScheme, stitch
+
+torch.set_grad_enabled(False)
+
+
+# -- window stitching ------------------------------------------------------------------------
+
+def brute_stitch(windows, grid, window, shift, pad_first):
+    """Scatter every window entry by looping: token ids pushed through roll / pad / partition."""
+    h, w = grid
+    wh, ww = window
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    ids = torch.arange(h * w, dtype=torch.float64).view(1, h, w, 1)
+    if pad_first:  # transformers: pad, then roll the padded grid
+        x = torch.nn.functional.pad(ids, (0, 0, 0, wp - w, 0, hp - h), value=-1)
+        x = torch.roll(x, (-shift[0], -shift[1]), (1, 2))
+    else:  # timm: roll, then pad
+        x = torch.roll(ids, (-shift[0], -shift[1]), (1, 2))
+        x = torch.nn.functional.pad(x, (0, 0, 0, wp - w, 0, hp - h), value=-1)
+    x = x.view(1, hp // wh, wh, wp // ww, ww).permute(0, 1, 3, 2, 4).reshape(-1, wh * ww)
+    nw = x.shape[0]
+    b = windows.shape[0] // nw
+    out = torch.zeros(b, windows.shape[1], h * w, h * w, dtype=windows.dtype)
+    for s in range(b):
+        for k in range(nw):
+            for i in range(wh * ww):
+                for j in range(wh * ww):
+                    qi, kj = int(x[k, i]), int(x[k, j])
+                    if qi >= 0 and kj >= 0:
+                        out[s, :, qi, kj] = windows[s * nw + k, :, i, j]
+    return out
+
+
+@pytest.mark.parametrize("grid,window,shift,pad_first", [
+    ((4, 4), (2, 2), (0, 0), False), ((5, 7), (2, 3), (1, 1), False), ((5, 7), (2, 3), (1, 1), True),
+    ((6, 6), (3, 3), (1, 2), True), ((3, 3), (3, 3), (0, 0), True), ((7, 5), (4, 4), (2, 2), False)])
+def test_stitch_equals_brute_force_scatter(grid, window, shift, pad_first):
+    scheme = WindowScheme(grid, window, shift, pad_first)
+    t = window[0] * window[1]
+    windows = torch.rand(2 * scheme.num_windows, 3, t, t, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(stitch(windows, scheme), brute_stitch(windows, grid, window, shift, pad_first))
+
+
+def test_stitch_golden_2x2_windows():
+    # a 2x4 grid in two 2x2 windows, no shift: tokens 0,1,4,5 | 2,3,6,7
+    windows = torch.arange(32, dtype=torch.float32).view(2, 1, 4, 4)
+    out = stitch(windows, WindowScheme((2, 4), (2, 2)))[0, 0]
+    assert out[0, 0] == 0 and out[0, 1] == 1 and out[0, 4] == 2 and out[5, 5] == 15
+    assert out[2, 2] == 16 and out[7, 7] == 31 and out[0, 2] == 0  # different windows: zero
+    assert out.count_nonzero() == 2 * 16 - 1  # every entry of both windows (one of them is 0)
+
+
+# -- stage layouts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hw,n,prefix,grid", [
+    ((64, 64), 50, 1, (7, 7)), ((64, 64), 17, 1, (4, 4)), ((240, 160), 151, 1, (15, 10)),
+    ((240, 160), 41, 1, (8, 5)), ((224, 224), 3136, 0, (56, 56)), ((96, 64), 6, 0, (3, 2))])
+def test_stage_layout_golden(hw, n, prefix, grid):
+    vm = vitviz.VisionModel(torch.nn.Identity(), num_prefix=prefix)
+    layout = vm.stage_layout(hw, n)
+    assert layout.grid == grid and layout.num_prefix == prefix
+
+
+def test_stage_layout_refuses_a_subset_of_the_patches():
+    # 16 patches of 8 px on a 32 px input; 9 tokens tile 3x3 but are no whole-factor stage of 4x4
+    vm = vitviz.VisionModel(torch.nn.Identity(), num_prefix=0, patch_size=8)
+    with pytest.raises(LayoutError, match="subset of the patches"):
+        vm.stage_layout((32, 32), 9)
+    assert vm.stage_layout((32, 32), 4).grid == (2, 2)  # a stage coarser by 2 is fine
+
+
+# -- timm: reference probabilities from the non-fused path -----------------------------------
+
+def timm_reference(model, x):
+    """Each attention module's post-softmax probabilities, from timm's non-fused path."""
+    seen, hooks = [], []
+    for m in model.modules():
+        if hasattr(m, "fused_attn") and hasattr(m, "attn_drop"):
+            m.fused_attn = False
+            hooks.append(m.attn_drop.register_forward_hook(lambda mod, a, o: seen.append(a[0].clone())))
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = True
+    return out, seen
+
+
+def timm_model(name, **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kw).eval()
+
+
+def test_timm_swin_windows_stitched_exactly():
+    model = timm_model("swin_tiny_patch4_window7_224", img_size=56, depths=(2, 2), embed_dim=16,
+                       num_heads=(1, 2), window_size=4)
+    x = torch.randn(2, 3, 56, 56)
+    out_ref, ref = timm_reference(model, x)
+    before = hook_state(model)
+    with vitviz.capture(model) as rec:
+        out = model(x)
+    assert hook_state(model) == before and torch_function_modes() == 0
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    stages = rec.stages
+    assert [s.layers for s in stages] == [(0, 1), (2, 3)]
+    assert [s.layout.grid for s in stages] == [(14, 14), (7, 7)] and all(s.layout.num_prefix == 0 for s in stages)
+    blocks = [b for st in model.layers for b in st.blocks]
+    grids = [(14, 14), (14, 14), (7, 7), (7, 7)]
+    for i, (block, grid) in enumerate(zip(blocks, grids)):
+        expect = brute_stitch(ref[i].double(), grid, block.window_size, block.shift_size, pad_first=False)
+        got = stages[i // 2].tensor[i % 2]
+        torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6)
+    assert blocks[1].shift_size != (0, 0)  # the shifted block is among those checked
+    # 14 is not a multiple of 4: windows hold padding, whose share of a row is dropped
+    sums = stages[0].tensor.sum(-1)
+    assert sums.max() <= 1 + 1e-5 and sums.min() < 0.999
+    assert vitviz.rollout(stages[1]).shape == (2, 7, 7)
+    assert vitviz.cls_maps(stages[0]).shape == (2, 1, 14, 14)
+    with pytest.raises(CaptureError, match="rec.stages"):
+        rec.attentions
+
+
+def test_timm_pvt_reduced_keys_exact():
+    model = timm_model("pvt_v2_b0", depths=(1, 1, 1, 1))
+    x = torch.randn(1, 3, 64, 64)
+    _, ref = timm_reference(model, x)
+    with vitviz.capture(model) as rec:
+        model(x)
+    stages = rec.stages
+    assert [(s.layout.grid, s.keys.grid) for s in stages] == [((16, 16), (2, 2)), ((8, 8), (2, 2)),
+                                                              ((4, 4), (2, 2)), ((2, 2), (2, 2))]
+    assert [s.square for s in stages] == [False, False, False, True]
+    for s, r in zip(stages, ref):
+        torch.testing.assert_close(s.tensor[0], r, rtol=1e-5, atol=1e-6)
+    assert vitviz.cls_maps(stages[0]).shape == (1, 1, 2, 2)  # over the key grid
+    with pytest.raises(LayoutError, match="reduced"):
+        vitviz.rollout(stages[0])
+
+
+def test_timm_pit_stages_keep_the_class_token():
+    model = timm_model("pit_ti_224", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    _, ref = timm_reference(model, x)
+    with vitviz.capture(model) as rec:
+        model(x)
+    stages = rec.stages
+    assert [(s.layout.num_prefix, s.layout.grid) for s in stages] == [(1, (7, 7)), (1, (4, 4)), (1, (2, 2))]
+    flat = [t for s in stages for t in s.tensor]
+    assert len(flat) == len(ref)
+    for got, want in zip(flat, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    one = vitviz.rollout(stages[1])
+    assert one.shape == (2, 4, 4)
+    # batched equals one by one
+    with vitviz.capture(model) as rec1:
+        model(x[1:])
+    torch.testing.assert_close(vitviz.rollout(rec1.stages[1])[0], one[1], rtol=1e-5, atol=1e-6)
+
+
+def test_timm_sam_windowed_and_global_layers():
+    model = timm_model("samvit_base_patch16", img_size=64, depth=4, embed_dim=32, num_heads=2,
+                       global_attn_indexes=(1, 3), window_size=3)
+    x = torch.randn(1, 3, 64, 64)
+    with vitviz.capture(model) as rec:
+        model(x)
+    (stage,) = rec.stages  # windowed and global layers, all over the 4x4 grid
+    assert stage.layout.grid == (4, 4) and stage.num_layers == 4 and stage.num_heads == 2
+    a = stage.tensor[0, 0, :, 0]  # [H, N]: 3x3 windows over a padded 6x6 grid: token (0, 0) sees its window
+    torch.testing.assert_close(a[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].sum(-1), torch.ones(2))
+    assert a[:, [3, 7, 11, 12, 13, 14, 15]].sum() == 0
+    torch.testing.assert_close(stage.tensor[1].sum(-1), torch.ones(1, 2, 16))  # a global layer
+
+
+# -- transformers: eager output_attentions ---------------------------------------------------
+
+def test_transformers_swin_windows_equal_eager_attentions():
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                  window_size=4)
+    model = transformers.SwinModel(cfg).eval()
+    x = torch.randn(2, 3, 40, 40)
+    layers = [b for st in model.encoder.layers for b in st.blocks]
+    # eager weights of every block (output_attentions returns only each stage's last block)
+    model.set_attn_implementation("eager")
+    eager = []
+    hooks = [b.attention.register_forward_hook(lambda m, a, o: eager.append(o[1])) for b in layers]
+    stage_last = model(x, output_attentions=True).attentions
+    for h in hooks:
+        h.remove()
+    assert torch.equal(stage_last[0], eager[1]) and torch.equal(stage_last[1], eager[3])
+    model.set_attn_implementation("sdpa")
+    with vitviz.capture(model) as rec:
+        model(x)
+    stages = rec.stages
+    assert [s.layout.grid for s in stages] == [(10, 10), (5, 5)]
+    grids = [(10, 10), (10, 10), (5, 5), (5, 5)]
+    for i, (layer, grid) in enumerate(zip(layers, grids)):
+        window, shift = layer.window_size, layer.shift_size
+        expect = brute_stitch(eager[i].double(), grid, (window, window), (shift, shift), pad_first=True)
+        torch.testing.assert_close(stages[i // 2].tensor[i % 2].double(), expect, rtol=1e-5, atol=1e-6)
+    assert layers[1].shift_size > 0
+
+
+# -- refusals and the promise: maps or a VitvizError -----------------------------------------
+
+REFUSED = [
+    ("xcit_nano_12_p16_224", dict(img_size=32), "cross-covariance"),
+    ("cait_xxs24_224", dict(img_size=32, depth=1), "talking-heads"),
+    ("hiera_tiny_224", dict(img_size=64), "mask units"),
+    ("efficientvit_b0", dict(), "linear attention"),
+    ("coat_lite_tiny", dict(img_size=64), "factorised"),
+    ("mobilevit_xxs", dict(), "windows or groups"),
+]
+
+
+@pytest.mark.parametrize("name,kw,reason", REFUSED, ids=[r[0] for r in REFUSED])
+def test_attention_not_over_tokens_is_refused_with_the_reason(name, kw, reason):
+    model = timm_model(name, **kw)
+    size = kw.get("img_size", 64)
+    x = torch.randn(1, 3, size, size)
+    before = hook_state(model)
+    with pytest.raises(CaptureError, match=reason):
+        with vitviz.capture(model) as rec:
+            model(x)
+        rec.attentions
+    assert hook_state(model) == before and torch_function_modes() == 0
+
+
+def test_cait_class_attention_is_read_as_pool():
+    model = timm_model("cait_xxs24_224", img_size=32, depth=1)
+    with vitviz.capture(model) as rec:
+        model(torch.randn(2, 3, 32, 32))
+    pool = rec.pool  # two class-attention layers: the CLS query over CLS + 2x2 patches
+    assert tuple(pool.tensor.shape) == (2, 2, 4, 1, 5) and pool.layout.grid == (2, 2)
+    torch.testing.assert_close(pool.tensor.sum(-1), torch.ones(2, 2, 4, 1))
+
+
+def test_transformers_masked_and_detection_tokens_are_refused():
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    mae = transformers.ViTMAEModel(transformers.ViTMAEConfig(image_size=32, patch_size=8, mask_ratio=0.5,
+                                                             **small)).eval()
+    yolos = transformers.YolosModel(transformers.YolosConfig(image_size=[32, 32], patch_size=8,
+                                                             num_detection_tokens=5, **small)).eval()
+    for model in (mae, yolos):
+        with vitviz.capture(model) as rec:
+            model(torch.randn(1, 3, 32, 32))
+        with pytest.raises(CaptureError, match="could not be placed"):
+            rec.attentions
+
+
+SWEEP = [
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=1), 32),
+    ("swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1), embed_dim=16, num_heads=(1, 1), window_size=4), 64),
+    ("maxvit_tiny_tf_224", dict(img_size=64), 64),
+    ("crossvit_tiny_240", dict(), 240),
+    ("twins_pcpvt_small", dict(img_size=64), 64),
+    ("levit_128s", dict(img_size=64), 64),
+    ("tnt_s_patch16_224", dict(img_size=32), 32),
+    ("efficientformer_l1", dict(), 224),
+    ("tiny_vit_5m_224", dict(), 224),
+    ("davit_tiny", dict(), 64),
+    ("mvitv2_tiny", dict(img_size=64), 64),
+    ("volo_d1_224", dict(img_size=64), 64),
+    ("nextvit_small", dict(), 64),
+    ("fastvit_t8", dict(), 64),
+]
+
+
+@pytest.mark.parametrize("name,kw,size", SWEEP, ids=[s[0] for s in SWEEP])
+def test_every_family_gives_maps_or_a_vitviz_error(name, kw, size):
+    model = timm_model(name, **kw)
+    x = torch.randn(1, 3, size, size)
+    ref = model(x)
+    before = hook_state(model)
+    try:
+        with vitviz.capture(model) as rec:
+            out = model(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        stages = rec.stages
+        assert stages, "no stage and no error"
+        for s in stages:  # every stage gives per-layer maps on its grid, rows of probabilities
+            maps = vitviz.cls_maps(s)
+            assert maps.shape[-2:] == s.keys.grid and torch.isfinite(maps).all()
+            assert s.tensor.sum(-1).max() <= 1 + 1e-4
+    except VitvizError as e:
+        assert str(e) and "Traceback" not in str(e)
+    assert hook_state(model) == before and torch_function_modes() == 0
