@@ -53,11 +53,18 @@ class Explorer:
                 f"grid={d.grid}, {len(self.html) / 1e6:.1f} MB)")
 
 
-def _classifier_logits(output: Any) -> Optional[torch.Tensor]:
-    """``[B, C]`` logits when the output is a classifier's (two classes or more), else None."""
+def _classifier_logits(vm: VisionModel, output: Any) -> Optional[torch.Tensor]:
+    """``[B, C]`` logits when the output is a classifier's (two classes or more), else None.
+
+    A model that states its number of classes (timm's ``num_classes``; 0 for a feature
+    extractor, whose ``[B, D]`` features are not logits) must agree with ``C``.
+    """
     try:
         t = _logits_of(output)
     except VitvizError:
+        return None
+    stated = getattr(vm.module, "num_classes", None)
+    if isinstance(stated, int) and not isinstance(stated, bool) and stated != t.shape[-1]:
         return None
     return t if t.shape[-1] >= 2 else None
 
@@ -133,7 +140,7 @@ def explore(model: Any, image: Any, *, target: Target = None, title: Optional[st
     explained: Optional[int] = None
     with torch.enable_grad(), capture(vm, grad=True) as rec:
         output = vm(x)
-        logits = _classifier_logits(output)  # [1, C] or None
+        logits = _classifier_logits(vm, output)  # [1, C] or None
         if logits is not None:
             t = _targets(logits, target)  # [1]
             explained = int(t[0])

@@ -214,34 +214,36 @@ def explore_payload(data: ExploreData, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
         b, size = _block("relevance", quantize_rows(np.clip(data.relevance, 0, None), p))
         blocks.update(b)
         used += size
-    image_url = _png_data_url(data.image)
-    used += len(image_url) + 200_000  # the page itself (script, style, text)
-    per_layer = _rows_size((heads, n), n, p)
-    room = max(0, max_bytes - used)
-    keep = 0 if heads <= 1 else min(num_layers, room // per_layer)
-    head_layers = list(range(num_layers - keep, num_layers))
-    if keep:
-        b, _ = _block("heads", quantize_rows(a[num_layers - keep:], p))
-        blocks.update(b)
-    dropped: list[str] = []
-    if heads > 1 and keep < num_layers:
-        dropped.append(f"Per-head rows of layer{'s' if num_layers - keep > 1 else ''} "
-                       f"{_ranges(list(range(num_layers - keep)))} were left out to keep the page under "
-                       f"{max_bytes / 1e6:.0f} MB: there, only the mean and the max over heads can be shown.")
-    total = used + keep * per_layer
-    if total > max_bytes:
-        dropped.append(f"The page is about {total / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB asked for, "
-                       "even without per-head rows.")
     gh, gw = data.grid
     meta: dict[str, Any] = {
         "title": data.title, "model": data.model_name, "layers": num_layers, "heads": heads,
         "tokens": n, "prefix": p, "grid": [gh, gw], "prefix_names": list(data.prefix_names),
-        "head_layers": head_layers, "has_rollout": data.rollout is not None,
+        "head_layers": [], "has_rollout": data.rollout is not None,
         "has_relevance": data.relevance is not None, "relevance_class": data.relevance_class,
-        "top5": [[str(c), float(v)] for c, v in data.top5], "image": image_url,
-        "size": [int(data.image.shape[0]), int(data.image.shape[1])], "dropped": dropped,
+        "top5": [[str(c), float(v)] for c, v in data.top5], "image": _png_data_url(data.image),
+        "size": [int(data.image.shape[0]), int(data.image.shape[1])], "dropped": [],
         "notes": list(data.notes), "lut": _lut(),
     }
+    # an upper bound of everything but the per-head rows: template, names, metadata (with room
+    # for the two notes on what was dropped and the list of kept layers), data elements
+    escaped = len(html.escape(data.title, quote=True)) * 2 + len(html.escape(data.model_name, quote=True))
+    used += (len(TEMPLATE.read_text(encoding="utf-8")) + escaped + len(_json_for_script(meta)) + 600
+             + 8 * num_layers + 80 * (len(blocks) + 3))
+    per_layer = _rows_size((heads, n), n, p)
+    room = max(0, max_bytes - used)
+    keep = 0 if heads <= 1 else min(num_layers, room // per_layer)
+    meta["head_layers"] = list(range(num_layers - keep, num_layers))
+    if keep:
+        b, _ = _block("heads", quantize_rows(a[num_layers - keep:], p))
+        blocks.update(b)
+    dropped: list[str] = meta["dropped"]
+    if heads > 1 and keep < num_layers:
+        dropped.append(f"Per-head rows of layer{'s' if num_layers - keep > 1 else ''} "
+                       f"{_ranges(list(range(num_layers - keep)))} were left out to keep the page under "
+                       f"{max_bytes / 1e6:.3g} MB: there, only the mean and the max over heads can be shown.")
+    if used > max_bytes:
+        dropped.append(f"The page is about {used / 1e6:.3g} MB, over the {max_bytes / 1e6:.3g} MB asked for, "
+                       "even without per-head rows.")
     return meta, blocks
 
 
