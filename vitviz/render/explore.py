@@ -9,9 +9,9 @@ as a PNG data URL, the numbers as base64): no request leaves the file, so it wor
 ``file://`` and can be mailed.
 
 Numbers are stored compactly: every attention row is split into its prefix keys (float32, so
-the prefix share is exact to float32) and its patch keys, quantised to uint8 against the
-row's largest patch value (``code = round(255 * v / max)``, so the error is at most
-``max / 510``; see :func:`quantize_rows`). When the page would exceed ``max_bytes``, the
+the prefix share is exact to float32) and its patch keys, quantised to uint8 from the row's
+smallest to its largest patch value (error at most ``(max - min) / 510``; see
+:func:`quantize_rows`). When the page would exceed ``max_bytes``, the
 per-head rows of the earliest layers are dropped (their mean and max stay) and the page says so.
 
 This module takes numpy arrays only: it imports neither models nor hooks.
@@ -72,48 +72,55 @@ class QuantizedRows:
     """Attention rows as uint8 codes over the patch keys plus exact prefix keys.
 
     Attributes:
-        codes: ``[..., P]`` uint8, ``round(255 * v / max_row(v))`` over the patch keys.
-        scale: ``[...]`` float32, ``max_row / 255`` (0 for an all-zero row).
+        codes: ``[..., P]`` uint8, ``round((v - min_row) / scale)`` over the patch keys.
+        offset: ``[...]`` float32, the row's smallest patch value.
+        scale: ``[...]`` float32, ``(max_row - min_row) / 255`` (0 for a constant row).
         prefix: ``[..., p]`` float32, the prefix-key values as they are.
     """
 
     codes: np.ndarray
+    offset: np.ndarray
     scale: np.ndarray
     prefix: np.ndarray
 
     def dequantize(self) -> np.ndarray:
-        """``[..., p + P]`` float32 rows: prefix values, then ``codes * scale``."""
-        patches = self.codes.astype(np.float32) * self.scale[..., None]  # [..., P]
+        """``[..., p + P]`` float32 rows: prefix values, then ``offset + codes * scale``."""
+        patches = self.offset[..., None] + self.codes.astype(np.float32) * self.scale[..., None]  # [..., P]
         return np.concatenate([self.prefix, patches], axis=-1)
 
 
 def quantize_rows(rows: np.ndarray, num_prefix: int) -> QuantizedRows:
     """Split rows into exact prefix keys and uint8-quantised patch keys.
 
-    The patch part of every row is scaled by its own largest value, so a row whose mass sits
-    mostly on a prefix token (an attention sink) keeps the detail among its patches. The
-    reconstruction error of a patch value is at most ``max_row / 510``.
+    The patch part of every row is mapped onto 0..255 from its own smallest to its largest
+    value, so a row whose mass sits mostly on a prefix token (an attention sink), or a nearly
+    uniform row, keeps the detail among its patches, and the page's min-max colour scale of a
+    row is exact to 8 bits. The reconstruction error of a patch value is at most
+    ``(max_row - min_row) / 510``.
 
     Args:
-        rows: ``[..., N]`` non-negative floats.
+        rows: ``[..., N]`` floats.
         num_prefix: how many leading keys are prefix tokens (kept as float32).
 
     Returns:
         :class:`QuantizedRows`.
 
     Example:
-        >>> q = quantize_rows(np.array([[0.5, 0.1, 0.4]]), 1)
+        >>> q = quantize_rows(np.array([[0.5, 0.1, 0.2, 0.4]]), 1)
         >>> q.codes, q.prefix
-        (array([[ 64, 255]], dtype=uint8), array([[0.5]], dtype=float32))
+        (array([[  0,  85, 255]], dtype=uint8), array([[0.5]], dtype=float32))
     """
     r = np.asarray(rows, dtype=np.float32)
     prefix = np.ascontiguousarray(r[..., :num_prefix])  # [..., p]
     patches = r[..., num_prefix:]  # [..., P]
-    top = patches.max(axis=-1) if patches.shape[-1] else np.zeros(r.shape[:-1], np.float32)  # [...]
-    scale = (top / 255.0).astype(np.float32)  # [...]
+    if patches.shape[-1]:
+        lo, hi = patches.min(axis=-1), patches.max(axis=-1)  # [...]
+    else:
+        lo = hi = np.zeros(r.shape[:-1], np.float32)
+    scale = ((hi - lo) / 255.0).astype(np.float32)  # [...]
     safe = np.where(scale > 0, scale, 1.0)[..., None]
-    codes = np.clip(np.rint(patches / safe), 0, 255).astype(np.uint8)  # [..., P]
-    return QuantizedRows(codes, scale, prefix)
+    codes = np.clip(np.rint((patches - lo[..., None]) / safe), 0, 255).astype(np.uint8)  # [..., P]
+    return QuantizedRows(codes, lo.astype(np.float32), scale, prefix)
 
 
 def _b64(a: np.ndarray) -> str:
@@ -126,7 +133,8 @@ def _b64_len(nbytes: int) -> int:
 
 def _block(name: str, q: QuantizedRows) -> tuple[dict[str, str], int]:
     """The base64 strings of a quantised block (``name``, ``name_s``, ``name_p``) and their size."""
-    parts = {name: q.codes, f"{name}_s": q.scale.astype("<f4"), f"{name}_p": q.prefix.astype("<f4")}
+    parts = {name: q.codes, f"{name}_o": q.offset.astype("<f4"), f"{name}_s": q.scale.astype("<f4"),
+             f"{name}_p": q.prefix.astype("<f4")}
     out = {k: _b64(v) for k, v in parts.items()}
     return out, sum(len(v) for v in out.values())
 
@@ -134,7 +142,7 @@ def _block(name: str, q: QuantizedRows) -> tuple[dict[str, str], int]:
 def _rows_size(shape_rows: tuple[int, ...], n: int, p: int) -> int:
     """Base64 size of a quantised block with rows of shape ``shape_rows`` and ``n`` keys."""
     rows = int(np.prod(shape_rows))
-    return _b64_len(rows * (n - p)) + _b64_len(rows * 4) + _b64_len(rows * p * 4)
+    return _b64_len(rows * (n - p)) + 2 * _b64_len(rows * 4) + _b64_len(rows * p * 4)
 
 
 def _png_data_url(rgb: np.ndarray) -> str:
@@ -189,7 +197,7 @@ def explore_payload(data: ExploreData, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
     Blocks: ``mean`` and ``max`` ``[L, N, ·]`` (head fusions of every layer), ``heads``
     ``[Lh, Hd, N, ·]`` (the layers in ``meta["head_layers"]``), ``rollout`` ``[L, N, ·]`` and
     ``relevance`` ``[N, ·]``, each quantised as :func:`quantize_rows` (``name`` codes,
-    ``name_s`` scales, ``name_p`` prefix values, little-endian float32).
+    ``name_o`` offsets, ``name_s`` scales, ``name_p`` prefix values, little-endian float32).
 
     Per-head rows are kept for the last layers first: as many as ``max_bytes`` leaves room for
     once everything else is in; ``meta["dropped"]`` says what was left out.
@@ -228,7 +236,7 @@ def explore_payload(data: ExploreData, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
     # for the two notes on what was dropped and the list of kept layers), data elements
     escaped = len(html.escape(data.title, quote=True)) * 2 + len(html.escape(data.model_name, quote=True))
     used += (len(TEMPLATE.read_text(encoding="utf-8")) + escaped + len(_json_for_script(meta)) + 600
-             + 8 * num_layers + 80 * (len(blocks) + 3))
+             + 8 * num_layers + 80 * (len(blocks) + 4))
     per_layer = _rows_size((heads, n), n, p)
     room = max(0, max_bytes - used)
     keep = 0 if heads <= 1 else min(num_layers, room // per_layer)
