@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import vitviz
-from vitviz.analyze import relevance_matrix, rollout_matrices, rollout_matrix
+from vitviz.analyze import rollout_matrices, rollout_matrix
 from vitviz.models import Preprocess
 from vitviz.render.explore import ExploreData, explore_payload, quantize_rows, render_explore
 

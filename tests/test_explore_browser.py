@@ -15,11 +15,10 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from test_gallery_browser import CHROMEDRIVER, CHROMIUM, _need_browser
 
 import vitviz
 from vitviz.models import Preprocess
-
-from test_gallery_browser import CHROMEDRIVER, CHROMIUM, _need_browser
 
 SEED = 3_000_001  # a held-out scene (outside the training seeds) that shapes-vit names right
 

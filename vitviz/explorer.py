@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class Explorer:
                 f"grid={d.grid}, {len(self.html) / 1e6:.1f} MB)")
 
 
-def _classifier_logits(vm: VisionModel, output: Any) -> Optional[torch.Tensor]:
+def _classifier_logits(vm: VisionModel, output: Any) -> torch.Tensor | None:
     """``[B, C]`` logits when the output is a classifier's (two classes or more), else None.
 
     A model that states its number of classes (timm's ``num_classes``; 0 for a feature
@@ -105,7 +105,7 @@ def _prefix_names(vm: VisionModel, num_prefix: int, has_cls: bool) -> list[str]:
     return names
 
 
-def explore(model: Any, image: Any, *, target: Target = None, title: Optional[str] = None,
+def explore(model: Any, image: Any, *, target: Target = None, title: str | None = None,
             max_bytes: int = DEFAULT_MAX_BYTES) -> Explorer:
     """An interactive attention explorer for one image, as one self-contained HTML page.
 
@@ -137,7 +137,7 @@ def explore(model: Any, image: Any, *, target: Target = None, title: Optional[st
     rgb, x, name = _inputs(vm, image)
     x = x.detach().requires_grad_(True)
     grads = None
-    explained: Optional[int] = None
+    explained: int | None = None
     with torch.enable_grad(), capture(vm, grad=True) as rec:
         output = vm(x)
         logits = _classifier_logits(vm, output)  # [1, C] or None
@@ -160,7 +160,7 @@ def explore(model: Any, image: Any, *, target: Target = None, title: Optional[st
         labels = vm.labels
         prob = logits.detach()[0].float().softmax(-1)  # [C]
         vals, idx = prob.topk(min(5, prob.numel()))
-        top5 = [(_label(labels, c), float(v)) for c, v in zip(idx.tolist(), vals.tolist())]
+        top5 = [(_label(labels, c), float(v)) for c, v in zip(idx.tolist(), vals.tolist(), strict=True)]
         rel_class = _label(labels, explained) if explained is not None else ""
     data = ExploreData(
         image=rgb, attention=a[:, 0].float().cpu().numpy(), num_prefix=layout.num_prefix, grid=layout.grid,
@@ -173,5 +173,5 @@ def explore(model: Any, image: Any, *, target: Target = None, title: Optional[st
     return Explorer(data, render_explore(data, max_bytes=max_bytes))
 
 
-def _label(labels: Optional[list[str]], c: int) -> str:
+def _label(labels: list[str] | None, c: int) -> str:
     return labels[c] if labels and 0 <= c < len(labels) else f"class {c}"

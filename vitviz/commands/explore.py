@@ -47,7 +47,7 @@ def run(args) -> int:
 
     model = load(args)
     skipped = 0
-    for src, stem in zip(args.images, unique_stems(args.images)):
+    for src, stem in zip(args.images, unique_stems(args.images), strict=True):
         try:
             page = explore(model, src, target=args.target, max_bytes=int(args.max_mb * 1e6))
         except ImageError as e:

@@ -26,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +58,8 @@ class ExploreData:
     num_prefix: int
     grid: tuple[int, int]
     prefix_names: list[str]
-    rollout: Optional[np.ndarray] = None
-    relevance: Optional[np.ndarray] = None
+    rollout: np.ndarray | None = None
+    relevance: np.ndarray | None = None
     relevance_class: str = ""
     top5: list[tuple[str, float]] = field(default_factory=list)
     title: str = "vitviz explorer"
