@@ -261,3 +261,31 @@ def test_explore_data_checks_shapes():
                     grid=(2, 3), prefix_names=["CLS"])
     with pytest.raises(ValueError, match="do not fit"):
         render_explore(d)
+
+
+def test_gallery_explore_writes_and_links_a_page_per_image(tmp_path):
+    from vitviz.gallery import build_gallery
+    from vitviz.zoo.scenes import classification_scene
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(classification_scene(3_000_000 + i).image).save(src / f"s{i} #&.png")
+    (src / "broken.png").write_bytes(b"\x89PNG broken")
+    m = vitviz.load_model("shapes-vit")
+    result = build_gallery(src, m, tmp_path / "g", methods="rollout", workers=0, progress=False, explore=True)
+    done = [r for r in result.records if r["status"] == "done"]
+    assert len(done) == 2 and len(result.skipped) == 1
+    manifest = [json.loads(line) for line in (tmp_path / "g" / "manifest.jsonl").read_text().splitlines()]
+    pages = {r["key"]: r.get("explore") for r in manifest}
+    assert sorted(p for p in pages.values() if p) == ["explore/s0.html", "explore/s1.html"]
+    for key, rel in pages.items():
+        if rel:
+            page = (tmp_path / "g" / rel).read_text(encoding="utf-8")
+            assert f"<title>{html.escape(key)} · vitviz explorer</title>" in page
+    index = (tmp_path / "g" / "index.html").read_text(encoding="utf-8")
+    assert index.count('href="explore/s0.html"') == 1 and index.count('href="explore/s1.html"') == 1
+    # a resumed run keeps the pages
+    before = (tmp_path / "g" / "explore" / "s0.html").stat().st_mtime_ns
+    build_gallery(src, m, tmp_path / "g", methods="rollout", workers=0, progress=False, explore=True)
+    assert (tmp_path / "g" / "explore" / "s0.html").stat().st_mtime_ns == before
