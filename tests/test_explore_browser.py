@@ -223,3 +223,35 @@ def test_non_square_page_with_register_tokens(pages, browser):
     assert d.find_element(By.ID, "marker").get_attribute("hidden") is not None
     assert _outside_requests(d, path.resolve().as_uri()) == []
     assert _errors(d) == []
+
+
+def test_gallery_large_view_links_the_explorer_page(tmp_path, browser):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from vitviz.gallery import build_gallery
+    from vitviz.zoo.scenes import classification_scene
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(classification_scene(SEED).image).save(src / "a b#.png")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_gallery(src, vitviz.load_model("shapes-vit"), tmp_path / "g", methods="rollout", workers=0,
+                      progress=False, explore=True)
+    finally:
+        torch.set_num_threads(before)
+    d = browser
+    d.get((tmp_path / "g" / "index.html").resolve().as_uri())
+    wait = WebDriverWait(d, 20)
+    wait.until(lambda drv: drv.execute_script("return document.readyState") == "complete")
+    d.find_element(By.CSS_SELECTOR, "#grid .card").click()
+    link = d.find_element(By.CSS_SELECTOR, "#viewer-body .explore a")
+    wait.until(lambda drv: link.is_displayed())
+    target = (tmp_path / "g" / "explore" / "a_b.html").resolve().as_uri()
+    assert link.get_attribute("href") == target
+    _open(d, tmp_path / "g" / "explore" / "a_b.html")
+    assert d.find_element(By.ID, "title").text == "a b#.png"
+    assert _errors(d) == []
