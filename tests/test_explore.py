@@ -57,7 +57,7 @@ def decode(page: str):
         codes = np.frombuffer(blocks[name], np.uint8).reshape(-1, n - p).astype(np.float32)
         offset = np.frombuffer(blocks[name + "_o"], "<f4")
         scale = np.frombuffer(blocks[name + "_s"], "<f4")
-        prefix = np.frombuffer(blocks[name + "_p"], "<f4").reshape(-1, p)
+        prefix = np.frombuffer(blocks[name + "_p"], "<f4").reshape(len(scale), p)
         return np.concatenate([prefix, offset[:, None] + codes * scale[:, None]], axis=1), scale  # [R, N], [R]
 
     return meta, blocks, rows
@@ -289,3 +289,49 @@ def test_gallery_explore_writes_and_links_a_page_per_image(tmp_path):
     before = (tmp_path / "g" / "explore" / "s0.html").stat().st_mtime_ns
     build_gallery(src, m, tmp_path / "g", methods="rollout", workers=0, progress=False, explore=True)
     assert (tmp_path / "g" / "explore" / "s0.html").stat().st_mtime_ns == before
+
+
+def test_models_whose_attention_cannot_be_shown_get_the_capture_error():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, 8), torch.nn.Flatten(), torch.nn.Linear(64, 3)).eval()
+    with pytest.raises(vitviz.CaptureError, match="no self-attention over image tokens"):
+        vitviz.explore(vitviz.wrap(net, grid=(4, 4), num_prefix=0), torch.zeros(1, 3, 32, 32))
+    compiled = vitviz.wrap(torch.compile(tiny().module))
+    with pytest.raises(vitviz.CaptureError, match="torch.compile"):
+        vitviz.explore(compiled, torch.zeros(1, 3, 32, 32))
+
+
+def test_model_without_cls_token():
+    m = tiny(class_token=False, global_pool="avg")
+    e = vitviz.explore(m, picture())
+    d = e.data
+    assert d.num_prefix == 0 and d.prefix_names == []
+    x = m.preprocess(picture())
+    with torch.no_grad(), vitviz.capture(m) as rec:
+        m(x)
+    # rollout without CLS: the mean of the patch rows of R_L
+    np.testing.assert_allclose(d.rollout[-1].mean(0).reshape(4, 4), vitviz.rollout(rec.attentions)[0].numpy(),
+                               rtol=1e-5, atol=1e-7)
+    meta, blocks, rows = decode(e.html)
+    assert meta["prefix"] == 0 and blocks["mean_p"] == b""
+    np.testing.assert_allclose(rows("mean")[0], d.attention.mean(1).reshape(-1, 16), atol=1e-3)
+
+
+def test_transformers_classifier_with_labels():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=32, patch_size=8, num_labels=3,
+                                 id2label={0: "cat", 1: "dog <b>", 2: "fox"}, label2id={"cat": 0, "dog <b>": 1, "fox": 2})
+    module = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    e = vitviz.explore(vitviz.wrap(module), x)
+    d = e.data
+    assert d.grid == (4, 4) and d.prefix_names == ["CLS"]
+    assert sorted(c for c, _ in d.top5) == ["cat", "dog <b>", "fox"]
+    with torch.no_grad():
+        logits = module(pixel_values=x).logits[0]
+    assert d.top5[0][0] == cfg.id2label[int(logits.argmax())]
+    heat = vitviz.relevance(vitviz.wrap(module), x)[0]
+    np.testing.assert_allclose(d.relevance[0, 1:].reshape(4, 4), heat.numpy(), rtol=1e-4, atol=1e-6)
+    assert "dog <b>" not in e.html

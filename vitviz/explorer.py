@@ -69,23 +69,14 @@ def _classifier_logits(vm: VisionModel, output: Any) -> torch.Tensor | None:
     return t if t.shape[-1] >= 2 else None
 
 
-def _inputs(vm: VisionModel, image: Any) -> tuple[np.ndarray, torch.Tensor, str]:
-    """The view ``[H, W, 3]`` uint8, the input ``[1, 3, H, W]`` and a title for ``image``."""
+def _inputs(vm: VisionModel, image: Any) -> tuple[np.ndarray | None, torch.Tensor, str]:
+    """The view ``[H, W, 3]`` uint8 (None for a tensor: see :func:`_tensor_view`), the input
+    ``[1, 3, H, W]`` and a title for ``image``."""
     if isinstance(image, torch.Tensor):
         x = vm.preprocess(image)  # [B, 3, H, W]
         if x.shape[0] != 1:
             raise VitvizError(f"explore shows one image; got a batch of {x.shape[0]}: pass x[i:i + 1]")
-        pre = vm.preprocessor
-        v = x[0].detach().float().cpu()  # [3, H, W] once, for the picture
-        if pre is not None and getattr(pre, "mean", None) is not None:
-            mean = torch.tensor(pre.mean).view(3, 1, 1)
-            std = torch.tensor(pre.std).view(3, 1, 1)
-            v = v * std + mean
-        else:  # unknown normalisation: stretch each channel
-            lo, hi = v.amin(dim=(1, 2), keepdim=True), v.amax(dim=(1, 2), keepdim=True)
-            v = (v - lo) / (hi - lo).clamp_min(1e-12)
-        rgb = (v.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-        return rgb, x, "image"
+        return None, x, "image"
     pre = vm.preprocessor
     if pre is None:
         vm.preprocess(image)  # raises the model's clear error (no preprocessing configuration)
@@ -93,6 +84,19 @@ def _inputs(vm: VisionModel, image: Any) -> tuple[np.ndarray, torch.Tensor, str]
     x = pre.normalize(rgb).unsqueeze(0).to(device=vm.device, dtype=vm.dtype)  # [1, 3, H, W]
     title = Path(str(image)).name if isinstance(image, (str, Path)) else "image"
     return rgb, x, title
+
+
+def _tensor_view(vm: VisionModel, x: torch.Tensor) -> np.ndarray:
+    """``[H, W, 3]`` uint8 picture of a preprocessed ``[1, 3, H, W]`` input: the model's
+    normalisation undone, or each channel stretched to 0..255 when it is unknown."""
+    v = x[0].detach().float().cpu()  # [3, H, W], once, for the picture
+    pre = vm.preprocessor
+    if pre is not None and getattr(pre, "mean", None) is not None:
+        v = v * torch.tensor(pre.std).view(3, 1, 1) + torch.tensor(pre.mean).view(3, 1, 1)
+    else:
+        lo, hi = v.amin(dim=(1, 2), keepdim=True), v.amax(dim=(1, 2), keepdim=True)
+        v = (v - lo) / (hi - lo).clamp_min(1e-12)
+    return (v.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def _prefix_names(vm: VisionModel, num_prefix: int, has_cls: bool) -> list[str]:
@@ -140,14 +144,17 @@ def explore(model: Any, image: Any, *, target: Target = None, title: str | None 
     explained: int | None = None
     with torch.enable_grad(), capture(vm, grad=True) as rec:
         output = vm(x)
+        if rec.attentions is None:
+            raise CaptureError(f"{vm.name}: no self-attention over image tokens ran in its forward pass, "
+                               "so there is no attention to explore; pass a Vision Transformer")
         logits = _classifier_logits(vm, output)  # [1, C] or None
         if logits is not None:
             t = _targets(logits, target)  # [1]
             explained = int(t[0])
             backward_through_attention(logits[0, explained], x, rec, vm.name)
     attn = rec.attentions
-    if attn is None:
-        raise CaptureError(f"{vm.name}: no image self-attention was captured, so there is nothing to explore")
+    if rgb is None:
+        rgb = _tensor_view(vm, x)
     if logits is not None:
         grads = rec.attention_grads
     layout = attn.layout
