@@ -19,6 +19,7 @@ from test_gallery_browser import CHROMEDRIVER, CHROMIUM, _need_browser
 
 import vitviz
 from vitviz.models import Preprocess
+from vitviz.render.explore import render_explore
 
 SEED = 3_000_001  # a held-out scene (outside the training seeds) that shapes-vit names right
 
@@ -64,10 +65,18 @@ def pages(tmp_path_factory):
                                    embed_dim=32, depth=3, num_heads=2, num_classes=4, reg_tokens=2).eval()
         tiny = vitviz.wrap(module, preprocess=Preprocess(size=(32, 48), resize_mode="squash", crop_pct=1.0))
         wide = vitviz.explore(tiny, np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+        # the same page with the per-head rows of layer 1 left out
+        wide = vitviz.Explorer(wide.data, render_explore(wide.data, max_bytes=len(wide.html) - 1))
+        module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                   embed_dim=32, depth=2, num_heads=2, num_classes=0, class_token=False,
+                                   global_pool="avg").eval()
+        plain = vitviz.explore(vitviz.wrap(module, preprocess=Preprocess(size=32, resize_mode="squash")),
+                               np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     finally:
         torch.set_num_threads(before)
     return {"shapes": (shapes.save(root / "shapes.html"), scene, shapes),
-            "wide": (wide.save(root / "wide.html"), None, wide)}
+            "wide": (wide.save(root / "wide.html"), None, wide),
+            "plain": (plain.save(root / "plain.html"), None, plain)}
 
 
 def _open(d, path):
@@ -221,6 +230,27 @@ def test_non_square_page_with_register_tokens(pages, browser):
     d.find_element(By.ID, "tok-2").click()
     assert d.find_element(By.ID, "status").text.startswith("reg 2 ·")
     assert d.find_element(By.ID, "marker").get_attribute("hidden") is not None
+
+    # layer 1 has no per-head rows here: the page says so; a head chosen elsewhere falls back to the mean
+    assert "layer 1 were left out" in d.find_element(By.ID, "notes").text
+    from selenium.webdriver.support.ui import Select
+
+    Select(d.find_element(By.ID, "head")).select_by_value("1")
+    assert d.find_element(By.ID, "status").text == "reg 2 · layer 3 · head 2"
+    row = page.data.attention[-1][1][2, 3:].reshape(4, 6)
+    assert np.abs(_shown_map(d) - (row - row.min()) / (row.max() - row.min())).max() <= 2.5 / 255
+    _set_layer(d, 1)
+    assert d.find_element(By.ID, "status").text == "reg 2 · layer 1 · mean over 2 heads"
+    assert d.execute_script("return document.querySelector('#head option[value=\"1\"]').disabled")
+
+    # follow the mouse: hovering a patch selects it
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    d.find_element(By.ID, "hover").click()
+    stage = d.find_element(By.ID, "stage")
+    w, h = stage.size["width"], stage.size["height"]
+    ActionChains(d).move_to_element_with_offset(stage, int(-w / 2 + 0.5 * w / 6), int(-h / 2 + 0.5 * h / 4)).perform()
+    assert d.find_element(By.ID, "status").text.startswith("patch (row 1, col 1)")
     assert _outside_requests(d, path.resolve().as_uri()) == []
     assert _errors(d) == []
 
@@ -254,4 +284,19 @@ def test_gallery_large_view_links_the_explorer_page(tmp_path, browser):
     assert link.get_attribute("href") == target
     _open(d, tmp_path / "g" / "explore" / "a_b.html")
     assert d.find_element(By.ID, "title").text == "a b#.png"
+    assert _errors(d) == []
+
+
+def test_page_of_a_model_without_prefix_tokens_or_classifier(pages, browser):
+    from selenium.webdriver.common.by import By
+
+    path, _, page = pages["plain"]
+    d = browser
+    _open(d, path)
+    assert d.find_element(By.ID, "status").text.startswith("patch (row 3, col 3) · layer 2")  # the middle patch
+    assert d.find_element(By.ID, "share-text").text == "no prefix tokens"
+    assert not d.find_element(By.ID, "top5").is_displayed()
+    assert d.find_element(By.CSS_SELECTOR, "input[name=mode][value=relevance]").get_attribute("disabled")
+    row = page.data.attention[-1].mean(0)[2 * 4 + 2].reshape(4, 4)
+    assert np.abs(_shown_map(d) - (row - row.min()) / (row.max() - row.min())).max() <= 2.5 / 255
     assert _errors(d) == []
