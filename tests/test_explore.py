@@ -322,7 +322,8 @@ def test_transformers_classifier_with_labels():
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                  image_size=32, patch_size=8, num_labels=3,
-                                 id2label={0: "cat", 1: "dog <b>", 2: "fox"}, label2id={"cat": 0, "dog <b>": 1, "fox": 2})
+                                 id2label={0: "cat", 1: "dog <b>", 2: "fox"},
+                                 label2id={"cat": 0, "dog <b>": 1, "fox": 2})
     module = transformers.ViTForImageClassification(cfg).eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     e = vitviz.explore(vitviz.wrap(module), x)
