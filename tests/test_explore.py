@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import vitviz
-from vitviz.analyze import rollout_matrices, rollout_matrix
+from vitviz.analyze import relevance_matrix, rollout_matrices, rollout_matrix
 from vitviz.models import Preprocess
 from vitviz.render.explore import ExploreData, explore_payload, quantize_rows, render_explore
 
@@ -118,11 +118,34 @@ def test_explore_matches_capture_rollout_and_relevance():
     # relevance of the predicted class: its CLS row is vitviz.relevance (Chefer et al.)
     heat = vitviz.relevance(m, x)[0]
     np.testing.assert_allclose(d.relevance[0, p:].reshape(4, 4), heat.numpy(), rtol=1e-4, atol=1e-6)
+    # every row: R - I of the full relevance matrix (non-negative)
+    with torch.enable_grad(), vitviz.capture(m, grad=True) as rec:
+        xg = x.clone().requires_grad_(True)
+        out = m(xg)
+        out[0, out[0].argmax()].backward()
+    full = relevance_matrix(rec.attentions, rec.attention_grads)[0].detach().numpy()
+    np.testing.assert_allclose(d.relevance, full - np.eye(full.shape[0]), rtol=1e-4, atol=1e-6)
+    assert (d.relevance >= 0).all()
     assert d.relevance_class == f"class {int(logits.argmax())}"
     # top-5: the softmax of the logits, most probable first
     prob = logits[0].softmax(-1)
     assert [c for c, _ in d.top5] == [f"class {i}" for i in prob.argsort(descending=True)[:5].tolist()]
     np.testing.assert_allclose([v for _, v in d.top5], prob.sort(descending=True).values[:5].numpy(), rtol=1e-5)
+
+
+def test_rollout_matrices_every_layer_equals_rollout_matrix_batched():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(3, 2, 2, 7, 7, generator=g)  # [L, B, H, N, N]
+    attn = vitviz.AttentionMaps(a / a.sum(-1, keepdim=True), vitviz.TokenLayout(3, (2, 2)))
+    for fusion, ratio in (("mean", 0.0), ("max", 0.5), ("min", 0.3)):
+        r = rollout_matrices(attn, head_fusion=fusion, discard_ratio=ratio)  # [L, B, N, N]
+        for layer in range(3):
+            upto = vitviz.AttentionMaps(attn.tensor[: layer + 1], attn.layout)
+            torch.testing.assert_close(r[layer], rollout_matrix(upto, head_fusion=fusion, discard_ratio=ratio))
+            for b in range(2):  # one by one
+                one = vitviz.AttentionMaps(attn.tensor[: layer + 1, b: b + 1], attn.layout)
+                torch.testing.assert_close(r[layer, b: b + 1], rollout_matrix(one, head_fusion=fusion,
+                                                                               discard_ratio=ratio))
 
 
 def test_rollout_matrices_golden_two_layers():
@@ -146,7 +169,7 @@ def test_page_blocks_decode_to_the_data_within_the_quantisation_bound():
     assert meta["head_layers"] == list(range(num_layers)) and meta["dropped"] == []
     p = d.num_prefix
     for name, ref in (("mean", d.attention.mean(1)), ("max", d.attention.max(1)), ("heads", d.attention),
-                      ("rollout", d.rollout), ("relevance", np.clip(d.relevance, 0, None))):
+                      ("rollout", d.rollout), ("relevance", d.relevance)):
         got, scale = rows(name)
         ref = ref.reshape(-1, n)
         assert got.shape == ref.shape, name

@@ -160,7 +160,13 @@ def explore(model: Any, image: Any, *, target: Target = None, title: str | None 
     layout = attn.layout
     a = attn.tensor.detach()  # [L, 1, H, N, N]
     roll = rollout_matrices(attn)[:, 0]  # [L, N, N]
-    rel = relevance_matrix(attn, grads)[0] if grads is not None else None  # [N, N]
+    rel = None
+    if grads is not None:
+        # R = I + (non-negative terms): the identity is each token's own residual path. Without
+        # it a patch's row shows the tokens it draws on rather than mostly itself; the CLS row
+        # over the patches, vitviz.relevance's map, is unchanged.
+        rel = relevance_matrix(attn, grads)[0]  # [N, N]
+        rel.diagonal().sub_(1.0)
     top5: list[tuple[str, float]] = []
     rel_class = ""
     if logits is not None:
@@ -175,8 +181,9 @@ def explore(model: Any, image: Any, *, target: Target = None, title: str | None 
         rollout=roll.cpu().numpy(), relevance=None if rel is None else rel.cpu().numpy(),
         relevance_class=rel_class, top5=top5, title=title if title is not None else name,
         model_name=f"{vm.name} · input {rgb.shape[1]}×{rgb.shape[0]} px",
-        notes=[] if logits is not None else ["The model's output is not classifier logits: no prediction and "
-                                             "no class relevance."])
+        notes=["Relevance rows are Chefer et al.'s R minus the identity (each token's own residual path); "
+               "the CLS row is the map of vitviz.relevance."] if logits is not None else
+              ["The model's output is not classifier logits: no prediction and no class relevance."])
     return Explorer(data, render_explore(data, max_bytes=max_bytes))
 
 

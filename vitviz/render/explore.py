@@ -45,7 +45,8 @@ class ExploreData:
         grid: ``(gh, gw)`` patch rows and columns; ``N == num_prefix + gh * gw``.
         prefix_names: one display name per prefix token (e.g. ``["CLS", "dist"]``).
         rollout: ``[L, N, N]`` rollout products ``R_l = Â_l … Â_1`` (mean over heads), or None.
-        relevance: ``[N, N]`` Chefer et al. 2021 relevance ``R`` of the explained class, or None.
+        relevance: ``[N, N]`` non-negative rows of Chefer et al. 2021 relevance of the explained
+            class (row ``i``: what token ``i`` draws on), or None.
         relevance_class: the name of the explained class.
         top5: ``(class name, probability)`` pairs, most probable first (empty without a classifier).
         title: the page title (usually the image's file name); HTML-escaped on the page.
@@ -219,7 +220,7 @@ def explore_payload(data: ExploreData, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
         blocks.update(b)
         used += size
     if data.relevance is not None:
-        b, size = _block("relevance", quantize_rows(np.clip(data.relevance, 0, None), p))
+        b, size = _block("relevance", quantize_rows(data.relevance, p))
         blocks.update(b)
         used += size
     gh, gw = data.grid
