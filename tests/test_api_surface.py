@@ -59,3 +59,9 @@ def test_unknown_attribute():
 
 def test_metrics_submodule():
     assert callable(vitviz.metrics.pointing_game)
+
+
+def test_explore_stays_callable_after_importing_its_module():
+    import vitviz.explorer  # noqa: F401
+
+    assert inspect.isfunction(vitviz.explore) and inspect.isclass(vitviz.Explorer)

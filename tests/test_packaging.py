@@ -100,4 +100,5 @@ def test_wheel_has_the_zoo_weights_assets_and_command(wheel):
         (eps,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert re.search(r"^vitviz\s*=\s*vitviz\.cli:main$", z.read(eps).decode(), re.M)
         assert "vitviz/_extras.py" in names and "vitviz/analyze/flow.py" in names
+        assert z.read("vitviz/render/explore.html") == (ROOT / "vitviz/render/explore.html").read_bytes()
         assert not any(n.startswith(("tests/", "benchmarks/", "gallery/")) for n in names)

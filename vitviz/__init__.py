@@ -67,6 +67,9 @@ _EXPORTS = {
     "merge_gallery": "vitviz.gallery",
     # explain (model + capture + analyzer)
     "relevance": "vitviz.explain",
+    # explore (model + capture + analyzers + page)
+    "explore": "vitviz.explorer",
+    "Explorer": "vitviz.explorer",
     # render
     "overlay": "vitviz.render",
 }
@@ -98,6 +101,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .captioning import Caption, caption
     from .gallery import build_gallery, merge_gallery
     from .explain import relevance
+    from .explorer import Explorer, explore
     from .hooks import Recording, capture
     from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, MissingExtraError,
                          ModelNotFoundError, PreprocessError, VitvizError, WeightsNotFoundError)

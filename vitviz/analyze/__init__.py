@@ -9,9 +9,11 @@ from .stats import attention_entropy, mean_attention_distance, prefix_attention_
 from .cross import encoder_decoder_relevance, merge_pieces, word_grids
 from .relevance import (RelevanceStream, chefer_relevance, grad_rollout, grad_rollout_matrix,
                         relevance_map, relevance_matrix)
-from .rollout import RolloutStream, discard_smallest, fuse_heads, rollout, rollout_matrix, token_map
+from .rollout import (RolloutStream, discard_smallest, fuse_heads, rollout, rollout_matrices, rollout_matrix,
+                      token_map)
 
-__all__ = ["rollout", "rollout_matrix", "RolloutStream", "cls_maps", "fuse_heads", "discard_smallest",
+__all__ = ["rollout", "rollout_matrix", "rollout_matrices", "RolloutStream", "cls_maps", "fuse_heads",
+           "discard_smallest",
            "token_map", "chefer_relevance", "grad_rollout", "grad_rollout_matrix", "relevance_map",
            "relevance_matrix", "RelevanceStream", "word_grids", "merge_pieces", "encoder_decoder_relevance", "all_layer_maps",
            "attention_flow", "flow_values", "layered_max_flow", "mass_masks", "pos_similarity_matrix",

@@ -115,6 +115,37 @@ def rollout_matrix(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ra
     return r
 
 
+def rollout_matrices(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+    """The rollout product up to every layer: ``R_l = Â_l … Â_1`` for ``l = 1 … L``.
+
+    Row ``i`` of ``R_l`` is where token ``i``'s representation after layer ``l`` comes from
+    (Abnar & Zuidema 2020, the same layer matrices as :func:`rollout_matrix`); the last one is
+    :func:`rollout_matrix`. One ``N x N`` product per layer, as the forward running product.
+
+    Args:
+        attn: :class:`AttentionMaps` ``[L, B, H, N, N]``.
+        head_fusion, discard_ratio: as :func:`rollout`.
+
+    Returns:
+        ``[L, B, N, N]`` float32.
+
+    Shape:
+        attn.tensor: ``[L, B, H, N, N]`` -> ``[L, B, N, N]``
+
+    Example:
+        >>> rollout_matrices(rec.attentions)[5, 0, 0]  # the CLS row of the rollout up to layer 6
+    """
+    check_options(head_fusion, discard_ratio)
+    t = attn.tensor  # [L, B, H, N, N]
+    keep_first = bool(attn.layout.has_cls)
+    out = torch.empty((t.shape[0], t.shape[1], t.shape[-2], t.shape[-1]), dtype=torch.float32,
+                      device=t.device)  # [L, B, N, N]
+    for layer in range(t.shape[0]):
+        a = _layer_matrix(t[layer], head_fusion, discard_ratio, keep_first)  # [B, N, N]
+        out[layer] = a if layer == 0 else a @ out[layer - 1]  # R_l = Â_l R_{l-1}
+    return out
+
+
 def token_map(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Read a patch map out of square token-to-token matrices.
 

@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
                    help="do shard K of N (1 <= K <= N), deterministic by file path")
     g.add_argument("--merge", metavar="DIR", help="combine the shards of DIR into one index and exit")
     g.add_argument("--page-size", type=int, default=100, metavar="N", help="images per HTML page")
+    g.add_argument("--explore", action="store_true",
+                   help="also write each image's explorer page (explore/<name>.html, as `vitviz explore`), "
+                        "linked from its large view")
     g.add_argument("--list-methods", action="store_true", help="list the gallery methods and exit")
     g.add_argument("--seed", type=int, default=0,
                    help="seed for --random weights, so shards and resumed runs build the same model")
@@ -143,6 +146,7 @@ def run(args) -> int:
                                shard=shard, page_size=args.page_size, cmap=args.cmap, alpha=args.alpha,
                                norm=args.norm,
                                model_id=f"{args.model} ({weights})", progress=not args.no_progress,
+                               explore=args.explore,
                                on_record=lambda r: _report_record(
                                    r, lambda s: tqdm.write(s, file=sys.stderr)))
     except KeyboardInterrupt:

@@ -368,6 +368,7 @@ def build_gallery(
     render_threads: int = 2,
     threads: Optional[int] = None,
     on_record: Optional[Callable[[dict], None]] = None,
+    explore: bool = False,
 ) -> GalleryResult:
     """Maps for every image of a folder, list file or glob, and a static page to browse them.
 
@@ -408,6 +409,8 @@ def build_gallery(
             less than leaving cores to them: on 2 cores with 1 worker, ViT-B/16 ran the
             gallery at 0.51x plain inference with 1 torch thread and 0.87x with 2.
         on_record: called with each new manifest record (in the main thread).
+        explore: also write each image's explorer page (:func:`vitviz.explore`) as
+            ``explore/<name>.html``, linked from the large view.
 
     Returns:
         :class:`GalleryResult`; ``.exit_code`` is 1 when anything was skipped or failed.
@@ -532,6 +535,12 @@ def build_gallery(
     bar.close()
     journal.close()
     records = [kept.get(s.key) or new[s.key] for s, _ in pairs if s.key in kept or s.key in new]
+    if explore:
+        from ._explore import add_explorer_pages
+
+        add_explorer_pages(vm, out_dir, records, progress=progress)
+        if shard is not None:  # unsharded runs rewrite the manifest in _finish
+            mf.write_manifest(journal_path, records)
     result = GalleryResult(out_dir, records, processed=len(new), shard=shard)
     if shard is None:
         result.index = _finish(out_dir, pairs, kept, new, config, page_size, journal_path,

@@ -156,6 +156,9 @@ def _detail(rec: dict, tabs: Sequence[str]) -> str:
             f'<tr><td>{esc(t.get("label") if t.get("label") is not None else "class " + str(t.get("index")))}'
             f'</td><td>{100 * float(t.get("prob", 0)):.1f}%</td></tr>' for t in top5)
         parts.append(f'<table class="top5"><tr><th>top-5</th><th>p</th></tr>{rows}</table>')
+    if rec.get("explore"):
+        parts.append(f'<p class="explore"><a href="{url(rec["explore"])}" target="_blank" rel="noopener">'
+                     'explore: every layer and head, click a patch</a></p>')
     if rec.get("status") == "done":
         parts.append('<div class="views">')
         if rec.get("image"):
