@@ -17,7 +17,12 @@ import vitviz
 from vitviz.errors import CaptureError, LayoutError, VitvizError
 from vitviz.hooks._windows import WindowScheme, stitch
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # forward passes only in this file
+        yield
 
 
 # -- window stitching ------------------------------------------------------------------------
@@ -255,17 +260,54 @@ def test_cait_class_attention_is_read_as_pool():
     torch.testing.assert_close(pool.tensor.sum(-1), torch.ones(2, 2, 4, 1))
 
 
-def test_transformers_masked_and_detection_tokens_are_refused():
-    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def test_mae_visible_patches_placed_on_the_full_grid():
+    torch.manual_seed(0)
     mae = transformers.ViTMAEModel(transformers.ViTMAEConfig(image_size=32, patch_size=8, mask_ratio=0.5,
-                                                             **small)).eval()
+                                                             **SMALL)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
+    mae.set_attn_implementation("eager")
+    eager = mae(x, noise=noise, output_attentions=True)
+    mae.set_attn_implementation("sdpa")
+    with vitviz.capture(mae) as rec:
+        mae(x, noise=noise)
+    a = rec.attentions
+    assert a.layout == vitviz.TokenLayout(1, (4, 4)) and tuple(a.tensor.shape) == (2, 2, 2, 17, 17)
+    # by hand: sequence token i > 0 is patch ids_keep[i - 1], ids_keep = argsort(ids_restore)[:, :8]
+    keep = eager.ids_restore.argsort(1)[:, :8]
+    masked = eager.mask.bool()  # [B, 16], True = masked
+    for b in range(2):
+        tokens = [0] + [1 + int(i) for i in keep[b]]
+        for layer in range(2):
+            torch.testing.assert_close(a.tensor[layer, b][:, tokens][:, :, tokens], eager.attentions[layer][b],
+                                       rtol=1e-5, atol=1e-6)
+        gone = [1 + i for i in range(16) if masked[b, i]]
+        assert a.tensor[:, b][..., gone, :].abs().sum() == 0 and a.tensor[:, b][..., gone].abs().sum() == 0
+    maps = vitviz.rollout(a)  # masked patches blank
+    assert (maps.flatten(1)[masked] == 0).all() and (maps.flatten(1)[~masked] > 0).all()
+
+
+def test_yolos_detection_tokens_after_the_patches():
+    torch.manual_seed(0)
     yolos = transformers.YolosModel(transformers.YolosConfig(image_size=[32, 32], patch_size=8,
-                                                             num_detection_tokens=5, **small)).eval()
-    for model in (mae, yolos):
-        with vitviz.capture(model) as rec:
-            model(torch.randn(1, 3, 32, 32))
-        with pytest.raises(CaptureError, match="could not be placed"):
-            rec.attentions
+                                                             num_detection_tokens=5, **SMALL)).eval()
+    x = torch.randn(1, 3, 32, 48)  # non-square: a 4x6 grid
+    yolos.set_attn_implementation("eager")
+    eager = yolos(x, output_attentions=True).attentions
+    yolos.set_attn_implementation("sdpa")
+    with vitviz.capture(yolos) as rec:
+        yolos(x)
+    a = rec.attentions
+    assert a.layout == vitviz.TokenLayout(1, (4, 6), num_suffix=5) and a.layout.num_tokens == 30
+    torch.testing.assert_close(a.tensor, torch.stack(eager), rtol=1e-5, atol=1e-6)
+    # a query map per detection token: its row over the patches (prefix and suffix keys dropped)
+    det = a.layout.patches.stop + 2
+    m = vitviz.query_maps(a, det)
+    torch.testing.assert_close(m[0, :, 1, 2], a.tensor[-1, 0, :, det, 1 + 1 * 6 + 2])
+    assert vitviz.rollout(a).shape == (1, 4, 6)
 
 
 SWEEP = [

@@ -32,6 +32,7 @@ class TokenLayout:
             default grid; ``TokenLayout()`` without one still gives 14x14 with a
             ``DeprecationWarning``, and will be refused in a later version).
         has_cls: whether token 0 is a CLS token (default: ``num_prefix > 0``).
+        num_suffix: tokens after the patches (YOLOS' detection tokens); default 0.
 
     Example:
         >>> TokenLayout(num_prefix=2, grid=(14, 14)).num_tokens  # DeiT distilled
@@ -41,6 +42,7 @@ class TokenLayout:
     num_prefix: int = 1
     grid: tuple[int, int] = None  # type: ignore[assignment]  # required; None only for the deprecation path
     has_cls: Optional[bool] = field(default=None)
+    num_suffix: int = 0
 
     def __post_init__(self) -> None:
         if self.grid is None:
@@ -54,10 +56,17 @@ class TokenLayout:
             raise LayoutError(f"num_prefix must be >= 0, got {self.num_prefix}")
         object.__setattr__(self, "grid", grid)
         object.__setattr__(self, "num_prefix", int(self.num_prefix))
+        if int(self.num_suffix) < 0:
+            raise LayoutError(f"num_suffix must be >= 0, got {self.num_suffix}")
+        object.__setattr__(self, "num_suffix", int(self.num_suffix))
         if self.has_cls is None:
             object.__setattr__(self, "has_cls", self.num_prefix > 0)
         elif self.has_cls and self.num_prefix == 0:
             raise LayoutError("has_cls=True needs num_prefix >= 1 (the CLS token is a prefix token)")
+
+    def __repr__(self) -> str:
+        suffix = f", num_suffix={self.num_suffix}" if self.num_suffix else ""
+        return f"TokenLayout(num_prefix={self.num_prefix}, grid={self.grid}, has_cls={self.has_cls}{suffix})"
 
     @property
     def num_patches(self) -> int:
@@ -65,14 +74,20 @@ class TokenLayout:
 
     @property
     def num_tokens(self) -> int:
-        return self.num_prefix + self.num_patches
+        return self.num_prefix + self.num_patches + self.num_suffix
+
+    @property
+    def patches(self) -> slice:
+        """Where the patch tokens are in the sequence: ``x[..., layout.patches]``."""
+        return slice(self.num_prefix, self.num_prefix + self.num_patches)
 
     def check_tokens(self, n: int, what: str = "attention") -> None:
         """Raise :class:`LayoutError` unless a sequence of ``n`` tokens fits this layout."""
         if n != self.num_tokens:
             raise LayoutError(
                 f"{what} has {n} tokens but the layout {self} needs "
-                f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches = {self.num_tokens}; "
+                f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches"
+                + (f" + {self.num_suffix} suffix" if self.num_suffix else "") + f" = {self.num_tokens}; "
                 "pass the right grid= / num_prefix= to vitviz.wrap or TokenLayout"
             )
 

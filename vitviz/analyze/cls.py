@@ -41,5 +41,5 @@ def all_layer_maps(attn: AttentionMaps, *, query: Query = "auto") -> torch.Tenso
     a = attn.tensor.float()  # [L, B, H, Nq, Nk]
     w = query_weights(attn.layout, query, dtype=a.dtype, device=a.device)  # [Nq]
     keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
-    rows = torch.einsum("q,lbhqk->lbhk", w, a)[..., keys.num_prefix:]  # [L, B, H, P]
+    rows = torch.einsum("q,lbhqk->lbhk", w, a)[..., keys.patches]  # [L, B, H, P]
     return rows.reshape(*rows.shape[:3], *keys.grid)  # [L, B, H, gh, gw]

@@ -165,7 +165,7 @@ def attention_flow(attn: AttentionMaps, *, query: Query = "auto", head_fusion: s
     if normalize:
         values = values / values.sum(dim=-1, keepdim=True).clamp_min(_TINY)
     layout = attn.layout
-    patches = values[:, layout.num_prefix:].float()  # [B, P]
+    patches = values[:, layout.patches].float()  # [B, P]
     return patches.reshape(patches.shape[0], *layout.grid)  # [B, gh, gw]
 
 

@@ -103,7 +103,7 @@ def query_weights(layout: TokenLayout, query: Query = "auto", *, dtype: torch.dt
         else:
             w[0] = w[1] = 0.5
     elif query == "patches":
-        w[p:] = 1.0 / layout.num_patches
+        w[layout.patches] = 1.0 / layout.num_patches
     elif query == "prefix":
         if p == 0:
             raise LayoutError(f"{layout} has no prefix tokens; use query='patches'")
@@ -143,7 +143,7 @@ def query_maps(attn: AttentionMaps, query: Query = "auto", *, layer: int = -1,
     w = query_weights(attn.layout, query, dtype=a.dtype, device=a.device)  # [Nq]
     rows = torch.einsum("q,bhqk->bhk", w, a)  # [B, H, Nk]
     keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
-    maps = rows[..., keys.num_prefix:].reshape(*rows.shape[:2], *keys.grid)  # [B, H, gh, gw]
+    maps = rows[..., keys.patches].reshape(*rows.shape[:2], *keys.grid)  # [B, H, gh, gw]
     if head_fusion is not None:
         maps = _fuse(maps, head_fusion)  # [B, gh, gw]
     return maps

@@ -268,11 +268,10 @@ class RelevanceStream:
         b, n = first.shape[0], first.shape[-1]
         if n != layout.num_tokens:
             raise LayoutError(f"{n} tokens do not fit the layout {layout}")
-        p = layout.num_prefix
         # the CLS row, or the mean of the patch rows: token_map's rows as query weights
         row = query_weights(layout, "auto", device=first.device).expand(b, 1, n)  # [B, 1, N]
         # a layer with no gradient has factor 0 (Chefer: R += 0) or the identity (rollout)
         for layer in sorted(self.factors, reverse=True):
             f = self.factors[layer]
             row = torch.baddbmm(row, row, f) if self.method == "chefer" else torch.bmm(row, f)
-        return row[:, 0, p:].reshape(b, *layout.grid)
+        return row[:, 0, layout.patches].reshape(b, *layout.grid)

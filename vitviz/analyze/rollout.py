@@ -159,9 +159,9 @@ def token_map(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     if rows.shape[-1] != layout.num_tokens:
         raise LayoutError(f"{rows.shape[-1]} tokens do not fit the layout {layout}")
     if layout.has_cls:
-        vec = rows[..., 0, p:]  # [..., P]
+        vec = rows[..., 0, layout.patches]  # [..., P]
     else:
-        vec = rows[..., p:, p:].mean(dim=-2)  # [..., P]
+        vec = rows[..., layout.patches, layout.patches].mean(dim=-2)  # [..., P]
     return vec.reshape(*vec.shape[:-1], *layout.grid)
 
 
@@ -218,7 +218,7 @@ def _row_chain(matrices, layout: TokenLayout) -> torch.Tensor:
         row = torch.bmm(row, a)  # [B, 1, N]
     if row is None:
         raise ValueError("no layer to roll out")
-    return row[:, 0, layout.num_prefix:].reshape(row.shape[0], *layout.grid)
+    return row[:, 0, layout.patches].reshape(row.shape[0], *layout.grid)
 
 
 class RolloutStream:

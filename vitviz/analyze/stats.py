@@ -31,7 +31,7 @@ def _query_slice(layout: TokenLayout, queries: str) -> slice:
     if queries == "all":
         return slice(0, n)
     if queries == "patches":
-        return slice(p, n)
+        return layout.patches
     if queries in ("prefix", "cls"):
         if p == 0 or (queries == "cls" and not layout.has_cls):
             raise LayoutError(f"{layout} has no {'CLS' if queries == 'cls' else 'prefix'} token")
@@ -105,7 +105,7 @@ def mean_attention_distance(attn: AttentionMaps, *, patch_size: Optional[Union[i
     attn.require_square("mean attention distance")
     layout = attn.layout
     p = layout.num_prefix
-    a = attn.tensor[..., p:, p:].double()  # [L, B, H, P, P]
+    a = attn.tensor[..., layout.patches, layout.patches].double()  # [L, B, H, P, P]
     if renormalize:
         a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)
     d = patch_distances(layout.grid, patch_size, device=a.device, dtype=a.dtype)  # [P, P]

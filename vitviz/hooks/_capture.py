@@ -46,8 +46,8 @@ from ..models import VisionModel, wrap
 from ..types import AttentionMaps, CrossAttentionMaps, TokenLayout
 from ._ops import AttentionOps
 from ._registry import AUTO, CROSS, IMAGE, INNER, POOL, TEXT, Site, discover
-from ._transformers import window_blocks
-from ._windows import stitch
+from ._transformers import masking_embeddings, visible_patches, window_blocks
+from ._windows import scatter_visible, stitch
 
 # implementations whose attention runs in kernels that the op level cannot see
 _VISIBLE_HF_IMPLEMENTATIONS = (None, "eager", "sdpa")
@@ -81,6 +81,8 @@ class Pass:
         default_factory=dict)
     # image layers that could not be placed on the image grid: (layer, why)
     unplaced: list[tuple[int, str]] = field(default_factory=list)
+    # [B, V] grid indices of the patches a masked-image-modelling encoder sees (ViT-MAE), or None
+    visible: Optional[torch.Tensor] = None
 
     def of(self, role: str) -> list[torch.Tensor]:
         return [t for r, _, t, _ in self.records if r == role]
@@ -212,8 +214,9 @@ class _Recorder:
     def needs(self, role: str, site: Optional[Site] = None) -> bool:
         """Whether the next layer of ``role`` (run by ``site``) needs its probabilities in the
         forward pass (else the fused kernel runs)."""
-        if site is not None and site.windows is not None and (self.grad_streams or self.forward_streams):
-            return True  # window attention is stitched from the probabilities
+        if (self.grad_streams or self.forward_streams) and (
+                (site is not None and site.windows is not None) or self.current().visible is not None):
+            return True  # placed on the grid from the probabilities (windows, visible patches)
         if role == POOL:
             return self.keep == "all"
         if role == IMAGE and self.forward_streams:
@@ -315,16 +318,16 @@ class _Recorder:
                 attn = attn.view(attn.shape[0] // heads, heads, *attn.shape[1:])
             else:
                 attn = attn.unsqueeze(1)  # [B, 1, Q, K]
-        placed, scheme = attn, None
+        placed, placer = attn, None
         if role in (IMAGE, POOL):
             try:
-                scheme, layouts = self.place(p, site, role, tuple(attn.shape))
+                placer, layouts = self.place(p, site, role, tuple(attn.shape))
             except LayoutError as e:  # counted, so that the other layers keep their indices
                 _, index = self.next_layer(role)
                 p.unplaced.append((index, str(e)))
                 return
-            if scheme is not None:
-                placed = stitch(attn, scheme)  # [B, H, N, N] on the stage's grid
+            if placer is not None:
+                placed = placer(attn)  # [B, H, N, N] on the image's token grid
         p, index = self.next_layer(role, placed.shape[-1])
         if role in (IMAGE, POOL):
             p.layouts[(role, index)] = layouts
@@ -338,18 +341,18 @@ class _Recorder:
             p.records.append((role, site, placed.detach().float(), index))
         streamed = role == IMAGE and bool(self.grad_streams)
         if self.grad and role != POOL and (kept or streamed):
-            self.hook_grad(p, (role, index), graph, placed, store=kept,
-                           place=None if scheme is None else (lambda g: stitch(g, scheme)), shape=attn.shape)
+            self.hook_grad(p, (role, index), graph, placed, store=kept, place=placer, shape=attn.shape)
         # not kept: freed as soon as the model (and the backward pass) is done with it
 
     def place(self, p: Pass, site: Site, role: str, shape: tuple):
         """Where an image (or pool) layer's ``[B', H, Q, K]`` attention lies on the image.
 
         Returns:
-            ``(scheme, (query layout, key layout))``: for window attention, its
-            :class:`WindowScheme` (the layer is stitched into ``[B, H, N, N]`` over the stage's
-            grid), else None; the key layout is None when keys are the queries; a pool layer's
-            query layout is None (its queries are a class token or latents).
+            ``(placer, (query layout, key layout))``: ``placer(attn)`` puts the layer on the
+            image's token grid (window attention stitched into ``[B, H, N, N]`` over its
+            stage's grid; a masked encoder's visible patches scattered onto the full grid), or
+            None when it is already there; the key layout is None when keys are the queries; a
+            pool layer's query layout is None (its queries are a class token or latents).
 
         Raises:
             LayoutError: the layer's tokens cannot be placed on the image (windows or groups of
@@ -359,7 +362,12 @@ class _Recorder:
         windows = site.windows
         scheme = windows.scheme() if windows is not None else None
         if scheme is not None and (p.batch is None or batch == p.batch * scheme.num_windows):
-            return scheme, (TokenLayout(0, scheme.grid), None)
+            return (lambda a: stitch(a, scheme)), (TokenLayout(0, scheme.grid), None)
+        if p.visible is not None and queries == keys:
+            full = self.model.layout_at(p.input_hw)
+            visible = p.visible
+            if keys == full.num_prefix + visible.shape[1] and batch == visible.shape[0]:
+                return (lambda a: scatter_visible(a, visible, full.num_prefix, full.num_patches)), (full, None)
         if p.batch is not None and batch != p.batch:
             raise LayoutError(
                 f"{site.name} ({type(site.module).__name__}) attends within {batch // max(p.batch, 1)} "
@@ -842,6 +850,12 @@ def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, 
         stack.callback(recorder.close)  # last undo: tensor hooks of this forward removed
         handle = root.register_forward_pre_hook(on_root, with_kwargs=True)
         stack.callback(handle.remove)
+        for module in masking_embeddings(root):  # ViT-MAE: which patches the encoder sees
+            def seen(_module, _args, output):
+                if threading.get_ident() == thread:
+                    recorder.current().visible = visible_patches(output)
+
+            stack.callback(module.register_forward_hook(seen).remove)
         schemes = {id(w): w for w in [s.windows for s in setup.sites] + list(setup.windows.values()) if w}
         for windows in schemes.values():  # window attention: the grid each windowed block cuts
             def read(_module, args, kwargs, windows=windows):

@@ -198,6 +198,24 @@ class TransformersAdapter(Adapter):
         return kept
 
 
+def masking_embeddings(root: nn.Module) -> list[nn.Module]:
+    """The embeddings of masked-image-modelling encoders (ViT-MAE) that return
+    ``(embeddings, mask, ids_restore)``: which patches the encoder sees."""
+    if _transformers() is None:
+        return []
+    return [m for m in root.modules() if type(m).__module__.startswith("transformers.")
+            and type(m).__name__.endswith("MAEEmbeddings") and hasattr(m, "random_masking")]
+
+
+def visible_patches(output: Any) -> Any:
+    """``[B, V]`` grid indices of the patches kept by ViT-MAE's random masking, in sequence order
+    (``ids_keep = argsort(ids_restore)[:, :V]``, V the unmasked count), from the embeddings'
+    ``(embeddings, mask, ids_restore)`` output."""
+    _, mask, ids_restore = output[:3]
+    kept = int((mask[0] == 0).sum())
+    return ids_restore.argsort(dim=1)[:, :kept]
+
+
 def window_blocks(root: nn.Module) -> dict[int, Windows]:
     """``id(module) -> Windows`` for every module inside a transformers Swin-style layer (the
     innermost one), e.g. SwinLayer, Swinv2Layer, DonutSwinLayer."""

@@ -94,3 +94,27 @@ def stitch(windows: torch.Tensor, scheme: WindowScheme) -> torch.Tensor:
     out = windows.new_zeros(b, heads, n * n)
     out[..., flat] = src  # every (query, key) pair of a window appears once
     return out.view(b, heads, n, n)
+
+
+def scatter_visible(attn: torch.Tensor, visible: torch.Tensor, num_prefix: int, num_patches: int) -> torch.Tensor:
+    """Put attention over a subset of the patches (masked image modelling: ViT-MAE's encoder sees
+    the prefix tokens and the visible patches) on the full token sequence.
+
+    Args:
+        attn: ``[B, H, n, n]`` over ``num_prefix`` prefix tokens and then ``visible.shape[1]``
+            patches.
+        visible: ``[B, V]`` long: the grid index (row-major) of each visible patch, in sequence
+            order.
+
+    Returns:
+        ``[B, H, N, N]`` with ``N = num_prefix + num_patches``: rows and columns of masked
+        patches are zero (their maps are blank).
+    """
+    b, heads, n, _ = attn.shape
+    full = num_prefix + num_patches
+    prefix = torch.arange(num_prefix, device=visible.device).expand(b, num_prefix)
+    index = torch.cat([prefix, visible.to(torch.long) + num_prefix], dim=1)  # [B, n]
+    flat = (index[:, :, None] * full + index[:, None, :]).reshape(b, 1, n * n).expand(b, heads, n * n)
+    out = attn.new_zeros(b, heads, full * full)
+    out.scatter_(2, flat, attn.reshape(b, heads, n * n))
+    return out.view(b, heads, full, full)

@@ -60,10 +60,12 @@ class VisionModel:
         tokenizer: Any = None,
         name: Optional[str] = None,
         grid_fixed: bool = False,
+        num_suffix: int = 0,
     ):
         self.module = module.eval()
         self.patch_size = _pair(patch_size) if patch_size is not None else None
         self.num_prefix = num_prefix
+        self.num_suffix = int(num_suffix)  # tokens after the patches (YOLOS detection tokens)
         self.has_cls = has_cls
         self.pad_to_patch = pad_to_patch
         self._preprocessor = preprocessor
@@ -154,7 +156,16 @@ class VisionModel:
             raise LayoutError(
                 f"{self.name}: the number of prefix tokens is not known before a capture (it is "
                 "read off the captured attention); pass num_prefix= to vitviz.wrap")
-        return TokenLayout(self.num_prefix, grid, has_cls=self.has_cls if self.num_prefix else None)
+        return TokenLayout(self.num_prefix, grid, has_cls=self.has_cls if self.num_prefix else None,
+                           num_suffix=self.num_suffix)
+
+    def layout_at(self, input_hw: Optional[tuple[int, int]]) -> TokenLayout:
+        """The layout of every patch of an input of ``input_hw`` (the default size when None)."""
+        layout = self.layout
+        if input_hw is None or self._grid_fixed or self.patch_size is None:
+            return layout
+        return TokenLayout(layout.num_prefix, self._grid_from_hw(input_hw), has_cls=layout.has_cls,
+                           num_suffix=self.num_suffix)
 
     def _grid_from_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         ph, pw = self.patch_size
@@ -181,13 +192,14 @@ class VisionModel:
             )
         num_prefix = self.num_prefix
         if num_prefix is None:
-            num_prefix = num_tokens - grid[0] * grid[1]
+            num_prefix = num_tokens - grid[0] * grid[1] - self.num_suffix
             if not 0 <= num_prefix <= _MAX_PREFIX:
                 raise LayoutError(
                     f"{self.name}: {num_tokens} tokens do not hold a {grid[0]}x{grid[1]} patch grid after "
                     f"0-{_MAX_PREFIX} prefix tokens; pass grid=(rows, cols) (and num_prefix=) to vitviz.wrap"
                 )
-        layout = TokenLayout(num_prefix, grid, has_cls=self.has_cls if num_prefix else None)
+        layout = TokenLayout(num_prefix, grid, has_cls=self.has_cls if num_prefix else None,
+                             num_suffix=self.num_suffix)
         layout.check_tokens(num_tokens)
         return layout
 
@@ -313,6 +325,9 @@ def _describe_hf(module: nn.Module) -> dict:
     if prefix is not None:
         info["num_prefix"] = prefix
     info["has_cls"] = True  # all these models put CLS first
+    suffix = getattr(cfg, "num_detection_tokens", None)  # YOLOS: detection tokens after the patches
+    if isinstance(suffix, int) and suffix > 0:
+        info["num_suffix"] = suffix
     return info
 
 
@@ -396,6 +411,7 @@ def wrap(
         num_prefix=info.get("num_prefix"),
         has_cls=info.get("has_cls"),
         pad_to_patch=info.get("pad_to_patch", False),
+        num_suffix=info.get("num_suffix", 0),
         preprocessor=preprocess,
         preprocessor_factory=None if preprocess is not None else (lambda: _default_preprocess(module, info)),
         labels=labels,
