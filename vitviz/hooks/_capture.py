@@ -395,10 +395,13 @@ class _Recorder:
         first = next((v for (r, i), v in sorted(p.layouts.items()) if r == IMAGE and i < index), None)
         if key is not None or (first is not None and first != layouts):
             raise CaptureError(
-                f"{self.model.name} changes its tokens between attention layers (layer {index}: queries "
+                f"{self.model.name} does not attend over one set of tokens in every layer (layer {index}: queries "
                 f"{query.grid[0]}x{query.grid[1]}" + (f", keys {key.grid[0]}x{key.grid[1]}" if key else "")
-                + "): streaming analyses (rollout, relevance) chain the layers over one set of tokens; "
-                "capture with keep='all' and analyse each stage of rec.stages")
+                + (f", after {first[0].grid[0]}x{first[0].grid[1]} before" if first is not None else "")
+                + "): rollout and relevance chain the "
+                "layers over one set of tokens, so they exist only within a stage; per-layer maps on each "
+                "stage's grid: `vitviz cls`, or in Python vitviz.rollout(stage) / vitviz.cls_maps(stage) for "
+                "each stage of rec.stages (vitviz.capture(m) keeps every layer)")
         return query
 
     def hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn, store: bool,
