@@ -198,6 +198,27 @@ def test_timm_sam_windowed_and_global_layers():
 
 # -- transformers: eager output_attentions ---------------------------------------------------
 
+def test_attention_pool_head_is_read_as_pool():
+    model = timm_model("vit_base_patch16_siglip_224", img_size=32, depth=1, embed_dim=32, num_heads=2)
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    hook = model.attn_pool.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with vitviz.capture(model) as rec:
+        model(x)
+    hook.remove()
+    pool = rec.pool  # the latent query of the MAP head over the 2x2 patches (no CLS)
+    assert tuple(pool.tensor.shape) == (1, 2, 2, 1, 4) and pool.layout == vitviz.TokenLayout(0, (2, 2))
+    # by hand from the head's weights: softmax(q kᵀ / sqrt(d)) of the latent over the tokens
+    ap, tokens = model.attn_pool, seen[0]
+    b, n, c = tokens.shape
+    heads, d = ap.num_heads, c // ap.num_heads
+    q = ap.q_norm(ap.q(ap.latent.expand(b, -1, -1)).reshape(b, -1, heads, d).transpose(1, 2))
+    k = ap.k_norm(ap.kv(tokens).reshape(b, n, 2, heads, d).permute(2, 0, 3, 1, 4)[0])
+    expect = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1)
+    torch.testing.assert_close(pool.tensor[0], expect, rtol=1e-5, atol=1e-6)
+    assert rec.attentions.num_layers == 1  # the block's self-attention stays the image attention
+
+
 def test_transformers_swin_windows_equal_eager_attentions():
     torch.manual_seed(0)
     cfg = transformers.SwinConfig(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],

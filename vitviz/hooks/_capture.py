@@ -601,8 +601,9 @@ class Recording:
         keys = {p.layouts[(POOL, i)][1] for i, _ in layers}
         shapes = {tuple(t.shape) for _, t in layers}
         if len(keys) != 1 or len(shapes) != 1:
-            raise CaptureError(f"{self.model.name}: the pooling layers attend over different tokens "
-                               f"{sorted(shapes)}; capture one model call per block")
+            raise CaptureError(f"{self.model.name}: its pooling layers attend over {len(keys) or len(shapes)} "
+                               f"different token sets {sorted(shapes)} (e.g. CrossViT's two branches); rec.pool "
+                               "holds one: read rec.passes[-1].records")
         return CrossAttentionMaps(torch.stack([t for _, t in layers]), keys.pop())
 
     @property
