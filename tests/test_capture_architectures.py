@@ -219,6 +219,32 @@ def test_attention_pool_head_is_read_as_pool():
     assert rec.attentions.num_layers == 1  # the block's self-attention stays the image attention
 
 
+def test_timm_maxvit_block_and_grid_attention_on_the_grid():
+    from timm.models.maxxvit import grid_partition, window_partition
+
+    model = timm_model("maxvit_tiny_tf_224", img_size=64, depths=(1, 1, 1, 1))
+    x = torch.randn(1, 3, 64, 64)
+    _, ref = timm_reference(model, x)
+    with vitviz.capture(model) as rec:
+        model(x)
+    flat = [(s, i) for s in rec.stages for i in range(s.num_layers)]
+    blocks = [m for m in model.modules() if type(m).__name__ == "PartitionAttentionCl"]
+    assert len(flat) == len(ref) == len(blocks) == 8
+    kinds = set()
+    for (stage, i), r, block in zip(flat, ref, blocks):
+        gh, gw = stage.layout.grid
+        # the library's own partition of an index grid: which token each window row is
+        ids = torch.arange(gh * gw, dtype=torch.float64).view(1, gh, gw, 1)
+        part = window_partition if block.partition_block else grid_partition
+        index = part(ids, block.partition_size).reshape(r.shape[0], -1).long()  # [nW, T]
+        expect = torch.zeros(1, r.shape[1], gh * gw, gh * gw, dtype=torch.float64)
+        for k in range(r.shape[0]):
+            expect[0][:, index[k][:, None], index[k][None, :]] = r[k].double()
+        torch.testing.assert_close(stage.tensor[i].double(), expect, rtol=1e-5, atol=1e-6)
+        kinds.add(block.partition_block)
+    assert kinds == {True, False}  # both block and grid attention were checked
+
+
 def test_transformers_swin_windows_equal_eager_attentions():
     torch.manual_seed(0)
     cfg = transformers.SwinConfig(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
@@ -334,7 +360,6 @@ def test_yolos_detection_tokens_after_the_patches():
 SWEEP = [
     ("vit_tiny_patch16_224", dict(img_size=32, depth=1), 32),
     ("swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1), embed_dim=16, num_heads=(1, 1), window_size=4), 64),
-    ("maxvit_tiny_tf_224", dict(img_size=64), 64),
     ("crossvit_tiny_240", dict(), 240),
     ("twins_pcpvt_small", dict(img_size=64), 64),
     ("levit_128s", dict(img_size=64), 64),

@@ -49,7 +49,12 @@ class Windows:
         """The :class:`~vitviz.hooks._windows.WindowScheme` of the running call, or None."""
         from ._windows import WindowScheme
 
-        if self.grid is None or not getattr(self.block, "window_size", 0):
+        if self.grid is None:
+            return None
+        if hasattr(self.block, "partition_size"):  # MaxViT: block (windows) or grid (dilated) attention
+            return WindowScheme(self.grid, _pair(self.block.partition_size),
+                                dilated=not getattr(self.block, "partition_block", True))
+        if not getattr(self.block, "window_size", 0):
             return None  # window_size 0: a global block (SAM)
         window, shift = _pair(self.block.window_size), _pair(getattr(self.block, "shift_size", 0))
         return WindowScheme(self.grid, window, shift, self.pad_first)

@@ -57,6 +57,7 @@ _WINDOW_BLOCKS = {
     ("vision_transformer_sam", "Block"): _nhwc_grid,  # SAM / ViTDet windowed blocks
     ("tiny_vit", "TinyVitBlock"): _nhwc_grid,
     ("davit", "SpatialBlock"): _nchw_grid,
+    ("maxxvit", "PartitionAttentionCl"): _nhwc_grid,  # MaxViT block and grid attention
 }
 
 

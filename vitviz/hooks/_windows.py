@@ -10,7 +10,9 @@ shift undone and padding tokens dropped (a query's attention to padding is lost,
 sums to less than 1 in windows that hold padding).
 
 Libraries differ in one detail: timm shifts the grid and then pads it, transformers pads it
-and then shifts the padded grid (``pad_first``).
+and then shifts the padded grid (``pad_first``). MaxViT (Tu et al. 2022) also attends over a
+dilated grid (``dilated``): window ``(a, b)`` holds the tokens ``(i * H/gh + a, j * W/gw + b)``,
+one from every ``H/gh x W/gw`` block.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ class WindowScheme:
         shift: ``(sh, sw)`` cyclic shift (``torch.roll(x, -shift)`` before partitioning).
         pad_first: the grid is padded before it is shifted (transformers) instead of after
             (timm).
+        dilated: MaxViT's grid attention: ``window`` tokens spread over the whole grid with
+            stride ``H / window`` (the grid divides evenly; no shift or padding).
     """
 
     grid: tuple[int, int]
     window: tuple[int, int]
     shift: tuple[int, int] = (0, 0)
     pad_first: bool = False
+    dilated: bool = False
 
     @property
     def padded(self) -> tuple[int, int]:
@@ -45,11 +50,16 @@ class WindowScheme:
     @property
     def num_windows(self) -> int:
         (hp, wp), (wh, ww) = self.padded, self.window
-        return (hp // wh) * (wp // ww)
+        return (hp // wh) * (wp // ww)  # dilated: the grid divides evenly, so the same count
 
     def token_index(self, device=None) -> torch.Tensor:
         """``[nW, wh*ww]`` long: the row-major grid index of each window token, -1 for padding."""
         (h, w), (wh, ww), (sh, sw) = self.grid, self.window, self.shift
+        if self.dilated:  # window (a, b), token (i, j) at (i * h/wh + a, j * w/ww + b)
+            sh_, sw_ = h // wh, w // ww
+            r = torch.arange(wh, device=device).view(1, 1, wh, 1) * sh_ + torch.arange(sh_, device=device).view(sh_, 1, 1, 1)
+            c = torch.arange(ww, device=device).view(1, 1, 1, ww) * sw_ + torch.arange(sw_, device=device).view(1, sw_, 1, 1)
+            return (r * w + c).reshape(self.num_windows, wh * ww)
         hp, wp = self.padded
         r = torch.arange(hp, device=device).view(hp // wh, 1, wh, 1)  # window row, -, row in window, -
         c = torch.arange(wp, device=device).view(1, wp // ww, 1, ww)
