@@ -245,6 +245,27 @@ def test_timm_maxvit_block_and_grid_attention_on_the_grid():
     assert kinds == {True, False}  # both block and grid attention were checked
 
 
+def test_timm_mobilevit_unfolded_sequences_on_the_grid():
+    model = timm_model("mobilevit_xxs")
+    x = torch.randn(1, 3, 64, 64)
+    _, ref = timm_reference(model, x)
+    with vitviz.capture(model) as rec:
+        model(x)
+    flat = [(s, i) for s in rec.stages for i in range(s.num_layers)]
+    assert len(flat) == len(ref) == 9
+    for (stage, i), r in zip(flat, ref):
+        gh, gw = stage.layout.grid
+        # MobileViT's own unfold ([B, C, H, W] -> [B * P, N, C]) applied to an index grid
+        ph, pw = 2, 2
+        ids = torch.arange(gh * gw, dtype=torch.float64).view(1, 1, gh, gw)
+        u = ids.reshape(gh // ph, ph, gw // pw, pw).transpose(1, 2)
+        index = u.reshape(1, 1, (gh // ph) * (gw // pw), ph * pw).transpose(1, 3).reshape(ph * pw, -1).long()
+        expect = torch.zeros(1, r.shape[1], gh * gw, gh * gw, dtype=torch.float64)
+        for k in range(r.shape[0]):
+            expect[0][:, index[k][:, None], index[k][None, :]] = r[k].double()
+        torch.testing.assert_close(stage.tensor[i].double(), expect, rtol=1e-5, atol=1e-6)
+
+
 def test_transformers_swin_windows_equal_eager_attentions():
     torch.manual_seed(0)
     cfg = transformers.SwinConfig(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
@@ -281,7 +302,6 @@ REFUSED = [
     ("hiera_tiny_224", dict(img_size=64), "mask units"),
     ("efficientvit_b0", dict(), "linear attention"),
     ("coat_lite_tiny", dict(img_size=64), "factorised"),
-    ("mobilevit_xxs", dict(), "windows or groups"),
 ]
 
 
@@ -296,6 +316,19 @@ def test_attention_not_over_tokens_is_refused_with_the_reason(name, kw, reason):
             model(x)
         rec.attentions
     assert hook_state(model) == before and torch_function_modes() == 0
+
+
+def test_sequences_vitviz_cannot_place_are_refused():
+    torch.manual_seed(0)
+    model = transformers.MobileViTModel(transformers.MobileViTConfig(image_size=64)).eval()
+    before = hook_state(model)
+    with vitviz.capture(model) as rec:
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(CaptureError, match="windows or groups of tokens per image"):
+        rec.attentions
+    with pytest.raises(CaptureError, match="could not be placed"):
+        rec.stages
+    assert hook_state(model) == before
 
 
 def test_cait_class_attention_is_read_as_pool():

@@ -37,12 +37,15 @@ class Windows:
         block: the block that partitions its token grid into windows and calls the site.
         read_grid: ``(args, kwargs)`` of the block's forward -> ``(H, W)`` of its token grid.
         pad_first: the block pads its grid before the cyclic shift (transformers), not after (timm).
+        make: ``make(block, grid)`` -> the scheme, for blocks that are not Swin-like (read from
+            ``window_size`` and ``shift_size``).
         grid: the grid of the block's running call (set by the capture's pre-hook on ``block``).
     """
 
     block: nn.Module = field(repr=False)
     read_grid: Callable[[tuple, dict], tuple[int, int]] = field(repr=False)
     pad_first: bool = False
+    make: Optional[Callable] = field(default=None, repr=False)
     grid: Optional[tuple[int, int]] = None
 
     def scheme(self):
@@ -51,9 +54,8 @@ class Windows:
 
         if self.grid is None:
             return None
-        if hasattr(self.block, "partition_size"):  # MaxViT: block (windows) or grid (dilated) attention
-            return WindowScheme(self.grid, _pair(self.block.partition_size),
-                                dilated=not getattr(self.block, "partition_block", True))
+        if self.make is not None:
+            return self.make(self.block, self.grid)
         if not getattr(self.block, "window_size", 0):
             return None  # window_size 0: a global block (SAM)
         window, shift = _pair(self.block.window_size), _pair(getattr(self.block, "shift_size", 0))

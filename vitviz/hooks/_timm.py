@@ -14,6 +14,7 @@ import re
 from torch import nn
 
 from ._registry import IMAGE, INNER, Adapter, Site, Windows, register_adapter
+from ._windows import WindowScheme
 
 # class names of timm attention modules that have no ``fused_attn`` attribute
 _ATTENTION_CLASS = re.compile(r"(Attention|Attn|Attention2d|AttentionCl)$")
@@ -48,16 +49,32 @@ def _nchw_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
     return int(x.shape[2]), int(x.shape[3])
 
 
-# blocks that pad their token grid (read from their input) to whole windows, shift it
-# cyclically (Swin, every other block) and call ``attn`` on each window; window_size 0 (SAM's
-# global blocks) or one window over the whole grid (TinyViT) is global attention
+def _maxvit(block: nn.Module, grid: tuple[int, int]) -> WindowScheme:
+    """MaxViT: block attention (windows) or grid attention (dilated windows)."""
+    size = tuple(block.partition_size)
+    return WindowScheme(grid, (int(size[0]), int(size[-1])), dilated=not block.partition_block)
+
+
+def _mobilevit(block: nn.Module, grid: tuple[int, int]) -> WindowScheme:
+    """MobileViT unfolds its (resized to whole patches) feature map into one sequence per pixel
+    offset inside a patch: the patches' tokens at that offset, a dilated window over the grid."""
+    ph, pw = (int(v) for v in block.patch_size)
+    h, w = -(-grid[0] // ph) * ph, -(-grid[1] // pw) * pw
+    return WindowScheme((h, w), (h // ph, w // pw), dilated=True)
+
+
+# blocks that partition their token grid (read from their input) into windows and call their
+# attention on each: (grid reader, scheme maker or None for Swin-like blocks that pad to whole
+# windows and shift cyclically; window_size 0 (SAM's global blocks) or one window over the
+# whole grid (TinyViT) is global attention)
 _WINDOW_BLOCKS = {
-    ("swin_transformer", "SwinTransformerBlock"): _nhwc_grid,
-    ("swin_transformer_v2", "SwinTransformerV2Block"): _nhwc_grid,
-    ("vision_transformer_sam", "Block"): _nhwc_grid,  # SAM / ViTDet windowed blocks
-    ("tiny_vit", "TinyVitBlock"): _nhwc_grid,
-    ("davit", "SpatialBlock"): _nchw_grid,
-    ("maxxvit", "PartitionAttentionCl"): _nhwc_grid,  # MaxViT block and grid attention
+    ("swin_transformer", "SwinTransformerBlock"): (_nhwc_grid, None),
+    ("swin_transformer_v2", "SwinTransformerV2Block"): (_nhwc_grid, None),
+    ("vision_transformer_sam", "Block"): (_nhwc_grid, None),  # SAM / ViTDet windowed blocks
+    ("tiny_vit", "TinyVitBlock"): (_nhwc_grid, None),
+    ("davit", "SpatialBlock"): (_nchw_grid, None),
+    ("maxxvit", "PartitionAttentionCl"): (_nhwc_grid, _maxvit),
+    ("mobilevit", "MobileVitBlock"): (_nchw_grid, _mobilevit),
 }
 
 
@@ -93,9 +110,13 @@ class TimmAdapter(Adapter):
             note = _NOT_OVER_TOKENS.get(_key(m), "")
             if not note and _key(m) == ("tnt", "Attention") and n.endswith("attn_in"):
                 note = "TNT's inner attention is among the pixels inside each patch, not over the image's patches"
-            parent = parents.get(n.rsplit(".", 1)[0]) if "." in n else None
             windows = None
-            if parent is not None and _key(parent) in _WINDOW_BLOCKS:
-                windows = Windows(parent, _WINDOW_BLOCKS[_key(parent)], pad_first=False)
+            parts = n.split(".")
+            for depth in range(len(parts) - 1, 0, -1):  # the nearest window block around the site
+                block = parents.get(".".join(parts[:depth]))
+                if block is not None and _key(block) in _WINDOW_BLOCKS:
+                    read, make = _WINDOW_BLOCKS[_key(block)]
+                    windows = Windows(block, read, pad_first=False, make=make)
+                    break
             sites.append(Site(n, m, INNER if note else IMAGE, self, windows=windows, note=note))
         return sites
