@@ -9,6 +9,14 @@ modules are image self-attention, text self-attention or cross-attention. Calls 
 adapter claims are decided per call: square (queries = keys) is image self-attention,
 otherwise cross-attention. A call is attributed to a layer by its role and call order.
 
+Every image layer is placed on the image's token grid as it is recorded (:meth:`_Recorder.place`):
+the model's own layout for this input, else a stage of a hierarchical model (the patch grid
+coarsened by a whole factor); window attention (Swin, SAM, MaxViT, MobileViT: adapters name the
+window blocks) stitched into ``[B, H, N, N]`` over its stage's grid; a masked encoder's visible
+patches (ViT-MAE) scattered onto the full grid. :attr:`Recording.stages` groups the layers by
+their tokens; a layer that cannot be placed is counted and named in the error that
+:attr:`Recording.attentions` raises, never guessed.
+
 With ``grad=True`` the capture also reads the gradient of whatever is backpropagated inside
 the block with respect to each attention tensor, by a tensor hook on the exact tensor the
 output was computed from (the probabilities, or the tensor the returned weights of
