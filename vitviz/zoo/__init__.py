@@ -101,6 +101,12 @@ def _build_shapes_captioner():
     return build_shapes_captioner()
 
 
+def _build_shapes_clip():
+    from .clip import build_shapes_clip
+
+    return build_shapes_clip()
+
+
 ZOO: dict[str, ZooEntry] = {}
 
 
@@ -119,6 +125,10 @@ register(ZooEntry(
     "shapes-captioner",
     "ViT + GPT-2 (transformers) captioning synthetic scenes (97.6% exact captions held-out)",
     _build_shapes_captioner, "shapes-captioner.safetensors"))
+register(ZooEntry(
+    "shapes-clip",
+    "small CLIP (transformers) matching synthetic scenes with phrases and captions (text maps)",
+    _build_shapes_clip, "shapes-clip.safetensors"))
 
 
 def sample_images() -> list[Path]:
