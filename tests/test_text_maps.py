@@ -8,12 +8,11 @@ unchanged. Bad input: one clear VitvizError (or a warning) each.
 
 import pytest
 import torch
+from helpers import hook_state, torch_function_modes
 
 import vitviz
 from vitviz.errors import VitvizError
 from vitviz.textmaps import text_maps
-
-from helpers import hook_state, torch_function_modes
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,7 +77,7 @@ def test_chefer_equals_eager_attentions_and_autograd():
     for t in range(IDS.shape[0]):
         grads = torch.autograd.grad(out.logits_per_image[t, t], att, retain_graph=True)
         r = torch.eye(n)
-        for a, g in zip(att, grads):
+        for a, g in zip(att, grads, strict=True):
             r = r + (a[t] * g[t]).clamp(min=0).mean(dim=0) @ r
         expected.append(r[0, 1:].reshape(GRID))
     expected = torch.stack(expected).detach()
@@ -351,7 +350,7 @@ def test_siglip_chefer_mean_of_patch_rows():
     att = out.vision_model_output.attentions
     grads = torch.autograd.grad(out.logits_per_image[0, 0], att)
     r = torch.eye(16)
-    for a, g in zip(att, grads):
+    for a, g in zip(att, grads, strict=True):
         r = r + (a[0] * g[0]).clamp(min=0).mean(dim=0) @ r
     torch.testing.assert_close(res[0], r.mean(dim=0).reshape(GRID).detach(), atol=1e-6, rtol=1e-5)
 
@@ -405,7 +404,7 @@ def test_open_clip_chefer_against_explicit_attention():
     s = (emb / emb.norm(dim=-1, keepdim=True) * text).sum() * m.logit_scale.exp()
     grads = torch.autograd.grad(s, atts)
     r = torch.eye(h.shape[1])
-    for a, g in zip(atts, grads):
+    for a, g in zip(atts, grads, strict=True):
         r = r + (a[0] * g[0]).clamp(min=0).mean(dim=0) @ r
     torch.testing.assert_close(res[0], r[0, 1:].reshape(GRID).detach(), atol=1e-6, rtol=1e-5)
 

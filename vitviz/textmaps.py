@@ -17,8 +17,9 @@ do not interact in a ViT), so one backward pass gives every text its own gradien
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ METHODS = ("chefer", "legrad", "maskclip")
 # LeGrad's default: the last two layers (the authors' wrapper starts at layer index -2)
 LEGRAD_START = -2
 
-Texts = Union[str, Sequence[str], torch.Tensor]
+Texts = str | Sequence[str] | torch.Tensor
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TextMaps:
 
     maps: torch.Tensor
     scores: torch.Tensor
-    texts: Optional[list[str]]
+    texts: list[str] | None
     method: str
     notes: list[str]
 
@@ -92,7 +93,7 @@ class _Towers:
         """``[B, D]`` image embeddings, by the model's own method (runs the vision tower)."""
         raise NotImplementedError
 
-    def encode_text(self, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``[T, D]`` text embeddings, by the model's own method."""
         raise NotImplementedError
 
@@ -122,7 +123,7 @@ class _Towers:
         return out + bias.reshape(()) if bias is not None else out
 
     # -- tokens ----------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor], list[str]]:
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
         """``(ids [T, L], attention mask [T, L] or None, notes)`` with the model's tokenizer."""
         raise NotImplementedError
 
@@ -133,7 +134,7 @@ class _Towers:
             "vitviz.wrap(model, tokenizer=...)")
 
     def _truncated(self, texts: list[str], lengths: list[int]) -> list[str]:
-        long = [t for t, n in zip(texts, lengths) if n > self.context_length]
+        long = [t for t, n in zip(texts, lengths, strict=True) if n > self.context_length]
         if not long:
             return []
         note = (f"{len(long)} text(s) are longer than {self.vm.name}'s context of {self.context_length} "
@@ -167,7 +168,7 @@ class _HFTowers(_Towers):
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         return _pooler(self.model.get_image_features(pixel_values=x))
 
-    def encode_text(self, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return _pooler(self.model.get_text_features(input_ids=ids, attention_mask=mask))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -195,11 +196,11 @@ class _HFTowers(_Towers):
         v = self._vision()
         return self.model.visual_projection(v.post_layernorm(o[:, self.num_prefix:]))
 
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor], list[str]]:
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
         tok = self.vm.tokenizer
         if tok is None:
             raise self._no_tokenizer()
-        padding: Union[bool, str] = "max_length" if self.sigmoid else True
+        padding: bool | str = "max_length" if self.sigmoid else True
         lengths = [len(ids) for ids in tok(texts)["input_ids"]]
         notes = self._truncated(texts, lengths)
         enc = tok(texts, padding=padding, truncation=True, max_length=self.context_length, return_tensors="pt")
@@ -231,7 +232,7 @@ class _OpenClipTowers(_Towers):
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x)
 
-    def encode_text(self, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.encode_text(ids)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -250,7 +251,7 @@ class _OpenClipTowers(_Towers):
         proj = self.tower.proj
         return o @ proj if proj is not None else o
 
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor], list[str]]:
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
         tok = self.vm.tokenizer
         if tok is None:
             vocab = getattr(self.model, "vocab_size", None)
@@ -285,7 +286,7 @@ def towers(model: Any) -> _Towers:
         "for an image classifier use vitviz.relevance")
 
 
-def _token_ids(tw: _Towers, texts: Texts) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[list[str]], list[str]]:
+def _token_ids(tw: _Towers, texts: Texts) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None, list[str]]:
     """``(ids [T, L], mask, texts as strings or None, notes)``, checked."""
     if isinstance(texts, torch.Tensor):
         ids = texts
@@ -330,7 +331,7 @@ def _block_outputs(blocks: list[nn.Module], store: dict[int, torch.Tensor], *, i
 
 
 def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
-              start_layer: Optional[int] = None) -> TextMaps:
+              start_layer: int | None = None) -> TextMaps:
     """:func:`explain_text` that also returns the scores and any notes."""
     _check_method(method)
     vm = model if isinstance(model, VisionModel) else wrap(model)
@@ -398,7 +399,7 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
 
 
 def explain_text(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
-                 start_layer: Optional[int] = None) -> torch.Tensor:
+                 start_layer: int | None = None) -> torch.Tensor:
     """Text -> image maps: which patches make this image match each text?
 
     Args:

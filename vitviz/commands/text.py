@@ -5,8 +5,16 @@ from __future__ import annotations
 import sys
 import warnings
 
-from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, fail, load,
-                      output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_output_arguments,
+    check_output_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 
 NAME = "text"
 HELP = "text -> image maps of a CLIP / SigLIP model: one panel per text, with its score"
@@ -72,7 +80,8 @@ def run(args) -> int:
 
     stems = unique_stems([str(s) for s in args.images])
     outcomes = []
-    for source, stem in zip(tqdm(args.images, unit="img", desc="text", disable=len(args.images) < 2), stems):
+    bar = tqdm(args.images, unit="img", desc="text", disable=len(args.images) < 2)
+    for source, stem in zip(bar, stems, strict=True):
         o = Outcome(str(source))
         outcomes.append(o)
         try:
@@ -89,7 +98,7 @@ def run(args) -> int:
                 noted.add(n)
         maps = res.maps.detach().float().cpu().numpy()  # [T, gh, gw]
         o.outputs.append(save_npy(out / f"{stem}_text.npy", maps))
-        titles = [f'"{t}"\nlogit {s:.2f}' for t, s in zip(args.texts, res.scores.tolist())]
+        titles = [f'"{t}"\nlogit {s:.2f}' for t, s in zip(args.texts, res.scores.tolist(), strict=True)]
         best = int(res.scores.argmax())
         o.prediction = f"best match: {args.texts[best]!r} ({res.scores[best].item():.2f})"
         view = model.preprocessor.view(img) if model.preprocessor is not None else None

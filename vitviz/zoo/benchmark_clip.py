@@ -12,7 +12,7 @@ Used by ``vitviz benchmark-maps --model shapes-clip`` and by ``python -m vitviz.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -64,17 +64,16 @@ def all_phrases() -> list[str]:
     return [f"a {c} {s}" for c in COLOURS for s in SHAPES]
 
 
-def benchmark_clip(model=None, *, n: int = 200, seeds: Optional[Sequence[int]] = None,
+def benchmark_clip(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
                    methods: Sequence[str] = METHODS, tolerance: float = TOLERANCE_PX,
-                   progress: Optional[Callable[[int, int], None]] = None) -> Table:
+                   progress: Callable[[int, int], None] | None = None) -> Table:
     """Pointing game of each text-map method of ``shapes-clip`` on held-out caption scenes.
 
     Returns:
         :class:`~vitviz.zoo.benchmark.Table` with a ``"pointing"`` column per method and
         baseline; ``extra["retrieval"]`` is the phrase-retrieval accuracy.
     """
-    from ..textmaps import towers
-    from ..textmaps import text_maps
+    from ..textmaps import text_maps, towers
     from .models import to_input
 
     if model is None:

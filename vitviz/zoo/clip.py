@@ -11,7 +11,6 @@ as it is (:func:`vitviz.zoo.models.preprocess`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -67,7 +66,7 @@ def shapes_clip_module(*, vision_layers: int = 4, vision_width: int = 96) -> tor
     return CLIPModel(cfg).eval()
 
 
-def build_shapes_clip(tokenizer_path: Optional[str] = None):
+def build_shapes_clip(tokenizer_path: str | None = None):
     """``shapes-clip`` as a :class:`~vitviz.models.VisionModel` (with its tokenizer), untrained."""
     from ..models._vision_model import wrap
 

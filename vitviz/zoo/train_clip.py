@@ -27,7 +27,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -95,7 +94,7 @@ def _pairs(rng: np.random.Generator, objects: list, words: list, flips: np.ndarr
     """One text per image (a caption or one object's phrase) and the ``[B, B]`` truth of every
     image-text pair."""
     texts, kinds = [], []
-    for objs, w, f in zip(objects, words, flips):
+    for objs, w, f in zip(objects, words, flips, strict=True):
         if len(objs) > 1 and rng.random() < caption_p:
             texts.append(" ".join(_flip_words(w) if f else w))
             kinds.append(("caption", texts[-1]))
@@ -103,9 +102,9 @@ def _pairs(rng: np.random.Generator, objects: list, words: list, flips: np.ndarr
             c, s = objs[int(rng.integers(len(objs)))]
             texts.append(phrase(c, s))
             kinds.append(("phrase", (c, s)))
-    caps = [" ".join(_flip_words(w) if f else w) for w, f in zip(words, flips)]
+    caps = [" ".join(_flip_words(w) if f else w) for w, f in zip(words, flips, strict=True)]
     truth = np.zeros((len(texts), len(texts)), dtype=bool)
-    for i, (objs, cap) in enumerate(zip(objects, caps)):
+    for i, (objs, cap) in enumerate(zip(objects, caps, strict=True)):
         present = set(objs)
         for j, (kind, val) in enumerate(kinds):
             truth[i, j] = (val in present) if kind == "phrase" else (val == cap)
@@ -219,7 +218,7 @@ def train(args) -> dict:
     return info
 
 
-def evaluate(args, path: Optional[Path] = None) -> dict:
+def evaluate(args, path: Path | None = None) -> dict:
     """Held-out pointing game of every method (and the retrieval accuracy) of the weights in ``args.out``."""
     from ..models import load_model
     from .benchmark_clip import benchmark_clip
