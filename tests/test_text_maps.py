@@ -412,3 +412,23 @@ def test_open_clip_chefer_against_explicit_attention():
 def test_open_clip_default_tokenizer_needs_its_vocabulary():
     with pytest.raises(VitvizError, match="no tokenizer"):
         vitviz.explain_text(tiny_open_clip(), image(), ["a red circle"])
+
+
+def test_open_clip_create_model_strings_and_truncation():
+    """A tower built by open_clip's own factory (tiny config over ViT-B-32's), with its default
+    BPE tokenizer: strings work offline, and a text past the context is truncated with a note."""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    m = open_clip.create_model("ViT-B-32", pretrained=None, embed_dim=16,
+                               vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8),
+                               text_cfg=dict(context_length=8, vocab_size=49408, width=32, heads=4, layers=1)).eval()
+    x = image()
+    texts = ["a red circle", "a photo of a very small blue square on a table"]
+    with pytest.warns(UserWarning, match="truncated"):
+        res = text_maps(m, x, texts, method="legrad")
+    assert res.maps.shape == (2, *GRID) and torch.isfinite(res.maps).all()
+    assert any("context of 8" in n for n in res.notes)
+    ids = open_clip.SimpleTokenizer(context_length=8)(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(res.scores, m.get_logits(x, ids)[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.maps, vitviz.explain_text(m, x, ids, method="legrad"))
