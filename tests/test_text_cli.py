@@ -59,3 +59,34 @@ def test_text_empty_text_and_bad_image(tmp_path, capsys):
     assert code == 1
     assert "broken.png" in capsys.readouterr().err
     assert (tmp_path / "o" / f"{SAMPLES[0].stem}_text.png").is_file()
+
+
+def test_text_on_a_transformers_clip_directory_with_its_tokenizer(tmp_path):
+    """load_model(dir) of a CLIPModel attaches the directory's tokenizer: strings work."""
+    import transformers
+
+    from vitviz.zoo.clip import build_tokenizer_file, load_tokenizer
+
+    build_tokenizer_file(tmp_path / "tok.json")
+    tok = load_tokenizer(tmp_path / "tok.json")
+    vocab = tok.get_vocab()
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=12, bos_token_id=vocab["[BOS]"],
+                         eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"]),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=16)
+    d = tmp_path / "clip"
+    transformers.CLIPModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    m = vitviz.load_model(str(d))
+    assert m.tokenizer is not None
+    out = tmp_path / "o"
+    assert main(["text", str(SAMPLES[0]), "--model", str(d), "--text", TEXTS[0], "--text", TEXTS[1],
+                 "--method", "maskclip", "--out", str(out)]) == 0
+    maps = np.load(out / f"{SAMPLES[0].stem}_text.npy")
+    assert maps.shape == (2, 4, 4)
+    np.testing.assert_allclose(maps, vitviz.explain_text(m, str(SAMPLES[0]), TEXTS, method="maskclip").numpy(),
+                               rtol=1e-5, atol=1e-6)

@@ -221,8 +221,7 @@ class _OpenClipTowers(_Towers):
             raise VitvizError(
                 f"{vm.name}: text maps support open_clip models whose image tower is a ViT without "
                 f"attentional pooling; its image tower is {type(self.tower).__name__}")
-        self.num_prefix = 0 if getattr(self.tower, "pool_type", "tok") == "avg" and \
-            getattr(self.tower, "class_embedding", None) is None else 1
+        self.num_prefix = 1  # open_clip's VisionTransformer always puts its class token first
         self.context_length = int(getattr(m, "context_length", 77))
         self.sigmoid = getattr(m, "logit_bias", None) is not None
 
