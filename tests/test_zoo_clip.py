@@ -41,7 +41,8 @@ def test_phrases_retrieved_and_maps_point_at_the_named_object(clip):
         absent = [j for j in range(len(phrases)) if j not in present]
         retrieved += sum(int(scores[j] > scores[absent].max()) for j in present)
     assert np.mean(hits) >= 0.8  # 16 maps; the held-out benchmark (README) measures 200 scenes
-    assert retrieved / (2 * len(scenes)) >= 0.8
+    # a phrase outscoring all 34 phrases of absent objects: chance about 1/35; held-out 0.35 (README)
+    assert retrieved / (2 * len(scenes)) >= 0.25
 
 
 def test_benchmark_rows_and_baselines(clip):
@@ -76,3 +77,18 @@ def test_training_targets_and_loss():
     ce = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(3))
                 + torch.nn.functional.cross_entropy(logits.T, torch.arange(3)))
     torch.testing.assert_close(contrastive_loss(logits, eye), ce)
+
+
+def test_about_line_states_the_shipped_number():
+    from vitviz.zoo import ZOO
+
+    info = ZOO["shapes-clip"].info()
+    assert f"{info['heldout']['pointing_game']['chefer']:.1%}" in ZOO["shapes-clip"].about
+
+
+def test_benchmark_maps_command(capsys):
+    from vitviz.cli import main
+
+    assert main(["benchmark-maps", "--model", "shapes-clip", "--num-images", "2", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| chefer |" in out and "| baseline: centre prior |" in out and "phrase retrieval" in out

