@@ -432,3 +432,19 @@ def test_open_clip_create_model_strings_and_truncation():
     with torch.no_grad():
         torch.testing.assert_close(res.scores, m.get_logits(x, ids)[0][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(res.maps, vitviz.explain_text(m, x, ids, method="legrad"))
+
+
+@pytest.mark.parametrize("method", ["chefer", "legrad"])
+def test_eager_and_sdpa_models_give_the_same_maps(method):
+    """The op-level capture reads SDPA (gradients dOut·Vᵀ) and the eager softmax alike."""
+    m = tiny_clip()
+    eager = tiny_clip()
+    eager.set_attn_implementation("eager")
+    x = image()
+    torch.testing.assert_close(vitviz.explain_text(eager, x, IDS, method=method),
+                               vitviz.explain_text(m, x, IDS, method=method), atol=1e-6, rtol=1e-5)
+
+
+def test_maskclip_takes_no_start_layer():
+    with pytest.raises(VitvizError, match="start_layer does not apply"):
+        vitviz.explain_text(tiny_clip(), image(), IDS, method="maskclip", start_layer=0)

@@ -156,9 +156,8 @@ class _HFTowers(_Towers):
         self.context_length = int(m.config.text_config.max_position_embeddings)
 
     def blocks(self) -> list[nn.Module]:
-        t = self.tower
-        enc = getattr(t, "encoder", None) or getattr(getattr(t, "vision_model", None), "encoder", None)
-        return list(enc.layers)
+        t = self._vision()
+        return list(t.encoder.layers)
 
     def _vision(self) -> nn.Module:
         """The module holding ``post_layernorm`` and (SigLIP) ``head``."""
@@ -333,6 +332,8 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
               start_layer: int | None = None) -> TextMaps:
     """:func:`explain_text` that also returns the scores and any notes."""
     _check_method(method)
+    if method == "maskclip" and start_layer is not None:
+        raise VitvizError("start_layer does not apply to method='maskclip' (it reads the last layer only)")
     vm = model if isinstance(model, VisionModel) else wrap(model)
     tw = towers(vm)
     ids, mask, strings, notes = _token_ids(tw, texts)

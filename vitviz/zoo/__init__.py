@@ -8,6 +8,9 @@ network:
 * ``shapes-captioner``: a transformers ``VisionEncoderDecoderModel`` (ViT encoder, GPT-2
   decoder with cross-attention, word-level tokenizer) that captions a
   :func:`~vitviz.zoo.scenes.caption_scene` (``"a red star above a blue circle"``).
+* ``shapes-clip``: a transformers ``CLIPModel`` (64 px, 8 px patches, 4 layers, width 96) that
+  matches scenes with object phrases and captions, for text -> image maps (``vitviz text``);
+  trained by ``python -m vitviz.zoo.train_clip``, scored by :mod:`vitviz.zoo.benchmark_clip`.
 
 Their weights (float16 safetensors) and the tokenizer live in ``vitviz/zoo/weights``; the
 script that made them is ``python -m vitviz.zoo.train`` (see :mod:`vitviz.zoo.train`). The
