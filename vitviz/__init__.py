@@ -67,6 +67,8 @@ _EXPORTS = {
     "merge_gallery": "vitviz.gallery",
     # explain (model + capture + analyzer)
     "relevance": "vitviz.explain",
+    "explain_text": "vitviz.textmaps",
+    "TextMaps": "vitviz.textmaps",
     # explore (model + capture + analyzers + page)
     "explore": "vitviz.explorer",
     "Explorer": "vitviz.explorer",
@@ -101,6 +103,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .captioning import Caption, caption
     from .gallery import build_gallery, merge_gallery
     from .explain import relevance
+    from .textmaps import TextMaps, explain_text
     from .explorer import Explorer, explore
     from .hooks import Recording, capture
     from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, MissingExtraError,

@@ -13,10 +13,11 @@ DESCRIPTION = (
     "and two baselines (random map, centre prior) on a fixed set of held-out scenes whose "
     "object masks are known: pointing game, share of the map's mass in the mask, IoU, mask "
     "AUC, and deletion / insertion AUC (RISE). With --model shapes-captioner: word grounding "
-    "of the cross-attention maps of colour and shape words.")
+    "of the cross-attention maps of colour and shape words. With --model shapes-clip: the pointing "
+    "game of each text-map method (vitviz text) for the phrase of each object.")
 EXAMPLE = "vitviz benchmark-maps --model shapes-vit --num-images 200"
 
-MODELS = ("shapes-vit", "shapes-captioner")
+MODELS = ("shapes-vit", "shapes-captioner", "shapes-clip")
 
 
 def add_arguments(p) -> None:
@@ -85,7 +86,14 @@ def run(args) -> int:
         print("seconds per method: " + ", ".join(f"{k} {v:.1f}" for k, v in table.extra["seconds"].items()))
         print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
         return 0
-    if args.model == "shapes-vit":
+    if args.model == "shapes-clip":  # text maps: their own benchmark (vitviz/zoo/benchmark_clip.py)
+        from ..zoo.benchmark_clip import benchmark_clip
+
+        table = benchmark_clip(model, n=args.num_images, progress=progress)
+        head = (f"shapes-clip, {table.n} held-out caption scenes, 2 object phrases each; phrase retrieval "
+                f"{table.extra['retrieval']:.3f}; pointing game: the maximal patch's centre within 4 px of "
+                "the named object")
+    elif args.model == "shapes-vit":
         table = benchmark_classifier(model, n=args.num_images, batch_size=args.batch_size,
                                      steps=args.steps, deletion=not args.no_deletion,
                                      relevance=not args.no_relevance, flow=flow,

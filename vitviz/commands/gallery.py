@@ -57,6 +57,10 @@ def add_arguments(p) -> None:
     o.add_argument("--start-layer", type=int, default=0, metavar="L", help="rollout, grad_rollout, relevance, flow")
     o.add_argument("--layer", type=int, default=-1, metavar="L", help="cls: the layer shown")
     o.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="caption: longest caption")
+    o.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
+                   help="text: the texts to locate (CLIP / SigLIP models), one map each")
+    o.add_argument("--text-method", choices=["chefer", "legrad", "maskclip"], default="chefer",
+                   help="text: how each text's map is made (see `vitviz text`)")
     o.add_argument("--cmap", default="jet")
     o.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
     o.add_argument("--norm", default="image", metavar="RULE",
@@ -123,6 +127,10 @@ def run(args) -> int:
         options["cls"] = {"layer": args.layer}
     if "caption" in methods:
         options["caption"] = {"max_new_tokens": args.max_new_tokens}
+    if "text" in methods:
+        if not args.texts:
+            return fail('the text method needs --texts, e.g. --texts "a red circle" "a blue square"')
+        options["text"] = {"texts": list(args.texts), "method": args.text_method}
 
     import signal
 

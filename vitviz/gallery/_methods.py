@@ -341,3 +341,19 @@ def _caption(inp: MethodInput, *, max_new_tokens: int, num_beams: int, layer: in
         names.append([w.text for w in cap.words])
         texts.append(cap.text)
     return MethodResult(maps, names=names, texts=texts)
+
+
+@register_method("text", needs="model", texts=(), method="chefer",
+                 description="text -> image maps of a CLIP/SigLIP model, one per --texts entry (vitviz text)")
+def _text(inp: MethodInput, *, texts: Sequence[str], method: str):
+    from ..textmaps import text_maps
+
+    if not texts:
+        raise VitvizError("the gallery method 'text' needs texts to locate: --texts \"a red circle\" "
+                          "\"a blue square\" (from Python: options={'text': {'texts': [...]}})")
+    maps, names = [], []
+    for j in range(inp.x.shape[0]):  # explain_text explains one image against every text
+        res = text_maps(inp.model, inp.x[j:j + 1], list(texts), method=method)
+        maps.append(res.maps)  # [T, gh, gw]
+        names.append([f"{t} ({s:.2f})" for t, s in zip(texts, res.scores.tolist())])
+    return MethodResult(maps, names=names)

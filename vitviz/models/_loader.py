@@ -399,14 +399,15 @@ def _hf_file_kwargs(model_id: str, online: bool) -> dict:
 
 
 def _attach_hf_tokenizer(vm, model_id: str, model, online: bool = False) -> None:
-    """Give a captioner (a model that generates text) its tokenizer.
+    """Give a captioner (a model that generates text) or a contrastive image-text model (CLIP,
+    SigLIP: it has ``get_text_features``) its tokenizer.
 
     Read from the cache, or downloaded with the model on its first use (``online``). Without
-    tokenizer files the model still works and captions show token ids (``vitviz.caption``
-    says so in a note).
+    tokenizer files the model still works: captions show token ids (``vitviz.caption`` says so
+    in a note) and text maps take token ids (``vitviz.explain_text`` says so).
     """
     can_generate = getattr(model, "can_generate", None)
-    if not (callable(can_generate) and can_generate()):
+    if not (callable(can_generate) and can_generate()) and not hasattr(model, "get_text_features"):
         return
     try:
         from transformers import AutoTokenizer

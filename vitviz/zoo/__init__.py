@@ -8,6 +8,9 @@ network:
 * ``shapes-captioner``: a transformers ``VisionEncoderDecoderModel`` (ViT encoder, GPT-2
   decoder with cross-attention, word-level tokenizer) that captions a
   :func:`~vitviz.zoo.scenes.caption_scene` (``"a red star above a blue circle"``).
+* ``shapes-clip``: a transformers ``CLIPModel`` (64 px, 8 px patches, 4 layers, width 96) that
+  matches scenes with object phrases and captions, for text -> image maps (``vitviz text``);
+  trained by ``python -m vitviz.zoo.train_clip``, scored by :mod:`vitviz.zoo.benchmark_clip`.
 
 Their weights (float16 safetensors) and the tokenizer live in ``vitviz/zoo/weights``; the
 script that made them is ``python -m vitviz.zoo.train`` (see :mod:`vitviz.zoo.train`). The
@@ -101,6 +104,12 @@ def _build_shapes_captioner():
     return build_shapes_captioner()
 
 
+def _build_shapes_clip():
+    from .clip import build_shapes_clip
+
+    return build_shapes_clip()
+
+
 ZOO: dict[str, ZooEntry] = {}
 
 
@@ -119,6 +128,10 @@ register(ZooEntry(
     "shapes-captioner",
     "ViT + GPT-2 (transformers) captioning synthetic scenes (97.6% exact captions held-out)",
     _build_shapes_captioner, "shapes-captioner.safetensors"))
+register(ZooEntry(
+    "shapes-clip",
+    "small CLIP (transformers), 64 px: text -> image maps of phrases (chefer pointing game 99.8% held-out)",
+    _build_shapes_clip, "shapes-clip.safetensors"))
 
 
 def sample_images() -> list[Path]:
