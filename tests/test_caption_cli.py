@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_captioning import build_blip, build_ved
 
 import vitviz
 from vitviz.cli import main
 from vitviz.errors import WeightsNotFoundError
 from vitviz.models._loader import resolve
-
-from test_captioning import build_blip, build_ved
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "on", "the", "grass", "run",

@@ -347,7 +347,7 @@ def test_no_hooks_left_after_exit_and_after_an_exception():
     assert hook_state(model) == before and all(b.attn.fused_attn for b in model.blocks)
     out[0, 0].backward()  # after the block: the removed hooks record nothing
     with pytest.raises(CaptureError, match="backward"):
-        rec.attention_grads
+        _ = rec.attention_grads
     with pytest.raises(CaptureError, match="inside"):
         rec.grad_inputs()
 
@@ -366,12 +366,12 @@ def test_errors_say_what_to_do():
     with capture(model) as rec:  # grad not requested
         model(x)[0, 0].backward()
     with pytest.raises(CaptureError, match="grad=True"):
-        rec.attention_grads
+        _ = rec.attention_grads
     assert not rec.passes[-1].hooked and not rec.passes[-1].grads
     with torch.no_grad(), capture(model, grad=True) as rec:
         model(x)
     with pytest.raises(CaptureError, match="no_grad"):
-        rec.attention_grads
+        _ = rec.attention_grads
 
 
 def test_frozen_parameters_need_an_input_that_requires_grad():
@@ -380,7 +380,7 @@ def test_frozen_parameters_need_an_input_that_requires_grad():
     with capture(model, grad=True) as rec:
         model(x)
     with pytest.raises(CaptureError, match="requires_grad"):
-        rec.attention_grads
+        _ = rec.attention_grads
     with capture(model, grad=True) as rec:
         model(x.requires_grad_())[0, 1].backward()
     assert rec.attention_grads.tensor.abs().max() > 0

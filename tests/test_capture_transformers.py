@@ -472,7 +472,7 @@ def test_restored_after_exception_inside_block():
     assert hook_state(model) == hooks_before
 
     # an exception raised by the model itself, in the middle of a forward pass
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="channel"):  # transformers' own check of the input
         with torch.no_grad(), capture(model):
             model(pixel_values=torch.randn(1, 5, 32, 32), decoder_input_ids=ids)  # 5 channels
     assert attn_impls(model) == impls_before
@@ -483,7 +483,8 @@ def test_restored_after_exception_inside_block():
 def test_external_kernels_are_refused_with_the_way_out():
     model = build("ViTModel", "ViTConfig")
     model.config._attn_implementation_internal = "flash_attention_2"  # as set_attn_implementation would
-    with pytest.raises(vitviz.CaptureError, match=r"external kernel 'flash_attention_2'.*set_attn_implementation\('sdpa'\)"):
+    refused = r"external kernel 'flash_attention_2'.*set_attn_implementation\('sdpa'\)"
+    with pytest.raises(vitviz.CaptureError, match=refused):
         with capture(model):
             pass
     assert hook_state(model) == hook_state(build("ViTModel", "ViTConfig"))
@@ -512,9 +513,14 @@ def test_prefix_tokens_read_off_the_model_before_any_capture():
     import vitviz
 
     """wrap() counts CLS / distillation / register / class_embedding parameters of HF models."""
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, DeiTConfig,
-                              DeiTForImageClassificationWithTeacher, Dinov2WithRegistersConfig,
-                              Dinov2WithRegistersModel)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        DeiTConfig,
+        DeiTForImageClassificationWithTeacher,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                  image_size=32, patch_size=8)

@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fake_hub import FakeHub, closed_port_url
 from safetensors.torch import save_file
+from test_caption_cli import VOCAB, bert_tokenizer
+from test_captioning import build_blip
 
 import vitviz
 from vitviz.cli import main
 from vitviz.errors import DownloadError
 from vitviz.models._loader import fetch, weights_status
-
-from fake_hub import FakeHub, closed_port_url
-from test_caption_cli import VOCAB, bert_tokenizer
-from test_captioning import build_blip
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 TI16_REPO = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # what timm names for alias ti16

@@ -6,13 +6,11 @@ import pytest
 import timm
 import torch
 import transformers
+from helpers import inputs, tiny_hf
 
 import vitviz
 from vitviz.errors import LayoutError, VitvizError
-from vitviz.perturbation import (forward_kept_tokens, linear_impute, noisy_linear_impute, road, token_curves,
-                                 token_site)
-
-from helpers import inputs, tiny_hf
+from vitviz.perturbation import forward_kept_tokens, linear_impute, noisy_linear_impute, road, token_curves, token_site
 
 
 def tiny_timm(**kw):

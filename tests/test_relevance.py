@@ -17,8 +17,13 @@ from torch import nn
 
 import vitviz
 from vitviz import capture
-from vitviz.analyze.relevance import (chefer_relevance, grad_rollout, grad_rollout_matrix,
-                                      relevance_map, relevance_matrix)
+from vitviz.analyze.relevance import (
+    chefer_relevance,
+    grad_rollout,
+    grad_rollout_matrix,
+    relevance_map,
+    relevance_matrix,
+)
 from vitviz.analyze.rollout import rollout, rollout_matrix
 from vitviz.errors import LayoutError, VitvizError
 from vitviz.explain import relevance, relevance_pass
@@ -27,7 +32,8 @@ from vitviz.types import AttentionMaps, TokenLayout
 ATOL = 1e-6
 
 
-def random_maps(layers=3, batch=2, heads=4, layout=TokenLayout(1, (2, 3)), seed=0):
+def random_maps(layers=3, batch=2, heads=4, layout=None, seed=0):
+    layout = layout or TokenLayout(1, (2, 3))
     g = torch.Generator().manual_seed(seed)
     n = layout.num_tokens
     attn = torch.softmax(3 * torch.randn(layers, batch, heads, n, n, generator=g), dim=-1)
@@ -73,7 +79,8 @@ def test_grad_rollout_hand_computed():
     # layer 1: mean over heads of A⊙dA, THEN clamp: [[.5,0,1],[0,.5,0],[0,0,-.5]] -> [[.5,0,1],[0,.5,0],[0,0,0]]
     #   (Chefer's clamp-then-mean would keep .5 at [0,1]); 0.5W + 0.5I = [[.75,0,.5],[0,.75,0],[0,0,.5]]
     #   rows normalised: Â1 = [[.6,0,.4],[0,1,0],[0,0,1]]
-    # layer 2: W = [[0,.5,0],[0,.5,0],[0,0,.5]] -> [[.5,.25,0],[0,.75,0],[0,0,.75]] -> Â2 = [[2/3,1/3,0],[0,1,0],[0,0,1]]
+    # layer 2: W = [[0,.5,0],[0,.5,0],[0,0,.5]] -> [[.5,.25,0],[0,.75,0],[0,0,.75]]
+    #   -> Â2 = [[2/3,1/3,0],[0,1,0],[0,0,1]]
     # R = Â2 Â1, row 0 = 2/3·[.6,0,.4] + 1/3·[0,1,0] = [.4, 1/3, 4/15]
     attn, grads = hand_case()
     r = grad_rollout_matrix(attn, grads)[0]

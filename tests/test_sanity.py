@@ -6,13 +6,12 @@ import math
 import pytest
 import timm
 import torch
+from helpers import inputs, tiny_hf
 
 import vitviz
 from vitviz.analyze.metrics import average_ranks, spearman, ssim, topk_overlap
 from vitviz.errors import LayoutError, VitvizError
 from vitviz.sanity import randomization, randomization_layers
-
-from helpers import inputs, tiny_hf
 
 
 def tiny_timm(**kw):

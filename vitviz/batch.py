@@ -6,9 +6,9 @@ Unreadable images are skipped and reported, never fatal; every file is written w
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 from ._io import save_npy, unique_stems
 from .errors import ImageError, VitvizError
@@ -20,8 +20,8 @@ class Outcome:
 
     source: str
     outputs: list[Path] = field(default_factory=list)
-    error: Optional[str] = None
-    prediction: Optional[str] = None
+    error: str | None = None
+    prediction: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -41,13 +41,13 @@ class Item:
 
     outcome: Outcome
     stem: str
-    view: Optional[object] = None
-    original: Optional[object] = None  # HxWx3 uint8 of the file itself, when asked for
+    view: object | None = None
+    original: object | None = None  # HxWx3 uint8 of the file itself, when asked for
 
 
 def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "images",
                  progress: bool = True, keep_original: bool = False
-                 ) -> Iterable[tuple[list[Item], Optional[object]]]:
+                 ) -> Iterable[tuple[list[Item], object | None]]:
     """Load, preprocess and batch images; unreadable ones are marked, not fatal.
 
     Yields:
@@ -89,7 +89,7 @@ def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "
 
 def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
               batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, output=None,
-              progress: bool = True, on_outcome: Optional[Callable[[Outcome], None]] = None,
+              progress: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
               on_original: bool = False) -> list[Outcome]:
     """The shared loop: load and batch images, ``compute`` maps, write overlay + ``.npy``.
 
@@ -204,7 +204,7 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
 
 
 def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer",
-                    target: Optional[int] = None, head_fusion: str = "mean",
+                    target: int | None = None, head_fusion: str = "mean",
                     discard_ratio: float = 0.0, start_layer: int = 0, **kwargs) -> list[Outcome]:
     """Write a class-specific relevance overlay PNG and the raw ``[gh, gw]`` map per image.
 
@@ -247,7 +247,7 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
     return map_files(model, sources, out_dir, compute, suffix=suffix, **kwargs)
 
 
-def _predictions(model, logits) -> Optional[list[str]]:
+def _predictions(model, logits) -> list[str] | None:
     """Top-1 class per sample ("label (p=0.93)"), when the output is classifier logits."""
     import torch
 
@@ -261,7 +261,7 @@ def _predictions(model, logits) -> Optional[list[str]]:
             for c, v in zip(cls.tolist(), conf.tolist())]
 
 
-def _num_classes(module) -> Optional[int]:
+def _num_classes(module) -> int | None:
     """Classifier size of a timm (``num_classes``) or transformers (``config.num_labels``) model."""
     n = getattr(module, "num_classes", None)
     if n is None and getattr(module, "classifier", None) is not None:

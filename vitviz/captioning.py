@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import string
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,13 +83,13 @@ class Caption:
     tokens: list[str]
     cross: CrossAttentionMaps
     words: list[Word] = field(default_factory=list)
-    ids: Optional[torch.Tensor] = None
+    ids: torch.Tensor | None = None
     token_ids: list[int] = field(default_factory=list)
     prompt_len: int = 1
-    encoder: Optional[AttentionMaps] = None
-    image: Optional[np.ndarray] = None
-    note: Optional[str] = None
-    relevance: Optional[CrossAttentionMaps] = None
+    encoder: AttentionMaps | None = None
+    image: np.ndarray | None = None
+    note: str | None = None
+    relevance: CrossAttentionMaps | None = None
 
     def word_grids(self, **kwargs) -> torch.Tensor:
         """:func:`vitviz.word_grids` of this caption (same arguments)."""
@@ -96,7 +97,7 @@ class Caption:
 
         return word_grids(self, **kwargs)
 
-    def figure(self, *, layer: Optional[int] = -1, head_fusion: str = "mean", merge: str = "mean",
+    def figure(self, *, layer: int | None = -1, head_fusion: str = "mean", merge: str = "mean",
                rollout: bool = False, method: str = "attention", **kwargs):
         """The caption strip: one panel per word over the image. Returns ``(fig, axes)``.
 
@@ -116,7 +117,7 @@ class Caption:
         kwargs.setdefault("title", self.text)
         return caption_strip(self.image, grids, [w.text for w in self.words], **kwargs)
 
-    def _repr_png_(self) -> Optional[bytes]:
+    def _repr_png_(self) -> bytes | None:
         """PNG of :meth:`figure` for notebooks (``None`` without an image)."""
         if self.image is None:
             return None
@@ -194,7 +195,7 @@ def split_words(token_ids: Sequence[int], tokenizer: Any = None) -> tuple[list[s
 # model kinds
 # ---------------------------------------------------------------------------------------------
 
-def _hf_kind(module: nn.Module) -> Optional[str]:
+def _hf_kind(module: nn.Module) -> str | None:
     """``"encoder-decoder"`` (VisionEncoderDecoderModel and other encoder-decoders), ``"blip"``."""
     if "transformers.modeling_utils" not in sys.modules:
         return None
@@ -277,7 +278,7 @@ def greedy_decode(forward: Callable[[torch.Tensor, torch.Tensor], Any], pixel_va
 # caption()
 # ---------------------------------------------------------------------------------------------
 
-def _input(vm, image) -> tuple[torch.Tensor, Optional[np.ndarray]]:
+def _input(vm, image) -> tuple[torch.Tensor, np.ndarray | None]:
     """``([1, 3, H, W] on the model's device, the HxWx3 uint8 view or None)``."""
     if isinstance(image, torch.Tensor):
         x = vm.preprocess(image)  # passed through, [B, 3, H, W]
@@ -302,11 +303,11 @@ def caption(
     max_new_tokens: int = 20,
     num_beams: int = 1,
     tokenizer: Any = None,
-    decode: Optional[Callable[..., Any]] = None,
-    forward: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]] = None,
-    start_ids: Optional[Sequence[int]] = None,
-    end_ids: Optional[Sequence[int]] = None,
-    prompt_len: Optional[int] = None,
+    decode: Callable[..., Any] | None = None,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], Any] | None = None,
+    start_ids: Sequence[int] | None = None,
+    end_ids: Sequence[int] | None = None,
+    prompt_len: int | None = None,
     keep_encoder: bool = True,
     relevance: bool = False,
     **generate_kwargs,
@@ -359,7 +360,7 @@ def caption(
         ('a young girl holding a slice of pizza', torch.Size([12, 1, 12, 8, 197]))
     """
     from .hooks import capture
-    from .models._vision_model import VisionModel, wrap
+    from .models import VisionModel, wrap
 
     vm = model if isinstance(model, VisionModel) else wrap(model, tokenizer=tokenizer)
     module = vm.module
@@ -477,7 +478,7 @@ def _word_relevance(rec, logits: torch.Tensor, positions: list[int], targets: li
         ``[T, Ni]`` float32.
     """
     from .analyze.cross import encoder_decoder_relevance
-    from .hooks._registry import CROSS, IMAGE, TEXT
+    from .hooks import CROSS, IMAGE, TEXT
 
     stacks = {IMAGE: rec.attentions.tensor if rec.attentions is not None else None,
               TEXT: rec.text, CROSS: rec.cross.tensor}  # [L, B, H, Q, K] each
@@ -501,7 +502,7 @@ def _word_relevance(rec, logits: torch.Tensor, positions: list[int], targets: li
         for role in inputs:
             shape = stacks[role].shape  # [L, B, H, Q, K]
             gs = []
-            for layer in range(shape[0]):
+            for _ in range(shape[0]):
                 g = grads[i]
                 i += 1
                 gs.append(torch.zeros(shape[1:], device=stacks[role].device) if g is None

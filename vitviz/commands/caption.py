@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, fail, load,
-                      output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_output_arguments,
+    check_output_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 
 NAME = "caption"
 HELP = "caption images and show the cross-attention of every word"

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
-                      output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 
 NAME = "cls"
 HELP = "per-head CLS attention maps of every layer, as a grid over each image"
@@ -93,9 +101,9 @@ def run(args) -> int:
 
     from .._io import save_npy
     from ..analyze.cls import all_layer_maps
-    from ..hooks import count_layers
     from ..analyze.masks import mass_masks
     from ..analyze.query import check_layer
+    from ..hooks import count_layers
     from ..render.figures import map_grid, mask_contours
     from ..render.overlay import display_image
 

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
-                      output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 from .cls import QUERY_HELP, parse_query
 
 NAME = "flow"

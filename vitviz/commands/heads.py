@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, load,
-                      output_options, report)
+from ._common import add_model_arguments, add_output_arguments, check_output_arguments, load, output_options, report
 
 NAME = "heads"
 HELP = "per-head statistics: mean attention distance, entropy, attention on prefix tokens"
@@ -66,7 +65,7 @@ def run(args) -> int:
     unit = "pixels" if patch is not None else "patches"
     out = Path(args.out)
     outcomes, totals = [], []
-    for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="heads"):
+    for o, stem, _view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="heads"):
         outcomes.append(o)
         if o.error:
             continue

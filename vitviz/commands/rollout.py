@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_original_argument, add_render_arguments,
-                      check_render_arguments, fail, load, output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_original_argument,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 
 NAME = "rollout"
 HELP = "attention rollout overlay per image"

@@ -28,7 +28,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -112,7 +112,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     return _strip_wrapper_prefixes(sd)
 
 
-def _sniff(p: Path) -> Optional[str]:
+def _sniff(p: Path) -> str | None:
     """The file's format from its first bytes (a misnamed file still loads), or None."""
     try:
         with open(p, "rb") as f:
@@ -341,7 +341,7 @@ def convert_pytorch_pretrained_vit(sd: Mapping[str, torch.Tensor], *,
             if missing:
                 raise CheckpointError(
                     f"block {i} of the pytorch_pretrained_vit checkpoint lacks "
-                    f"{['transformer.blocks.%d.attn.%s' % (i, n) for n in missing]}; the file is "
+                    f"{[f'transformer.blocks.{i}.attn.{n}' for n in missing]}; the file is "
                     "incomplete: re-save the model's full state_dict()")
             shapes = {tuple(parts[n].shape) for n in names}
             if len(shapes) != 1:
@@ -412,7 +412,7 @@ def infer_timm_args(sd: Mapping[str, torch.Tensor]) -> dict:
     return args
 
 
-def _square_side(n: int) -> Optional[int]:
+def _square_side(n: int) -> int | None:
     side = math.isqrt(n) if n > 0 else 0
     return side if side > 0 and side * side == n else None
 
@@ -436,7 +436,7 @@ def _arch_hint(sd: Mapping[str, torch.Tensor]) -> str:
 
 
 def load_into_timm(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str,
-                   checkpoint_grid: Optional[tuple[int, int]] = None,
+                   checkpoint_grid: tuple[int, int] | None = None,
                    drop_pre_logits: bool = False) -> list[str]:
     """Load a state dict into a timm ``VisionTransformer``, checking every key and shape.
 
@@ -515,7 +515,7 @@ def load_into_timm(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: 
 
 
 def _fit_pos_embed(model: nn.Module, sd: dict, own_pos: torch.Tensor, source: str,
-                   checkpoint_grid: Optional[tuple[int, int]]) -> Optional[str]:
+                   checkpoint_grid: tuple[int, int] | None) -> str | None:
     """Resample ``sd["pos_embed"]`` in place to the model's grid; return a note, or None."""
     from timm.layers import resample_abs_pos_embed
 

@@ -42,7 +42,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -92,7 +91,7 @@ def _gen_chunk(job):
     return images, labels, captions, np.stack([t[0] for t in tl]), np.stack([t[1] for t in tl]), masks
 
 
-def generate(kind: str, seeds, workers: int = 2, cache: Optional[Path] = None) -> dict:
+def generate(kind: str, seeds, workers: int = 2, cache: Path | None = None) -> dict:
     """The scenes of ``seeds`` as arrays.
 
     Returns:
@@ -211,7 +210,7 @@ def rollout_pointing(module: torch.nn.Module, seeds, batch_size: int = 100) -> d
     from ..analyze import rollout
     from ..analyze.metrics import pointing_game, random_maps
     from ..hooks import capture
-    from ..models._vision_model import wrap
+    from ..models import wrap
 
     vm = wrap(module)
     scenes = make_dataset("classification", seeds)
@@ -346,7 +345,7 @@ def train_vit(args) -> dict:
 
 def _init_encoder(model, path: Path) -> None:
     """Start the captioner's encoder from trained ``shapes-vit`` weights (checked to compute the same)."""
-    from ..models._checkpoint import read_state_dict
+    from ..models import read_state_dict
 
     if not path.is_file():
         raise SystemExit(f"{path} not found: train the classifier first (`python -m vitviz.zoo.train vit`) "
@@ -458,7 +457,7 @@ def train_captioner(args) -> dict:
 
 def evaluate(args) -> dict:
     """Held-out numbers of the weights in ``--out`` (default: the package's)."""
-    from ..models._checkpoint import read_state_dict
+    from ..models import read_state_dict
 
     out = Path(args.out)
     result = {}
