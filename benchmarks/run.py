@@ -184,7 +184,7 @@ def gallery_throughput(model: str, size: int, n: int, reps: int = 3, batch_size:
     import numpy as np
     from PIL import Image
 
-    from vitviz.gallery import measure_throughput
+    from benchmarks.gallery_throughput import measure_throughput
 
     m = _build(model, size)
     with tempfile.TemporaryDirectory() as tmp:

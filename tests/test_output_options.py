@@ -180,7 +180,7 @@ def test_size_and_jpg_overlays(tmp_path, capsys):
 
 
 def test_constant_map_is_drawn_flat_with_a_note(tmp_path):
-    from vitviz.batch import map_files
+    from vitviz.map_writer import map_files
     from vitviz.render.output import OutputOptions
 
     model = vitviz.load_model("shapes-vit")

@@ -235,11 +235,11 @@ def _sequences(out) -> torch.Tensor:
     return seq if seq.dim() == 2 else seq.unsqueeze(0)  # [1, S]
 
 
-def _logits(out) -> torch.Tensor:
-    logits = getattr(out, "logits", out)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+def _logits(out: Any) -> torch.Tensor:
+    from .models import output_logits
+
+    logits = output_logits(out)
+    if logits is None or logits.dim() != 3:
         raise CaptureError(
             "the model's forward(pixel_values, ids) must return logits [B, S, V] (or an output with "
             f".logits) for the built-in greedy decoding, got {type(out).__name__}; pass decode=")

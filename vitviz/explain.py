@@ -15,7 +15,7 @@ import torch
 from .analyze.relevance import RelevanceStream
 from .errors import CaptureError, VitvizError
 from .hooks import capture
-from .models import VisionModel, wrap
+from .models import VisionModel, classifier_logits, describe_output, score_fn_scores, wrap
 
 Target = int | Sequence[int] | torch.Tensor | None
 
@@ -37,16 +37,13 @@ class RelevanceResult:
 
 
 def _logits_of(output: Any) -> torch.Tensor:
-    """``[B, C]`` classifier logits in a model's output (tensor, ``.logits`` or first element)."""
-    t = getattr(output, "logits", output)
-    if isinstance(t, (tuple, list)) and t:
-        t = t[0]
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+    """``[B, C]`` classifier logits in a model's output, or the error that says what to do."""
+    t = classifier_logits(output)
+    if t is None:
         raise VitvizError(
             f"relevance explains a class logit and needs classifier logits [B, classes] from the "
-            f"model, got {shape}; load the model with a classifier head (num_classes > 0) or pass "
-            "score_fn=lambda output: <a [B] tensor of per-sample scores>")
+            f"model, got {describe_output(output)}; load the model with a classifier head "
+            "(num_classes > 0) or pass score_fn=lambda output: <a [B] tensor of per-sample scores>")
     return t
 
 
@@ -120,10 +117,7 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
     with torch.enable_grad(), capture(vm, grad=True, keep="none", streams={"relevance": stream}) as rec:
         output = vm(x)
         if score_fn is not None:
-            scores = score_fn(output)  # [B]
-            if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
-                got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-                raise VitvizError(f"score_fn must return a [B] tensor of per-sample scores, got {got}")
+            scores = score_fn_scores(output, score_fn)  # [B]
             t, logits = None, output
         else:
             logits = _logits_of(output)  # [B, C]

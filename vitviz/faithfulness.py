@@ -58,12 +58,10 @@ class Curves:
         return None if self.insertion is None else curve_auc(self.insertion)
 
 
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        logits = out[0]
+def _logits(out: object) -> torch.Tensor:
+    from .models import output_logits
+
+    logits = output_logits(out)
     if logits is None:
         raise TypeError(f"the model returned {type(out).__name__}; deletion/insertion needs a classifier "
                         "returning logits [B, C] or an output with .logits")

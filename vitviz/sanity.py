@@ -183,19 +183,15 @@ def logits_of(output, score_fn=None, what: str = "this metric") -> torch.Tensor:
     Raises:
         VitvizError: the output is not a classifier's and no ``score_fn`` was given.
     """
+    from .models import classifier_logits, describe_output, score_fn_scores
+
     if score_fn is not None:
-        s = score_fn(output)
-        if not isinstance(s, torch.Tensor) or s.dim() != 1:
-            raise VitvizError("score_fn must return a [B] tensor of per-sample scores, got "
-                              f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}")
-        return s
-    t = getattr(output, "logits", output)
-    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
-        t = t[0]
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        return score_fn_scores(output, score_fn)
+    t = classifier_logits(output)
+    if t is None:
         raise VitvizError(f"{what} needs a classifier returning logits [B, classes], the model returned "
-                          f"{shape}; pass score_fn=lambda output: <a [B] tensor of per-sample scores>")
+                          f"{describe_output(output)}; pass score_fn=lambda output: <a [B] tensor of "
+                          "per-sample scores>")
     return t
 
 

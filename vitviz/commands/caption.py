@@ -81,8 +81,8 @@ def run(args) -> int:
 
     from .._io import unique_stems
     from ..analyze.cross import word_grids
-    from ..batch import Outcome
     from ..captioning import caption
+    from ..engine import Outcome
     from ..errors import ImageError
     from ..models import load_image
     from ..render.caption_strip import caption_strip

@@ -47,9 +47,9 @@ def run(args) -> int:
     from .._io import save_npy
     from ..analyze.flow import attention_flow
     from ..analyze.rollout import rollout
+    from ..engine import iter_captures
     from ..render.figures import panels
     from ..render.overlay import display_image
-    from .cls import iter_captures
 
     output = output_options(args)
     model = load(args)

@@ -54,7 +54,7 @@ def run(args) -> int:
 
     from .._io import atomic_write_bytes
     from ..analyze.stats import attention_entropy, mean_attention_distance, prefix_attention_share
-    from .cls import iter_captures
+    from ..engine import iter_captures
 
     bad = check_output_arguments(args)
     if bad is not None:

@@ -52,7 +52,7 @@ def run(args) -> int:
         return fail(f"--class must be a class index >= 0, got {args.target}")
     if args.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
-    from ..batch import relevance_files
+    from ..map_writer import relevance_files
 
     output = output_options(args)
     model = load(args)

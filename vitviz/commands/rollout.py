@@ -38,7 +38,7 @@ def run(args) -> int:
     bad = check_render_arguments(args)
     if bad is not None:
         return bad
-    from ..batch import rollout_files
+    from ..map_writer import rollout_files
 
     output = output_options(args)
     model = load(args)

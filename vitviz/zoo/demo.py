@@ -96,7 +96,7 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
 
 def files_section(out: Path) -> list[tuple[str, str, str]]:
     """``shapes-vit`` on the sample image files, through the same pipeline as `vitviz rollout`."""
-    from ..batch import rollout_files
+    from ..map_writer import rollout_files
     from ..models import load_model
     from . import sample_images
 
