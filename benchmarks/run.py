@@ -178,7 +178,7 @@ def _child_peak(model: str, size: int, batch: int, method: str) -> tuple[float, 
 
 def gallery_throughput(model: str, size: int, n: int, reps: int = 3, batch_size: int = 16) -> dict:
     """Gallery images/s (decode, capture, maps, PNGs, manifest, page) vs plain batched inference
-    on ``n`` generated 500x375 JPEGs (vitviz.gallery.measure_throughput)."""
+    on ``n`` generated 500x375 JPEGs (benchmarks.gallery_throughput.measure_throughput)."""
     import tempfile
 
     import numpy as np

@@ -484,8 +484,8 @@ class SanityReport:
         return out
 
     def table(self):
-        """A :class:`vitviz.zoo.benchmark.Table` (``.format(markdown=True)`` for Markdown)."""
-        from .zoo.benchmark import Table
+        """A :class:`vitviz.zoo.evaluate.Table` (``.format(markdown=True)`` for Markdown)."""
+        from .zoo.evaluate import Table
 
         return Table(self.rows(), dict(SANITY_COLUMNS), self.n)
 

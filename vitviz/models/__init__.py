@@ -1,7 +1,7 @@
 """Model loading: aliases, loaders, checkpoint converters, image loading, preprocessing."""
 
 from ._aliases import ALIASES
-from ._checkpoint import read_state_dict
+from ._checkpoint_read import read_state_dict
 from ._hub import cache_dir
 from ._image import load_image, to_rgb_array
 from ._loader import fetch, list_models, load_model, weights_status

@@ -244,13 +244,13 @@ def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
         kwargs["img_size"] = image_size
     labels = None
     if weights is not None:
-        from ._checkpoint import (
+        from ._checkpoint_convert import (
             convert_pytorch_pretrained_vit,
             infer_timm_args,
             is_pytorch_pretrained_vit,
             load_into_timm,
-            read_state_dict,
         )
+        from ._checkpoint_read import read_state_dict
 
         sd = read_state_dict(weights)
         if is_pytorch_pretrained_vit(sd):
@@ -372,7 +372,7 @@ def _load_transformers(r: Resolved, weights, pretrained, num_classes, image_size
             setattr(config, k, v)
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
         if weights is not None:
-            from ._checkpoint import read_state_dict
+            from ._checkpoint_read import read_state_dict
 
             sd = read_state_dict(weights)
             missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -11,7 +11,7 @@ network:
 
 Their weights (float16 safetensors) and the tokenizer live in ``vitviz/zoo/weights``; the
 script that made them is ``python -m vitviz.zoo.train`` (see :mod:`vitviz.zoo.train`). The
-scenes come from :mod:`vitviz.zoo.scenes`; :mod:`vitviz.zoo.benchmark` scores attention maps
+scenes come from :mod:`vitviz.zoo.scenes`; :mod:`vitviz.zoo.evaluate` scores attention maps
 against their ground truth (`vitviz benchmark-maps`) and :mod:`vitviz.zoo.demo` writes the
 offline demo (`vitviz demo`), which also runs on the sample image files in ``vitviz/assets``.
 

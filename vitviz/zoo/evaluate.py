@@ -1,4 +1,5 @@
-"""Benchmark attention maps against ground truth on the bundled models' held-out scenes.
+"""Evaluate attention maps against ground truth on the bundled models' held-out scenes (map quality;
+the speed benchmarks are in ``benchmarks/``).
 
 For ``shapes-vit`` every analysis vitviz offers (rollout and its variants, CLS maps per
 layer, relevance and attention flow when those modules are installed) and two baselines (a
@@ -115,7 +116,7 @@ def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: 
 INSERTION_BLUR_SIGMA = 8.0
 
 
-def benchmark_classifier(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
+def evaluate_classifier(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
                          batch_size: int = 50, steps: int = 16, deletion: bool = True,
                          blur_sigma: float = INSERTION_BLUR_SIGMA,
                          relevance: bool = True, flow: bool = True,
@@ -186,7 +187,7 @@ def benchmark_classifier(model=None, *, n: int = 200, seeds: Sequence[int] | Non
     return table
 
 
-def benchmark_sanity(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
+def evaluate_sanity(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
                      methods: Sequence[str] | None = None, road_images: int | None = 20,
                      steps: int = 16, road_steps: int = 10, batch_size: int = 50,
                      progress: Callable[[str], None] | None = None) -> Table:
@@ -219,7 +220,7 @@ def benchmark_sanity(model=None, *, n: int = 200, seeds: Sequence[int] | None = 
     return table
 
 
-def benchmark_captioner(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
+def evaluate_captioner(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
                         batch_size: int = 50,
                         progress: Callable[[int, int], None] | None = None) -> Table:
     """Word grounding of ``shapes-captioner``'s cross-attention on held-out caption scenes.
