@@ -17,9 +17,8 @@ import pytest
 import timm
 import torch
 from fake_hub import FakeHub, closed_port_url
+from helpers import save_tiny_blip
 from safetensors.torch import save_file
-from test_caption_cli import VOCAB, bert_tokenizer
-from test_captioning import build_blip
 
 import vitviz
 from vitviz.cli import main
@@ -55,13 +54,7 @@ def ti16_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def blip_folder(tmp_path_factory):
     """A tiny BLIP captioner as a Hub repo: config, weights, image processor, tokenizer."""
-    from transformers import BlipImageProcessor
-
-    d = tmp_path_factory.mktemp("blip")
-    build_blip(seed=0, vocab=len(VOCAB)).save_pretrained(d)
-    bert_tokenizer().save_pretrained(d)
-    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
-    return d
+    return save_tiny_blip(tmp_path_factory.mktemp("blip"), processor=True)
 
 
 @pytest.fixture
