@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo gallery install browser clean
+.PHONY: test lint demo gallery install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ browser:
 	  else echo "note: install chromium and chromium-driver (sudo apt-get install chromium chromium-driver) for the browser test"; fi; \
 	fi
 
-test: $(STAMP) browser
+# ruff (style, imports, bugbear, pyupgrade) and mypy (strict on types.py, analyze/, render/);
+# both configured in pyproject.toml
+lint: $(STAMP)
+	$(PY) -m ruff check vitviz tests benchmarks
+	$(PY) -m mypy
+
+test: $(STAMP) browser lint
 	$(PY) -m pytest tests
 
 demo: $(STAMP)

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -178,13 +178,13 @@ def _child_peak(model: str, size: int, batch: int, method: str) -> tuple[float, 
 
 def gallery_throughput(model: str, size: int, n: int, reps: int = 3, batch_size: int = 16) -> dict:
     """Gallery images/s (decode, capture, maps, PNGs, manifest, page) vs plain batched inference
-    on ``n`` generated 500x375 JPEGs (vitviz.gallery.measure_throughput)."""
+    on ``n`` generated 500x375 JPEGs (benchmarks.gallery_throughput.measure_throughput)."""
     import tempfile
 
     import numpy as np
     from PIL import Image
 
-    from vitviz.gallery import measure_throughput
+    from benchmarks.gallery_throughput import measure_throughput
 
     m = _build(model, size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +213,7 @@ def flow_seconds(reps: int, layers: int = 12, heads: int = 12, grid: int = 14) -
     rows = []
     for name, att in (("spread", spread), ("peaked", peaked)):
         maps = vitviz.AttentionMaps(att, layout)
-        t = _timed({"flow": lambda: vitviz.attention_flow(maps)}, max(1, reps))["flow"]
+        t = _timed({"flow": lambda maps=maps: vitviz.attention_flow(maps)}, max(1, reps))["flow"]
         rows.append(dict(model=f"L{layers}", size=n, batch=1, method=f"flow ({name} attention)", seconds=t))
     rows.extend(flow_solver_seconds(vitviz.AttentionMaps(peaked, layout), reps=max(1, reps)))
     return rows
@@ -227,12 +227,13 @@ def flow_solver_seconds(maps, reps: int, max_sinks: int = 20) -> list[dict]:
     whose guaranteed precision is only ``arcs / 2**30``."""
     import numpy as np
 
-    from vitviz.analyze.flow import _integer_graph, flow_matrices, layered_max_flow
+    from vitviz.analyze.flow import flow_matrices, integer_graph, layered_max_flow
     from vitviz.analyze.query import query_weights
 
     try:
-        from benchmarks.flow_solvers import scipy_exact_values, scipy_max_flow, _layered_arcs
         import scipy  # noqa: F401
+
+        from benchmarks.flow_solvers import _layered_arcs, scipy_exact_values, scipy_max_flow
     except ImportError:
         print("# scipy is not installed: the OR-tools / SciPy comparison is skipped", flush=True)
         return []
@@ -247,7 +248,7 @@ def flow_solver_seconds(maps, reps: int, max_sinks: int = 20) -> list[dict]:
     c, s = caps[0].numpy(), source[0].numpy()  # [L, N, N], [N]
 
     def ortools():
-        graph, bottom, scale, node_s, node_t = _integer_graph(c, s, 1e-9)
+        graph, bottom, scale, node_s, node_t = integer_graph(c, s, 1e-9)
         out = []
         for j in sinks:
             graph.set_arcs_capacity(bottom, np.floor(c[0, :, j] * scale).astype(np.int64))

@@ -1,13 +1,25 @@
-"""Helpers shared by several test files: hook and mode state, tiny models, inputs."""
+"""Test models and helpers shared by the test files (no test file imports another).
 
+Every model is tiny, random and built from a config: nothing is downloaded.
+"""
+
+import os
+import shutil
+
+import timm
 import torch
+import transformers
+from torch import nn
+
+# the one strong hook check: every hook dict of every module, compared by value (the hook objects)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks")
 
 
 def hook_state(model):
-    """Every module's forward hooks and pre-hooks (with their kwargs flags) and backward hooks."""
-    return {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._forward_hooks_with_kwargs),
-                dict(m._forward_pre_hooks_with_kwargs), dict(m._backward_hooks))
-            for n, m in model.named_modules()}
+    """Every module's forward hooks and pre-hooks (with their kwargs / always-called flags) and
+    backward hooks, by module name: equal before and after a capture when nothing was left behind."""
+    return {n: tuple(dict(getattr(m, d, {})) for d in _HOOK_DICTS) for n, m in model.named_modules()}
 
 
 def torch_function_modes() -> int:
@@ -15,16 +27,149 @@ def torch_function_modes() -> int:
     return len(torch.overrides._get_current_function_mode_stack())
 
 
-def tiny_hf():
-    """A tiny transformers ViT classifier (random weights): 32 px, 8 px patches, 5 classes."""
-    import transformers
+def _real_heads(model, *heads):
+    for head in heads:
+        if isinstance(head, nn.Linear):  # timm and transformers start heads near zero: one class everywhere
+            nn.init.normal_(head.weight)
+    return model
 
+
+def tiny_timm(name="vit_tiny_patch16_224", *, real_head=False, **kw):
+    """A tiny timm ViT classifier (seed 0): 32 px, 8 px patches, depth 2, 2 heads, width 32, 5 classes.
+
+    ``real_head``: draw the classifier weights from N(0, 1), so that classes differ."""
+    torch.manual_seed(0)
+    args = dict(pretrained=False, depth=2, num_heads=2, embed_dim=32, num_classes=5, img_size=32, patch_size=8)
+    args.update(kw)
+    model = timm.create_model(name, **args).eval()
+    if real_head:
+        _real_heads(model, getattr(model, "head", None), getattr(model, "head_dist", None))
+    return model
+
+
+def tiny_hf(*, real_head=False):
+    """A tiny transformers ViT classifier (seed 0): 32 px, 8 px patches, 5 classes."""
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                  intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
-    return transformers.ViTForImageClassification(cfg).eval()
+    model = transformers.ViTForImageClassification(cfg).eval()
+    return _real_heads(model, model.classifier) if real_head else model
 
 
 def inputs(b=3, seed=1):
     """``[b, 3, 32, 32]`` seeded random images."""
     return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+class CourseViT(nn.Module):
+    """The ViT of a deep-learning course: Conv2d patches, a CLS token, nn.TransformerEncoder
+    (post-norm by default, dropout 0.1). ``seed``: seed the weights."""
+
+    def __init__(self, dim=32, heads=4, depth=2, patch=8, grid=(3, 5), num_classes=5,
+                 batch_first=True, norm_first=False, activation="gelu", seed=None):
+        super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.batch_first = batch_first
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid[0] * grid[1], dim) * 0.5)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, activation=activation,
+                                           batch_first=batch_first, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def embed(self, img):
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # [B, N-1, D]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, N, D]
+        x = x + self.pos_embed
+        return x if self.batch_first else x.transpose(0, 1)  # [B, N, D] or [N, B, D]
+
+    def forward(self, img):
+        x = self.encoder(self.embed(img))
+        cls = x[:, 0] if self.batch_first else x[0]
+        return self.head(cls)
+
+
+# -- tiny captioners ---------------------------------------------------------------------------
+
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                image_size=32, patch_size=8)
+
+
+def build_ved(seed=0, eos=None) -> nn.Module:
+    """ViT encoder + GPT-2 decoder with cross-attention (like nlpconnect/vit-gpt2)."""
+    torch.manual_seed(seed)
+    enc = transformers.ViTConfig(**TINY_VIT)
+    dec = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32,
+                                  add_cross_attention=True, is_decoder=True, bos_token_id=1,
+                                  eos_token_id=eos, pad_token_id=0)
+    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
+    model = transformers.VisionEncoderDecoderModel(cfg).eval()
+    model.generation_config.eos_token_id = eos
+    return model
+
+
+def build_blip(seed=0, vocab=50) -> nn.Module:
+    """BLIP with weights 10x larger than transformers' default init: with std 0.02 its
+    cross-attention is uniform to 1e-3 and would make every comparison trivially pass."""
+    torch.manual_seed(seed)
+    cfg = transformers.BlipConfig(
+        vision_config=dict(TINY_VIT, initializer_range=0.2),
+        text_config=dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=32,
+                         pad_token_id=0, bos_token_id=2, sep_token_id=3, eos_token_id=3,
+                         initializer_range=0.2),
+        initializer_range=0.2)
+    return transformers.BlipForConditionalGeneration(cfg).eval()
+
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "on", "the", "grass", "run",
+         "##ning", "##s", ".", "pizza", "girl", "slice", "of", "holding", "young"]
+
+
+def bert_tokenizer():
+    """A word-piece tokenizer over :data:`VOCAB`."""
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab={v: i for i, v in enumerate(VOCAB)})
+
+
+def save_tiny_blip(folder, *, processor=False):
+    """A tiny BLIP captioner saved as a transformers folder: config, weights and the word-piece
+    tokenizer (and, with ``processor``, a 32 px image processor, as a Hub repo has)."""
+    build_blip(seed=0, vocab=len(VOCAB)).save_pretrained(folder)
+    bert_tokenizer().save_pretrained(folder)
+    if processor:
+        from transformers import BlipImageProcessor
+
+        BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+# -- a real browser (the gallery and explorer pages) ---------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def need_browser() -> None:
+    """Skip (on a developer's machine) or fail (in CI, where CI is set) without Debian's chromium,
+    chromium-driver and the selenium package."""
+    import pytest
+
+    try:
+        import selenium  # noqa: F401
+
+        have_selenium = True
+    except ImportError:
+        have_selenium = False
+    missing = [n for n, ok in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER),
+                               ("selenium", have_selenium)) if not ok]
+    if missing:
+        message = (f"{', '.join(missing)} not installed: apt-get install -y chromium chromium-driver; "
+                   "pip install selenium")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

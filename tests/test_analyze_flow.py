@@ -11,7 +11,6 @@ from vitviz import AttentionMaps, TokenLayout
 from vitviz.analyze.flow import attention_flow, flow_matrices, flow_values, layered_max_flow
 from vitviz.analyze.rollout import rollout_matrix
 
-
 # -- a textbook max-flow, written out for the tests ------------------------------------------------
 
 def edmonds_karp(arcs, s, t):
@@ -85,7 +84,7 @@ def test_equals_edmonds_karp_on_random_layered_graphs(seed):
 def test_equals_networkx_on_attention_like_graphs():
     import networkx as nx  # installed with torch
     rng = np.random.default_rng(7)
-    for trial in range(3):
+    for _ in range(3):
         num_layers, n = 4, 6
         logits = torch.from_numpy(rng.normal(size=(num_layers, 1, 2, n, n)) * 3)
         attn = AttentionMaps(torch.softmax(logits, -1), TokenLayout(num_prefix=1, grid=(1, 5)))

@@ -76,8 +76,14 @@ def test_model_built_at_another_image_size_and_interpolation():
 
 
 def test_transformers_vit_deit_and_clip():
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, DeiTConfig, DeiTModel, ViTConfig,
-                              ViTForImageClassification)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        DeiTConfig,
+        DeiTModel,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                  image_size=32, patch_size=8)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from vitviz import AttentionMaps, LayoutError, TokenLayout
-from vitviz.analyze.stats import (attention_entropy, mean_attention_distance, patch_distances,
-                                  prefix_attention_share)
+from vitviz.analyze.stats import attention_entropy, mean_attention_distance, patch_distances, prefix_attention_share
 
 CLS_1x3 = TokenLayout(num_prefix=1, grid=(1, 3))  # CLS + 3 patches in a row
 

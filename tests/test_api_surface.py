@@ -54,7 +54,7 @@ def test_unknown_attribute():
     import pytest
 
     with pytest.raises(AttributeError):
-        vitviz.not_a_name
+        _ = vitviz.not_a_name
 
 
 def test_metrics_submodule():

@@ -30,8 +30,9 @@ def test_scipy_solver_refines_below_its_int32_resolution():
     """Golden values on a tiny graph: S -> a (1), a -> T (3e-11), a -> b (0.5), S -> b (0.25),
     b -> T (0.6). Max flow = min cut {a -> T, b -> T} = 0.6 + 3e-11 (b receives 0.75, passes
     0.6). One int32 round floors 3e-11 * 2**30 to 0; the refinement rounds find it."""
-    from benchmarks.flow_solvers import scipy_max_flow
     import numpy as np
+
+    from benchmarks.flow_solvers import scipy_max_flow
 
     s, a, b, t = 0, 1, 2, 3
     tails, heads = np.array([s, a, s, b, a]), np.array([a, t, b, t, b])

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import VOCAB, build_blip, build_ved, save_tiny_blip
 from PIL import Image
 
 import vitviz
@@ -13,19 +14,7 @@ from vitviz.cli import main
 from vitviz.errors import WeightsNotFoundError
 from vitviz.models._loader import resolve
 
-from test_captioning import build_blip, build_ved
-
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "on", "the", "grass", "run",
-         "##ning", "##s", ".", "pizza", "girl", "slice", "of", "holding", "young"]
-
-
-def bert_tokenizer():
-    from transformers import BertTokenizer
-
-    return BertTokenizer(vocab={v: i for i, v in enumerate(VOCAB)})
-
-
 @pytest.fixture(scope="module")
 def ved_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ved")
@@ -35,10 +24,7 @@ def ved_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("blip")
-    build_blip(seed=0, vocab=len(VOCAB)).save_pretrained(d)
-    bert_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny_blip(tmp_path_factory.mktemp("blip"))
 
 
 def test_caption_command_writes_strips_and_notes_token_ids_once(ved_dir, tmp_path, capsys):
@@ -146,9 +132,8 @@ def test_captioner_alias_loads_from_the_local_cache_with_its_tokenizer(hf_cache)
     snap.mkdir(parents=True)
     (folder / "refs").mkdir()
     (folder / "refs" / "main").write_text("0" * 40)
+    save_tiny_blip(snap)
     ref = build_blip(seed=0, vocab=len(VOCAB))
-    ref.save_pretrained(snap)
-    bert_tokenizer().save_pretrained(snap)
     m = vitviz.load_model("blip-base")
     assert type(m.tokenizer).__name__ == "BertTokenizer"
     for a, b in zip(m.module.state_dict().values(), ref.state_dict().values()):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import build_blip, build_ved, hook_state
 from torch import nn
 
 import vitviz
@@ -23,41 +24,10 @@ from vitviz.types import TokenLayout
 
 ATOL = 1e-5  # PITFALLS: teacher forcing reproduces generate's cached steps within 1e-5
 
-VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-           image_size=32, patch_size=8)
-
 
 # ---------------------------------------------------------------------------------------------
 # tiny captioners
 # ---------------------------------------------------------------------------------------------
-
-def build_ved(seed=0, eos=None) -> nn.Module:
-    """ViT encoder + GPT-2 decoder with cross-attention (like nlpconnect/vit-gpt2)."""
-    torch.manual_seed(seed)
-    enc = transformers.ViTConfig(**VIT)
-    dec = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32,
-                                  add_cross_attention=True, is_decoder=True, bos_token_id=1,
-                                  eos_token_id=eos, pad_token_id=0)
-    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
-    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
-    model = transformers.VisionEncoderDecoderModel(cfg).eval()
-    model.generation_config.eos_token_id = eos
-    return model
-
-
-def build_blip(seed=0, vocab=50) -> nn.Module:
-    """BLIP with weights 10x larger than transformers' default init: with std 0.02 its
-    cross-attention is uniform to 1e-3 and would make every comparison trivially pass."""
-    torch.manual_seed(seed)
-    cfg = transformers.BlipConfig(
-        vision_config=dict(VIT, initializer_range=0.2),
-        text_config=dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=32,
-                         pad_token_id=0, bos_token_id=2, sep_token_id=3, eos_token_id=3,
-                         initializer_range=0.2),
-        initializer_range=0.2)
-    return transformers.BlipForConditionalGeneration(cfg).eval()
-
 
 class TinyCATR(nn.Module):
     """CATR-style: a CNN feature map (12x20 image -> 3x5 grid, not square), optionally a
@@ -144,14 +114,6 @@ def generate_reference(model, x, num_beams, decoder_cross=False, **kw):
         b = 0 if beams is None else int(beams[0, s])
         rows.append(torch.stack([a[b, :, -1] for a in layers]))  # [L, H, Ni]
     return torch.stack(rows, dim=2)[:, None], out, beams  # [L, 1, H, S_gen, Ni]
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks")
-
-
-def hook_state(model: nn.Module) -> dict:
-    return {n: tuple(tuple(getattr(m, d, {}).keys()) for d in _HOOK_DICTS) for n, m in model.named_modules()}
 
 
 def impls(model: nn.Module) -> list:

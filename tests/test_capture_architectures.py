@@ -18,7 +18,6 @@ from vitviz.errors import CaptureError, LayoutError, VitvizError
 from vitviz.hooks._windows import WindowScheme, stitch
 
 
-
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():  # forward passes only in this file
@@ -142,7 +141,7 @@ def test_timm_swin_windows_stitched_exactly():
     assert vitviz.rollout(stages[1]).shape == (2, 7, 7)
     assert vitviz.cls_maps(stages[0]).shape == (2, 1, 14, 14)
     with pytest.raises(CaptureError, match="rec.stages"):
-        rec.attentions
+        _ = rec.attentions
 
 
 def test_timm_pvt_reduced_keys_exact():
@@ -314,7 +313,7 @@ def test_attention_not_over_tokens_is_refused_with_the_reason(name, kw, reason):
     with pytest.raises(CaptureError, match=reason):
         with vitviz.capture(model) as rec:
             model(x)
-        rec.attentions
+        _ = rec.attentions
     assert hook_state(model) == before and torch_function_modes() == 0
 
 
@@ -325,9 +324,9 @@ def test_sequences_vitviz_cannot_place_are_refused():
     with vitviz.capture(model) as rec:
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(CaptureError, match="windows or groups of tokens per image"):
-        rec.attentions
+        _ = rec.attentions
     with pytest.raises(CaptureError, match="could not be placed"):
-        rec.stages
+        _ = rec.stages
     assert hook_state(model) == before
 
 

@@ -208,7 +208,7 @@ class AttentionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class CourseViT(nn.Module):
+class HandWrittenViT(nn.Module):
     def __init__(self, dim=32, heads=4, depth=2, patch=4, grid=(4, 6), single_head_3d=False):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
@@ -257,7 +257,7 @@ def test_tuple_returning_attention_containing_softmax_is_captured_once():
 
 
 def test_course_vit_tuple_output_matches_weights():
-    model = CourseViT().eval()
+    model = HandWrittenViT().eval()
     m = vitviz.wrap(model)
     assert m.patch_size == (4, 4) and m.num_prefix == 1 and m.has_cls
     attns = [b.attn for b in model.blocks]
@@ -281,7 +281,7 @@ def test_course_vit_tuple_output_matches_weights():
 
 def test_every_head_is_read_even_when_the_module_returns_one():
     # the module returns only head 0 ([B, N, N]); the op it multiplies with V has all four
-    model = CourseViT(single_head_3d=True).eval()
+    model = HandWrittenViT(single_head_3d=True).eval()
     attns = [b.attn for b in model.blocks]
     _, _, rec, ref = run_against_reference(model, attns, torch.randn(2, 3, 16, 24))
     assert rec.attentions.tensor.shape == (2, 2, 4, 25, 25)  # [L, B, H, N, N]
@@ -361,7 +361,7 @@ def test_a_module_named_attention_without_attention_is_not_captured():
     assert hook_count(model) == 0
 
 
-@pytest.mark.parametrize("make", [LucidViT, CourseViT])
+@pytest.mark.parametrize("make", [LucidViT, HandWrittenViT])
 def test_hooks_removed_after_normal_exit_and_exception(make):
     model = make().eval()
     hw = (24, 40) if make is LucidViT else (16, 24)

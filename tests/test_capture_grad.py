@@ -10,9 +10,8 @@ batched equals one-by-one, no module or tensor hook left after a normal exit or 
 import math
 
 import pytest
-import timm
 import torch
-import transformers
+from helpers import CourseViT, hook_state, tiny_hf, tiny_timm
 from torch import nn
 
 import vitviz
@@ -24,22 +23,6 @@ ATOL = 1e-6
 
 def close(a, b, atol=ATOL, rtol=1e-4):
     return torch.allclose(a, b, atol=atol, rtol=rtol)
-
-
-def hook_state(model):
-    return {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
-
-
-# --------------------------------------------------------------------------------------------
-# models and from-weights forwards that keep the attention probabilities in the graph
-# --------------------------------------------------------------------------------------------
-
-def tiny_timm(name="vit_tiny_patch16_224", **kw):
-    torch.manual_seed(0)
-    args = dict(pretrained=False, depth=2, num_heads=2, embed_dim=32, num_classes=5, img_size=32,
-                patch_size=8)
-    args.update(kw)
-    return timm.create_model(name, **args).eval()
 
 
 def timm_manual(model, x):
@@ -61,13 +44,6 @@ def timm_manual(model, x):
     return model.forward_head(model.norm(h)), probs, scores
 
 
-def tiny_hf():
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
-    return transformers.ViTForImageClassification(cfg).eval()
-
-
 def hf_manual(model, x):
     """transformers ViT forward from its weights: (logits, [P_l])."""
     h = model.vit.embeddings(x)
@@ -83,28 +59,6 @@ def hf_manual(model, x):
         h = h + att.o_proj((p @ v).transpose(1, 2).reshape(b, n, -1))
         h = h + layer.mlp(layer.layernorm_after(h))
     return model.classifier(model.vit.layernorm(h)[:, 0]), probs
-
-
-class CourseViT(nn.Module):
-    """Conv2d patches, a CLS token and nn.TransformerEncoder (post-norm, dropout 0.1)."""
-
-    def __init__(self, dim=32, heads=4, depth=2, patch=8, grid=(3, 5), num_classes=5):
-        super().__init__()
-        torch.manual_seed(0)
-        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid[0] * grid[1], dim) * 0.5)
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, activation="gelu",
-                                           batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, num_classes)
-
-    def embed(self, img):
-        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # [B, P, D]
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-
-    def forward(self, img):
-        return self.head(self.encoder(self.embed(img))[:, 0])
 
 
 def mha_probs(mha, q_in, kv_in):
@@ -192,7 +146,7 @@ def test_transformers_vit_grad_equals_autograd_wrt_probabilities():
 
 def test_torch_mha_grad_equals_autograd_wrt_probabilities():
     """MHA returns a view of its probabilities that no gradient reaches: read on its base."""
-    model = CourseViT().eval()
+    model = CourseViT(seed=0).eval()
     vm = vitviz.wrap(model, grid=(3, 5), num_prefix=1)
     torch.manual_seed(1)
     x, w = torch.randn(2, 3, 24, 40), torch.randn(2, 5)
@@ -347,7 +301,7 @@ def test_no_hooks_left_after_exit_and_after_an_exception():
     assert hook_state(model) == before and all(b.attn.fused_attn for b in model.blocks)
     out[0, 0].backward()  # after the block: the removed hooks record nothing
     with pytest.raises(CaptureError, match="backward"):
-        rec.attention_grads
+        _ = rec.attention_grads
     with pytest.raises(CaptureError, match="inside"):
         rec.grad_inputs()
 
@@ -366,12 +320,12 @@ def test_errors_say_what_to_do():
     with capture(model) as rec:  # grad not requested
         model(x)[0, 0].backward()
     with pytest.raises(CaptureError, match="grad=True"):
-        rec.attention_grads
+        _ = rec.attention_grads
     assert not rec.passes[-1].hooked and not rec.passes[-1].grads
     with torch.no_grad(), capture(model, grad=True) as rec:
         model(x)
     with pytest.raises(CaptureError, match="no_grad"):
-        rec.attention_grads
+        _ = rec.attention_grads
 
 
 def test_frozen_parameters_need_an_input_that_requires_grad():
@@ -380,7 +334,7 @@ def test_frozen_parameters_need_an_input_that_requires_grad():
     with capture(model, grad=True) as rec:
         model(x)
     with pytest.raises(CaptureError, match="requires_grad"):
-        rec.attention_grads
+        _ = rec.attention_grads
     with capture(model, grad=True) as rec:
         model(x.requires_grad_())[0, 1].backward()
     assert rec.attention_grads.tensor.abs().max() > 0

@@ -13,13 +13,12 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import hook_state, torch_function_modes
 from torch import nn
 
 import vitviz
 from vitviz.errors import CaptureError
 from vitviz.hooks import sdpa_probabilities
-
-from helpers import hook_state, torch_function_modes
 
 ATOL = 1e-6
 
@@ -267,7 +266,7 @@ def test_layers_not_kept_run_the_fused_kernel(monkeypatch):
         model(x)
     assert not computed
     with pytest.raises(CaptureError, match="no layer of it was kept"):
-        none.attentions
+        _ = none.attentions
 
 
 # --------------------------------------------------------------------------------------------

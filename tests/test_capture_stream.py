@@ -30,7 +30,7 @@ def test_streamed_rollout_equals_stored(model):
     torch.testing.assert_close(rec2.stream("r"), stored, rtol=1e-5, atol=1e-7)
     assert all(not p.records for p in rec2.passes)  # nothing stored
     with pytest.raises(CaptureError, match="no layer of it was kept"):
-        rec2.attentions
+        _ = rec2.attentions
 
 
 def test_keep_selected_layers(model):
@@ -173,7 +173,7 @@ def test_streamed_relevance_equals_stored(model, method, kw):
     assert torch.allclose(streamed, stored, rtol=1e-5, atol=1e-7)
     assert all(not p.records and not p.grads for p in rec.passes)  # nothing per layer was kept
     with pytest.raises(CaptureError, match="no layer of it was kept"):
-        rec.attention_grads
+        _ = rec.attention_grads
 
 
 def test_streamed_relevance_without_cls_token():
@@ -193,7 +193,7 @@ def test_relevance_stream_errors(model):
             pass
     with pytest.raises(ValueError, match="grad_rollout"):
         RelevanceStream("chefer", discard_ratio=0.9)
-    with vitviz.capture(model, grad=True, keep="none", streams={"rel": RelevanceStream()}) as rec:
+    with vitviz.capture(model, grad=True, keep="none", streams={"rel": RelevanceStream()}):
         out = model(x)[0, 1]
         out.backward(retain_graph=True)
         with pytest.raises(CaptureError, match="second gradient"):

@@ -4,11 +4,10 @@ eager), no flag switched, nothing left behind, layouts from the model."""
 import pytest
 import timm
 import torch
+from helpers import hook_state, torch_function_modes
 
 import vitviz
 from vitviz.errors import CaptureError
-
-from helpers import hook_state, torch_function_modes
 
 
 def tiny(name, **kw):

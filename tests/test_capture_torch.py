@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CourseViT
 from torch import nn
 
 import vitviz
@@ -23,33 +24,6 @@ ATOL = 1e-5
 # --------------------------------------------------------------------------------------------
 # models and references
 # --------------------------------------------------------------------------------------------
-
-class CourseViT(nn.Module):
-    """The ViT of a deep-learning course: Conv2d patches, a CLS token, nn.TransformerEncoder."""
-
-    def __init__(self, dim=32, heads=4, depth=2, patch=8, grid=(3, 5), num_classes=5,
-                 batch_first=True, norm_first=False):
-        super().__init__()
-        self.batch_first = batch_first
-        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid[0] * grid[1], dim) * 0.5)
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, activation="gelu",
-                                           batch_first=batch_first, norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, num_classes)
-
-    def embed(self, img):
-        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # [B, N-1, D]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, N, D]
-        x = x + self.pos_embed
-        return x if self.batch_first else x.transpose(0, 1)  # [B, N, D] or [N, B, D]
-
-    def forward(self, img):
-        x = self.encoder(self.embed(img))
-        cls = x[:, 0] if self.batch_first else x[0]
-        return self.head(cls)
-
 
 class TinyCaptioner(nn.Module):
     """A CNN encoder (3x5 feature map for a 12x20 image) + nn.TransformerDecoder over words."""

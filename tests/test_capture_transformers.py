@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import transformers
+from helpers import TINY_VIT, build_blip, build_ved, hook_state
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig
@@ -25,9 +26,6 @@ from vitviz.types import TokenLayout
 
 ATOL = 1e-6  # same eager kernels on the same weights: only summation-order noise
 
-VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-           image_size=32, patch_size=8)
-
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -35,35 +33,14 @@ VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermedi
 
 def build(model_cls: str, config_cls: str, **extra) -> nn.Module:
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**{**VIT, **extra})
+    config = getattr(transformers, config_cls)(**{**TINY_VIT, **extra})
     return getattr(transformers, model_cls)(config).eval()
-
-
-def build_ved() -> nn.Module:
-    """ViT encoder + GPT-2 decoder with cross-attention."""
-    torch.manual_seed(0)
-    enc = transformers.ViTConfig(**VIT)
-    dec = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32,
-                                  add_cross_attention=True, is_decoder=True)
-    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
-    return transformers.VisionEncoderDecoderModel(cfg).eval()
-
-
-def build_blip() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.BlipConfig(
-        vision_config=dict(VIT),
-        text_config=dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=32,
-                         pad_token_id=0, bos_token_id=1, sep_token_id=2, eos_token_id=2),
-    )
-    return transformers.BlipForConditionalGeneration(cfg).eval()
 
 
 def build_clip() -> nn.Module:
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
-        vision_config=dict(VIT),
+        vision_config=dict(TINY_VIT),
         text_config=dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=16),
         projection_dim=16)
@@ -76,15 +53,6 @@ def eager_reference(model: nn.Module, *args, **kwargs):
     ref.set_attn_implementation("eager")
     with torch.no_grad():
         return ref(*args, output_attentions=True, **kwargs), ref
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks")
-
-
-def hook_state(model: nn.Module) -> dict:
-    return {n: tuple(tuple(getattr(m, d, {}).keys()) for d in _HOOK_DICTS)
-            for n, m in model.named_modules()}
 
 
 def attn_impls(model: nn.Module) -> dict:
@@ -408,7 +376,7 @@ def test_claimed_modules_are_skipped_and_other_models_ignored():
 
 def test_shared_config_restored_and_both_models_captured():
     torch.manual_seed(0)
-    config = transformers.ViTConfig(**VIT)
+    config = transformers.ViTConfig(**TINY_VIT)
     a, b = transformers.ViTModel(config).eval(), transformers.ViTModel(config).eval()
     assert a.config is b.config
 
@@ -472,7 +440,7 @@ def test_restored_after_exception_inside_block():
     assert hook_state(model) == hooks_before
 
     # an exception raised by the model itself, in the middle of a forward pass
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="channel"):  # transformers' own check of the input
         with torch.no_grad(), capture(model):
             model(pixel_values=torch.randn(1, 5, 32, 32), decoder_input_ids=ids)  # 5 channels
     assert attn_impls(model) == impls_before
@@ -483,7 +451,8 @@ def test_restored_after_exception_inside_block():
 def test_external_kernels_are_refused_with_the_way_out():
     model = build("ViTModel", "ViTConfig")
     model.config._attn_implementation_internal = "flash_attention_2"  # as set_attn_implementation would
-    with pytest.raises(vitviz.CaptureError, match=r"external kernel 'flash_attention_2'.*set_attn_implementation\('sdpa'\)"):
+    refused = r"external kernel 'flash_attention_2'.*set_attn_implementation\('sdpa'\)"
+    with pytest.raises(vitviz.CaptureError, match=refused):
         with capture(model):
             pass
     assert hook_state(model) == hook_state(build("ViTModel", "ViTConfig"))
@@ -512,9 +481,14 @@ def test_prefix_tokens_read_off_the_model_before_any_capture():
     import vitviz
 
     """wrap() counts CLS / distillation / register / class_embedding parameters of HF models."""
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, DeiTConfig,
-                              DeiTForImageClassificationWithTeacher, Dinov2WithRegistersConfig,
-                              Dinov2WithRegistersModel)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        DeiTConfig,
+        DeiTForImageClassificationWithTeacher,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                  image_size=32, patch_size=8)

@@ -15,15 +15,20 @@ import pytest
 import pytorch_pretrained_vit as ppvit
 import timm
 import torch
+from PIL import Image
 from pytorch_pretrained_vit.configs import PRETRAINED_MODELS
 from safetensors.torch import save_file
-from PIL import Image
 from torch import nn
 
 import vitviz
 from vitviz.errors import CheckpointError
-from vitviz.models._checkpoint import (convert_pytorch_pretrained_vit, infer_timm_args,
-                                       is_pytorch_pretrained_vit, load_into_timm, read_state_dict)
+from vitviz.models._checkpoint_convert import (
+    convert_pytorch_pretrained_vit,
+    infer_timm_args,
+    is_pytorch_pretrained_vit,
+    load_into_timm,
+)
+from vitviz.models._checkpoint_read import read_state_dict
 
 # Small model with the structure of 'B_16_imagenet1k' (patches 16, classifier 'token',
 # no representation layer), built through the same named-config code path.

@@ -1,6 +1,5 @@
 """The `vitviz` command: outputs, exit statuses and one-line errors."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

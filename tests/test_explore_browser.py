@@ -15,7 +15,8 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-from test_gallery_browser import CHROMEDRIVER, CHROMIUM, _need_browser
+from helpers import CHROMEDRIVER, CHROMIUM
+from helpers import need_browser as _need_browser
 
 import vitviz
 from vitviz.models import Preprocess

@@ -88,7 +88,8 @@ def test_flow_command_in_a_fresh_process_without_ortools(tmp_path):
             "for n in ('ortools', 'ortools.graph', 'ortools.graph.python', 'ortools.graph.python.max_flow'):\n"
             "    sys.modules[n] = None\n"
             "from vitviz.cli import main\n"
-            f"sys.exit(main(['flow', {str(SAMPLES[0])!r}, '--model', 'ti16', '--random', '--out', {str(tmp_path)!r}]))\n")
+            f"sys.exit(main(['flow', {str(SAMPLES[0])!r}, '--model', 'ti16', '--random', "
+            f"'--out', {str(tmp_path)!r}]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line

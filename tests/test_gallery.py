@@ -25,10 +25,20 @@ from PIL import Image
 import vitviz
 from vitviz.cli import main
 from vitviz.errors import VitvizError
-from vitviz.gallery import (MethodResult, build_gallery, get_method, list_methods, list_sources,
-                            merge_gallery, output_names, parse_shard, register_method, shard_of)
+from vitviz.gallery import (
+    MethodResult,
+    _methods,
+    build_gallery,
+    get_method,
+    list_methods,
+    list_sources,
+    merge_gallery,
+    output_names,
+    parse_shard,
+    register_method,
+    shard_of,
+)
 from vitviz.gallery import _manifest as mf
-from vitviz.gallery import _methods
 from vitviz.render.html import render_pages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,7 +116,7 @@ def _make_folder(root: Path) -> Path:
     pa.info["transparency"] = 0
     pa.save(src / "palette_alpha.png", transparency=0)
     Image.fromarray(_noise(48, 40, 9)).convert("CMYK").save(src / "cmyk.jpg")
-    Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)).save(src / "deep16.png")
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(src / "deep16.png")
     rot = Image.fromarray(_noise(30, 50, 10))
     exif = rot.getexif()
     exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to show upright

@@ -7,36 +7,17 @@ a failure, so the page is always tested there.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 
 import numpy as np
 import pytest
 import torch
+from helpers import CHROMEDRIVER, CHROMIUM
+from helpers import need_browser as _need_browser
 from PIL import Image
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-try:
-    import selenium  # noqa: F401
-
-    HAVE_SELENIUM = True
-except ImportError:
-    HAVE_SELENIUM = False
-
 ODD = "<img src=x onerror=alert(1)> & \"quotes\" 'n' #?%.png"
-
-
-def _need_browser():
-    missing = [n for n, ok in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER),
-                               ("selenium", HAVE_SELENIUM)) if not ok]
-    if missing:
-        message = (f"{', '.join(missing)} not installed: apt-get install -y chromium chromium-driver; "
-                   "pip install selenium")
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

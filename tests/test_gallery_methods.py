@@ -12,7 +12,7 @@ from PIL import Image
 
 import vitviz
 from vitviz.errors import VitvizError
-from vitviz.gallery import _pipeline, build_gallery, list_methods
+from vitviz.gallery import _run, build_gallery, list_methods
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +55,7 @@ def test_streamed_capture_keeps_no_layer_and_equals_the_stored_path(model, folde
                              progress=False)
     assert calls and all(c.get("keep") == "none" and set(c["streams"]) == {"rollout", "cls"} for c in calls)
     calls.clear()
-    monkeypatch.setattr(_pipeline, "USE_STREAMS", False)
+    monkeypatch.setattr(_run, "USE_STREAMS", False)
     stored = build_gallery(folder, model, tmp_path / "k", options=opts, batch_size=3, workers=0,
                            progress=False)
     assert calls and all("keep" not in c for c in calls)
@@ -108,7 +108,7 @@ def test_relevance_methods_equal_vitviz_relevance_with_one_backward(model, folde
         with torch.no_grad():
             assert model(x).argmax(-1).item() == rec["prediction"]["index"]
     # computed in the backward pass (gradient streams) == from the stored attention and gradients
-    monkeypatch.setattr(_pipeline, "USE_STREAMS", False)
+    monkeypatch.setattr(_run, "USE_STREAMS", False)
     stored = build_gallery(folder, model, tmp_path / "k", methods="rollout,relevance,grad_rollout",
                            options={"grad_rollout": {"discard_ratio": 0.3}}, batch_size=4, workers=0,
                            progress=False)
@@ -133,7 +133,7 @@ def test_flow_method_equals_attention_flow(model, folder, tmp_path):
 
 
 def _tiny_captioner():
-    from test_captioning import build_ved  # ViT encoder + GPT-2 decoder, 2 layers each
+    from helpers import build_ved  # ViT encoder + GPT-2 decoder, 2 layers each
 
     return vitviz.wrap(build_ved(), name="tiny-ved")
 
@@ -162,7 +162,7 @@ def test_caption_method_writes_the_caption_and_one_map_per_word(folder, tmp_path
 
 def test_throughput_measurement_runs_and_reports_ratios(model, folder, tmp_path):
     """The benchmark's gallery-vs-plain measurement, reduced so that it cannot rot."""
-    from vitviz.gallery import measure_throughput
+    from benchmarks.gallery_throughput import measure_throughput
 
     r = measure_throughput(model, folder, tmp_path / "g", batch_size=4, workers=0, reps=1, limit=4)
     assert r["images"] == 4

@@ -16,16 +16,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fake_hub import FakeHub, closed_port_url
+from helpers import save_tiny_blip
 from safetensors.torch import save_file
 
 import vitviz
 from vitviz.cli import main
 from vitviz.errors import DownloadError
 from vitviz.models._loader import fetch, weights_status
-
-from fake_hub import FakeHub, closed_port_url
-from test_caption_cli import VOCAB, bert_tokenizer
-from test_captioning import build_blip
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 TI16_REPO = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # what timm names for alias ti16
@@ -56,13 +54,7 @@ def ti16_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def blip_folder(tmp_path_factory):
     """A tiny BLIP captioner as a Hub repo: config, weights, image processor, tokenizer."""
-    from transformers import BlipImageProcessor
-
-    d = tmp_path_factory.mktemp("blip")
-    build_blip(seed=0, vocab=len(VOCAB)).save_pretrained(d)
-    bert_tokenizer().save_pretrained(d)
-    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
-    return d
+    return save_tiny_blip(tmp_path_factory.mktemp("blip"), processor=True)
 
 
 @pytest.fixture

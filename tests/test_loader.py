@@ -1,6 +1,5 @@
 """load_model: aliases, unknown names, the local caches, --weights, --random, transformers dirs."""
 
-import os
 import time
 
 import pytest

@@ -2,13 +2,24 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from vitviz.analyze.metrics import (centre_prior, curve_auc, energy_pointing, mask_auc, mask_iou,
-                                    normalize_maps, patch_counts, patch_order, pointing_game,
-                                    random_maps, step_counts, step_masks, word_grounding)
+from vitviz.analyze.metrics import (
+    centre_prior,
+    curve_auc,
+    energy_pointing,
+    mask_auc,
+    mask_iou,
+    normalize_maps,
+    patch_counts,
+    patch_order,
+    pointing_game,
+    random_maps,
+    step_counts,
+    step_masks,
+    word_grounding,
+)
 from vitviz.errors import LayoutError
 from vitviz.faithfulness import deletion_insertion, gaussian_blur, substrate
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _figcheck import overlapping_labels, panel_sizes
 from PIL import Image
 
 import vitviz
@@ -19,8 +20,6 @@ from vitviz.cli import main
 from vitviz.render import figures as F
 from vitviz.render import output as output_module
 from vitviz.render.overlay import display_image
-
-from _figcheck import overlapping_labels, panel_sizes
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 TINY = ["--model", "ti16", "--random", "--image-size", "64"]  # 12 layers, 3 heads, 4x4 patches
@@ -181,7 +180,7 @@ def test_size_and_jpg_overlays(tmp_path, capsys):
 
 
 def test_constant_map_is_drawn_flat_with_a_note(tmp_path):
-    from vitviz.batch import map_files
+    from vitviz.map_writer import map_files
     from vitviz.render.output import OutputOptions
 
     model = vitviz.load_model("shapes-vit")

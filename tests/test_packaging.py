@@ -102,3 +102,12 @@ def test_wheel_has_the_zoo_weights_assets_and_command(wheel):
         assert "vitviz/_extras.py" in names and "vitviz/analyze/flow.py" in names
         assert z.read("vitviz/render/explore.html") == (ROOT / "vitviz/render/explore.html").read_bytes()
         assert not any(n.startswith(("tests/", "benchmarks/", "gallery/")) for n in names)
+
+
+def test_version_is_single_sourced_and_the_wheel_is_typed(wheel, metadata):
+    import vitviz
+
+    assert metadata["Version"] == vitviz.__version__  # pyproject reads it from vitviz/__init__.py
+    assert not re.search(r"^version\s*=\s*\"", (ROOT / "pyproject.toml").read_text(), re.M)  # no second copy
+    with zipfile.ZipFile(wheel) as z:
+        assert "vitviz/py.typed" in z.namelist()  # PEP 561: type checkers read vitviz's annotations

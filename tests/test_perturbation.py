@@ -3,25 +3,13 @@ hand-built images, invariants, batched against one by one."""
 
 import numpy as np
 import pytest
-import timm
 import torch
 import transformers
+from helpers import inputs, tiny_hf, tiny_timm
 
 import vitviz
 from vitviz.errors import LayoutError, VitvizError
-from vitviz.perturbation import (forward_kept_tokens, linear_impute, noisy_linear_impute, road, token_curves,
-                                 token_site)
-
-from helpers import inputs, tiny_hf
-
-
-def tiny_timm(**kw):
-    torch.manual_seed(0)
-    kw = dict(kw)
-    name = kw.pop("name", "vit_tiny_patch16_224")
-    args = dict(pretrained=False, depth=2, num_heads=2, embed_dim=32, num_classes=5, img_size=32, patch_size=8)
-    args.update(kw)
-    return timm.create_model(name, **args).eval()
+from vitviz.perturbation import forward_kept_tokens, linear_impute, noisy_linear_impute, road, token_curves, token_site
 
 
 def maps_of(b=3, seed=2):

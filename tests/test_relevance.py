@@ -9,16 +9,20 @@ transformers and torch-MHA models; logits, hooks and parameter gradients untouch
 
 import numpy as np
 import pytest
-import timm
 import torch
-import transformers
+from helpers import CourseViT, tiny_hf, tiny_timm
 from PIL import Image
 from torch import nn
 
 import vitviz
 from vitviz import capture
-from vitviz.analyze.relevance import (chefer_relevance, grad_rollout, grad_rollout_matrix,
-                                      relevance_map, relevance_matrix)
+from vitviz.analyze.relevance import (
+    chefer_relevance,
+    grad_rollout,
+    grad_rollout_matrix,
+    relevance_map,
+    relevance_matrix,
+)
 from vitviz.analyze.rollout import rollout, rollout_matrix
 from vitviz.errors import LayoutError, VitvizError
 from vitviz.explain import relevance, relevance_pass
@@ -27,7 +31,8 @@ from vitviz.types import AttentionMaps, TokenLayout
 ATOL = 1e-6
 
 
-def random_maps(layers=3, batch=2, heads=4, layout=TokenLayout(1, (2, 3)), seed=0):
+def random_maps(layers=3, batch=2, heads=4, layout=None, seed=0):
+    layout = layout or TokenLayout(1, (2, 3))
     g = torch.Generator().manual_seed(seed)
     n = layout.num_tokens
     attn = torch.softmax(3 * torch.randn(layers, batch, heads, n, n, generator=g), dim=-1)
@@ -73,7 +78,8 @@ def test_grad_rollout_hand_computed():
     # layer 1: mean over heads of A⊙dA, THEN clamp: [[.5,0,1],[0,.5,0],[0,0,-.5]] -> [[.5,0,1],[0,.5,0],[0,0,0]]
     #   (Chefer's clamp-then-mean would keep .5 at [0,1]); 0.5W + 0.5I = [[.75,0,.5],[0,.75,0],[0,0,.5]]
     #   rows normalised: Â1 = [[.6,0,.4],[0,1,0],[0,0,1]]
-    # layer 2: W = [[0,.5,0],[0,.5,0],[0,0,.5]] -> [[.5,.25,0],[0,.75,0],[0,0,.75]] -> Â2 = [[2/3,1/3,0],[0,1,0],[0,0,1]]
+    # layer 2: W = [[0,.5,0],[0,.5,0],[0,0,.5]] -> [[.5,.25,0],[0,.75,0],[0,0,.75]]
+    #   -> Â2 = [[2/3,1/3,0],[0,1,0],[0,0,1]]
     # R = Â2 Â1, row 0 = 2/3·[.6,0,.4] + 1/3·[0,1,0] = [.4, 1/3, 4/15]
     attn, grads = hand_case()
     r = grad_rollout_matrix(attn, grads)[0]
@@ -166,50 +172,12 @@ def test_analyzer_errors():
 # relevance(model, x): real models through the same capture
 # --------------------------------------------------------------------------------------------
 
-def tiny_timm(name="vit_tiny_patch16_224", **kw):
-    torch.manual_seed(0)
-    args = dict(pretrained=False, depth=2, num_heads=2, embed_dim=32, num_classes=5, img_size=32,
-                patch_size=8)
-    args.update(kw)
-    model = timm.create_model(name, **args).eval()
-    for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
-        if isinstance(head, nn.Linear):  # timm starts heads near zero: one class everywhere
-            nn.init.normal_(head.weight)
-    return model
-
-
-def tiny_hf():
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
-    model = transformers.ViTForImageClassification(cfg).eval()
-    nn.init.normal_(model.classifier.weight)
-    return model
-
-
-class CourseViT(nn.Module):
-    def __init__(self, dim=32, heads=4, depth=2, patch=8, grid=(4, 4), num_classes=5):
-        super().__init__()
-        torch.manual_seed(0)
-        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid[0] * grid[1], dim) * 0.5)
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, img):
-        x = self.patch_embed(img).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.head(self.encoder(x)[:, 0])
-
-
 MODELS = {
-    "timm": lambda: tiny_timm(),
-    "timm-distilled": lambda: tiny_timm("deit_tiny_distilled_patch16_224"),
-    "timm-registers": lambda: tiny_timm("vit_small_patch14_reg4_dinov2", img_size=32, patch_size=8),
-    "transformers": tiny_hf,
-    "torch-mha": lambda: vitviz.wrap(CourseViT(), grid=(4, 4), num_prefix=1),
+    "timm": lambda: tiny_timm(real_head=True),
+    "timm-distilled": lambda: tiny_timm("deit_tiny_distilled_patch16_224", real_head=True),
+    "timm-registers": lambda: tiny_timm("vit_small_patch14_reg4_dinov2", img_size=32, patch_size=8, real_head=True),
+    "transformers": lambda: tiny_hf(real_head=True),
+    "torch-mha": lambda: vitviz.wrap(CourseViT(grid=(4, 4), activation="relu", seed=0), grid=(4, 4), num_prefix=1),
 }
 
 
@@ -277,7 +245,7 @@ def test_relevance_equals_formula_on_captured_gradients(kind, method):
 
 
 def test_explicit_targets():
-    model = tiny_timm()
+    model = tiny_timm(real_head=True)
     x, pred = spread_inputs(model)
     other = (pred + 1) % 5
     got = relevance(model, x, target=other.tolist())
@@ -294,7 +262,7 @@ def test_explicit_targets():
 
 
 def test_frozen_model_grad_mode_off_and_custom_scores():
-    model = tiny_timm().requires_grad_(False)
+    model = tiny_timm(real_head=True).requires_grad_(False)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # relevance turns gradients on for its own pass
         maps = relevance(model, x)
@@ -304,7 +272,7 @@ def test_frozen_model_grad_mode_off_and_custom_scores():
     class Tokens(nn.Module):  # no classifier: all token features [B, N, D]
         def __init__(self):
             super().__init__()
-            self.vit = tiny_timm()
+            self.vit = tiny_timm(real_head=True)
 
         def forward(self, img):
             return self.vit.forward_features(img)
@@ -324,7 +292,7 @@ def test_backward_reaches_every_layer_when_the_input_is_cut_off_the_graph():
     class Detaching(nn.Module):
         def __init__(self):
             super().__init__()
-            self.vit = tiny_timm()
+            self.vit = tiny_timm(real_head=True)
 
         def forward(self, img):
             return self.vit(img.detach())
@@ -389,7 +357,7 @@ def test_half_precision_models_give_relevance_close_to_float32(dtype, tol, metho
     0.5%; measured 0.8% and 0.15% on this model), maps in float32, same explained classes."""
     import copy
 
-    model = tiny_timm(depth=4, img_size=64)
+    model = tiny_timm(depth=4, img_size=64, real_head=True)
     x = torch.randn(4, 3, 64, 64)
     ref = relevance_pass(model, x, method=method)
     half = copy.deepcopy(model).to(dtype)

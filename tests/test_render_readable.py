@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import torch
+from _figcheck import drawn_texts, overlapping_labels, panel_sizes, texts_inside_figure
 from PIL import Image
 
 import vitviz
@@ -19,8 +20,6 @@ from vitviz.render import figures as F
 from vitviz.render.caption_strip import caption_strip
 from vitviz.render.output import OutputOptions
 from vitviz.render.overlay import colormap_lut, display_image, map_scales, scale_map
-
-from _figcheck import drawn_texts, overlapping_labels, panel_sizes, texts_inside_figure
 
 IMAGE = np.zeros((64, 64, 3), dtype=np.uint8)
 IMAGE[:, :32] = (200, 40, 40)

@@ -4,22 +4,13 @@
 import math
 
 import pytest
-import timm
 import torch
+from helpers import inputs, tiny_hf, tiny_timm
 
 import vitviz
 from vitviz.analyze.metrics import average_ranks, spearman, ssim, topk_overlap
 from vitviz.errors import LayoutError, VitvizError
 from vitviz.sanity import randomization, randomization_layers
-
-from helpers import inputs, tiny_hf
-
-
-def tiny_timm(**kw):
-    torch.manual_seed(0)
-    args = dict(pretrained=False, depth=2, num_heads=2, embed_dim=32, num_classes=5, img_size=32, patch_size=8)
-    args.update(kw)
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
 
 
 def trained_like(model):

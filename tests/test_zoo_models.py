@@ -173,7 +173,7 @@ def test_benchmark_maps_command(capsys):
 
 
 def test_benchmark_rows_and_scores(vit):
-    from vitviz.zoo.benchmark import benchmark_classifier, classifier_methods
+    from vitviz.zoo.evaluate import classifier_methods, evaluate_classifier
 
     scenes = make_dataset("classification", FRESH[2000:2002])
     x = to_input(np.stack([s.image for s in scenes]))
@@ -182,7 +182,7 @@ def test_benchmark_rows_and_scores(vit):
     assert all(m.shape == (2, 8, 8) for m in maps.values()) and notes == ["attention flow was skipped"]
     from vitviz.analyze import attention_flow, flow
     assert attention_flow is flow.attention_flow  # the analyzer the flow row of `vitviz benchmark-maps` calls
-    table = benchmark_classifier(vit, seeds=FRESH[2000:2010], batch_size=10, deletion=False, flow=False)
+    table = evaluate_classifier(vit, seeds=FRESH[2000:2010], batch_size=10, deletion=False, flow=False)
     assert table.n == 10 and set(table.rows["rollout"]) == {"pointing", "energy", "iou", "auc"}
     # the table is the mean of the metric over the scenes
     from vitviz.analyze import rollout

@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from vitviz.zoo.scenes import (COLOURS, SHAPES, caption_scene, classification_scene, coverage,
-                               make_dataset, shape_area)
+from vitviz.zoo.scenes import COLOURS, SHAPES, caption_scene, classification_scene, coverage, make_dataset, shape_area
 
 
 def _same(a, b):

@@ -97,18 +97,36 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .analyze import (attention_entropy, attention_flow, chefer_relevance, cls_maps, grad_rollout,
-                          mass_masks, mean_attention_distance, prefix_attention_share, query_maps,
-                          rollout, word_grids)
+    from .analyze import (
+        attention_entropy,
+        attention_flow,
+        chefer_relevance,
+        cls_maps,
+        grad_rollout,
+        mass_masks,
+        mean_attention_distance,
+        prefix_attention_share,
+        query_maps,
+        rollout,
+        word_grids,
+    )
     from .captioning import Caption, caption
-    from .gallery import build_gallery, merge_gallery
+    from .errors import (
+        CaptureError,
+        CheckpointError,
+        ImageError,
+        LayoutError,
+        MissingExtraError,
+        ModelNotFoundError,
+        PreprocessError,
+        VitvizError,
+        WeightsNotFoundError,
+    )
     from .explain import relevance
-    from .textmaps import TextMaps, explain_text
     from .explorer import Explorer, explore
+    from .gallery import build_gallery, merge_gallery
     from .hooks import Recording, capture
-    from .errors import (CaptureError, CheckpointError, ImageError, LayoutError, MissingExtraError,
-                         ModelNotFoundError, PreprocessError, VitvizError, WeightsNotFoundError)
-    from .models import (Preprocess, VisionModel, list_models, load_image, load_model, pos_similarity,
-                         to_rgb_array, wrap)
+    from .models import Preprocess, VisionModel, list_models, load_image, load_model, pos_similarity, to_rgb_array, wrap
     from .render import overlay
+    from .textmaps import TextMaps, explain_text
     from .types import AttentionMaps, CrossAttentionMaps, TokenLayout

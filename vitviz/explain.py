@@ -6,17 +6,18 @@ analyzers stay pure tensor functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
 from .analyze.relevance import RelevanceStream
 from .errors import CaptureError, VitvizError
 from .hooks import capture
-from .models._vision_model import VisionModel, wrap
+from .models import VisionModel, classifier_logits, describe_output, score_fn_scores, wrap
 
-Target = Union[None, int, Sequence[int], torch.Tensor]
+Target = int | Sequence[int] | torch.Tensor | None
 
 
 @dataclass
@@ -32,20 +33,17 @@ class RelevanceResult:
 
     maps: torch.Tensor
     logits: Any
-    target: Optional[torch.Tensor]
+    target: torch.Tensor | None
 
 
 def _logits_of(output: Any) -> torch.Tensor:
-    """``[B, C]`` classifier logits in a model's output (tensor, ``.logits`` or first element)."""
-    t = getattr(output, "logits", output)
-    if isinstance(t, (tuple, list)) and t:
-        t = t[0]
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+    """``[B, C]`` classifier logits in a model's output, or the error that says what to do."""
+    t = classifier_logits(output)
+    if t is None:
         raise VitvizError(
             f"relevance explains a class logit and needs classifier logits [B, classes] from the "
-            f"model, got {shape}; load the model with a classifier head (num_classes > 0) or pass "
-            "score_fn=lambda output: <a [B] tensor of per-sample scores>")
+            f"model, got {describe_output(output)}; load the model with a classifier head "
+            "(num_classes > 0) or pass score_fn=lambda output: <a [B] tensor of per-sample scores>")
     return t
 
 
@@ -92,14 +90,15 @@ def backward_through_attention(score: torch.Tensor, x: torch.Tensor, rec, name: 
 
 def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
                    head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
-                   score_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> RelevanceResult:
+                   score_fn: Callable[[Any], torch.Tensor] | None = None) -> RelevanceResult:
     """:func:`relevance` that also returns the logits and the explained classes.
 
     One forward pass (eager attention, captured) and one backward pass that computes only
     activation gradients down to the input (no parameter gradients, nothing accumulated into
     ``.grad``); the map is built layer by layer as the gradients w.r.t. the attention
-    probabilities pass by (:class:`vitviz.analyze.RelevanceStream`). The score is the sum over samples of each sample's own target logit, so
-    every sample gets the gradient of its own logit (samples do not interact in a ViT).
+    probabilities pass by (:class:`vitviz.analyze.RelevanceStream`). The score is the sum over samples
+    of each sample's own target logit, so every sample gets the gradient of its own logit (samples do
+    not interact in a ViT).
 
     Returns:
         :class:`RelevanceResult`.
@@ -118,10 +117,7 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
     with torch.enable_grad(), capture(vm, grad=True, keep="none", streams={"relevance": stream}) as rec:
         output = vm(x)
         if score_fn is not None:
-            scores = score_fn(output)  # [B]
-            if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
-                raise VitvizError("score_fn must return a [B] tensor of per-sample scores, got "
-                                  f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+            scores = score_fn_scores(output, score_fn)  # [B]
             t, logits = None, output
         else:
             logits = _logits_of(output)  # [B, C]
@@ -136,7 +132,7 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
 
 def relevance(model, x, *, target: Target = None, method: str = "chefer",
               head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
-              score_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> torch.Tensor:
+              score_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
     """Class-specific relevance maps: Chefer et al. 2021 or gradient rollout.
 
     Args:

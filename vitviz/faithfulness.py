@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
 from .analyze.metrics import curve_auc, step_masks
 from .errors import LayoutError
 
-Substrate = Union[str, float, torch.Tensor]
+Substrate = str | float | torch.Tensor
 
 
 @dataclass
@@ -46,25 +45,23 @@ class Curves:
         target: ``[B]`` the class tracked.
     """
 
-    deletion: Optional[torch.Tensor]
-    insertion: Optional[torch.Tensor]
+    deletion: torch.Tensor | None
+    insertion: torch.Tensor | None
     target: torch.Tensor
 
     @property
-    def deletion_auc(self) -> Optional[torch.Tensor]:
+    def deletion_auc(self) -> torch.Tensor | None:
         return None if self.deletion is None else curve_auc(self.deletion)
 
     @property
-    def insertion_auc(self) -> Optional[torch.Tensor]:
+    def insertion_auc(self) -> torch.Tensor | None:
         return None if self.insertion is None else curve_auc(self.insertion)
 
 
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        logits = out[0]
+def _logits(out: object) -> torch.Tensor:
+    from .models import output_logits
+
+    logits = output_logits(out)
     if logits is None:
         raise TypeError(f"the model returned {type(out).__name__}; deletion/insertion needs a classifier "
                         "returning logits [B, C] or an output with .logits")
@@ -92,7 +89,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.nn.functional.conv2d(y, kw, groups=c)  # [B, C, H, W]
 
 
-def substrate(x: torch.Tensor, kind: Substrate, blur_sigma: Optional[float] = None) -> torch.Tensor:
+def substrate(x: torch.Tensor, kind: Substrate, blur_sigma: float | None = None) -> torch.Tensor:
     """What removed patches become.
 
     Args:
@@ -116,10 +113,10 @@ def substrate(x: torch.Tensor, kind: Substrate, blur_sigma: Optional[float] = No
 
 
 @torch.no_grad()
-def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, *, target: Optional[torch.Tensor] = None,
-                       steps: Optional[int] = None, deletion: bool = True, insertion: bool = True,
+def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, *, target: torch.Tensor | None = None,
+                       steps: int | None = None, deletion: bool = True, insertion: bool = True,
                        deletion_substrate: Substrate = "zero", insertion_substrate: Substrate = "blur",
-                       blur_sigma: Optional[float] = None, batch_size: int = 128) -> Curves:
+                       blur_sigma: float | None = None, batch_size: int = 128) -> Curves:
     """Deletion and insertion curves of patch maps.
 
     Args:

@@ -16,12 +16,27 @@ Example:
 
 from __future__ import annotations
 
-from .analyze.metrics import (average_ranks, centre_prior, curve_auc, energy_pointing, mask_auc, mask_iou,
-                              normalize_maps, patch_counts, patch_order, pointing_game, random_maps,
-                              spearman, ssim, step_counts, step_masks, topk_overlap, word_grounding)
+from .analyze.metrics import (
+                              average_ranks,
+                              centre_prior,
+                              curve_auc,
+                              energy_pointing,
+                              mask_auc,
+                              mask_iou,
+                              normalize_maps,
+                              patch_counts,
+                              patch_order,
+                              pointing_game,
+                              random_maps,
+                              spearman,
+                              ssim,
+                              step_counts,
+                              step_masks,
+                              topk_overlap,
+                              word_grounding,
+)
 from .faithfulness import Curves, deletion_insertion, gaussian_blur, substrate
-from .perturbation import (RoadCurves, forward_kept_tokens, linear_impute, noisy_linear_impute, road,
-                           token_curves)
+from .perturbation import RoadCurves, forward_kept_tokens, linear_impute, noisy_linear_impute, road, token_curves
 from .sanity import Randomization, randomization, randomization_layers
 
 __all__ = ["pointing_game", "energy_pointing", "mask_iou", "mask_auc", "word_grounding",

@@ -37,8 +37,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -144,7 +145,7 @@ def _check_maps(vm, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return maps.to(x.device)
 
 
-def _steps(g: int, steps: Optional[int]) -> list[int]:
+def _steps(g: int, steps: int | None) -> list[int]:
     s = g if steps is None else int(steps)
     if not 1 <= s <= g:
         raise VitvizError(f"steps must be in 1..{g} (the patches of the grid), got {steps}")
@@ -177,9 +178,9 @@ def _score(output, target, score_fn, idx, what) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_curves(model, x, maps: torch.Tensor, *, target: Optional[torch.Tensor] = None,
-                 steps: Optional[int] = None, deletion: bool = True, insertion: bool = True,
-                 order: str = "morf", score_fn: Optional[ScoreFn] = None, batch_size: int = 128) -> Curves:
+def token_curves(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = None,
+                 steps: int | None = None, deletion: bool = True, insertion: bool = True,
+                 order: str = "morf", score_fn: ScoreFn | None = None, batch_size: int = 128) -> Curves:
     """Token deletion and insertion curves of patch maps.
 
     Step ``s`` removes (deletion) or keeps (insertion) the ``step_counts(G, steps)[s]`` first
@@ -227,7 +228,7 @@ def token_curves(model, x, maps: torch.Tensor, *, target: Optional[torch.Tensor]
             for s, c in enumerate(counts):
                 by_len.setdefault(g - c if kind == "deletion" else c, []).append((kind, s))
         out = {k: torch.empty(b, len(counts), device=x.device) for k in kinds}
-        for n, jobs in by_len.items():
+        for jobs in by_len.values():
             rows = [(kind, s, i) for kind, s in jobs for i in range(b)]
             for start in range(0, len(rows), batch_size):
                 part = rows[start:start + batch_size]
@@ -301,7 +302,7 @@ def _pcg(v: torch.Tensor, u: torch.Tensor, z: torch.Tensor, tol: float, max_iter
     return out
 
 
-def _cascade(v: torch.Tensor, u: torch.Tensor, tol: float, max_iter: Optional[int]) -> torch.Tensor:
+def _cascade(v: torch.Tensor, u: torch.Tensor, tol: float, max_iter: int | None) -> torch.Tensor:
     """Solve on a half-size problem first (recursively) and start the full-size CG from its upsampled
     solution (cascadic conjugate gradients): far fewer full-size iterations for large holes."""
     h, w = v.shape[-2:]
@@ -318,7 +319,7 @@ def _cascade(v: torch.Tensor, u: torch.Tensor, tol: float, max_iter: Optional[in
 
 
 def linear_impute(x: torch.Tensor, remove: torch.Tensor, *, tol: float = 1e-4,
-                  max_iter: Optional[int] = None) -> torch.Tensor:
+                  max_iter: int | None = None) -> torch.Tensor:
     """Replace removed pixels by the solution of ROAD's linear system (no noise).
 
     Every removed pixel ``i`` satisfies ``x_i = sum_j w_ij x_j / sum_j w_ij`` over its in-image
@@ -349,7 +350,7 @@ def linear_impute(x: torch.Tensor, remove: torch.Tensor, *, tol: float = 1e-4,
 
 
 def noisy_linear_impute(x: torch.Tensor, remove: torch.Tensor, *, noise: float = 0.01,
-                        generator: Optional[torch.Generator] = None, tol: float = 1e-4) -> torch.Tensor:
+                        generator: torch.Generator | None = None, tol: float = 1e-4) -> torch.Tensor:
     """ROAD's noisy linear imputation: :func:`linear_impute` plus ``N(0, noise²)`` on the removed pixels.
 
     Shape:
@@ -377,7 +378,7 @@ class RoadCurves:
     morf: torch.Tensor
     lerf: torch.Tensor
     counts: list
-    target: Optional[torch.Tensor]
+    target: torch.Tensor | None
 
     @property
     def morf_auc(self) -> torch.Tensor:
@@ -396,8 +397,8 @@ class RoadCurves:
 
 
 @torch.no_grad()
-def road(model, x, maps: torch.Tensor, *, target: Optional[torch.Tensor] = None, steps: Optional[int] = 10,
-         noise: float = 0.01, seed: int = 0, score_fn: Optional[ScoreFn] = None,
+def road(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = None, steps: int | None = 10,
+         noise: float = 0.01, seed: int = 0, score_fn: ScoreFn | None = None,
          batch_size: int = 128) -> RoadCurves:
     """ROAD (remove and debias): MoRF and LeRF curves with noisy linear imputation.
 

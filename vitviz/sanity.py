@@ -30,8 +30,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from torch import nn
 from .analyze.metrics import centre_prior, random_maps, spearman, ssim, topk_overlap
 from .errors import LayoutError, VitvizError
 
-MapFn = Callable[[Any, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+MapFn = Callable[[Any, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _HEAD_NAMES = ("head", "classifier", "fc")
 _FINAL_NORM_NAMES = ("norm", "fc_norm", "layernorm", "post_layernorm", "final_layer_norm", "ln_post")
@@ -117,7 +118,7 @@ returning ``[B, gh, gw]``. ``cls`` is the last layer's CLS row, heads averaged; 
 fixed random map per image) and ``centre`` (a centre prior) are baselines that ignore the model."""
 
 
-def get_map_fn(method: Union[str, MapFn]) -> MapFn:
+def get_map_fn(method: str | MapFn) -> MapFn:
     """The map function of a method name (see :data:`METHODS`), or ``method`` itself if callable."""
     if callable(method):
         return method
@@ -136,7 +137,7 @@ def get_map_fn(method: Union[str, MapFn]) -> MapFn:
 # ---------------------------------------------------------------------------------------------
 
 def as_vision_model(model):
-    from .models._vision_model import VisionModel, wrap
+    from .models import VisionModel, wrap
 
     return model if isinstance(model, VisionModel) else wrap(model)
 
@@ -182,19 +183,15 @@ def logits_of(output, score_fn=None, what: str = "this metric") -> torch.Tensor:
     Raises:
         VitvizError: the output is not a classifier's and no ``score_fn`` was given.
     """
+    from .models import classifier_logits, describe_output, score_fn_scores
+
     if score_fn is not None:
-        s = score_fn(output)
-        if not isinstance(s, torch.Tensor) or s.dim() != 1:
-            raise VitvizError("score_fn must return a [B] tensor of per-sample scores, got "
-                              f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}")
-        return s
-    t = getattr(output, "logits", output)
-    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
-        t = t[0]
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        return score_fn_scores(output, score_fn)
+    t = classifier_logits(output)
+    if t is None:
         raise VitvizError(f"{what} needs a classifier returning logits [B, classes], the model returned "
-                          f"{shape}; pass score_fn=lambda output: <a [B] tensor of per-sample scores>")
+                          f"{describe_output(output)}; pass score_fn=lambda output: <a [B] tensor of "
+                          "per-sample scores>")
     return t
 
 
@@ -319,7 +316,7 @@ class Randomization:
     k: int
     mode: str
     method: str = ""
-    target: Optional[torch.Tensor] = field(default=None, repr=False)
+    target: torch.Tensor | None = field(default=None, repr=False)
 
     def summary(self) -> list[dict]:
         """One dict per step: name and the means over images (NaN-aware)."""
@@ -328,10 +325,10 @@ class Randomization:
                 for i, s in enumerate(self.steps)]
 
 
-def randomization(model, images, method: Union[str, MapFn] = "rollout", *, mode: str = "cascade",
-                  layers: Optional[Sequence[Step]] = None, num_steps: Optional[int] = None,
-                  seed: int = 0, top_k: Optional[int] = None, batch_size: int = 32,
-                  target: Optional[torch.Tensor] = None) -> Randomization:
+def randomization(model, images, method: str | MapFn = "rollout", *, mode: str = "cascade",
+                  layers: Sequence[Step] | None = None, num_steps: int | None = None,
+                  seed: int = 0, top_k: int | None = None, batch_size: int = 32,
+                  target: torch.Tensor | None = None) -> Randomization:
     """Model-parameter randomisation test of a map method (Adebayo et al. 2018).
 
     Args:
@@ -419,7 +416,8 @@ def randomization(model, images, method: Union[str, MapFn] = "rollout", *, mode:
     g = maps.shape[-2] * maps.shape[-1]
     k = max(1, g // 10) if top_k is None else int(top_k)
     if not 1 <= k <= g:
-        raise VitvizError(f"top_k must be in 1..{g} (patches of the {maps.shape[-2]}x{maps.shape[-1]} grid), got {top_k}")
+        raise VitvizError(
+            f"top_k must be in 1..{g} (patches of the {maps.shape[-2]}x{maps.shape[-1]} grid), got {top_k}")
     ref = maps[0]
     sp = torch.stack([spearman(ref, m) for m in maps])  # [S+1, B]
     ss = torch.stack([ssim(ref, m) for m in maps])
@@ -486,16 +484,16 @@ class SanityReport:
         return out
 
     def table(self):
-        """A :class:`vitviz.zoo.benchmark.Table` (``.format(markdown=True)`` for Markdown)."""
-        from .zoo.benchmark import Table
+        """A :class:`vitviz.zoo.evaluate.Table` (``.format(markdown=True)`` for Markdown)."""
+        from .zoo.evaluate import Table
 
         return Table(self.rows(), dict(SANITY_COLUMNS), self.n)
 
 
-def sanity_check(model, images, methods: Sequence[Union[str, MapFn]] = DEFAULT_METHODS, *,
-                 randomize: bool = True, tokens: bool = True, road_images: Optional[int] = None,
+def sanity_check(model, images, methods: Sequence[str | MapFn] = DEFAULT_METHODS, *,
+                 randomize: bool = True, tokens: bool = True, road_images: int | None = None,
                  steps: int = 16, road_steps: int = 10, seed: int = 0, batch_size: int = 32,
-                 score_fn=None, progress: Optional[Callable[[str], None]] = None) -> SanityReport:
+                 score_fn=None, progress: Callable[[str], None] | None = None) -> SanityReport:
     """Randomisation, token deletion / insertion and ROAD for several map methods on the same inputs.
 
     Args:
@@ -546,5 +544,6 @@ def sanity_check(model, images, methods: Sequence[Union[str, MapFn]] = DEFAULT_M
     return SanityReport(rand, tok, rd, secs, b)
 
 
-__all__ = ["sanity_check", "SanityReport", "SANITY_COLUMNS", "DEFAULT_METHODS", "randomization", "Randomization", "randomization_layers", "METHODS", "get_map_fn",
+__all__ = ["sanity_check", "SanityReport", "SANITY_COLUMNS", "DEFAULT_METHODS", "randomization", "Randomization",
+           "randomization_layers", "METHODS", "get_map_fn",
            "restored", "prepare_inputs", "logits_of", "check_classifier"]

@@ -8,8 +8,9 @@ and hand them to any analyzer.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import LayoutError
 
@@ -41,7 +42,7 @@ class TokenLayout:
 
     num_prefix: int = 1
     grid: tuple[int, int] = None  # type: ignore[assignment]  # required; None only for the deprecation path
-    has_cls: Optional[bool] = field(default=None)
+    has_cls: bool | None = field(default=None)
     num_suffix: int = 0
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ class TokenLayout:
             )
 
 
-def _as_tensor(x) -> "torch.Tensor":
+def _as_tensor(x: object) -> torch.Tensor:
     import numpy as np
     import torch
 
@@ -126,10 +127,10 @@ class AttentionMaps:
         (2, 3)
     """
 
-    tensor: "torch.Tensor"
+    tensor: torch.Tensor
     layout: TokenLayout
-    key_layout: Optional[TokenLayout] = None
-    layers: Optional[tuple[int, ...]] = None
+    key_layout: TokenLayout | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.tensor = _as_tensor(self.tensor)
@@ -185,7 +186,7 @@ class AttentionMaps:
     def __len__(self) -> int:
         return self.num_layers
 
-    def to(self, *args, **kwargs) -> "AttentionMaps":
+    def to(self, *args: Any, **kwargs: Any) -> AttentionMaps:
         return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout, self.key_layout, self.layers)
 
     def _repr_png_(self) -> bytes:
@@ -216,9 +217,9 @@ class CrossAttentionMaps:
         tokens: the ``T`` text tokens as strings, when known.
     """
 
-    tensor: "torch.Tensor"
+    tensor: torch.Tensor
     layout: TokenLayout
-    tokens: Optional[Sequence[str]] = None
+    tokens: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         self.tensor = _as_tensor(self.tensor)

@@ -21,7 +21,8 @@ Everything here is a pure function of tensors: no model, no files, no plotting.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ from .rollout import HEAD_FUSIONS, fuse_heads, rollout_matrix
 MERGE_RULES = ("mean", "sum", "max")
 
 
-def merge_pieces(maps: torch.Tensor, spans: Sequence, rule: str = "mean", dim: int = -3) -> torch.Tensor:
+def merge_pieces(maps: torch.Tensor, spans: Sequence[Any], rule: str = "mean", dim: int = -3) -> torch.Tensor:
     """Combine the maps of the sub-word pieces of each word.
 
     The rule, and why ``"mean"`` is the default: before the prefix tokens are dropped every
@@ -99,7 +100,8 @@ def patch_grid(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return patches.reshape(*patches.shape[:-1], *layout.grid)
 
 
-def _rollout_rows(rollout, cross: CrossAttentionMaps, sample: int, head_fusion: Optional[str]):
+def _rollout_rows(rollout: object, cross: CrossAttentionMaps, sample: int,
+                  head_fusion: str | None) -> torch.Tensor:
     """The encoder rollout matrix ``[Ni, Ni]`` of one sample, for composition."""
     if isinstance(rollout, AttentionMaps):
         if rollout.layout.num_tokens != cross.layout.num_tokens:
@@ -127,14 +129,14 @@ def _rollout_rows(rollout, cross: CrossAttentionMaps, sample: int, head_fusion: 
 
 
 def word_grids(
-    cap,
+    cap: Any,
     *,
-    layer: Optional[int] = -1,
-    head_fusion: Optional[str] = "mean",
+    layer: int | None = -1,
+    head_fusion: str | None = "mean",
     sample: int = 0,
-    merge: Optional[str] = None,
-    spans: Optional[Sequence] = None,
-    rollout: Union[bool, AttentionMaps, torch.Tensor] = False,
+    merge: str | None = None,
+    spans: Sequence[Any] | None = None,
+    rollout: bool | AttentionMaps | torch.Tensor = False,
     method: str = "attention",
 ) -> torch.Tensor:
     """Patch maps of what the decoder looked at for every generated token (or word).
@@ -203,11 +205,12 @@ def word_grids(
         a = fuse_heads(a, head_fusion)  # [L', T, Ni]
     if rollout is not False and rollout is not None:
         if rollout is True:
-            rollout = getattr(cap, "encoder", None)
-            if rollout is None:
+            encoder = getattr(cap, "encoder", None)
+            if encoder is None:
                 raise LayoutError(
                     "rollout=True needs the encoder's self-attention, and none was recorded (a CNN "
                     "encoder has none); pass rollout=False, or the encoder AttentionMaps")
+            rollout = encoder
         r = _rollout_rows(rollout, cross, sample, head_fusion).to(a)  # [Ni, Ni]
         a = a @ r  # [L', (H,) T, Ni]
     grids = patch_grid(a, cross.layout)  # [L', (H,) T, gh, gw]
@@ -255,10 +258,10 @@ def _check_pair(attn: torch.Tensor, grads: torch.Tensor, what: str) -> None:
 def encoder_decoder_relevance(
     cross: torch.Tensor,
     cross_grads: torch.Tensor,
-    text: Optional[torch.Tensor] = None,
-    text_grads: Optional[torch.Tensor] = None,
-    encoder: Optional[torch.Tensor] = None,
-    encoder_grads: Optional[torch.Tensor] = None,
+    text: torch.Tensor | None = None,
+    text_grads: torch.Tensor | None = None,
+    encoder: torch.Tensor | None = None,
+    encoder_grads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Relevance of the encoder tokens for every decoder position, for one explained score.
 
@@ -320,6 +323,7 @@ def encoder_decoder_relevance(
     r_ii_bar = _normalized_residual(r_ii)  # [B, Ni, Ni]; the encoder is done before the decoder
     for layer in range(num_layers):
         if text is not None:
+            assert text_grads is not None  # checked with text above
             cam = _grad_weighted(text[layer], text_grads[layer].to(dev))  # [B, T, T]
             r_tt = r_tt + cam @ r_tt
             r_ti = r_ti + cam @ r_ti

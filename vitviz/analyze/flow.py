@@ -63,7 +63,7 @@ random graphs.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 
@@ -175,7 +175,7 @@ def attention_flow(attn: AttentionMaps, *, query: Query = "auto", head_fusion: s
 
 def layered_max_flow(caps: torch.Tensor, source: torch.Tensor, *, tol: float = 1e-9,
                      progress: bool = False, exact_only: bool = False,
-                     stats: Optional[dict] = None) -> torch.Tensor:
+                     stats: dict[str, Any] | None = None) -> torch.Tensor:
     """Max-flow values from a weighted source at the top of a layered graph to every bottom node.
 
     The graph has layers ``0..L``, ``N`` nodes each, and arcs from every node ``a`` of layer
@@ -278,7 +278,7 @@ def _upper_bounds(caps: torch.Tensor, source: torch.Tensor, sweeps: int = 30) ->
     return best
 
 
-def _cut_value(caps: torch.Tensor, source: torch.Tensor, k: list) -> torch.Tensor:
+def _cut_value(caps: torch.Tensor, source: torch.Tensor, k: list[torch.Tensor]) -> torch.Tensor:
     """Capacity of the cut with sink-side sets ``k[g]`` (``[B, S, N]`` 0/1 each). -> ``[B, S]``"""
     num_layers = caps.shape[1]
     total = (k[num_layers] * source[:, None, :]).sum(-1)  # [B, S]
@@ -311,8 +311,8 @@ def _lower_bounds(caps: torch.Tensor, source: torch.Tensor, target: torch.Tensor
     if not bool((total > 0).all()):
         return best  # no source: upper bound 0 settles it
     # top chain, shared by all sinks: p[g] for g = L..1 and the bound on F it imposes
-    p = [None] * (num_layers + 1)
-    top_bound = [None] * (num_layers + 1)  # top_bound[m]: bound from arcs g = L-1 .. m+1
+    p: dict[int, torch.Tensor] = {}
+    top_bound: dict[int, torch.Tensor] = {}  # top_bound[m]: bound from arcs g = L-1 .. m+1
     p[num_layers] = source / total  # [B, N]
     top_bound[num_layers - 1] = total[:, 0]  # [B] (super-source arcs: F <= sum(w))
     for g in range(num_layers - 1, 0, -1):
@@ -353,7 +353,7 @@ def _lower_bounds(caps: torch.Tensor, source: torch.Tensor, target: torch.Tensor
 _INT_BITS = 62  # capacities are scaled to int64 with this much headroom for sums
 
 
-def _integer_graph(caps, source, tol: float):
+def integer_graph(caps: Any, source: Any, tol: float) -> tuple[Any, Any, float, int, int]:
     """One sample's layered graph for OR-tools' integer max-flow.
 
     Nodes ``g * N + a`` for layer ``g = 1..L`` (layer 0 is replaced by a super-sink ``T``:
@@ -382,12 +382,14 @@ def _integer_graph(caps, source, tol: float):
     tails, heads, cap = [], [], []
     num_arcs = n  # every arc of the real graph, also those floored to zero, plus the bottom arcs
 
-    def add(t, h, c):
+    def add(t: Any, h: Any, c: Any) -> None:
         nonlocal num_arcs
         num_arcs += t.size
         c = np.floor(c * scale).astype(np.int64)
         keep = c > 0
-        tails.append(t[keep]), heads.append(h[keep]), cap.append(c[keep])
+        tails.append(t[keep])
+        heads.append(h[keep])
+        cap.append(c[keep])
 
     tokens = np.arange(n)
     top = np.flatnonzero(source > 0)  # only these top nodes receive flow
@@ -427,7 +429,7 @@ def _exact_values(caps: torch.Tensor, source: torch.Tensor, todo: torch.Tensor, 
     with tqdm(total=pairs.shape[0], disable=not progress, desc="attention flow", unit="token",
               leave=False) as bar:
         for sample in np.unique(pairs[:, 0]):
-            graph, bottom, scale, node_s, node_t = _integer_graph(caps_np[sample], source_np[sample], tol)
+            graph, bottom, scale, node_s, node_t = integer_graph(caps_np[sample], source_np[sample], tol)
             for r in np.flatnonzero(pairs[:, 0] == sample):
                 column = caps_np[sample, 0, :, pairs[r, 1]]  # [N] arcs (1, a) -> sink
                 graph.set_arcs_capacity(bottom, np.floor(column * scale).astype(np.int64))

@@ -32,7 +32,7 @@ All functions are batched, pure, device- and dtype-agnostic.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ def _check(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch
     return maps, masks
 
 
-def _assign(n_pixels: int, n_cells: int, device, dtype) -> torch.Tensor:
+def _assign(n_pixels: int, n_cells: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """One-hot ``[n_pixels, n_cells]``: the cell each pixel row (or column) falls in (nearest)."""
     idx = torch.div(torch.arange(n_pixels, device=device) * n_cells, n_pixels, rounding_mode="floor")
     return torch.nn.functional.one_hot(idx, n_cells).to(dtype)  # [n_pixels, n_cells]
@@ -118,7 +118,7 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, threshold: float =
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     maps, masks = _check(maps, masks)
-    inside, total = patch_counts(masks, maps.shape[-2:])  # [B, gh, gw], [gh, gw]
+    inside, total = patch_counts(masks, (maps.shape[-2], maps.shape[-1]))  # [B, gh, gw], [gh, gw]
     hit = (inside / total > threshold).flatten(1)  # [B, G]
     flat = maps.flatten(1)  # [B, G]
     top = flat == flat.amax(dim=1, keepdim=True)  # [B, G] tied maxima
@@ -137,7 +137,7 @@ def energy_pointing(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     if (maps < 0).any():
         raise ValueError("energy_pointing needs non-negative maps (e.g. rollout or attention); "
                          "clamp or shift signed maps first")
-    inside, total = patch_counts(masks, maps.shape[-2:])  # [B, gh, gw], [gh, gw]
+    inside, total = patch_counts(masks, (maps.shape[-2], maps.shape[-1]))  # [B, gh, gw], [gh, gw]
     m = maps.float()
     return (m * inside).flatten(1).sum(1) / (m * total).flatten(1).sum(1)  # [B]
 
@@ -174,7 +174,7 @@ def mask_iou(maps: torch.Tensor, masks: torch.Tensor, *, threshold: float = 0.5)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     maps, masks = _check(maps, masks)
-    inside, total = patch_counts(masks, maps.shape[-2:])  # [B, gh, gw], [gh, gw]
+    inside, total = patch_counts(masks, (maps.shape[-2], maps.shape[-1]))  # [B, gh, gw], [gh, gw]
     pred = (normalize_maps(maps) >= threshold).float()  # [B, gh, gw]
     inter = (pred * inside).flatten(1).sum(1)  # [B]
     union = (pred * total).flatten(1).sum(1) + inside.flatten(1).sum(1) - inter  # [B]
@@ -192,7 +192,7 @@ def mask_auc(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         ``[B]`` float32 in ``[0, 1]``; NaN when the mask is empty or covers the whole image.
     """
     maps, masks = _check(maps, masks)
-    inside, total = patch_counts(masks, maps.shape[-2:])  # [B, gh, gw], [gh, gw]
+    inside, total = patch_counts(masks, (maps.shape[-2], maps.shape[-1]))  # [B, gh, gw], [gh, gw]
     pos = inside.flatten(1)  # [B, G]
     neg = total.flatten()[None, :] - pos  # [B, G]
     v = maps.float().flatten(1)  # [B, G]
@@ -240,7 +240,7 @@ def step_counts(num_patches: int, steps: int) -> list[int]:
     return [int(round(s * num_patches / steps)) for s in range(steps + 1)]
 
 
-def step_masks(maps: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+def step_masks(maps: torch.Tensor, steps: int | None = None) -> torch.Tensor:
     """Which patches are removed (deletion) or revealed (insertion) at each step.
 
     Step ``s`` selects the ``step_counts(G, steps)[s]`` highest-ranked patches of
@@ -280,7 +280,7 @@ def curve_auc(scores: torch.Tensor) -> torch.Tensor:
 # captions
 # ---------------------------------------------------------------------------------------------
 
-def word_grounding(word_maps: torch.Tensor, word_masks: Sequence[Optional[torch.Tensor]], *,
+def word_grounding(word_maps: torch.Tensor, word_masks: Sequence[torch.Tensor | None], *,
                    threshold: float = 0.0) -> torch.Tensor:
     """Pointing game of every caption word against the object it names.
 
@@ -401,7 +401,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 7, sigma: float = 1.
         return w / w.sum()  # [k]
 
     kernel = (gauss(kh)[:, None] * gauss(kw)[None, :])[None, None]  # [1, 1, kh, kw]
-    f = lambda t: torch.nn.functional.conv2d(t, kernel)  # noqa: E731  [B, 1, gh-kh+1, gw-kw+1]
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, kernel)  # [B, 1, gh-kh+1, gw-kw+1]
+
     mu_a, mu_b = f(a), f(b)
     var_a = f(a * a) - mu_a * mu_a
     var_b = f(b * b) - mu_b * mu_b
@@ -438,8 +440,8 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
 # baseline maps
 # ---------------------------------------------------------------------------------------------
 
-def random_maps(batch: int, grid: tuple[int, int], *, generator: Optional[torch.Generator] = None,
-                device=None) -> torch.Tensor:
+def random_maps(batch: int, grid: tuple[int, int], *, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """Uniform random maps: the chance level of every metric.
 
     Shape:
@@ -448,7 +450,8 @@ def random_maps(batch: int, grid: tuple[int, int], *, generator: Optional[torch.
     return torch.rand(batch, int(grid[0]), int(grid[1]), generator=generator, device=device)
 
 
-def centre_prior(grid: tuple[int, int], *, sigma: float = 0.25, device=None) -> torch.Tensor:
+def centre_prior(grid: tuple[int, int], *, sigma: float = 0.25,
+                 device: torch.device | str | None = None) -> torch.Tensor:
     """A Gaussian bump at the image centre: the "objects are in the middle" baseline.
 
     ``exp(-d² / (2 sigma²))`` with ``d`` the distance of each patch centre from the image

@@ -40,7 +40,7 @@ def pos_similarity_matrix(embed: torch.Tensor, grid: tuple[int, int]) -> torch.T
                           f"{gh}x{gw} = {gh * gw} patch positions; expected [{gh * gw}, D]")
     e = e.float()  # [P, D]
     e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [P, D]
-    sim = e @ e.T  # [P, P]
+    sim: torch.Tensor = e @ e.T  # [P, P]
     return sim.reshape(gh * gw, gh, gw)
 
 

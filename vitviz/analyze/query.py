@@ -22,8 +22,6 @@ Query descriptions (``query=``):
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 
 from ..errors import LayoutError
@@ -32,7 +30,7 @@ from .rollout import fuse_heads
 
 QUERY_NAMES = ("auto", "cls", "dist", "cls+dist", "patches", "prefix")
 
-Query = Union[str, int, tuple, torch.Tensor]
+Query = str | int | tuple[int, int] | torch.Tensor
 
 
 def check_layer(num_layers: int, layer: int) -> int:
@@ -44,7 +42,7 @@ def check_layer(num_layers: int, layer: int) -> int:
 
 
 def query_weights(layout: TokenLayout, query: Query = "auto", *, dtype: torch.dtype = torch.float32,
-                  device=None) -> torch.Tensor:
+                  device: torch.device | str | None = None) -> torch.Tensor:
     """Weights over the ``N`` query tokens that a query description stands for.
 
     Args:

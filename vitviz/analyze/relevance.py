@@ -28,23 +28,26 @@ tokens dropped); models without a CLS token use the mean of the patch rows
 
 from __future__ import annotations
 
-from typing import Union
-
+import numpy as np
 import torch
 
 from ..errors import LayoutError
-from ..types import AttentionMaps, TokenLayout, _as_tensor
+from ..types import AttentionMaps, TokenLayout
 from .query import query_weights
 from .rollout import check_options, fuse_heads, residual_matrix, token_map
 
 METHODS = ("chefer", "grad_rollout")
 
-Grads = Union[AttentionMaps, torch.Tensor]
+Grads = AttentionMaps | torch.Tensor
 
 
 def _grad_tensor(attn: AttentionMaps, grads: Grads) -> torch.Tensor:
     """The ``[L, B, H, N, N]`` gradient tensor, checked against the attention's shape."""
-    g = grads.tensor if isinstance(grads, AttentionMaps) else _as_tensor(grads)
+    g = grads.tensor if isinstance(grads, AttentionMaps) else grads
+    if isinstance(g, np.ndarray):  # as AttentionMaps takes them
+        g = torch.from_numpy(g)
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor or numpy array of gradients, got {type(g).__name__}")
     if tuple(g.shape) != tuple(attn.tensor.shape):
         raise LayoutError(
             f"gradients of shape {tuple(g.shape)} do not match the attention {tuple(attn.tensor.shape)} "
@@ -142,10 +145,10 @@ def grad_rollout_matrix(attn: AttentionMaps, grads: Grads, *, head_fusion: str =
     g = _grad_tensor(attn, grads)  # [L, B, H, N, N]
     start = _start(t.shape[0], start_layer)
     keep_first = bool(attn.layout.has_cls)
-    r = None
-    for layer in range(start, t.shape[0]):
+    r = grad_rollout_layer(t[start], g[start].to(t.device), head_fusion, discard_ratio, keep_first)  # [B, N, N]
+    for layer in range(start + 1, t.shape[0]):
         a = grad_rollout_layer(t[layer], g[layer].to(t.device), head_fusion, discard_ratio, keep_first)
-        r = a if r is None else torch.bmm(a, r)  # R = Â_l R
+        r = torch.bmm(a, r)  # R = Â_l R
     return r
 
 

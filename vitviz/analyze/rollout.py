@@ -7,6 +7,8 @@ in order. The map is the CLS row of the product over the patch tokens, not resca
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from ..errors import LayoutError
@@ -37,6 +39,7 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     if head_fusion == "min":
         return attn.amin(dim=-3)
     check_options(head_fusion)  # raises: an unknown name
+    raise AssertionError("unreachable: check_options raised")
 
 
 def discard_smallest(a: torch.Tensor, discard_ratio: float, keep_first: bool = True) -> torch.Tensor:
@@ -108,10 +111,9 @@ def rollout_matrix(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ra
         raise ValueError(f"start_layer {start_layer} is out of range for {num_layers} layers")
     start = start_layer % num_layers
     keep_first = bool(attn.layout.has_cls)
-    r = None
-    for layer in range(start, num_layers):
-        a = _layer_matrix(t[layer], head_fusion, discard_ratio, keep_first)  # [B, N, N]
-        r = a if r is None else a @ r  # R = Â_l R
+    r = _layer_matrix(t[start], head_fusion, discard_ratio, keep_first)  # [B, N, N]
+    for layer in range(start + 1, num_layers):
+        r = _layer_matrix(t[layer], head_fusion, discard_ratio, keep_first) @ r  # R = Â_l R
     return r
 
 
@@ -155,7 +157,6 @@ def token_map(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     Shape:
         rows: ``[..., N, N]`` -> ``[..., gh, gw]``
     """
-    p = layout.num_prefix
     if rows.shape[-1] != layout.num_tokens:
         raise LayoutError(f"{rows.shape[-1]} tokens do not fit the layout {layout}")
     if layout.has_cls:
@@ -197,7 +198,7 @@ def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: fl
                       attn.layout)
 
 
-def _row_chain(matrices, layout: TokenLayout) -> torch.Tensor:
+def _row_chain(matrices: Iterable[torch.Tensor], layout: TokenLayout) -> torch.Tensor:
     """The rollout map from the layer matrices ``Â_L, Â_{L-1}, …`` (last layer first).
 
     The map is one row of ``R = Â_L … Â_start`` (the CLS row, or the mean of the patch rows):

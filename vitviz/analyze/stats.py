@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from ..errors import LayoutError
@@ -62,8 +60,8 @@ def attention_entropy(attn: AttentionMaps, *, queries: str = "all", normalized: 
     return ent.float()
 
 
-def patch_distances(grid: tuple[int, int], patch_size: Optional[Union[int, tuple[int, int]]] = None,
-                    *, device=None, dtype=torch.float32) -> torch.Tensor:
+def patch_distances(grid: tuple[int, int], patch_size: int | tuple[int, int] | None = None,
+                    *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Euclidean distances between patch centres.
 
     Args:
@@ -86,7 +84,7 @@ def patch_distances(grid: tuple[int, int], patch_size: Optional[Union[int, tuple
     return d.to(dtype)
 
 
-def mean_attention_distance(attn: AttentionMaps, *, patch_size: Optional[Union[int, tuple[int, int]]] = None,
+def mean_attention_distance(attn: AttentionMaps, *, patch_size: int | tuple[int, int] | None = None,
                             renormalize: bool = True) -> torch.Tensor:
     """Mean attention distance per layer, sample and head (the ViT paper's plot).
 
@@ -104,7 +102,6 @@ def mean_attention_distance(attn: AttentionMaps, *, patch_size: Optional[Union[i
     """
     attn.require_square("mean attention distance")
     layout = attn.layout
-    p = layout.num_prefix
     a = attn.tensor[..., layout.patches, layout.patches].double()  # [L, B, H, P, P]
     if renormalize:
         a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)

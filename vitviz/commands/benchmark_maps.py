@@ -55,7 +55,7 @@ def run(args) -> int:
 
     from .._extras import EXTRAS, has_extra
     from ..models import load_model
-    from ..zoo.benchmark import benchmark_captioner, benchmark_classifier
+    from ..zoo.evaluate import evaluate_captioner, evaluate_classifier
 
     flow = not args.no_flow and has_extra("flow")
     if not args.no_flow and not flow and args.model == "shapes-vit":
@@ -73,10 +73,10 @@ def run(args) -> int:
             return fail("--sanity needs a classifier: use --model shapes-vit")
         if args.road_images < 0:
             return fail(f"--road-images must be >= 0, got {args.road_images}")
-        from ..zoo.benchmark import benchmark_sanity
+        from ..zoo.evaluate import evaluate_sanity
 
         bar.close()
-        table = benchmark_sanity(model, n=args.num_images, road_images=args.road_images, steps=args.steps,
+        table = evaluate_sanity(model, n=args.num_images, road_images=args.road_images, steps=args.steps,
                                  batch_size=args.batch_size,
                                  progress=lambda m: print(f"[{time.time() - t0:6.1f} s] {m}", file=sys.stderr))
         print(f"shapes-vit, {table.n} held-out scenes (ROAD on {table.extra['road_images']}): rank correlation, "
@@ -94,13 +94,13 @@ def run(args) -> int:
                 f"{table.extra['retrieval']:.3f}; pointing game: the maximal patch's centre within 4 px of "
                 "the named object")
     elif args.model == "shapes-vit":
-        table = benchmark_classifier(model, n=args.num_images, batch_size=args.batch_size,
+        table = evaluate_classifier(model, n=args.num_images, batch_size=args.batch_size,
                                      steps=args.steps, deletion=not args.no_deletion,
                                      relevance=not args.no_relevance, flow=flow,
                                      progress=progress)
         head = f"shapes-vit, {table.n} held-out scenes, accuracy {table.extra['accuracy']:.3f}"
     else:
-        table = benchmark_captioner(model, n=args.num_images, batch_size=args.batch_size,
+        table = evaluate_captioner(model, n=args.num_images, batch_size=args.batch_size,
                                     progress=progress)
         head = (f"shapes-captioner, {table.n} held-out scenes, greedy caption exact match "
                 f"{table.extra['exact_match']:.3f}; word grounding = pointing game of colour and "

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, fail, load,
-                      output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_output_arguments,
+    check_output_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 
 NAME = "caption"
 HELP = "caption images and show the cross-attention of every word"
@@ -73,8 +81,8 @@ def run(args) -> int:
 
     from .._io import unique_stems
     from ..analyze.cross import word_grids
-    from ..batch import Outcome
     from ..captioning import caption
+    from ..engine import Outcome
     from ..errors import ImageError
     from ..models import load_image
     from ..render.caption_strip import caption_strip

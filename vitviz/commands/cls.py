@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
-                      output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 
 NAME = "cls"
 HELP = "per-head CLS attention maps of every layer, as a grid over each image"
@@ -44,39 +52,6 @@ def add_arguments(p) -> None:
     add_render_arguments(p)
 
 
-def iter_captures(model, sources, *, batch_size: int = 8, desc: str = "images", progress: bool = True,
-                  keep="all"):
-    """Load, batch and capture the images; yield one result per source, in order.
-
-    ``keep`` is passed to :func:`vitviz.capture` (e.g. ``[layer]``: only that layer is kept).
-
-    Yields:
-        ``(outcome, stem, view, attn)``: the :class:`vitviz.batch.Outcome` to fill, a unique
-        safe file stem, the ``HxWx3`` uint8 image the model saw and the
-        :class:`~vitviz.AttentionMaps` of this image (``[L, 1, H, N, N]``). For an unreadable
-        image ``outcome.error`` is set and ``view`` and ``attn`` are ``None``.
-    """
-    import torch
-
-    from ..batch import load_batches
-    from ..hooks import capture
-    from ..types import AttentionMaps
-
-    for items, x in load_batches(model, sources, batch_size=batch_size, desc=desc, progress=progress):
-        attn = None
-        if x is not None:
-            with torch.no_grad(), capture(model, keep=keep) as rec:
-                model(x)
-            attn = rec.attentions
-        j = 0
-        for it in items:
-            if it.view is None:
-                yield it.outcome, it.stem, None, None
-            else:
-                yield it.outcome, it.stem, it.view, AttentionMaps(attn.tensor[:, j:j + 1], attn.layout)
-                j += 1
-
-
 def run(args) -> int:
     bad = check_render_arguments(args)
     if bad is not None:
@@ -93,9 +68,10 @@ def run(args) -> int:
 
     from .._io import save_npy
     from ..analyze.cls import all_layer_maps
-    from ..hooks import count_layers
     from ..analyze.masks import mass_masks
     from ..analyze.query import check_layer
+    from ..engine import iter_captures
+    from ..hooks import count_layers
     from ..render.figures import map_grid, mask_contours
     from ..render.overlay import display_image
 

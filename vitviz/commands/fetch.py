@@ -21,8 +21,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..errors import VitvizError
-    from ..models._hub import cache_dir
-    from ..models._loader import fetch
+    from ..models import cache_dir, fetch
 
     failed = 0
     for name in args.names:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_render_arguments, check_render_arguments, fail, load,
-                      output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 from .cls import QUERY_HELP, parse_query
 
 NAME = "flow"
@@ -39,9 +47,9 @@ def run(args) -> int:
     from .._io import save_npy
     from ..analyze.flow import attention_flow
     from ..analyze.rollout import rollout
+    from ..engine import iter_captures
     from ..render.figures import panels
     from ..render.overlay import display_image
-    from .cls import iter_captures
 
     output = output_options(args)
     model = load(args)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, load,
-                      output_options, report)
+from ._common import add_model_arguments, add_output_arguments, check_output_arguments, load, output_options, report
 
 NAME = "heads"
 HELP = "per-head statistics: mean attention distance, entropy, attention on prefix tokens"
@@ -55,7 +54,7 @@ def run(args) -> int:
 
     from .._io import atomic_write_bytes
     from ..analyze.stats import attention_entropy, mean_attention_distance, prefix_attention_share
-    from .cls import iter_captures
+    from ..engine import iter_captures
 
     bad = check_output_arguments(args)
     if bad is not None:
@@ -66,7 +65,7 @@ def run(args) -> int:
     unit = "pixels" if patch is not None else "patches"
     out = Path(args.out)
     outcomes, totals = [], []
-    for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="heads"):
+    for o, stem, _view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="heads"):
         outcomes.append(o)
         if o.error:
             continue

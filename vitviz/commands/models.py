@@ -12,8 +12,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..models._aliases import ALIASES
-    from ..models._loader import weights_status
+    from ..models import ALIASES, weights_status
     from ..zoo import ZOO
 
     print(f"{'alias':<20} {'source':<13} {'model id':<40} weights")

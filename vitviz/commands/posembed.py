@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_output_arguments, check_output_arguments, fail, load,
-                      output_options)
+from ._common import add_model_arguments, add_output_arguments, check_output_arguments, fail, load, output_options
 
 NAME = "posembed"
 HELP = "position-embedding similarity figure (one small grid per patch, as in the ViT paper)"
@@ -47,7 +46,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from .._io import safe_stem, save_npy
-    from ..models._posembed import pos_similarity
+    from ..models import pos_similarity
     from ..render.figures import pos_similarity_grid
 
     output = output_options(args)

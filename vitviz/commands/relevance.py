@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_original_argument, add_render_arguments,
-                      check_render_arguments, fail, load, output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_original_argument,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 
 NAME = "relevance"
 HELP = "class-specific relevance overlay per image (gradient-weighted attention)"
@@ -43,7 +52,7 @@ def run(args) -> int:
         return fail(f"--class must be a class index >= 0, got {args.target}")
     if args.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
-    from ..batch import relevance_files
+    from ..map_writer import relevance_files
 
     output = output_options(args)
     model = load(args)

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from ._common import (add_model_arguments, add_original_argument, add_render_arguments,
-                      check_render_arguments, fail, load, output_options, print_notes, report)
+from ._common import (
+    add_model_arguments,
+    add_original_argument,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
 
 NAME = "rollout"
 HELP = "attention rollout overlay per image"
@@ -29,7 +38,7 @@ def run(args) -> int:
     bad = check_render_arguments(args)
     if bad is not None:
         return bad
-    from ..batch import rollout_files
+    from ..map_writer import rollout_files
 
     output = output_options(args)
     model = load(args)

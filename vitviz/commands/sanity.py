@@ -54,7 +54,7 @@ def run(args) -> int:
     import torch
 
     from .._io import atomic_write_bytes
-    from ..batch import load_batches
+    from ..engine import load_batches
     from ..render.figures import save_figure
     from ..render.sanity import curves_figure, randomization_grid
     from ..sanity import sanity_check

@@ -58,7 +58,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from .._io import save_npy, unique_stems
-    from ..batch import Outcome
+    from ..engine import Outcome
     from ..errors import ImageError
     from ..models import load_image
     from ..render.caption_strip import caption_strip

@@ -11,14 +11,13 @@ Named ``build_gallery``/``merge_gallery`` (not ``gallery``) so that the function
 shadows this subpackage as an attribute of :mod:`vitviz`.
 """
 
-from ._methods import (Method, MethodInput, MethodResult, get_method, list_methods,
-                       register_method)
-from ._pipeline import GalleryResult, build_gallery, merge_gallery, weights_fingerprint
-from ._throughput import measure_throughput
-from ._sources import (IMAGE_EXTENSIONS, Source, SourceError, list_sources, output_names,
-                       parse_shard, shard_of)
+from ._methods import Method, MethodInput, MethodResult, get_method, list_methods, register_method
+from ._page import GalleryResult, merge_gallery
+from ._pipeline import build_gallery
+from ._plan import weights_fingerprint
+from ._sources import IMAGE_EXTENSIONS, Source, SourceError, list_sources, output_names, parse_shard, shard_of
 
 __all__ = ["build_gallery", "merge_gallery", "GalleryResult", "register_method", "list_methods",
            "get_method", "Method", "MethodInput", "MethodResult", "list_sources", "Source",
            "SourceError", "output_names", "parse_shard", "shard_of", "IMAGE_EXTENSIONS",
-           "weights_fingerprint", "measure_throughput"]
+           "weights_fingerprint"]

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from .._io import atomic_write_bytes
 from ..errors import VitvizError
@@ -31,7 +31,7 @@ _JOURNAL = re.compile(r"^manifest-(\d+)-of-(\d+)\.jsonl$")
 _STATUS_RANK = {"done": 2, "failed": 1, "skipped": 0}
 
 
-def journal_name(shard: Optional[tuple[int, int]]) -> str:
+def journal_name(shard: tuple[int, int] | None) -> str:
     return MANIFEST if shard is None else f"manifest-{shard[0]}-of-{shard[1]}.jsonl"
 
 
@@ -119,14 +119,14 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def read_config(out_dir) -> Optional[dict]:
+def read_config(out_dir) -> dict | None:
     path = Path(out_dir) / CONFIG
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))

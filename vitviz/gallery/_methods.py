@@ -13,7 +13,8 @@ What a method needs from the forward pass is declared when it is registered:
 * ``needs="attention"``: one forward pass under :func:`vitviz.capture` (no gradients);
   ``inp.attentions`` holds ``[L, B, H, N, N]``. A method that can work layer by layer also
   gives ``stream=`` (a factory of a streaming analysis with ``reset()``,
-  ``update(attn, *, layer, num_layers, layout)``, ``result(layout)``, e.g. :class:`vitviz.analyze.rollout.RolloutStream`): when every
+  ``update(attn, *, layer, num_layers, layout)``, ``result(layout)``, e.g.
+  :class:`vitviz.analyze.rollout.RolloutStream`): when every
   chosen attention method streams, the capture keeps no layer at all (memory ``O(B*N^2)``)
   and the method reads its result as ``inp.streamed``.
 * ``needs="grad"``: the shared forward pass runs with gradients under
@@ -37,8 +38,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CaptureError, VitvizError
 
@@ -64,11 +66,11 @@ class MethodInput:
     """
 
     model: Any
-    x: "torch.Tensor"
+    x: torch.Tensor
     rec: Any = None
     output: Any = None
     streamed: Any = None
-    target: Optional["torch.Tensor"] = None
+    target: torch.Tensor | None = None
 
     @property
     def attentions(self):
@@ -82,9 +84,11 @@ class MethodInput:
         return maps
 
     @property
-    def logits(self) -> Optional["torch.Tensor"]:
+    def logits(self) -> torch.Tensor | None:
         """``[B, C]`` classifier logits, or ``None`` when the output is not a classifier's."""
-        return classifier_logits(self.output)
+        from ..models import classifier_logits
+
+        return classifier_logits(self.output, min_classes=2)
 
 
 @dataclass
@@ -99,8 +103,8 @@ class MethodResult:
     """
 
     maps: Any
-    names: Optional[Sequence[Sequence[str]]] = None
-    texts: Optional[Sequence[str]] = None
+    names: Sequence[Sequence[str]] | None = None
+    texts: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,8 @@ class Method:
     needs: str = "attention"
     description: str = ""
     defaults: dict = field(default_factory=dict)
-    stream: Optional[Callable[..., Any]] = None  # stream(model, **options) -> streaming analysis
-    extra: Optional[str] = None  # the optional vitviz extra it needs (vitviz._extras), if any
+    stream: Callable[..., Any] | None = None  # stream(model, **options) -> streaming analysis
+    extra: str | None = None  # the optional vitviz extra it needs (vitviz._extras), if any
 
     def check_installed(self) -> None:
         """Raise :class:`vitviz.errors.MissingExtraError` (naming ``pip install 'vitviz[EXTRA]'``)
@@ -123,7 +127,7 @@ class Method:
 
             require_extra(self.extra, f"the gallery method {self.name!r}")
 
-    def options(self, given: Optional[dict] = None) -> dict:
+    def options(self, given: dict | None = None) -> dict:
         """The method's options: its defaults updated with ``given`` (unknown names refused)."""
         given = dict(given or {})
         unknown = sorted(set(given) - set(self.defaults))
@@ -142,8 +146,8 @@ _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, needs: str = "attention", description: str = "",
-                    replace: bool = False, stream: Optional[Callable[..., Any]] = None,
-                    extra: Optional[str] = None, **defaults) -> Callable:
+                    replace: bool = False, stream: Callable[..., Any] | None = None,
+                    extra: str | None = None, **defaults) -> Callable:
     """Decorator registering ``fn(inp: MethodInput, **options) -> MethodResult | Tensor``.
 
     Args:
@@ -194,18 +198,6 @@ def get_method(name: str) -> Method:
     close = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise VitvizError(f"unknown gallery method {name!r}{hint} (available: {', '.join(sorted(_METHODS))})")
-
-
-def classifier_logits(output) -> Optional["torch.Tensor"]:
-    """``[B, C]`` logits from a model output (a tensor or an object with ``.logits``), else None."""
-    import torch
-
-    t = getattr(output, "logits", output)
-    if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
-        t = t[0]
-    if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] >= 2 and t.is_floating_point():
-        return t
-    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ so rendering and PNG encoding of one batch overlap the model's work on the next.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def _ascii_label(text: str, width_px: int) -> str:
     return s if len(s) <= max_chars else s[:max_chars - 1] + "~"
 
 
-def tile(images: Sequence[np.ndarray], names: Optional[Sequence[str]] = None) -> np.ndarray:
+def tile(images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
     """A grid of equally sized ``HxWx3`` uint8 tiles, ``ceil(sqrt(K))`` columns, each with a
     white label band under it when ``names`` are given.
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Union
 
 from .._io import unique_stems
 from ..errors import VitvizError
@@ -54,7 +55,7 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_folder(folder: str, exclude: Optional[str]) -> list[str]:
+def _walk_folder(folder: str, exclude: str | None) -> list[str]:
     """Image files under ``folder`` (recursive, hidden files and folders left out), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -90,7 +91,7 @@ def _read_list_file(path: str) -> list[str]:
     return out
 
 
-def _expand(src: str, exclude: Optional[str]) -> tuple[list[str], Optional[str]]:
+def _expand(src: str, exclude: str | None) -> tuple[list[str], str | None]:
     """The files one SRC names, and its folder when it is a folder."""
     if os.path.isdir(src):
         return _walk_folder(src, exclude), src
@@ -110,8 +111,8 @@ def _expand(src: str, exclude: Optional[str]) -> tuple[list[str], Optional[str]]
     raise SourceError(f"{src}: no such file or folder{where}; check the path")
 
 
-def list_sources(src: Union[SourceLike, Sequence[SourceLike]], *,
-                 exclude: Optional[SourceLike] = None) -> list[Source]:
+def list_sources(src: SourceLike | Sequence[SourceLike], *,
+                 exclude: SourceLike | None = None) -> list[Source]:
     """The images of a gallery, sorted by key.
 
     Args:
@@ -136,7 +137,7 @@ def list_sources(src: Union[SourceLike, Sequence[SourceLike]], *,
         raise SourceError("no SRC given; name a folder, a list file or a glob")
     excl = os.path.abspath(os.fspath(exclude)) if exclude is not None else None
     paths: list[str] = []
-    folders: list[Optional[str]] = []
+    folders: list[str | None] = []
     for s in srcs:
         found, folder = _expand(os.fspath(s), excl)
         paths.extend(found)
@@ -168,7 +169,7 @@ def output_names(sources: Sequence[Source]) -> list[str]:
     return unique_stems([s.key.replace("/", "_") for s in sources])
 
 
-def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"K/N"`` -> ``(K, N)`` with ``1 <= K <= N``; ``None`` stays ``None``.
 
     Raises:

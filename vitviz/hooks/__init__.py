@@ -4,10 +4,22 @@ adapter registry (what each library knows about its attention modules).
 (Named `hooks`, not `capture`, so that the subpackage never shadows the `vitviz.capture` function.)
 """
 
-from . import _timm, _transformers, _torch_mha  # noqa: F401  (register adapters)
+from . import _timm, _torch_mha, _transformers  # noqa: F401  (register adapters)
 from ._capture import Pass, Recording, capture
 from ._ops import sdpa_probabilities
-from ._registry import AUTO, CROSS, IMAGE, POOL, TEXT, Adapter, Site, count_layers, discover, list_adapters, register_adapter
+from ._registry import (
+           AUTO,
+           CROSS,
+           IMAGE,
+           POOL,
+           TEXT,
+           Adapter,
+           Site,
+           count_layers,
+           discover,
+           list_adapters,
+           register_adapter,
+)
 
 __all__ = ["capture", "Recording", "Pass", "Adapter", "Site", "list_adapters", "register_adapter",
            "discover", "count_layers", "sdpa_probabilities", "IMAGE", "TEXT", "CROSS", "AUTO", "POOL"]

@@ -42,9 +42,9 @@ With ``keep="none"`` nothing per layer outlives its use.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -67,8 +67,8 @@ _LIBRARIES = ("timm.", "transformers.", "torch.nn.")
 class Pass:
     """What one forward pass of the root module produced."""
 
-    input_hw: Optional[tuple[int, int]] = None
-    batch: Optional[int] = None  # images in the input
+    input_hw: tuple[int, int] | None = None
+    batch: int | None = None  # images in the input
     # (role, site, attention, layer index within the role) of the kept layers
     records: list[tuple[str, Site, torch.Tensor, int]] = field(default_factory=list)
     # with capture(grad=True), keyed by (role, layer): the layers whose tensor carried a
@@ -85,12 +85,12 @@ class Pass:
     stacks: dict[str, torch.Tensor] = field(default_factory=dict)
     # (role, layer) -> (query layout, key layout or None when keys = queries) of image and pool
     # layers, each placed on its own token grid (stages of hierarchical models, windows)
-    layouts: dict[tuple[str, int], tuple[Optional[TokenLayout], Optional[TokenLayout]]] = field(
+    layouts: dict[tuple[str, int], tuple[TokenLayout | None, TokenLayout | None]] = field(
         default_factory=dict)
     # image layers that could not be placed on the image grid: (layer, why)
     unplaced: list[tuple[int, str]] = field(default_factory=list)
     # [B, V] grid indices of the patches a masked-image-modelling encoder sees (ViT-MAE), or None
-    visible: Optional[torch.Tensor] = None
+    visible: torch.Tensor | None = None
 
     def of(self, role: str) -> list[torch.Tensor]:
         return [t for r, _, t, _ in self.records if r == role]
@@ -99,7 +99,7 @@ class Pass:
         return [i for r, _, _, i in self.records if r == role]
 
 
-def _input_hw(args: tuple, kwargs: dict) -> tuple[Optional[tuple[int, int]], Optional[int]]:
+def _input_hw(args: tuple, kwargs: dict) -> tuple[tuple[int, int] | None, int | None]:
     """Height and width, and batch size, of the first image-like tensor ([B, C, H, W]) among a
     call's inputs."""
     for value in list(args) + list(kwargs.values()):
@@ -108,7 +108,7 @@ def _input_hw(args: tuple, kwargs: dict) -> tuple[Optional[tuple[int, int]], Opt
     return None, None
 
 
-def _num_heads(module: nn.Module) -> Optional[int]:
+def _num_heads(module: nn.Module) -> int | None:
     """The head count an attention module states, if any."""
     for name in ("num_heads", "num_attention_heads", "n_heads", "heads"):
         value = getattr(module, name, None)
@@ -153,8 +153,8 @@ class _Recorder:
     """The machinery that fills a :class:`Recording`: called by the op-level mode and by the
     root module's pre-hook. Internal; users read the :class:`Recording`."""
 
-    def __init__(self, model: VisionModel, setup: "_Setup", *, restricted: bool, grad: bool,
-                 keep, streams: Optional[dict]):
+    def __init__(self, model: VisionModel, setup: _Setup, *, restricted: bool, grad: bool,
+                 keep, streams: dict | None):
         sites = setup.sites
         self.model = model
         self.sites = list(sites)
@@ -179,8 +179,8 @@ class _Recorder:
         self.open = True
 
     # -- where a call belongs --------------------------------------------------------------
-    def site_for(self, module: Optional[nn.Module], queries: int, keys: int,
-                 same_tokens: Optional[bool] = None) -> Optional[tuple[Site, str]]:
+    def site_for(self, module: nn.Module | None, queries: int, keys: int,
+                 same_tokens: bool | None = None) -> tuple[Site, str] | None:
         """The site and role of an attention call of ``queries`` over ``keys`` tokens run by
         ``module`` (``same_tokens``: whether queries and keys are known to be the same tokens;
         default: equal counts); None to ignore it."""
@@ -214,12 +214,12 @@ class _Recorder:
             self.begin(None)
         return self.passes[-1]
 
-    def begin(self, hw: Optional[tuple[int, int]], batch: Optional[int] = None) -> None:
+    def begin(self, hw: tuple[int, int] | None, batch: int | None = None) -> None:
         self.passes.append(Pass(input_hw=hw, batch=batch))
         for stream in self.streams.values():
             stream.reset()
 
-    def needs(self, role: str, site: Optional[Site] = None) -> bool:
+    def needs(self, role: str, site: Site | None = None) -> bool:
         """Whether the next layer of ``role`` (run by ``site``) needs its probabilities in the
         forward pass (else the fused kernel runs)."""
         if (self.grad_streams or self.forward_streams) and (
@@ -232,7 +232,7 @@ class _Recorder:
         p = self.current()
         return _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0))
 
-    def fused_heads(self, role: str, query: torch.Tensor) -> Optional[str]:
+    def fused_heads(self, role: str, query: torch.Tensor) -> str | None:
         """The head fusion (``"mean"``/``"max"``/``"min"``) that is all the next layer of
         ``role`` is needed for, or None: on the CPU, when every forward stream declares the
         same ``fused_heads`` and the layer is neither kept nor needed by a gradient."""
@@ -270,7 +270,7 @@ class _Recorder:
         """Count a layer that ran on the fused kernel, so that the next ones get their index."""
         self.next_layer(role)
 
-    def next_layer(self, role: str, num_keys: Optional[int] = None) -> tuple[Pass, int]:
+    def next_layer(self, role: str, num_keys: int | None = None) -> tuple[Pass, int]:
         """Count the next layer of ``role`` (over ``num_keys`` tokens, when known): its pass and index."""
         p = self.current()
         index = p.seen.get(role, 0)
@@ -279,7 +279,7 @@ class _Recorder:
             p.tokens[role] = int(num_keys)
         return p, index
 
-    def buffer(self, role: str, shape: tuple, device) -> Optional[torch.Tensor]:
+    def buffer(self, role: str, shape: tuple, device) -> torch.Tensor | None:
         """Where the next layer of ``role`` may compute its probabilities ``shape`` (float32):
         its slice of the pass's ``[L, *shape]`` stack, allocated at the first layer, when every
         layer is kept, the depth is known and no gradient is read; else None."""
@@ -298,7 +298,7 @@ class _Recorder:
     def layout(self, p: Pass, num_tokens: int) -> TokenLayout:
         return self.model.layout_for(p.input_hw, num_tokens)
 
-    def notes(self, p: Optional[Pass] = None) -> list[str]:
+    def notes(self, p: Pass | None = None) -> list[str]:
         """Why attention of this model is not on the image: its INNER sites' notes and the
         layers of pass ``p`` that could not be placed."""
         out = list(dict.fromkeys(s.note for s in self.sites if s.role == INNER and s.note))
@@ -306,7 +306,7 @@ class _Recorder:
             out += list(dict.fromkeys(why for _, why in p.unplaced))
         return out
 
-    def record(self, site: Site, role: str, attn: torch.Tensor, graph: Optional[torch.Tensor] = None) -> None:
+    def record(self, site: Site, role: str, attn: torch.Tensor, graph: torch.Tensor | None = None) -> None:
         """Record one attention call.
 
         Args:
@@ -519,7 +519,7 @@ class Recording:
     def keep(self):
         return self._rec.keep
 
-    def _last_with(self, role: str) -> Optional[Pass]:
+    def _last_with(self, role: str) -> Pass | None:
         """The last pass that kept ``role`` attention; an error if it ran but was not kept."""
         for p in reversed(self._rec.passes):
             if self._rec.kept(p, role):
@@ -556,7 +556,7 @@ class Recording:
             stages.append(AttentionMaps(tensor, query, key, layers=tuple(i for i, _ in layers)))
         return stages
 
-    def _refuse(self, p: Optional[Pass], what: str) -> None:
+    def _refuse(self, p: Pass | None, what: str) -> None:
         """A :class:`CaptureError` when image layers ran that could not be placed (or the model's
         attention is not over its tokens): ``what`` is then incomplete."""
         notes = self._rec.notes(p)
@@ -579,7 +579,7 @@ class Recording:
         return [] if p is None else self._stages(p)
 
     @property
-    def attentions(self) -> Optional[AttentionMaps]:
+    def attentions(self) -> AttentionMaps | None:
         p = self._last_with(IMAGE)
         self._refuse(p, "rec.attentions")
         if p is None:
@@ -597,7 +597,7 @@ class Recording:
         return AttentionMaps(s.tensor, s.layout, s.key_layout)
 
     @property
-    def pool(self) -> Optional[CrossAttentionMaps]:
+    def pool(self) -> CrossAttentionMaps | None:
         """Attention of the few queries that pool the image tokens (CaiT/XCiT class attention, the
         latent of an attention-pool head as in SigLIP, CrossViT's cross-branch class token), in
         the last pass that ran it: ``[L, B, H, Q, N]`` over the keys' layout, or None.
@@ -615,7 +615,7 @@ class Recording:
         return CrossAttentionMaps(torch.stack([t for _, t in layers]), keys.pop())
 
     @property
-    def cross(self) -> Optional[CrossAttentionMaps]:
+    def cross(self) -> CrossAttentionMaps | None:
         p = self._last_with(CROSS)
         if p is None:
             return None
@@ -623,7 +623,7 @@ class Recording:
         return CrossAttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
 
     @property
-    def text(self) -> Optional[torch.Tensor]:
+    def text(self) -> torch.Tensor | None:
         p = self._last_with(TEXT)
         return None if p is None else self._stacked(p, TEXT, "text self-attention")
 
@@ -666,7 +666,7 @@ class Recording:
             return []
         return [p.graph[k] for k in sorted(p.graph) if k[0] == role]
 
-    def _grads_of(self, role: str, what: str) -> Optional[torch.Tensor]:
+    def _grads_of(self, role: str, what: str) -> torch.Tensor | None:
         """``[L, B, H, Q, K]`` gradients of the last pass with ``role`` attention, or None."""
         if not self.grad:
             raise CaptureError(
@@ -694,7 +694,7 @@ class Recording:
         return _stack(tensors, f"{what} gradient")  # [L, B, H, Q, K]
 
     @property
-    def attention_grads(self) -> Optional[AttentionMaps]:
+    def attention_grads(self) -> AttentionMaps | None:
         """Gradients w.r.t. the image self-attention probabilities of :attr:`attentions`.
 
         Requires ``capture(model, grad=True)`` and a backward pass inside the block. Gradients
@@ -746,7 +746,7 @@ class _Setup:
     windows: dict = field(default_factory=dict)
 
 
-def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: Optional[list[str]]) -> _Setup:
+def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: list[str] | None) -> _Setup:
     """The model's :class:`_Setup`, kept on the :class:`VisionModel` while its module tree is the
     same (the same modules, by identity, and the same adapters)."""
     key = (tuple(id(m) for _, m in named), tuple(adapters) if adapters else None)
@@ -799,8 +799,8 @@ def _refuse_unseeable(vm: VisionModel, named: list[tuple[str, nn.Module]]) -> No
 
 
 @contextmanager
-def capture(model, *, adapters: Optional[list[str]] = None, grad: bool = False, keep="all",
-            streams: Optional[dict] = None) -> Iterator[Recording]:
+def capture(model, *, adapters: list[str] | None = None, grad: bool = False, keep="all",
+            streams: dict | None = None) -> Iterator[Recording]:
     """Capture attention probabilities from every forward pass run inside the block.
 
     The model's own attention calls (``F.scaled_dot_product_attention``, a softmax whose result

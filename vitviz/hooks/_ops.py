@@ -37,7 +37,8 @@ import inspect
 import math
 import sys
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +77,8 @@ def _repeat_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def sdpa_probabilities(query: torch.Tensor, key: torch.Tensor, *, attn_mask=None, is_causal: bool = False,
-                       scale: Optional[float] = None, enable_gqa: bool = False,
-                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       scale: float | None = None, enable_gqa: bool = False,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """The attention probabilities of ``F.scaled_dot_product_attention``, by its definition.
 
     ``softmax(q kᵀ·scale + mask)``: a boolean mask keeps the entries that are ``True``, a
@@ -132,7 +133,7 @@ _CHUNK_BYTES = 1 << 20
 
 
 def sdpa_fused_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, fusion: str,
-                     attn_mask=None, is_causal: bool = False, scale: Optional[float] = None,
+                     attn_mask=None, is_causal: bool = False, scale: float | None = None,
                      enable_gqa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA's output and its head-fused probabilities, computed a few heads at a time.
 
@@ -183,7 +184,7 @@ def _attention_grad(value: torch.Tensor, enable_gqa: bool, num_heads: int) -> Ca
     return lambda d_out: torch.matmul(d_out.detach(), v.transpose(-2, -1))
 
 
-def _mha_weights_view_base(weights: torch.Tensor) -> Optional[torch.Tensor]:
+def _mha_weights_view_base(weights: torch.Tensor) -> torch.Tensor | None:
     """The tensor ``F.multi_head_attention_forward`` multiplied with ``V``, of which the returned
     per-head ``weights`` are a view (``[B*H, Q, K]`` viewed as ``[B, H, Q, K]``); None when
     ``weights`` is not such a view. Gradients are read there: the view is a separate autograd
@@ -218,7 +219,7 @@ class AttentionOps(TorchFunctionMode):
         self.softmax_outputs: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
     # -- which module runs this call -------------------------------------------------------
-    def enclosing_module(self) -> Optional[torch.nn.Module]:
+    def enclosing_module(self) -> torch.nn.Module | None:
         """The innermost module of the model whose code is on the Python stack (its ``forward``
         or a function it called), found from the frames' ``self``."""
         frame = sys._getframe(2)
@@ -315,7 +316,7 @@ class AttentionOps(TorchFunctionMode):
             return  # not normalised over the last dimension: not attention over keys
         self._carry(out, out, source=out)
 
-    def _carry(self, tensor: torch.Tensor, out, source: Optional[torch.Tensor] = None) -> None:
+    def _carry(self, tensor: torch.Tensor, out, source: torch.Tensor | None = None) -> None:
         """Remember that ``out`` carries the softmax output that ``tensor`` carries (or ``source``)."""
         if not isinstance(out, torch.Tensor):
             return

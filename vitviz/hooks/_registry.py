@@ -12,8 +12,8 @@ descendant of it, is not offered to the later ones.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from torch import nn
 
@@ -45,8 +45,8 @@ class Windows:
     block: nn.Module = field(repr=False)
     read_grid: Callable[[tuple, dict], tuple[int, int]] = field(repr=False)
     pad_first: bool = False
-    make: Optional[Callable] = field(default=None, repr=False)
-    grid: Optional[tuple[int, int]] = None
+    make: Callable | None = field(default=None, repr=False)
+    grid: tuple[int, int] | None = None
 
     def scheme(self):
         """The :class:`~vitviz.hooks._windows.WindowScheme` of the running call, or None."""
@@ -81,8 +81,8 @@ class Site:
     name: str
     module: nn.Module = field(repr=False)
     role: str
-    adapter: Optional["Adapter"] = field(repr=False)
-    windows: Optional[Windows] = None
+    adapter: Adapter | None = field(repr=False)
+    windows: Windows | None = None
     note: str = ""
 
 
@@ -122,10 +122,11 @@ def get_adapter(name: str) -> Adapter:
     except KeyError:
         close = difflib.get_close_matches(name, list(_ADAPTERS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise VitvizError(f"unknown capture adapter {name!r}{hint} (known: {', '.join(list_adapters())})")
+        raise VitvizError(
+            f"unknown capture adapter {name!r}{hint} (known: {', '.join(list_adapters())})") from None
 
 
-def discover(root: nn.Module, adapters: Optional[list[str]] = None) -> list[Site]:
+def discover(root: nn.Module, adapters: list[str] | None = None) -> list[Site]:
     """All attention sites of ``root`` found by the registered adapters, in priority order."""
     chosen = [get_adapter(n) for n in adapters] if adapters else [
         _ADAPTERS[n] for n in list_adapters()]
@@ -147,7 +148,7 @@ def discover(root: nn.Module, adapters: Optional[list[str]] = None) -> list[Site
     return sites
 
 
-def count_layers(root: nn.Module, role: str = IMAGE) -> Optional[int]:
+def count_layers(root: nn.Module, role: str = IMAGE) -> int | None:
     """How many ``role`` attention layers the adapters know in ``root`` (a module not known to
     any adapter may add more at run time), or None when they know none."""
     n = sum(1 for s in discover(root) if s.role in (role, AUTO))

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import nn
 
@@ -47,9 +48,9 @@ class _Task:
     """One normalised ``_can_record_outputs`` entry (cf. transformers' ``OutputRecorder``)."""
 
     key: str
-    target_class: Optional[type]
-    class_name: Optional[str]
-    layer_name: Optional[str]
+    target_class: type | None
+    class_name: str | None
+    layer_name: str | None
     index: int
 
     def matches(self, module: nn.Module, dotted: str) -> bool:
@@ -231,7 +232,7 @@ def window_blocks(root: nn.Module) -> dict[int, Windows]:
     return found
 
 
-def _windows(block: nn.Module) -> Optional[Windows]:
+def _windows(block: nn.Module) -> Windows | None:
     """The window scheme of a Swin-style layer (``window_size``, ``shift_size`` and a forward
     taking ``input_dimensions``; it pads its grid, then shifts it), or None."""
     if not (hasattr(block, "window_size") and hasattr(block, "shift_size")):

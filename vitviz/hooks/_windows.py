@@ -56,9 +56,11 @@ class WindowScheme:
         """``[nW, wh*ww]`` long: the row-major grid index of each window token, -1 for padding."""
         (h, w), (wh, ww), (sh, sw) = self.grid, self.window, self.shift
         if self.dilated:  # window (a, b), token (i, j) at (i * h/wh + a, j * w/ww + b)
-            sh_, sw_ = h // wh, w // ww
-            r = torch.arange(wh, device=device).view(1, 1, wh, 1) * sh_ + torch.arange(sh_, device=device).view(sh_, 1, 1, 1)
-            c = torch.arange(ww, device=device).view(1, 1, 1, ww) * sw_ + torch.arange(sw_, device=device).view(1, sw_, 1, 1)
+            sh_, sw_ = h // wh, w // ww  # windows per side = the stride between a window's tokens
+            a = torch.arange(sh_, device=device).view(sh_, 1, 1, 1)
+            b = torch.arange(sw_, device=device).view(1, sw_, 1, 1)
+            r = torch.arange(wh, device=device).view(1, 1, wh, 1) * sh_ + a
+            c = torch.arange(ww, device=device).view(1, 1, 1, ww) * sw_ + b
             return (r * w + c).reshape(self.num_windows, wh * ww)
         hp, wp = self.padded
         r = torch.arange(hp, device=device).view(hp // wh, 1, wh, 1)  # window row, -, row in window, -

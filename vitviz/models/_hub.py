@@ -18,7 +18,7 @@ line naming the repo, the file, the endpoint and the cache, and the fixes.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from ..errors import DownloadError, WeightsNotFoundError
 
@@ -68,7 +68,7 @@ def _chain(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
-def _status(e: BaseException) -> Optional[int]:
+def _status(e: BaseException) -> int | None:
     response = getattr(e, "response", None)
     return getattr(response, "status_code", None)
 
@@ -100,7 +100,7 @@ def _network_reason(e: BaseException) -> str:
 
 
 def explain(e: BaseException, repo_id: str, filename: str, name: str,
-            *, revision: Optional[str] = None) -> Optional[DownloadError]:
+            *, revision: str | None = None) -> DownloadError | None:
     """A :class:`DownloadError` for a failed Hub request, or None when ``e`` is no Hub failure.
 
     Walks the exception chain, so transformers' ``OSError`` wrappers are explained by the
@@ -177,7 +177,7 @@ def _offline(name: str, repo_id: str, filename: str) -> DownloadError:
         reason="offline", repo_id=repo_id, filename=filename)
 
 
-def _probe(repo_id: str, filename: str, *, name: str, revision: Optional[str] = None) -> None:
+def _probe(repo_id: str, filename: str, *, name: str, revision: str | None = None) -> None:
     """One metadata request (``HEAD``), bounded by ``HF_HUB_ETAG_TIMEOUT``, without retries.
 
     ``hf_hub_download`` retries a failed metadata call when nothing is cached (huggingface_hub
@@ -202,7 +202,7 @@ def _probe(repo_id: str, filename: str, *, name: str, revision: Optional[str] = 
             reason="unreachable", repo_id=repo_id, filename=filename)) from e
 
 
-def download(repo_id: str, filename: str, *, name: str, revision: Optional[str] = None) -> str:
+def download(repo_id: str, filename: str, *, name: str, revision: str | None = None) -> str:
     """One file of a Hub repo into the standard cache (huggingface_hub, with its progress bar).
 
     Args:

@@ -14,7 +14,6 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..errors import CheckpointError, ModelNotFoundError, VitvizError, WeightsNotFoundError
 from . import _hub
@@ -43,7 +42,7 @@ class Resolved:
     source: str  # "timm", "transformers" or "zoo"
     model_id: str  # timm name, transformers id or local directory
     exact_size: bool = True  # False: position embeddings are interpolated to image_size
-    alias: Optional[Alias] = None
+    alias: Alias | None = None
 
 
 def _timm_names() -> list[str]:
@@ -96,7 +95,7 @@ def _hf_cache_dir() -> str:
     return _hub.cache_dir()
 
 
-def timm_weights_location(model_id: str) -> tuple[Optional[str], str]:
+def timm_weights_location(model_id: str) -> tuple[str | None, str]:
     """The local file of a timm model's pretrained weights, and a description of what was sought.
 
     Returns:
@@ -134,7 +133,7 @@ def _missing_weights(name: str, sought: str) -> WeightsNotFoundError:
         f"no pretrained weights for {name!r} on this machine (looked for {sought}). {_hub.fixes(name)}")
 
 
-def weights_status(name: str) -> tuple[str, Optional[str]]:
+def weights_status(name: str) -> tuple[str, str | None]:
     """``(model id, local weights path or None)`` for `vitviz models`."""
     r = resolve(name)
     if r.source == "zoo":
@@ -148,7 +147,7 @@ def weights_status(name: str) -> tuple[str, Optional[str]]:
     return r.model_id, _hf_snapshot(r.model_id)
 
 
-def _hf_snapshot(model_id: str) -> Optional[str]:
+def _hf_snapshot(model_id: str) -> str | None:
     """The cached snapshot folder of a transformers repo when its config and weights are there.
 
     No transformers import and no network: `vitviz models` stays fast.
@@ -168,7 +167,7 @@ def _hf_snapshot(model_id: str) -> Optional[str]:
 # load_model
 # ---------------------------------------------------------------------------------------------
 
-def _pick_device(device: Optional[str]):
+def _pick_device(device: str | None):
     import torch
 
     if device in (None, "auto"):
@@ -186,8 +185,8 @@ def _pick_device(device: Optional[str]):
     return dev
 
 
-def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes: Optional[int] = None,
-               image_size=None, device: Optional[str] = "cpu"):
+def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes: int | None = None,
+               image_size=None, device: str | None = "cpu"):
     """Load a model by alias, timm name, transformers id or local directory.
 
     Args:
@@ -245,8 +244,13 @@ def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
         kwargs["img_size"] = image_size
     labels = None
     if weights is not None:
-        from ._checkpoint import (convert_pytorch_pretrained_vit, infer_timm_args,
-                                  is_pytorch_pretrained_vit, load_into_timm, read_state_dict)
+        from ._checkpoint_convert import (
+            convert_pytorch_pretrained_vit,
+            infer_timm_args,
+            is_pytorch_pretrained_vit,
+            load_into_timm,
+        )
+        from ._checkpoint_read import read_state_dict
 
         sd = read_state_dict(weights)
         if is_pytorch_pretrained_vit(sd):
@@ -281,7 +285,7 @@ def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
     return wrap(model, labels=labels, name=r.name)
 
 
-def _imagenet_labels(model) -> Optional[list[str]]:
+def _imagenet_labels(model) -> list[str] | None:
     try:
         from timm.data import ImageNetInfo, infer_imagenet_subset
 
@@ -291,7 +295,7 @@ def _imagenet_labels(model) -> Optional[list[str]]:
         info = ImageNetInfo(subset)
         n = model.num_classes
         return [info.index_to_description(i) for i in range(n)]
-    except Exception:  # label files are optional metadata; a model without them still works
+    except Exception:  # noqa: BLE001 - label files are optional metadata; a model without them still works
         return None
 
 
@@ -368,7 +372,7 @@ def _load_transformers(r: Resolved, weights, pretrained, num_classes, image_size
             setattr(config, k, v)
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
         if weights is not None:
-            from ._checkpoint import read_state_dict
+            from ._checkpoint_read import read_state_dict
 
             sd = read_state_dict(weights)
             missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -19,8 +19,6 @@ Models with relative or rotary position encodings have no such table: a
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -31,7 +29,7 @@ from ._vision_model import VisionModel, _pair, wrap
 _MAX_UNKNOWN_PREFIX = 16  # prefix rows accepted when the model does not say how many it has
 
 
-def _timm_table(module: nn.Module) -> Optional[tuple[str, torch.Tensor, tuple[int, int], int]]:
+def _timm_table(module: nn.Module) -> tuple[str, torch.Tensor, tuple[int, int], int] | None:
     """timm's ``pos_embed``: (name, [R, D] table, native grid, prefix rows), or None."""
     pe = getattr(module, "pos_embed", None)
     patch_embed = getattr(module, "patch_embed", None)
@@ -52,7 +50,7 @@ def _timm_table(module: nn.Module) -> Optional[tuple[str, torch.Tensor, tuple[in
     return "pos_embed", table, grid, prefix
 
 
-def _fits(shape: torch.Size, grid: tuple[int, int], num_prefix: Optional[int]) -> Optional[int]:
+def _fits(shape: torch.Size, grid: tuple[int, int], num_prefix: int | None) -> int | None:
     """How many prefix rows a table of ``shape`` has on ``grid``, or None when it does not fit."""
     gh, gw = grid
     p = gh * gw
@@ -140,7 +138,7 @@ def find_position_table(m) -> tuple[str, torch.Tensor, tuple[int, int], int]:
     return best[2], _as_rows(best[3]), grid, best[4]
 
 
-def patch_position_embeddings(m, *, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def patch_position_embeddings(m, *, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """The patch position embeddings of a model, prefix positions dropped.
 
     Args:
@@ -159,7 +157,7 @@ def patch_position_embeddings(m, *, grid: Optional[tuple[int, int]] = None) -> t
     return patches
 
 
-def pos_similarity(m, *, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def pos_similarity(m, *, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Cosine similarity of every patch's position embedding with all others.
 
     Works with timm ViTs (CLS position or ``no_embed_class``, e.g. DINOv2 with registers),

@@ -23,8 +23,9 @@ before normalisation: the picture renderers draw attention maps over.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ _RESAMPLE_BY_CODE = {int(v): k for k, v in _RESAMPLE.items()}
 _RESIZE_MODES = ("shortest", "squash", "border")
 _CROP_OFFSETS = ("round", "floor")
 
-SizeLike = Union[int, Sequence[int]]
+SizeLike = int | Sequence[int]
 
 
 def _hw(value: SizeLike, what: str) -> tuple[int, int]:
@@ -127,13 +128,13 @@ class Preprocess:
         (224, 224, 3)
     """
 
-    size: Union[int, tuple[int, int]] = (224, 224)
+    size: int | tuple[int, int] = (224, 224)
     resize_mode: str = "squash"
     crop_pct: float = 1.0
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
-    resize_size: Optional[Union[int, tuple[int, int]]] = None
+    resize_size: int | tuple[int, int] | None = None
     crop_offset: str = "round"
 
     def __post_init__(self) -> None:
@@ -159,7 +160,7 @@ class Preprocess:
                 self.resize_size = _hw(self.resize_size, "resize_size")
 
     # -- the transform -----------------------------------------------------------------------
-    def _scale_size(self) -> Union[int, tuple[int, int]]:
+    def _scale_size(self) -> int | tuple[int, int]:
         """The size before the crop: timm's ``scale_size`` (``floor(size / crop_pct)``)."""
         if self.resize_size is not None:
             return self.resize_size
@@ -314,7 +315,7 @@ class Preprocess:
 
     # -- constructors from the model libraries -----------------------------------------------
     @classmethod
-    def from_timm(cls, model_or_config: Any) -> "Preprocess":
+    def from_timm(cls, model_or_config: Any) -> Preprocess:
         """The evaluation transform of a timm model (``timm.data.resolve_model_data_config``).
 
         Equals ``timm.data.create_transform(**cfg)`` on PIL images, bit for bit. When the
@@ -351,7 +352,7 @@ class Preprocess:
                    crop_offset="round")
 
     @classmethod
-    def from_hf_processor(cls, processor: Any) -> "Preprocess":
+    def from_hf_processor(cls, processor: Any) -> Preprocess:
         """The transform of a transformers image processor (or its ``preprocessor_config.json`` dict).
 
         Reads ``do_resize``, ``size`` (``{"height", "width"}`` → squash, ``{"shortest_edge"}``
@@ -411,7 +412,7 @@ class Preprocess:
                    mean=mean, std=std, resize_size=resize_size, crop_offset="floor")
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> "Preprocess":
+    def from_hf_config(cls, config: Any) -> Preprocess:
         """Defaults for a transformers model known only by its config (no processor file).
 
         The settings come from the image-processor class transformers associates with the
@@ -465,7 +466,7 @@ def _interp_name(value: Any) -> str:
     return name
 
 
-def _hf_size(value: Any, *, int_is_shortest_edge: bool) -> Optional[dict]:
+def _hf_size(value: Any, *, int_is_shortest_edge: bool) -> dict | None:
     """A transformers size setting as a dict (``SizeDict`` objects and old int sizes too)."""
     if value is None:
         return None
@@ -484,7 +485,7 @@ def _hf_size(value: Any, *, int_is_shortest_edge: bool) -> Optional[dict]:
     return out
 
 
-def _timm_built_size(model: Any) -> Optional[tuple[int, int]]:
+def _timm_built_size(model: Any) -> tuple[int, int] | None:
     pe = getattr(model, "patch_embed", None)
     img_size = getattr(pe, "img_size", None)
     if img_size is None:
@@ -504,7 +505,7 @@ def hf_vision_config(config: Any) -> Any:
     return config
 
 
-def _hf_default_processor(model_type: Optional[str]) -> Optional[Preprocess]:
+def _hf_default_processor(model_type: str | None) -> Preprocess | None:
     """transformers' default image processor for a model type, as a Preprocess (or None)."""
     if not model_type:
         return None

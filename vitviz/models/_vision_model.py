@@ -9,7 +9,8 @@ never guessed from ``sqrt(N)``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,16 +50,16 @@ class VisionModel:
         self,
         module: nn.Module,
         *,
-        patch_size: Optional[tuple[int, int]] = None,
-        grid: Optional[tuple[int, int]] = None,
-        num_prefix: Optional[int] = None,
-        has_cls: Optional[bool] = None,
+        patch_size: tuple[int, int] | None = None,
+        grid: tuple[int, int] | None = None,
+        num_prefix: int | None = None,
+        has_cls: bool | None = None,
         pad_to_patch: bool = False,
-        preprocessor: Optional[Callable[..., torch.Tensor]] = None,
-        preprocessor_factory: Optional[Callable[[], Any]] = None,
-        labels: Optional[Sequence[str]] = None,
+        preprocessor: Callable[..., torch.Tensor] | None = None,
+        preprocessor_factory: Callable[[], Any] | None = None,
+        labels: Sequence[str] | None = None,
         tokenizer: Any = None,
-        name: Optional[str] = None,
+        name: str | None = None,
         grid_fixed: bool = False,
         num_suffix: int = 0,
     ):
@@ -95,7 +96,7 @@ class VisionModel:
                 return p.dtype
         return torch.float32
 
-    def to(self, *args, **kwargs) -> "VisionModel":
+    def to(self, *args, **kwargs) -> VisionModel:
         self.module.to(*args, **kwargs)
         return self
 
@@ -113,7 +114,7 @@ class VisionModel:
         self._preprocessor, self._preprocessor_factory = value, None
 
     @property
-    def input_size(self) -> Optional[tuple[int, int]]:
+    def input_size(self) -> tuple[int, int] | None:
         """``(H, W)`` of the preprocessed input, when known."""
         size = getattr(self.preprocessor, "size", None)
         if size is not None:
@@ -159,7 +160,7 @@ class VisionModel:
         return TokenLayout(self.num_prefix, grid, has_cls=self.has_cls if self.num_prefix else None,
                            num_suffix=self.num_suffix)
 
-    def layout_at(self, input_hw: Optional[tuple[int, int]]) -> TokenLayout:
+    def layout_at(self, input_hw: tuple[int, int] | None) -> TokenLayout:
         """The layout of every patch of an input of ``input_hw`` (the default size when None)."""
         layout = self.layout
         if input_hw is None or self._grid_fixed or self.patch_size is None:
@@ -172,7 +173,7 @@ class VisionModel:
         rnd = math.ceil if self.pad_to_patch else math.floor
         return int(rnd(hw[0] / ph)), int(rnd(hw[1] / pw))
 
-    def layout_for(self, input_hw: Optional[tuple[int, int]], num_tokens: int) -> TokenLayout:
+    def layout_for(self, input_hw: tuple[int, int] | None, num_tokens: int) -> TokenLayout:
         """The token layout of a sequence of ``num_tokens`` produced from an input of ``input_hw``.
 
         The grid comes from a fixed grid the user stated, else from the input size and the
@@ -203,7 +204,7 @@ class VisionModel:
         layout.check_tokens(num_tokens)
         return layout
 
-    def stage_layout(self, input_hw: Optional[tuple[int, int]], num_tokens: int) -> TokenLayout:
+    def stage_layout(self, input_hw: tuple[int, int] | None, num_tokens: int) -> TokenLayout:
         """The layout of ``num_tokens`` in a stage of a hierarchical model (PiT, LeViT, PVT,
         Swin after patch merging, ...): the model's prefix tokens, then a grid that tiles the
         same image more coarsely than the patch grid.
@@ -243,7 +244,7 @@ class VisionModel:
         return f"VisionModel({self.name}, layout={layout}, patch_size={self.patch_size})"
 
 
-def _stage_grid(h: int, w: int, patches: int) -> Optional[tuple[int, int]]:
+def _stage_grid(h: int, w: int, patches: int) -> tuple[int, int] | None:
     """The ``(gh, gw)`` with ``gh * gw = patches`` nearest to the aspect of an ``h x w`` input for
     which one stride ``s`` gives both sides within one token (``|h/s - gh| < 1``,
     ``|w/s - gw| < 1``), or None."""
@@ -265,7 +266,7 @@ def _stage_grid(h: int, w: int, patches: int) -> Optional[tuple[int, int]]:
 # wrap(): describe any module
 # --------------------------------------------------------------------------------------------
 
-def _find_patch_conv(module: nn.Module) -> Optional[nn.Conv2d]:
+def _find_patch_conv(module: nn.Module) -> nn.Conv2d | None:
     """The first Conv2d on the image (3 input channels) whose kernel equals its stride: a ViT
     patch embedding (not, e.g., PVT's spatial-reduction convolutions over features)."""
     for m in module.modules():
@@ -275,7 +276,7 @@ def _find_patch_conv(module: nn.Module) -> Optional[nn.Conv2d]:
     return None
 
 
-def _count_prefix_params(module: nn.Module) -> Optional[int]:
+def _count_prefix_params(module: nn.Module) -> int | None:
     """Count CLS / distillation / register tokens held as parameters, or None if unknown.
 
     Only the shallowest parameters with those names count; when one name appears twice at
@@ -357,14 +358,14 @@ def describe(module: nn.Module) -> dict:
 def wrap(
     module: nn.Module,
     *,
-    grid: Optional[tuple[int, int]] = None,
-    num_prefix: Optional[int] = None,
+    grid: tuple[int, int] | None = None,
+    num_prefix: int | None = None,
     tokenizer: Any = None,
-    patch_size: Optional[int | tuple[int, int]] = None,
-    has_cls: Optional[bool] = None,
-    preprocess: Optional[Callable[..., torch.Tensor]] = None,
-    labels: Optional[Sequence[str]] = None,
-    name: Optional[str] = None,
+    patch_size: int | tuple[int, int] | None = None,
+    has_cls: bool | None = None,
+    preprocess: Callable[..., torch.Tensor] | None = None,
+    labels: Sequence[str] | None = None,
+    name: str | None = None,
 ) -> VisionModel:
     """Describe any torch module (timm, transformers, hand-written) as a :class:`VisionModel`.
 
@@ -434,7 +435,7 @@ def _default_preprocess(module: nn.Module, info: dict):
     return None
 
 
-def _labels_of(module: nn.Module) -> Optional[list[str]]:
+def _labels_of(module: nn.Module) -> list[str] | None:
     config = getattr(module, "config", None)
     id2label = getattr(config, "id2label", None) if config is not None else None
     if id2label and getattr(module, "num_labels", None):

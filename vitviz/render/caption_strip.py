@@ -10,21 +10,25 @@ title are wrapped to their panel, and constrained layout keeps them apart.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import RenderError
-from .figures import PANEL_IN, _DPI, _fit, _tile_px, add_colorbar, check_dpi, figure_scales, wrap
-from .overlay import as_map, as_rgb_uint8, overlay
+from .figures import _DPI, PANEL_IN, _fit, _tile_px, add_colorbar, check_dpi, figure_scales, wrap
+from .overlay import ImageLike, MapLike, as_map, as_rgb_uint8, overlay
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def caption_strip(
-    image,
-    grids,
+    image: ImageLike,
+    grids: MapLike,
     words: Sequence[str],
     *,
-    title: Optional[str] = None,
+    title: str | None = None,
     show_image: bool = True,
     max_cols: int = 6,
     panel_size: float = PANEL_IN,
@@ -32,13 +36,13 @@ def caption_strip(
     alpha: float = 0.5,
     fontsize: int = 11,
     norm: str = "image",
-    vmin=None,
-    vmax=None,
+    vmin: float | None = None,
+    vmax: float | None = None,
     colorbar: bool = False,
     dpi: int = _DPI,
-    fig=None,
-    axes=None,
-):
+    fig: Figure | None = None,
+    axes: Any = None,
+) -> tuple[Figure, Any]:
     """Draw one panel per word: the image with that word's patch map over it.
 
     Args:

@@ -1,4 +1,10 @@
 """Figures with matplotlib: grids of maps over the image, panels, position similarity,
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.colorbar import Colorbar
+    from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 attention distance, entropy, mask contours.
 
 Every function takes ``ax=`` (draws into that axes) or makes its own figure, and returns
@@ -23,14 +29,32 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ..errors import RenderError
-from .overlay import (Scale, as_map, as_rgb_uint8, check_norm, colorize, map_scales, mpl_colormap,
-                      overlay, scale_map)
+from .overlay import (
+    ImageLike,
+    MapLike,
+    Scale,
+    as_map,
+    as_rgb_uint8,
+    check_norm,
+    colorize,
+    map_scales,
+    mpl_colormap,
+    overlay,
+    scale_map,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.colorbar import Colorbar
+    from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 
 _DPI = 100
 DPI = _DPI
@@ -54,7 +78,8 @@ def check_format(fmt: str) -> str:
     return f
 
 
-def new_figure(width_px: float, height_px: float, dpi: int = _DPI, *, layout: Optional[str] = "constrained"):
+def new_figure(width_px: float, height_px: float, dpi: int = _DPI, *,
+               layout: Literal["constrained", "compressed", "tight"] | None = "constrained") -> Figure:
     """An empty matplotlib Figure of about ``width_px x height_px`` pixels at ``dpi`` on the Agg
     canvas (no pyplot), with constrained layout (labels never overlap)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -65,26 +90,26 @@ def new_figure(width_px: float, height_px: float, dpi: int = _DPI, *, layout: Op
     return fig
 
 
-def _fig_ax(ax, width_in: float, height_in: float, dpi: int = _DPI):
+def _fig_ax(ax: Axes | None, width_in: float, height_in: float, dpi: int = _DPI) -> tuple[Any, Axes]:
     if ax is not None:
         return ax.figure, ax
     fig = new_figure(width_in * dpi, height_in * dpi, dpi)
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _numpy(x) -> np.ndarray:
+def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.asarray(x)
 
 
-def _chars(width_px: float, fontsize: float, dpi: int) -> int:
+def _chars(width_px: float, fontsize: float, dpi: float) -> int:
     """How many characters of ``fontsize`` points fit in ``width_px`` pixels (generous estimate)."""
     char_px = 0.62 * fontsize * dpi / 72.0
     return max(4, int(width_px / char_px))
 
 
-def wrap(text, width_px: float, fontsize: float = FONT_PT, dpi: int = _DPI) -> str:
+def wrap(text: object, width_px: float, fontsize: float = FONT_PT, dpi: float = _DPI) -> str:
     """``text`` broken into lines that fit ``width_px`` pixels at ``fontsize`` points."""
     n = _chars(width_px, fontsize, dpi)
     lines = []
@@ -109,7 +134,7 @@ def _fit(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp)
 
 
-def _per_map(value, k: int, what: str) -> list:
+def _per_map(value: Any, k: int, what: str) -> list[Any]:
     if value is None or np.isscalar(value):
         return [value] * k
     vals = list(value)
@@ -118,7 +143,7 @@ def _per_map(value, k: int, what: str) -> list:
     return vals
 
 
-def figure_scales(maps: Sequence, norm: str = "image", vmin=None, vmax=None) -> list[Scale]:
+def figure_scales(maps: Sequence[Any], norm: str = "image", vmin: Any = None, vmax: Any = None) -> list[Scale]:
     """The scale of every map of a figure: ``vmin`` / ``vmax`` (one value, or one per map) where
     given, else the ``norm`` rule over the figure's maps (``"batch"``: one scale for all)."""
     check_norm(norm)
@@ -139,8 +164,8 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def add_colorbar(fig, ax, scales: Sequence[Scale], cmap: str, *, label: str = "", fontsize: float = 8,
-                 length_px: Optional[float] = None):
+def add_colorbar(fig: Figure, ax: Any, scales: Sequence[Scale], cmap: str, *, label: str = "", fontsize: float = 8,
+                 length_px: float | None = None) -> Colorbar:
     """One colour bar next to ``ax`` that states the scale: the shared ``vmin .. vmax`` when
     every map has the same scale, else ``0 .. 1`` of each map's own range.
 
@@ -170,7 +195,7 @@ def add_colorbar(fig, ax, scales: Sequence[Scale], cmap: str, *, label: str = ""
     return cb
 
 
-def _mosaic(tiles: Sequence[Sequence[np.ndarray]], gap: int, fill) -> np.ndarray:
+def _mosaic(tiles: Sequence[Sequence[np.ndarray]], gap: int, fill: object) -> np.ndarray:
     """Lay out ``rows x cols`` equally sized tiles with ``gap`` pixels between them."""
     rows, cols = len(tiles), len(tiles[0])
     th, tw = tiles[0][0].shape[:2]
@@ -184,7 +209,7 @@ def _mosaic(tiles: Sequence[Sequence[np.ndarray]], gap: int, fill) -> np.ndarray
     return out
 
 
-def _show(ax, rgb: np.ndarray):
+def _show(ax: Axes, rgb: np.ndarray) -> AxesImage:
     """``ax.imshow`` of an ``HxWx3`` uint8 picture as opaque RGBA without interpolation: about
     4x faster to draw than RGB for the large mosaics of a grid, and vector formats embed the
     pixels as they are."""
@@ -194,7 +219,8 @@ def _show(ax, rgb: np.ndarray):
     return ax.imshow(rgba, interpolation="none", interpolation_stage="rgba")
 
 
-def _label_tiles(ax, rows: int, cols: int, th: int, tw: int, gap: int, row_labels, col_labels,
+def _label_tiles(ax: Axes, rows: int, cols: int, th: int, tw: int, gap: int, row_labels: Sequence[object] | None,
+                 col_labels: Sequence[object] | None,
                  top: bool = False, fontsize: float = FONT_PT, dpi: int = _DPI) -> None:
     """Tick labels at the tile centres, wrapped to the tile width (column labels) or kept on
     one line per tile height (row labels)."""
@@ -215,11 +241,11 @@ def _label_tiles(ax, rows: int, cols: int, th: int, tw: int, gap: int, row_label
         side.set_visible(False)
 
 
-def _label_lines(labels) -> int:
+def _label_lines(labels: Sequence[object]) -> int:
     return max((str(t).count("\n") + 1 for t in labels), default=0)
 
 
-def _tile_px(tile: Optional[int], dpi: int, image: Optional[np.ndarray] = None) -> int:
+def _tile_px(tile: int | None, dpi: int, image: np.ndarray | None = None) -> int:
     """The tile size: ``tile``, or :data:`PANEL_IN` inches at ``dpi``; an image of at most half
     that is enlarged by a whole factor instead (a 64 px image becomes 256 px of clean pixel
     blocks), a larger one is resized to exactly that."""
@@ -234,11 +260,11 @@ def _tile_px(tile: Optional[int], dpi: int, image: Optional[np.ndarray] = None) 
     return int(tile)
 
 
-def map_grid(maps, image=None, *, row_labels: Optional[Sequence] = None,
-             col_labels: Optional[Sequence] = None, cmap: str = "jet", alpha: float = 0.5,
-             tile: Optional[int] = None, title: Optional[str] = None, norm: str = "image",
-             vmin=None, vmax=None, colorbar: bool = False, label: str = "attention",
-             dpi: int = _DPI, ax=None):
+def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[Any] | None = None,
+             col_labels: Sequence[Any] | None = None, cmap: str = "jet", alpha: float = 0.5,
+             tile: int | None = None, title: str | None = None, norm: str = "image",
+             vmin: float | None = None, vmax: float | None = None, colorbar: bool = False, label: str = "attention",
+             dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Axes]:
     """A ``rows x cols`` grid of maps, each over the image (e.g. layers x heads of CLS maps).
 
     Args:
@@ -295,8 +321,8 @@ def map_grid(maps, image=None, *, row_labels: Optional[Sequence] = None,
     return fig, ax
 
 
-def _tile(heat: np.ndarray, image: Optional[np.ndarray], size: tuple[int, int], cmap: str,
-          alpha: float, scale: Optional[Scale] = None) -> np.ndarray:
+def _tile(heat: np.ndarray, image: np.ndarray | None, size: tuple[int, int], cmap: str,
+          alpha: float, scale: Scale | None = None) -> np.ndarray:
     """One ``size`` (h, w) RGB tile: the map over the image, or the coloured map alone."""
     import cv2
 
@@ -308,10 +334,11 @@ def _tile(heat: np.ndarray, image: Optional[np.ndarray], size: tuple[int, int], 
     return colorize(up, cmap)
 
 
-def panels(image, maps: Union[Mapping[str, object], Sequence], *, cmap: str = "jet", alpha: float = 0.5,
-           tile: Optional[int] = None, show_image: bool = True, image_title: str = "image",
-           norm: str = "image", vmin=None, vmax=None, colorbar: bool = False, label: str = "",
-           dpi: int = _DPI, ax=None):
+def panels(image: ImageLike, maps: Mapping[str, object] | Sequence[Any], *, cmap: str = "jet", alpha: float = 0.5,
+           tile: int | None = None, show_image: bool = True, image_title: str = "image",
+           norm: str = "image", vmin: float | None = None, vmax: float | None = None, colorbar: bool = False,
+           label: str = "",
+           dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Any]:
     """The image and several maps over it, side by side (e.g. rollout, relevance, flow).
 
     Args:
@@ -363,9 +390,10 @@ def panels(image, maps: Union[Mapping[str, object], Sequence], *, cmap: str = "j
     return fig, ax
 
 
-def overlay_figure(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5, vmin=None, vmax=None,
-                   norm: str = "image", label: str = "", title: Optional[str] = None,
-                   dpi: int = _DPI, ax=None):
+def overlay_figure(image: ImageLike, heatmap: MapLike, *, cmap: str = "jet", alpha: float = 0.5,
+                   vmin: float | None = None, vmax: float | None = None,
+                   norm: str = "image", label: str = "", title: str | None = None,
+                   dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Axes]:
     """One overlay with a colour bar that states its scale (``--colorbar`` of the commands).
 
     The overlay is drawn at its own pixel size (enlarge small images with
@@ -394,8 +422,9 @@ def overlay_figure(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5, vmi
     return fig, ax
 
 
-def pos_similarity_grid(sim, *, cmap: str = "viridis", colorbar: bool = True,
-                        title: Optional[str] = "Position embedding similarity", dpi: int = _DPI, ax=None):
+def pos_similarity_grid(sim: MapLike, *, cmap: str = "viridis", colorbar: bool = True,
+                        title: str | None = "Position embedding similarity", dpi: int = _DPI,
+                        ax: Axes | None = None) -> tuple[Figure, Axes]:
     """The ViT paper's figure: for each patch, a small grid of its cosine similarity with all.
 
     Args:
@@ -441,8 +470,8 @@ def pos_similarity_grid(sim, *, cmap: str = "viridis", colorbar: bool = True,
     return fig, ax
 
 
-def distance_plot(distance, *, unit: str = "pixels", title: Optional[str] = "Mean attention distance",
-                  dpi: int = _DPI, ax=None):
+def distance_plot(distance: MapLike, *, unit: str = "pixels", title: str | None = "Mean attention distance",
+                  dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Axes]:
     """Mean attention distance of every head against the layer (the ViT paper's Fig. 7 right).
 
     Args:
@@ -477,9 +506,10 @@ def distance_plot(distance, *, unit: str = "pixels", title: Optional[str] = "Mea
     return fig, ax
 
 
-def heatmap(values, *, label: str = "", title: Optional[str] = None, cmap: str = "magma",
-            annotate: Optional[bool] = None, xlabel: str = "head", ylabel: str = "layer",
-            vmin: Optional[float] = None, vmax: Optional[float] = None, dpi: int = _DPI, ax=None):
+def heatmap(values: MapLike, *, label: str = "", title: str | None = None, cmap: str = "magma",
+            annotate: bool | None = None, xlabel: str = "head", ylabel: str = "layer",
+            vmin: float | None = None, vmax: float | None = None, dpi: int = _DPI,
+            ax: Axes | None = None) -> tuple[Figure, Axes]:
     """A layers x heads heat map with a colour bar (entropy, prefix share, ...).
 
     Args:
@@ -517,8 +547,8 @@ def heatmap(values, *, label: str = "", title: Optional[str] = None, cmap: str =
     return fig, ax
 
 
-def entropy_heatmap(entropy, *, normalized: bool = False, title: Optional[str] = "Attention entropy",
-                    dpi: int = _DPI, ax=None):
+def entropy_heatmap(entropy: MapLike, *, normalized: bool = False, title: str | None = "Attention entropy",
+                    dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Axes]:
     """Attention entropy per layer and head (from :func:`~vitviz.analyze.stats.attention_entropy`).
 
     Returns:
@@ -528,8 +558,8 @@ def entropy_heatmap(entropy, *, normalized: bool = False, title: Optional[str] =
                    cmap="viridis", dpi=dpi, ax=ax)
 
 
-def mask_contours(image, masks, *, labels: Optional[Sequence] = None, fill: float = 0.25,
-                  title: Optional[str] = None, dpi: int = _DPI, ax=None):
+def mask_contours(image: ImageLike, masks: MapLike, *, labels: Sequence[Any] | None = None, fill: float = 0.25,
+                  title: str | None = None, dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Axes]:
     """Contours of patch masks on the image (DINO's attention-mass masks, one colour each).
 
     Args:
@@ -579,7 +609,7 @@ def mask_contours(image, masks, *, labels: Optional[Sequence] = None, fill: floa
     return fig, ax
 
 
-def figure_bytes(fig, fmt: str = "png", *, dpi: int = _DPI) -> bytes:
+def figure_bytes(fig: Figure, fmt: str = "png", *, dpi: int = _DPI) -> bytes:
     """The figure as ``png``, ``jpg``, ``pdf`` or ``svg`` bytes.
 
     Vector formats keep their text as text: SVG writes ``<text>`` elements (``svg.fonttype:
@@ -591,8 +621,8 @@ def figure_bytes(fig, fmt: str = "png", *, dpi: int = _DPI) -> bytes:
     fmt = check_format(fmt)
     check_dpi(dpi)
     buf = io.BytesIO()
-    rc = {"svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "vitviz"}
-    kwargs = {}
+    rc: Any = {"svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "vitviz"}
+    kwargs: dict[str, Any] = {}
     if fmt == "jpg":
         kwargs["pil_kwargs"] = {"quality": 92}
     elif fmt == "png":  # zlib level 3: a 12x12 grid of 250 px tiles saves in 4.5 s, not 7.9 s (+19% bytes)
@@ -605,12 +635,12 @@ def figure_bytes(fig, fmt: str = "png", *, dpi: int = _DPI) -> bytes:
     return buf.getvalue()
 
 
-def figure_png(fig, *, dpi: int = _DPI) -> bytes:
+def figure_png(fig: Figure, *, dpi: int = _DPI) -> bytes:
     """The figure as PNG bytes."""
     return figure_bytes(fig, "png", dpi=dpi)
 
 
-def save_figure(fig, path, *, dpi: int = _DPI, format: Optional[str] = None) -> Path:
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = _DPI, format: str | None = None) -> Path:
     """Save a figure atomically (temporary name, then rename) as PNG, JPEG, PDF or SVG.
 
     Args:

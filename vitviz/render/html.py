@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .._io import atomic_write_bytes
 
+if TYPE_CHECKING:
+    pass
+
 _PAGE = re.compile(r"^index-(\d+)\.html$")
 
 
-def esc(value) -> str:
+def esc(value: object) -> str:
     """HTML-escape any value for text or a double- or single-quoted attribute."""
     return html.escape("" if value is None else str(value), quote=True)
 
@@ -90,7 +94,9 @@ _JS = r"""
   var m = /^#tab=(.*)$/.exec(location.hash);
   if (m) { var k = names.indexOf(decodeURIComponent(m[1])); if (k >= 0) { setTab(k); } }
   Array.prototype.forEach.call(document.querySelectorAll(".pager a"), function (a) {
-    a.addEventListener("click", function () { a.setAttribute("href", a.getAttribute("href").split("#")[0] + location.hash); });
+    a.addEventListener("click", function () {
+      a.setAttribute("href", a.getAttribute("href").split("#")[0] + location.hash);
+    });
   });
   var cards = Array.prototype.slice.call(document.querySelectorAll("#grid .card"));
   var viewer = document.getElementById("viewer");
@@ -135,7 +141,7 @@ _JS = r"""
 """
 
 
-def _prediction_text(rec: dict) -> str:
+def _prediction_text(rec: dict[str, Any]) -> str:
     p = rec.get("prediction")
     if not p:
         return ""
@@ -143,7 +149,7 @@ def _prediction_text(rec: dict) -> str:
     return f"{label} ({100 * float(p.get('prob', 0)):.1f}%)"
 
 
-def _detail(rec: dict, tabs: Sequence[str]) -> str:
+def _detail(rec: dict[str, Any], tabs: Sequence[str]) -> str:
     parts = [f'<div class="detail"><h2>{esc(rec["key"])}</h2>',
              f'<p class="src">{esc(rec.get("source"))}</p>']
     if rec.get("status") != "done":
@@ -178,7 +184,7 @@ def _detail(rec: dict, tabs: Sequence[str]) -> str:
     return "".join(parts)
 
 
-def _card(rec: dict, tabs: Sequence[str]) -> str:
+def _card(rec: dict[str, Any], tabs: Sequence[str]) -> str:
     status = rec.get("status") or "skipped"
     key = rec["key"]
     head = (f'<figure class="card {esc(status)}" tabindex="0" data-key="{esc(key)}" '
@@ -221,8 +227,8 @@ def _pager(page: int, pages: int) -> str:
     return f'<nav class="pager" aria-label="pages">{"".join(items)}</nav>'
 
 
-def render_pages(records: Sequence[dict], *, methods: Sequence[str], title: str = "vitviz gallery",
-                 model: Optional[str] = None, page_size: int = 100) -> list[tuple[str, str]]:
+def render_pages(records: Sequence[dict[str, Any]], *, methods: Sequence[str], title: str = "vitviz gallery",
+                 model: str | None = None, page_size: int = 100) -> list[tuple[str, str]]:
     """The HTML pages of a gallery (pure: no files touched).
 
     Args:
@@ -281,8 +287,8 @@ def render_pages(records: Sequence[dict], *, methods: Sequence[str], title: str 
     return out
 
 
-def write_gallery_html(out_dir, records: Sequence[dict], *, methods: Sequence[str],
-                       title: str = "vitviz gallery", model: Optional[str] = None,
+def write_gallery_html(out_dir: str | Path, records: Sequence[dict[str, Any]], *, methods: Sequence[str],
+                       title: str = "vitviz gallery", model: str | None = None,
                        page_size: int = 100) -> Path:
     """Write the gallery pages into ``out_dir`` (atomically) and remove pages left over from a
     larger earlier gallery.

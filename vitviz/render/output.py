@@ -9,14 +9,18 @@ Figures go out as PNG, JPEG, PDF or SVG; overlays stay raster (JPEG when the for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .figures import _DPI, check_dpi, check_format, overlay_figure, save_figure
-from .overlay import NORMS, Scale, check_norm, check_size, display_image, map_scales, overlay
+from .overlay import NORMS, MapLike, Scale, check_norm, check_size, display_image, map_scales, overlay
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -36,14 +40,14 @@ class OutputOptions:
 
     format: str = "png"
     dpi: int = _DPI
-    size: Optional[int] = None
+    size: int | None = None
     norm: str = "image"
     colorbar: bool = False
     cmap: str = "jet"
     alpha: float = 0.5
-    notes: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         from ..errors import RenderError
 
         self.format = check_format(self.format)
@@ -62,14 +66,14 @@ class OutputOptions:
         if text not in self.notes:
             self.notes.append(text)
 
-    def scales(self, maps: Sequence) -> list[Scale]:
+    def scales(self, maps: Sequence[Any]) -> list[Scale]:
         """The scale of each map of one method over the run (by ``norm``); notes are kept."""
         scales, notes = map_scales(maps, self.norm)
         for n in notes:
             self.note(n)
         return scales
 
-    def save_overlay(self, path, view: np.ndarray, heat, scale: Optional[Scale] = None, *,
+    def save_overlay(self, path: str | Path, view: np.ndarray, heat: MapLike, scale: Scale | None = None, *,
                      label: str = "") -> Path:
         """Write the overlay of ``heat`` over ``view`` at the display size; returns the path
         (its suffix set to :attr:`overlay_ext`)."""
@@ -86,7 +90,7 @@ class OutputOptions:
         pic = overlay(big, heat, cmap=self.cmap, alpha=self.alpha, vmin=lo, vmax=hi)
         return atomic_write_bytes(path, encode_image(pic, self.overlay_ext))
 
-    def save_figure(self, fig, path) -> Path:
+    def save_figure(self, fig: Figure, path: str | Path) -> Path:
         """Write a figure in :attr:`format` at :attr:`dpi`; returns the path."""
         return save_figure(fig, path, dpi=self.dpi, format=self.format)
 

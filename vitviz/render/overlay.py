@@ -1,5 +1,8 @@
 """Heatmaps over images with OpenCV, and the scale rules every renderer shares.
 
+if TYPE_CHECKING:
+    from matplotlib.colors import ListedColormap
+
 Scale: a map is drawn through a colour map after ``(value - vmin) / (vmax - vmin)``,
 clipped to ``[0, 1]``. ``norm`` says where ``vmin, vmax`` come from:
 
@@ -15,12 +18,16 @@ divided by zero; :func:`map_scales` reports it in its notes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import RenderError
+
+if TYPE_CHECKING:
+    from matplotlib.colors import ListedColormap
 
 _CV2_MAPS = {
     "jet": "COLORMAP_JET", "viridis": "COLORMAP_VIRIDIS", "inferno": "COLORMAP_INFERNO",
@@ -29,12 +36,17 @@ _CV2_MAPS = {
     "parula": "COLORMAP_PARULA", "rainbow": "COLORMAP_RAINBOW", "cividis": "COLORMAP_CIVIDIS",
 }
 
+# what the renderers take: a path, PIL image, HxWx3 uint8 array or [3, H, W] tensor; a map: an
+# [h, w] torch.Tensor or numpy array
+ImageLike = Any
+MapLike = Any
+
 NORMS = ("image", "batch", "none")
 MIN_OVERLAY_SIDE = 256  # overlays are shown at least this large on their short side (pixels)
 SIZE_RANGE = (16, 8192)  # allowed explicit overlay sizes (short side, pixels)
 
 
-def as_rgb_uint8(image) -> np.ndarray:
+def as_rgb_uint8(image: ImageLike) -> np.ndarray:
     """An ``HxWx3`` uint8 RGB array from an RGB array or a PIL image."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
         image = np.asarray(image.convert("RGB"))
@@ -47,7 +59,7 @@ def as_rgb_uint8(image) -> np.ndarray:
     return arr
 
 
-def as_map(heatmap) -> np.ndarray:
+def as_map(heatmap: MapLike) -> np.ndarray:
     """A finite 2-D float32 array from a ``[gh, gw]`` tensor or array (size-1 axes dropped)."""
     if hasattr(heatmap, "detach"):  # torch.Tensor
         heatmap = heatmap.detach().float().cpu().numpy()
@@ -59,7 +71,7 @@ def as_map(heatmap) -> np.ndarray:
     return h
 
 
-def scale_map(heatmap, vmin: Optional[float] = None, vmax: Optional[float] = None) -> np.ndarray:
+def scale_map(heatmap: MapLike, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
     """``(h - vmin) / (vmax - vmin)`` clipped to ``[0, 1]`` as float32; a missing bound is the
     map's own minimum / maximum; ``vmin == vmax`` gives zeros (a flat map).
 
@@ -78,7 +90,7 @@ def scale_map(heatmap, vmin: Optional[float] = None, vmax: Optional[float] = Non
     return np.clip((h - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def normalize_map(heatmap) -> np.ndarray:
+def normalize_map(heatmap: MapLike) -> np.ndarray:
     """Min-max scale a 2-D map to ``[0, 1]`` float32 (a constant map becomes zeros)."""
     return scale_map(heatmap)
 
@@ -111,7 +123,7 @@ def check_norm(norm: str) -> str:
     return norm
 
 
-def map_scales(maps: Sequence, norm: str = "image") -> tuple[list[Scale], list[str]]:
+def map_scales(maps: Sequence[Any], norm: str = "image") -> tuple[list[Scale], list[str]]:
     """The colour scale of every map under a ``norm`` rule, and notes for the user.
 
     Args:
@@ -159,10 +171,11 @@ def map_scales(maps: Sequence, norm: str = "image") -> tuple[list[Scale], list[s
 
 def colormap_lut(cmap: str = "jet") -> np.ndarray:
     """The ``[256, 3]`` uint8 RGB table that :func:`colorize` uses for ``cmap``."""
-    return colorize(np.linspace(0.0, 1.0, 256, dtype=np.float32)[None], cmap)[0]
+    lut: np.ndarray = colorize(np.linspace(0.0, 1.0, 256, dtype=np.float32)[None], cmap)[0]
+    return lut
 
 
-def mpl_colormap(cmap: str = "jet"):
+def mpl_colormap(cmap: str = "jet") -> ListedColormap:
     """A matplotlib colour map with exactly the colours of :func:`colorize` (for colour bars)."""
     from matplotlib.colors import ListedColormap
 
@@ -176,23 +189,25 @@ def colorize(unit_map: np.ndarray, cmap: str = "jet") -> np.ndarray:
     u8 = np.clip(np.rint(np.asarray(unit_map, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     if cmap in _CV2_MAPS and hasattr(cv2, _CV2_MAPS[cmap]):
         bgr = cv2.applyColorMap(u8, getattr(cv2, _CV2_MAPS[cmap]))
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return rgb
     import matplotlib
 
     try:
         lut = matplotlib.colormaps[cmap](np.arange(256))[:, :3]  # [256, 3] in [0, 1]
     except KeyError:
         raise RenderError(f"unknown colormap {cmap!r}; try one of {', '.join(_CV2_MAPS)}") from None
-    return (lut[u8] * 255.0 + 0.5).astype(np.uint8)
+    coloured: np.ndarray = (lut[u8] * 255.0 + 0.5).astype(np.uint8)
+    return coloured
 
 
-def check_size(size: Optional[int]) -> Optional[int]:
+def check_size(size: int | None) -> int | None:
     if size is not None and not SIZE_RANGE[0] <= int(size) <= SIZE_RANGE[1]:
         raise RenderError(f"size must be in {SIZE_RANGE[0]}..{SIZE_RANGE[1]} pixels, got {size}")
     return size
 
 
-def display_image(image, size: Optional[int] = None, min_side: int = MIN_OVERLAY_SIDE) -> np.ndarray:
+def display_image(image: ImageLike, size: int | None = None, min_side: int = MIN_OVERLAY_SIDE) -> np.ndarray:
     """The image at the size it is shown at.
 
     With ``size``: resized so that its short side is ``size`` pixels. Without: an image whose
@@ -228,8 +243,8 @@ def display_image(image, size: Optional[int] = None, min_side: int = MIN_OVERLAY
     return cv2.resize(img, new, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
 
 
-def overlay(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5, vmin: Optional[float] = None,
-            vmax: Optional[float] = None) -> np.ndarray:
+def overlay(image: ImageLike, heatmap: MapLike, *, cmap: str = "jet", alpha: float = 0.5, vmin: float | None = None,
+            vmax: float | None = None) -> np.ndarray:
     """Draw a patch-grid heatmap over an image.
 
     The map is scaled to ``[0, 1]`` by ``(h - vmin) / (vmax - vmin)`` (clipped), upsampled
@@ -262,7 +277,7 @@ def overlay(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5, vmin: Opti
     img = as_rgb_uint8(image)
     unit = scale_map(heatmap, vmin, vmax)  # [gh, gw] in [0, 1]
     if alpha == 0.0:
-        return img.copy()
+        return np.array(img)  # a copy
     h, w = img.shape[:2]
     up = np.clip(cv2.resize(unit, (w, h), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)  # [H, W]
     colour = colorize(up, cmap).astype(np.float32)  # [H, W, 3]
@@ -270,7 +285,8 @@ def overlay(image, heatmap, *, cmap: str = "jet", alpha: float = 0.5, vmin: Opti
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def overlay_region(image, heatmap, box, *, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def overlay_region(image: ImageLike, heatmap: MapLike, box: Sequence[float], *, cmap: str = "jet",
+                   alpha: float = 0.5) -> np.ndarray:
     """Draw a patch-grid heatmap over the part of a full-resolution image the model saw.
 
     ``box`` is the model's view on ``image`` (:meth:`vitviz.models.Preprocess.region`): the
@@ -313,7 +329,7 @@ def overlay_region(image, heatmap, box, *, cmap: str = "jet", alpha: float = 0.5
     up = np.clip(cv2.resize(unit, (bw, bh), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)  # [bh, bw]
     # the part of the box inside the image
     ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + bw, w), min(y0 + bh, h)
-    out = img.copy()
+    out: np.ndarray = img.copy()
     if ix1 <= ix0 or iy1 <= iy0:
         return out
     colour = colorize(up[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0], cmap).astype(np.float32)  # [h', w', 3]

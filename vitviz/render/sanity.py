@@ -11,15 +11,21 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .figures import _numpy, map_grid, new_figure
+from .overlay import ImageLike
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
-def randomization_grid(results: Mapping, image=None, *, index: int = 0, cmap: str = "jet",
-                       alpha: float = 0.5, tile: Optional[int] = None, ax=None):
+def randomization_grid(results: Mapping[str, Any], image: ImageLike | None = None, *, index: int = 0, cmap: str = "jet",
+                       alpha: float = 0.5, tile: int | None = None, ax: Axes | None = None) -> tuple[Figure, Axes]:
     """One row per method, one column per randomisation step, for input ``index``.
 
     Args:
@@ -39,7 +45,7 @@ def randomization_grid(results: Mapping, image=None, *, index: int = 0, cmap: st
                     title="maps as the model is re-initialised from the top (cascade)", ax=ax)
 
 
-def curves_figure(report, *, width_px: int = 1500, height_px: int = 420):
+def curves_figure(report: Any, *, width_px: int = 1500, height_px: int = 420) -> tuple[Figure, Any]:
     """Mean curves per method: token deletion, token insertion, ROAD MoRF (solid) and LeRF (dashed).
 
     Returns:
@@ -51,7 +57,7 @@ def curves_figure(report, *, width_px: int = 1500, height_px: int = 420):
         panels.append(("ROAD: MoRF solid, LeRF dashed", {n: c.morf for n, c in report.road.items()}))
     fig = new_figure(width_px, height_px)
     axes = fig.subplots(1, len(panels))
-    colours = {}
+    colours: dict[str, Any] = {}
     for ax, (title, curves) in zip(np.atleast_1d(axes), panels):
         for name, c in curves.items():
             if c is None:

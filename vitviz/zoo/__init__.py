@@ -14,7 +14,7 @@ network:
 
 Their weights (float16 safetensors) and the tokenizer live in ``vitviz/zoo/weights``; the
 script that made them is ``python -m vitviz.zoo.train`` (see :mod:`vitviz.zoo.train`). The
-scenes come from :mod:`vitviz.zoo.scenes`; :mod:`vitviz.zoo.benchmark` scores attention maps
+scenes come from :mod:`vitviz.zoo.scenes`; :mod:`vitviz.zoo.evaluate` scores attention maps
 against their ground truth (`vitviz benchmark-maps`) and :mod:`vitviz.zoo.demo` writes the
 offline demo (`vitviz demo`), which also runs on the sample image files in ``vitviz/assets``.
 
@@ -24,9 +24,9 @@ Nothing here imports torch until a model is built, so ``vitviz models`` stays fa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -47,7 +47,7 @@ class ZooEntry:
     name: str
     about: str
     build: Callable[[], object]  # -> VisionModel with untrained weights
-    weights_file: Optional[str] = None
+    weights_file: str | None = None
 
     def info(self) -> dict:
         """The training settings and held-out numbers of the shipped weights (``{}`` if absent)."""
@@ -56,7 +56,7 @@ class ZooEntry:
         p = WEIGHTS / (Path(self.weights_file).stem + ".json")
         return json.loads(p.read_text()) if p.is_file() else {}
 
-    def weights_path(self) -> Optional[str]:
+    def weights_path(self) -> str | None:
         if self.weights_file is None:
             return None
         p = WEIGHTS / self.weights_file
@@ -79,7 +79,7 @@ class ZooEntry:
                 "from the installed package; reinstall vitviz, pass --weights FILE, or use --random")
         if path is not None:
             from ..errors import CheckpointError
-            from ..models._checkpoint import read_state_dict
+            from ..models import read_state_dict
 
             sd = read_state_dict(path)  # float16 on disk: copied into the float32 parameters
             try:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..analyze.metrics import centre_prior, random_maps
-from .benchmark import Table
+from .evaluate import Table
 from .scenes import COLOURS, HELDOUT_SEEDS, SHAPES, make_dataset
 
 METHODS = ("chefer", "legrad", "maskclip")
@@ -70,7 +70,7 @@ def benchmark_clip(model=None, *, n: int = 200, seeds: Sequence[int] | None = No
     """Pointing game of each text-map method of ``shapes-clip`` on held-out caption scenes.
 
     Returns:
-        :class:`~vitviz.zoo.benchmark.Table` with a ``"pointing"`` column per method and
+        :class:`~vitviz.zoo.evaluate.Table` with a ``"pointing"`` column per method and
         baseline; ``extra["retrieval"]`` is the phrase-retrieval accuracy.
     """
     from ..textmaps import text_maps, towers

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from .._io import atomic_write_bytes
+
 
 def _save_fig(fig, path: Path) -> Path:
     from ..render.figures import save_figure
@@ -23,7 +23,7 @@ def _save_fig(fig, path: Path) -> Path:
 def _pos_similarity(model):
     """``[P, gh, gw]`` cosine similarity of the patch position embeddings (vitviz's analyzer if present)."""
     try:
-        from ..models._posembed import pos_similarity
+        from ..models import pos_similarity
 
         return pos_similarity(model)
     except ImportError:
@@ -77,9 +77,9 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
         entries.append((f"scene {s.seed}", f.name,
                         f"rollout's maximum {'is' if hits[i] == 1 else 'is not'} on the {s.label_name}"))
     # every head of every layer for the first scene
-    all_cls = torch.stack([cls_maps(attn, layer=l)[0] for l in range(attn.num_layers)])  # [L, H, gh, gw]
+    all_cls = torch.stack([cls_maps(attn, layer=i)[0] for i in range(attn.num_layers)])  # [L, H, gh, gw]
     nl, nh = all_cls.shape[:2]
-    fig, _ = figures.map_grid(all_cls, scenes[0].image, row_labels=[f"layer {l}" for l in range(nl)],
+    fig, _ = figures.map_grid(all_cls, scenes[0].image, row_labels=[f"layer {i}" for i in range(nl)],
                               col_labels=[f"head {h}" for h in range(nh)], alpha=0.6,
                               title=f"CLS attention of every head, scene {scenes[0].seed}")
     f = _save_fig(fig, out / "classifier_cls_heads.png")
@@ -96,7 +96,7 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
 
 def files_section(out: Path) -> list[tuple[str, str, str]]:
     """``shapes-vit`` on the sample image files, through the same pipeline as `vitviz rollout`."""
-    from ..batch import rollout_files
+    from ..map_writer import rollout_files
     from ..models import load_model
     from . import sample_images
 
@@ -151,7 +151,7 @@ def _page(sections: list[tuple[str, str, list[tuple[str, str, str]]]]) -> str:
 
 
 def write_demo(out_dir, *, num_images: int = 4, seed: int = 3_000_000,
-               captioner: Optional[bool] = None) -> Path:
+               captioner: bool | None = None) -> Path:
     """Write the demo gallery to ``out_dir``; returns the path of its ``index.html``.
 
     Args:

@@ -16,7 +16,6 @@ the same tensor.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -49,7 +48,7 @@ def to_input(images: np.ndarray, device=None, dtype=torch.float32) -> torch.Tens
 
 def preprocess():
     """The :class:`~vitviz.models.Preprocess` of both models (64 px squash, mean = std = 0.5)."""
-    from ..models._preprocess import Preprocess
+    from ..models import Preprocess
 
     return Preprocess(size=(IMAGE_SIZE, IMAGE_SIZE), resize_mode="squash", crop_pct=1.0,
                       interpolation="bilinear", mean=MEAN, std=STD)
@@ -76,7 +75,7 @@ def shapes_vit_module() -> torch.nn.Module:
 
 def build_shapes_vit():
     """``shapes-vit`` as a :class:`~vitviz.models.VisionModel`, untrained."""
-    from ..models._vision_model import wrap
+    from ..models import wrap
 
     return wrap(shapes_vit_module(), preprocess=preprocess(), labels=list(SHAPES), name="shapes-vit")
 
@@ -122,8 +121,13 @@ def load_tokenizer(path=None):
 
 def shapes_captioner_module() -> torch.nn.Module:
     """The captioner architecture with untrained weights (``VisionEncoderDecoderModel``)."""
-    from transformers import (GenerationConfig, GPT2Config, ViTConfig, VisionEncoderDecoderConfig,
-                              VisionEncoderDecoderModel)
+    from transformers import (
+        GenerationConfig,
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+    )
 
     vocab = vocabulary()
     enc = ViTConfig(image_size=IMAGE_SIZE, patch_size=PATCH, num_channels=3, hidden_size=128,
@@ -185,9 +189,9 @@ def timm_vit_to_hf_encoder(sd: dict) -> dict:
     return out
 
 
-def build_shapes_captioner(tokenizer_path: Optional[str] = None):
+def build_shapes_captioner(tokenizer_path: str | None = None):
     """``shapes-captioner`` as a :class:`~vitviz.models.VisionModel` (with its tokenizer), untrained."""
-    from ..models._vision_model import wrap
+    from ..models import wrap
 
     # the ViT encoder puts one CLS token before the 8x8 patches
     return wrap(shapes_captioner_module(), num_prefix=1, tokenizer=load_tokenizer(tokenizer_path),

@@ -29,8 +29,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -96,7 +96,7 @@ class Scene:
     objects: list[SceneObject]
     label: int
     words: list[str]
-    word_objects: list[Optional[int]]
+    word_objects: list[int | None]
     seed: int
 
     @property
@@ -117,7 +117,7 @@ class Scene:
         """``[H, W]`` bool mask of the first object (the classification target)."""
         return self.objects[0].mask
 
-    def word_masks(self) -> list[Optional[np.ndarray]]:
+    def word_masks(self) -> list[np.ndarray | None]:
         """For each word, the ``[H, W]`` bool mask of the object it names, or ``None``."""
         return [None if k is None else self.objects[k].mask for k in self.word_objects]
 
@@ -152,9 +152,9 @@ def shape_outline(shape: str, size: float, angle: float = 0.0, n_circle: int = 9
         rad = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
         pts = np.stack([np.cos(t) * rad, np.sin(t) * rad], 1)
     elif shape == "cross":  # a plus sign; arm half-width 0.3 r, so the corners reach r
-        w, l = 0.3 * r, math.sqrt(r * r - (0.3 * r) ** 2)
-        pts = np.array([[-w, -l], [w, -l], [w, -w], [l, -w], [l, w], [w, w], [w, l], [-w, l],
-                        [-w, w], [-l, w], [-l, -w], [-w, -w]])
+        w, arm = 0.3 * r, math.sqrt(r * r - (0.3 * r) ** 2)
+        pts = np.array([[-w, -arm], [w, -arm], [w, -w], [arm, -w], [arm, w], [w, w], [w, arm], [-w, arm],
+                        [-w, w], [-arm, w], [-arm, -w], [-w, -w]])
     elif shape == "diamond":  # a rhombus, taller than wide
         pts = np.array([[0, -r], [0.62 * r, 0], [0, r], [-0.62 * r, 0]])
     else:
@@ -359,7 +359,7 @@ def caption_scene(seed: int, size: int = IMAGE_SIZE) -> Scene:
             for i in range(2)]
     rel = _relation(c[0], c[1])
     words = ["a", objs[0].colour, objs[0].shape, *rel.split(), "a", objs[1].colour, objs[1].shape]
-    word_objects: list[Optional[int]] = [None, 0, 0] + [None] * len(rel.split()) + [None, 1, 1]
+    word_objects: list[int | None] = [None, 0, 0] + [None] * len(rel.split()) + [None, 1, 1]
     img = _compose(bg, objs)
     return Scene(img, np.clip(np.rint(bg), 0, 255).astype(np.uint8), objs, SHAPES.index(objs[0].shape),
                  words, word_objects, int(seed))

@@ -42,7 +42,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -92,7 +91,7 @@ def _gen_chunk(job):
     return images, labels, captions, np.stack([t[0] for t in tl]), np.stack([t[1] for t in tl]), masks
 
 
-def generate(kind: str, seeds, workers: int = 2, cache: Optional[Path] = None) -> dict:
+def generate(kind: str, seeds, workers: int = 2, cache: Path | None = None) -> dict:
     """The scenes of ``seeds`` as arrays.
 
     Returns:
@@ -211,7 +210,7 @@ def rollout_pointing(module: torch.nn.Module, seeds, batch_size: int = 100) -> d
     from ..analyze import rollout
     from ..analyze.metrics import pointing_game, random_maps
     from ..hooks import capture
-    from ..models._vision_model import wrap
+    from ..models import wrap
 
     vm = wrap(module)
     scenes = make_dataset("classification", seeds)
@@ -329,15 +328,15 @@ def train_vit(args) -> dict:
     train_time = time.time() - t0
     model.eval()
     _roundtrip_fp16(model)
-    held = generate("classification", HELDOUT_SEEDS, args.workers, args.cache)
+    held = generate("classification", _heldout(args), args.workers, args.cache)
     acc = classifier_accuracy(model, held["images"], held["labels"])
-    pointing = rollout_pointing(model, HELDOUT_SEEDS[:300])
+    pointing = rollout_pointing(model, _heldout(args)[:300])
     _log(f"held-out accuracy {acc:.4f} ({len(held['images'])} scenes), rollout pointing game "
          f"{pointing['rollout']:.3f} (random {pointing['random']:.3f}), trained in {train_time:.0f}s")
     info = dict(model="shapes-vit", heldout_accuracy=acc,
                 heldout_rollout_pointing=round(pointing["rollout"], 4),
                 heldout_random_pointing=round(pointing["random"], 4),
-                heldout_seeds=[HELDOUT_SEEDS.start, HELDOUT_SEEDS.stop],
+                heldout_seeds=[_heldout(args).start, _heldout(args).stop],
                 train_seconds=round(train_time), **_settings(args))
     path = _save(model, "shapes-vit", Path(args.out), info)
     _log(f"wrote {path}")
@@ -346,7 +345,7 @@ def train_vit(args) -> dict:
 
 def _init_encoder(model, path: Path) -> None:
     """Start the captioner's encoder from trained ``shapes-vit`` weights (checked to compute the same)."""
-    from ..models._checkpoint import read_state_dict
+    from ..models import read_state_dict
 
     if not path.is_file():
         raise SystemExit(f"{path} not found: train the classifier first (`python -m vitviz.zoo.train vit`) "
@@ -440,7 +439,7 @@ def train_captioner(args) -> dict:
     train_time = time.time() - t0
     model.eval()
     _roundtrip_fp16(model)
-    held = generate("caption", HELDOUT_SEEDS, args.workers, args.cache)
+    held = generate("caption", _heldout(args), args.workers, args.cache)
     scores = caption_scores(model, tokenizer, held["images"], held["captions"])
     _log(f"held-out exact match {scores['exact_match']:.4f}, word accuracy "
          f"{scores['word_accuracy']:.4f}, objects {scores['object_accuracy']:.4f}, relation "
@@ -449,7 +448,7 @@ def train_captioner(args) -> dict:
                 heldout_word_accuracy=scores["word_accuracy"],
                 heldout_object_accuracy=scores["object_accuracy"],
                 heldout_relation_accuracy=scores["relation_accuracy"],
-                heldout_seeds=[HELDOUT_SEEDS.start, HELDOUT_SEEDS.stop],
+                heldout_seeds=[_heldout(args).start, _heldout(args).stop],
                 train_seconds=round(train_time), **_settings(args))
     path = _save(model, "shapes-captioner", Path(args.out), info)
     _log(f"wrote {path}")
@@ -458,25 +457,31 @@ def train_captioner(args) -> dict:
 
 def evaluate(args) -> dict:
     """Held-out numbers of the weights in ``--out`` (default: the package's)."""
-    from ..models._checkpoint import read_state_dict
+    from ..models import read_state_dict
 
     out = Path(args.out)
     result = {}
     vit = zm.shapes_vit_module()
     vit.load_state_dict(read_state_dict(out / "shapes-vit.safetensors"))
-    held = generate("classification", HELDOUT_SEEDS, args.workers, args.cache)
+    held = generate("classification", _heldout(args), args.workers, args.cache)
     result["shapes-vit accuracy"] = classifier_accuracy(vit, held["images"], held["labels"])
-    for k, v in rollout_pointing(vit, HELDOUT_SEEDS[:300]).items():
+    for k, v in rollout_pointing(vit, _heldout(args)[:300]).items():
         result[f"shapes-vit pointing game, {k} maps"] = v
     cap = zm.shapes_captioner_module()
     cap.load_state_dict(read_state_dict(out / "shapes-captioner.safetensors"))
-    held = generate("caption", HELDOUT_SEEDS, args.workers, args.cache)
+    held = generate("caption", _heldout(args), args.workers, args.cache)
     tokenizer = zm.load_tokenizer(out / zm.TOKENIZER_FILE)
     for k, v in caption_scores(cap, tokenizer, held["images"], held["captions"]).items():
         result[f"shapes-captioner {k}"] = v
     for k, v in result.items():
         print(f"{k}: {v:.4f}")
     return result
+
+
+def _heldout(args) -> range:
+    """The held-out seeds scored after training (all 1000 unless ``--heldout N``)."""
+    n = getattr(args, "heldout", None)
+    return HELDOUT_SEEDS if n is None else HELDOUT_SEEDS[:n]
 
 
 def _settings(args) -> dict:
@@ -523,6 +528,8 @@ def main(argv=None) -> int:
                    help="captioner: initial encoder weights, a shapes-vit .safetensors file; 'auto' = "
                         "shapes-vit.safetensors in --out; 'none' = random")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--heldout", type=int, default=None,
+                   help="score only the first N held-out scenes (default: all 1000; the smoke test uses a few)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for k, v in DEFAULTS.get(args.what, DEFAULTS["vit"]).items():

@@ -1,4 +1,5 @@
-"""Benchmark attention maps against ground truth on the bundled models' held-out scenes.
+"""Evaluate attention maps against ground truth on the bundled models' held-out scenes (map quality;
+the speed benchmarks are in ``benchmarks/``).
 
 For ``shapes-vit`` every analysis vitviz offers (rollout and its variants, CLS maps per
 layer, relevance and attention flow when those modules are installed) and two baselines (a
@@ -14,14 +15,21 @@ Used by ``vitviz benchmark-maps`` and by the tests.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..analyze.metrics import (centre_prior, energy_pointing, mask_auc, mask_iou, pointing_game,
-                               random_maps, word_grounding)
+from ..analyze.metrics import (
+    centre_prior,
+    energy_pointing,
+    mask_auc,
+    mask_iou,
+    pointing_game,
+    random_maps,
+    word_grounding,
+)
 from .scenes import HELDOUT_SEEDS, Scene, make_dataset
 
 # metric name -> (column header, higher is better)
@@ -108,11 +116,11 @@ def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: 
 INSERTION_BLUR_SIGMA = 8.0
 
 
-def benchmark_classifier(model=None, *, n: int = 200, seeds: Optional[Sequence[int]] = None,
+def evaluate_classifier(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
                          batch_size: int = 50, steps: int = 16, deletion: bool = True,
                          blur_sigma: float = INSERTION_BLUR_SIGMA,
                          relevance: bool = True, flow: bool = True,
-                         progress: Optional[Callable[[int, int], None]] = None) -> Table:
+                         progress: Callable[[int, int], None] | None = None) -> Table:
     """Score every map of ``shapes-vit`` on held-out classification scenes.
 
     Args:
@@ -179,10 +187,10 @@ def benchmark_classifier(model=None, *, n: int = 200, seeds: Optional[Sequence[i
     return table
 
 
-def benchmark_sanity(model=None, *, n: int = 200, seeds: Optional[Sequence[int]] = None,
-                     methods: Optional[Sequence[str]] = None, road_images: Optional[int] = 20,
+def evaluate_sanity(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
+                     methods: Sequence[str] | None = None, road_images: int | None = 20,
                      steps: int = 16, road_steps: int = 10, batch_size: int = 50,
-                     progress: Optional[Callable[[str], None]] = None) -> Table:
+                     progress: Callable[[str], None] | None = None) -> Table:
     """Sanity checks of every map method of ``shapes-vit`` on held-out scenes.
 
     Model-parameter randomisation (cascade, Adebayo et al. 2018), token deletion / insertion
@@ -212,9 +220,9 @@ def benchmark_sanity(model=None, *, n: int = 200, seeds: Optional[Sequence[int]]
     return table
 
 
-def benchmark_captioner(model=None, *, n: int = 200, seeds: Optional[Sequence[int]] = None,
+def evaluate_captioner(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
                         batch_size: int = 50,
-                        progress: Optional[Callable[[int, int], None]] = None) -> Table:
+                        progress: Callable[[int, int], None] | None = None) -> Table:
     """Word grounding of ``shapes-captioner``'s cross-attention on held-out caption scenes.
 
     The ground-truth caption is teacher-forced; the map of word ``t`` is the cross-attention
@@ -264,7 +272,7 @@ def benchmark_captioner(model=None, *, n: int = 200, seeds: Optional[Sequence[in
         p = layout.num_prefix
         fused = cross.tensor.float().mean(2)  # [L, B, T, Ni]
         roll = rollout_matrix(rec.attentions)  # [B, Ni, Ni]
-        candidates = {f"cross-attention, layer {l}": fused[l] for l in range(fused.shape[0])}
+        candidates = {f"cross-attention, layer {i}": fused[i] for i in range(fused.shape[0])}
         candidates["cross-attention, mean of layers"] = fused.mean(0)
         candidates["last layer ∘ encoder rollout"] = fused[-1] @ roll  # [B, T, Ni]
         g = torch.Generator(device="cpu").manual_seed(start)

@@ -1,95 +1,22 @@
-"""Maps for many images: load, batch, capture, analyze, write. Used by the CLI.
+"""One overlay and one raw ``.npy`` map per image for single-map methods (rollout, relevance):
+what ``vitviz rollout``, ``vitviz relevance`` and the demo write.
 
-Unreadable images are skipped and reported, never fatal; every file is written whole
-(temporary name, then rename).
+Images come from the batch engine (:mod:`vitviz.engine`): unreadable ones are skipped and
+reported, never fatal; every file is written whole (temporary name, then rename).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
-from ._io import save_npy, unique_stems
-from .errors import ImageError, VitvizError
-
-
-@dataclass
-class Outcome:
-    """What happened to one input."""
-
-    source: str
-    outputs: list[Path] = field(default_factory=list)
-    error: Optional[str] = None
-    prediction: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-@dataclass
-class Item:
-    """One input of a batch: its outcome to fill, a unique safe file stem, the ``HxWx3``
-    uint8 image the model saw (None when unreadable) and, when asked for, the image at its
-    own resolution."""
-
-    outcome: Outcome
-    stem: str
-    view: Optional[object] = None
-    original: Optional[object] = None  # HxWx3 uint8 of the file itself, when asked for
-
-
-def load_batches(model, sources: Sequence, *, batch_size: int = 8, desc: str = "images",
-                 progress: bool = True, keep_original: bool = False
-                 ) -> Iterable[tuple[list[Item], Optional[object]]]:
-    """Load, preprocess and batch images; unreadable ones are marked, not fatal.
-
-    Yields:
-        ``(items, x)`` per chunk of ``batch_size`` sources, in order: every source of the
-        chunk as an :class:`Item`, and ``x [B, 3, H, W]`` of the readable ones (in the same
-        order, on the model's device and dtype), or None when none was readable.
-    """
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    from .models import load_image
-
-    if model.preprocessor is None:
-        raise ImageError(model.name, "the model has no preprocessing configuration")
-    names = [str(s) if isinstance(s, (str, Path)) else f"image{i}" for i, s in enumerate(sources)]
-    stems = unique_stems(names)
-    bar = tqdm(total=len(sources), unit="img", disable=not progress, desc=desc)
-    try:
-        for chunk in _chunks(list(range(len(sources))), max(1, batch_size)):
-            items, xs = [], []
-            for i in chunk:
-                item = Item(Outcome(names[i]), stems[i])
-                try:
-                    img = load_image(sources[i])
-                    xs.append(model.preprocessor(img))  # [1, 3, H, W]
-                    item.view = model.preprocessor.view(img)  # [H, W, 3] uint8
-                    if keep_original:
-                        item.original = np.asarray(img)  # [H0, W0, 3] uint8, the file's own size
-                except ImageError as e:
-                    item.outcome.error = e.reason
-                items.append(item)
-            x = torch.cat(xs).to(device=model.device, dtype=model.dtype) if xs else None  # [B, 3, H, W]
-            yield items, x
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+from ._io import save_npy
+from .engine import Outcome, check_class, load_batches, predictions
 
 
 def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
               batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, output=None,
-              progress: bool = True, on_outcome: Optional[Callable[[Outcome], None]] = None,
+              progress: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
               on_original: bool = False) -> list[Outcome]:
     """The shared loop: load and batch images, ``compute`` maps, write overlay + ``.npy``.
 
@@ -198,13 +125,13 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
         stream = RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
         with torch.no_grad(), capture(model, keep="none", streams={"rollout": stream}) as rec:
             logits = model(x)
-        return rec.stream("rollout"), _predictions(model, logits)  # [B, gh, gw]
+        return rec.stream("rollout"), predictions(model, logits)  # [B, gh, gw]
 
     return map_files(model, sources, out_dir, compute, suffix="rollout", **kwargs)
 
 
 def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer",
-                    target: Optional[int] = None, head_fusion: str = "mean",
+                    target: int | None = None, head_fusion: str = "mean",
                     discard_ratio: float = 0.0, start_layer: int = 0, **kwargs) -> list[Outcome]:
     """Write a class-specific relevance overlay PNG and the raw ``[gh, gw]`` map per image.
 
@@ -228,15 +155,12 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
     """
     from .explain import relevance_pass
 
-    classes = _num_classes(model.module)
-    if target is not None and classes is not None and not 0 <= target < classes:
-        raise VitvizError(f"class {target} is out of range: {model.name} has {classes} classes "
-                          f"(0..{classes - 1}); check --class")
+    check_class(model, target)
 
     def compute(x):
         res = relevance_pass(model, x, target=target, method=method, head_fusion=head_fusion,
                              discard_ratio=discard_ratio, start_layer=start_layer)
-        preds = _predictions(model, res.logits)
+        preds = predictions(model, res.logits)
         names = model.labels
         explained = [f"explained: {names[k] if names and k < len(names) else k}"
                      for k in (int(t) for t in res.target)]
@@ -245,25 +169,3 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
 
     suffix = "relevance" if method == "chefer" else method
     return map_files(model, sources, out_dir, compute, suffix=suffix, **kwargs)
-
-
-def _predictions(model, logits) -> Optional[list[str]]:
-    """Top-1 class per sample ("label (p=0.93)"), when the output is classifier logits."""
-    import torch
-
-    t = getattr(logits, "logits", logits)
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[-1] < 2:
-        return None
-    p = t.float().softmax(-1)
-    conf, cls = p.max(-1)
-    labels = model.labels
-    return [f"{labels[c] if labels and c < len(labels) else c} (p={v:.2f})"
-            for c, v in zip(cls.tolist(), conf.tolist())]
-
-
-def _num_classes(module) -> Optional[int]:
-    """Classifier size of a timm (``num_classes``) or transformers (``config.num_labels``) model."""
-    n = getattr(module, "num_classes", None)
-    if n is None and getattr(module, "classifier", None) is not None:
-        n = getattr(getattr(module, "config", None), "num_labels", None)
-    return n if isinstance(n, int) and n > 0 else None

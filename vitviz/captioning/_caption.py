@@ -1,54 +1,19 @@
-"""`vitviz.caption`: generate a caption and read which image tokens each word looked at.
-
-How it works, and why it is exact:
-
-1. **Generate once**, with the model's own decoding (greedy or beam search; transformers'
-   ``generate`` for ``VisionEncoderDecoderModel`` and BLIP, the model's ``generate`` or a
-   ``decode=`` function for other models, or a built-in greedy loop). Nothing is hooked: the
-   fast attention paths run.
-2. **One teacher-forced forward** over the final sequence (for beam search: the chosen
-   hypothesis) inside :func:`vitviz.capture`, which reads the cross-attention of every
-   decoder layer for all positions at once.
-
-A decoder is causal, so the query at position ``p`` of the teacher-forced input sees exactly
-the tokens it saw when it was the last position during generation: its cross-attention
-equals generation's step-by-step attention (tested against
-``generate(output_attentions=True)``, beams included, within 1e-5).
-
-The off-by-one: the generated sequence is ``[s_0 … s_{P-1}, w_0 … w_{T-1}, (eos)]`` where
-the ``P`` given tokens are the start token (and a prompt). Word ``w_t`` is *predicted* by
-the query at position ``P - 1 + t`` (the query reading ``s_{P-1}`` predicts ``w_0``). So
-``Caption.cross`` row ``t`` is teacher-forced row ``P - 1 + t``: what the model looked at
-while choosing word ``t``. The end token is not a word and has no row.
-"""
+"""The ``caption`` API: generate once, read the cross-attention in one teacher-forced pass."""
 
 from __future__ import annotations
 
-import string
-import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import CaptureError, ImageError, VitvizError
-from .types import AttentionMaps, CrossAttentionMaps
-
-_PUNCT = set(string.punctuation) | {"…", "“", "”", "‘", "’", "«", "»"}
-
-
-@dataclass(frozen=True)
-class Word:
-    """A displayed word: the tokens ``start <= t < stop`` of a caption, and its text."""
-
-    text: str
-    start: int
-    stop: int
-
-    def __len__(self) -> int:
-        return self.stop - self.start
+from ..errors import CaptureError, ImageError, VitvizError
+from ..types import AttentionMaps, CrossAttentionMaps
+from ._decoding import _hf_kind, _logits, decode_once
+from ._words import Word, split_words
 
 
 @dataclass
@@ -82,21 +47,21 @@ class Caption:
     tokens: list[str]
     cross: CrossAttentionMaps
     words: list[Word] = field(default_factory=list)
-    ids: Optional[torch.Tensor] = None
+    ids: torch.Tensor | None = None
     token_ids: list[int] = field(default_factory=list)
     prompt_len: int = 1
-    encoder: Optional[AttentionMaps] = None
-    image: Optional[np.ndarray] = None
-    note: Optional[str] = None
-    relevance: Optional[CrossAttentionMaps] = None
+    encoder: AttentionMaps | None = None
+    image: np.ndarray | None = None
+    note: str | None = None
+    relevance: CrossAttentionMaps | None = None
 
     def word_grids(self, **kwargs) -> torch.Tensor:
         """:func:`vitviz.word_grids` of this caption (same arguments)."""
-        from .analyze.cross import word_grids
+        from ..analyze.cross import word_grids
 
         return word_grids(self, **kwargs)
 
-    def figure(self, *, layer: Optional[int] = -1, head_fusion: str = "mean", merge: str = "mean",
+    def figure(self, *, layer: int | None = -1, head_fusion: str = "mean", merge: str = "mean",
                rollout: bool = False, method: str = "attention", **kwargs):
         """The caption strip: one panel per word over the image. Returns ``(fig, axes)``.
 
@@ -105,7 +70,7 @@ class Caption:
             merge: how sub-word maps are combined (``"mean"``, ``"sum"`` or ``"max"``).
             **kwargs: passed to :func:`vitviz.render.caption_strip.caption_strip`.
         """
-        from .render.caption_strip import caption_strip
+        from ..render.caption_strip import caption_strip
 
         if self.image is None:
             raise ImageError("<tensor>", "this caption was made from a preprocessed tensor, so the image "
@@ -116,7 +81,7 @@ class Caption:
         kwargs.setdefault("title", self.text)
         return caption_strip(self.image, grids, [w.text for w in self.words], **kwargs)
 
-    def _repr_png_(self) -> Optional[bytes]:
+    def _repr_png_(self) -> bytes | None:
         """PNG of :meth:`figure` for notebooks (``None`` without an image)."""
         if self.image is None:
             return None
@@ -132,158 +97,13 @@ class Caption:
         return f"Caption({self.text!r}, tokens={len(self.tokens)}, words={len(self.words)}, cross={shape})"
 
 
-# ---------------------------------------------------------------------------------------------
-# words
-# ---------------------------------------------------------------------------------------------
-
-def _is_punct(text: str) -> bool:
-    s = text.strip()
-    return bool(s) and all(c in _PUNCT for c in s)
-
-
-def split_words(token_ids: Sequence[int], tokenizer: Any = None) -> tuple[list[str], list[Word]]:
-    """The display pieces of the tokens, and the words they form.
-
-    The rule, the same for every tokenizer (GPT-2's byte-level BPE, BERT's WordPiece,
-    SentencePiece): decode the first ``i + 1`` tokens for every ``i``; token ``i`` starts a new
-    word when the text it adds begins with white space, and continues the previous word
-    otherwise (``"run" + "##ning"``, ``"piz" + "za"``). Pieces that are punctuation only
-    (``"."``, ``","``) are words of their own, and so is the piece after one, so that the
-    end-of-sentence period gets its own panel. A piece whose text cannot be decoded on its own
-    (part of a multi-byte character) continues the previous word.
-
-    Without a tokenizer each token is its own word, shown as its id.
-
-    Args:
-        token_ids: the predicted token ids.
-        tokenizer: a transformers tokenizer (``decode``, ``convert_ids_to_tokens``) or None.
-
-    Returns:
-        ``(pieces, words)``: one string per token, and the :class:`Word` s.
-    """
-    ids = [int(i) for i in token_ids]
-    if tokenizer is None:
-        pieces = [str(i) for i in ids]
-        return pieces, [Word(p, i, i + 1) for i, p in enumerate(pieces)]
-    pieces = [str(p) for p in tokenizer.convert_ids_to_tokens(ids)]
-
-    def dec(part: list[int]) -> str:
-        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    starts: list[int] = []
-    prev_text, prev_punct = "", False
-    for i in range(len(ids)):
-        text = dec(ids[:i + 1])
-        added = text[len(prev_text):] if text.startswith(prev_text) else None
-        if i == 0:
-            new = True
-        elif added is None or "\ufffd" in added:  # a partial multi-byte character
-            new = False
-        else:
-            new = added[:1].isspace() or _is_punct(added) or prev_punct
-        if new:
-            starts.append(i)
-        prev_punct = added is not None and _is_punct(added)
-        prev_text = text
-    bounds = starts + [len(ids)]
-    words = [Word(dec(ids[a:b]).strip(), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    return pieces, words
-
-
-# ---------------------------------------------------------------------------------------------
-# model kinds
-# ---------------------------------------------------------------------------------------------
-
-def _hf_kind(module: nn.Module) -> Optional[str]:
-    """``"encoder-decoder"`` (VisionEncoderDecoderModel and other encoder-decoders), ``"blip"``."""
-    if "transformers.modeling_utils" not in sys.modules:
-        return None
-    from transformers.modeling_utils import PreTrainedModel
-
-    if not isinstance(module, PreTrainedModel):
-        return None
-    if type(module).__name__ == "BlipForConditionalGeneration":
-        return "blip"
-    if getattr(module.config, "is_encoder_decoder", False):
-        return "encoder-decoder"
-    return None
-
-
-def _as_list(x) -> list[int]:
-    if x is None:
-        return []
-    if isinstance(x, (list, tuple, set)):
-        return [int(v) for v in x if v is not None]
-    return [int(x)]
-
-
-def _hf_end_ids(module: nn.Module, kind: str) -> list[int]:
-    gen = getattr(module, "generation_config", None)
-    ids = _as_list(getattr(gen, "eos_token_id", None))
-    if kind == "blip":  # BLIP's generate stops at the [SEP] token
-        ids += _as_list(getattr(module.config.text_config, "sep_token_id", None))
-    return ids
-
-
-def _sequences(out) -> torch.Tensor:
-    seq = getattr(out, "sequences", out)
-    if isinstance(seq, (tuple, list)):
-        seq = seq[0]
-    if not isinstance(seq, torch.Tensor) or seq.dim() not in (1, 2):
-        raise CaptureError(f"the decoding function must return token ids [1, S], got {type(out).__name__}")
-    return seq if seq.dim() == 2 else seq.unsqueeze(0)  # [1, S]
-
-
-def _logits(out) -> torch.Tensor:
-    logits = getattr(out, "logits", out)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise CaptureError(
-            "the model's forward(pixel_values, ids) must return logits [B, S, V] (or an output with "
-            f".logits) for the built-in greedy decoding, got {type(out).__name__}; pass decode=")
-    return logits  # [B, S, V]
-
-
-def greedy_decode(forward: Callable[[torch.Tensor, torch.Tensor], Any], pixel_values: torch.Tensor, *,
-                  start_ids: Sequence[int], end_ids: Sequence[int] = (), max_new_tokens: int = 20
-                  ) -> torch.Tensor:
-    """Plain greedy decoding: feed the sequence, append the arg-max of the last position.
-
-    No cache (each step re-runs the decoder over the whole prefix): simple and exact, made
-    for small captioners built from ``nn.TransformerDecoder`` (CATR-style).
-
-    Args:
-        forward: ``forward(pixel_values, ids [1, S]) -> logits [1, S, V]``.
-        pixel_values: ``[1, 3, H, W]``.
-        start_ids: the given tokens (the start token, and a prompt).
-        end_ids: tokens that end the caption (kept in the output).
-        max_new_tokens: most tokens to add.
-
-    Returns:
-        ``[1, S]`` ids: the given tokens, then the predicted ones.
-    """
-    ids = torch.tensor([list(start_ids)], dtype=torch.long, device=pixel_values.device)  # [1, P]
-    end = set(int(e) for e in end_ids)
-    for _ in range(max_new_tokens):
-        nxt = _logits(forward(pixel_values, ids))[:, -1].argmax(dim=-1, keepdim=True)  # [1, 1]
-        ids = torch.cat([ids, nxt], dim=1)  # [1, S + 1]
-        if int(nxt) in end:
-            break
-    return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# caption()
-# ---------------------------------------------------------------------------------------------
-
-def _input(vm, image) -> tuple[torch.Tensor, Optional[np.ndarray]]:
+def _input(vm, image) -> tuple[torch.Tensor, np.ndarray | None]:
     """``([1, 3, H, W] on the model's device, the HxWx3 uint8 view or None)``."""
     if isinstance(image, torch.Tensor):
         x = vm.preprocess(image)  # passed through, [B, 3, H, W]
         view = None
     else:
-        from .models import load_image
+        from ..models import load_image
 
         img = load_image(image)
         x = vm.preprocess(img)  # [1, 3, H, W]
@@ -302,11 +122,11 @@ def caption(
     max_new_tokens: int = 20,
     num_beams: int = 1,
     tokenizer: Any = None,
-    decode: Optional[Callable[..., Any]] = None,
-    forward: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]] = None,
-    start_ids: Optional[Sequence[int]] = None,
-    end_ids: Optional[Sequence[int]] = None,
-    prompt_len: Optional[int] = None,
+    decode: Callable[..., Any] | None = None,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], Any] | None = None,
+    start_ids: Sequence[int] | None = None,
+    end_ids: Sequence[int] | None = None,
+    prompt_len: int | None = None,
     keep_encoder: bool = True,
     relevance: bool = False,
     **generate_kwargs,
@@ -358,8 +178,7 @@ def caption(
         >>> cap.text, cap.cross.tensor.shape
         ('a young girl holding a slice of pizza', torch.Size([12, 1, 12, 8, 197]))
     """
-    from .hooks import capture
-    from .models._vision_model import VisionModel, wrap
+    from ..models import VisionModel, wrap
 
     vm = model if isinstance(model, VisionModel) else wrap(model, tokenizer=tokenizer)
     module = vm.module
@@ -372,41 +191,9 @@ def caption(
     kind = _hf_kind(module)
 
     # 1. generate once, nothing hooked ---------------------------------------------------------
-    with torch.no_grad():
-        if kind is not None:
-            kw = dict(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=False)
-            kw.update(generate_kwargs)
-            seq = _sequences(module.generate(pixel_values=x, **kw))
-            given = 1  # the decoder start token (encoder-decoder) or [BOS] (BLIP)
-            ends = _hf_end_ids(module, kind)
-        else:
-            call = forward or (lambda mod, px, ids: mod(px, ids))
-            given = 1
-            if decode is not None:
-                seq = _sequences(decode(module, x, max_new_tokens=int(max_new_tokens)))
-            elif callable(getattr(module, "generate", None)):
-                extra = dict(generate_kwargs)
-                if num_beams != 1:
-                    extra["num_beams"] = int(num_beams)
-                seq = _sequences(module.generate(x, max_new_tokens=int(max_new_tokens), **extra))
-            elif start_ids is not None:
-                if num_beams != 1:
-                    raise VitvizError("beam search needs the model's own generate() or decode=; the "
-                                      "built-in decoding is greedy (num_beams=1)")
-                seq = greedy_decode(lambda px, ids: call(module, px, ids), x, start_ids=start_ids,
-                                    end_ids=end_ids if end_ids is not None else _tokenizer_end_ids(tok),
-                                    max_new_tokens=int(max_new_tokens))
-                given = len(start_ids)
-            else:
-                raise VitvizError(
-                    f"{vm.name} is not a captioner vitviz knows how to decode: it is neither a "
-                    "transformers VisionEncoderDecoderModel / BLIP captioner nor has a generate() "
-                    "method; pass decode=fn(module, pixel_values, max_new_tokens=N) or "
-                    "start_ids=[bos_id] (and forward=fn(module, pixel_values, ids) if the model is "
-                    "not called as module(pixel_values, ids))")
-            ends = _tokenizer_end_ids(tok)
-    if end_ids is not None:
-        ends = list(end_ids)
+    seq, given, ends = decode_once(vm, x, kind, max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
+                                   tokenizer=tok, decode=decode, forward=forward, start_ids=start_ids,
+                                   end_ids=end_ids, generate_kwargs=generate_kwargs)
     p = int(prompt_len) if prompt_len is not None else given
     seq = seq.to(x.device)  # [1, S]
     if p < 1 or p > seq.shape[1]:
@@ -424,16 +211,7 @@ def caption(
     # the query at position p - 1 + t predicted token t: feed up to the last such query
     inp = seq[:, :p + max(num - 1, 0)]  # [1, S']
     positions = [p - 1 + t for t in range(num)]  # the query that predicted token t
-    rel = None
-    with (torch.enable_grad() if relevance else torch.no_grad()), capture(vm, grad=relevance) as rec:
-        if kind == "encoder-decoder":
-            out = module(pixel_values=x, decoder_input_ids=inp)
-        elif kind == "blip":
-            out = module(pixel_values=x, input_ids=inp)
-        else:
-            out = (forward or (lambda mod, px, ids: mod(px, ids)))(module, x, inp)
-        if relevance and rec.cross is not None and num:
-            rel = _word_relevance(rec, _logits(out), positions, predicted)  # [T, Ni]
+    rec, rel = _teacher_forced(vm, x, inp, kind, forward, relevance, positions, predicted)
     cross = rec.cross
     if cross is None:
         raise CaptureError(
@@ -465,6 +243,27 @@ def caption(
                    image=view, note=note, relevance=rel_maps)
 
 
+
+def _teacher_forced(vm: Any, x: torch.Tensor, inp: torch.Tensor, kind: str | None, forward: Any,
+                    relevance: bool, positions: list[int], predicted: list[int]) -> tuple[Any, torch.Tensor | None]:
+    """One captured forward over the decoded sequence (teacher forcing); with ``relevance``, the
+    relevance of every encoder token for every predicted token. Returns ``(recording, [T, Ni] or None)``."""
+    from ..hooks import capture
+
+    module = vm.module
+    rel = None
+    with (torch.enable_grad() if relevance else torch.no_grad()), capture(vm, grad=relevance) as rec:
+        if kind == "encoder-decoder":
+            out = module(pixel_values=x, decoder_input_ids=inp)
+        elif kind == "blip":
+            out = module(pixel_values=x, input_ids=inp)
+        else:
+            out = (forward or (lambda mod, px, ids: mod(px, ids)))(module, x, inp)
+        if relevance and rec.cross is not None and predicted:
+            rel = _word_relevance(rec, _logits(out), positions, predicted)  # [T, Ni]
+    return rec, rel
+
+
 def _word_relevance(rec, logits: torch.Tensor, positions: list[int], targets: list[int]) -> torch.Tensor:
     """Chefer et al. 2021 relevance of every encoder token for every predicted token.
 
@@ -476,8 +275,8 @@ def _word_relevance(rec, logits: torch.Tensor, positions: list[int], targets: li
     Returns:
         ``[T, Ni]`` float32.
     """
-    from .analyze.cross import encoder_decoder_relevance
-    from .hooks._registry import CROSS, IMAGE, TEXT
+    from ..analyze.cross import encoder_decoder_relevance
+    from ..hooks import CROSS, IMAGE, TEXT
 
     stacks = {IMAGE: rec.attentions.tensor if rec.attentions is not None else None,
               TEXT: rec.text, CROSS: rec.cross.tensor}  # [L, B, H, Q, K] each
@@ -501,7 +300,7 @@ def _word_relevance(rec, logits: torch.Tensor, positions: list[int], targets: li
         for role in inputs:
             shape = stacks[role].shape  # [L, B, H, Q, K]
             gs = []
-            for layer in range(shape[0]):
+            for _ in range(shape[0]):
                 g = grads[i]
                 i += 1
                 gs.append(torch.zeros(shape[1:], device=stacks[role].device) if g is None
@@ -511,9 +310,3 @@ def _word_relevance(rec, logits: torch.Tensor, positions: list[int], targets: li
                                       stacks[IMAGE], per_role.get(IMAGE))  # [1, S', Ni]
         rows.append(r[0, pos])  # [Ni]
     return torch.stack(rows)  # [T, Ni]
-
-
-def _tokenizer_end_ids(tok) -> list[int]:
-    if tok is None:
-        return []
-    return _as_list(getattr(tok, "eos_token_id", None)) + _as_list(getattr(tok, "sep_token_id", None))

@@ -11,7 +11,6 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
 
 
 def _cpu_seconds() -> float:
@@ -34,7 +33,7 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size: int = 16,
-                       workers: Optional[int] = None, limit: Optional[int] = None, reps: int = 3,
+                       workers: int | None = None, limit: int | None = None, reps: int = 3,
                        **gallery_kwargs) -> dict:
     """Images/second of :func:`build_gallery` and of plain batched inference, and their ratios.
 
@@ -62,14 +61,13 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
         {'images': 64, 'gallery': 2.31, 'forward': 2.61, 'ratio_forward': 0.886, ...}
     """
     import torch
-    from torch.utils.data import DataLoader
 
-    from ._pipeline import _ImageSet, _collate, _default_workers, build_gallery
-    from ._sources import list_sources
+    from vitviz.engine import default_workers, iter_batches
+    from vitviz.gallery import build_gallery, list_sources
 
     out_dir = Path(out_dir)
     sources = list_sources(src, exclude=out_dir)[:limit] if limit else list_sources(src, exclude=out_dir)
-    workers = _default_workers() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     pre = model.preprocessor
     paths = [s.path for s in sources]
     xs = torch.stack([pre.normalize(pre.view(p)) for p in paths]).to(model.device, model.dtype)  # [N, 3, H, W]
@@ -83,11 +81,9 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
         return len(xs)
 
     def decode_forward() -> int:
-        loader = DataLoader(_ImageSet(paths, pre), batch_size=batch_size, num_workers=workers,
-                            collate_fn=_collate, prefetch_factor=4 if workers else None)
         n = 0
         with torch.no_grad():
-            for b in loader:
+            for b in iter_batches(pre, paths, batch_size=batch_size, workers=workers):
                 if b["x"] is not None:
                     model(b["x"].to(model.device, model.dtype))
                     n += len(b["index"])
