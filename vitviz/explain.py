@@ -36,7 +36,7 @@ class RelevanceResult:
     target: torch.Tensor | None
 
 
-def _logits_of(output: Any) -> torch.Tensor:
+def logits_of(output: Any) -> torch.Tensor:
     """``[B, C]`` classifier logits in a model's output, or the error that says what to do."""
     t = classifier_logits(output)
     if t is None:
@@ -47,7 +47,7 @@ def _logits_of(output: Any) -> torch.Tensor:
     return t
 
 
-def _targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
+def resolve_targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
     """``[B]`` long class indices: the argmax per sample, or ``target`` checked and broadcast."""
     b, c = logits.shape
     if target is None:
@@ -120,8 +120,8 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
             scores = score_fn_scores(output, score_fn)  # [B]
             t, logits = None, output
         else:
-            logits = _logits_of(output)  # [B, C]
-            t = _targets(logits, target)  # [B]
+            logits = logits_of(output)  # [B, C]
+            t = resolve_targets(logits, target)  # [B]
             scores = logits.gather(1, t[:, None]).squeeze(1)  # [B] each sample's own logit
         backward_through_attention(scores.sum(), x, rec, vm.name)
     maps = rec.stream("relevance")  # [B, gh, gw]

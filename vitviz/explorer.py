@@ -21,7 +21,7 @@ import torch
 from ._io import atomic_write_bytes
 from .analyze import relevance_matrix, rollout_matrices
 from .errors import CaptureError, VitvizError
-from .explain import Target, _logits_of, _targets, backward_through_attention
+from .explain import Target, backward_through_attention, logits_of, resolve_targets
 from .hooks import capture
 from .models import VisionModel, wrap
 from .render.explore import DEFAULT_MAX_BYTES, ExploreData, render_explore
@@ -60,7 +60,7 @@ def _classifier_logits(vm: VisionModel, output: Any) -> torch.Tensor | None:
     extractor, whose ``[B, D]`` features are not logits) must agree with ``C``.
     """
     try:
-        t = _logits_of(output)
+        t = logits_of(output)
     except VitvizError:
         return None
     stated = getattr(vm.module, "num_classes", None)
@@ -149,7 +149,7 @@ def explore(model: Any, image: Any, *, target: Target = None, title: str | None 
                                "so there is no attention to explore; pass a Vision Transformer")
         logits = _classifier_logits(vm, output)  # [1, C] or None
         if logits is not None:
-            t = _targets(logits, target)  # [1]
+            t = resolve_targets(logits, target)  # [1]
             explained = int(t[0])
             backward_through_attention(logits[0, explained], x, rec, vm.name)
     attn = rec.attentions

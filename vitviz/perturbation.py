@@ -152,7 +152,7 @@ def _steps(g: int, steps: int | None) -> list[int]:
     return step_counts(g, s)
 
 
-def _targets(vm, x, target, score_fn, what):
+def resolve_targets(vm, x, target, score_fn, what):
     check_classifier(vm, score_fn, what)
     if score_fn is not None:
         if target is not None:
@@ -220,7 +220,7 @@ def token_curves(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = 
     was_training = module.training
     module.eval()
     try:
-        tgt = _targets(vm, x, target, score_fn, "token deletion")
+        tgt = resolve_targets(vm, x, target, score_fn, "token deletion")
         kinds = [k for k, on in (("deletion", deletion), ("insertion", insertion)) if on]
         # every job: (kind, step); all images of a job share its kept count
         by_len: dict[int, list[tuple[str, int]]] = {}
@@ -431,7 +431,7 @@ def road(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = None, st
     module.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     try:
-        tgt = _targets(vm, x, target, score_fn, "ROAD")
+        tgt = resolve_targets(vm, x, target, score_fn, "ROAD")
         curves = {}
         for order in ("morf", "lerf"):
             rank = _order(maps, order)  # [B, G]

@@ -68,7 +68,7 @@ def shapes_clip_module(*, vision_layers: int = 4, vision_width: int = 96) -> tor
 
 def build_shapes_clip(tokenizer_path: str | None = None):
     """``shapes-clip`` as a :class:`~vitviz.models.VisionModel` (with its tokenizer), untrained."""
-    from ..models._vision_model import wrap
+    from ..models import wrap
 
     return wrap(shapes_clip_module(), num_prefix=1, tokenizer=load_tokenizer(tokenizer_path),
                 preprocess=preprocess(), name="shapes-clip")
