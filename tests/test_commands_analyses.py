@@ -152,3 +152,30 @@ def test_help_shows_examples(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert "example:" in out and f"vitviz {name}" in out
+
+
+def test_cls_per_stage_of_a_hierarchical_model(tmp_path, capsys):
+    """PiT runs 7x7, 4x4 and 2x2 token grids (CLS kept): one figure and .npy per stage."""
+    torch.manual_seed(0)
+    pit = ["--model", "pit_ti_224", "--random", "--image-size", "64"]
+    assert main(["cls", str(SAMPLES[0]), *pit, "--mask", "0.6", "--out", str(tmp_path)]) == 0
+    stem = SAMPLES[0].stem
+    torch.manual_seed(0)
+    m = vitviz.load_model("pit_ti_224", pretrained=False, image_size=64)
+    with torch.no_grad(), vitviz.capture(m) as rec:
+        m(m.preprocess(SAMPLES[0]))
+    from vitviz.analyze.cls import all_layer_maps
+
+    stages = rec.stages
+    assert [s.layout.grid for s in stages] == [(7, 7), (4, 4), (2, 2)]
+    for k, s in enumerate(stages):
+        maps = np.load(tmp_path / f"{stem}_stage{k}_cls.npy")
+        assert maps.shape == (s.num_layers, s.num_heads, *s.layout.grid)
+        assert np.allclose(maps, all_layer_maps(s)[:, 0].numpy(), atol=1e-6)
+        png(tmp_path / f"{stem}_stage{k}_cls.png")
+    png(tmp_path / f"{stem}_mask.png")
+    # rollout chains layers over one token set: one line saying why, exit status 2
+    capsys.readouterr()
+    assert main(["rollout", str(SAMPLES[0]), *pit, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "within a stage" in err and "vitviz cls" in err and "Traceback" not in err

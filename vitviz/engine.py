@@ -184,7 +184,8 @@ def load_batches(model: Any, sources: Sequence[Any], *, batch_size: int = 8, des
 
 
 def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, desc: str = "images",
-                  progress: bool = True, keep: Any = "all") -> Iterator[tuple[Outcome, str, Any, Any]]:
+                  progress: bool = True, keep: Any = "all", stages: bool = False
+                  ) -> Iterator[tuple[Outcome, str, Any, Any]]:
     """Load, batch and capture the images; yield one result per source, in order.
 
     ``keep`` is passed to :func:`vitviz.capture` (e.g. ``[layer]``: only that layer is kept).
@@ -192,8 +193,9 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
     Yields:
         ``(outcome, stem, view, attn)``: the :class:`Outcome` to fill, a unique safe file stem,
         the ``HxWx3`` uint8 image the model saw and the :class:`~vitviz.AttentionMaps` of this
-        image (``[L, 1, H, N, N]``). For an unreadable image ``outcome.error`` is set and
-        ``view`` and ``attn`` are ``None``.
+        image (``[L, 1, H, N, N]``; with ``stages=True`` a list of them, one per stage of
+        ``rec.stages``, for models whose layers attend over different token grids). For an
+        unreadable image ``outcome.error`` is set and ``view`` and ``attn`` are ``None``.
     """
     import torch
 
@@ -201,17 +203,23 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
     from .types import AttentionMaps
 
     for items, x in load_batches(model, sources, batch_size=batch_size, desc=desc, progress=progress):
-        attn = None
+        found: list = []
         if x is not None:
             with torch.no_grad(), capture(model, keep=keep) as rec:
                 model(x)
-            attn = rec.attentions
+            found = rec.stages if stages else [rec.attentions]
+            if not found or found[0] is None:
+                from .errors import CaptureError
+
+                raise CaptureError(f"{getattr(model, 'name', 'the model')} ran no self-attention over image "
+                                   "tokens: there is no attention map to draw")
         j = 0
         for it in items:
             if it.view is None:
                 yield it.outcome, it.stem, None, None
             else:
-                yield it.outcome, it.stem, it.view, AttentionMaps(attn.tensor[:, j:j + 1], attn.layout)
+                mine = [AttentionMaps(a.tensor[:, j:j + 1], a.layout, a.key_layout, a.layers) for a in found]
+                yield it.outcome, it.stem, it.view, mine if stages else mine[0]
                 j += 1
 
 

@@ -95,26 +95,33 @@ def run(args) -> int:
                           colorbar=output.colorbar, label=f"{what} attention", dpi=output.dpi)
         o.outputs.append(output.save_figure(fig, out / f"{stem}_cls"))
 
-    for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="cls",
-                                             keep="all" if chosen is None else [chosen]):
+    # one figure per stage of token grids (hierarchical models: Swin, PiT, PVT, ...); one for a plain ViT
+    for o, stem, view, stages in iter_captures(model, args.images, batch_size=args.batch_size, desc="cls",
+                                               keep="all" if chosen is None else [chosen], stages=True):
         outcomes.append(o)
         if o.error:
             continue
-        maps = all_layer_maps(attn, query=query)[:, 0].cpu().numpy()  # [L', H, gh, gw] (L' = 1 with --layer)
-        layers = list(range(attn.num_layers)) if chosen is None else [chosen]
-        what = "CLS" if query in ("auto", "cls") and attn.layout.has_cls else f"query {args.query}"
-        o.outputs.append(save_npy(out / f"{stem}_cls.npy", maps))
-        if args.mask is not None:
-            masks = mass_masks(torch.from_numpy(maps[-1]), args.mask)  # [H, gh, gw]
-            mfig, _ = mask_contours(display_image(view, output.size), masks,
-                                    labels=[f"head {h}" for h in range(masks.shape[0])],
-                                    title=f"{args.mask:.0%} of the attention mass, layer {layers[-1]}",
-                                    dpi=output.dpi)
-            o.outputs.append(output.save_figure(mfig, out / f"{stem}_mask"))
-        if output.norm == "batch":
-            waiting.append((o, stem, view, maps, layers, what))
-        else:
-            render(o, stem, view, maps, layers, what, output.scales(list(maps.reshape(-1, *maps.shape[2:]))))
+        for k, attn in enumerate(stages):
+            name = stem if len(stages) == 1 else f"{stem}_stage{k}"
+            maps = all_layer_maps(attn, query=query)[:, 0].cpu().numpy()  # [L', H, gh, gw] (L' = 1 with --layer)
+            layers = list(attn.layers) if attn.layers is not None else list(range(attn.num_layers))
+            what = "CLS" if query in ("auto", "cls") and attn.layout.has_cls else (
+                "mean patch" if query == "auto" else f"query {args.query}")
+            if len(stages) > 1:
+                gh, gw = attn.keys.grid
+                what = f"{what} ({gh}x{gw} tokens)"
+            o.outputs.append(save_npy(out / f"{name}_cls.npy", maps))
+            if args.mask is not None and k == len(stages) - 1:  # the last layer's masks
+                masks = mass_masks(torch.from_numpy(maps[-1]), args.mask)  # [H, gh, gw]
+                mfig, _ = mask_contours(display_image(view, output.size), masks,
+                                        labels=[f"head {h}" for h in range(masks.shape[0])],
+                                        title=f"{args.mask:.0%} of the attention mass, layer {layers[-1]}",
+                                        dpi=output.dpi)
+                o.outputs.append(output.save_figure(mfig, out / f"{stem}_mask"))
+            if output.norm == "batch":
+                waiting.append((o, name, view, maps, layers, what))
+            else:
+                render(o, name, view, maps, layers, what, output.scales(list(maps.reshape(-1, *maps.shape[2:]))))
     if waiting:
         every = [m for w in waiting for m in w[3].reshape(-1, *w[3].shape[2:])]  # all maps of the run
         scale = output.scales(every)[0]
