@@ -190,3 +190,24 @@ def test_layer_stream_equals_cls_maps_of_stored_attention(layer):
         short.update(a, layer=i, num_layers=4, layout=layout)
     with pytest.raises(ValueError, match="out of range"):
         short.result(layout)
+
+
+def test_hierarchical_model_cls_on_the_last_stage_and_rollout_refused(folder, tmp_path):
+    """PiT's last layer attends over a 2x2 grid (plus CLS): the cls method maps it there; rollout
+    chains layers over one token set, which PiT does not have: one error saying why."""
+    from vitviz.errors import CaptureError
+
+    torch.manual_seed(0)
+    pit = vitviz.load_model("pit_ti_224", pretrained=False, image_size=64, device="cpu")
+    r = build_gallery(folder, pit, tmp_path / "g", methods="cls", batch_size=2, workers=0, progress=False, limit=3)
+    assert r.exit_code == 0 and len(r.done) == 3
+    for rec in r.done:
+        with torch.no_grad(), vitviz.capture(pit) as cap:
+            pit(pit.preprocess(folder / rec["key"]))
+        last = cap.stages[-1]
+        assert last.layout.grid == (2, 2)
+        saved = np.load(tmp_path / "g" / rec["outputs"]["cls"]["npy"])
+        np.testing.assert_allclose(saved, vitviz.cls_maps(last, layer=-1)[0].numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    with pytest.raises(CaptureError, match="within a stage"):
+        build_gallery(folder, pit, tmp_path / "r", methods="rollout", workers=0, progress=False, limit=2)

@@ -226,8 +226,11 @@ class LayerStream:
     counts from the end: when the depth is not known before the pass ends, the last ``-layer``
     seen are kept); ``result`` gives :func:`vitviz.cls_maps` of it.
 
-    Memory: one layer (``|layer|`` layers for a negative index) instead of all ``L``.
+    Memory: one layer (``|layer|`` layers for a negative index) instead of all ``L``. Each layer
+    is read on its own token grid (``per_layer_layouts``), so hierarchical models work too.
     """
+
+    per_layer_layouts = True
 
     def __init__(self, layer: int = -1):
         self.layer = int(layer)
@@ -244,24 +247,25 @@ class LayerStream:
         self.seen = max(self.seen, layer + 1)
         if self.layer >= 0:
             if layer == self.layer:
-                self.kept = attn_l
+                self.kept = (attn_l, layout)
         elif num_layers:  # the depth is known: the index from the end is a layer number
             if layer == num_layers + self.layer:
-                self.kept = attn_l
+                self.kept = (attn_l, layout)
         else:
-            self.recent.append(attn_l)
+            self.recent.append((attn_l, layout))
 
     def result(self, layout):
         from ..analyze.cls import cls_maps
         from ..types import AttentionMaps
 
         if self.kept is not None:
-            a = self.kept
+            kept = self.kept
         else:
-            a = self.recent[0] if len(self.recent) == -self.layer else None
-        if a is None:
+            kept = self.recent[0] if len(self.recent) == -self.layer else None
+        if kept is None:
             raise ValueError(f"layer {self.layer} is out of range for {self.seen} layers")
-        return cls_maps(AttentionMaps(a[None], layout), layer=0)  # [B, H, gh, gw]
+        a, own = kept  # the layer's attention on its own token grid
+        return cls_maps(AttentionMaps(a[None], own), layer=0)  # [B, H, gh, gw]
 
 
 def _cls_stream(model, *, layer: int):

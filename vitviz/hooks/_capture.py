@@ -396,10 +396,14 @@ class _Recorder:
         except LayoutError:
             return self.model.stage_layout(p.input_hw, num_tokens)
 
-    def stream_layout(self, p: Pass, index: int, layouts) -> TokenLayout:
-        """The layout a stream is given for image layer ``index``: streams chain the layers, so
-        every layer must be over the same tokens."""
+    def stream_layout(self, p: Pass, index: int, layouts, grad: bool = False) -> TokenLayout:
+        """The layout a stream is given for image layer ``index`` (in the backward pass with
+        ``grad``): streams chain the layers, so every layer must be over the same tokens, unless
+        every stream reads each layer on its own grid (``per_layer_layouts``)."""
         query, key = layouts
+        streams = self.grad_streams if grad else self.forward_streams
+        if key is None and all(getattr(s, "per_layer_layouts", False) for s in streams):
+            return query  # streams that read each layer on its own grid (one layer's map)
         first = next((v for (r, i), v in sorted(p.layouts.items()) if r == IMAGE and i < index), None)
         if key is not None or (first is not None and first != layouts):
             raise CaptureError(
@@ -450,7 +454,7 @@ class _Recorder:
                     value = value()  # recomputed from the call's q and k
                 if value.dim() == 3:
                     value = value.unsqueeze(1)
-                layout = self.stream_layout(p, layer, p.layouts[key])
+                layout = self.stream_layout(p, layer, p.layouts[key], grad=True)
                 for stream in streams:
                     stream.update_grad(value, g, layer=layer, num_layers=p.seen.get(role, 0), layout=layout)
                 if not store:
