@@ -3,8 +3,10 @@
 Every model is tiny, random and built from a config: nothing is downloaded.
 """
 
+import contextlib
 import os
 import shutil
+import tempfile
 
 import timm
 import torch
@@ -173,3 +175,29 @@ def need_browser() -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@contextlib.contextmanager
+def headless_chromium(window: str = "1280,2400", performance_log: bool = False):
+    """A headless Chromium driven by selenium, with a throw-away profile; the browser console
+    (and with ``performance_log`` every network request) is in the driver's logs."""
+    need_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="vitviz-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={window}"):
+        opts.add_argument(arg)
+    logs = {"browser": "ALL", "performance": "ALL"} if performance_log else {"browser": "ALL"}
+    opts.set_capability("goog:loggingPrefs", logs)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

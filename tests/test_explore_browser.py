@@ -9,14 +9,11 @@ mapped back through the page's colour table, are the shown map.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
 import torch
-from helpers import CHROMEDRIVER, CHROMIUM
-from helpers import need_browser as _need_browser
+from helpers import headless_chromium
 
 import vitviz
 from vitviz.models import Preprocess
@@ -27,25 +24,8 @@ SEED = 3_000_001  # a held-out scene (outside the training seeds) that shapes-vi
 
 @pytest.fixture(scope="module")
 def browser():
-    _need_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="vitviz-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(60)
-    try:
+    with headless_chromium("1200,900", performance_log=True) as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,10 @@ a failure, so the page is always tested there.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import numpy as np
 import pytest
 import torch
-from helpers import CHROMEDRIVER, CHROMIUM
-from helpers import need_browser as _need_browser
+from helpers import headless_chromium
 from PIL import Image
 
 ODD = "<img src=x onerror=alert(1)> & \"quotes\" 'n' #?%.png"
@@ -49,25 +45,8 @@ def gallery(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    _need_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="vitviz-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,2400"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(60)
-    try:
+    with headless_chromium("1280,2400") as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _errors(driver) -> list[dict]:
