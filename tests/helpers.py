@@ -201,3 +201,18 @@ def headless_chromium(window: str = "1280,2400", performance_log: bool = False):
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def tiny_word_clip(tok, *, text_layers: int = 2, context: int = 6):
+    """A tiny transformers ``CLIPModel`` (random weights, 32 px images, 8 px patches) whose text
+    tower reads the word-level tokenizer ``tok``."""
+    vocab = tok.get_vocab()
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                         num_attention_heads=4, max_position_embeddings=context, bos_token_id=vocab["[BOS]"],
+                         eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"]),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=16)
+    return transformers.CLIPModel(cfg).eval()

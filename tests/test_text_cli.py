@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import tiny_word_clip
 from PIL import Image
 
 import vitviz
@@ -63,23 +64,13 @@ def test_text_empty_text_and_bad_image(tmp_path, capsys):
 
 def test_text_on_a_transformers_clip_directory_with_its_tokenizer(tmp_path):
     """load_model(dir) of a CLIPModel attaches the directory's tokenizer: strings work."""
-    import transformers
 
     from vitviz.zoo.clip import build_tokenizer_file, load_tokenizer
 
     build_tokenizer_file(tmp_path / "tok.json")
     tok = load_tokenizer(tmp_path / "tok.json")
-    vocab = tok.get_vocab()
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=12, bos_token_id=vocab["[BOS]"],
-                         eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"]),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4),
-        projection_dim=16)
     d = tmp_path / "clip"
-    transformers.CLIPModel(cfg).save_pretrained(d)
+    tiny_word_clip(tok, text_layers=1, context=12).save_pretrained(d)
     tok.save_pretrained(d)
     m = vitviz.load_model(str(d))
     assert m.tokenizer is not None

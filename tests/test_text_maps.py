@@ -8,7 +8,7 @@ unchanged. Bad input: one clear VitvizError (or a warning) each.
 
 import pytest
 import torch
-from helpers import hook_state, torch_function_modes
+from helpers import hook_state, tiny_word_clip, torch_function_modes
 
 import vitviz
 from vitviz.errors import VitvizError
@@ -248,19 +248,6 @@ def word_tokenizer(tmp_path):
     path = tmp_path / "tok.json"
     build_tokenizer_file(path)
     return load_tokenizer(path)
-
-
-def tiny_word_clip(tok):
-    vocab = tok.get_vocab()
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=6, bos_token_id=vocab["[BOS]"],
-                         eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"]),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4),
-        projection_dim=16)
-    return transformers.CLIPModel(cfg).eval()
 
 
 def test_strings_tokenized_with_the_models_tokenizer(tmp_path):

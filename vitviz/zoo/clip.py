@@ -10,11 +10,9 @@ as it is (:func:`vitviz.zoo.models.preprocess`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .models import IMAGE_SIZE, PATCH, WEIGHTS_DIR, preprocess, vocabulary
+from .models import IMAGE_SIZE, PATCH, preprocess, vocabulary, word_tokenizer
 
 TOKENIZER_FILE = "shapes-clip.tokenizer.json"
 CONTEXT = 12  # longest caption: 9 words, plus [BOS] and [EOS]
@@ -38,17 +36,8 @@ def build_tokenizer_file(path) -> None:
 def load_tokenizer(path=None):
     """The ``shapes-clip`` tokenizer as a ``PreTrainedTokenizerFast`` (lower-cases nothing:
     the scenes' words are lower case)."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = Path(path) if path is not None else WEIGHTS_DIR / TOKENIZER_FILE
-    if not path.is_file():
-        from ..errors import WeightsNotFoundError
-
-        raise WeightsNotFoundError(
-            f"the shapes-clip tokenizer file {path} is missing; reinstall vitviz or rebuild it with "
-            "`python -m vitviz.zoo.train_clip tokenizer`")
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="[BOS]", eos_token="[EOS]",
-                                   pad_token="[PAD]", unk_token="[UNK]", model_max_length=CONTEXT)
+    return word_tokenizer(path, TOKENIZER_FILE, "the shapes-clip", "vitviz.zoo.train_clip",
+                          model_max_length=CONTEXT)
 
 
 def shapes_clip_module(*, vision_layers: int = 4, vision_width: int = 96) -> torch.nn.Module:

@@ -106,17 +106,24 @@ def load_tokenizer(path=None):
     Args:
         path: a tokenizer JSON file; default: the one shipped in ``vitviz/zoo/weights``.
     """
+    return word_tokenizer(path, TOKENIZER_FILE, "the captioner's", "vitviz.zoo.train")
+
+
+def word_tokenizer(path, default_file: str, whose: str, trainer: str, **kwargs):
+    """A zoo model's word-level tokenizer file (``path``, default ``default_file`` in the shipped
+    weights) as a ``PreTrainedTokenizerFast`` with the zoo's special tokens; a missing file is a
+    :class:`~vitviz.WeightsNotFoundError` naming how to rebuild it (``python -m <trainer>``)."""
     from transformers import PreTrainedTokenizerFast
 
-    path = Path(path) if path is not None else WEIGHTS_DIR / TOKENIZER_FILE
+    path = Path(path) if path is not None else WEIGHTS_DIR / default_file
     if not path.is_file():
         from ..errors import WeightsNotFoundError
 
         raise WeightsNotFoundError(
-            f"the captioner's tokenizer file {path} is missing; reinstall vitviz or rebuild it with "
-            "`python -m vitviz.zoo.train tokenizer`")
+            f"{whose} tokenizer file {path} is missing; reinstall vitviz or rebuild it with "
+            f"`python -m {trainer} tokenizer`")
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="[BOS]", eos_token="[EOS]",
-                                   pad_token="[PAD]", unk_token="[UNK]")
+                                   pad_token="[PAD]", unk_token="[UNK]", **kwargs)
 
 
 def shapes_captioner_module() -> torch.nn.Module:

@@ -91,6 +91,18 @@ def _gen_chunk(job):
     return images, labels, captions, np.stack([t[0] for t in tl]), np.stack([t[1] for t in tl]), masks
 
 
+def map_chunks(fn, kind: str, seeds: list, workers: int, size: int = 500) -> list:
+    """``fn((kind, chunk))`` for the seeds in chunks of ``size``, in ``workers`` forked processes
+    (in this one when ``workers <= 1``), in order."""
+    chunks = [(kind, seeds[i:i + size]) for i in range(0, len(seeds), size)]
+    if workers <= 1:
+        return [fn(c) for c in chunks]
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        return pool.map(fn, chunks)
+
+
 def generate(kind: str, seeds, workers: int = 2, cache: Path | None = None) -> dict:
     """The scenes of ``seeds`` as arrays.
 
@@ -112,14 +124,7 @@ def generate(kind: str, seeds, workers: int = 2, cache: Path | None = None) -> d
             d = {k: z[k] for k in keys}
             d["captions"] = [str(c) for c in d["captions"]]
             return d
-    chunks = [(kind, seeds[i:i + 500]) for i in range(0, len(seeds), 500)]
-    if workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_gen_chunk, chunks)
-    else:
-        parts = [_gen_chunk(c) for c in chunks]
+    parts = map_chunks(_gen_chunk, kind, seeds, workers)
     d = {k: (np.concatenate([p[i] for p in parts]) if k != "captions" else [c for p in parts for c in p[i]])
          for i, k in enumerate(keys)}
     if path is not None:
@@ -135,7 +140,9 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def _save(model: torch.nn.Module, name: str, out_dir: Path, info: dict) -> Path:
+def save_weights(model: torch.nn.Module, name: str, out_dir: Path, info: dict) -> Path:
+    """Write ``<name>.safetensors`` (float16) and ``<name>.json`` (``info``) into ``out_dir``, each
+    to a temporary name first, then renamed."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +153,9 @@ def _save(model: torch.nn.Module, name: str, out_dir: Path, info: dict) -> Path:
     save_file(sd, str(tmp), metadata={"vitviz": name, "dtype": "float16"})
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-    (out_dir / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+    tmp_json = out_dir / f"{name}.json.tmp"
+    tmp_json.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp_json, out_dir / f"{name}.json")
     return path
 
 
@@ -338,7 +347,7 @@ def train_vit(args) -> dict:
                 heldout_random_pointing=round(pointing["random"], 4),
                 heldout_seeds=[_heldout(args).start, _heldout(args).stop],
                 train_seconds=round(train_time), **_settings(args))
-    path = _save(model, "shapes-vit", Path(args.out), info)
+    path = save_weights(model, "shapes-vit", Path(args.out), info)
     _log(f"wrote {path}")
     return info
 
@@ -450,7 +459,7 @@ def train_captioner(args) -> dict:
                 heldout_relation_accuracy=scores["relation_accuracy"],
                 heldout_seeds=[_heldout(args).start, _heldout(args).stop],
                 train_seconds=round(train_time), **_settings(args))
-    path = _save(model, "shapes-captioner", Path(args.out), info)
+    path = save_weights(model, "shapes-captioner", Path(args.out), info)
     _log(f"wrote {path}")
     return info
 

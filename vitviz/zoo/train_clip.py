@@ -34,6 +34,7 @@ import torch
 from . import clip as zc
 from .models import WEIGHTS_DIR, to_input
 from .scenes import COLOURS, SHAPES, TRAIN_SEEDS, make_dataset
+from .train import map_chunks, save_weights
 
 NAME = "shapes-clip"
 PATCH_LABEL_COVERAGE = 0.25
@@ -70,15 +71,7 @@ def _chunk(job):
 
 def generate(kind: str, seeds, workers: int = 1) -> dict:
     """Scenes as arrays: images ``[N, H, W, 3]``, objects, caption words, patch labels ``[N, 8, 8]``."""
-    seeds = list(seeds)
-    jobs = [(kind, seeds[i:i + 500]) for i in range(0, len(seeds), 500)]
-    if workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_chunk, jobs)
-    else:
-        parts = [_chunk(j) for j in jobs]
+    parts = map_chunks(_chunk, kind, list(seeds), workers)
     return {"images": np.concatenate([p[0] for p in parts]),
             "objects": [o for p in parts for o in p[1]],
             "words": [w for p in parts for w in p[2]],
@@ -127,23 +120,6 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def _save(model: torch.nn.Module, out_dir: Path, info: dict) -> Path:
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
-          for k, v in model.state_dict().items()}
-    path = out_dir / f"{NAME}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={"vitviz": NAME, "dtype": "float16"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    tmp_json = out_dir / f"{NAME}.json.tmp"
-    tmp_json.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp_json, out_dir / f"{NAME}.json")
-    return path
 
 
 def train(args) -> dict:
@@ -213,7 +189,7 @@ def train(args) -> dict:
     info = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                          if k not in ("cmd",)},
             "train_seconds": round(time.time() - t0), "torch": torch.__version__}
-    _save(model, args.out, info)
+    save_weights(model, NAME, Path(args.out), info)
     _log(f"saved {args.out / (NAME + '.safetensors')}")
     return info
 
