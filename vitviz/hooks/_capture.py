@@ -332,7 +332,8 @@ class _Recorder:
                 placer, layouts = self.place(p, site, role, tuple(attn.shape))
             except LayoutError as e:  # counted, so that the other layers keep their indices
                 _, index = self.next_layer(role)
-                p.unplaced.append((index, str(e)))
+                if role == IMAGE:  # (a pooling layer that cannot be placed is only left out of rec.pool)
+                    p.unplaced.append((index, str(e)))
                 return
             if placer is not None:
                 placed = placer(attn)  # [B, H, N, N] on the image's token grid
