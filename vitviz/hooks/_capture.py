@@ -405,7 +405,7 @@ class _Recorder:
         streams = self.grad_streams if grad else self.forward_streams
         if key is None and all(getattr(s, "per_layer_layouts", False) for s in streams):
             return query  # streams that read each layer on its own grid (one layer's map)
-        first = next((v for (r, i), v in sorted(p.layouts.items()) if r == IMAGE and i < index), None)
+        first = next((v for (r, _), v in p.layouts.items() if r == IMAGE), None)  # the pass's first image layer
         if key is not None or (first is not None and first != layouts):
             raise CaptureError(
                 f"{self.model.name} does not attend over one set of tokens in every layer (layer {index}: queries "
@@ -554,8 +554,8 @@ class Recording:
             groups.setdefault(p.layouts[(IMAGE, i)], []).append((i, t))
         stages = []
         for (query, key), layers in groups.items():
-            if len(groups) == 1 and (IMAGE in p.stacks or len(layers) == p.seen.get(IMAGE, 0)):
-                tensor = self._stacked(p, IMAGE, "image self-attention")  # no copy where computed in place
+            if len(groups) == 1:  # every kept layer: the stack they were computed into, where they were
+                tensor = self._stacked(p, IMAGE, "image self-attention")
             else:
                 tensor = torch.stack([t for _, t in layers])
             stages.append(AttentionMaps(tensor, query, key, layers=tuple(i for i, _ in layers)))
