@@ -425,3 +425,71 @@ def test_every_family_gives_maps_or_a_vitviz_error(name, kw, size):
     except VitvizError as e:
         assert str(e) and "Traceback" not in str(e)
     assert hook_state(model) == before and torch_function_modes() == 0
+
+
+class SoftmaxLog(torch.overrides.TorchFunctionMode):
+    """Every softmax over the last dimension the model computes (its own probabilities, for the
+    families that always write the softmax out), in call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax) and out.dim() >= 3:
+            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+            if dim is not None and dim % out.dim() == out.dim() - 1:
+                self.seen.append(out.detach().clone())
+        return out
+
+
+EXPLICIT = [  # families whose attention always computes softmax(q kᵀ) itself: (name, kwargs, size, windowed)
+    ("levit_128s", dict(img_size=64), 64, False),
+    ("tnt_s_patch16_224", dict(img_size=32), 32, False),
+    ("efficientformer_l1", dict(), 224, False),
+    ("mvitv2_tiny", dict(img_size=64), 64, False),
+    ("twins_pcpvt_small", dict(img_size=64), 64, False),
+    ("volo_d1_224", dict(img_size=64), 64, False),
+    ("nextvit_small", dict(), 64, False),
+    ("tiny_vit_5m_224", dict(), 224, True),
+    ("davit_tiny", dict(), 64, True),
+    ("swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1), embed_dim=16, num_heads=(1, 1), window_size=4),
+     64, True),
+]
+
+
+@pytest.mark.parametrize("name,kw,size,windowed", EXPLICIT, ids=[e[0] for e in EXPLICIT])
+def test_every_family_exact_against_its_own_softmax(name, kw, size, windowed):
+    """Each recorded layer equals the next softmax of the same shape the model computed itself
+    (the fused path forced off where a module has one); window layers after a brute-force
+    scatter with the block's own window, shift and grid."""
+    model = timm_model(name, **kw)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    x = torch.randn(1, 3, size, size)
+    log = SoftmaxLog()
+    with log:
+        model(x)
+    with vitviz.capture(model) as rec:
+        model(x)
+    layers = [(s, i) for s in rec.stages for i in range(s.num_layers)]
+    assert layers
+    blocks = [m for m in model.modules() if hasattr(m, "window_size") and type(m).__name__.endswith("Block")]
+    pending = list(log.seen)
+    for n, (stage, i) in enumerate(layers):
+        got = stage.tensor[i]
+        if windowed:
+            block = blocks[n]
+            window = block.window_size if isinstance(block.window_size, tuple) else (block.window_size,) * 2
+            shift = getattr(block, "shift_size", 0)
+            shift = shift if isinstance(shift, tuple) else (shift, shift)
+            t = window[0] * window[1]
+            raw = next(r for r in pending if r.shape[-1] == t)
+            want = brute_stitch(raw.double(), stage.layout.grid, window, shift, pad_first=False)
+        else:
+            raw = next(r for r in pending if r.shape[1:] == got.shape[1:])
+            want = raw.double()
+        pending = pending[next(k for k, r in enumerate(pending) if r is raw) + 1:]
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
