@@ -15,7 +15,7 @@ from helpers import hook_state, torch_function_modes
 
 import vitviz
 from vitviz.errors import CaptureError, LayoutError, VitvizError
-from vitviz.hooks._windows import WindowScheme, stitch
+from vitviz.hooks import WindowScheme, stitch
 
 
 @pytest.fixture(autouse=True)

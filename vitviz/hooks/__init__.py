@@ -8,18 +8,22 @@ from . import _timm, _torch_mha, _transformers  # noqa: F401  (register adapters
 from ._capture import Pass, Recording, capture
 from ._ops import sdpa_probabilities
 from ._registry import (
-           AUTO,
-           CROSS,
-           IMAGE,
-           POOL,
-           TEXT,
-           Adapter,
-           Site,
-           count_layers,
-           discover,
-           list_adapters,
-           register_adapter,
+    AUTO,
+    CROSS,
+    IMAGE,
+    INNER,
+    POOL,
+    TEXT,
+    Adapter,
+    Site,
+    Windows,
+    count_layers,
+    discover,
+    list_adapters,
+    register_adapter,
 )
+from ._windows import WindowScheme, stitch
 
-__all__ = ["capture", "Recording", "Pass", "Adapter", "Site", "list_adapters", "register_adapter",
-           "discover", "count_layers", "sdpa_probabilities", "IMAGE", "TEXT", "CROSS", "AUTO", "POOL"]
+__all__ = ["capture", "Recording", "Pass", "Adapter", "Site", "Windows", "WindowScheme", "stitch", "list_adapters",
+           "register_adapter", "discover", "count_layers", "sdpa_probabilities", "IMAGE", "TEXT", "CROSS", "AUTO",
+           "POOL", "INNER"]
