@@ -8,13 +8,12 @@ unchanged. Bad input: one clear VitvizError (or a warning) each.
 
 import pytest
 import torch
+import transformers
 from helpers import hook_state, tiny_word_clip, torch_function_modes
 
 import vitviz
 from vitviz.errors import VitvizError
 from vitviz.textmaps import text_maps
-
-transformers = pytest.importorskip("transformers")
 
 GRID = (4, 4)
 
@@ -345,7 +344,7 @@ def test_siglip_chefer_mean_of_patch_rows():
 # -- open_clip ------------------------------------------------------------------------------------
 
 def tiny_open_clip():
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip  # the `clip` extra: `make test` installs it, so a missing one fails here
     torch.manual_seed(0)
     return open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=3,
                                                         head_width=8, mlp_ratio=2),
@@ -404,7 +403,7 @@ def test_open_clip_default_tokenizer_needs_its_vocabulary():
 def test_open_clip_create_model_strings_and_truncation():
     """A tower built by open_clip's own factory (tiny config over ViT-B-32's), with its default
     BPE tokenizer: strings work offline, and a text past the context is truncated with a note."""
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip  # the `clip` extra: `make test` installs it, so a missing one fails here
     torch.manual_seed(0)
     m = open_clip.create_model("ViT-B-32", pretrained=None, embed_dim=16,
                                vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8),
