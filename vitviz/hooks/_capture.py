@@ -749,6 +749,8 @@ class _Setup:
     scoped: bool = False
     # id(module) -> the window scheme of the window block it is in (transformers Swin layers)
     windows: dict = field(default_factory=dict)
+    # embeddings of masked-image-modelling encoders (ViT-MAE) that say which patches are seen
+    masking: list = field(default_factory=list)
 
 
 def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: list[str] | None) -> _Setup:
@@ -778,7 +780,7 @@ def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: list[s
     scoped = bool(sites) and library and all(s.adapter is not None and s.adapter.scoped for s in sites)
     setup = _Setup(key, sites, {id(m): n for n, m in named}, {id(m): m for _, m in named}, owner,
                    {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)},
-                   scoped, windows)
+                   scoped, windows, masking_embeddings(root))
     vm._capture_setup = setup
     return setup
 
@@ -867,7 +869,7 @@ def capture(model, *, adapters: list[str] | None = None, grad: bool = False, kee
         stack.callback(recorder.close)  # last undo: tensor hooks of this forward removed
         handle = root.register_forward_pre_hook(on_root, with_kwargs=True)
         stack.callback(handle.remove)
-        for module in masking_embeddings(root):  # ViT-MAE: which patches the encoder sees
+        for module in setup.masking:  # ViT-MAE: which patches the encoder sees
             def seen(_module, _args, output):
                 if threading.get_ident() == thread:
                     recorder.current().visible = visible_patches(output)
