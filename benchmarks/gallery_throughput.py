@@ -62,7 +62,7 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
     """
     import torch
 
-    from vitviz.engine import default_workers, iter_batches
+    from vitviz.batch import default_workers, iter_batches
     from vitviz.gallery import build_gallery, list_sources
 
     out_dir = Path(out_dir)

@@ -10,7 +10,7 @@ from torch import nn
 import vitviz
 from vitviz import LayoutError
 from vitviz.analyze.posembed import pos_similarity_matrix, resample_grid
-from vitviz.models._posembed import find_position_table, patch_position_embeddings, pos_similarity
+from vitviz.models._pos_params import find_position_table, patch_position_embeddings, pos_similarity
 
 
 def direct_cosine(rows: torch.Tensor, grid) -> torch.Tensor:
@@ -37,7 +37,7 @@ def test_analyzer_golden():
 
 def test_timm_with_cls_position():
     m = vitviz.wrap(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=3))
-    sim = vitviz.models._posembed.pos_similarity(m)
+    sim = vitviz.models._pos_params.pos_similarity(m)
     assert sim.shape == (16, 4, 4)
     assert torch.allclose(sim, direct_cosine(m.module.pos_embed[0, 1:], (4, 4)), atol=1e-6)
     # the CLS position is not a patch: including it would shift every row by one
@@ -62,7 +62,7 @@ def test_timm_no_embed_class_registers():
 
 def test_model_built_at_another_image_size_and_interpolation():
     m = vitviz.load_model("ti16", pretrained=False, image_size=96)  # 6x6 instead of 14x14
-    sim = vitviz.models._posembed.pos_similarity(m)
+    sim = vitviz.models._pos_params.pos_similarity(m)
     assert sim.shape == (36, 6, 6)
     assert torch.allclose(sim, direct_cosine(m.module.pos_embed[0, 1:], (6, 6)), atol=1e-6)
     # grid=: the embeddings as timm interpolates them for a 10x8 input

@@ -10,7 +10,7 @@ from helpers import VOCAB, build_blip, build_ved, save_tiny_blip
 from PIL import Image
 
 import vitviz
-from vitviz.cli import main
+from vitviz.cli.main import main
 from vitviz.errors import WeightsNotFoundError
 from vitviz.models._loader import resolve
 
@@ -44,7 +44,7 @@ def test_caption_command_writes_strips_and_notes_token_ids_once(ved_dir, tmp_pat
 
 
 def vitviz_caption(m, path):
-    from vitviz.captioning import caption
+    from vitviz.explain.captioning import caption
 
     return caption(m, path, max_new_tokens=4)
 
@@ -58,7 +58,7 @@ def test_caption_command_with_tokenizer_beams_and_options(blip_dir, tmp_path, ca
     assert "token ids" not in captured.err
     m = vitviz.load_model(str(blip_dir))
     assert m.tokenizer is not None  # attached from the directory's tokenizer files
-    from vitviz.captioning import caption
+    from vitviz.explain.captioning import caption
 
     cap = caption(m, SAMPLES[0], max_new_tokens=5, num_beams=2)
     assert cap.note is None and f"[{cap.text}]" in captured.out
@@ -138,7 +138,7 @@ def test_captioner_alias_loads_from_the_local_cache_with_its_tokenizer(hf_cache)
     assert type(m.tokenizer).__name__ == "BertTokenizer"
     for a, b in zip(m.module.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)
-    from vitviz.captioning import caption
+    from vitviz.explain.captioning import caption
 
     cap = caption(m, torch.randn(1, 3, 32, 32), max_new_tokens=3)
     assert cap.note is None and cap.tokens == m.tokenizer.convert_ids_to_tokens(cap.token_ids)

@@ -18,8 +18,8 @@ from torch import nn
 import vitviz
 from vitviz.analyze.cross import word_grids
 from vitviz.analyze.rollout import rollout_matrix
-from vitviz.captioning import Caption, caption, greedy_decode
 from vitviz.errors import CaptureError, VitvizError
+from vitviz.explain.captioning import Caption, caption, greedy_decode
 from vitviz.types import TokenLayout
 
 ATOL = 1e-5  # PITFALLS: teacher forcing reproduces generate's cached steps within 1e-5

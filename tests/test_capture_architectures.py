@@ -14,8 +14,8 @@ import transformers
 from helpers import hook_state, torch_function_modes
 
 import vitviz
+from vitviz.attention import WindowScheme, stitch
 from vitviz.errors import CaptureError, LayoutError, VitvizError
-from vitviz.hooks import WindowScheme, stitch
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,8 @@ from helpers import hook_state, torch_function_modes
 from torch import nn
 
 import vitviz
+from vitviz.attention import sdpa_probabilities
 from vitviz.errors import CaptureError
-from vitviz.hooks import sdpa_probabilities
 
 ATOL = 1e-6
 
@@ -238,7 +238,7 @@ def test_sdpa_gradient_equals_autograd_of_an_explicit_softmax_twin():
 # --------------------------------------------------------------------------------------------
 
 def test_layers_not_kept_run_the_fused_kernel(monkeypatch):
-    import vitviz.hooks._ops as ops
+    import vitviz.attention._mode as ops
 
     computed = []
     real = ops.sdpa_probabilities
@@ -382,7 +382,7 @@ def test_compiled_modules_are_refused_with_the_way_out():
 def test_gradient_streams_run_the_fused_kernel_and_get_dout_times_v(monkeypatch):
     """Relevance streamed from a fused forward (dA = dOut·vᵀ, A recomputed in the backward pass)
     equals relevance from stored probabilities and autograd's gradients."""
-    import vitviz.hooks._ops as ops
+    import vitviz.attention._mode as ops
     from vitviz.analyze import RelevanceStream, relevance_map
 
     model = TutorialViT(Mixer).eval()
@@ -424,7 +424,7 @@ def test_kept_layers_are_computed_into_one_stack_without_a_copy():
 @pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"mask": "bool"}, {"mask": "float"}, {"enable_gqa": True}])
 @pytest.mark.parametrize("fusion", ["mean", "max", "min"])
 def test_sdpa_fused_heads_equals_full_probabilities_fused(kw, fusion, monkeypatch):
-    import vitviz.hooks._ops as ops
+    import vitviz.attention._mode as ops
     from vitviz.analyze import fuse_heads
 
     monkeypatch.setattr(ops, "_CHUNK_BYTES", 2 * 6 * 7 * 4)  # two heads per chunk: several chunks
@@ -448,7 +448,7 @@ def test_sdpa_fused_heads_equals_full_probabilities_fused(kw, fusion, monkeypatc
 def test_streaming_rollout_never_builds_all_heads(fusion, monkeypatch):
     import timm
 
-    import vitviz.hooks._ops as ops
+    import vitviz.attention._mode as ops
     from vitviz.analyze import RolloutStream
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_heads=4,

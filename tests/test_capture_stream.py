@@ -50,7 +50,7 @@ def test_keep_selected_layers(model):
 
 def _computed_during_forward(model, monkeypatch, **capture_kwargs):
     """(fused_attn of each block as it ran, how many layers' probabilities the capture computed)."""
-    import vitviz.hooks._ops as ops
+    import vitviz.attention._mode as ops
 
     seen, computed = {}, []
     real = ops.sdpa_probabilities

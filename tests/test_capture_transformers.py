@@ -19,8 +19,8 @@ from transformers.utils.output_capturing import OutputRecorder, install_all_outp
 
 import vitviz
 from vitviz import capture
-from vitviz.hooks._registry import CROSS, IMAGE, TEXT, discover
-from vitviz.hooks._transformers import TransformersAdapter
+from vitviz.attention._adapter import CROSS, IMAGE, TEXT, discover
+from vitviz.attention._transformers import TransformersAdapter
 from vitviz.models import wrap
 from vitviz.types import TokenLayout
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitviz.cli import main
+from vitviz.cli.main import main
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 
@@ -107,7 +107,7 @@ def test_models_lists_aliases_and_cache_state(capsys, no_cache):
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = ("import sys, vitviz.cli as c\n"
+    code = ("import sys, vitviz.cli.main as c\n"
             "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'timm', 'transformers', 'cv2') if m in sys.modules]\n"
             "print('HEAVY', heavy)\n")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import vitviz
-from vitviz.cli import main
+from vitviz.cli.main import main
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 TINY = ["--model", "ti16", "--random", "--image-size", "64"]  # ViT-Ti/16: 12 layers, 3 heads, 4x4 patches
@@ -114,7 +114,7 @@ def test_posembed_figure_and_values(tmp_path, capsys):
     sim = np.load(tmp_path / "ti16_posembed.npy")
     torch.manual_seed(1)
     m = vitviz.load_model("ti16", pretrained=False, image_size=64)
-    from vitviz.models._posembed import pos_similarity
+    from vitviz.models._pos_params import pos_similarity
 
     assert sim.shape == (16, 4, 4)
     assert np.allclose(sim, pos_similarity(m).numpy(), atol=1e-6)

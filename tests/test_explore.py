@@ -1,4 +1,4 @@
-"""The explorer's data (vitviz.explore, vitviz.render.explore): quantisation, equality with the
+"""The explorer's data (vitviz.explore, vitviz.explorer._view): quantisation, equality with the
 analyzers, the page's embedded numbers, escaping, bad input, the command. The page in a real
 browser is tested in test_explore_browser.py."""
 
@@ -16,8 +16,8 @@ from PIL import Image
 
 import vitviz
 from vitviz.analyze import relevance_matrix, rollout_matrices, rollout_matrix
+from vitviz.explorer._view import ExploreData, explore_payload, quantize_rows, render_explore
 from vitviz.models import Preprocess
-from vitviz.render.explore import ExploreData, explore_payload, quantize_rows, render_explore
 
 ODD = "<img src=x onerror=alert(1)> & \"q\" </script><!-- {{DATA}}"
 
@@ -262,7 +262,7 @@ def test_tensor_input_and_a_model_without_classifier():
 
 
 def test_explore_command(tmp_path, capsys):
-    from vitviz.cli import main
+    from vitviz.cli.main import main
 
     a = tmp_path / "a.png"
     Image.fromarray(picture()).save(a)

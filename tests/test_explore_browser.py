@@ -16,8 +16,8 @@ import torch
 from helpers import headless_chromium
 
 import vitviz
+from vitviz.explorer._view import render_explore
 from vitviz.models import Preprocess
-from vitviz.render.explore import render_explore
 
 SEED = 3_000_001  # a held-out scene (outside the training seeds) that shapes-vit names right
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import vitviz
-from vitviz.cli import main
+from vitviz.cli.main import main
 from vitviz.errors import VitvizError
 from vitviz.gallery import (
     MethodResult,
@@ -407,7 +407,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     from vitviz.gallery import build_gallery
     src, out, at, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if how == "cli":  # SIGTERM through the command line, at the at-th record
-        import vitviz.commands.gallery as g
+        import vitviz.cli.commands.gallery as g
         seen = []
         report = g._report_record
         def counting(rec, write):
@@ -416,7 +416,7 @@ _KILL_SCRIPT = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGTERM)
             report(rec, write)
         g._report_record = counting
-        from vitviz.cli import main
+        from vitviz.cli.main import main
         sys.exit(main(["gallery", src, "--model", "ti16", "--random", "--image-size", "64",
                        "--out", out, "--batch-size", "3", "--workers", "1", "--no-progress"]))
     torch.manual_seed(0)
@@ -599,7 +599,7 @@ def test_cli_exit_statuses_and_messages(folder, tmp_path, capsys):
 
 
 def test_importing_the_gallery_and_merging_need_no_torch():
-    code = ("import sys; import vitviz.gallery, vitviz.render.html, vitviz.commands.gallery; "
+    code = ("import sys; import vitviz.gallery, vitviz.render.html, vitviz.cli.commands.gallery; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})

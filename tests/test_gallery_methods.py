@@ -39,17 +39,17 @@ def folder(tmp_path_factory):
 
 
 def test_streamed_capture_keeps_no_layer_and_equals_the_stored_path(model, folder, tmp_path, monkeypatch):
-    import vitviz.hooks
+    import vitviz.attention
 
     calls = []
-    real = vitviz.hooks.capture
+    real = vitviz.attention.capture
 
     @functools.wraps(real)  # keeps the signature the gallery inspects
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vitviz.hooks, "capture", spy)
+    monkeypatch.setattr(vitviz.attention, "capture", spy)
     opts = {"rollout": {"discard_ratio": 0.5, "head_fusion": "max"}, "cls": {"layer": 4}}
     streamed = build_gallery(folder, model, tmp_path / "s", options=opts, batch_size=3, workers=0,
                              progress=False)
@@ -76,7 +76,7 @@ def test_streamed_capture_keeps_no_layer_and_equals_the_stored_path(model, folde
 
 def test_relevance_methods_equal_vitviz_relevance_with_one_backward(model, folder, tmp_path, monkeypatch):
     assert "relevance" in list_methods()
-    from vitviz.explain import relevance
+    from vitviz.explain.relevance import relevance
 
     backward, active = [], []
     real = torch.autograd.grad
@@ -140,7 +140,7 @@ def _tiny_captioner():
 
 def test_caption_method_writes_the_caption_and_one_map_per_word(folder, tmp_path):
     assert "caption" in list_methods()
-    from vitviz.captioning import caption
+    from vitviz.explain.captioning import caption
 
     m = _tiny_captioner()
     r = build_gallery(folder, m, tmp_path / "g", methods="caption", options={"caption": {"max_new_tokens": 4}},

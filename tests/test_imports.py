@@ -2,9 +2,9 @@
 
 A module or name starting with ``_`` belongs to the subpackage that holds it (``vitviz.models._loader``
 and ``_fit`` in ``vitviz.render.figures`` to ``vitviz.models`` and ``vitviz.render``); a private name
-of a top-level module belongs to that module (``_image_sites`` in ``vitviz.engine``). Code elsewhere
+of a top-level module belongs to that module (``_image_sites`` in ``vitviz.batch._engine``). Code elsewhere
 uses the public re-exports in that package's ``__init__``.
-Private modules of the root package (``vitviz._io``, ``vitviz._extras``) are shared by all of it.
+Private modules of the root package (``vitviz._util.files``, ``vitviz._util.extras``) are shared by all of it.
 """
 import ast
 from pathlib import Path

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from vitviz.analyze.metrics import (
+from vitviz.errors import LayoutError
+from vitviz.evaluate.faithfulness import deletion_insertion, gaussian_blur, substrate
+from vitviz.evaluate.metrics import (
     centre_prior,
     curve_auc,
     energy_pointing,
@@ -20,8 +22,6 @@ from vitviz.analyze.metrics import (
     step_masks,
     word_grounding,
 )
-from vitviz.errors import LayoutError
-from vitviz.faithfulness import deletion_insertion, gaussian_blur, substrate
 
 
 def _mask(h, w, *cells):
@@ -151,7 +151,7 @@ def test_mask_auc_equals_brute_force_on_pixels():
 
 
 def test_mask_auc_in_chunks_equals_one_pass(monkeypatch):
-    import vitviz.analyze.metrics as metrics
+    import vitviz.evaluate.metrics as metrics
 
     g = torch.Generator().manual_seed(4)
     maps = torch.rand(5, 3, 3, generator=g)
@@ -267,7 +267,7 @@ def test_word_grounding():
 
 
 def test_vitviz_metrics_namespace():
-    import vitviz.metrics as vm
+    import vitviz.evaluate as vm
 
     assert vm.pointing_game is pointing_game and vm.deletion_insertion is deletion_insertion
     assert all(callable(getattr(vm, n)) for n in vm.__all__)

@@ -16,7 +16,7 @@ from _figcheck import overlapping_labels, panel_sizes
 from PIL import Image
 
 import vitviz
-from vitviz.cli import main
+from vitviz.cli.main import main
 from vitviz.render import figures as F
 from vitviz.render import output as output_module
 from vitviz.render.overlay import display_image
@@ -180,7 +180,7 @@ def test_size_and_jpg_overlays(tmp_path, capsys):
 
 
 def test_constant_map_is_drawn_flat_with_a_note(tmp_path):
-    from vitviz.map_writer import map_files
+    from vitviz.batch import map_files
     from vitviz.render.output import OutputOptions
 
     model = vitviz.load_model("shapes-vit")

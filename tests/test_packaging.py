@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vitviz._extras import EXTRAS
+from vitviz._util.extras import EXTRAS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,14 @@ from helpers import inputs, tiny_hf, tiny_timm
 
 import vitviz
 from vitviz.errors import LayoutError, VitvizError
-from vitviz.perturbation import forward_kept_tokens, linear_impute, noisy_linear_impute, road, token_curves, token_site
+from vitviz.evaluate.perturbation import (
+    forward_kept_tokens,
+    linear_impute,
+    noisy_linear_impute,
+    road,
+    token_curves,
+    token_site,
+)
 
 
 def maps_of(b=3, seed=2):
@@ -88,7 +95,7 @@ def test_token_curves_middle_point_equals_the_manual_forward():
     model = tiny_timm()
     x, maps = inputs(), maps_of()
     c = token_curves(model, x, maps, steps=4)  # step 1: 4 tokens
-    order = vitviz.metrics.patch_order(maps)
+    order = vitviz.evaluate.patch_order(maps)
     with torch.no_grad():
         kept = timm_tokens(model, x, order[:, 4:].sort(1).values).softmax(-1)
         shown = timm_tokens(model, x, order[:, :4].sort(1).values).softmax(-1)
@@ -233,7 +240,7 @@ def test_road_curves_end_points_batched_and_consistency():
     assert torch.allclose(r.morf[:, -1], p_all[idx, r.target], atol=1e-5)
     assert r.counts == [0, 4, 8, 12, 16]
     # one step by hand: the top 4 patches removed and imputed
-    order = vitviz.metrics.patch_order(maps)
+    order = vitviz.evaluate.patch_order(maps)
     rem = torch.zeros(3, 16, dtype=torch.bool)
     rem.scatter_(1, order[:, :4], True)
     rem = rem.reshape(3, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)

@@ -1,5 +1,5 @@
 """Randomisation sanity checks: map-similarity metrics (golden values, definitions) and
-``vitviz.metrics.randomization`` (order, determinism, restoration) on tiny random models."""
+``vitviz.evaluate.randomization`` (order, determinism, restoration) on tiny random models."""
 
 import math
 
@@ -8,9 +8,9 @@ import torch
 from helpers import inputs, tiny_hf, tiny_timm
 
 import vitviz
-from vitviz.analyze.metrics import average_ranks, spearman, ssim, topk_overlap
 from vitviz.errors import LayoutError, VitvizError
-from vitviz.sanity import randomization, randomization_layers
+from vitviz.evaluate.metrics import average_ranks, spearman, ssim, topk_overlap
+from vitviz.evaluate.sanity import randomization, randomization_layers
 
 
 def trained_like(model):

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 import vitviz
-from vitviz.cli import main
-from vitviz.sanity import sanity_check
+from vitviz.cli.main import main
+from vitviz.evaluate.sanity import sanity_check
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 
@@ -40,13 +40,13 @@ def test_report_rows_equal_the_metrics_computed_directly():
     x = torch.cat([m.preprocess(str(p)) for p in SAMPLES])
     rep = sanity_check(m, x, ["rollout", "centre"], steps=4, road_steps=2, road_images=1)
     rows = rep.rows()
-    r = vitviz.metrics.randomization(m, x, "rollout")
+    r = vitviz.evaluate.randomization(m, x, "rollout")
     assert rows["rollout"]["rand_all"] == float(r.spearman[-1].mean())
     assert rows["rollout"]["rand_head"] == 1.0  # rollout does not read the head
-    c = vitviz.metrics.token_curves(m, x, r.maps[0], steps=4)
+    c = vitviz.evaluate.token_curves(m, x, r.maps[0], steps=4)
     assert np.isclose(rows["rollout"]["tok_del"], float(c.deletion_auc.mean()))
     assert np.isclose(rows["rollout"]["tok_ins"], float(c.insertion_auc.mean()))
-    rc = vitviz.metrics.road(m, x[:1], r.maps[0][:1], steps=2)
+    rc = vitviz.evaluate.road(m, x[:1], r.maps[0][:1], steps=2)
     assert np.isclose(rows["rollout"]["road_morf"], float(rc.morf_auc.mean()), atol=1e-4)
     assert rows["centre"]["rand_all"] == 1.0  # a baseline that ignores the model passes nothing
     assert len(rep.road["rollout"].morf) == 1

@@ -8,7 +8,7 @@ from helpers import tiny_word_clip
 from PIL import Image
 
 import vitviz
-from vitviz.cli import main
+from vitviz.cli.main import main
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 TEXTS = ["a red triangle", "a blue circle"]
@@ -65,7 +65,7 @@ def test_text_empty_text_and_bad_image(tmp_path, capsys):
 def test_text_on_a_transformers_clip_directory_with_its_tokenizer(tmp_path):
     """load_model(dir) of a CLIPModel attaches the directory's tokenizer: strings work."""
 
-    from vitviz.zoo.clip import build_tokenizer_file, load_tokenizer
+    from vitviz.models.bundled.shapes_clip import build_tokenizer_file, load_tokenizer
 
     build_tokenizer_file(tmp_path / "tok.json")
     tok = load_tokenizer(tmp_path / "tok.json")

@@ -13,7 +13,7 @@ from helpers import hook_state, tiny_word_clip, torch_function_modes
 
 import vitviz
 from vitviz.errors import VitvizError
-from vitviz.textmaps import text_maps
+from vitviz.explain.text import text_maps
 
 GRID = (4, 4)
 
@@ -177,7 +177,7 @@ def test_maskclip_written_out_from_weights():
 
 
 def test_maskclip_golden_two_patch_cosines():
-    from vitviz.analyze.textmaps import patch_text_logits
+    from vitviz.analyze.text_image import patch_text_logits
 
     patches = torch.tensor([[[3.0, 0.0], [1.0, 1.0]]])  # [1, 2, 2]
     text = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
@@ -188,7 +188,7 @@ def test_maskclip_golden_two_patch_cosines():
 
 
 def test_legrad_layer_golden():
-    from vitviz.analyze.textmaps import legrad_layer
+    from vitviz.analyze.text_image import legrad_layer
 
     g = torch.zeros(1, 2, 3, 3)  # [B, H, N, N], one prefix token, grid 1x2
     g[0, 0, :, 1] = 3.0  # head 0: every query -> key 1
@@ -242,7 +242,7 @@ def test_hooks_removed_after_an_error():
 # -- strings and the tokenizer -----------------------------------------------------------------
 
 def word_tokenizer(tmp_path):
-    from vitviz.zoo.clip import build_tokenizer_file, load_tokenizer
+    from vitviz.models.bundled.shapes_clip import build_tokenizer_file, load_tokenizer
 
     path = tmp_path / "tok.json"
     build_tokenizer_file(path)

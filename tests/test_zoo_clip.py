@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import vitviz
-from vitviz.textmaps import text_maps
+from tools.train.train_clip import _pairs, contrastive_loss
+from vitviz.explain.text import text_maps
 from vitviz.zoo import WEIGHTS
 from vitviz.zoo.benchmark_clip import all_phrases, benchmark_clip, pointing_within
 from vitviz.zoo.scenes import FRESH_SEEDS, make_dataset
-from vitviz.zoo.train_clip import _pairs, contrastive_loss
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_about_line_states_the_shipped_number():
 
 
 def test_benchmark_maps_command(capsys):
-    from vitviz.cli import main
+    from vitviz.cli.main import main
 
     assert main(["benchmark-maps", "--model", "shapes-clip", "--num-images", "2", "--markdown"]) == 0
     out = capsys.readouterr().out

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import vitviz
-from vitviz.cli import main
+from tools.train.train import caption_scores, classifier_accuracy, rollout_pointing
+from vitviz.cli.main import main
 from vitviz.errors import CheckpointError, WeightsNotFoundError
+from vitviz.models.bundled.shapes import caption_ids, load_tokenizer, to_input
 from vitviz.zoo import WEIGHTS, ZOO
-from vitviz.zoo.models import caption_ids, load_tokenizer, to_input
 from vitviz.zoo.scenes import FRESH_SEEDS, SHAPES, make_dataset
-from vitviz.zoo.train import caption_scores, classifier_accuracy, rollout_pointing
 
 # thresholds the shipped weights meet on fresh scenes, a few points under their documented
 # held-out numbers (vitviz/zoo/weights/*.json) to allow for the smaller test sets
@@ -173,7 +173,7 @@ def test_benchmark_maps_command(capsys):
 
 
 def test_benchmark_rows_and_scores(vit):
-    from vitviz.zoo.evaluate import classifier_methods, evaluate_classifier
+    from vitviz.zoo.benchmark import classifier_methods, evaluate_classifier
 
     scenes = make_dataset("classification", FRESH[2000:2002])
     x = to_input(np.stack([s.image for s in scenes]))
@@ -186,7 +186,7 @@ def test_benchmark_rows_and_scores(vit):
     assert table.n == 10 and set(table.rows["rollout"]) == {"pointing", "energy", "iou", "auc"}
     # the table is the mean of the metric over the scenes
     from vitviz.analyze import rollout
-    from vitviz.analyze.metrics import pointing_game
+    from vitviz.evaluate.metrics import pointing_game
 
     scenes = make_dataset("classification", FRESH[2000:2010])
     x = to_input(np.stack([s.image for s in scenes]))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import vitviz
-from vitviz.zoo import models as zm
+from tools.train.train import main
+from vitviz.models.bundled import shapes as zm
 from vitviz.zoo.scenes import SHAPES
-from vitviz.zoo.train import main
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
     # data
@@ -44,8 +44,8 @@ _EXPORTS = {
     "to_rgb_array": "vitviz.models",
     "Preprocess": "vitviz.models",
     # capture
-    "capture": "vitviz.hooks",
-    "Recording": "vitviz.hooks",
+    "capture": "vitviz.attention",
+    "Recording": "vitviz.attention",
     # analyze
     "rollout": "vitviz.analyze",
     "cls_maps": "vitviz.analyze",
@@ -60,15 +60,15 @@ _EXPORTS = {
     "prefix_attention_share": "vitviz.analyze",
     "pos_similarity": "vitviz.models",
     # captioning
-    "caption": "vitviz.captioning",
-    "Caption": "vitviz.captioning",
+    "caption": "vitviz.explain",
+    "Caption": "vitviz.explain",
     # batch
     "build_gallery": "vitviz.gallery",
     "merge_gallery": "vitviz.gallery",
     # explain (model + capture + analyzer)
     "relevance": "vitviz.explain",
-    "explain_text": "vitviz.textmaps",
-    "TextMaps": "vitviz.textmaps",
+    "explain_text": "vitviz.explain",
+    "TextMaps": "vitviz.explain",
     # explore (model + capture + analyzers + page)
     "explore": "vitviz.explorer",
     "Explorer": "vitviz.explorer",
@@ -76,14 +76,15 @@ _EXPORTS = {
     "overlay": "vitviz.render",
 }
 
-_SUBMODULES = ("metrics", "zoo", "gallery")  # `vitviz.metrics.pointing_game(...)` without an import
+_SUBMODULES = {"metrics": "vitviz.evaluate", "zoo": "vitviz.zoo", "gallery": "vitviz.gallery"}
+# `vitviz.metrics.pointing_game(...)` without an import; vitviz.metrics is the evaluation package
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
-        return importlib.import_module(f"vitviz.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'vitviz' has no attribute {name!r}")
@@ -110,7 +111,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         rollout,
         word_grids,
     )
-    from .captioning import Caption, caption
+    from .attention import Recording, capture
     from .errors import (
         CaptureError,
         CheckpointError,
@@ -122,11 +123,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         VitvizError,
         WeightsNotFoundError,
     )
-    from .explain import relevance
+    from .explain import Caption, TextMaps, caption, explain_text, relevance
     from .explorer import Explorer, explore
     from .gallery import build_gallery, merge_gallery
-    from .hooks import Recording, capture
     from .models import Preprocess, VisionModel, list_models, load_image, load_model, pos_similarity, to_rgb_array, wrap
     from .render import overlay
-    from .textmaps import TextMaps, explain_text
     from .types import AttentionMaps, CrossAttentionMaps, TokenLayout

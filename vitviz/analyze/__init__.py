@@ -1,12 +1,10 @@
 """Analyzers: pure functions from attention tensors to maps. No models, no files, no plots."""
 
+from ._tokens import HEAD_FUSIONS, QUERY_NAMES, Query, check_layer, check_options, fuse_heads, query_weights
 from .cls import all_layer_maps, cls_maps
 from .cross import encoder_decoder_relevance, merge_pieces, word_grids
 from .flow import attention_flow, flow_values, layered_max_flow
-from .masks import mass_masks
-from .posembed import pos_similarity_matrix
-from .query import query_maps, query_weights
-from .relevance import (
+from .gradient import (
     RelevanceStream,
     chefer_relevance,
     grad_rollout,
@@ -14,10 +12,12 @@ from .relevance import (
     relevance_map,
     relevance_matrix,
 )
+from .masks import mass_masks
+from .posembed import pos_similarity_matrix
+from .query import query_maps
 from .rollout import (
     RolloutStream,
     discard_smallest,
-    fuse_heads,
     rollout,
     rollout_matrices,
     rollout_matrix,
@@ -32,4 +32,4 @@ __all__ = ["rollout", "rollout_matrix", "rollout_matrices", "RolloutStream", "cl
            "all_layer_maps",
            "attention_flow", "flow_values", "layered_max_flow", "mass_masks", "pos_similarity_matrix",
            "query_maps", "query_weights", "attention_entropy", "mean_attention_distance",
-           "prefix_attention_share"]
+           "prefix_attention_share", "check_layer", "check_options", "Query", "HEAD_FUSIONS", "QUERY_NAMES"]

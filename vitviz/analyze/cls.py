@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..types import AttentionMaps
-from .query import Query, check_layer, query_maps, query_weights
+from ._tokens import Query, check_layer, query_weights
+from .query import query_maps
 
 
 def cls_maps(attn: AttentionMaps, *, layer: int = -1, query: Query = "auto") -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch
 
 from ..errors import LayoutError
 from ..types import AttentionMaps, CrossAttentionMaps, TokenLayout
-from .rollout import HEAD_FUSIONS, fuse_heads, rollout_matrix
+from ._tokens import HEAD_FUSIONS, fuse_heads
+from .rollout import rollout_matrix
 
 MERGE_RULES = ("mean", "sum", "max")
 
@@ -46,7 +47,7 @@ def merge_pieces(maps: torch.Tensor, spans: Sequence[Any], rule: str = "mean", d
     Args:
         maps: per-token maps with the token axis at ``dim``, e.g. ``[T, gh, gw]`` (``dim=-3``).
         spans: one ``(start, stop)`` pair (or ``range``, or an object with ``.start`` and
-            ``.stop`` such as :class:`vitviz.captioning.Word`) per word; pieces
+            ``.stop`` such as :class:`vitviz.explain.captioning.Word`) per word; pieces
             ``start <= t < stop``; spans must be non-empty and inside ``[0, T)``.
         rule: ``"mean"`` (default), ``"sum"`` or ``"max"``.
         dim: the token axis of ``maps``.

@@ -67,10 +67,9 @@ from typing import Any
 
 import torch
 
-from .._extras import require_extra
+from .._util.extras import require_extra
 from ..types import AttentionMaps
-from .query import Query, query_weights
-from .rollout import fuse_heads
+from ._tokens import Query, fuse_heads, query_weights
 
 __all__ = ["attention_flow", "flow_values", "flow_matrices", "layered_max_flow"]
 

@@ -1,6 +1,6 @@
 """Similarity of position embeddings: the ViT paper's figure of one small grid per patch.
 
-Pure tensor functions. Finding the embeddings of a model is :mod:`vitviz.models._posembed`
+Pure tensor functions. Finding the embeddings of a model is :mod:`vitviz.models._pos_params`
 (``vitviz.pos_similarity(m)``), which calls these.
 """
 

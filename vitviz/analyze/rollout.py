@@ -13,33 +13,7 @@ import torch
 
 from ..errors import LayoutError
 from ..types import AttentionMaps, TokenLayout
-
-HEAD_FUSIONS = ("mean", "max", "min")
-
-
-def check_options(head_fusion: str = "mean", discard_ratio: float = 0.0) -> None:
-    """Raise ``ValueError`` for an unknown head fusion or a discard ratio outside ``[0, 1)``."""
-    if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
-
-
-def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
-    """Fuse the head dimension of ``[..., H, Q, K]`` attention into ``[..., Q, K]``.
-
-    Args:
-        attn: attention with heads in dim ``-3``.
-        head_fusion: ``"mean"``, ``"max"`` or ``"min"``.
-    """
-    if head_fusion == "mean":
-        return attn.mean(dim=-3)
-    if head_fusion == "max":
-        return attn.amax(dim=-3)
-    if head_fusion == "min":
-        return attn.amin(dim=-3)
-    check_options(head_fusion)  # raises: an unknown name
-    raise AssertionError("unreachable: check_options raised")
+from ._tokens import check_options, fuse_heads, query_weights
 
 
 def discard_smallest(a: torch.Tensor, discard_ratio: float, keep_first: bool = True) -> torch.Tensor:
@@ -208,8 +182,6 @@ def _row_chain(matrices: Iterable[torch.Tensor], layout: TokenLayout) -> torch.T
     Shape:
         each matrix ``[B, N, N]`` -> ``[B, gh, gw]``
     """
-    from .query import query_weights
-
     row = None  # [B, 1, N]
     for a in matrices:
         if a.shape[-1] != layout.num_tokens:

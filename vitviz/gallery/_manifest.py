@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .._io import atomic_write_bytes
+from .._util.files import atomic_write_bytes
 from ..errors import VitvizError
 
 MANIFEST = "manifest.jsonl"

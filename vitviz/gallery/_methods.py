@@ -117,13 +117,13 @@ class Method:
     description: str = ""
     defaults: dict = field(default_factory=dict)
     stream: Callable[..., Any] | None = None  # stream(model, **options) -> streaming analysis
-    extra: str | None = None  # the optional vitviz extra it needs (vitviz._extras), if any
+    extra: str | None = None  # the optional vitviz extra it needs (vitviz._util.extras), if any
 
     def check_installed(self) -> None:
         """Raise :class:`vitviz.errors.MissingExtraError` (naming ``pip install 'vitviz[EXTRA]'``)
         when the optional package this method needs is not installed."""
         if self.extra is not None:
-            from .._extras import require_extra
+            from .._util.extras import require_extra
 
             require_extra(self.extra, f"the gallery method {self.name!r}")
 
@@ -172,7 +172,7 @@ def register_method(name: str, *, needs: str = "attention", description: str = "
         if name in _METHODS and not replace and _METHODS[name].fn is not fn:
             raise ValueError(f"a gallery method named {name!r} is already registered; pass replace=True")
         if extra is not None:
-            from .._extras import EXTRAS
+            from .._util.extras import EXTRAS
 
             if extra not in EXTRAS:
                 raise ValueError(f"unknown extra {extra!r} (known: {', '.join(sorted(EXTRAS))})")
@@ -287,7 +287,7 @@ def _cls(inp: MethodInput, *, layer: int):
 
 def _relevance_stream(method: str):
     def make(model, **options):
-        from ..analyze.relevance import RelevanceStream
+        from ..analyze.gradient import RelevanceStream
 
         return RelevanceStream(method, **options)
     return make
@@ -298,7 +298,7 @@ def _relevance_stream(method: str):
 def _relevance(inp: MethodInput, *, start_layer: int):
     if inp.streamed is not None:
         return inp.streamed  # [B, gh, gw], computed during the backward pass
-    from ..analyze.relevance import relevance_map
+    from ..analyze.gradient import relevance_map
 
     return relevance_map(inp.attentions, inp.rec.attention_grads, method="chefer",
                          start_layer=start_layer)  # [B, gh, gw]
@@ -309,7 +309,7 @@ def _relevance(inp: MethodInput, *, start_layer: int):
 def _grad_rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, start_layer: int):
     if inp.streamed is not None:
         return inp.streamed  # [B, gh, gw]
-    from ..analyze.relevance import relevance_map
+    from ..analyze.gradient import relevance_map
 
     return relevance_map(inp.attentions, inp.rec.attention_grads, method="grad_rollout",
                          head_fusion=head_fusion, discard_ratio=discard_ratio,
@@ -327,7 +327,7 @@ def _flow(inp: MethodInput, *, head_fusion: str, start_layer: int):
 @register_method("caption", needs="model", max_new_tokens=20, num_beams=1, layer=-1, head_fusion="mean",
                  description="caption under each image, one cross-attention map per word")
 def _caption(inp: MethodInput, *, max_new_tokens: int, num_beams: int, layer: int, head_fusion: str):
-    from ..captioning import caption
+    from ..explain.captioning import caption
 
     maps, names, texts = [], [], []
     for j in range(inp.x.shape[0]):  # vitviz.caption decodes one image at a time
@@ -342,7 +342,7 @@ def _caption(inp: MethodInput, *, max_new_tokens: int, num_beams: int, layer: in
 @register_method("text", needs="model", texts=(), method="chefer",
                  description="text -> image maps of a CLIP/SigLIP model, one per --texts entry (vitviz text)")
 def _text(inp: MethodInput, *, texts: Sequence[str], method: str):
-    from ..textmaps import text_maps
+    from ..explain.text import text_maps
 
     if not texts:
         raise VitvizError("the gallery method 'text' needs texts to locate: --texts \"a red circle\" "

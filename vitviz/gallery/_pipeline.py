@@ -191,7 +191,7 @@ def build_gallery(
     journal.close()
     records = [kept.get(s.key) or new[s.key] for s, _ in pairs if s.key in kept or s.key in new]
     if explore:
-        from ._explore import add_explorer_pages
+        from ._explorer_pages import add_explorer_pages
 
         add_explorer_pages(vm, out_dir, records, progress=progress)
         if shard is not None:  # unsharded runs rewrite the manifest in _finish
@@ -215,7 +215,7 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
     """Decode, run and render ``todo``; journal each batch's records as it completes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..engine import iter_batches
+    from ..batch import iter_batches
 
     device = vm.device
     it = iter_batches(vm.preprocessor, [s.path for s, _ in todo], batch_size=batch_size, workers=workers,

@@ -91,7 +91,7 @@ def plan_run(src: Any, vm: Any, out_dir: Any, *, methods: Any, options: dict[str
     Raises:
         VitvizError: as :func:`build_gallery`.
     """
-    from ..engine import default_workers
+    from ..batch import default_workers
 
     out_dir = Path(out_dir)
     names_wanted = [s.strip() for s in methods.split(",")] if isinstance(methods, str) else list(methods)

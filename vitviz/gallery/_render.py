@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write_bytes, save_npy, save_png
+from .._util.files import atomic_write_bytes, save_npy, save_png
 
 _BAND = 16  # height of the label band under each tile of a multi-map grid, in pixels
 # longer side of each tile of a multi-map grid (heads, words): the maps hold gh x gw values,

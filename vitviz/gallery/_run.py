@@ -70,8 +70,8 @@ def run_methods(model, x, methods: list[tuple[Method, dict]]):
     """
     import torch
 
-    from ..explain import backward_through_attention
-    from ..hooks import capture
+    from ..attention import capture
+    from ..explain.relevance import backward_through_attention
     from ..models import classifier_logits
 
     results: dict[str, MethodResult] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from .._io import unique_stems
+from .._util.files import unique_stems
 from ..errors import VitvizError
 
 # formats Pillow reads out of the box; files with other extensions in a folder are not images
@@ -163,7 +163,7 @@ def output_names(sources: Sequence[Source]) -> list[str]:
     """Safe, unique output stems (``sub/cat.jpg`` -> ``sub_cat``) for sources sorted by key.
 
     Derived from the whole key, so ``a/cat.jpg`` and ``b/cat.jpg`` stay apart; no path
-    separators, no traversal, Unicode letters kept (see :func:`vitviz._io.safe_stem`);
+    separators, no traversal, Unicode letters kept (see :func:`vitviz._util.files.safe_stem`);
     collisions get ``-2``, ``-3``, ... in key order.
     """
     return unique_stems([s.key.replace("/", "_") for s in sources])

@@ -6,7 +6,7 @@ from ._hub import cache_dir
 from ._image import load_image, to_rgb_array
 from ._loader import fetch, list_models, load_model, weights_status
 from ._outputs import classifier_logits, describe_output, output_logits, score_fn_scores
-from ._posembed import patch_position_embeddings, pos_similarity
+from ._pos_params import patch_position_embeddings, pos_similarity
 from ._preprocess import Preprocess
 from ._vision_model import VisionModel, describe, wrap
 

@@ -219,7 +219,7 @@ def download(repo_id: str, filename: str, *, name: str, revision: str | None = N
     """
     from huggingface_hub import constants, hf_hub_download
 
-    from .. import __version__
+    from .._version import __version__
 
     if is_offline():
         from huggingface_hub import try_to_load_from_cache

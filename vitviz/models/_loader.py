@@ -29,7 +29,7 @@ def list_models() -> list[str]:
         >>> "b16" in vitviz.list_models()
         True
     """
-    from ..zoo import ZOO  # bundled offline models
+    from .bundled import ZOO  # bundled offline models
 
     return list(ALIASES) + [n for n in ZOO if n not in ALIASES]
 
@@ -59,7 +59,7 @@ def _looks_like_hf(name: str) -> bool:
 
 def resolve(name: str, image_size=None) -> Resolved:
     """Resolve an alias, zoo name, timm name or transformers id; unknown names list close ones."""
-    from ..zoo import ZOO
+    from .bundled import ZOO
 
     if name in ZOO:
         return Resolved(name, "zoo", name)
@@ -137,7 +137,7 @@ def weights_status(name: str) -> tuple[str, str | None]:
     """``(model id, local weights path or None)`` for `vitviz models`."""
     r = resolve(name)
     if r.source == "zoo":
-        from ..zoo import ZOO
+        from .bundled import ZOO
 
         return r.model_id, ZOO[r.name].weights_path()
     if r.source == "timm":
@@ -224,7 +224,7 @@ def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes:
         image_size = int(image_size) if not isinstance(image_size, (tuple, list)) else tuple(image_size)
     r = resolve(name, image_size)
     if r.source == "zoo":
-        from ..zoo import ZOO
+        from .bundled import ZOO
 
         vm = ZOO[r.name].load(weights=weights, pretrained=pretrained)
     elif r.source == "timm":
@@ -462,7 +462,7 @@ def fetch(name: str, *, image_size=None) -> list[str]:
     """
     r = resolve(name, image_size)
     if r.source == "zoo":
-        from ..zoo import ZOO
+        from .bundled import ZOO
 
         path = ZOO[r.name].weights_path()
         if path is None:

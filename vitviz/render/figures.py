@@ -653,7 +653,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = _DPI, format: str |
     Returns:
         The path written.
     """
-    from .._io import atomic_write_bytes
+    from .._util.files import atomic_write_bytes
 
     path = Path(path)
     if format is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from .._io import atomic_write_bytes
+from .._util.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     pass

@@ -77,7 +77,7 @@ class OutputOptions:
                      label: str = "") -> Path:
         """Write the overlay of ``heat`` over ``view`` at the display size; returns the path
         (its suffix set to :attr:`overlay_ext`)."""
-        from .._io import atomic_write_bytes
+        from .._util.files import atomic_write_bytes
 
         path = Path(path).with_suffix(f".{self.overlay_ext}")
         big = display_image(view, self.size)  # [H', W', 3]

@@ -7,7 +7,7 @@ the object the phrase names: the centre of the maximal patch within ``tolerance`
 reported: phrase retrieval, the share of objects whose phrase outscores every phrase of an
 object not in the image.
 
-Used by ``vitviz benchmark-maps --model shapes-clip`` and by ``python -m vitviz.zoo.train_clip eval``.
+Used by ``vitviz benchmark-maps --model shapes-clip`` and by ``python -m tools.train.train_clip eval``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..analyze.metrics import centre_prior, random_maps
-from .evaluate import Table
+from ..evaluate.metrics import centre_prior, random_maps
+from .benchmark import Table
 from .scenes import COLOURS, HELDOUT_SEEDS, SHAPES, make_dataset
 
 METHODS = ("chefer", "legrad", "maskclip")
@@ -70,11 +70,11 @@ def benchmark_clip(model=None, *, n: int = 200, seeds: Sequence[int] | None = No
     """Pointing game of each text-map method of ``shapes-clip`` on held-out caption scenes.
 
     Returns:
-        :class:`~vitviz.zoo.evaluate.Table` with a ``"pointing"`` column per method and
+        :class:`~vitviz.zoo.benchmark.Table` with a ``"pointing"`` column per method and
         baseline; ``extra["retrieval"]`` is the phrase-retrieval accuracy.
     """
-    from ..textmaps import text_maps, towers
-    from .models import to_input
+    from ..explain.text import text_maps, towers
+    from ..models.bundled.shapes import to_input
 
     if model is None:
         from ..models import load_model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write_bytes
+from .._util.files import atomic_write_bytes
 
 
 def _save_fig(fig, path: Path) -> Path:
@@ -40,11 +40,11 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
     import torch
 
     from ..analyze import cls_maps, rollout
-    from ..analyze.metrics import pointing_game
-    from ..hooks import capture
+    from ..attention import capture
+    from ..evaluate.metrics import pointing_game
     from ..models import load_model
+    from ..models.bundled.shapes import to_input
     from ..render import figures
-    from .models import to_input
     from .scenes import make_dataset
 
     model = load_model("shapes-vit")
@@ -57,7 +57,7 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
     roll_d = rollout(attn, discard_ratio=0.9)  # [B, gh, gw]
     last = cls_maps(attn, layer=-1)  # [B, H, gh, gw]
     try:
-        from ..explain import relevance
+        from ..explain.relevance import relevance
 
         rel = relevance(model, x, method="chefer")  # [B, gh, gw]
     except ImportError:
@@ -96,7 +96,7 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
 
 def files_section(out: Path) -> list[tuple[str, str, str]]:
     """``shapes-vit`` on the sample image files, through the same pipeline as `vitviz rollout`."""
-    from ..map_writer import rollout_files
+    from ..batch import rollout_files
     from ..models import load_model
     from . import sample_images
 
@@ -114,7 +114,7 @@ def files_section(out: Path) -> list[tuple[str, str, str]]:
 
 def captioner_section(out: Path, num_images: int, seed: int) -> list[tuple[str, str, str]]:
     """Caption strips of ``shapes-captioner``; returns ``(title, file, text)`` per figure."""
-    from ..captioning import caption
+    from ..explain.captioning import caption
     from ..models import load_model
     from ..render.caption_strip import caption_strip
     from .scenes import make_dataset
@@ -158,7 +158,7 @@ def write_demo(out_dir, *, num_images: int = 4, seed: int = 3_000_000,
         out_dir: output folder (created).
         num_images: scenes per model.
         seed: first scene seed (outside the training range).
-        captioner: include the captioner (default: when ``vitviz.captioning`` is available).
+        captioner: include the captioner (default: when ``vitviz.explain.captioning`` is available).
     """
     import torch
 
@@ -176,7 +176,7 @@ def write_demo(out_dir, *, num_images: int = 4, seed: int = 3_000_000,
                      files_section(out)))
     if captioner is None:
         try:
-            import vitviz.captioning  # noqa: F401
+            import vitviz.explain.captioning  # noqa: F401
 
             captioner = True
         except ImportError:

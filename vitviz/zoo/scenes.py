@@ -35,17 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-COLOURS = {
-    "red": (225, 35, 35),
-    "green": (35, 175, 55),
-    "blue": (40, 80, 235),
-    "yellow": (240, 210, 30),
-    "purple": (150, 50, 205),
-    "white": (250, 250, 250),
-}
-RELATIONS = ("above", "below", "left of", "right of")
-IMAGE_SIZE = 64
+from ..models.bundled.vocabulary import COLOURS, IMAGE_SIZE, SHAPES
+
 SUPERSAMPLE = 4
 MASK_COVERAGE = 0.5  # a pixel belongs to the object's mask from this coverage on
 
@@ -387,4 +378,3 @@ TRAIN_SEEDS = range(0, 1_000_000)
 HELDOUT_SEEDS = range(1_000_000, 1_000_000 + 1000)
 FRESH_SEEDS = range(2_000_000, 3_000_000)
 
-VOCAB_WORDS = ("a", *COLOURS, *SHAPES, "above", "below", "left", "right", "of")

@@ -1,0 +1,1 @@
+"""Helpers shared by the whole package: atomic file writes (``files``) and optional extras (``extras``)."""

@@ -1,0 +1,917 @@
+"""`vitviz.capture`: read attention at the attention op of a real forward pass.
+
+Inside the ``with`` block, :class:`~vitviz.attention._mode.AttentionOps` (a ``TorchFunctionMode``,
+thread-local) sees the model's own attention calls and hands their probabilities to the
+capture's internal :class:`_Recorder`; the only hook on the model is a forward pre-hook on the
+root module that marks where a forward pass begins. No implementation flag or config of the
+model is switched. Adapters (:mod:`._registry`) say what only the library knows: which
+modules are image self-attention, text self-attention or cross-attention. Calls in modules no
+adapter claims are decided per call: square (queries = keys) is image self-attention,
+otherwise cross-attention. A call is attributed to a layer by its role and call order.
+
+Every image layer is placed on the image's token grid as it is recorded (:meth:`_Recorder.place`):
+the model's own layout for this input, else a stage of a hierarchical model (the patch grid
+coarsened by a whole factor); window attention (Swin, SAM, MaxViT, MobileViT: adapters name the
+window blocks) stitched into ``[B, H, N, N]`` over its stage's grid; a masked encoder's visible
+patches (ViT-MAE) scattered onto the full grid. :attr:`Recording.stages` groups the layers by
+their tokens; a layer that cannot be placed is counted and named in the error that
+:attr:`Recording.attentions` raises, never guessed.
+
+With ``grad=True`` the capture also reads the gradient of whatever is backpropagated inside
+the block with respect to each attention tensor, by a tensor hook on the exact tensor the
+output was computed from (the probabilities, or the tensor the returned weights of
+``nn.MultiheadAttention`` are a view of). Tensor hooks are removed on exit.
+
+Streams (``streams=``) see the layers as they happen. One protocol, with the layer's context
+passed in, so a stream needs no knowledge of the model in its constructor:
+
+- ``update(attn, *, layer, num_layers, layout)``: every image self-attention layer in the
+  forward pass (``attn`` ``[B, H, N, N]``; ``num_layers`` None where the depth is not known
+  before the pass ends). A stream that fuses the heads first may say so with a
+  ``fused_heads`` attribute (``"mean"``, ``"max"`` or ``"min"``): when every stream says the
+  same and nothing else needs the layer, it gets the fused ``[B, 1, N, N]`` instead, computed
+  a few heads at a time on the CPU without the ``[B, H, N, N]`` probabilities;
+- ``update_grad(attn, grad, *, layer, num_layers, layout)``: every layer's attention with its
+  gradient in the backward pass (``grad=True``; last layer first), e.g.
+  :class:`vitviz.analyze.gradient.RelevanceStream`;
+- ``reset()`` at every forward pass and ``result(layout)`` for :meth:`Recording.stream`.
+
+With ``keep="none"`` nothing per layer outlives its use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..errors import CaptureError, LayoutError
+from ..models import VisionModel, wrap
+from ..types import AttentionMaps, CrossAttentionMaps, TokenLayout
+from ._adapter import AUTO, CROSS, IMAGE, INNER, POOL, TEXT, Site, discover
+from ._mode import AttentionOps
+from ._transformers import masking_embeddings, visible_patches, window_blocks
+from ._windows import scatter_visible, stitch
+
+# implementations whose attention runs in kernels that the op level cannot see
+_VISIBLE_HF_IMPLEMENTATIONS = (None, "eager", "sdpa")
+# libraries whose module classes call attention only inside the modules their adapters name
+_LIBRARIES = ("timm.", "transformers.", "torch.nn.")
+
+
+@dataclass
+class Pass:
+    """What one forward pass of the root module produced."""
+
+    input_hw: tuple[int, int] | None = None
+    batch: int | None = None  # images in the input
+    # (role, site, attention, layer index within the role) of the kept layers
+    records: list[tuple[str, Site, torch.Tensor, int]] = field(default_factory=list)
+    # with capture(grad=True), keyed by (role, layer): the layers whose tensor carried a
+    # gradient hook, the gradients received so far (float32, shaped like the attention,
+    # summed over backward calls), and the hooked graph tensors (only while the block runs)
+    hooked: set[tuple[str, int]] = field(default_factory=set)
+    grads: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    graph: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    # per role: layers seen in this pass (kept or not) and their key count N
+    seen: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    # per role: the [L, B, H, Q, K] float32 stack that the layers were computed into, when the
+    # probabilities were computed by vitviz and every layer is kept (no copy, no torch.stack)
+    stacks: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (role, layer) -> (query layout, key layout or None when keys = queries) of image and pool
+    # layers, each placed on its own token grid (stages of hierarchical models, windows)
+    layouts: dict[tuple[str, int], tuple[TokenLayout | None, TokenLayout | None]] = field(
+        default_factory=dict)
+    # image layers that could not be placed on the image grid: (layer, why)
+    unplaced: list[tuple[int, str]] = field(default_factory=list)
+    # [B, V] grid indices of the patches a masked-image-modelling encoder sees (ViT-MAE), or None
+    visible: torch.Tensor | None = None
+
+    def of(self, role: str) -> list[torch.Tensor]:
+        return [t for r, _, t, _ in self.records if r == role]
+
+    def layers(self, role: str) -> list[int]:
+        return [i for r, _, _, i in self.records if r == role]
+
+
+def _input_hw(args: tuple, kwargs: dict) -> tuple[tuple[int, int] | None, int | None]:
+    """Height and width, and batch size, of the first image-like tensor ([B, C, H, W]) among a
+    call's inputs."""
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
+            return (int(value.shape[-2]), int(value.shape[-1])), int(value.shape[0])
+    return None, None
+
+
+def _num_heads(module: nn.Module) -> int | None:
+    """The head count an attention module states, if any."""
+    for name in ("num_heads", "num_attention_heads", "n_heads", "heads"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _stack(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise CaptureError(
+            f"{what} layers have different shapes {sorted(shapes)}; capture one model call per "
+            "`with vitviz.capture(...)` block, or pass adapters= to select the attention modules"
+        )
+    return torch.stack(tensors)  # [L, B, H, Q, K]
+
+
+def _keep_spec(keep):
+    if isinstance(keep, str):
+        if keep not in ("all", "none"):
+            raise ValueError(f"keep must be 'all', 'none' or a list of layer indices, got {keep!r}")
+        return keep
+    if keep is None:
+        return "none"
+    try:
+        return tuple(int(k) for k in keep)
+    except TypeError:
+        raise ValueError(f"keep must be 'all', 'none' or a list of layer indices, got {keep!r}") from None
+
+
+def _selected(keep, index: int, num_layers: int) -> bool:
+    """Whether layer ``index`` of ``num_layers`` (0: not known yet) is one that ``keep`` names."""
+    if keep == "all":
+        return True
+    if keep == "none":
+        return False
+    return any(k == index or (k < 0 and (not num_layers or k % num_layers == index)) for k in keep)
+
+
+class _Recorder:
+    """The machinery that fills a :class:`Recording`: called by the op-level mode and by the
+    root module's pre-hook. Internal; users read the :class:`Recording`."""
+
+    def __init__(self, model: VisionModel, setup: _Setup, *, restricted: bool, grad: bool,
+                 keep, streams: dict | None):
+        sites = setup.sites
+        self.model = model
+        self.sites = list(sites)
+        self.restricted = restricted  # adapters= given: calls outside their sites are ignored
+        self.grad = grad
+        self.keep = _keep_spec(keep)
+        self.streams = dict(streams or {})
+        self.forward_streams = [s for s in self.streams.values() if hasattr(s, "update")]
+        self.grad_streams = [s for s in self.streams.values() if hasattr(s, "update_grad")]
+        if self.grad_streams and not grad:
+            raise CaptureError("streams with update_grad need capture(..., grad=True)")
+        if grad and self.keep != "all" and not self.grad_streams:
+            raise CaptureError("capture(grad=True) needs keep='all' (gradients are matched to kept "
+                               "layers) or streams that take the gradients as they arrive")
+        self.names, self.modules, self.windows = setup.names, setup.modules, setup.windows
+        # the model has a text side (its cross-attention may have more queries than keys)
+        self.text_side = model.tokenizer is not None or any(s.role in (TEXT, CROSS) for s in sites)
+        self.owner = dict(setup.owner)  # generic sites are added as their calls are seen
+        self.num_layers = setup.num_layers
+        self.passes: list[Pass] = []
+        self.grad_handles: list = []  # RemovableHandles of the tensor hooks
+        self.open = True
+
+    # -- where a call belongs --------------------------------------------------------------
+    def site_for(self, module: nn.Module | None, queries: int, keys: int,
+                 same_tokens: bool | None = None) -> tuple[Site, str] | None:
+        """The site and role of an attention call of ``queries`` over ``keys`` tokens run by
+        ``module`` (``same_tokens``: whether queries and keys are known to be the same tokens;
+        default: equal counts); None to ignore it."""
+        if module is None:
+            return None  # not run by the model (the user's own code inside the block)
+        site = self.owner.get(id(module))
+        if site is None:
+            if self.restricted:
+                return None
+            site = Site(self.names.get(id(module), type(module).__name__) or "<root>", module, AUTO, None,
+                        windows=self.windows.get(id(module)))
+            self.owner[id(module)] = site
+            self.sites.append(site)
+        role = site.role
+        if role == INNER:
+            return None  # not attention over the image's tokens (site.note says why)
+        if role == AUTO:
+            if same_tokens is not None:
+                role = IMAGE if same_tokens else CROSS
+            elif queries == keys or (queries > keys and not self.text_side):
+                role = IMAGE  # more queries than keys in a model without text: reduced keys (HF PVT)
+            else:
+                role = CROSS
+        elif role == IMAGE and queries < keys:
+            role = POOL  # class token or latents pooling image tokens (CaiT, attention-pool heads)
+        # IMAGE with more queries than keys: keys reduced to a coarser grid (PVT, Segformer)
+        return site, role
+
+    def current(self) -> Pass:
+        if not self.passes:  # a submodule was called directly
+            self.begin(None)
+        return self.passes[-1]
+
+    def begin(self, hw: tuple[int, int] | None, batch: int | None = None) -> None:
+        self.passes.append(Pass(input_hw=hw, batch=batch))
+        for stream in self.streams.values():
+            stream.reset()
+
+    def needs(self, role: str, site: Site | None = None) -> bool:
+        """Whether the next layer of ``role`` (run by ``site``) needs its probabilities in the
+        forward pass (else the fused kernel runs)."""
+        if (self.grad_streams or self.forward_streams) and (
+                (site is not None and site.windows is not None) or self.current().visible is not None):
+            return True  # placed on the grid from the probabilities (windows, visible patches)
+        if role == POOL:
+            return self.keep == "all"
+        if role == IMAGE and self.forward_streams:
+            return True
+        p = self.current()
+        return _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0))
+
+    def fused_heads(self, role: str, query: torch.Tensor) -> str | None:
+        """The head fusion (``"mean"``/``"max"``/``"min"``) that is all the next layer of
+        ``role`` is needed for, or None: on the CPU, when every forward stream declares the
+        same ``fused_heads`` and the layer is neither kept nor needed by a gradient."""
+        if (role != IMAGE or not self.forward_streams or self.grad or query.device.type != "cpu"
+                or query.dtype != torch.float32):
+            return None
+        fusions = {getattr(s, "fused_heads", None) for s in self.forward_streams}
+        if len(fusions) != 1 or None in fusions:
+            return None
+        p = self.current()
+        if _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0)):
+            return None
+        return fusions.pop()
+
+    def wants_gradient(self, role: str) -> bool:
+        """Whether the gradient streams need this role's layers (with grad=True, image layers)."""
+        return role == IMAGE and bool(self.grad_streams) and torch.is_grad_enabled()
+
+    def record_from_output(self, site: Site, role: str, out: torch.Tensor, grad_of, recompute,
+                           num_keys: int) -> None:
+        """Count a layer that ran the fused kernel and hook its output: ``grad_of(dOut)`` is the
+        gradient with respect to the probabilities, ``recompute()`` the probabilities."""
+        p = self.current()
+        try:
+            scheme, layouts = self.place(p, site, role, (out.shape[0], 0, num_keys, num_keys))
+        except LayoutError as e:
+            _, index = self.next_layer(role)
+            p.unplaced.append((index, str(e)))
+            return
+        p, index = self.next_layer(role, num_keys)
+        p.layouts[(role, index)] = layouts
+        self.hook_grad(p, (role, index), out, recompute, store=False, grad_of=grad_of)
+
+    def skip(self, role: str) -> None:
+        """Count a layer that ran on the fused kernel, so that the next ones get their index."""
+        self.next_layer(role)
+
+    def next_layer(self, role: str, num_keys: int | None = None) -> tuple[Pass, int]:
+        """Count the next layer of ``role`` (over ``num_keys`` tokens, when known): its pass and index."""
+        p = self.current()
+        index = p.seen.get(role, 0)
+        p.seen[role] = index + 1
+        if num_keys is not None:
+            p.tokens[role] = int(num_keys)
+        return p, index
+
+    def buffer(self, role: str, shape: tuple, device) -> torch.Tensor | None:
+        """Where the next layer of ``role`` may compute its probabilities ``shape`` (float32):
+        its slice of the pass's ``[L, *shape]`` stack, allocated at the first layer, when every
+        layer is kept, the depth is known and no gradient is read; else None."""
+        n = self.num_layers.get(role, 0)
+        p = self.current()
+        if self.keep != "all" or self.grad or role == POOL or not n or (p.batch is not None and shape[0] != p.batch):
+            return None
+        index = p.seen.get(role, 0)
+        stack = p.stacks.get(role)
+        if index == 0 and stack is None:
+            stack = p.stacks[role] = torch.empty((n, *shape), dtype=torch.float32, device=device)
+        if stack is None or index >= n or tuple(stack.shape[1:]) != tuple(shape):
+            return None
+        return stack[index]
+
+    def layout(self, p: Pass, num_tokens: int) -> TokenLayout:
+        return self.model.layout_for(p.input_hw, num_tokens)
+
+    def notes(self, p: Pass | None = None) -> list[str]:
+        """Why attention of this model is not on the image: its INNER sites' notes and the
+        layers of pass ``p`` that could not be placed."""
+        out = list(dict.fromkeys(s.note for s in self.sites if s.role == INNER and s.note))
+        if p is not None:
+            out += list(dict.fromkeys(why for _, why in p.unplaced))
+        return out
+
+    def record(self, site: Site, role: str, attn: torch.Tensor, graph: torch.Tensor | None = None) -> None:
+        """Record one attention call.
+
+        Args:
+            site, role: where the call belongs (:meth:`site_for`).
+            attn: ``[B, H, Q, K]`` (or ``[B, Q, K]``) post-softmax probabilities.
+            graph: the tensor of the autograd graph whose gradient is the gradient with
+                respect to ``attn`` (same number of elements, e.g. ``[B*H, Q, K]``), when
+                ``attn`` itself is a view the model does not compute with; default ``attn``.
+        """
+        p = self.current()
+        if graph is None:
+            graph = attn  # the tensor the model computes with (not the views made below)
+        if attn.dim() == 3:
+            heads = _num_heads(site.module)
+            if heads and heads > 1 and p.batch and attn.shape[0] % (p.batch * heads) == 0:
+                # heads folded into the batch, [(B * windows) * H, Q, K] (SAM)
+                attn = attn.view(attn.shape[0] // heads, heads, *attn.shape[1:])
+            else:
+                attn = attn.unsqueeze(1)  # [B, 1, Q, K]
+        placed, placer = attn, None
+        if role in (IMAGE, POOL):
+            try:
+                placer, layouts = self.place(p, site, role, tuple(attn.shape))
+            except LayoutError as e:  # counted, so that the other layers keep their indices
+                _, index = self.next_layer(role)
+                if role == IMAGE:  # (a pooling layer that cannot be placed is only left out of rec.pool)
+                    p.unplaced.append((index, str(e)))
+                return
+            if placer is not None:
+                placed = placer(attn)  # [B, H, N, N] on the image's token grid
+        p, index = self.next_layer(role, placed.shape[-1])
+        if role in (IMAGE, POOL):
+            p.layouts[(role, index)] = layouts
+        if role == IMAGE and self.forward_streams:
+            layout = self.stream_layout(p, index, layouts)
+            for stream in self.forward_streams:  # streaming analyses see every layer
+                stream.update(placed.detach(), layer=index, num_layers=self.num_layers[IMAGE] or None,
+                              layout=layout)  # [B, H, N, N]
+        kept = _selected(self.keep, index, self.num_layers.get(role, 0)) if role != POOL else self.keep == "all"
+        if kept:  # [B, H, Q, K]; detached float32 (no copy when already float32)
+            p.records.append((role, site, placed.detach().float(), index))
+        streamed = role == IMAGE and bool(self.grad_streams)
+        if self.grad and role != POOL and (kept or streamed):
+            self.hook_grad(p, (role, index), graph, placed, store=kept, place=placer, shape=attn.shape)
+        # not kept: freed as soon as the model (and the backward pass) is done with it
+
+    def place(self, p: Pass, site: Site, role: str, shape: tuple):
+        """Where an image (or pool) layer's ``[B', H, Q, K]`` attention lies on the image.
+
+        Returns:
+            ``(placer, (query layout, key layout))``: ``placer(attn)`` puts the layer on the
+            image's token grid (window attention stitched into ``[B, H, N, N]`` over its
+            stage's grid; a masked encoder's visible patches scattered onto the full grid), or
+            None when it is already there; the key layout is None when keys are the queries; a
+            pool layer's query layout is None (its queries are a class token or latents).
+
+        Raises:
+            LayoutError: the layer's tokens cannot be placed on the image (windows or groups of
+                a scheme vitviz does not know, tokens that tile no grid).
+        """
+        batch, queries, keys = shape[0], shape[-2], shape[-1]
+        windows = site.windows
+        scheme = windows.scheme() if windows is not None else None
+        if scheme is not None and (p.batch is None or batch == p.batch * scheme.num_windows):
+            return (lambda a: stitch(a, scheme)), (TokenLayout(0, scheme.grid), None)
+        if p.visible is not None and queries == keys:
+            full = self.model.layout_at(p.input_hw)
+            visible = p.visible
+            if keys == full.num_prefix + visible.shape[1] and batch == visible.shape[0]:
+                return (lambda a: scatter_visible(a, visible, full.num_prefix, full.num_patches)), (full, None)
+        if p.batch is not None and batch != p.batch:
+            raise LayoutError(
+                f"{site.name} ({type(site.module).__name__}) attends within {batch // max(p.batch, 1)} "
+                f"windows or groups of tokens per image ({batch} sequences for {p.batch} images), which "
+                "vitviz cannot place on the image grid for this model")
+        key_layout = self.token_layout(p, keys)
+        if role == POOL:
+            return None, (None, key_layout)
+        if queries == keys:
+            return None, (key_layout, None)
+        return None, (self.token_layout(p, queries), key_layout)
+
+    def token_layout(self, p: Pass, num_tokens: int) -> TokenLayout:
+        """The layout of ``num_tokens`` image tokens: the model's own layout for this input, else
+        a stage of a hierarchical model (:meth:`VisionModel.stage_layout`)."""
+        try:
+            return self.model.layout_for(p.input_hw, num_tokens)
+        except LayoutError:
+            return self.model.stage_layout(p.input_hw, num_tokens)
+
+    def stream_layout(self, p: Pass, index: int, layouts, grad: bool = False) -> TokenLayout:
+        """The layout a stream is given for image layer ``index`` (in the backward pass with
+        ``grad``): streams chain the layers, so every layer must be over the same tokens, unless
+        every stream reads each layer on its own grid (``per_layer_layouts``)."""
+        query, key = layouts
+        streams = self.grad_streams if grad else self.forward_streams
+        if key is None and all(getattr(s, "per_layer_layouts", False) for s in streams):
+            return query  # streams that read each layer on its own grid (one layer's map)
+        first = next((v for (r, _), v in p.layouts.items() if r == IMAGE), None)  # the pass's first image layer
+        if key is not None or (first is not None and first != layouts):
+            raise CaptureError(
+                f"{self.model.name} does not attend over one set of tokens in every layer (layer {index}: queries "
+                f"{query.grid[0]}x{query.grid[1]}" + (f", keys {key.grid[0]}x{key.grid[1]}" if key else "")
+                + (f", after {first[0].grid[0]}x{first[0].grid[1]} before" if first is not None else "")
+                + "): rollout and relevance chain the "
+                "layers over one set of tokens, so they exist only within a stage; per-layer maps on each "
+                "stage's grid: `vitviz cls`, or in Python vitviz.rollout(stage) / vitviz.cls_maps(stage) for "
+                "each stage of rec.stages (vitviz.capture(m) keeps every layer)")
+        return query
+
+    def hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn, store: bool,
+                  grad_of=None, place=None, shape=None) -> None:
+        """Put a tensor hook on ``tensor`` that receives ``d score / d attn`` of layer ``key``:
+        stored in ``p.grads`` when ``store``, and given to the gradient streams (image layers).
+
+        ``tensor`` is the attention (or what it is a view of) as the model computed it (of
+        ``shape``, default ``attn.shape``; ``place`` maps its gradient onto ``attn``, e.g. window
+        attention stitched on the grid), or, with ``grad_of``, the output of a fused call: then
+        ``grad_of(gradient of tensor)`` is the gradient with respect to the attention and
+        ``attn`` a function recomputing the attention."""
+        shape = shape if shape is not None else (None if grad_of is not None else attn.shape)
+        if not tensor.requires_grad or (grad_of is None and tensor.numel() != shape.numel()):
+            return  # no graph (torch.no_grad, nothing requires grad): reported by attention_grads
+        role, layer = key
+        streams = self.grad_streams if role == IMAGE else []
+        # the attention for the streams: an alias of what autograd keeps anyway (or the
+        # function recomputing it), dropped (with the graph tensor) once the streams have it,
+        # so that a layer's attention is freed as the backward pass leaves it instead of when
+        # the block ends
+        held = {"attn": attn if grad_of is not None else attn.detach()} if streams else {}
+
+        def on_grad(g: torch.Tensor) -> None:
+            g = grad_of(g) if grad_of is not None else g.detach().reshape(shape)  # [B, (H,) Q, K]
+            if place is not None:
+                g = place(g)  # [B, H, N, N] on the grid
+            if g.dim() == 3:
+                g = g.unsqueeze(1)  # [B, 1, Q, K]
+            if streams:
+                if "attn" not in held:
+                    raise CaptureError(
+                        f"layer {layer} received a second gradient: gradient streams take one "
+                        "backward pass per forward pass (to sum several, use keep='all' and "
+                        "rec.attention_grads without streams)")
+                value = held.pop("attn")
+                if grad_of is not None:
+                    value = value()  # recomputed from the call's q and k
+                if value.dim() == 3:
+                    value = value.unsqueeze(1)
+                layout = self.stream_layout(p, layer, p.layouts[key], grad=True)
+                for stream in streams:
+                    stream.update_grad(value, g, layer=layer, num_layers=p.seen.get(role, 0), layout=layout)
+                if not store:
+                    p.graph.pop(key, None)
+            if store:
+                prev = p.grads.get(key)
+                g = g.to(torch.float32, copy=True)
+                p.grads[key] = g if prev is None else prev + g  # summed over backward calls
+
+        self.grad_handles.append(tensor.register_hook(on_grad))
+        p.hooked.add(key)
+        p.graph[key] = tensor
+
+    def close(self) -> None:
+        """Remove every tensor hook and drop the graph tensors (on exit, also after an error)."""
+        for h in self.grad_handles:
+            h.remove()
+        self.grad_handles.clear()
+        for p in self.passes:
+            p.graph.clear()
+        self.open = False
+
+    def kept(self, p: Pass, role: str) -> list[tuple[int, torch.Tensor]]:
+        """``(layer, attention)`` of the layers of ``role`` that ``keep`` names, now that the
+        pass has shown how many there are."""
+        n = p.seen.get(role, 0)
+        return [(i, t) for r, _, t, i in p.records if r == role and _selected(self.keep, i, n)]
+
+
+class Recording:
+    """What :func:`capture` read: a read-only view, filled while the ``with`` block runs.
+
+    Attributes:
+        attentions: :class:`AttentionMaps` ``[L, B, H, N, N]`` of the image encoder in the
+            last forward pass that ran it, or ``None``.
+        cross: :class:`CrossAttentionMaps` ``[L, B, H, T, Ni]`` of the last pass with
+            cross-attention, or ``None``.
+        text: decoder self-attention ``[L, B, H, T, T]`` of the last pass with it, or ``None``.
+        attention_grads: with ``capture(model, grad=True)``, :class:`AttentionMaps`-shaped
+            ``[L, B, H, N, N]`` gradients of what was backpropagated inside the block with
+            respect to the attention probabilities of :attr:`attentions`.
+        passes: every forward pass of the model, in order.
+        sites: the modules whose attention calls were recorded or are known to the adapters.
+    """
+
+    def __init__(self, recorder: _Recorder):
+        self._rec = recorder
+
+    @property
+    def model(self) -> VisionModel:
+        return self._rec.model
+
+    @property
+    def sites(self) -> list[Site]:
+        return list(self._rec.sites)
+
+    @property
+    def passes(self) -> list[Pass]:
+        return list(self._rec.passes)
+
+    @property
+    def grad(self) -> bool:
+        return self._rec.grad
+
+    @property
+    def keep(self):
+        return self._rec.keep
+
+    def _last_with(self, role: str) -> Pass | None:
+        """The last pass that kept ``role`` attention; an error if it ran but was not kept."""
+        for p in reversed(self._rec.passes):
+            if self._rec.kept(p, role):
+                return p
+        ran = [p for p in self._rec.passes if p.seen.get(role)]
+        if ran:
+            self._refuse(ran[-1], f"{role} attention")  # layers that could not be placed: why
+            raise CaptureError(
+                f"{role} attention ran but no layer of it was kept (keep={self.keep!r}); use "
+                "capture(..., keep='all') or read the streams with rec.stream(name)")
+        return None
+
+    def _stacked(self, p: Pass, role: str, what: str) -> torch.Tensor:
+        """``[L, B, H, Q, K]`` of the kept layers: the stack they were computed into, or a copy."""
+        tensors = [t for _, t in self._rec.kept(p, role)]
+        stack = p.stacks.get(role)
+        if (stack is not None and len(tensors) == stack.shape[0]
+                and all(t.shape == stack.shape[1:] and t.data_ptr() == stack[i].data_ptr()
+                        for i, t in enumerate(tensors))):
+            return stack
+        return _stack(tensors, what)
+
+    def _stages(self, p: Pass) -> list[AttentionMaps]:
+        """The kept image layers of pass ``p``, grouped by their tokens, in order of appearance."""
+        groups: dict = {}
+        for i, t in self._rec.kept(p, IMAGE):
+            groups.setdefault(p.layouts[(IMAGE, i)], []).append((i, t))
+        stages = []
+        for (query, key), layers in groups.items():
+            if len(groups) == 1:  # every kept layer: the stack they were computed into, where they were
+                tensor = self._stacked(p, IMAGE, "image self-attention")
+            else:
+                tensor = torch.stack([t for _, t in layers])
+            stages.append(AttentionMaps(tensor, query, key, layers=tuple(i for i, _ in layers)))
+        return stages
+
+    def _refuse(self, p: Pass | None, what: str) -> None:
+        """A :class:`CaptureError` when image layers ran that could not be placed (or the model's
+        attention is not over its tokens): ``what`` is then incomplete."""
+        notes = self._rec.notes(p)
+        unplaced = p.unplaced if p is not None else []
+        if unplaced or (notes and (p is None or not self._rec.kept(p, IMAGE))):
+            layers = f"{len(unplaced)} image attention layer(s) of {self.model.name} could not be placed on the " \
+                     "image grid" if unplaced else f"{self.model.name} has no attention over its image tokens"
+            raise CaptureError(f"{layers}, so {what} would be incomplete: " + "; ".join(notes))
+
+    @property
+    def stages(self) -> list[AttentionMaps]:
+        """The image self-attention of the last pass that ran it, one :class:`AttentionMaps` per
+        stage: the layers that attend over the same tokens (a stage of PiT, LeViT, Swin or PVT,
+        a branch of CrossViT), each with its own layout, ``key_layout`` (keys reduced to a
+        coarser grid) and ``layers`` (their indices among all image layers). Window attention
+        (Swin) is stitched into ``[N, N]`` over its stage's grid. A plain ViT has one stage,
+        equal to :attr:`attentions`. Empty when no image attention ran."""
+        p = self._last_with(IMAGE)
+        self._refuse(p, "rec.stages")
+        return [] if p is None else self._stages(p)
+
+    @property
+    def attentions(self) -> AttentionMaps | None:
+        p = self._last_with(IMAGE)
+        self._refuse(p, "rec.attentions")
+        if p is None:
+            return None
+        stages = self._stages(p)
+        if len(stages) > 1:
+            grids = ", ".join(f"layers {s.layers[0]}-{s.layers[-1]}: {s.layout.grid[0]}x{s.layout.grid[1]}"
+                              + (f" over keys {s.keys.grid[0]}x{s.keys.grid[1]}" if not s.square else "")
+                              for s in stages)
+            raise CaptureError(
+                f"{self.model.name} attends over {len(stages)} token grids ({grids}); rec.attentions holds "
+                "one grid: read rec.stages, one AttentionMaps per stage (maps per layer on that layer's "
+                "grid; rollout within a stage)")
+        s = stages[0]
+        return AttentionMaps(s.tensor, s.layout, s.key_layout)
+
+    @property
+    def pool(self) -> CrossAttentionMaps | None:
+        """Attention of the few queries that pool the image tokens (CaiT/XCiT class attention, the
+        latent of an attention-pool head as in SigLIP, CrossViT's cross-branch class token), in
+        the last pass that ran it: ``[L, B, H, Q, N]`` over the keys' layout, or None.
+        :func:`vitviz.word_grids` style maps: ``pool.tensor[..., pool.layout.num_prefix:]``."""
+        p = next((q for q in reversed(self._rec.passes) if self._rec.kept(q, POOL)), None)
+        if p is None:
+            return None
+        layers = self._rec.kept(p, POOL)
+        keys = {p.layouts[(POOL, i)][1] for i, _ in layers}
+        shapes = {tuple(t.shape) for _, t in layers}
+        if len(keys) != 1 or len(shapes) != 1:
+            raise CaptureError(f"{self.model.name}: its pooling layers attend over {len(keys) or len(shapes)} "
+                               f"different token sets {sorted(shapes)} (e.g. CrossViT's two branches); rec.pool "
+                               "holds one: read rec.passes[-1].records")
+        return CrossAttentionMaps(torch.stack([t for _, t in layers]), keys.pop())
+
+    @property
+    def cross(self) -> CrossAttentionMaps | None:
+        p = self._last_with(CROSS)
+        if p is None:
+            return None
+        tensor = self._stacked(p, CROSS, "cross-attention")  # [L, B, H, T, Ni]
+        return CrossAttentionMaps(tensor, self._rec.layout(p, tensor.shape[-1]))
+
+    @property
+    def text(self) -> torch.Tensor | None:
+        p = self._last_with(TEXT)
+        return None if p is None else self._stacked(p, TEXT, "text self-attention")
+
+    def stream(self, name: str) -> torch.Tensor:
+        """The result of the streaming analysis ``name`` for the last pass with image attention.
+
+        Example:
+            >>> with vitviz.capture(m, keep="none", streams={"rollout": RolloutStream()}) as rec:
+            ...     m(x)
+            >>> rec.stream("rollout").shape  # [B, gh, gw]
+        """
+        streams = self._rec.streams
+        if name not in streams:
+            raise CaptureError(f"no stream {name!r}; streams: {', '.join(streams) or 'none'}")
+        p = next((q for q in reversed(self._rec.passes) if q.tokens.get(IMAGE)), None)
+        if p is None:
+            self._refuse(next((q for q in reversed(self._rec.passes) if q.unplaced), None), "the stream")
+            raise CaptureError("no image self-attention ran inside the capture block")
+        self._refuse(p, "the stream")
+        last = max(i for r, i in p.layouts if r == IMAGE)
+        return streams[name].result(p.layouts[(IMAGE, last)][0])
+
+    def grad_inputs(self, role: str = IMAGE) -> list[torch.Tensor]:
+        """The hooked graph tensors of the last pass with ``role`` attention, in layer order.
+
+        Pass them as ``inputs`` to ``torch.autograd.grad`` (or ``backward(inputs=...)``) to
+        compute only the gradients the capture needs: parameter gradients are then neither
+        computed nor accumulated into ``.grad``. Only inside the ``with`` block.
+
+        Returns:
+            Tensors of the autograd graph (the attention tensors, or what they are views of).
+        """
+        if not self.grad:
+            raise CaptureError("gradients are not recorded: use vitviz.capture(model, grad=True)")
+        if not self._rec.open:
+            raise CaptureError("grad_inputs() is only available inside the `with vitviz.capture(...)` "
+                               "block: compute the gradients there")
+        p = next((q for q in reversed(self._rec.passes) if q.seen.get(role)), None)  # last pass with it
+        if p is None:
+            return []
+        return [p.graph[k] for k in sorted(p.graph) if k[0] == role]
+
+    def _grads_of(self, role: str, what: str) -> torch.Tensor | None:
+        """``[L, B, H, Q, K]`` gradients of the last pass with ``role`` attention, or None."""
+        if not self.grad:
+            raise CaptureError(
+                "gradients were not recorded: use `with vitviz.capture(model, grad=True) as rec:` and "
+                "backpropagate a score inside the block")
+        p = self._last_with(role)
+        if p is None:
+            return None
+        layers = self._rec.kept(p, role)
+        idx = [(role, i) for i, _ in layers]
+        missing = [i for i in idx if i not in p.hooked]
+        if missing:
+            raise CaptureError(
+                f"{len(missing)} of {len(idx)} {what} layers ran without an autograd graph, so no "
+                "gradient can reach them; run the forward pass with gradients enabled (not under "
+                "torch.no_grad() or torch.inference_mode()) and with parameters or the input "
+                "requiring grad (e.g. x.requires_grad_())")
+        if not any(i in p.grads for i in idx):
+            raise CaptureError(
+                f"no gradient reached the {what}: call score.backward() (or torch.autograd.grad("
+                "score, rec.grad_inputs())) inside the `with vitviz.capture(..., grad=True)` block, "
+                "on a score computed from this forward pass")
+        # a layer that the score does not depend on receives no gradient at all: zero
+        tensors = [p.grads[i] if i in p.grads else torch.zeros_like(t) for i, (_, t) in zip(idx, layers)]
+        return _stack(tensors, f"{what} gradient")  # [L, B, H, Q, K]
+
+    @property
+    def attention_grads(self) -> AttentionMaps | None:
+        """Gradients w.r.t. the image self-attention probabilities of :attr:`attentions`.
+
+        Requires ``capture(model, grad=True)`` and a backward pass inside the block. Gradients
+        of several backward calls are summed, as ``.grad`` is. A layer the score does not
+        depend on gets zeros.
+
+        Returns:
+            :class:`AttentionMaps` whose tensor ``[L, B, H, N, N]`` float32 holds
+            ``d score / d A`` (rows do not sum to 1), with the layout of :attr:`attentions`;
+            None when no image self-attention ran.
+
+        Raises:
+            CaptureError: not recorded with ``grad=True``; the forward ran without an autograd
+                graph; or no backward pass reached the attention.
+
+        Example:
+            >>> with vitviz.capture(m, grad=True) as rec:
+            ...     logits = m(x)
+            ...     logits[0, 3].backward()
+            >>> rec.attention_grads.tensor.shape  # [L, B, H, N, N]
+            torch.Size([12, 1, 12, 197, 197])
+        """
+        maps = self.attentions  # one grid, or the error that says why not
+        tensor = self._grads_of(IMAGE, "image self-attention")
+        if tensor is None or maps is None:
+            return None
+        return AttentionMaps(tensor, maps.layout, maps.key_layout)
+
+    def __repr__(self) -> str:
+        counts = [len(p.records) for p in self._rec.passes]
+        return f"Recording(sites={len(self._rec.sites)}, passes={len(self._rec.passes)}, records={counts})"
+
+
+@dataclass
+class _Setup:
+    """What a capture needs to know of a model's modules, read once per module tree."""
+
+    key: tuple  # the ids of the modules (and the adapters asked for) it was read from
+    sites: list[Site]  # the adapters' sites
+    names: dict[int, str]  # id(module) -> dotted name
+    modules: dict[int, nn.Module]  # id(module) -> module
+    owner: dict[int, Site]  # id(module) -> the site whose module holds it
+    num_layers: dict[str, int]  # layers of each role per pass (0: known only after a pass)
+    # the mode may be active only inside the sites: every module is a timm, transformers or
+    # torch.nn class (no user code that could call attention elsewhere) and no site is a torch
+    # MultiheadAttention (whose encoder layer decides on its fast path outside the site)
+    scoped: bool = False
+    # id(module) -> the window scheme of the window block it is in (transformers Swin layers)
+    windows: dict = field(default_factory=dict)
+    # embeddings of masked-image-modelling encoders (ViT-MAE) that say which patches are seen
+    masking: list = field(default_factory=list)
+
+
+def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: list[str] | None) -> _Setup:
+    """The model's :class:`_Setup`, kept on the :class:`VisionModel` while its module tree is the
+    same (the same modules, by identity, and the same adapters)."""
+    key = (tuple(id(m) for _, m in named), tuple(adapters) if adapters else None)
+    cached = getattr(vm, "_capture_setup", None)
+    if cached is not None and cached.key == key:
+        return cached
+    root = vm.module
+    windows = window_blocks(root)
+    sites = []
+    for site in discover(root, adapters):
+        inner = [m for m in site.module.modules() if id(m) in windows and windows[id(m)].block is m
+                 and m is not site.module]
+        if inner and id(site.module) not in windows:  # a stage of window blocks: one site per block
+            names = {id(m): n for n, m in site.module.named_modules()}
+            sites += [replace(site, name=f"{site.name}.{names[id(m)]}", module=m, windows=windows[id(m)])
+                      for m in inner]
+        else:
+            sites.append(replace(site, windows=site.windows or windows.get(id(site.module))))
+    owner: dict[int, Site] = {}
+    for site in sites:  # every module inside a site belongs to that site
+        for m in site.module.modules():
+            owner.setdefault(id(m), site)
+    library = all(type(m).__module__.startswith(_LIBRARIES) for _, m in named)
+    scoped = bool(sites) and library and all(s.adapter is not None and s.adapter.scoped for s in sites)
+    setup = _Setup(key, sites, {id(m): n for n, m in named}, {id(m): m for _, m in named}, owner,
+                   {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)},
+                   scoped, windows, masking_embeddings(root))
+    vm._capture_setup = setup
+    return setup
+
+
+def _refuse_unseeable(vm: VisionModel, named: list[tuple[str, nn.Module]]) -> None:
+    """A :class:`CaptureError` for attention the op level cannot see: a ``torch.compile``d
+    module, or a transformers model set to an external kernel (flash-attention, flex, ...)."""
+    for name, m in named:
+        where = f"{vm.name}.{name}" if name else vm.name
+        if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None:
+            raise CaptureError(
+                f"{where} ({type(m).__name__}) is compiled with torch.compile: its attention runs "
+                "inside a compiled graph that vitviz cannot see; capture the uncompiled model "
+                "(for torch.compile(model), its ._orig_mod) and compile again afterwards")
+        config = getattr(m, "config", None)
+        impl = getattr(config, "_attn_implementation_internal", None)
+        if type(config).__module__.startswith("transformers") and isinstance(impl, str) \
+                and impl not in _VISIBLE_HF_IMPLEMENTATIONS:
+            raise CaptureError(
+                f"{where} ({type(m).__name__}) runs attention with the external kernel {impl!r}, "
+                "which vitviz cannot see; select a torch implementation first: "
+                "model.set_attn_implementation('sdpa') (or 'eager')")
+
+
+@contextmanager
+def capture(model, *, adapters: list[str] | None = None, grad: bool = False, keep="all",
+            streams: dict | None = None) -> Iterator[Recording]:
+    """Capture attention probabilities from every forward pass run inside the block.
+
+    The model's own attention calls (``F.scaled_dot_product_attention``, a softmax whose result
+    multiplies the values, ``F.multi_head_attention_forward``) are seen at the torch-function
+    level on this thread and answered by the op's definition from the exact inputs the model
+    passed; nothing on the model is switched. On exit, also after an exception, the mode and
+    the hooks are removed.
+
+    Args:
+        model: a :class:`VisionModel` or any ``torch.nn.Module`` (wrapped with :func:`wrap`).
+        adapters: only record the attention of the modules these adapters find (see
+            ``vitviz.attention.list_adapters()``); default: every attention call of the model.
+        grad: also record the gradient of what is backpropagated inside the block with
+            respect to every attention tensor (``rec.attention_grads``): one forward and one
+            backward, read by tensor hooks that are removed on exit.
+        keep: which layers to store: ``"all"`` (default), ``"none"`` (only ``streams`` run:
+            memory ``O(B*N^2)`` instead of ``O(L*B*H*N^2)``), or layer indices per role, e.g.
+            ``[-1]`` for the last layer only (``rec.attentions`` then holds the kept layers).
+            Layers whose probabilities nothing needs run the model's fused kernel.
+        streams: name -> streaming analysis (``reset()``, ``result(layout)`` and
+            ``update(attn, *, layer, num_layers, layout)``, e.g.
+            :class:`vitviz.analyze.RolloutStream`, fed every image self-attention layer as it
+            runs, and/or, with ``grad=True``, ``update_grad(attn, grad, *, layer, num_layers,
+            layout)``, e.g. :class:`vitviz.analyze.RelevanceStream`, fed every layer's attention
+            and gradient as the backward pass reaches it); read with ``rec.stream(name)``.
+
+    Returns:
+        A :class:`Recording` (``rec.attentions``, ``rec.cross``, ``rec.attention_grads``).
+
+    Raises:
+        CaptureError: the model's attention cannot be seen (compiled, external kernels), or a
+            forward pass ran and no attention call was seen.
+
+    Example:
+        >>> with vitviz.capture(m) as rec:
+        ...     logits = m(x)
+        >>> rec.attentions.tensor.shape  # [L, B, H, N, N]
+        torch.Size([12, 1, 12, 197, 197])
+        >>> with vitviz.capture(m, grad=True) as rec:
+        ...     m(x)[0, 3].backward()
+        >>> rec.attention_grads.tensor.shape  # d logit_3 / d attention
+        torch.Size([12, 1, 12, 197, 197])
+    """
+    vm = model if isinstance(model, VisionModel) else wrap(model)
+    root: nn.Module = vm.module
+    named = list(root.named_modules())
+    _refuse_unseeable(vm, named)  # compile and implementation settings may change between captures
+    setup = _setup(vm, named, adapters)
+    recorder = _Recorder(vm, setup, restricted=adapters is not None, grad=grad, keep=keep, streams=streams)
+    ops = AttentionOps(recorder, recorder.modules)
+    thread = threading.get_ident()
+
+    def on_root(_module, args, kwargs):
+        if threading.get_ident() == thread:  # another thread's forward is not this capture's
+            ops.forget()
+            recorder.begin(*_input_hw(args, kwargs))
+
+    with ExitStack() as stack:
+        stack.callback(recorder.close)  # last undo: tensor hooks of this forward removed
+        handle = root.register_forward_pre_hook(on_root, with_kwargs=True)
+        stack.callback(handle.remove)
+        for module in setup.masking:  # ViT-MAE: which patches the encoder sees
+            def seen(_module, _args, output):
+                if threading.get_ident() == thread:
+                    recorder.current().visible = visible_patches(output)
+
+            stack.callback(module.register_forward_hook(seen).remove)
+        schemes = {id(w): w for w in [s.windows for s in setup.sites] + list(setup.windows.values()) if w}
+        for windows in schemes.values():  # window attention: the grid each windowed block cuts
+            def read(_module, args, kwargs, windows=windows):
+                if threading.get_ident() == thread:
+                    windows.grid = windows.read_grid(args, kwargs)
+
+            stack.callback(windows.block.register_forward_pre_hook(read, with_kwargs=True).remove)
+        if setup.scoped:
+            # library models: the mode is active only while an attention module runs, so the
+            # rest of the forward pass (MLPs, norms) pays nothing for it
+            def enter(_module, _args):
+                if threading.get_ident() == thread:
+                    ops.__enter__()
+
+            def leave(_module, _args, _output):  # always_call: also when the forward raises
+                if threading.get_ident() == thread:
+                    ops.__exit__(None, None, None)
+
+            for site in setup.sites:
+                for h in (site.module.register_forward_pre_hook(enter),
+                          site.module.register_forward_hook(leave, always_call=True)):
+                    stack.callback(h.remove)
+        else:
+            stack.enter_context(ops)
+        stack.callback(ops.forget)
+        yield Recording(recorder)
+    if recorder.passes and not any(p.seen for p in recorder.passes):
+        notes = recorder.notes()
+        if notes:
+            raise CaptureError(f"{vm.name} ran inside the capture but has no attention over its image tokens: "
+                               + "; ".join(notes))
+        known = ", ".join(f"{s.name} ({s.adapter.name})" for s in recorder.sites[:6] if s.adapter)
+        raise CaptureError(
+            f"{vm.name} ran inside the capture but no attention call was seen"
+            + (f" (attention modules: {known})" if known else "")
+            + "; vitviz reads F.scaled_dot_product_attention, a softmax whose result multiplies the "
+            "values, and nn.MultiheadAttention. Attention in an external kernel (xformers, "
+            "flash-attn called directly) or in a torch.compile'd function cannot be seen: run the "
+            "model with torch's own attention (e.g. model.set_attn_implementation('sdpa')) and "
+            "uncompiled")

@@ -1,0 +1,171 @@
+"""One overlay and one raw ``.npy`` map per image for single-map methods (rollout, relevance):
+what ``vitviz rollout``, ``vitviz relevance`` and the demo write.
+
+Images come from the batch engine (:mod:`vitviz.batch._engine`): unreadable ones are skipped and
+reported, never fatal; every file is written whole (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .._util.files import save_npy
+from ._engine import Outcome, check_class, load_batches, predictions
+
+
+def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
+              batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, output=None,
+              progress: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
+              on_original: bool = False) -> list[Outcome]:
+    """The shared loop: load and batch images, ``compute`` maps, write overlay + ``.npy``.
+
+    Overlays follow ``output`` (:class:`vitviz.render.OutputOptions`): shown at least 256 px
+    on their short side (or ``output.size``), scaled by ``output.norm``. With
+    ``norm="batch"`` the overlays are written after every map of the run is known (one scale
+    for all); the ``.npy`` files as each batch completes.
+
+    Args:
+        model: a :class:`vitviz.VisionModel`.
+        sources: image paths (or PIL images / arrays).
+        out_dir: folder for ``<name>_<suffix>.png`` and ``<name>_<suffix>.npy``.
+        compute: ``x [B, 3, H, W] -> (maps [B, gh, gw], per-sample labels list or None)``.
+        suffix: the file-name suffix of the method.
+        batch_size: images per forward pass.
+        cmap, alpha: as :func:`vitviz.overlay` (used when ``output`` is None).
+        output: the output options; notes (constant maps, ...) are added to ``output.notes``.
+        on_original: draw the overlay on the image at its own resolution (the model's
+            centre-crop region mapped back onto it, :func:`vitviz.render.overlay_region`, each
+            map on its own scale) instead of on the model's view; the ``.npy`` map is the same.
+
+    Returns:
+        One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
+    """
+    from .._util.files import atomic_write_bytes
+    from ..render import overlay_region
+    from ..render.output import OutputOptions, encode_image
+
+    if output is None:
+        output = OutputOptions(cmap=cmap, alpha=alpha)
+    out_dir = Path(out_dir)
+    outcomes = []
+    deferred = []  # (outcome, item, map) waiting for the run's scale (norm="batch")
+    if on_original and output.norm != "image":
+        output.note("overlays on the original picture are drawn each on its own scale")
+
+    def finish(items_done):
+        for o in items_done:
+            outcomes.append(o)
+            if on_outcome is not None:
+                on_outcome(o)
+
+    def write(o, it, heat, scale):
+        path = out_dir / f"{it.stem}_{suffix}"
+        if not on_original:
+            o.outputs.append(output.save_overlay(path, it.view, heat, scale, label=suffix))
+            return
+        h, w = it.original.shape[:2]
+        pic = overlay_region(it.original, heat, model.preprocessor.region((w, h)), cmap=output.cmap,
+                             alpha=output.alpha)
+        o.outputs.append(atomic_write_bytes(path.with_suffix(f".{output.overlay_ext}"),
+                                            encode_image(pic, output.overlay_ext)))
+
+    for items, x in load_batches(model, sources, batch_size=batch_size, desc=suffix, progress=progress,
+                                 keep_original=on_original):
+        good = [it for it in items if it.view is not None]
+        if x is not None:
+            maps, labels = compute(x)  # [B, gh, gw]
+            maps = maps.detach().float().cpu().numpy()
+            for j, it in enumerate(good):
+                o = it.outcome
+                o.prediction = labels[j] if labels else None
+                o.outputs.append(save_npy(out_dir / f"{it.stem}_{suffix}.npy", maps[j]))
+                if output.norm == "batch":
+                    deferred.append((o, it, maps[j]))
+                else:
+                    (scale,) = output.scales([maps[j]])
+                    write(o, it, maps[j], scale)
+        if output.norm == "batch":
+            outcomes.extend(it.outcome for it in items)
+        else:
+            finish([it.outcome for it in items])
+    if output.norm == "batch":
+        scales = output.scales([d[2] for d in deferred]) if deferred else []
+        for (o, it, heat), scale in zip(deferred, scales):
+            write(o, it, heat, scale)
+        done, outcomes = outcomes, []
+        finish(done)
+    return outcomes
+
+
+def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean",
+                  discard_ratio: float = 0.0, start_layer: int = 0, **kwargs) -> list[Outcome]:
+    """Write a rollout overlay PNG and the raw ``[gh, gw]`` map (``.npy``) for every image.
+
+    Streaming: each layer's attention is folded into the running rollout product as it runs
+    and then freed (:class:`vitviz.analyze.RolloutStream`), so memory stays ``O(B*N^2)``.
+
+    Args:
+        model: a :class:`vitviz.VisionModel`.
+        sources: image paths (or PIL images / arrays).
+        out_dir: folder for ``<name>_rollout.png`` and ``<name>_rollout.npy``.
+        head_fusion, discard_ratio, start_layer: as :func:`vitviz.rollout`.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome``,
+            ``on_original`` of :func:`map_files`.
+
+    Returns:
+        One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
+    """
+    import torch
+
+    from ..analyze import RolloutStream
+    from ..attention import capture
+
+    def compute(x):
+        stream = RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
+        with torch.no_grad(), capture(model, keep="none", streams={"rollout": stream}) as rec:
+            logits = model(x)
+        return rec.stream("rollout"), predictions(model, logits)  # [B, gh, gw]
+
+    return map_files(model, sources, out_dir, compute, suffix="rollout", **kwargs)
+
+
+def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer",
+                    target: int | None = None, head_fusion: str = "mean",
+                    discard_ratio: float = 0.0, start_layer: int = 0, **kwargs) -> list[Outcome]:
+    """Write a class-specific relevance overlay PNG and the raw ``[gh, gw]`` map per image.
+
+    One forward and one backward pass per batch (:func:`vitviz.explain.relevance.relevance_pass`).
+
+    Args:
+        model: a :class:`vitviz.VisionModel` with a classifier head.
+        sources: image paths (or PIL images / arrays).
+        out_dir: folder for ``<name>_relevance.{png,npy}`` (``method="chefer"``) or
+            ``<name>_grad_rollout.{png,npy}``.
+        method: ``"chefer"`` or ``"grad_rollout"``.
+        target: class to explain for every image; None for each image's predicted class.
+        head_fusion, discard_ratio: gradient rollout only.
+        start_layer: first layer taken into account.
+        **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome``,
+            ``on_original`` of :func:`map_files`.
+
+    Returns:
+        One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the
+        prediction says which class was explained.
+    """
+    from ..explain.relevance import relevance_pass
+
+    check_class(model, target)
+
+    def compute(x):
+        res = relevance_pass(model, x, target=target, method=method, head_fusion=head_fusion,
+                             discard_ratio=discard_ratio, start_layer=start_layer)
+        preds = predictions(model, res.logits)
+        names = model.labels
+        explained = [f"explained: {names[k] if names and k < len(names) else k}"
+                     for k in (int(t) for t in res.target)]
+        labels = [f"{p}; {e}" for p, e in zip(preds, explained)] if preds else explained
+        return res.maps, labels  # [B, gh, gw]
+
+    suffix = "relevance" if method == "chefer" else method
+    return map_files(model, sources, out_dir, compute, suffix=suffix, **kwargs)

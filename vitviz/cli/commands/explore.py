@@ -1,0 +1,62 @@
+"""`vitviz explore`: an interactive attention explorer page per image (one self-contained HTML file)."""
+
+from __future__ import annotations
+
+import sys
+
+from ._common import add_model_arguments, fail, load
+
+NAME = "explore"
+HELP = "interactive attention explorer: one self-contained HTML page per image"
+DESCRIPTION = ("Writes one HTML file per image that works offline (from file://, no network): click a "
+               "patch, or pick the CLS, distillation or a register token, to see its attention in "
+               "every layer and head (mean, max, each head), the rollout up to a layer, the Chefer "
+               "relevance of the predicted class, the share of its attention on prefix tokens per "
+               "layer, and the top-5 prediction. --out is the page (a name ending in .html, one "
+               "image) or a folder (<name>_explore.html per image).")
+EXAMPLE = "vitviz explore cat.jpg --model b16 --out cat.html"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_model_arguments(p)
+    p.add_argument("--out", default="vitviz-out", metavar="PATH",
+                   help="the page (ending in .html, one image) or a folder (default vitviz-out)")
+    p.add_argument("--class", dest="target", type=int, default=None, metavar="K",
+                   help="class the relevance explains (default: the predicted class)")
+    p.add_argument("--max-mb", type=float, default=40.0, metavar="MB",
+                   help="size each page stays under; per-head rows of the earliest layers are left "
+                        "out when needed and the page says so (default 40)")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..._util.files import unique_stems
+    from ...errors import ImageError
+
+    single = str(args.out).lower().endswith((".html", ".htm"))
+    if single and len(args.images) > 1:
+        return fail(f"--out {args.out} names one page but {len(args.images)} images were given; "
+                    "give a folder instead")
+    if args.target is not None and args.target < 0:
+        return fail(f"--class must be a class index >= 0, got {args.target}")
+    if args.max_mb <= 0:
+        return fail(f"--max-mb must be positive, got {args.max_mb}")
+    from ...explorer import explore
+
+    model = load(args)
+    skipped = 0
+    for src, stem in zip(args.images, unique_stems(args.images), strict=True):
+        try:
+            page = explore(model, src, target=args.target, max_bytes=int(args.max_mb * 1e6))
+        except ImageError as e:
+            print(f"vitviz: skipped {src}: {e}", file=sys.stderr)
+            skipped += 1
+            continue
+        out = page.save(Path(args.out) if single else Path(args.out) / f"{stem}_explore.html")
+        top = page.data.top5
+        pred = f"  [{top[0][0]} (p={top[0][1]:.2f})]" if top else ""
+        print(f"{src} -> {out} ({out.stat().st_size / 1e6:.1f} MB){pred}")
+    print(f"{len(args.images) - skipped} done, {skipped} skipped", file=sys.stderr)
+    return 1 if skipped else 0

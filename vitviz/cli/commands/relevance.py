@@ -1,0 +1,64 @@
+"""`vitviz relevance`: class-specific relevance overlay per image (Chefer et al. 2021 / grad rollout)."""
+
+from __future__ import annotations
+
+from ._common import (
+    add_model_arguments,
+    add_original_argument,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
+
+NAME = "relevance"
+HELP = "class-specific relevance overlay per image (gradient-weighted attention)"
+DESCRIPTION = ("Gradient-weighted, class-specific relevance over each image, from one forward and "
+               "one backward pass: Chefer et al. 2021 'Generic Attention-model Explainability' "
+               "(--method chefer, the default) or gradient rollout (--method grad_rollout). "
+               "The explained class is each image's predicted class, or --class K. Writes "
+               "<name>_relevance.png / .npy (chefer) or <name>_grad_rollout.png / .npy.")
+EXAMPLE = "vitviz relevance cat.jpg dog.png --model b16 --class 281 --out maps/"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_model_arguments(p)
+    p.add_argument("--class", dest="target", type=int, default=None, metavar="K",
+                   help="class index to explain (default: each image's predicted class)")
+    p.add_argument("--method", choices=["chefer", "grad_rollout"], default="chefer")
+    p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean",
+                   help="grad_rollout only: how heads of A*grad(A) are fused")
+    p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
+                   help="grad_rollout only: share of smallest entries zeroed per layer, in [0, 1)")
+    p.add_argument("--start-layer", type=int, default=0, metavar="L")
+    add_render_arguments(p)
+    add_original_argument(p)
+
+
+def run(args) -> int:
+    if not 0.0 <= args.discard_ratio < 1.0:
+        return fail(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    if args.method == "chefer" and (args.discard_ratio != 0.0 or args.head_fusion != "mean"):
+        return fail("--head-fusion and --discard-ratio apply to --method grad_rollout; "
+                    "chefer averages the clamped heads")
+    bad = check_render_arguments(args)
+    if bad is not None:
+        return bad
+    if args.target is not None and args.target < 0:
+        return fail(f"--class must be a class index >= 0, got {args.target}")
+    if args.batch_size < 1:
+        return fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    from ...batch import relevance_files
+
+    output = output_options(args)
+    model = load(args)
+    outcomes = relevance_files(model, args.images, args.out, method=args.method, target=args.target,
+                               head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+                               start_layer=args.start_layer, batch_size=args.batch_size,
+                               on_original=args.on_original, output=output)
+    print_notes(output)
+    return report(outcomes)

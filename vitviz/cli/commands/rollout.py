@@ -1,0 +1,49 @@
+"""`vitviz rollout`: attention rollout overlay per image."""
+
+from __future__ import annotations
+
+from ._common import (
+    add_model_arguments,
+    add_original_argument,
+    add_render_arguments,
+    check_render_arguments,
+    fail,
+    load,
+    output_options,
+    print_notes,
+    report,
+)
+
+NAME = "rollout"
+HELP = "attention rollout overlay per image"
+DESCRIPTION = ("Attention rollout (Abnar & Zuidema 2020) over each image: writes "
+               "<name>_rollout.png (overlay) and <name>_rollout.npy (raw patch map).")
+EXAMPLE = "vitviz rollout cat.jpg dog.png --model b16 --discard-ratio 0.9 --out maps/"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_model_arguments(p)
+    p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean")
+    p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
+                   help="share of smallest attention entries zeroed per layer, in [0, 1)")
+    p.add_argument("--start-layer", type=int, default=0, metavar="L")
+    add_render_arguments(p)
+    add_original_argument(p)
+
+
+def run(args) -> int:
+    if not 0.0 <= args.discard_ratio < 1.0:
+        return fail(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    bad = check_render_arguments(args)
+    if bad is not None:
+        return bad
+    from ...batch import rollout_files
+
+    output = output_options(args)
+    model = load(args)
+    outcomes = rollout_files(model, args.images, args.out, head_fusion=args.head_fusion,
+                             discard_ratio=args.discard_ratio, start_layer=args.start_layer,
+                             batch_size=args.batch_size, on_original=args.on_original, output=output)
+    print_notes(output)
+    return report(outcomes)

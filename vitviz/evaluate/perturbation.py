@@ -1,0 +1,459 @@
+"""Perturbations a ViT has seen: token deletion / insertion, and ROAD (noisy linear imputation).
+
+Pixel deletion fills the removed patches with grey or blur, inputs the model never saw, so a
+falling score may measure the artefact rather than the loss of evidence. Two alternatives:
+
+**Token deletion / insertion.** A ViT takes any subset of its patch tokens: the removed patch
+tokens are dropped from the sequence after the patch and position embeddings, the prefix
+tokens (CLS, distillation, registers) always stay. Deletion drops the map's top patches
+first (MoRF, most relevant first; low AUC is good) or its bottom patches first (LeRF; high AUC
+is good); insertion starts from the prefix tokens alone and adds the top patches back. Where
+the tokens are selected:
+
+* timm ``VisionTransformer`` (and subclasses such as DeiT): at the model's own token-dropping
+  slot ``patch_drop`` (timm's ``PatchDropout`` position, after ``_pos_embed``), by a forward
+  hook that returns the kept tokens; the model runs its own forward otherwise;
+* transformers ViT-style models (a submodule ``embeddings`` with ``patch_embeddings``): by a
+  forward hook on the ``embeddings`` output (CLS + patches with position embeddings).
+
+All perturbed sequences of one length (any image, any step, deletion or insertion) run in the
+same forward pass, ``batch_size`` at a time; shorter sequences cost less.
+
+**ROAD** (Rong et al. 2022, "A Consistent and Efficient Evaluation Strategy for Attribution
+Methods"): removed pixels are replaced by noisy linear imputation, each removed pixel being the
+weighted mean of its 8 neighbours (weights 1/6 for the 4 direct and 1/12 for the 4 diagonal
+neighbours, out-of-image neighbours left out) -- a sparse linear system solved here for all
+images at once by Jacobi-preconditioned conjugate gradients -- plus Gaussian noise. Both orders,
+MoRF and LeRF, are reported: a map is consistent when removing its top first hurts more than
+removing its bottom first (``lerf_auc - morf_auc`` > 0).
+
+Example:
+    >>> m = vitviz.load_model("shapes-vit")
+    >>> c = vitviz.evaluate.token_curves(m, x, maps)          # deletion + insertion, MoRF
+    >>> c.deletion_auc, c.insertion_auc
+    >>> r = vitviz.evaluate.road(m, x, maps, steps=10)
+    >>> r.morf_auc, r.lerf_auc
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LayoutError, VitvizError
+from .faithfulness import Curves
+from .metrics import curve_auc, patch_order, step_counts
+from .sanity import as_vision_model, check_classifier, logits_of, prepare_inputs
+
+ScoreFn = Callable[[Any], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# token selection
+# ---------------------------------------------------------------------------------------------
+
+def token_site(module: nn.Module) -> tuple[nn.Module, str]:
+    """The module whose output is the token sequence to select from, and how it was found.
+
+    Raises:
+        VitvizError: neither a timm ``VisionTransformer``-like nor a transformers ViT-like model.
+    """
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        VisionTransformer = ()
+    # only timm's VisionTransformer family: others with a patch_drop (EVA: rotary position
+    # embeddings of the full grid) would need the kept indices passed on as well
+    if isinstance(module, VisionTransformer) and isinstance(getattr(module, "patch_drop", None), nn.Module):
+        return module.patch_drop, "timm patch_drop (the model's own token-dropping slot)"
+    for name, m in module.named_modules():
+        if name.rsplit(".", 1)[-1] == "embeddings" and hasattr(m, "patch_embeddings"):
+            return m, f"output of {name} (after the patch and position embeddings)"
+    raise VitvizError(f"{type(module).__name__}: token deletion needs a timm VisionTransformer (its "
+                      "patch_drop slot) or a transformers ViT (an 'embeddings' module with "
+                      "'patch_embeddings'); use pixel deletion (vitviz.evaluate.deletion_insertion) "
+                      "or ROAD (vitviz.evaluate.road) for other models")
+
+
+def _grid_of(vm, x: torch.Tensor) -> tuple[int, int]:
+    if vm.patch_size is not None:
+        return vm._grid_from_hw(tuple(x.shape[-2:]))
+    return vm.layout.grid
+
+
+@torch.no_grad()
+def forward_kept_tokens(model, x: torch.Tensor, keep: torch.Tensor):
+    """The model's output when only the patch tokens ``keep`` (and every prefix token) are kept.
+
+    Args:
+        model: a :class:`vitviz.VisionModel` or module (timm ViT or transformers ViT).
+        x: ``[B, 3, H, W]`` inputs.
+        keep: ``[B, n]`` long, row-major patch indices in ``0 .. gh*gw-1`` kept per input, in the
+            order they appear in the sequence (``n = 0``: prefix tokens only).
+
+    Returns:
+        the model's own output (logits for a classifier).
+    """
+    vm = as_vision_model(model)
+    site, _ = token_site(vm.module)
+    g = _grid_of(vm, x)
+    n_patch = g[0] * g[1]
+    keep = torch.as_tensor(keep, device=x.device).long()
+    if keep.dim() != 2 or keep.shape[0] != x.shape[0]:
+        raise LayoutError(f"keep must be [B, n] patch indices for {x.shape[0]} inputs, got {tuple(keep.shape)}")
+    if keep.numel() and (keep.min() < 0 or keep.max() >= n_patch):
+        raise LayoutError(f"keep holds patch indices outside 0..{n_patch - 1} (a {g[0]}x{g[1]} grid)")
+
+    def hook(mod, args, out):
+        seq = out[0] if isinstance(out, (tuple, list)) else out  # [B, N, D]
+        p = seq.shape[1] - n_patch
+        if seq.dim() != 3 or p < 0:
+            raise LayoutError(f"{vm.name}: expected [B, prefix + {n_patch}, D] tokens at {type(mod).__name__}, "
+                              f"got {tuple(seq.shape)}")
+        idx = torch.cat([torch.arange(p, device=seq.device).expand(seq.shape[0], p), keep + p], 1)  # [B, P+n]
+        sel = seq.gather(1, idx[:, :, None].expand(-1, -1, seq.shape[2]))  # [B, P+n, D]
+        return (sel, *out[1:]) if isinstance(out, tuple) else sel
+
+    handle = site.register_forward_hook(hook)
+    try:
+        return vm(x)
+    finally:
+        handle.remove()
+
+
+def _order(maps: torch.Tensor, order: str) -> torch.Tensor:
+    if order == "morf":
+        return patch_order(maps)  # [B, G] most relevant first
+    if order == "lerf":
+        return patch_order(-maps)  # least relevant first
+    raise VitvizError(f"order must be 'morf' or 'lerf', got {order!r}")
+
+
+def _check_maps(vm, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    g = _grid_of(vm, x)
+    if not isinstance(maps, torch.Tensor) or maps.dim() != 3 or maps.shape[0] != x.shape[0] \
+            or tuple(maps.shape[-2:]) != tuple(g):
+        shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+        raise LayoutError(f"expected maps [{x.shape[0]}, {g[0]}, {g[1]}] (one map per input on the model's "
+                          f"{g[0]}x{g[1]} patch grid), got {shape}")
+    if not torch.isfinite(maps).all():
+        raise ValueError("maps contain NaN or infinite values")
+    return maps.to(x.device)
+
+
+def _steps(g: int, steps: int | None) -> list[int]:
+    s = g if steps is None else int(steps)
+    if not 1 <= s <= g:
+        raise VitvizError(f"steps must be in 1..{g} (the patches of the grid), got {steps}")
+    return step_counts(g, s)
+
+
+def resolve_targets(vm, x, target, score_fn, what):
+    check_classifier(vm, score_fn, what)
+    if score_fn is not None:
+        if target is not None:
+            raise VitvizError("give either target= or score_fn=, not both")
+        return None
+    if target is None:
+        return logits_of(vm(x), what=what).argmax(-1)  # [B]
+    t = torch.as_tensor(target, device=x.device).long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(x.shape[0])
+    if t.numel() != x.shape[0]:
+        raise VitvizError(f"target has {t.numel()} classes for {x.shape[0]} inputs")
+    return t
+
+
+def _score(output, target, score_fn, idx, what) -> torch.Tensor:
+    if score_fn is not None:
+        return logits_of(output, score_fn).float()  # [k]
+    p = logits_of(output, what=what).float().softmax(-1)  # [k, C]
+    if (target[idx] >= p.shape[1]).any() or (target[idx] < 0).any():
+        raise VitvizError(f"target class out of range: the model has {p.shape[1]} classes")
+    return p.gather(1, target[idx, None])[:, 0]
+
+
+@torch.no_grad()
+def token_curves(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = None,
+                 steps: int | None = None, deletion: bool = True, insertion: bool = True,
+                 order: str = "morf", score_fn: ScoreFn | None = None, batch_size: int = 128) -> Curves:
+    """Token deletion and insertion curves of patch maps.
+
+    Step ``s`` removes (deletion) or keeps (insertion) the ``step_counts(G, steps)[s]`` first
+    patches of the map's order; the prefix tokens always stay.
+
+    Args:
+        model: a :class:`vitviz.VisionModel` or module (timm ViT or transformers ViT).
+        x: ``[B, 3, H, W]`` inputs at the model's size (or a list of images).
+        maps: ``[B, gh, gw]`` patch maps (only their order matters).
+        target: ``[B]`` (or one) class whose softmax probability is tracked (default: the prediction).
+        steps: points of the curve minus one (default ``G``: one token per step).
+        deletion, insertion: which curves to compute.
+        order: ``"morf"`` (most relevant first) or ``"lerf"`` (least relevant first).
+        score_fn: instead of class probabilities, ``score_fn(output) -> [k]`` scores (for models
+            without a classifier).
+        batch_size: perturbed sequences per forward pass.
+
+    Returns:
+        :class:`vitviz.evaluate.Curves` (``deletion`` / ``insertion`` ``[B, S+1]``, their AUCs, ``target``).
+
+    Raises:
+        LayoutError: images of another size than the model's, maps of another grid.
+        VitvizError: no classifier and no ``score_fn``; ``steps`` out of range; a model whose
+            tokens cannot be selected.
+    """
+    vm = as_vision_model(model)
+    x = prepare_inputs(vm, x)
+    maps = _check_maps(vm, x, maps)
+    token_site(vm.module)
+    if batch_size < 1:
+        raise VitvizError(f"batch_size must be >= 1, got {batch_size}")
+    b = x.shape[0]
+    g = maps.shape[-2] * maps.shape[-1]
+    counts = _steps(g, steps)
+    rank = _order(maps, order)  # [B, G]
+    module = vm.module
+    was_training = module.training
+    module.eval()
+    try:
+        tgt = resolve_targets(vm, x, target, score_fn, "token deletion")
+        kinds = [k for k, on in (("deletion", deletion), ("insertion", insertion)) if on]
+        # every job: (kind, step); all images of a job share its kept count
+        by_len: dict[int, list[tuple[str, int]]] = {}
+        for kind in kinds:
+            for s, c in enumerate(counts):
+                by_len.setdefault(g - c if kind == "deletion" else c, []).append((kind, s))
+        out = {k: torch.empty(b, len(counts), device=x.device) for k in kinds}
+        for jobs in by_len.values():
+            rows = [(kind, s, i) for kind, s in jobs for i in range(b)]
+            for start in range(0, len(rows), batch_size):
+                part = rows[start:start + batch_size]
+                img = torch.tensor([i for _, _, i in part], device=x.device)  # [k]
+                keep = torch.stack([rank[i, counts[s]:] if kind == "deletion" else rank[i, :counts[s]]
+                                    for kind, s, i in part]).sort(1).values  # [k, n]
+                sc = _score(forward_kept_tokens(vm, x[img], keep), tgt, score_fn, img, "token deletion")
+                for (kind, s, i), v in zip(part, sc):
+                    out[kind][i, s] = v
+    finally:
+        module.train(was_training)
+    return Curves(out.get("deletion"), out.get("insertion"), tgt)
+
+
+# ---------------------------------------------------------------------------------------------
+# ROAD: noisy linear imputation
+# ---------------------------------------------------------------------------------------------
+
+def _neighbour_kernel(device, dtype) -> torch.Tensor:
+    d, c = 1.0 / 6.0, 1.0 / 12.0
+    return torch.tensor([[c, d, c], [d, 0.0, d], [c, d, c]], device=device, dtype=dtype)  # [3, 3]
+
+
+def _pcg(v: torch.Tensor, u: torch.Tensor, z: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+    """Jacobi-preconditioned CG on ``D z_u - W_uu z_u = W_uk v_k`` from the start ``z``.
+
+    Planes stop one by one as their relative residual falls below ``tol``; the ones still
+    running are gathered into smaller tensors as the others finish.
+
+    Shape:
+        v, u, z: ``[P, 1, H, W]`` (values, unknown 0/1, start) -> ``[P, 1, H, W]``
+    """
+    h, w = v.shape[-2:]
+    k = _neighbour_kernel(v.device, v.dtype)[None, None]  # [1, 1, 3, 3]
+    conv = lambda t: torch.nn.functional.conv2d(t, k, padding=1)  # noqa: E731 zero outside the image
+    diag = conv(torch.ones(1, 1, h, w, device=v.device, dtype=v.dtype))  # [1, 1, H, W] in-image weights
+    rhs = u * conv(v * (1 - u))  # [P, 1, H, W]
+
+    def apply(t, uu):  # A t on the unknowns
+        return uu * (diag * t - conv(t * uu))
+
+    out = z * u
+    r = rhs - apply(out, u)
+    stop = (tol * rhs.flatten(1).norm(dim=1)).clamp_min(1e-12)  # [P]
+    idx = torch.arange(v.shape[0], device=v.device)  # planes still running
+    zz, uu = out.clone(), u
+    pz = r / diag
+    p = pz.clone()
+    rz = (r * pz).flatten(1).sum(1)  # [P]
+    for _ in range(max_iter):
+        active = r.flatten(1).norm(dim=1) > stop  # [p]
+        n_active = int(active.sum())
+        if n_active == 0:
+            break
+        if n_active < 0.75 * len(idx):  # gather the running planes
+            out[idx] = zz
+            keep = active.nonzero().flatten()
+            idx, zz, uu, r, p, rz, stop = idx[keep], zz[keep], uu[keep], r[keep], p[keep], rz[keep], stop[keep]
+            active = active[keep]
+        ap = apply(p, uu)
+        pap = (p * ap).flatten(1).sum(1)
+        alpha = torch.where(active & (pap > 0), rz / pap.clamp_min(1e-30), torch.zeros_like(rz))
+        zz = zz + alpha[:, None, None, None] * p
+        r = r - alpha[:, None, None, None] * ap
+        pz = r / diag
+        rz_new = (r * pz).flatten(1).sum(1)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        p = pz + beta[:, None, None, None] * p
+        rz = rz_new
+    out[idx] = zz
+    return out
+
+
+def _cascade(v: torch.Tensor, u: torch.Tensor, tol: float, max_iter: int | None) -> torch.Tensor:
+    """Solve on a half-size problem first (recursively) and start the full-size CG from its upsampled
+    solution (cascadic conjugate gradients): far fewer full-size iterations for large holes."""
+    h, w = v.shape[-2:]
+    z0 = torch.zeros_like(v)
+    if min(h, w) >= 16 and h % 2 == 0 and w % 2 == 0:
+        known = 1 - u
+        ks = torch.nn.functional.avg_pool2d(known, 2)  # [P, 1, H/2, W/2] share of known pixels
+        vs = torch.nn.functional.avg_pool2d(v * known, 2) / ks.clamp_min(1e-12)  # mean of the known ones
+        us = (ks < 1).to(v.dtype)  # a coarse pixel is unknown when any of its pixels is
+        zc = _cascade(vs * (1 - us), us, tol, max_iter)
+        zc = torch.where(us > 0, zc, vs)
+        z0 = torch.nn.functional.interpolate(zc, size=(h, w), mode="bilinear", align_corners=False)
+    return _pcg(v, u, z0, tol, max_iter if max_iter is not None else h * w)
+
+
+def linear_impute(x: torch.Tensor, remove: torch.Tensor, *, tol: float = 1e-4,
+                  max_iter: int | None = None) -> torch.Tensor:
+    """Replace removed pixels by the solution of ROAD's linear system (no noise).
+
+    Every removed pixel ``i`` satisfies ``x_i = sum_j w_ij x_j / sum_j w_ij`` over its in-image
+    neighbours ``j`` (``w = 1/6`` for the 4 direct, ``1/12`` for the 4 diagonal ones); kept pixels
+    stay. Solved for all images and channels at once by Jacobi-preconditioned conjugate gradients
+    on ``D x_u - W_uu x_u = W_uk x_k`` (symmetric, positive definite unless every pixel is
+    removed; then the result is 0), started from the solution of the half-size problem.
+
+    Args:
+        x: ``[B, C, H, W]``.
+        remove: ``[B, H, W]`` bool, pixels to impute.
+        tol: relative residual ``|b - A z| / |b|`` at which an image-channel stops.
+        max_iter: CG iterations per level at most (default ``H*W``).
+
+    Returns:
+        ``[B, C, H, W]``.
+    """
+    if not isinstance(remove, torch.Tensor) or remove.shape != (x.shape[0], *x.shape[-2:]):
+        shape = tuple(remove.shape) if isinstance(remove, torch.Tensor) else type(remove).__name__
+        raise LayoutError(f"remove must be [B, H, W] = {(x.shape[0], *x.shape[-2:])}, got {shape}")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    bsz, ch, h, w = x.shape
+    v = x.to(work).reshape(bsz * ch, 1, h, w)  # [BC, 1, H, W]
+    u = remove[:, None].to(work).expand(bsz, ch, h, w).reshape(bsz * ch, 1, h, w)  # [BC, 1, H, W] unknown
+    z = _cascade(v * (1 - u), u, tol, max_iter)
+    out = v * (1 - u) + z * u
+    return out.reshape(bsz, ch, h, w).to(x.dtype)
+
+
+def noisy_linear_impute(x: torch.Tensor, remove: torch.Tensor, *, noise: float = 0.01,
+                        generator: torch.Generator | None = None, tol: float = 1e-4) -> torch.Tensor:
+    """ROAD's noisy linear imputation: :func:`linear_impute` plus ``N(0, noise²)`` on the removed pixels.
+
+    Shape:
+        x ``[B, C, H, W]``, remove ``[B, H, W]`` bool -> ``[B, C, H, W]``
+    """
+    out = linear_impute(x, remove, tol=tol)
+    if noise > 0:
+        eps = torch.randn(out.shape, generator=generator, device="cpu" if generator is None else generator.device,
+                          dtype=torch.float32).to(device=out.device, dtype=out.dtype)
+        out = out + noise * eps * remove[:, None].to(out.dtype)
+    return out
+
+
+@dataclass
+class RoadCurves:
+    """ROAD curves.
+
+    Attributes:
+        morf: ``[B, S+1]`` score after removing the map's top patches (most relevant first).
+        lerf: ``[B, S+1]`` score after removing its bottom patches first.
+        counts: patches removed at each point.
+        target: ``[B]`` class tracked (None with ``score_fn``).
+    """
+
+    morf: torch.Tensor
+    lerf: torch.Tensor
+    counts: list
+    target: torch.Tensor | None
+
+    @property
+    def morf_auc(self) -> torch.Tensor:
+        """``[B]`` lower is better."""
+        return curve_auc(self.morf)
+
+    @property
+    def lerf_auc(self) -> torch.Tensor:
+        """``[B]`` higher is better."""
+        return curve_auc(self.lerf)
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """``[B]`` ``lerf_auc - morf_auc``: positive for a map consistent with the model."""
+        return self.lerf_auc - self.morf_auc
+
+
+@torch.no_grad()
+def road(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = None, steps: int | None = 10,
+         noise: float = 0.01, seed: int = 0, score_fn: ScoreFn | None = None,
+         batch_size: int = 128) -> RoadCurves:
+    """ROAD (remove and debias): MoRF and LeRF curves with noisy linear imputation.
+
+    Args:
+        model: a classifier (:class:`vitviz.VisionModel` or module).
+        x: ``[B, 3, H, W]`` inputs at the model's size (or a list of images).
+        maps: ``[B, gh, gw]`` patch maps.
+        target: class tracked (default the prediction); or ``score_fn(output) -> [k]``.
+        steps: points of the curves minus one (default 10: 0 %, 10 %, ... 100 % of the patches).
+        noise: standard deviation of the noise added to imputed pixels (input units).
+        seed: seed of the noise.
+        batch_size: perturbed images per forward pass (and per imputation).
+
+    Returns:
+        :class:`RoadCurves`.
+    """
+    vm = as_vision_model(model)
+    x = prepare_inputs(vm, x)
+    maps = _check_maps(vm, x, maps)
+    if batch_size < 1:
+        raise VitvizError(f"batch_size must be >= 1, got {batch_size}")
+    b, _, h, w = x.shape
+    gh, gw = maps.shape[-2:]
+    if h % gh or w % gw:
+        raise LayoutError(f"input {h}x{w} is not a multiple of the {gh}x{gw} grid")
+    g = gh * gw
+    counts = _steps(g, steps)
+    module = vm.module
+    was_training = module.training
+    module.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    try:
+        tgt = resolve_targets(vm, x, target, score_fn, "ROAD")
+        curves = {}
+        for order in ("morf", "lerf"):
+            rank = _order(maps, order)  # [B, G]
+            pos = torch.empty_like(rank)
+            pos.scatter_(1, rank, torch.arange(g, device=x.device).expand(b, g))  # [B, G] rank of each patch
+            rows = [(i, s) for i in range(b) for s in range(len(counts))]
+            res = torch.empty(b, len(counts), device=x.device)
+            for start in range(0, len(rows), batch_size):
+                part = rows[start:start + batch_size]
+                img = torch.tensor([i for i, _ in part], device=x.device)
+                c = torch.tensor([counts[s] for _, s in part], device=x.device)
+                rem = (pos[img] < c[:, None]).reshape(-1, gh, gw)  # [k, gh, gw]
+                rem = rem.repeat_interleave(h // gh, 1).repeat_interleave(w // gw, 2)  # [k, H, W]
+                xi = noisy_linear_impute(x[img], rem, noise=noise, generator=gen)
+                sc = _score(vm(xi), tgt, score_fn, img, "ROAD")
+                for (i, s), v in zip(part, sc):
+                    res[i, s] = v
+            curves[order] = res
+    finally:
+        module.train(was_training)
+    return RoadCurves(curves["morf"], curves["lerf"], counts, tgt)
+
+
+__all__ = ["token_curves", "forward_kept_tokens", "token_site", "linear_impute", "noisy_linear_impute",
+           "road", "RoadCurves"]
