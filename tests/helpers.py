@@ -216,3 +216,106 @@ def tiny_word_clip(tok, *, text_layers: int = 2, context: int = 6):
                            num_hidden_layers=2, num_attention_heads=4),
         projection_dim=16)
     return transformers.CLIPModel(cfg).eval()
+
+
+# -- counting attention layers, independently of vitviz -------------------------------------------
+
+class AttentionLayerCount(torch.overrides.TorchFunctionMode):
+    """The attention layers one forward pass runs, counted without vitviz.
+
+    A layer is a module call inside which an attention op runs: an
+    ``F.scaled_dot_product_attention`` call, or a softmax over the last dimension of a 3-D or
+    larger tensor; every op inside one module call is one layer. The module running an op is
+    the innermost module being called (forward pre- and post-hooks on every module keep a
+    stack), not counting ``nn.Softmax`` / ``nn.Dropout`` / ``nn.Identity``.
+
+    Use: ``with AttentionLayerCount(model) as count: model(x)``; then ``count.layers`` is a
+    list of ``(module name, ops)`` in the order the calls began, one per layer. With
+    ``keep=True``, ``count.references`` holds each layer's probabilities, one tensor per op:
+    a softmax's own output, and for an SDPA call ``softmax(q kᵀ·scale + mask)`` recomputed here
+    from the call's own q, k, mask and scale (float64).
+    """
+
+    _LEAF = (nn.Softmax, nn.Dropout, nn.Identity)
+    _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+    def __init__(self, model: nn.Module, keep: bool = False):
+        super().__init__()
+        self.model = model
+        self.keep = keep
+        self.stack: list[tuple[str, int]] = []
+        self.calls = 0
+        self.ops: dict[tuple[str, int], list[str]] = {}
+        self.refs: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.handles: list = []
+
+    def _pre(self, name):
+        def hook(_module, _args):
+            self.calls += 1
+            self.stack.append((name, self.calls))
+        return hook
+
+    def _post(self, _module, _args, _out):
+        self.stack.pop()
+
+    def __enter__(self):
+        for name, m in self.model.named_modules():
+            if isinstance(m, self._LEAF):
+                continue
+            self.handles.append(m.register_forward_pre_hook(self._pre(name or "<root>")))
+            self.handles.append(m.register_forward_hook(self._post, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return super().__exit__(*exc)
+
+    @classmethod
+    def sdpa_reference(cls, args, kwargs) -> torch.Tensor:
+        """``softmax(q kᵀ·scale + mask)`` of an SDPA call, by its definition, in float64."""
+        a = dict(zip(cls._SDPA_ARGS, args), **kwargs)
+        q, k = a["query"].double(), a["key"].double()
+        if a.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        scale = a.get("scale") or q.shape[-1] ** -0.5
+        logits = (q @ k.transpose(-2, -1)) * scale
+        if a.get("is_causal"):
+            keep = torch.ones(logits.shape[-2:], dtype=torch.bool).tril()
+            logits = logits.masked_fill(~keep, float("-inf"))
+        mask = a.get("attn_mask")
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
+        return logits.softmax(-1)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        what = ref = None
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q = args[0] if args else kwargs["query"]
+            what = f"sdpa {tuple(q.shape)}"
+            if self.keep:
+                ref = self.sdpa_reference(args, kwargs)
+        elif func in (torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax, torch.special.softmax) \
+                and isinstance(out, torch.Tensor) and out.dim() >= 3:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if isinstance(dim, int) and dim % out.dim() == out.dim() - 1:
+                what = f"softmax {tuple(out.shape)}"
+                if self.keep:
+                    ref = out.detach().double()
+        if what is not None and self.stack:
+            self.ops.setdefault(self.stack[-1], []).append(what)
+            if ref is not None:
+                self.refs.setdefault(self.stack[-1], []).append(ref)
+        return out
+
+    @property
+    def layers(self) -> list[tuple[str, list[str]]]:
+        return [(name, ops) for (name, _), ops in sorted(self.ops.items(), key=lambda kv: kv[0][1])]
+
+    @property
+    def references(self) -> list[list[torch.Tensor]]:
+        """Per layer (in the order of :attr:`layers`), the probabilities of each of its ops."""
+        return [self.refs.get(key, []) for key in sorted(self.ops, key=lambda k: k[1])]

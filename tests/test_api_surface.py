@@ -10,13 +10,30 @@ CONTRACT = {
 }
 
 
+# every public name of the package root, exactly: adding one is a decision, removing one breaks users
+ALL = [
+    "AttentionMaps", "Caption", "CaptureError", "CheckpointError", "CrossAttentionMaps", "Explorer", "ImageError",
+    "LayoutError", "MissingExtraError", "ModelNotFoundError", "Preprocess", "PreprocessError", "Recording",
+    "TextMaps", "TokenLayout", "VisionModel", "VitvizError", "WeightsNotFoundError", "attention_entropy",
+    "attention_flow", "build_gallery", "caption", "capture", "chefer_relevance", "cls_maps", "explain_text",
+    "explore", "grad_rollout", "list_models", "load_image", "load_model", "mass_masks", "mean_attention_distance",
+    "merge_gallery", "overlay", "pos_similarity", "prefix_attention_share", "query_maps", "relevance", "rollout",
+    "to_rgb_array", "word_grids", "wrap", "metrics", "zoo", "gallery", "__version__",
+]
+
+
+def test_the_root_exports_exactly_these_names():
+    assert vitviz.__all__ == ALL
+    assert sorted(dir(vitviz)) == sorted(ALL)
+
+
 def test_contract_names_are_public_and_resolve():
     assert CONTRACT <= set(vitviz.__all__)
     for name in vitviz.__all__:
         assert getattr(vitviz, name) is not None, name
 
 
-def test_capture_stays_callable_after_importing_the_hooks_subpackage():
+def test_capture_stays_callable_after_importing_the_attention_subpackage():
     import vitviz.attention._adapter  # noqa: F401
 
     assert callable(vitviz.capture) and inspect.isfunction(vitviz.capture)

@@ -27,7 +27,6 @@ from vitviz.cli.main import main
 from vitviz.errors import VitvizError
 from vitviz.gallery import (
     MethodResult,
-    _methods,
     build_gallery,
     get_method,
     list_methods,
@@ -37,6 +36,7 @@ from vitviz.gallery import (
     parse_shard,
     register_method,
     shard_of,
+    unregister_method,
 )
 from vitviz.gallery import _manifest as mf
 from vitviz.render.html import render_pages
@@ -333,7 +333,7 @@ def test_mixed_folder_good_done_bad_skipped_with_reasons(reference, folder):
 def test_outputs_equal_the_analyzers_one_image_at_a_time(reference, folder, model):
     """Equivalence with the source of truth: each image alone through capture + rollout / cls_maps,
     its overlay through vitviz.overlay, its top-5 from the logits."""
-    from vitviz.gallery._render import TILE_MAX, _tile_view
+    from vitviz.gallery._draw import TILE_MAX, _tile_view
 
     out, result = reference
     by_key = {r["key"]: r for r in result.done}
@@ -534,8 +534,8 @@ def test_registered_methods_plug_in_several_maps_texts_and_failures(model, tmp_p
         assert all("NaN" in rec["reason"] for rec in bad.failed)
         assert not list((tmp_path / "n" / "nan_first").glob("im0.*"))
     finally:
-        _methods._METHODS.pop("words", None)
-        _methods._METHODS.pop("nan_first", None)
+        unregister_method("words")
+        unregister_method("nan_first")
 
 
 # --------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def test_throughput_measurement_runs_and_reports_ratios(model, folder, tmp_path)
 
 @pytest.mark.parametrize("layer", [0, 2, -1, -3])
 def test_layer_stream_equals_cls_maps_of_stored_attention(layer):
-    from vitviz.gallery._methods import LayerStream
+    from vitviz.explain import LayerStream
     from vitviz.types import AttentionMaps, TokenLayout
 
     layout = TokenLayout(num_prefix=2, grid=(2, 3))  # CLS + one more prefix token, 2x3 patches

@@ -1,16 +1,18 @@
 """No module reaches into another package's private modules or private names.
 
 A module or name starting with ``_`` belongs to the subpackage that holds it (``vitviz.models._loader``
-and ``_fit`` in ``vitviz.render.figures`` to ``vitviz.models`` and ``vitviz.render``); a private name
-of a top-level module belongs to that module (``_image_sites`` in ``vitviz.batch._engine``). Code elsewhere
-uses the public re-exports in that package's ``__init__``.
-Private modules of the root package (``vitviz._util.files``, ``vitviz._util.extras``) are shared by all of it.
+and ``_fit`` in ``vitviz.render.figures`` to ``vitviz.models`` and ``vitviz.render``;
+``vitviz.batch._engine`` to ``vitviz.batch``); a private name of a top-level module belongs to that
+module (``_as_tensor`` in ``vitviz.types``). Code elsewhere uses the public re-exports in that
+package's ``__init__``. The private parts of the root package (``vitviz._util`` with ``files`` and
+``extras``, ``vitviz._version``) are shared by all of it. The training scripts in ``tools/`` use the
+package as any outside code does.
 """
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ("vitviz", "benchmarks")
+CHECKED = ("vitviz", "benchmarks", "tools")
 
 
 def _module_name(path: Path) -> list[str]:
@@ -70,22 +72,29 @@ def test_the_check_sees_relative_and_absolute_private_imports(tmp_path, monkeypa
     # the owner's own relative import and a root-private module are not
     pkg = tmp_path / "vitviz"
     (pkg / "models").mkdir(parents=True)
-    (pkg / "commands").mkdir()
+    (pkg / "cli" / "commands").mkdir(parents=True)
+    (pkg / "_util").mkdir()
+    (pkg / "_util" / "__init__.py").write_text("")
+    (pkg / "_util" / "files.py").write_text("def atomic(): ...\n")
     (pkg / "models" / "__init__.py").write_text("from ._loader import load_model\n")
-    (pkg / "models" / "_loader.py").write_text("from .._io import atomic\n")
+    (pkg / "models" / "_loader.py").write_text("from .._util.files import atomic\n")
     (pkg / "render").mkdir()
     (pkg / "render" / "__init__.py").write_text("")
     (pkg / "render" / "figures.py").write_text("_DPI = 100\n")
     (pkg / "render" / "strip.py").write_text("from .figures import _DPI\n")
-    (pkg / "batch.py").write_text("_sites = 1\n")
-    (pkg / "commands" / "cls.py").write_text(
-        "from ..models._loader import load_model\nimport vitviz.models._loader\nfrom ..batch import _sites\n"
-        "from ..models import load_model\nfrom ..render.figures import _DPI\n")
+    (pkg / "types.py").write_text("_as_tensor = 1\n")
+    (pkg / "cli" / "__init__.py").write_text("")
+    (pkg / "cli" / "commands" / "__init__.py").write_text("")
+    (pkg / "cli" / "commands" / "_common.py").write_text("")
+    (pkg / "cli" / "commands" / "cls.py").write_text(
+        "from ...models._loader import load_model\nimport vitviz.models._loader\nfrom ...types import _as_tensor\n"
+        "from ...models import load_model\nfrom ...render.figures import _DPI\nfrom ._common import x\n"
+        "from ..._util.files import atomic\n")
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     found = cross_package_private_imports()
     assert found == [
-        "vitviz/commands/cls.py:1 imports vitviz.models._loader.load_model (private to vitviz.models)",
-        "vitviz/commands/cls.py:2 imports vitviz.models._loader (private to vitviz.models)",
-        "vitviz/commands/cls.py:3 imports vitviz.batch._sites (private to vitviz.batch)",
-        "vitviz/commands/cls.py:5 imports vitviz.render.figures._DPI (private to vitviz.render)",
+        "vitviz/cli/commands/cls.py:1 imports vitviz.models._loader.load_model (private to vitviz.models)",
+        "vitviz/cli/commands/cls.py:2 imports vitviz.models._loader (private to vitviz.models)",
+        "vitviz/cli/commands/cls.py:3 imports vitviz.types._as_tensor (private to vitviz.types)",
+        "vitviz/cli/commands/cls.py:5 imports vitviz.render.figures._DPI (private to vitviz.render)",
     ]

@@ -6,6 +6,7 @@ PANEL_IN inches at the dpi), the files after (sizes, valid PDF / SVG naming thei
 line and exit status 2.
 """
 
+import unittest.mock
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -236,3 +237,52 @@ def test_gallery_norm_none_is_one_fixed_scale(tmp_path, capsys):
                              progress=False)
     code, res = run(["gallery", str(src), *VIT, "--out", str(tmp_path / "g3"), "--norm", "batch"], capsys)
     assert code == 2 and "--norm must be image or none" in res.err and len(res.err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# no option dropped silently: --on-original with --colorbar / --size
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", ["rollout", "relevance"])
+@pytest.mark.parametrize("extra, needle", [(["--colorbar"], "--colorbar is not drawn on --on-original"),
+                                           (["--size", "300"], "--size does not apply to --on-original")])
+def test_on_original_refuses_the_options_it_cannot_honour(cmd, extra, needle, tmp_path, capsys):
+    code, res = run([cmd, str(SAMPLES[0]), *VIT, "--on-original", *extra, "--out", str(tmp_path)], capsys)
+    assert code == 2 and needle in res.err and len(res.err.strip().splitlines()) == 1, res.err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_original_overlay_with_a_colour_bar(tmp_path):
+    """OutputOptions.save_original_overlay: the photo at its own size, coloured exactly as
+    overlay_region colours it, next to a colour bar of the map's own range."""
+    from vitviz.render import overlay_region
+    from vitviz.render.output import OutputOptions
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 255, (300, 420, 3), dtype=np.uint8)
+    heat = rng.random((4, 4)).astype(np.float32)
+    box = (60.0, 0.0, 360.0, 300.0)  # a centre crop
+    plain = OutputOptions().save_original_overlay(tmp_path / "plain", photo, heat, box)
+    assert plain.name == "plain.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(plain).convert("RGB")), overlay_region(photo, heat, box))
+
+    seen = []
+    original = output_module.save_figure
+
+    def spy(fig, path, *, dpi=F.DPI, format=None):
+        seen.append(fig)
+        return original(fig, path, dpi=dpi, format=format)
+
+    with unittest.mock.patch.object(output_module, "save_figure", spy):
+        barred = OutputOptions(colorbar=True).save_original_overlay(tmp_path / "bar", photo, heat, box,
+                                                                   label="rollout")
+    assert barred.name == "bar.png" and len(seen) == 1
+    fig = seen[0]
+    image_axes = [ax for ax in fig.axes if ax.images and ax.images[0].get_array().ndim == 3]
+    (shown,) = [ax.images[0].get_array() for ax in image_axes]
+    np.testing.assert_array_equal(np.asarray(shown)[:300, :420], overlay_region(photo, heat, box))
+    (bar,) = [ax for ax in fig.axes if ax not in image_axes]  # the colour bar: the map's own min..max
+    lo, hi = bar.get_ylim()
+    assert lo == pytest.approx(float(heat.min()), abs=1e-6) and hi == pytest.approx(float(heat.max()), abs=1e-6)
+    assert "rollout" in bar.get_ylabel()
+    assert Image.open(barred).size[0] > 420  # the picture and the bar beside it

@@ -40,12 +40,18 @@ def _parse(requirement: str) -> tuple[str, str | None]:
     return _norm(name), (extra.group(1) if extra else None)
 
 
+# what the source tree holds beside the package; copied too, so that the wheel leaves them out by its
+# configuration, not because the build never saw them
+BESIDE = ("tools", "tests", "benchmarks")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    shutil.copytree(ROOT / "vitviz", src / "vitviz", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("vitviz",) + BESIDE:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("dist")
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                           "--no-index", "--quiet", "--wheel-dir", str(out), str(src)],
@@ -87,10 +93,16 @@ def test_extras_as_designed(metadata):
     assert {e.name: {_norm(e.distribution)} for e in EXTRAS.values()} == EXTRA_REQUIREMENTS
 
 
-def test_wheel_has_the_zoo_weights_assets_and_command(wheel):
-    expected = sorted(p for d in ("vitviz/zoo/weights", "vitviz/assets") for p in (ROOT / d).iterdir()
-                      if p.is_file())
-    assert len(expected) >= 7  # 2 models x (weights, config) + tokenizer + sample images
+def test_wheel_has_the_bundled_weights_assets_and_command(wheel):
+    weights = ROOT / "vitviz/models/bundled/weights"
+    expected = sorted(p for d in (weights, ROOT / "vitviz/assets") for p in d.iterdir() if p.is_file())
+    # 3 models x (weights, config), the tokenizers of the two with a text side, 2 sample images
+    models = ("shapes-vit", "shapes-captioner", "shapes-clip")
+    assert {p.name for p in weights.glob("*.safetensors")} == {f"{m}.safetensors" for m in models}
+    assert {p.name for p in weights.glob("*.json")} == ({f"{m}.json" for m in models}
+                                                        | {"shapes-captioner.tokenizer.json",
+                                                           "shapes-clip.tokenizer.json"})
+    assert len(expected) >= 10
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         for path in expected:
@@ -99,15 +111,28 @@ def test_wheel_has_the_zoo_weights_assets_and_command(wheel):
             assert z.read(rel) == path.read_bytes(), rel  # the same bytes, not a pointer or stub
         (eps,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert re.search(r"^vitviz\s*=\s*vitviz\.cli:main$", z.read(eps).decode(), re.M)
-        assert "vitviz/_extras.py" in names and "vitviz/analyze/flow.py" in names
-        assert z.read("vitviz/render/explore.html") == (ROOT / "vitviz/render/explore.html").read_bytes()
-        assert not any(n.startswith(("tests/", "benchmarks/", "gallery/")) for n in names)
+        assert "vitviz/_util/extras.py" in names and "vitviz/analyze/flow.py" in names
+        assert "vitviz/cli/commands/rollout.py" in names
+        assert z.read("vitviz/explorer/view.html") == (ROOT / "vitviz/explorer/view.html").read_bytes()
+
+
+def test_wheel_leaves_out_training_tests_and_the_rest_of_the_repository(wheel):
+    assert (ROOT / "tools/train/train.py").is_file() and (ROOT / "tools/train/train_clip.py").is_file()
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    package = [n for n in names if ".dist-info/" not in n]
+    assert package and all(n.startswith("vitviz/") for n in package), sorted(set(package))[:10]
+    training = [n for n in names if n.rsplit("/", 1)[-1] in ("train.py", "train_clip.py")]
+    assert training == [], "the training scripts stay in tools/train, out of the wheel"
+    assert not any(n.startswith(tuple(f"{d}/" for d in BESIDE + ("gallery", "docs"))) for n in names)
 
 
 def test_version_is_single_sourced_and_the_wheel_is_typed(wheel, metadata):
     import vitviz
 
-    assert metadata["Version"] == vitviz.__version__  # pyproject reads it from vitviz/__init__.py
+    assert metadata["Version"] == vitviz.__version__  # pyproject reads it from vitviz/_version.py
     assert not re.search(r"^version\s*=\s*\"", (ROOT / "pyproject.toml").read_text(), re.M)  # no second copy
+    assert re.search(r"^__version__\s*=", (ROOT / "vitviz/_version.py").read_text(), re.M)
+    assert not re.search(r"^__version__\s*=", (ROOT / "vitviz/__init__.py").read_text(), re.M)
     with zipfile.ZipFile(wheel) as z:
         assert "vitviz/py.typed" in z.namelist()  # PEP 561: type checkers read vitviz's annotations

@@ -85,3 +85,14 @@ class MissingExtraError(VitvizError, ImportError):
         self.extra = extra
         self.package = package
         super().__init__(message, name=package)
+
+
+class UnplacedAttentionError(CaptureError, LayoutError):
+    """Attention layers ran whose tokens vitviz cannot place on the image (a video input, windows
+    or groups of a scheme vitviz does not know): both a capture and a layout error. The message
+    names the model, the layers and why."""
+
+
+class IncompleteCaptureWarning(UserWarning):
+    """A capture saw attention layers that it neither recorded nor could explain (they are not
+    in ``rec.skipped``); ``rec.complete`` is False. The message names the modules."""

@@ -83,7 +83,15 @@ class TokenLayout:
         return slice(self.num_prefix, self.num_prefix + self.num_patches)
 
     def check_tokens(self, n: int, what: str = "attention") -> None:
-        """Raise :class:`LayoutError` unless a sequence of ``n`` tokens fits this layout."""
+        """Check that a sequence of ``n`` tokens fits this layout.
+
+        Args:
+            n: the sequence length.
+            what: what the sequence is, for the message.
+
+        Raises:
+            LayoutError: ``n`` is not ``num_prefix + gh*gw + num_suffix``.
+        """
         if n != self.num_tokens:
             raise LayoutError(
                 f"{what} has {n} tokens but the layout {self} needs "
@@ -163,7 +171,14 @@ class AttentionMaps:
         return self.key_layout is None
 
     def require_square(self, what: str) -> None:
-        """Raise :class:`LayoutError` unless queries and keys are the same tokens."""
+        """Check that queries and keys are the same tokens (what rollout and flow chain).
+
+        Args:
+            what: the analysis that needs it, for the message.
+
+        Raises:
+            LayoutError: the keys are reduced (spatial-reduction attention).
+        """
         if self.key_layout is not None:
             raise LayoutError(
                 f"{what} chains attention over one set of tokens, but these layers' keys are reduced to "
@@ -187,6 +202,15 @@ class AttentionMaps:
         return self.num_layers
 
     def to(self, *args: Any, **kwargs: Any) -> AttentionMaps:
+        """The same maps moved or cast, as ``torch.Tensor.to``.
+
+        Args:
+            *args: ``torch.Tensor.to``'s arguments (a device, a dtype).
+            **kwargs: its keyword arguments.
+
+        Returns:
+            A new :class:`AttentionMaps` with the same layouts and layer indices.
+        """
         return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout, self.key_layout, self.layers)
 
     def _repr_png_(self) -> bytes:

@@ -9,16 +9,45 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
+import secrets
 import unicodedata
 from pathlib import Path
 
+_TMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile's own alphabet (8 of them per name)
+
+
+def _open_temp(folder: Path, name: str) -> tuple[int, str]:
+    """Create ``.<name>.XXXXXXXX.tmp`` in ``folder`` exclusively, with mode ``0o666`` less the
+    umask (as ``open()`` would create the file; ``tempfile.mkstemp`` makes it ``0o600`` whatever
+    the umask, and the rename would keep that)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tag = "".join(secrets.choice(_TMP_CHARS) for _ in range(8))
+        tmp = os.path.join(folder, f".{name}.{tag}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {name} in {folder}")
+
 
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+    The file gets the mode a plain ``open(path, "wb")`` would give it: ``0o666`` less the
+    process umask (``0o644`` under the usual ``022``), so that a gallery written to a shared
+    folder or served by a web server can be read by others.
+
+    Args:
+        path: where the file goes; its folder is created when missing.
+        data: the whole content.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _open_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -16,7 +16,15 @@ HEAD_FUSIONS = ("mean", "max", "min")
 
 
 def check_options(head_fusion: str = "mean", discard_ratio: float = 0.0) -> None:
-    """Raise ``ValueError`` for an unknown head fusion or a discard ratio outside ``[0, 1)``."""
+    """Check the options of rollout-style analyzers.
+
+    Args:
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"``.
+        discard_ratio: the share of smallest entries to zero, in ``[0, 1)``.
+
+    Raises:
+        ValueError: an unknown head fusion or a discard ratio outside ``[0, 1)``.
+    """
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
@@ -29,6 +37,12 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     Args:
         attn: attention with heads in dim ``-3``.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"``.
+
+    Returns:
+        ``[..., Q, K]``: the mean, maximum or minimum over the heads.
+
+    Raises:
+        ValueError: an unknown ``head_fusion``.
     """
     if head_fusion == "mean":
         return attn.mean(dim=-3)
@@ -47,7 +61,18 @@ Query = str | int | tuple[int, int] | torch.Tensor
 
 
 def check_layer(num_layers: int, layer: int) -> int:
-    """The non-negative index of ``layer`` (negative counts from the end), or ValueError."""
+    """The non-negative index of a layer.
+
+    Args:
+        num_layers: how many layers there are.
+        layer: the index, negative counting from the end.
+
+    Returns:
+        ``layer`` in ``0 .. num_layers - 1``.
+
+    Raises:
+        ValueError: ``layer`` is outside ``-num_layers .. num_layers - 1``.
+    """
     if not -num_layers <= layer < num_layers:
         raise ValueError(f"layer {layer} is out of range for {num_layers} layers "
                          f"(use 0..{num_layers - 1} or -{num_layers}..-1)")

@@ -36,6 +36,11 @@ def cls_maps(attn: AttentionMaps, *, layer: int = -1, query: Query = "auto") -> 
 def all_layer_maps(attn: AttentionMaps, *, query: Query = "auto") -> torch.Tensor:
     """:func:`cls_maps` of every layer at once.
 
+    Args:
+        attn: ``[L, B, H, N, N]`` attention (keys may be reduced: the maps are over the key grid).
+        query: which query rows to read (see :func:`vitviz.analyze.query_weights`); ``"auto"``
+            is the CLS row, or the mean of the patch rows for a model without CLS.
+
     Returns:
         ``[L, B, H, gh, gw]`` float32.
     """

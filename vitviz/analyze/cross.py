@@ -55,6 +55,10 @@ def merge_pieces(maps: torch.Tensor, spans: Sequence[Any], rule: str = "mean", d
     Returns:
         ``maps`` with the token axis of length ``W = len(spans)``.
 
+    Raises:
+        ValueError: an unknown merge rule.
+        LayoutError: a word span that does not fit the tokens.
+
     Shape:
         ``[..., T, gh, gw]`` -> ``[..., W, gh, gw]`` (with ``dim=-3``)
 
@@ -166,6 +170,12 @@ def word_grids(
         float32 maps, prefix tokens dropped, not re-normalised:
         ``[T, gh, gw]``; ``[W, gh, gw]`` with ``merge``; a leading ``[L, ...]`` with
         ``layer=None`` and ``[H, ...]`` after it with ``head_fusion=None``.
+
+    Raises:
+        ValueError: an unknown method or head fusion, or options the method does not take.
+        TypeError: ``cap`` is neither a Caption nor CrossAttentionMaps.
+        LayoutError: a layer or sample out of range, no relevance in the caption, or ``merge=``
+            without word spans.
 
     Shape:
         cross ``[L, B, H, T, Ni]`` -> ``[T, gh, gw]`` (default)
@@ -292,6 +302,10 @@ def encoder_decoder_relevance(
     Returns:
         ``R_ti`` ``[B, T, Ni]`` float32: row ``p`` is the relevance of every encoder token for
         the decoder output at position ``p`` (take the row of the explained word's position).
+
+    Raises:
+        LayoutError: gradients missing for an attention given, or the encoder's tokens do
+            not match the cross-attention's keys.
 
     Example:
         >>> r = encoder_decoder_relevance(cross, d_cross, text, d_text, enc, d_enc)  # [B, T, Ni]

@@ -171,9 +171,22 @@ def grad_rollout(attn: AttentionMaps, grads: Grads, *, head_fusion: str = "mean"
 
     With all gradients equal to 1 it equals :func:`vitviz.rollout` with the same options.
 
+    Args:
+        attn: :class:`AttentionMaps` ``[L, B, H, N, N]``.
+        grads: gradients w.r.t. the attention probabilities, same shape.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads of ``A ⊙ dA``.
+        discard_ratio: share of each fused ``N x N`` matrix set to zero, smallest first.
+        start_layer: first layer of the product (negative counts from the end).
+
     Returns:
         ``[B, gh, gw]`` float32: the CLS row of the product over the patch tokens, not
         rescaled (for models without CLS, the mean of the patch rows).
+
+    Raises:
+        ValueError: an unknown head fusion, a discard ratio outside ``[0, 1)`` or a start
+            layer out of range.
+        LayoutError: reduced keys (the product needs queries and keys to be the same tokens),
+            or gradients of another shape.
 
     Example:
         >>> grad_rollout(rec.attentions, rec.attention_grads, discard_ratio=0.9).shape
@@ -201,8 +214,20 @@ def relevance_map(attn: AttentionMaps, grads: Grads, *, method: str = "chefer",
     ``head_fusion`` and ``discard_ratio`` belong to gradient rollout; Chefer's rule has
     neither (it averages the clamped heads), so other values raise ``ValueError`` there.
 
+    Args:
+        attn: :class:`AttentionMaps` ``[L, B, H, N, N]``.
+        grads: gradients of the explained score w.r.t. the attention probabilities, same shape.
+        method: ``"chefer"`` or ``"grad_rollout"``.
+        head_fusion: gradient rollout's head fusion (``"mean"``, ``"max"``, ``"min"``).
+        discard_ratio: gradient rollout's share of smallest entries to zero.
+        start_layer: first layer taken into account.
+
     Returns:
         ``[B, gh, gw]`` float32.
+
+    Raises:
+        ValueError: an unknown method, options the method does not take, or options out of range.
+        LayoutError: reduced keys, or gradients of another shape.
     """
     _check_method(method, head_fusion, discard_ratio)
     if method == "chefer":
@@ -248,8 +273,18 @@ class RelevanceStream:
 
     def update_grad(self, attn_l: torch.Tensor, grad_l: torch.Tensor, *, layer: int, num_layers: int,
                     layout: TokenLayout) -> None:
-        """Fold in layer ``layer`` (of ``num_layers``, forward order) with its attention and
-        gradient ``[B, H, N, N]``."""
+        """Fold in one layer's attention and gradient (called by the capture in the backward pass).
+
+        Args:
+            attn_l: ``[B, H, N, N]`` the layer's attention probabilities.
+            grad_l: ``[B, H, N, N]`` the gradient of the explained score w.r.t. them.
+            layer: the layer's index in forward order.
+            num_layers: how many layers the forward pass ran.
+            layout: the token layout of this input.
+
+        Raises:
+            ValueError: the layer already received a gradient in this pass.
+        """
         if layer < _start(num_layers, self.start_layer):
             return
         if layer in self.factors:
@@ -263,7 +298,18 @@ class RelevanceStream:
                                                      bool(layout.has_cls))
 
     def result(self, layout: TokenLayout) -> torch.Tensor:
-        """The maps ``[B, gh, gw]`` float32 (patch tokens, not rescaled)."""
+        """The relevance maps of the layers folded in.
+
+        Args:
+            layout: the token layout of the input.
+
+        Returns:
+            ``[B, gh, gw]`` float32 over the patch tokens, not rescaled.
+
+        Raises:
+            ValueError: no gradient reached the attention.
+            LayoutError: the layers' token count does not fit ``layout``.
+        """
         if not self.factors:
             raise ValueError("no gradient reached the attention: backpropagate a score inside the "
                              "`with vitviz.capture(..., grad=True)` block")

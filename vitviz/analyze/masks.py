@@ -24,6 +24,10 @@ def mass_masks(maps: torch.Tensor, fraction: float = 0.6) -> torch.Tensor:
         ``[..., gh, gw]`` bool. A map with no mass gives an empty mask. Ties are broken by
         patch order (the first of equal values is kept first).
 
+    Raises:
+        ValueError: ``fraction`` outside ``(0, 1]``, maps that are not ``[..., gh, gw]``, or
+            negative values.
+
     Example:
         >>> mass_masks(torch.tensor([[0.5, 0.3], [0.2, 0.0]]), 0.7)
         tensor([[ True,  True],

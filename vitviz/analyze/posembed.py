@@ -23,6 +23,9 @@ def pos_similarity_matrix(embed: torch.Tensor, grid: tuple[int, int]) -> torch.T
         ``[gh*gw, gh, gw]`` float32: ``out[i]`` is the similarity of patch ``i``'s embedding
         with every patch, laid out on the grid (the ViT paper, Fig. 7 centre).
 
+    Raises:
+        LayoutError: the embeddings do not hold the grid's positions.
+
     Shape:
         embed ``[P, D]`` -> ``[P, gh, gw]``
 

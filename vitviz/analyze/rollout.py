@@ -23,8 +23,19 @@ def discard_smallest(a: torch.Tensor, discard_ratio: float, keep_first: bool = T
     if it is among the ``k`` smallest (then ``k - 1`` entries are zeroed). Batched: one top-k
     over the flattened matrices, no per-sample loop.
 
+    Args:
+        a: ``[B, N, N]`` non-negative weights (fused heads).
+        discard_ratio: the share of entries to zero, in ``[0, 1)``.
+        keep_first: keep the ``[0, 0]`` (CLS->CLS) entry.
+
+    Returns:
+        ``[B, N, N]``: a new tensor, or ``a`` itself when nothing is discarded (``k == 0``).
+
+    Raises:
+        ValueError: ``discard_ratio`` outside ``[0, 1)``.
+
     Shape:
-        a: ``[B, N, N]`` -> ``[B, N, N]`` (a new tensor)
+        a: ``[B, N, N]`` -> ``[B, N, N]``
     """
     check_options(discard_ratio=discard_ratio)
     b, n, _ = a.shape
@@ -74,9 +85,19 @@ def rollout_matrix(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ra
                    start_layer: int = 0) -> torch.Tensor:
     """The full rollout product ``R = Â_L … Â_start`` over all tokens.
 
+    Args:
+        attn: :class:`AttentionMaps` ``[L, B, H, N, N]``.
+        head_fusion, discard_ratio: as :func:`rollout`.
+        start_layer: first layer of the product (negative counts from the end).
+
     Returns:
         ``[B, N, N]`` float32; row ``i`` says how much of token ``i``'s final representation
         flows from each input token.
+
+    Raises:
+        ValueError: ``start_layer`` out of range, an unknown head fusion or a discard ratio
+            outside ``[0, 1)``.
+        LayoutError: reduced keys (queries and keys must be the same tokens).
     """
     attn.require_square("rollout")
     t = attn.tensor  # [L, B, H, N, N]
@@ -128,6 +149,16 @@ def token_map(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     The CLS row over the patch tokens (prefix tokens dropped), or, for a model without a CLS
     token, the mean of the patch rows.
 
+    Args:
+        rows: ``[..., N, N]`` token-to-token matrices (a rollout or relevance product).
+        layout: the token layout of the ``N`` tokens.
+
+    Returns:
+        ``[..., gh, gw]``: the map over the patch grid, not rescaled.
+
+    Raises:
+        LayoutError: ``N`` does not fit ``layout``.
+
     Shape:
         rows: ``[..., N, N]`` -> ``[..., gh, gw]``
     """
@@ -154,6 +185,11 @@ def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: fl
     Returns:
         ``[B, gh, gw]`` float32: the CLS row of the rollout product over the patch tokens,
         not rescaled (for models without CLS, the mean of the patch rows).
+
+    Raises:
+        ValueError: ``start_layer`` out of range, an unknown head fusion or a discard ratio
+            outside ``[0, 1)``.
+        LayoutError: reduced keys (queries and keys must be the same tokens).
 
     Example:
         >>> with vitviz.capture(m) as rec:
@@ -231,7 +267,15 @@ class RolloutStream:
 
     def update(self, attn_l: torch.Tensor, *, layer: int, layout: TokenLayout,
                num_layers: int | None = None) -> None:
-        """Fold in layer ``layer`` (of ``num_layers``, when known) with attention ``[B, H, N, N]``."""
+        """Fold in one layer's attention (called by the capture as the layer runs).
+
+        Args:
+            attn_l: ``[B, H, N, N]`` the layer's attention (or ``[B, 1, N, N]`` with the heads
+                already fused as :attr:`fused_heads` says).
+            layer: the layer's index in forward order.
+            layout: the token layout of this input.
+            num_layers: the depth of the model, when known before the pass ends.
+        """
         self.layers_seen = max(self.layers_seen, layer + 1)
         start = self.start_layer
         if start < 0 and num_layers:
@@ -244,7 +288,18 @@ class RolloutStream:
             self.matrices = self.matrices[start:]
 
     def result(self, layout: TokenLayout) -> torch.Tensor:
-        """The rollout map ``[B, gh, gw]`` of the layers seen."""
+        """The rollout map of the layers seen.
+
+        Args:
+            layout: the token layout of the input.
+
+        Returns:
+            ``[B, gh, gw]`` float32, equal to :func:`rollout` on the stored attention.
+
+        Raises:
+            ValueError: no layer at or after ``start_layer`` was seen.
+            LayoutError: the layers' token count does not fit ``layout``.
+        """
         if not self.matrices:
             raise ValueError(f"no layer at or after start_layer {self.start_layer} was seen "
                              f"({self.layers_seen} layers seen)")

@@ -1,7 +1,7 @@
 """Attention capture at the attention op: ``capture()``, its read-only ``Recording``, and the
 adapter registry (what each library knows about its attention modules).
 
-(Named `hooks`, not `capture`, so that the subpackage never shadows the `vitviz.capture` function.)
+(Named `attention`, not `capture`, so that the subpackage never shadows the `vitviz.capture` function.)
 """
 
 from . import _timm, _torch_mha, _transformers  # noqa: F401  (register adapters)

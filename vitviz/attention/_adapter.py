@@ -1,6 +1,6 @@
 """The adapter registry: what only a library knows about its attention modules.
 
-Capture reads attention at the op (:mod:`._ops`), for any module. An adapter adds what the op
+Capture reads attention at the op (:mod:`._mode`), for any module. An adapter adds what the op
 cannot tell: which modules of a model are attention sites and what their calls are -- image
 self-attention, text self-attention or cross-attention (``find``). It switches nothing and
 hooks nothing.
@@ -49,7 +49,12 @@ class Windows:
     grid: tuple[int, int] | None = None
 
     def scheme(self):
-        """The :class:`~vitviz.attention._windows.WindowScheme` of the running call, or None."""
+        """The window scheme of the block's running call.
+
+        Returns:
+            The :class:`~vitviz.attention._windows.WindowScheme`, or None outside a call or for a
+            block without windows (``window_size`` 0: a global block, as in SAM).
+        """
         from ._windows import WindowScheme
 
         if self.grid is None:
@@ -75,7 +80,11 @@ class Site:
     site's calls with fewer queries than keys (class token, latents) have the role POOL;
     with more queries than keys, they are image attention over reduced keys (PVT-style).
     ``windows`` describes window attention (Swin); ``note`` says why an INNER site's calls
-    are not attention over the image's tokens.
+    are not attention over the image's tokens, and ``what`` what they are (e.g. "channel
+    attention"): both go into ``rec.skipped``. ``coarse_queries``: the site pools its queries
+    onto a coarser grid than its keys (LeViT's subsampling attention, MViTv2's stage
+    transitions), so its calls with fewer queries than keys are image attention placed with
+    both grids, not a class token pooling the image (POOL).
     """
 
     name: str
@@ -84,6 +93,8 @@ class Site:
     adapter: Adapter | None = field(repr=False)
     windows: Windows | None = None
     note: str = ""
+    what: str = ""
+    coarse_queries: bool = False
 
 
 class Adapter:
@@ -91,12 +102,25 @@ class Adapter:
 
     name: str = ""
     priority: int = 100
-    # True when the library calls its attention ops only inside the site modules' forward (the
-    # capture may then scope its mode to them on models built only from library classes)
+    # True when the library calls its attention ops only inside the site modules' forward. Kept
+    # for adapters written against earlier versions: the capture's mode now sees the whole
+    # forward pass whatever the adapters say, so that every attention op is accounted for
     scoped: bool = False
 
     def find(self, root: nn.Module, is_free: Callable[[str], bool]) -> list[Site]:
-        """Return the attention sites this adapter knows, with their roles, in module order."""
+        """The attention sites this adapter knows in ``root``.
+
+        Args:
+            root: the model's root module.
+            is_free: ``is_free(name)`` is False for a module name that an adapter tried earlier
+                already claimed (itself, a parent or a child); claim only free ones.
+
+        Returns:
+            The :class:`Site` s, with their roles, in module order.
+
+        Raises:
+            NotImplementedError: in the base class; every adapter implements it.
+        """
         raise NotImplementedError
 
 
@@ -104,7 +128,17 @@ _ADAPTERS: dict[str, Adapter] = {}
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator: add an adapter (an instance of ``cls``) to the registry."""
+    """Class decorator: add an adapter (an instance of ``cls``) to the registry.
+
+    Args:
+        cls: an :class:`Adapter` subclass with a ``name``.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        ValueError: ``cls`` has no name.
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a name")
     _ADAPTERS[cls.name] = cls()
@@ -112,7 +146,11 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 
 def list_adapters() -> list[str]:
-    """Registered adapter names in the order they are tried."""
+    """The registered adapters.
+
+    Returns:
+        Their names in the order they are tried (by priority).
+    """
     return [a.name for a in sorted(_ADAPTERS.values(), key=lambda a: a.priority)]
 
 
@@ -127,7 +165,19 @@ def get_adapter(name: str) -> Adapter:
 
 
 def discover(root: nn.Module, adapters: list[str] | None = None) -> list[Site]:
-    """All attention sites of ``root`` found by the registered adapters, in priority order."""
+    """All attention sites of ``root`` that the adapters know.
+
+    Args:
+        root: the model's root module.
+        adapters: the adapter names to try (default: every registered adapter).
+
+    Returns:
+        The :class:`Site` s, adapter by adapter in priority order; a module claimed by one
+        adapter is not offered to the next.
+
+    Raises:
+        VitvizError: an unknown adapter name (the message lists the close ones).
+    """
     chosen = [get_adapter(n) for n in adapters] if adapters else [
         _ADAPTERS[n] for n in list_adapters()]
     claimed: list[str] = []
@@ -149,7 +199,16 @@ def discover(root: nn.Module, adapters: list[str] | None = None) -> list[Site]:
 
 
 def count_layers(root: nn.Module, role: str = IMAGE) -> int | None:
-    """How many ``role`` attention layers the adapters know in ``root`` (a module not known to
-    any adapter may add more at run time), or None when they know none."""
+    """How many attention layers of one role the adapters know in ``root``.
+
+    Args:
+        root: the model's root module.
+        role: ``IMAGE``, ``TEXT``, ``CROSS``, ...; sites whose role is decided per call
+            (``AUTO``) count too.
+
+    Returns:
+        The count, or None when the adapters know none (a module not known to any adapter may
+        add more at run time).
+    """
     n = sum(1 for s in discover(root) if s.role in (role, AUTO))
     return n or None

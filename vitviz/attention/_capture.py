@@ -4,7 +4,7 @@ Inside the ``with`` block, :class:`~vitviz.attention._mode.AttentionOps` (a ``To
 thread-local) sees the model's own attention calls and hands their probabilities to the
 capture's internal :class:`_Recorder`; the only hook on the model is a forward pre-hook on the
 root module that marks where a forward pass begins. No implementation flag or config of the
-model is switched. Adapters (:mod:`._registry`) say what only the library knows: which
+model is switched. Adapters (:mod:`._adapter`) say what only the library knows: which
 modules are image self-attention, text self-attention or cross-attention. Calls in modules no
 adapter claims are decided per call: square (queries = keys) is image self-attention,
 otherwise cross-attention. A call is attributed to a layer by its role and call order.
@@ -42,6 +42,7 @@ With ``keep="none"`` nothing per layer outlives its use.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..errors import CaptureError, LayoutError
+from ..errors import CaptureError, IncompleteCaptureWarning, LayoutError, UnplacedAttentionError
 from ..models import VisionModel, wrap
 from ..types import AttentionMaps, CrossAttentionMaps, TokenLayout
 from ._adapter import AUTO, CROSS, IMAGE, INNER, POOL, TEXT, Site, discover
@@ -59,8 +60,6 @@ from ._windows import scatter_visible, stitch
 
 # implementations whose attention runs in kernels that the op level cannot see
 _VISIBLE_HF_IMPLEMENTATIONS = (None, "eager", "sdpa")
-# libraries whose module classes call attention only inside the modules their adapters name
-_LIBRARIES = ("timm.", "transformers.", "torch.nn.")
 
 
 @dataclass
@@ -91,21 +90,83 @@ class Pass:
     unplaced: list[tuple[int, str]] = field(default_factory=list)
     # [B, V] grid indices of the patches a masked-image-modelling encoder sees (ViT-MAE), or None
     visible: torch.Tensor | None = None
+    # frames of a video input ([B, T, C, H, W]), or None for images
+    frames: int | None = None
+    # the module calls of this pass inside which attention ops ran (the layers the pass ran), in order
+    calls: list[_Call] = field(default_factory=list)
 
     def of(self, role: str) -> list[torch.Tensor]:
+        """The kept layers of one role.
+
+        Args:
+            role: ``IMAGE``, ``TEXT``, ``CROSS`` or ``POOL``.
+
+        Returns:
+            Their attention tensors, in the order they ran.
+        """
         return [t for r, _, t, _ in self.records if r == role]
 
     def layers(self, role: str) -> list[int]:
+        """The indices of the kept layers of one role.
+
+        Args:
+            role: ``IMAGE``, ``TEXT``, ``CROSS`` or ``POOL``.
+
+        Returns:
+            Each kept layer's index among the layers of that role, in the order they ran.
+        """
         return [i for r, _, _, i in self.records if r == role]
 
 
-def _input_hw(args: tuple, kwargs: dict) -> tuple[tuple[int, int] | None, int | None]:
-    """Height and width, and batch size, of the first image-like tensor ([B, C, H, W]) among a
-    call's inputs."""
+# statuses of an attention op: read (kept, streamed or counted), left out on the user's request,
+# or skipped with its reason (what it is, why it is not read)
+RECORDED, REQUESTED, SKIPPED = "recorded", "requested", "skipped"
+
+
+@dataclass(eq=False)
+class _Op:
+    """One attention op the mode saw: an SDPA call, a softmax over the last dimension of a 3-D or
+    larger tensor, or an ``F.multi_head_attention_forward`` call. ``status`` None: not accounted
+    for (yet)."""
+
+    kind: str
+    call: _Call | None
+    status: str | None = None
+    what: str = ""
+    why: str = ""
+
+
+@dataclass(eq=False)
+class _Call:
+    """A module call inside which attention ops ran: one attention layer of the pass."""
+
+    name: str
+    module: nn.Module = field(repr=False)
+    ops: list[_Op] = field(default_factory=list)
+    # 3-D attentions ([B, Q, K]) read in this call, recorded together at its end: several of
+    # them in one call are the heads of one layer (EfficientViT-MSRA's cascaded group attention)
+    pending: list = field(default_factory=list, repr=False)
+
+
+# modules that wrap one function: an op inside them belongs to the module that called them
+_LEAF_MODULES = (nn.Softmax, nn.Dropout, nn.Identity)
+
+
+def _input_hw(args: tuple, kwargs: dict) -> tuple[tuple[int, int] | None, int | None, int | None]:
+    """Height and width, batch size and frames of the first image-like tensor ([B, C, H, W], or
+    a video [B, T, C, H, W]) among a call's inputs."""
     for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
-            return (int(value.shape[-2]), int(value.shape[-1])), int(value.shape[0])
-    return None, None
+        if isinstance(value, torch.Tensor) and value.dim() in (4, 5) and value.is_floating_point():
+            frames = int(value.shape[1]) if value.dim() == 5 else None
+            return (int(value.shape[-2]), int(value.shape[-1])), int(value.shape[0]), frames
+    return None, None, None
+
+
+def _video_frames(module: nn.Module) -> int | None:
+    """The frames a video model's config states (VideoMAE, ViViT, TimeSformer: ``num_frames``)."""
+    config = getattr(module, "config", None)
+    frames = getattr(config, "num_frames", None) if config is not None else None
+    return frames if isinstance(frames, int) and frames > 1 else None
 
 
 def _num_heads(module: nn.Module) -> int | None:
@@ -149,6 +210,21 @@ def _selected(keep, index: int, num_layers: int) -> bool:
     return any(k == index or (k < 0 and (not num_layers or k % num_layers == index)) for k in keep)
 
 
+def _folded(f, shape: tuple):
+    """``f`` with its result reshaped to ``shape`` (batch dimensions folded into one)."""
+    return lambda *args: f(*args).reshape(shape)
+
+
+def _head_placer(i: int, heads: int, place):
+    """The gradient of head ``i`` of ``heads`` (``[B, Q, K]``) as a gradient of the whole layer
+    (``[B, heads, Q, K]``, zero elsewhere), then put on the grid by ``place``."""
+    def placed(g: torch.Tensor) -> torch.Tensor:
+        full = g.new_zeros(g.shape[0], heads, *g.shape[1:])
+        full[:, i] = g
+        return place(full) if place is not None else full
+    return placed
+
+
 class _Recorder:
     """The machinery that fills a :class:`Recording`: called by the op-level mode and by the
     root module's pre-hook. Internal; users read the :class:`Recording`."""
@@ -177,6 +253,114 @@ class _Recorder:
         self.passes: list[Pass] = []
         self.grad_handles: list = []  # RemovableHandles of the tensor hooks
         self.open = True
+        # the module calls running now, innermost last: [module, its _Call once an attention op ran in it]
+        self.call_stack: list[list] = []
+        self.video_frames = _video_frames(model.module)  # a video model (config: num_frames)
+
+    # -- accounting: every attention op the mode sees ------------------------------------
+    def enter_call(self, module: nn.Module) -> None:
+        """A module of the model is called (its forward pre-hook)."""
+        self.call_stack.append([module, None])
+
+    def leave_call(self, module: nn.Module) -> None:
+        """A module call ends (its forward hook, also when the forward raised): record what was
+        read in it together (:meth:`flush`)."""
+        if not any(m is module for m, _ in self.call_stack):
+            return  # called before the capture began
+        while self.call_stack:
+            m, call = self.call_stack.pop()
+            if call is not None and call.pending:
+                self.flush(call)
+            if m is module:
+                return
+
+    def op(self, kind: str, module: nn.Module | None) -> _Op | None:
+        """Count an attention op run by ``module`` inside the innermost module call running now;
+        None when no module of the model is being called (the user's own code in the block).
+        Ops of sites that are not attention over the image's tokens are skipped with the site's
+        reason at once; with ``adapters=``, ops outside their sites are left out on request."""
+        if not self.call_stack:
+            return None
+        entry = self.call_stack[-1]
+        call = entry[1]
+        if call is None:
+            m = entry[0]
+            call = entry[1] = _Call(self.names.get(id(m)) or type(m).__name__, m)
+            self.current().calls.append(call)
+        op = _Op(kind, call)
+        call.ops.append(op)
+        site = self.owner.get(id(module)) if module is not None else None
+        if site is not None and site.role == INNER:
+            self.resolve([op], SKIPPED, site.what or "attention", site.note)
+        elif site is None and self.restricted:
+            self.resolve([op], REQUESTED)
+        return op
+
+    @staticmethod
+    def resolve(ops, status: str, what: str = "", why: str = "") -> None:
+        """Account for ``ops`` (those not yet accounted for): ``status`` with ``what`` / ``why``."""
+        for op in ops:
+            if op is not None and op.status is None:
+                op.status, op.what, op.why = status, what, why
+
+    def unread(self, ops, module: nn.Module | None) -> None:
+        """Ops that :meth:`site_for` did not give a site: skipped with an INNER site's reason, or
+        left out on request when ``adapters=`` chose other modules."""
+        site = self.owner.get(id(module)) if module is not None else None
+        if site is not None and site.role == INNER:
+            self.resolve(ops, SKIPPED, site.what or "attention", site.note)
+        elif self.restricted:
+            self.resolve(ops, REQUESTED)
+
+    def record_consumed(self, site: Site, role: str, attn: torch.Tensor, ops) -> None:
+        """Record a softmax output (or mixture of them) that multiplies values: 3-D ones at the
+        end of their module call (several in one call are the heads of one layer), tensors with
+        more than one batch dimension (``[B, windows, H, Q, K]``) with those folded."""
+        if attn.dim() == 3:
+            call = next((op.call for op in ops if op is not None and op.call is not None), None)
+            if call is not None and any(m[1] is call for m in self.call_stack):
+                call.pending.append((site, role, attn, tuple(ops)))
+                return
+        if attn.dim() > 4:
+            self.record(site, role, attn.reshape(-1, *attn.shape[-3:]), graph=attn, ops=ops)
+        else:
+            self.record(site, role, attn, ops=ops)
+
+    def flush(self, call: _Call) -> None:
+        """Record the 3-D attentions read in ``call``: one layer, or one layer whose heads they
+        are when there are several of one shape (EfficientViT-MSRA runs one attention per head)."""
+        pending, call.pending = call.pending, []
+        if len(pending) == 1:
+            self.record(*pending[0][:3], ops=pending[0][3])
+            return
+        same = len({(id(site), role, tuple(a.shape)) for site, role, a, _ in pending}) == 1
+        if not same:  # unrelated attentions in one call: each its own layer
+            for site, role, a, ops in pending:
+                self.record(site, role, a, ops=ops)
+            return
+        site, role = pending[0][:2]
+        heads = [a for _, _, a, _ in pending]
+        self.record(site, role, torch.stack(heads, dim=1), graph=heads,  # [B, H, Q, K]
+                    ops=[op for *_, ops in pending for op in ops])
+
+    def accounting(self, p: Pass) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """``(skipped, unaccounted)`` of pass ``p``: ``(module, what, why)`` of every layer seen
+        and not read (one per reason), and the names of the layers neither read nor explained.
+
+        A layer is a module call inside which attention ops ran: it is read when one of its ops
+        was (recorded, or left out on request), skipped when none was and one was skipped with
+        its reason, and unaccounted otherwise."""
+        skipped: list[tuple[str, str, str]] = []
+        unaccounted: list[str] = []
+        for call in p.calls:
+            statuses = {op.status for op in call.ops}
+            if statuses & {RECORDED, REQUESTED}:
+                continue
+            if SKIPPED in statuses:
+                skipped += dict.fromkeys((call.name, op.what, op.why) for op in call.ops if op.status == SKIPPED)
+            else:
+                unaccounted.append(call.name)
+        return skipped, unaccounted
 
     # -- where a call belongs --------------------------------------------------------------
     def site_for(self, module: nn.Module | None, queries: int, keys: int,
@@ -204,9 +388,10 @@ class _Recorder:
                 role = IMAGE  # more queries than keys in a model without text: reduced keys (HF PVT)
             else:
                 role = CROSS
-        elif role == IMAGE and queries < keys:
+        elif role == IMAGE and queries < keys and not site.coarse_queries:
             role = POOL  # class token or latents pooling image tokens (CaiT, attention-pool heads)
-        # IMAGE with more queries than keys: keys reduced to a coarser grid (PVT, Segformer)
+        # IMAGE with more queries than keys: keys reduced to a coarser grid (PVT, Segformer); with
+        # fewer at a site that pools its queries: queries on a coarser grid (LeViT, MViTv2)
         return site, role
 
     def current(self) -> Pass:
@@ -214,8 +399,8 @@ class _Recorder:
             self.begin(None)
         return self.passes[-1]
 
-    def begin(self, hw: tuple[int, int] | None, batch: int | None = None) -> None:
-        self.passes.append(Pass(input_hw=hw, batch=batch))
+    def begin(self, hw: tuple[int, int] | None, batch: int | None = None, frames: int | None = None) -> None:
+        self.passes.append(Pass(input_hw=hw, batch=batch, frames=frames))
         for stream in self.streams.values():
             stream.reset()
 
@@ -252,23 +437,41 @@ class _Recorder:
         return role == IMAGE and bool(self.grad_streams) and torch.is_grad_enabled()
 
     def record_from_output(self, site: Site, role: str, out: torch.Tensor, grad_of, recompute,
-                           num_keys: int) -> None:
+                           num_keys: int, num_queries: int | None = None, ops=()) -> None:
         """Count a layer that ran the fused kernel and hook its output: ``grad_of(dOut)`` is the
         gradient with respect to the probabilities, ``recompute()`` the probabilities."""
         p = self.current()
+        if out.dim() > 4:  # more than one batch dimension ([B, windows, H, L, dv]): folded
+            shape = (-1, *out.shape[-3:-1], num_keys)
+            grad_of, recompute = _folded(grad_of, shape), _folded(recompute, shape)
+        batch = out.shape[:-3].numel() if out.dim() >= 4 else out.shape[0]
+        queries = num_queries if num_queries is not None else num_keys
         try:
-            scheme, layouts = self.place(p, site, role, (out.shape[0], 0, num_keys, num_keys))
+            scheme, layouts = self.place(p, site, role, (batch, 0, queries, num_keys))
         except LayoutError as e:
             _, index = self.next_layer(role)
-            p.unplaced.append((index, str(e)))
+            self._unplaced(p, role, index, e, ops)
             return
         p, index = self.next_layer(role, num_keys)
         p.layouts[(role, index)] = layouts
+        self.resolve(ops, RECORDED)
         self.hook_grad(p, (role, index), out, recompute, store=False, grad_of=grad_of)
 
-    def skip(self, role: str) -> None:
-        """Count a layer that ran on the fused kernel, so that the next ones get their index."""
+    def skip(self, role: str, ops=()) -> None:
+        """Count a layer that ran on the fused kernel (nothing needs its probabilities: left out
+        on request), so that the next ones get their index."""
         self.next_layer(role)
+        self.resolve(ops, REQUESTED)
+
+    def _unplaced(self, p: Pass, role: str, index: int, error: LayoutError, ops) -> None:
+        """A layer that cannot be placed on the image: named in the error that ``rec.stages``
+        raises (image layers; a pooling layer is only left out of ``rec.pool``) and skipped."""
+        if role == IMAGE:
+            p.unplaced.append((index, str(error)))
+        what = {IMAGE: "image attention", POOL: "pooling attention"}.get(role, "attention")
+        if p.frames is not None or self.video_frames is not None:
+            what = "attention over video tokens"
+        self.resolve(ops, SKIPPED, what, str(error))
 
     def next_layer(self, role: str, num_keys: int | None = None) -> tuple[Pass, int]:
         """Count the next layer of ``role`` (over ``num_keys`` tokens, when known): its pass and index."""
@@ -306,7 +509,7 @@ class _Recorder:
             out += list(dict.fromkeys(why for _, why in p.unplaced))
         return out
 
-    def record(self, site: Site, role: str, attn: torch.Tensor, graph: torch.Tensor | None = None) -> None:
+    def record(self, site: Site, role: str, attn: torch.Tensor, graph=None, ops=()) -> None:
         """Record one attention call.
 
         Args:
@@ -315,6 +518,9 @@ class _Recorder:
             graph: the tensor of the autograd graph whose gradient is the gradient with
                 respect to ``attn`` (same number of elements, e.g. ``[B*H, Q, K]``), when
                 ``attn`` itself is a view the model does not compute with; default ``attn``.
+                A list: the heads of ``attn``, each ``[B, Q, K]``, computed separately by the
+                model (EfficientViT-MSRA).
+            ops: the mode's entries of the ops this layer was read from (accounted for here).
         """
         p = self.current()
         if graph is None:
@@ -332,8 +538,7 @@ class _Recorder:
                 placer, layouts = self.place(p, site, role, tuple(attn.shape))
             except LayoutError as e:  # counted, so that the other layers keep their indices
                 _, index = self.next_layer(role)
-                if role == IMAGE:  # (a pooling layer that cannot be placed is only left out of rec.pool)
-                    p.unplaced.append((index, str(e)))
+                self._unplaced(p, role, index, e, ops)
                 return
             if placer is not None:
                 placed = placer(attn)  # [B, H, N, N] on the image's token grid
@@ -349,8 +554,19 @@ class _Recorder:
         if kept:  # [B, H, Q, K]; detached float32 (no copy when already float32)
             p.records.append((role, site, placed.detach().float(), index))
         streamed = role == IMAGE and bool(self.grad_streams)
+        self.resolve(ops, RECORDED if kept or streamed or (role == IMAGE and self.forward_streams) else REQUESTED)
         if self.grad and role != POOL and (kept or streamed):
-            self.hook_grad(p, (role, index), graph, placed, store=kept, place=placer, shape=attn.shape)
+            if isinstance(graph, list):  # heads computed separately: a hook on each
+                if streamed:
+                    raise CaptureError(
+                        f"{site.name} ({type(site.module).__name__}) computes each head's attention separately; "
+                        "gradient streams need one tensor per layer: use vitviz.capture(..., grad=True) with "
+                        "keep='all' and read rec.attention_grads")
+                for i, head in enumerate(graph):
+                    self.hook_grad(p, (role, index), head, placed, store=kept, shape=head.shape,
+                                   place=_head_placer(i, len(graph), placer))
+            else:
+                self.hook_grad(p, (role, index), graph, placed, store=kept, place=placer, shape=attn.shape)
         # not kept: freed as soon as the model (and the backward pass) is done with it
 
     def place(self, p: Pass, site: Site, role: str, shape: tuple):
@@ -368,6 +584,13 @@ class _Recorder:
                 a scheme vitviz does not know, tokens that tile no grid).
         """
         batch, queries, keys = shape[0], shape[-2], shape[-1]
+        if self.video_frames is not None or p.frames is not None:
+            what = (f"the tokens of a video ({self.video_frames or p.frames} frames)" if self.video_frames is not None
+                    else f"the tokens of a 5-D input ({p.frames} frames or tiles)")
+            raise LayoutError(
+                f"{self.model.name}: {site.name} ({type(site.module).__name__}) attends over {what}; the video "
+                "layout (time x grid: which tokens belong to which frame) is not supported yet, so vitviz does not "
+                "place them on an image grid")
         windows = site.windows
         scheme = windows.scheme() if windows is not None else None
         if scheme is not None and (p.batch is None or batch == p.batch * scheme.num_windows):
@@ -467,7 +690,11 @@ class _Recorder:
 
         self.grad_handles.append(tensor.register_hook(on_grad))
         p.hooked.add(key)
-        p.graph[key] = tensor
+        if key in p.graph:  # heads computed separately (EfficientViT-MSRA): every head's tensor
+            prev = p.graph[key]
+            p.graph[key] = (prev if isinstance(prev, list) else [prev]) + [tensor]
+        else:
+            p.graph[key] = tensor
 
     def close(self) -> None:
         """Remove every tensor hook and drop the graph tensors (on exit, also after an error)."""
@@ -550,14 +777,14 @@ class Recording:
     def _stages(self, p: Pass) -> list[AttentionMaps]:
         """The kept image layers of pass ``p``, grouped by their tokens, in order of appearance."""
         groups: dict = {}
-        for i, t in self._rec.kept(p, IMAGE):
-            groups.setdefault(p.layouts[(IMAGE, i)], []).append((i, t))
+        for i, t in self._rec.kept(p, IMAGE):  # a stage: one token grid (queries, keys) and head count
+            groups.setdefault((*p.layouts[(IMAGE, i)], t.shape[1]), []).append((i, t))
         stages = []
-        for (query, key), layers in groups.items():
+        for (query, key, _), layers in groups.items():
             if len(groups) == 1:  # every kept layer: the stack they were computed into, where they were
                 tensor = self._stacked(p, IMAGE, "image self-attention")
             else:
-                tensor = torch.stack([t for _, t in layers])
+                tensor = _stack([t for _, t in layers], "image self-attention")
             stages.append(AttentionMaps(tensor, query, key, layers=tuple(i for i, _ in layers)))
         return stages
 
@@ -566,16 +793,62 @@ class Recording:
         attention is not over its tokens): ``what`` is then incomplete."""
         notes = self._rec.notes(p)
         unplaced = p.unplaced if p is not None else []
-        if unplaced or (notes and (p is None or not self._rec.kept(p, IMAGE))):
-            layers = f"{len(unplaced)} image attention layer(s) of {self.model.name} could not be placed on the " \
-                     "image grid" if unplaced else f"{self.model.name} has no attention over its image tokens"
-            raise CaptureError(f"{layers}, so {what} would be incomplete: " + "; ".join(notes))
+        if unplaced:
+            raise UnplacedAttentionError(
+                f"{len(unplaced)} image attention layer(s) of {self.model.name} could not be placed on the image "
+                f"grid, so {what} would be incomplete: " + "; ".join(notes))
+        if notes and (p is None or not self._rec.kept(p, IMAGE)):
+            raise CaptureError(f"{self.model.name} has no attention over its image tokens, so {what} would be "
+                               "incomplete: " + "; ".join(notes))
+
+    def _last_pass_with_attention(self) -> Pass | None:
+        return next((q for q in reversed(self._rec.passes) if q.calls), None)
+
+    @property
+    def skipped(self) -> list[tuple[str, str, str]]:
+        """``(module, what, why)`` of every attention layer of the last pass that ran attention
+        and that vitviz did not read, with its reason, e.g. ``("blocks.0.attn", "channel
+        attention", "DaViT's channel attention is a softmax over feature channels, not tokens")``:
+        attention that is not over the image's tokens, layers that cannot be placed on the
+        image, weights that are not probabilities. (Every pass: ``rec.passes[i]`` via
+        :meth:`accounting`.) A layer is a module call inside which attention ops ran."""
+        p = self._last_pass_with_attention()
+        return [] if p is None else self._rec.accounting(p)[0]
+
+    @property
+    def unaccounted(self) -> list[str]:
+        """The module names of the attention layers of the last pass that ran attention which
+        vitviz neither read nor left out on request nor can explain (not in :attr:`skipped`)."""
+        p = self._last_pass_with_attention()
+        return [] if p is None else self._rec.accounting(p)[1]
+
+    def accounting(self, p: Pass) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """What one forward pass left unread, and why (see :attr:`skipped`).
+
+        Args:
+            p: one of :attr:`passes`.
+
+        Returns:
+            ``(skipped, unaccounted)``: ``(module, what, why)`` of every layer seen and not read,
+            and the names of the layers neither read nor explained.
+        """
+
+        return self._rec.accounting(p)
+
+    @property
+    def complete(self) -> bool:
+        """True when every attention layer of every pass in the block was recorded, left out on
+        request (``keep=``, streams, the fused kernel of a layer nothing needs, ``adapters=``),
+        or is in :attr:`skipped` with its reason. False: some attention ran that vitviz could
+        not read and cannot explain (:attr:`unaccounted`; the capture warned)."""
+        return not any(self._rec.accounting(p)[1] for p in self._rec.passes)
 
     @property
     def stages(self) -> list[AttentionMaps]:
         """The image self-attention of the last pass that ran it, one :class:`AttentionMaps` per
-        stage: the layers that attend over the same tokens (a stage of PiT, LeViT, Swin or PVT,
-        a branch of CrossViT), each with its own layout, ``key_layout`` (keys reduced to a
+        stage: the layers that attend over the same tokens with the same number of heads (a stage
+        of PiT, LeViT, Swin or PVT, a branch of CrossViT; CoAtNet's layers on one grid with two
+        head counts are two stages), each with its own layout, ``key_layout`` (keys reduced to a
         coarser grid) and ``layers`` (their indices among all image layers). Window attention
         (Swin) is stitched into ``[N, N]`` over its stage's grid. A plain ViT has one stage,
         equal to :attr:`attentions`. Empty when no image attention ran."""
@@ -593,11 +866,11 @@ class Recording:
         if len(stages) > 1:
             grids = ", ".join(f"layers {s.layers[0]}-{s.layers[-1]}: {s.layout.grid[0]}x{s.layout.grid[1]}"
                               + (f" over keys {s.keys.grid[0]}x{s.keys.grid[1]}" if not s.square else "")
-                              for s in stages)
+                              + f" ({s.num_heads} heads)" for s in stages)
             raise CaptureError(
-                f"{self.model.name} attends over {len(stages)} token grids ({grids}); rec.attentions holds "
-                "one grid: read rec.stages, one AttentionMaps per stage (maps per layer on that layer's "
-                "grid; rollout within a stage)")
+                f"{self.model.name} attends over {len(stages)} token grids or head counts ({grids}); "
+                "rec.attentions holds one grid: read rec.stages, one AttentionMaps per stage (maps per layer "
+                "on that layer's grid; rollout within a stage)")
         s = stages[0]
         return AttentionMaps(s.tensor, s.layout, s.key_layout)
 
@@ -633,7 +906,17 @@ class Recording:
         return None if p is None else self._stacked(p, TEXT, "text self-attention")
 
     def stream(self, name: str) -> torch.Tensor:
-        """The result of the streaming analysis ``name`` for the last pass with image attention.
+        """The result of a streaming analysis for the last pass with image attention.
+
+        Args:
+            name: the stream's key in ``capture(..., streams=)``.
+
+        Returns:
+            What the stream's ``result(layout)`` returns (``[B, gh, gw]`` for rollout and relevance).
+
+        Raises:
+            CaptureError: no such stream, no image self-attention ran, or its layers could not be
+                placed on the image grid.
 
         Example:
             >>> with vitviz.capture(m, keep="none", streams={"rollout": RolloutStream()}) as rec:
@@ -658,8 +941,15 @@ class Recording:
         compute only the gradients the capture needs: parameter gradients are then neither
         computed nor accumulated into ``.grad``. Only inside the ``with`` block.
 
+        Args:
+            role: the attention whose tensors to return (default: image self-attention).
+
         Returns:
             Tensors of the autograd graph (the attention tensors, or what they are views of).
+
+        Raises:
+            CaptureError: the capture has no ``grad=True``, the block has ended, or no attention of
+                ``role`` ran.
         """
         if not self.grad:
             raise CaptureError("gradients are not recorded: use vitviz.capture(model, grad=True)")
@@ -669,7 +959,12 @@ class Recording:
         p = next((q for q in reversed(self._rec.passes) if q.seen.get(role)), None)  # last pass with it
         if p is None:
             return []
-        return [p.graph[k] for k in sorted(p.graph) if k[0] == role]
+        out: list[torch.Tensor] = []
+        for k in sorted(p.graph):
+            if k[0] == role:
+                tensors = p.graph[k]
+                out += tensors if isinstance(tensors, list) else [tensors]
+        return out
 
     def _grads_of(self, role: str, what: str) -> torch.Tensor | None:
         """``[L, B, H, Q, K]`` gradients of the last pass with ``role`` attention, or None."""
@@ -743,10 +1038,6 @@ class _Setup:
     modules: dict[int, nn.Module]  # id(module) -> module
     owner: dict[int, Site]  # id(module) -> the site whose module holds it
     num_layers: dict[str, int]  # layers of each role per pass (0: known only after a pass)
-    # the mode may be active only inside the sites: every module is a timm, transformers or
-    # torch.nn class (no user code that could call attention elsewhere) and no site is a torch
-    # MultiheadAttention (whose encoder layer decides on its fast path outside the site)
-    scoped: bool = False
     # id(module) -> the window scheme of the window block it is in (transformers Swin layers)
     windows: dict = field(default_factory=dict)
     # embeddings of masked-image-modelling encoders (ViT-MAE) that say which patches are seen
@@ -776,11 +1067,9 @@ def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: list[s
     for site in sites:  # every module inside a site belongs to that site
         for m in site.module.modules():
             owner.setdefault(id(m), site)
-    library = all(type(m).__module__.startswith(_LIBRARIES) for _, m in named)
-    scoped = bool(sites) and library and all(s.adapter is not None and s.adapter.scoped for s in sites)
     setup = _Setup(key, sites, {id(m): n for n, m in named}, {id(m): m for _, m in named}, owner,
                    {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)},
-                   scoped, windows, masking_embeddings(root))
+                   windows, masking_embeddings(root))
     vm._capture_setup = setup
     return setup
 
@@ -882,30 +1171,38 @@ def capture(model, *, adapters: list[str] | None = None, grad: bool = False, kee
                     windows.grid = windows.read_grid(args, kwargs)
 
             stack.callback(windows.block.register_forward_pre_hook(read, with_kwargs=True).remove)
-        if setup.scoped:
-            # library models: the mode is active only while an attention module runs, so the
-            # rest of the forward pass (MLPs, norms) pays nothing for it
-            def enter(_module, _args):
-                if threading.get_ident() == thread:
-                    ops.__enter__()
+        # every module call of the model, so that each attention op is counted in the module call
+        # (the layer) that ran it; the mode itself sees the whole block, not only the modules the
+        # adapters know, so that no attention op goes unseen
+        def call_in(module, _args):
+            if threading.get_ident() == thread:
+                recorder.enter_call(module)
 
-            def leave(_module, _args, _output):  # always_call: also when the forward raises
-                if threading.get_ident() == thread:
-                    ops.__exit__(None, None, None)
+        def call_out(module, _args, _output):  # always_call: also when the forward raises
+            if threading.get_ident() == thread:
+                recorder.leave_call(module)
 
-            for site in setup.sites:
-                for h in (site.module.register_forward_pre_hook(enter),
-                          site.module.register_forward_hook(leave, always_call=True)):
-                    stack.callback(h.remove)
-        else:
-            stack.enter_context(ops)
+        handles = []
+        stack.callback(lambda: [h.remove() for h in handles])
+        for _, m in named:
+            if not isinstance(m, (_LEAF_MODULES, torch.jit.ScriptModule)):
+                handles += [m.register_forward_pre_hook(call_in), m.register_forward_hook(call_out, always_call=True)]
+        stack.enter_context(ops)
         stack.callback(ops.forget)
+        stack.callback(recorder.call_stack.clear)
         yield Recording(recorder)
+    accounts = [recorder.accounting(p) for p in recorder.passes]
     if recorder.passes and not any(p.seen for p in recorder.passes):
         notes = recorder.notes()
         if notes:
             raise CaptureError(f"{vm.name} ran inside the capture but has no attention over its image tokens: "
                                + "; ".join(notes))
+        unread = list(dict.fromkeys(c.name for p in recorder.passes for c in p.calls))
+        if unread:
+            reasons = list(dict.fromkeys(f"{why}" for skipped, _ in accounts for _, _, why in skipped))
+            raise CaptureError(
+                f"{vm.name} ran attention in {_names(unread)}, but vitviz could read none of it: "
+                + ("; ".join(reasons) if reasons else _UNREAD))
         known = ", ".join(f"{s.name} ({s.adapter.name})" for s in recorder.sites[:6] if s.adapter)
         raise CaptureError(
             f"{vm.name} ran inside the capture but no attention call was seen"
@@ -915,3 +1212,19 @@ def capture(model, *, adapters: list[str] | None = None, grad: bool = False, kee
             "flash-attn called directly) or in a torch.compile'd function cannot be seen: run the "
             "model with torch's own attention (e.g. model.set_attn_implementation('sdpa')) and "
             "uncompiled")
+    unaccounted = list(dict.fromkeys(name for _, names in accounts for name in names))
+    if unaccounted:
+        warnings.warn(
+            f"{vm.name}: {len(unaccounted)} attention layer(s) ran that vitviz neither read nor can explain: "
+            f"{_names(unaccounted)}; {_UNREAD}. The Recording is incomplete (rec.complete is False; "
+            "rec.unaccounted names them)", IncompleteCaptureWarning, stacklevel=3)
+
+
+# why an attention op that is neither read nor explained was not read
+_UNREAD = ("vitviz reads F.scaled_dot_product_attention, nn.MultiheadAttention and a softmax over the last "
+           "dimension (or a mixture of softmaxes whose rows sum to 1) that multiplies the values as A @ v or "
+           "v @ Aᵀ; these softmaxes never did")
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

@@ -87,8 +87,18 @@ def sdpa_probabilities(query: torch.Tensor, key: torch.Tensor, *, attn_mask=None
     Half-precision inputs give float32 probabilities (the softmax is taken in float32).
 
     Args:
+        query: ``[..., Hq, L, d]`` the queries as the model passed them (after RoPE, q-norm).
+        key: ``[..., Hk, S, d]`` the keys as the model passed them.
+        attn_mask: a boolean mask (``True`` keeps) or a float mask added to the logits,
+            broadcastable to ``[..., Hq, L, S]``; None for none.
+        is_causal: keep the top-left-aligned lower triangle only.
+        scale: the logit scale (default ``1/√d``).
+        enable_gqa: grouped-query attention: each key head serves ``Hq / Hk`` query heads.
         out: a tensor of the result's shape and dtype to compute into (no autograd): the
             logits are written there and normalised in place, with no temporary ``[..., L, S]``.
+
+    Returns:
+        ``[..., Hq, L, S]`` probabilities (rows sum to 1; float32 for half-precision inputs).
 
     Shape:
         query: ``[..., Hq, L, d]``, key: ``[..., Hk, S, d]`` -> ``[..., Hq, L, S]``
@@ -196,18 +206,56 @@ def _mha_weights_view_base(weights: torch.Tensor) -> torch.Tensor | None:
     return base
 
 
+# elementwise arithmetic through which softmax outputs are mixed into the weights that multiply
+# the values (ConViT's GPSA: a gated sum of two softmaxes, renormalised)
+_MIX = {torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+        torch.Tensor.__imul__, torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
+        torch.Tensor.__radd__, torch.Tensor.__iadd__, torch.sub, torch.Tensor.sub, torch.Tensor.sub_,
+        torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__isub__, torch.div, torch.true_divide,
+        torch.Tensor.div, torch.Tensor.div_, torch.Tensor.__truediv__, torch.Tensor.__itruediv__,
+        torch.Tensor.masked_fill, torch.Tensor.masked_fill_}
+_TRANSPOSE = {torch.transpose, torch.Tensor.transpose}
+# how far the rows of a mixture of softmax outputs may be from summing to 1 to be probabilities
+_ROW_SUM_TOLERANCE = 1e-3
+
+
+def _is_probabilities(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds probabilities over its last dimension (non-negative, rows sum to 1)."""
+    t = t.detach()
+    rows = t.sum(dim=-1, dtype=torch.float32)
+    return bool((t >= 0).all()) and bool(((rows - 1).abs() <= _ROW_SUM_TOLERANCE).all())
+
+
+class _Carry:
+    """What a tensor carries: a softmax output, or a mixture of softmax outputs (``mixed``), maybe
+    transposed over its last two dimensions (``transposed``). ``source`` is the tensor that is
+    the attention (weak); ``ops`` the recorder's entries of the softmax calls it comes from."""
+
+    __slots__ = ("source", "ops", "mixed", "transposed")
+
+    def __init__(self, source: torch.Tensor, ops: tuple, mixed: bool = False, transposed: bool = False):
+        self.source = weakref.ref(source)
+        self.ops = ops
+        self.mixed = mixed
+        self.transposed = transposed
+
+
 class AttentionOps(TorchFunctionMode):
     """The torch-function mode of one capture. Internal: :func:`vitviz.capture` enters it.
 
     Args:
-        recorder: the capture's internal recorder. ``site_for(module, queries, keys)`` gives the
-            site and role of a call of ``queries`` over ``keys`` tokens run by ``module`` (the
-            innermost module of the model on the stack, or None), or None for a call the capture
-            ignores; ``needs(role, site)`` says
-            whether the next layer of that role needs its probabilities; ``skip(role)`` counts
-            a layer left to the fused kernel; ``record(site, role, attn, graph=)`` records one;
-            ``wants_gradient(role)`` and ``record_from_output(...)`` serve gradient streams
-            from a fused call's output.
+        recorder: the capture's internal recorder. ``op(kind, module)`` counts an attention op
+            (an SDPA call, a softmax over the last dimension of a 3-D or larger tensor, an
+            ``F.multi_head_attention_forward`` call) run by ``module`` (the innermost module of
+            the model on the stack, or None) and returns its entry, which every path below
+            resolves: recorded, left out on request, or skipped with its reason (``resolve``,
+            ``unread``). ``site_for(module, queries, keys)`` gives the site and role of a call
+            of ``queries`` over ``keys`` tokens, or None for a call the capture does not read;
+            ``needs(role, site)`` says whether the next layer of that role needs its
+            probabilities; ``skip(role, ops)`` counts a layer left to the fused kernel;
+            ``record(site, role, attn, graph=, ops=)`` records one; ``record_consumed`` one
+            read from a softmax multiplied with values; ``wants_gradient(role)`` and
+            ``record_from_output(...)`` serve gradient streams from a fused call's output.
         modules: ``id(module) -> module`` of the model, to find the module running a call.
     """
 
@@ -215,8 +263,8 @@ class AttentionOps(TorchFunctionMode):
         super().__init__()
         self.recorder = recorder
         self.modules = modules
-        # id(tensor) -> (weak ref of that tensor, weak ref of the softmax output it carries)
-        self.softmax_outputs: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+        # id(tensor) -> (weak ref of that tensor, the _Carry of the softmax output(s) it carries)
+        self.softmax_outputs: dict[int, tuple[weakref.ref, _Carry]] = {}
 
     # -- which module runs this call -------------------------------------------------------
     def enclosing_module(self) -> torch.nn.Module | None:
@@ -242,107 +290,158 @@ class AttentionOps(TorchFunctionMode):
             out = func(*args, **kwargs)
             self._note_softmax(args, kwargs, out)
             return out
-        if func in _PASS_THROUGH:
-            out = func(*args, **kwargs)
-            if args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.softmax_outputs:
-                self._carry(args[0], out)
-            return out
-        if func in _MATMUL:
-            if self.softmax_outputs and args and isinstance(args[0], torch.Tensor):
-                self._consume(args[0])
-            return func(*args, **kwargs)
-        if func is torch.einsum:
-            if self.softmax_outputs:
-                operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-                for t in operands:
-                    if isinstance(t, torch.Tensor) and id(t) in self.softmax_outputs:
-                        self._consume(t)
-                        break
-            return func(*args, **kwargs)
         if func is _MHA:
             return self._mha(args, kwargs)
+        if not self.softmax_outputs:
+            return func(*args, **kwargs)
+        if func in _MATMUL:
+            if len(args) >= 2:
+                first, second = self._carried(args[0]), self._carried(args[1])
+                if first is not None and not first.transposed:
+                    self._consume(first)  # A @ v
+                elif second is not None and second.transposed:
+                    self._consume(second)  # v @ Aᵀ (EfficientViT-MSRA): out[..., i] = Σ_j v[..., j] A[i, j]
+            return func(*args, **kwargs)
+        if func in _PASS_THROUGH:
+            out = func(*args, **kwargs)
+            carry = self._carried(args[0]) if args else None
+            if carry is not None:
+                self._carry(out, carry)
+            return out
+        if func in _TRANSPOSE:
+            out = func(*args, **kwargs)
+            carry = self._carried(args[0]) if args else None
+            if carry is not None and _swaps_last_two(args, kwargs):
+                self._carry(out, _Carry(carry.source(), carry.ops, carry.mixed, not carry.transposed))
+            return out
+        if func in _MIX:
+            out = func(*args, **kwargs)
+            self._mix(args, out)
+            return out
+        if func is torch.einsum:
+            operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            for t in operands:
+                carry = self._carried(t)
+                if carry is not None and not carry.transposed:
+                    self._consume(carry)
+                    break
+            return func(*args, **kwargs)
         return func(*args, **kwargs)
 
     # -- F.scaled_dot_product_attention ----------------------------------------------------
     def _sdpa(self, args: tuple, kwargs: dict):
         a = _sdpa_arguments(args, kwargs)
         q, k, v = a["query"], a["key"], a["value"]
-        if (not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() not in (3, 4)
-                or q.is_nested):
-            return _SDPA(*args, **kwargs)
         rec = self.recorder
-        found = rec.site_for(self.enclosing_module(), q.shape[-2], k.shape[-2])
+        module = self.enclosing_module()
+        op = rec.op("sdpa", module)
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() < 3 or q.is_nested:
+            rec.resolve([op], "skipped", "attention",
+                        "F.scaled_dot_product_attention on nested (ragged) tensors is not read"
+                        if isinstance(q, torch.Tensor) and q.is_nested else
+                        "F.scaled_dot_product_attention called with inputs vitviz does not read")
+            return _SDPA(*args, **kwargs)
+        found = rec.site_for(module, q.shape[-2], k.shape[-2])
         if found is None:
+            rec.unread([op], module)
             return _SDPA(*args, **kwargs)
         site, role = found
+        heads = q.shape[-3] if q.dim() >= 4 else 1
+        gqa = a["enable_gqa"] and q.dim() >= 4
         if not rec.needs(role, site):
             out = _SDPA(*args, **kwargs)  # the model's own fused kernel
             if a["dropout_p"] == 0 and out.requires_grad and rec.wants_gradient(role):
                 # gradients without materialising A in the forward pass: out = A·v, so
                 # d/dA = dOut·vᵀ, with A recomputed from q and k when the gradient arrives
-                heads = q.shape[-3] if q.dim() == 4 else 1
-                rec.record_from_output(site, role, out, _attention_grad(v, a["enable_gqa"] and q.dim() == 4, heads),
+                rec.record_from_output(site, role, out, _attention_grad(v, gqa, heads),
                                        lambda: sdpa_probabilities(
                                            q.detach(), k.detach(), attn_mask=a["attn_mask"], is_causal=a["is_causal"],
                                            scale=a["scale"], enable_gqa=a["enable_gqa"]),
-                                       num_keys=k.shape[-2])
+                                       num_keys=k.shape[-2], num_queries=q.shape[-2], ops=[op])
             else:
-                rec.skip(role)
+                rec.skip(role, ops=[op])
             return out
         fusion = rec.fused_heads(role, q)
         if fusion is not None and q.dim() == 4 and a["dropout_p"] == 0:
             out, fused = sdpa_fused_heads(q, k, v, fusion=fusion, attn_mask=a["attn_mask"],
                                           is_causal=a["is_causal"], scale=a["scale"],
                                           enable_gqa=a["enable_gqa"])
-            rec.record(site, role, fused)  # [B, 1, L, S]: streams only, nothing kept
+            rec.record(site, role, fused, ops=[op])  # [B, 1, L, S]: streams only, nothing kept
             return out
         buffer = None
         if q.dim() == 4 and q.dtype == torch.float32 and not (
                 torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             buffer = rec.buffer(role, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q.device)
         probs = sdpa_probabilities(q, k, attn_mask=a["attn_mask"], is_causal=a["is_causal"],
-                                   scale=a["scale"], enable_gqa=a["enable_gqa"], out=buffer)  # [B, (Hq,) L, S]
-        heads = q.shape[-3] if q.dim() == 4 else 1
-        out = _sdpa_output(probs, v, a["dropout_p"], a["enable_gqa"] and q.dim() == 4, heads)
-        rec.record(site, role, probs)
+                                   scale=a["scale"], enable_gqa=a["enable_gqa"], out=buffer)  # [..., (Hq,) L, S]
+        out = _sdpa_output(probs, v, a["dropout_p"], gqa, heads)
+        if probs.dim() > 4:  # e.g. Twins' [B, windows, H, L, S]: the windows folded into the batch
+            rec.record(site, role, probs.reshape(-1, *probs.shape[-3:]), graph=probs, ops=[op])
+        else:
+            rec.record(site, role, probs, ops=[op])
         return out
 
     # -- explicit softmax multiplied with values -------------------------------------------
     def _note_softmax(self, args: tuple, kwargs: dict, out) -> None:
-        if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4) or not out.is_floating_point():
+        if not isinstance(out, torch.Tensor) or out.dim() < 3 or not out.is_floating_point():
             return
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not isinstance(dim, int) or dim % out.dim() != out.dim() - 1:
             return  # not normalised over the last dimension: not attention over keys
-        self._carry(out, out, source=out)
+        op = self.recorder.op("softmax", self.enclosing_module())
+        self._carry(out, _Carry(out, (op,) if op is not None else ()))
 
-    def _carry(self, tensor: torch.Tensor, out, source: torch.Tensor | None = None) -> None:
-        """Remember that ``out`` carries the softmax output that ``tensor`` carries (or ``source``)."""
-        if not isinstance(out, torch.Tensor):
-            return
-        if source is None:
-            ref, src = self.softmax_outputs[id(tensor)]
-            if ref() is not tensor or src() is None:
-                return
-            source = src()
-        self.softmax_outputs[id(out)] = (weakref.ref(out), weakref.ref(source))
-
-    def _consume(self, operand: torch.Tensor) -> None:
-        """``operand`` is multiplied with values: if it carries a softmax output, that is attention."""
-        entry = self.softmax_outputs.get(id(operand))
+    def _carried(self, tensor) -> _Carry | None:
+        """The softmax output(s) ``tensor`` carries, or None."""
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        entry = self.softmax_outputs.get(id(tensor))
         if entry is None:
+            return None
+        ref, carry = entry
+        if ref() is not tensor or carry.source() is None:
+            del self.softmax_outputs[id(tensor)]
+            return None
+        return carry
+
+    def _carry(self, out, carry: _Carry) -> None:
+        """Remember that ``out`` carries ``carry``."""
+        if isinstance(out, torch.Tensor):
+            self.softmax_outputs[id(out)] = (weakref.ref(out), carry)
+
+    def _mix(self, args: tuple, out) -> None:
+        """Elementwise arithmetic on softmax outputs: the result carries their mixture (when it
+        has their shape), e.g. GPSA's ``(1 - g)·patch + g·pos``, then divided by its row sums."""
+        carries = [c for c in (self._carried(t) for t in args) if c is not None]
+        if not carries or not isinstance(out, torch.Tensor) or any(c.transposed for c in carries):
             return
-        ref, src = entry
-        source = src()
-        if ref() is not operand or source is None:
-            self.softmax_outputs.pop(id(operand), None)
+        shape = carries[0].source().shape
+        if out.shape[-2:] != shape[-2:] or out.dim() != len(shape):
             return
-        # forget every tensor carrying this softmax output: it is recorded once
-        for key in [k for k, (_, s) in self.softmax_outputs.items() if s() is source or s() is None]:
+        ops = tuple(dict.fromkeys(op for c in carries for op in c.ops))
+        self._carry(out, _Carry(out, ops, mixed=True))
+
+    def _consume(self, carry: _Carry) -> None:
+        """``carry``'s tensor is multiplied with values: its source is attention."""
+        source = carry.source()
+        if source is None:
+            return
+        # forget every tensor carrying these softmax outputs: they are read once
+        ops = {id(op) for op in carry.ops}
+        for key in [key for key, (_, c) in self.softmax_outputs.items()
+                    if c is carry or c.source() is None or c.source() is source or ops & {id(op) for op in c.ops}]:
             del self.softmax_outputs[key]
-        found = self.recorder.site_for(self.enclosing_module(), source.shape[-2], source.shape[-1])
-        if found is not None:
-            self.recorder.record(*found, source)
+        rec = self.recorder
+        module = self.enclosing_module()
+        found = rec.site_for(module, source.shape[-2], source.shape[-1])
+        if found is None:
+            rec.unread(carry.ops, module)
+        elif carry.mixed and not _is_probabilities(source):
+            rec.resolve(carry.ops, "skipped", "mixed attention",
+                        "its softmax outputs are combined into weights whose rows do not sum to 1 before "
+                        "they multiply the values, so they are not attention probabilities")
+        else:
+            rec.record_consumed(*found, source, carry.ops)
 
     # -- F.multi_head_attention_forward ----------------------------------------------------
     def _mha(self, args: tuple, kwargs: dict):
@@ -351,17 +450,20 @@ class AttentionOps(TorchFunctionMode):
         a = bound.arguments
         need_weights, average = bool(a["need_weights"]), bool(a["average_attn_weights"])
         rec = self.recorder
-        found = rec.site_for(self.enclosing_module(), a["query"].shape[0], a["key"].shape[0],
-                             same_tokens=a["query"] is a["key"])
-        if found is not None and not rec.needs(found[1], found[0]) and not rec.wants_gradient(found[1]):
-            rec.skip(found[1])
+        module = self.enclosing_module()
+        op = rec.op("mha", module)
+        found = rec.site_for(module, a["query"].shape[0], a["key"].shape[0], same_tokens=a["query"] is a["key"])
+        if found is None:
+            rec.unread([op], module)
+        elif not rec.needs(found[1], found[0]) and not rec.wants_gradient(found[1]):
+            rec.skip(found[1], ops=[op])
             return _MHA(*args, **kwargs)  # a layer nothing needs: as the caller asked
         a["need_weights"], a["average_attn_weights"] = True, False
         out, weights = _MHA(*bound.args, **bound.kwargs)
         if weights is not None and found is not None:
             graph = _mha_weights_view_base(weights) if weights.requires_grad else None
             per_head = weights.unsqueeze(0) if weights.dim() == 3 else weights  # [B, H, Q, K]
-            self.recorder.record(*found, per_head, graph=graph)
+            self.recorder.record(*found, per_head, graph=graph, ops=[op])
         if not need_weights:
             return out, None
         if average and weights is not None:
@@ -371,3 +473,13 @@ class AttentionOps(TorchFunctionMode):
     def forget(self) -> None:
         """Drop the softmax outputs remembered so far (a new forward pass, or the end)."""
         self.softmax_outputs.clear()
+
+
+def _swaps_last_two(args: tuple, kwargs: dict) -> bool:
+    """Whether a ``transpose(t, dim0, dim1)`` call swaps the last two dimensions of ``t``."""
+    t = args[0]
+    dims = list(args[1:3]) + [kwargs[k] for k in ("dim0", "dim1") if k in kwargs]
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return False
+    n = t.dim()
+    return {d % n for d in dims} == {n - 2, n - 1}

@@ -16,27 +16,38 @@ from torch import nn
 from ._adapter import IMAGE, INNER, Adapter, Site, Windows, register_adapter
 from ._windows import WindowScheme
 
-# class names of timm attention modules that have no ``fused_attn`` attribute
-_ATTENTION_CLASS = re.compile(r"(Attention|Attn|Attention2d|AttentionCl)$")
+# class names of timm attention modules that have no ``fused_attn`` attribute (ConViT's GPSA and
+# MHSA, LeViT's subsampling AttentionDownsample included)
+_ATTENTION_CLASS = re.compile(r"(Attention|Attn|Attention2d|AttentionCl|AttentionDownsample|GPSA|MHSA)$")
 
 # attention that is not a token-to-token probability matrix over the image: (timm module,
-# class) -> why. Their calls run untouched; the reason is given when nothing else is captured.
+# class) -> (what it is, why it is not read). Their calls run untouched and are listed in
+# rec.skipped with these words.
 _NOT_OVER_TOKENS = {
-    ("xcit", "XCA"): "XCiT's cross-covariance attention is a softmax over feature channels (a d x d "
-                     "matrix per head), not over tokens, so it has no map on the image (its class-"
-                     "attention layers are read: rec.pool)",
-    ("cait", "TalkingHeadAttn"): "CaiT's talking-heads attention mixes the heads after the softmax, so "
-                                 "its weights are not probabilities over the tokens (its class-attention "
-                                 "layers are read: rec.pool)",
-    ("volo", "OutlookAttention"): "VOLO's outlook attention predicts each token's weights over its k x k "
-                                  "neighbourhood from the token alone (no query-key product)",
-    ("hiera", "MaskUnitAttention"): "Hiera attends within mask units in its unrolled token order, which "
-                                    "vitviz does not map back to the image grid",
-    ("davit", "ChannelAttention"): "DaViT's channel attention is a softmax over feature channels, not tokens",
-    ("efficientvit_mit", "LiteMLA"): "EfficientViT's ReLU linear attention never forms attention probabilities",
-    ("coat", "FactorAttnConvRelPosEnc"): "CoaT's factorised attention normalises the keys alone "
-                                         "(softmax(K)ᵀV), so no token-to-token matrix exists",
+    ("xcit", "XCA"): ("cross-covariance attention",
+                      "XCiT's cross-covariance attention is a softmax over feature channels (a d x d "
+                      "matrix per head), not over tokens, so it has no map on the image (its class-"
+                      "attention layers are read: rec.pool)"),
+    ("cait", "TalkingHeadAttn"): ("talking-heads attention",
+                                  "CaiT's talking-heads attention mixes the heads after the softmax, so "
+                                  "its weights are not probabilities over the tokens (its class-attention "
+                                  "layers are read: rec.pool)"),
+    ("volo", "OutlookAttention"): ("outlook attention",
+                                   "VOLO's outlook attention predicts each token's weights over its k x k "
+                                   "neighbourhood from the token alone (no query-key product)"),
+    ("hiera", "MaskUnitAttention"): ("mask-unit attention",
+                                     "Hiera attends within mask units in its unrolled token order, which "
+                                     "vitviz does not map back to the image grid"),
+    ("davit", "ChannelAttention"): ("channel attention",
+                                    "DaViT's channel attention is a softmax over feature channels, not tokens"),
+    ("efficientvit_mit", "LiteMLA"): ("linear attention",
+                                      "EfficientViT's ReLU linear attention never forms attention probabilities"),
+    ("coat", "FactorAttnConvRelPosEnc"): ("factorised attention",
+                                          "CoaT's factorised attention normalises the keys alone "
+                                          "(softmax(K)ᵀV), so no token-to-token matrix exists"),
 }
+_TNT_INNER = ("inner attention",
+              "TNT's inner attention is among the pixels inside each patch, not over the image's patches")
 
 
 def _nhwc_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
@@ -53,6 +64,27 @@ def _maxvit(block: nn.Module, grid: tuple[int, int]) -> WindowScheme:
     """MaxViT: block attention (windows) or grid attention (dilated windows)."""
     size = tuple(block.partition_size)
     return WindowScheme(grid, (int(size[0]), int(size[-1])), dilated=not block.partition_block)
+
+
+def _twins(block: nn.Module, grid: tuple[int, int]) -> WindowScheme:
+    """Twins' locally-grouped attention: ``ws x ws`` windows of the grid, padded at the bottom and
+    right to whole windows, no shift (each window one sequence: ``[B, windows, heads, T, d]``)."""
+    return WindowScheme(grid, (int(block.ws), int(block.ws)))
+
+
+def _twins_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
+    size = args[1] if len(args) > 1 else kwargs["size"]
+    return int(size[0]), int(size[1])
+
+
+def _efficientvit_msra(block: nn.Module, grid: tuple[int, int]) -> WindowScheme | None:
+    """EfficientViT-MSRA's local window attention: ``r x r`` windows (padded at the bottom and
+    right) once the grid is larger than one window; a grid that fits one window is attended as
+    a whole (None: global attention)."""
+    r = int(block.window_resolution)
+    if grid[0] <= r and grid[1] <= r:
+        return None
+    return WindowScheme(grid, (r, r))
 
 
 def _mobilevit(block: nn.Module, grid: tuple[int, int]) -> WindowScheme:
@@ -75,6 +107,8 @@ _WINDOW_BLOCKS = {
     ("davit", "SpatialBlock"): (_nchw_grid, None),
     ("maxxvit", "PartitionAttentionCl"): (_nhwc_grid, _maxvit),
     ("mobilevit", "MobileVitBlock"): (_nchw_grid, _mobilevit),
+    ("twins", "LocallyGroupedAttn"): (_twins_grid, _twins),  # the attention module cuts the windows itself
+    ("efficientvit_msra", "LocalWindowAttention"): (_nchw_grid, _efficientvit_msra),
 }
 
 
@@ -89,6 +123,13 @@ def _is_timm(m: nn.Module) -> bool:
 def _is_attention(m: nn.Module) -> bool:
     return _is_timm(m) and (hasattr(m, "fused_attn") or bool(_ATTENTION_CLASS.search(type(m).__name__))
                             or _key(m) in _NOT_OVER_TOKENS)
+
+
+def _coarse_queries(m: nn.Module) -> bool:
+    """Whether ``m`` pools its queries onto a coarser grid than its keys: LeViT's
+    AttentionDownsample (queries on every other token of each row and column), MViTv2's
+    attention with a query pooling (``pool_q``, at the stage transitions)."""
+    return type(m).__name__ == "AttentionDownsample" or getattr(m, "pool_q", None) is not None
 
 
 @register_adapter
@@ -107,16 +148,17 @@ class TimmAdapter(Adapter):
         for n, m in named:
             if any(o.startswith(n + ".") for o in names):
                 continue
-            note = _NOT_OVER_TOKENS.get(_key(m), "")
+            what, note = _NOT_OVER_TOKENS.get(_key(m), ("", ""))
             if not note and _key(m) == ("tnt", "Attention") and n.endswith("attn_in"):
-                note = "TNT's inner attention is among the pixels inside each patch, not over the image's patches"
+                what, note = _TNT_INNER
             windows = None
             parts = n.split(".")
-            for depth in range(len(parts) - 1, 0, -1):  # the nearest window block around the site
+            for depth in range(len(parts), 0, -1):  # the nearest window block around (or at) the site
                 block = parents.get(".".join(parts[:depth]))
                 if block is not None and _key(block) in _WINDOW_BLOCKS:
                     read, make = _WINDOW_BLOCKS[_key(block)]
                     windows = Windows(block, read, pad_first=False, make=make)
                     break
-            sites.append(Site(n, m, INNER if note else IMAGE, self, windows=windows, note=note))
+            sites.append(Site(n, m, INNER if note else IMAGE, self, windows=windows, note=note, what=what,
+                              coarse_queries=_coarse_queries(m)))
         return sites

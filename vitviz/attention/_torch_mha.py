@@ -1,6 +1,6 @@
 """``torch.nn.MultiheadAttention``, wherever it sits (nn.Transformer* layers, hand-written models).
 
-Its calls are read at ``F.multi_head_attention_forward`` (:mod:`._ops`), asked for per-head
+Its calls are read at ``F.multi_head_attention_forward`` (:mod:`._mode`), asked for per-head
 weights; the caller still gets what it asked for. With the capture's mode active, torch skips
 the fused fast paths of ``MultiheadAttention`` and ``nn.TransformerEncoderLayer`` by itself
 (they refuse inputs that have a torch function), so no flag is switched.

@@ -1,6 +1,6 @@
 """transformers attention (ViT, DeiT, DINOv2, BEiT, CLIP, BLIP, GPT-2, VisionEncoderDecoder, ...).
 
-The attention itself is read at the op (:mod:`._ops`): transformers' ``sdpa`` implementation
+The attention itself is read at the op (:mod:`._mode`): transformers' ``sdpa`` implementation
 calls ``F.scaled_dot_product_attention``, ``eager`` a softmax multiplied with the values. No
 config is switched. What this adapter adds is the role of each attention module.
 
@@ -188,6 +188,8 @@ class TransformersAdapter(Adapter):
             walk(root, "", "", _attention_tasks(root, recorder_cls, registry), [])
         else:
             walk(root, "", "", [], [])
+        if not found and isinstance(root, pretrained_cls) and _is_vision_config(getattr(root, "config", None)):
+            found = self._by_class_name(root, is_free)
         # module order (transformers' walk visits children before their parents)
         order = {id(m): i for i, m in enumerate(root.modules())}
         sites = sorted(found.values(), key=lambda s: order.get(id(s.module), len(order)))
@@ -197,6 +199,20 @@ class TransformersAdapter(Adapter):
             if not any(s.name.startswith(k.name + ".") for k in kept):
                 kept.append(s)
         return kept
+
+
+    def _by_class_name(self, root: nn.Module, is_free: Callable[[str], bool]) -> dict[int, HFSite]:
+        """Image models that declare no attention outputs at all (LeViT): their innermost modules
+        whose class name ends with ``Attention`` are image self-attention, and those ending with
+        ``AttentionSubsample`` pool their queries onto a coarser grid than their keys."""
+        named = [(n, m) for n, m in root.named_modules() if type(m).__module__.startswith("transformers.")
+                 and type(m).__name__.endswith(_ATTENTION_SUFFIXES) and is_free(n)]
+        names = [n for n, _ in named]
+        return {id(m): HFSite(n, m, IMAGE, self, coarse_queries=type(m).__name__.endswith("AttentionSubsample"))
+                for n, m in named if not any(o.startswith(n + ".") for o in names)}
+
+
+_ATTENTION_SUFFIXES = ("Attention", "AttentionSubsample")
 
 
 def masking_embeddings(root: nn.Module) -> list[nn.Module]:

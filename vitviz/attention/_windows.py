@@ -53,7 +53,14 @@ class WindowScheme:
         return (hp // wh) * (wp // ww)  # dilated: the grid divides evenly, so the same count
 
     def token_index(self, device=None) -> torch.Tensor:
-        """``[nW, wh*ww]`` long: the row-major grid index of each window token, -1 for padding."""
+        """Where each window token sits on the grid.
+
+        Args:
+            device: where to make the index.
+
+        Returns:
+            ``[nW, wh*ww]`` long: the row-major grid index of each window token, -1 for padding.
+        """
         (h, w), (wh, ww), (sh, sw) = self.grid, self.window, self.shift
         if self.dilated:  # window (a, b), token (i, j) at (i * h/wh + a, j * w/ww + b)
             sh_, sw_ = h // wh, w // ww  # windows per side = the stride between a window's tokens
@@ -88,6 +95,9 @@ def stitch(windows: torch.Tensor, scheme: WindowScheme) -> torch.Tensor:
         ``[B, heads, H*W, H*W]`` in the dtype of ``windows``: entry ``[b, h, i, j]`` is the
         attention of grid token ``i`` to grid token ``j``, zero where they are in different
         windows; padding tokens dropped.
+
+    Raises:
+        ValueError: the window attention's shape does not fit ``scheme``.
     """
     nw = scheme.num_windows
     bw, heads, t, t2 = windows.shape

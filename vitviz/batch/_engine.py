@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._util.files import unique_stems
-from ..errors import ImageError, VitvizError
+from ..errors import ImageError
 
 
 @dataclass
@@ -197,22 +197,14 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
         ``rec.stages``, for models whose layers attend over different token grids). For an
         unreadable image ``outcome.error`` is set and ``view`` and ``attn`` are ``None``.
     """
-    import torch
-
-    from ..attention import capture
+    from ..explain import attentions_of, captured
     from ..types import AttentionMaps
 
     for items, x in load_batches(model, sources, batch_size=batch_size, desc=desc, progress=progress):
         found: list = []
         if x is not None:
-            with torch.no_grad(), capture(model, keep=keep) as rec:
-                model(x)
-            found = rec.stages if stages else [rec.attentions]
-            if not found or found[0] is None:
-                from ..errors import CaptureError
-
-                raise CaptureError(f"{getattr(model, 'name', 'the model')} ran no self-attention over image "
-                                   "tokens: there is no attention map to draw")
+            _, rec = captured(model, x, keep=keep)
+            found = attentions_of(rec, model, stages=True) if stages else [attentions_of(rec, model)]
         j = 0
         for it in items:
             if it.view is None:
@@ -250,8 +242,18 @@ def num_classes(module: Any) -> int | None:
 
 
 def check_class(model: Any, target: int | None) -> None:
-    """A class index the model has, or a typed error naming its range."""
+    """A class index the model has, or a typed error naming its range (before any image is read).
+
+    Args:
+        model: a :class:`vitviz.VisionModel`.
+        target: the ``--class`` index, or None (the predicted class).
+
+    Raises:
+        VitvizError: the class is out of the model's stated range
+            (:func:`vitviz.explain.check_target_range`).
+    """
+    from ..explain import check_target_range
+
     classes = num_classes(model.module)
-    if target is not None and classes is not None and not 0 <= target < classes:
-        raise VitvizError(f"class {target} is out of range: {model.name} has {classes} classes "
-                          f"(0..{classes - 1}); check --class")
+    if target is not None and classes is not None:
+        check_target_range(target, classes, model.name)

@@ -116,15 +116,12 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
     """
-    import torch
-
     from ..analyze import RolloutStream
-    from ..attention import capture
+    from ..explain import captured
 
     def compute(x):
         stream = RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
-        with torch.no_grad(), capture(model, keep="none", streams={"rollout": stream}) as rec:
-            logits = model(x)
+        logits, rec = captured(model, x, keep="none", streams={"rollout": stream})
         return rec.stream("rollout"), predictions(model, logits)  # [B, gh, gw]
 
     return map_files(model, sources, out_dir, compute, suffix="rollout", **kwargs)
@@ -153,7 +150,7 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the
         prediction says which class was explained.
     """
-    from ..explain.relevance import relevance_pass
+    from ..explain import relevance_pass
 
     check_class(model, target)
 

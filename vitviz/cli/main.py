@@ -1,6 +1,6 @@
 """The `vitviz` command: parse, call the library, format one error.
 
-Each subcommand lives in ``vitviz/commands/<name>.py``. torch, timm and transformers are
+Each subcommand lives in ``vitviz/cli/commands/<name>.py``. torch, timm and transformers are
 imported only by the commands that need them, so that `vitviz --help` answers at once.
 """
 
@@ -28,7 +28,8 @@ examples:
   vitviz models                                                 # aliases and whether weights are cached
   vitviz demo                                                   # bundled images, offline
 
-exit status: 0 all done, 1 some inputs skipped, 2 bad arguments / unknown model / missing weights
+exit status: 0 all done, 1 some inputs skipped, 2 bad arguments / unknown model / missing weights,
+  3 internal error (a bug in vitviz or a library: rerun with --debug and report the traceback)
 """
 
 

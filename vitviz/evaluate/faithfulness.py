@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LayoutError
+from ..explain import logits_of, resolve_targets
 from .metrics import curve_auc, step_masks
 
 Substrate = str | float | torch.Tensor
@@ -56,16 +57,6 @@ class Curves:
     @property
     def insertion_auc(self) -> torch.Tensor | None:
         return None if self.insertion is None else curve_auc(self.insertion)
-
-
-def _logits(out: object) -> torch.Tensor:
-    from ..models import output_logits
-
-    logits = output_logits(out)
-    if logits is None:
-        raise TypeError(f"the model returned {type(out).__name__}; deletion/insertion needs a classifier "
-                        "returning logits [B, C] or an output with .logits")
-    return logits
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -132,6 +123,12 @@ def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, *, target: to
 
     Returns:
         :class:`Curves` with ``[B, S+1]`` softmax probabilities of ``target``.
+
+    Raises:
+        LayoutError: maps that are not one ``[gh, gw]`` per input, or an input size that is
+            not a multiple of the grid.
+        VitvizError: a model without classifier logits, targets that are not one class
+            (integer) or one per input.
     """
     if maps.dim() != 3 or maps.shape[0] != x.shape[0]:
         raise LayoutError(f"expected maps [B, gh, gw] for {x.shape[0]} inputs, got {tuple(maps.shape)}")
@@ -144,8 +141,9 @@ def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, *, target: to
     module.eval()
     try:
         if target is None:
-            target = _logits(module(x)).argmax(-1)  # [B]
-        target = torch.as_tensor(target, device=x.device).long().reshape(b)
+            target = resolve_targets(logits_of(module(x), what="deletion/insertion"), None)  # [B]
+        else:
+            target = resolve_targets(None, target, batch=b, device=x.device)  # [B]
         sel = step_masks(maps.to(x.device), steps)  # [B, S+1, gh, gw]
         n = sel.shape[1]
         sel_px = sel.repeat_interleave(h // gh, dim=-2).repeat_interleave(w // gw, dim=-1)  # [B, S+1, H, W]
@@ -166,7 +164,7 @@ def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, *, target: to
                     xi = torch.where(m, base[i], x[i])  # [k, 3, H, W]
                 else:
                     xi = torch.where(m, x[i], base[i])
-                p = _logits(module(xi)).float().softmax(-1)  # [k, C]
+                p = logits_of(module(xi), what="deletion/insertion").float().softmax(-1)  # [k, C]
                 probs[start:start + len(idx)] = p.gather(1, tgt[idx, None])[:, 0]
             curves[kind] = probs.reshape(b, n)  # [B, S+1]
     finally:

@@ -25,7 +25,7 @@ how many object pixels fall into each patch, and every metric is a weighted sum 
   :func:`vitviz.evaluate.faithfulness.deletion_insertion`.
 * :func:`word_grounding`: the pointing game of each caption word's map against the mask
   of the object the word names.
-* Baseline maps: :func:`random_maps` and :func:`centre_prior`.
+* Baseline maps: :func:`random_maps` and :func:`centre_prior` (from :mod:`vitviz.explain.baselines`).
 
 All functions are batched, pure, device- and dtype-agnostic.
 """
@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import LayoutError
+from ..explain.baselines import centre_prior, random_maps  # the baselines, re-exported with the metrics
 
 
 def _check(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,37 +435,6 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     tb = patch_order(b)[:, :k]
     hit = (ta[:, :, None] == tb[:, None, :]).any(-1)  # [B, k]
     return hit.float().mean(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# baseline maps
-# ---------------------------------------------------------------------------------------------
-
-def random_maps(batch: int, grid: tuple[int, int], *, generator: torch.Generator | None = None,
-                device: torch.device | str | None = None) -> torch.Tensor:
-    """Uniform random maps: the chance level of every metric.
-
-    Shape:
-        ``[batch, gh, gw]`` float32
-    """
-    return torch.rand(batch, int(grid[0]), int(grid[1]), generator=generator, device=device)
-
-
-def centre_prior(grid: tuple[int, int], *, sigma: float = 0.25,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-    """A Gaussian bump at the image centre: the "objects are in the middle" baseline.
-
-    ``exp(-d² / (2 sigma²))`` with ``d`` the distance of each patch centre from the image
-    centre in units of the image size.
-
-    Shape:
-        ``[gh, gw]`` float32
-    """
-    gh, gw = int(grid[0]), int(grid[1])
-    y = (torch.arange(gh, device=device, dtype=torch.float32) + 0.5) / gh - 0.5  # [gh]
-    x = (torch.arange(gw, device=device, dtype=torch.float32) + 0.5) / gw - 0.5  # [gw]
-    d2 = y[:, None] ** 2 + x[None, :] ** 2  # [gh, gw]
-    return torch.exp(-d2 / (2 * sigma * sigma))
 
 
 __all__ = ["patch_counts", "pointing_game", "energy_pointing", "normalize_maps", "mask_iou", "mask_auc",

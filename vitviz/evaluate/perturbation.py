@@ -45,9 +45,17 @@ import torch
 from torch import nn
 
 from ..errors import LayoutError, VitvizError
+from ..explain import (
+    as_vision_model,
+    check_classifier,
+    check_target_range,
+    grid_of,
+    logits_of,
+    prepare_inputs,
+    resolve_targets,
+)
 from .faithfulness import Curves
 from .metrics import curve_auc, patch_order, step_counts
-from .sanity import as_vision_model, check_classifier, logits_of, prepare_inputs
 
 ScoreFn = Callable[[Any], torch.Tensor]
 
@@ -79,12 +87,6 @@ def token_site(module: nn.Module) -> tuple[nn.Module, str]:
                       "or ROAD (vitviz.evaluate.road) for other models")
 
 
-def _grid_of(vm, x: torch.Tensor) -> tuple[int, int]:
-    if vm.patch_size is not None:
-        return vm._grid_from_hw(tuple(x.shape[-2:]))
-    return vm.layout.grid
-
-
 @torch.no_grad()
 def forward_kept_tokens(model, x: torch.Tensor, keep: torch.Tensor):
     """The model's output when only the patch tokens ``keep`` (and every prefix token) are kept.
@@ -100,7 +102,7 @@ def forward_kept_tokens(model, x: torch.Tensor, keep: torch.Tensor):
     """
     vm = as_vision_model(model)
     site, _ = token_site(vm.module)
-    g = _grid_of(vm, x)
+    g = grid_of(vm, x)
     n_patch = g[0] * g[1]
     keep = torch.as_tensor(keep, device=x.device).long()
     if keep.dim() != 2 or keep.shape[0] != x.shape[0]:
@@ -134,7 +136,7 @@ def _order(maps: torch.Tensor, order: str) -> torch.Tensor:
 
 
 def _check_maps(vm, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    g = _grid_of(vm, x)
+    g = grid_of(vm, x)
     if not isinstance(maps, torch.Tensor) or maps.dim() != 3 or maps.shape[0] != x.shape[0] \
             or tuple(maps.shape[-2:]) != tuple(g):
         shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
@@ -152,28 +154,24 @@ def _steps(g: int, steps: int | None) -> list[int]:
     return step_counts(g, s)
 
 
-def resolve_targets(vm, x, target, score_fn, what):
+def _targets(vm, x: torch.Tensor, target, score_fn, what: str) -> torch.Tensor | None:
+    """``[B]`` classes to track (the prediction by default), or None with ``score_fn``."""
     check_classifier(vm, score_fn, what)
     if score_fn is not None:
         if target is not None:
             raise VitvizError("give either target= or score_fn=, not both")
         return None
     if target is None:
-        return logits_of(vm(x), what=what).argmax(-1)  # [B]
-    t = torch.as_tensor(target, device=x.device).long().reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(x.shape[0])
-    if t.numel() != x.shape[0]:
-        raise VitvizError(f"target has {t.numel()} classes for {x.shape[0]} inputs")
-    return t
+        return resolve_targets(logits_of(vm(x), what=what), None)  # [B]
+    # checked here (integers, 1 or B of them); the range against the scores in _score
+    return resolve_targets(None, target, batch=x.shape[0], device=x.device)  # [B]
 
 
 def _score(output, target, score_fn, idx, what) -> torch.Tensor:
     if score_fn is not None:
         return logits_of(output, score_fn).float()  # [k]
     p = logits_of(output, what=what).float().softmax(-1)  # [k, C]
-    if (target[idx] >= p.shape[1]).any() or (target[idx] < 0).any():
-        raise VitvizError(f"target class out of range: the model has {p.shape[1]} classes")
+    check_target_range(target[idx], p.shape[1])
     return p.gather(1, target[idx, None])[:, 0]
 
 
@@ -220,7 +218,7 @@ def token_curves(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = 
     was_training = module.training
     module.eval()
     try:
-        tgt = resolve_targets(vm, x, target, score_fn, "token deletion")
+        tgt = _targets(vm, x, target, score_fn, "token deletion")
         kinds = [k for k, on in (("deletion", deletion), ("insertion", insertion)) if on]
         # every job: (kind, step); all images of a job share its kept count
         by_len: dict[int, list[tuple[str, int]]] = {}
@@ -431,7 +429,7 @@ def road(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = None, st
     module.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     try:
-        tgt = resolve_targets(vm, x, target, score_fn, "ROAD")
+        tgt = _targets(vm, x, target, score_fn, "ROAD")
         curves = {}
         for order in ("morf", "lerf"):
             rank = _order(maps, order)  # [B, G]

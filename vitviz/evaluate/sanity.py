@@ -16,9 +16,11 @@ directly by a module without one (CLS token, position embedding, layer-scale) ar
 normal distribution with the trained tensor's own mean and standard deviation. Every parameter
 and buffer is restored bit for bit afterwards, also after an exception.
 
-The maps come from the public analyses (:func:`vitviz.rollout`, :func:`vitviz.cls_maps`,
-:func:`vitviz.relevance`, :func:`vitviz.attention_flow`) through :func:`vitviz.capture`; see
-:data:`METHODS`. Relevance methods explain, at every step, the class the *trained* model predicted.
+The maps come from the one registry of map methods (:mod:`vitviz.explain`: ``rollout``,
+``cls``, ``relevance``, ``grad_rollout``, ``flow``, the baselines ``random`` and ``centre``,
+and every method registered with :func:`vitviz.explain.register_method` that gives one map per
+image), computed by :func:`vitviz.explain.compute_maps`; :data:`METHODS` is a view of it.
+Relevance methods explain, at every step, the class the *trained* model predicted.
 
 Example:
     >>> m = vitviz.load_model("shapes-vit")
@@ -30,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +40,21 @@ import torch
 from torch import nn
 
 from ..errors import LayoutError, VitvizError
-from .metrics import centre_prior, random_maps, spearman, ssim, topk_overlap
+from ..explain import (
+    Method,
+    as_vision_model,
+    check_classifier,
+    compute_maps,
+    get_method,
+    list_methods,
+    logits_of,
+    prepare_inputs,
+    resolve_targets,
+    single_map_method,
+)
+from ..models import classifier_logits
+from ._table import Table
+from .metrics import spearman, ssim, topk_overlap
 
 MapFn = Callable[[Any, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -48,151 +64,69 @@ _BLOCK_NAMES = ("blocks", "layer", "layers", "resblocks")
 
 
 # ---------------------------------------------------------------------------------------------
-# methods: a name -> fn(model, x, target) -> [B, gh, gw]
+# methods: the registry's methods with one map per image, as fn(model, x, target) -> [B, gh, gw]
 # ---------------------------------------------------------------------------------------------
 
-def _attention(model, x):
-    from ..attention import capture
+def _registry_map_fn(method: Method) -> MapFn:
+    def fn(model, x, target=None):
+        return compute_maps(model, x, method, target=target, one_map=True)  # [B, gh, gw]
 
-    with torch.no_grad(), capture(model) as rec:
-        model(x)
-    if rec.attentions is None:
-        raise VitvizError(f"{model.name} ran no self-attention over image tokens; attention maps need a "
-                          "Vision Transformer encoder")
-    return rec.attentions  # [L, B, H, N, N]
-
-
-def _rollout(model, x, target):
-    from ..analyze import rollout
-
-    return rollout(_attention(model, x))
-
-
-def _cls(model, x, target):
-    from ..analyze import cls_maps
-
-    return cls_maps(_attention(model, x), layer=-1).mean(1)  # [B, gh, gw] heads averaged
-
-
-def _flow(model, x, target):
-    from ..analyze import attention_flow
-
-    return attention_flow(_attention(model, x))
-
-
-def _relevance(kind: str) -> MapFn:
-    def fn(model, x, target):
-        from ..explain.relevance import relevance
-
-        return relevance(model, x, target=target, method=kind).detach()
+    fn.__name__ = method.name
     return fn
 
 
-def _grid(model, x) -> tuple[int, int]:
-    if model.patch_size is not None:
-        return model._grid_from_hw(tuple(x.shape[-2:]))
-    return model.layout.grid
+class _MapFns(Mapping):
+    """``name -> fn(model, x, target) -> [B, gh, gw]`` for every registered method that gives
+    one map per image (a read-only view of the registry: methods registered later appear)."""
+
+    def __getitem__(self, name: str) -> MapFn:
+        return _registry_map_fn(single_map_method(name, "the sanity checks"))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in list_methods() and get_method(name).single_map
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n in list_methods() if get_method(n).single_map])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
-def _random(model, x, target):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    return random_maps(x.shape[0], _grid(model, x), generator=g).to(x.device)
+METHODS: Mapping[str, MapFn] = _MapFns()
+"""The maps :func:`randomization` and ``vitviz sanity`` know by name: a view of the registry
+(:func:`vitviz.explain.list_methods`) with the methods that give one map per image, each as
+``fn(model, x, target)`` returning ``[B, gh, gw]``. ``cls`` is the last layer's CLS row, heads
+averaged; ``random`` (one fixed random map per image) and ``centre`` (a centre prior) are
+baselines that ignore the model."""
 
 
-def _centre(model, x, target):
-    grid = _grid(model, x)
-    return centre_prior(grid, device=x.device).expand(x.shape[0], *grid).clone()
+def get_map_fn(method: str | Method | MapFn) -> MapFn:
+    """The map function of a method.
 
+    Args:
+        method: a registered name (see :data:`METHODS`), a :class:`vitviz.explain.Method`, or
+            ``fn(model, x, target) -> [B, gh, gw]`` (returned as it is).
 
-METHODS: dict[str, MapFn] = {
-    "rollout": _rollout,
-    "cls": _cls,
-    "relevance": _relevance("chefer"),
-    "grad_rollout": _relevance("grad_rollout"),
-    "flow": _flow,
-    "random": _random,
-    "centre": _centre,
-}
-"""The maps :func:`randomization` and ``vitviz sanity`` know by name: ``fn(model, x, target)``
-returning ``[B, gh, gw]``. ``cls`` is the last layer's CLS row, heads averaged; ``random`` (one
-fixed random map per image) and ``centre`` (a centre prior) are baselines that ignore the model."""
+    Returns:
+        ``fn(model, x, target) -> [B, gh, gw]``.
 
-
-def get_map_fn(method: str | MapFn) -> MapFn:
-    """The map function of a method name (see :data:`METHODS`), or ``method`` itself if callable."""
+    Raises:
+        VitvizError: unknown name, or a method without one map per image.
+    """
+    if isinstance(method, (str, Method)):
+        try:
+            return _registry_map_fn(single_map_method(method, "the sanity checks"))
+        except VitvizError as e:
+            if isinstance(method, str) and method in list_methods():
+                raise
+            raise VitvizError(f"{e}; or pass a function fn(model, x, target) -> [B, gh, gw]") from None
     if callable(method):
         return method
-    if method in METHODS:
-        return METHODS[method]
-    import difflib
-
-    close = difflib.get_close_matches(str(method), list(METHODS), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise VitvizError(f"unknown map method {method!r}{hint} (known: {', '.join(METHODS)}; or pass a "
-                      "function fn(model, x, target) -> [B, gh, gw])")
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-# ---------------------------------------------------------------------------------------------
-
-def as_vision_model(model):
-    from ..models import VisionModel, wrap
-
-    return model if isinstance(model, VisionModel) else wrap(model)
-
-
-def prepare_inputs(model, images) -> torch.Tensor:
-    """``[B, 3, H, W]`` on the model's device from a tensor or a list of images; the size is checked.
-
-    Raises:
-        LayoutError: an input whose height and width differ from the model's input size.
-    """
-    if isinstance(images, torch.Tensor):
-        x = model.preprocess(images)
-    else:
-        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        if not images:
-            raise VitvizError("no images given")
-        x = torch.cat([model.preprocess(im) for im in images])
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise LayoutError(f"expected images [B, 3, H, W], got {tuple(x.shape)}")
-    size = model.input_size
-    if size is not None and tuple(x.shape[-2:]) != tuple(size):
-        raise LayoutError(f"{model.name} takes {size[0]}x{size[1]} inputs, got {x.shape[-2]}x{x.shape[-1]}; "
-                          "preprocess the images with model.preprocess (it resizes and crops)")
-    return x
-
-
-def check_classifier(model, score_fn=None, what: str = "this metric") -> None:
-    """Refuse a model without a classifier head (timm ``num_classes=0``) unless ``score_fn`` is given.
-
-    Raises:
-        VitvizError: naming ``score_fn`` as the way out.
-    """
-    if score_fn is None and getattr(getattr(model, "module", model), "num_classes", None) == 0:
-        raise VitvizError(f"{what} needs class scores, and {getattr(model, 'name', 'the model')} has no "
-                          "classifier (num_classes=0); pass score_fn=lambda output: <a [B] tensor of "
-                          "per-sample scores>")
-
-
-def logits_of(output, score_fn=None, what: str = "this metric") -> torch.Tensor:
-    """``[B, C]`` logits of a classifier output, or ``[B]`` scores from ``score_fn(output)``.
-
-    Raises:
-        VitvizError: the output is not a classifier's and no ``score_fn`` was given.
-    """
-    from ..models import classifier_logits, describe_output, score_fn_scores
-
-    if score_fn is not None:
-        return score_fn_scores(output, score_fn)
-    t = classifier_logits(output)
-    if t is None:
-        raise VitvizError(f"{what} needs a classifier returning logits [B, classes], the model returned "
-                          f"{describe_output(output)}; pass score_fn=lambda output: <a [B] tensor of "
-                          "per-sample scores>")
-    return t
+    raise VitvizError(f"a map method is a registered name or fn(model, x, target) -> [B, gh, gw], "
+                      f"got {type(method).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +259,15 @@ class Randomization:
                 for i, s in enumerate(self.steps)]
 
 
-def randomization(model, images, method: str | MapFn = "rollout", *, mode: str = "cascade",
+def _method_name(method: str | Method | MapFn) -> str:
+    if isinstance(method, str):
+        return method
+    if isinstance(method, Method):
+        return method.name
+    return getattr(method, "__name__", "custom")
+
+
+def randomization(model, images, method: str | Method | MapFn = "rollout", *, mode: str = "cascade",
                   layers: Sequence[Step] | None = None, num_steps: int | None = None,
                   seed: int = 0, top_k: int | None = None, batch_size: int = 32,
                   target: torch.Tensor | None = None) -> Randomization:
@@ -334,9 +276,10 @@ def randomization(model, images, method: str | MapFn = "rollout", *, mode: str =
     Args:
         model: a :class:`vitviz.VisionModel` (or any module :func:`vitviz.wrap` takes).
         images: ``[B, 3, H, W]`` preprocessed inputs, or a list of images (paths, PIL, arrays).
-        method: a name of :data:`METHODS` (``"rollout"``, ``"cls"``, ``"relevance"``,
-            ``"grad_rollout"``, ``"flow"``, ``"random"``, ``"centre"``) or
-            ``fn(model, x, target) -> [B, gh, gw]``.
+        method: a registered map method (``vitviz methods``: ``"rollout"``, ``"cls"``,
+            ``"relevance"``, ``"grad_rollout"``, ``"flow"``, ``"random"``, ``"centre"`` or one
+            of your own with one map per image; a stack such as ``cls``'s heads is averaged), a
+            :class:`vitviz.explain.Method`, or ``fn(model, x, target) -> [B, gh, gw]``.
         mode: ``"cascade"`` (top down, accumulating) or ``"independent"`` (one step at a time).
         layers: the steps, top first, as ``[(name, [modules or parameters]), ...]``
             (default :func:`randomization_layers`).
@@ -344,14 +287,15 @@ def randomization(model, images, method: str | MapFn = "rollout", *, mode: str =
         seed: step ``i`` re-initialises with ``seed + i``.
         top_k: patches of the top-k overlap (default a tenth of the grid, at least 1).
         batch_size: images per forward pass.
-        target: ``[B]`` classes explained by relevance methods (default: the trained model's
-            prediction).
+        target: ``[B]`` classes explained by grad methods (relevance, grad_rollout) and passed
+            to functions (default: the trained model's prediction).
 
     Returns:
         :class:`Randomization`; the model's parameters and buffers are unchanged afterwards.
 
     Raises:
-        VitvizError: unknown method or mode, no blocks / head found, ``top_k`` out of range.
+        VitvizError: unknown method or mode, a method without one map per image, no blocks /
+            head found, ``top_k`` out of range, a grad method on a model without a classifier.
         LayoutError: images of another size than the model's.
     """
     if mode not in ("cascade", "independent"):
@@ -367,17 +311,19 @@ def randomization(model, images, method: str | MapFn = "rollout", *, mode: str =
         if not 0 <= num_steps <= len(steps):
             raise VitvizError(f"num_steps must be in 0..{len(steps)}, got {num_steps}")
         steps = steps[:num_steps]
-    needs_target = method in ("relevance", "grad_rollout") or callable(method)
+    registered = None if callable(method) and not isinstance(method, Method) \
+        else single_map_method(method, "randomization")
+    needs_target = registered is None or registered.needs == "grad"
     if target is None and needs_target:
-        if not callable(method):
-            check_classifier(vm, None, f"randomization of {method}")
+        if registered is not None:
+            check_classifier(vm, None, f"randomization of {registered.name}")
         with torch.no_grad():
             out = vm(x)
-        if callable(method):
-            t = getattr(out, "logits", out)
-            target = t.argmax(-1) if isinstance(t, torch.Tensor) and t.dim() == 2 else None
+        if registered is None:  # a function gets the prediction when the model is a classifier
+            t = classifier_logits(out)
+            target = None if t is None else resolve_targets(t, None)  # [B]
         else:
-            target = logits_of(out, what=f"{method}").argmax(-1)  # [B]
+            target = resolve_targets(logits_of(out, what=registered.name), None)  # [B]
 
     def maps_now() -> torch.Tensor:
         out = []
@@ -422,7 +368,7 @@ def randomization(model, images, method: str | MapFn = "rollout", *, mode: str =
     sp = torch.stack([spearman(ref, m) for m in maps])  # [S+1, B]
     ss = torch.stack([ssim(ref, m) for m in maps])
     tk = torch.stack([topk_overlap(ref, m, k) for m in maps])
-    name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
+    name = _method_name(method)
     return Randomization(["trained"] + [n for n, _ in steps], maps, sp, ss, tk, k, mode, name, target)
 
 
@@ -483,14 +429,16 @@ class SanityReport:
             out[name] = row
         return out
 
-    def table(self):
-        """A :class:`vitviz.zoo.benchmark.Table` (``.format(markdown=True)`` for Markdown)."""
-        from ..zoo.benchmark import Table
+    def table(self) -> Table:
+        """The report as a table.
 
+        Returns:
+            A :class:`vitviz.evaluate.Table` (``.format(markdown=True)`` for Markdown).
+        """
         return Table(self.rows(), dict(SANITY_COLUMNS), self.n)
 
 
-def sanity_check(model, images, methods: Sequence[str | MapFn] = DEFAULT_METHODS, *,
+def sanity_check(model, images, methods: Sequence[str | Method | MapFn] = DEFAULT_METHODS, *,
                  randomize: bool = True, tokens: bool = True, road_images: int | None = None,
                  steps: int = 16, road_steps: int = 10, seed: int = 0, batch_size: int = 32,
                  score_fn=None, progress: Callable[[str], None] | None = None) -> SanityReport:
@@ -499,7 +447,8 @@ def sanity_check(model, images, methods: Sequence[str | MapFn] = DEFAULT_METHODS
     Args:
         model: a classifier (:class:`vitviz.VisionModel` or module).
         images: ``[B, 3, H, W]`` inputs at the model's size, or a list of images.
-        methods: names of :data:`METHODS` or map functions.
+        methods: registered map methods with one map per image (``vitviz methods``), or map
+            functions ``fn(model, x, target) -> [B, gh, gw]``.
         randomize, tokens: run the randomisation cascade / the token curves.
         road_images: ROAD on the first ``road_images`` inputs only (``None``: all; ``0``: none);
             its imputation is the slowest part.
@@ -511,11 +460,18 @@ def sanity_check(model, images, methods: Sequence[str | MapFn] = DEFAULT_METHODS
 
     Returns:
         :class:`SanityReport`.
+
+    Raises:
+        VitvizError: an unknown method or one without one map per image (before any work), a
+            model without a classifier and no ``score_fn``.
+        MissingExtraError: a method's optional package is not installed (before any work).
     """
     import time
 
     from .perturbation import road, token_curves
 
+    for method in methods:
+        get_map_fn(method)  # unknown names, per-word methods and missing extras fail before any work
     vm = as_vision_model(model)
     x = prepare_inputs(vm, images)
     b = x.shape[0]
@@ -523,9 +479,9 @@ def sanity_check(model, images, methods: Sequence[str | MapFn] = DEFAULT_METHODS
     rand, tok, rd, secs = {}, {}, {}, {}
     with torch.no_grad():
         out = vm(x)
-    target = None if score_fn is not None else logits_of(out, what="sanity_check").argmax(-1)  # [B]
+    target = None if score_fn is not None else resolve_targets(logits_of(out, what="sanity_check"), None)  # [B]
     for method in methods:
-        name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
+        name = _method_name(method)
         if progress is not None:
             progress(name)
         t0 = time.perf_counter()
@@ -546,4 +502,4 @@ def sanity_check(model, images, methods: Sequence[str | MapFn] = DEFAULT_METHODS
 
 __all__ = ["sanity_check", "SanityReport", "SANITY_COLUMNS", "DEFAULT_METHODS", "randomization", "Randomization",
            "randomization_layers", "METHODS", "get_map_fn",
-           "restored", "prepare_inputs", "logits_of", "check_classifier"]
+           "restored", "prepare_inputs", "logits_of", "check_classifier", "as_vision_model"]

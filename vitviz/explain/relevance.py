@@ -1,23 +1,24 @@
 """Class-specific relevance of a model for an input: one forward, one backward, then a pure map.
 
-This module sits above ``hooks`` (capture) and ``analyze`` (the formulas), so that the
-analyzers stay pure tensor functions.
+This module sits above ``attention`` (capture) and ``analyze`` (the formulas), so that the
+analyzers stay pure tensor functions; the capture, the logits and the targets are the shared
+steps of :mod:`vitviz.explain._shared`. The registered map methods ``relevance`` and
+``grad_rollout`` (:func:`vitviz.explain.compute_maps`) compute the same maps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..analyze.gradient import RelevanceStream
-from ..attention import capture
-from ..errors import CaptureError, VitvizError
-from ..models import VisionModel, classifier_logits, describe_output, score_fn_scores, wrap
+from ..models import score_fn_scores
+from ._shared import Target, as_vision_model, captured, logits_of, resolve_targets
 
-Target = int | Sequence[int] | torch.Tensor | None
+__all__ = ["relevance", "relevance_pass", "RelevanceResult", "Target"]
 
 
 @dataclass
@@ -36,58 +37,6 @@ class RelevanceResult:
     target: torch.Tensor | None
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """``[B, C]`` classifier logits in a model's output, or the error that says what to do."""
-    t = classifier_logits(output)
-    if t is None:
-        raise VitvizError(
-            f"relevance explains a class logit and needs classifier logits [B, classes] from the "
-            f"model, got {describe_output(output)}; load the model with a classifier head "
-            "(num_classes > 0) or pass score_fn=lambda output: <a [B] tensor of per-sample scores>")
-    return t
-
-
-def resolve_targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
-    """``[B]`` long class indices: the argmax per sample, or ``target`` checked and broadcast."""
-    b, c = logits.shape
-    if target is None:
-        return logits.detach().argmax(dim=-1)  # [B]
-    t = torch.as_tensor(target, device=logits.device)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise VitvizError(f"target must be class indices (int), got dtype {t.dtype}")
-    t = t.reshape(-1).long()
-    if t.numel() == 1:
-        t = t.expand(b)
-    elif t.numel() != b:
-        raise VitvizError(f"target has {t.numel()} classes for a batch of {b}: give one class, "
-                          "one per sample, or None for the predicted class")
-    bad = ((t < 0) | (t >= c)).nonzero().flatten().tolist()
-    if bad:
-        raise VitvizError(f"target class {t[bad[0]].item()} is out of range: the model has {c} "
-                          f"classes (0..{c - 1}); check --class / target=")
-    return t
-
-
-def backward_through_attention(score: torch.Tensor, x: torch.Tensor, rec, name: str) -> None:
-    """One backward pass of ``score`` inside a ``capture(grad=True)`` block that reaches every
-    captured attention layer, computing no parameter gradients.
-
-    The capture's tensor hooks read (store or stream) ``d score / dA`` as the pass goes by.
-    Autograd is asked only for ``d score / dx`` and for the lowest layer's attention (so that
-    every layer on the way from the score to the input or to the first layer is reached),
-    not for every attention tensor: returning ``L`` gradients ``[B, H, N, N]`` at the end
-    cost ViT-B/16 at 384 px, batch 8, 3.9x a fused forward instead of 2.8x.
-
-    Raises:
-        CaptureError: no image self-attention with an autograd graph was captured.
-    """
-    inputs = rec.grad_inputs()
-    if not inputs:
-        raise CaptureError(f"{name}: no image self-attention with an autograd graph was captured, "
-                           "so there is nothing to explain")
-    torch.autograd.grad(score, [x, inputs[0]], allow_unused=True)
-
-
 def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
                    head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
                    score_fn: Callable[[Any], torch.Tensor] | None = None) -> RelevanceResult:
@@ -100,8 +49,17 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
     of each sample's own target logit, so every sample gets the gradient of its own logit (samples do
     not interact in a ViT).
 
+    Args:
+        model, x, target, method, head_fusion, discard_ratio, start_layer, score_fn: as
+            :func:`relevance`.
+
     Returns:
         :class:`RelevanceResult`.
+
+    Raises:
+        ValueError: both ``target`` and ``score_fn``, or bad method options.
+        VitvizError: the output is not classifier logits, or a target is out of range.
+        CaptureError: no attention could be captured with gradients.
     """
     # the map is computed in the backward pass as the gradients arrive (RelevanceStream):
     # neither the attention nor the gradients of all layers are kept or stacked
@@ -109,25 +67,27 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
                              start_layer=start_layer)  # checks the options before any work
     if score_fn is not None and target is not None:
         raise ValueError("give either target= or score_fn=, not both")
-    vm = model if isinstance(model, VisionModel) else wrap(model)
+    vm = as_vision_model(model)
     x = vm.preprocess(x)  # [B, 3, H, W] on the model's device and dtype
-    # the input requires grad so that the graph exists even when the parameters are frozen;
-    # parameter gradients are never computed (only d score / d x is asked for)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), capture(vm, grad=True, keep="none", streams={"relevance": stream}) as rec:
-        output = vm(x)
+    explained: dict[str, Any] = {}
+
+    def score(output, _rec):
         if score_fn is not None:
-            scores = score_fn_scores(output, score_fn)  # [B]
-            t, logits = None, output
-        else:
-            logits = logits_of(output)  # [B, C]
-            t = resolve_targets(logits, target)  # [B]
-            scores = logits.gather(1, t[:, None]).squeeze(1)  # [B] each sample's own logit
-        backward_through_attention(scores.sum(), x, rec, vm.name)
+            explained.update(target=None, logits=output)
+            return score_fn_scores(output, score_fn).sum()  # [B] -> one backward for all samples
+        logits = logits_of(output, what="relevance (it explains a class logit)")  # [B, C]
+        t = resolve_targets(logits, target)  # [B]
+        explained.update(target=t, logits=logits)
+        return logits.gather(1, t[:, None]).squeeze(1).sum()  # each sample's own logit
+
+    # the input is a leaf that requires grad so that the graph exists even when the parameters
+    # are frozen; parameter gradients are never computed (only d score / d x is asked for)
+    _, rec = captured(vm, x, grad=True, score=score, keep="none", streams={"relevance": stream})
     maps = rec.stream("relevance")  # [B, gh, gw]
+    logits = explained["logits"]
     if isinstance(logits, torch.Tensor):
         logits = logits.detach()
-    return RelevanceResult(maps, logits, t)
+    return RelevanceResult(maps, logits, explained["target"])
 
 
 def relevance(model, x, *, target: Target = None, method: str = "chefer",

@@ -30,7 +30,7 @@ from ..analyze.text_image import LeGradStream, patch_text_logits
 from ..attention import capture
 from ..errors import VitvizError
 from ..models import VisionModel, wrap
-from .relevance import backward_through_attention
+from ._shared import captured
 
 METHODS = ("chefer", "legrad", "maskclip")
 # LeGrad's default: the last two layers (the authors' wrapper starts at layer index -2)
@@ -354,8 +354,7 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
     if method == "maskclip":
         handles = _block_outputs(blocks[-1:], store, inputs=True)
         try:
-            with torch.no_grad(), capture(tower_vm, keep="none") as rec:
-                image_emb = tw.encode_image(x)  # [1, D]
+            image_emb, rec = captured(tower_vm, x, forward=tw.encode_image, keep="none")  # [1, D]
         finally:
             for h in handles:
                 h.remove()
@@ -368,28 +367,30 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
         return TextMaps(maps, scores.detach().float(), strings, method, notes)
 
     # one copy of the image per text: copy t is scored against text t
-    xb = x.detach().repeat(num_texts, 1, 1, 1).requires_grad_(True)  # [T, 3, H, W]
+    xb = x.detach().repeat(num_texts, 1, 1, 1)  # [T, 3, H, W]
     if method == "chefer":
-        stream: Any = RelevanceStream("chefer", start_layer=0 if start_layer is None else start_layer)
-    else:
-        stream = LeGradStream(LEGRAD_START if start_layer is None else start_layer)
-    handles = _block_outputs(blocks, store) if method == "legrad" else []
+        stream = RelevanceStream("chefer", start_layer=0 if start_layer is None else start_layer)
+        scores, rec = captured(tower_vm, xb, grad=True, forward=lambda t: tw.logits(tw.encode_image(t), text),
+                               score=lambda out, _rec: out.sum(), keep="none", streams={"map": stream})  # [T]
+        maps = rec.stream("map")  # [T, gh, gw]
+        return TextMaps(maps, scores.detach().float(), strings, method, notes)
+    # LeGrad: one backward pass per layer, each of that layer's own pooled score
+    xb = xb.requires_grad_(True)
+    legrad = LeGradStream(LEGRAD_START if start_layer is None else start_layer)
+    handles = _block_outputs(blocks, store)
     try:
-        with torch.enable_grad(), capture(tower_vm, grad=True, keep="none", streams={"map": stream}) as rec:
+        with torch.enable_grad(), capture(tower_vm, grad=True, keep="none", streams={"map": legrad}) as rec:
             scores = tw.logits(tw.encode_image(xb), text)  # [T]
-            if method == "chefer":
-                backward_through_attention(scores.sum(), xb, rec, vm.name)
-            else:
-                graph = rec.grad_inputs()  # one per layer, in order
-                n = len(graph)
-                if n != len(blocks):
-                    raise VitvizError(f"{vm.name}: {n} attention layers were captured for {len(blocks)} blocks")
-                first = LEGRAD_START if start_layer is None else start_layer
-                if not -n <= first < n:
-                    raise VitvizError(f"start_layer {first} is out of range for {n} layers")
-                for layer in range(first % n, n):
-                    s_l = tw.logits(tw.pool(store[layer]), text).sum()  # Σ_t s_l(t)
-                    torch.autograd.grad(s_l, [graph[layer]], retain_graph=layer < n - 1)
+            graph = rec.grad_inputs()  # one per layer, in order
+            n = len(graph)
+            if n != len(blocks):
+                raise VitvizError(f"{vm.name}: {n} attention layers were captured for {len(blocks)} blocks")
+            first = LEGRAD_START if start_layer is None else start_layer
+            if not -n <= first < n:
+                raise VitvizError(f"start_layer {first} is out of range for {n} layers")
+            for layer in range(first % n, n):
+                s_l = tw.logits(tw.pool(store[layer]), text).sum()  # Σ_t s_l(t)
+                torch.autograd.grad(s_l, [graph[layer]], retain_graph=layer < n - 1)
             maps = rec.stream("map")  # [T, gh, gw]
     finally:
         for h in handles:

@@ -20,10 +20,9 @@ import torch
 
 from .._util.files import atomic_write_bytes
 from ..analyze import relevance_matrix, rollout_matrices
-from ..attention import capture
-from ..errors import CaptureError, VitvizError
-from ..explain.relevance import Target, backward_through_attention, logits_of, resolve_targets
-from ..models import VisionModel, wrap
+from ..errors import VitvizError
+from ..explain import Target, as_vision_model, attentions_of, captured, logits_of, resolve_targets
+from ..models import VisionModel
 from ._view import DEFAULT_MAX_BYTES, ExploreData, render_explore
 
 
@@ -137,22 +136,23 @@ def explore(model: Any, image: Any, *, target: Target = None, title: str | None 
         >>> m = vitviz.load_model("shapes-vit")
         >>> vitviz.explore(m, "scene.png").save("scene.html")
     """
-    vm = model if isinstance(model, VisionModel) else wrap(model)
+    vm = as_vision_model(model)
     rgb, x, name = _inputs(vm, image)
-    x = x.detach().requires_grad_(True)
     grads = None
     explained: int | None = None
-    with torch.enable_grad(), capture(vm, grad=True) as rec:
-        output = vm(x)
-        if rec.attentions is None:
-            raise CaptureError(f"{vm.name}: no self-attention over image tokens ran in its forward pass, "
-                               "so there is no attention to explore; pass a Vision Transformer")
+    logits: torch.Tensor | None = None
+
+    def score(output, rec):
+        nonlocal logits, explained
+        attentions_of(rec, vm)  # no attention over image tokens: nothing to explore, nothing to explain
         logits = _classifier_logits(vm, output)  # [1, C] or None
-        if logits is not None:
-            t = resolve_targets(logits, target)  # [1]
-            explained = int(t[0])
-            backward_through_attention(logits[0, explained], x, rec, vm.name)
-    attn = rec.attentions
+        if logits is None:
+            return None  # not a classifier: attention only, no backward pass
+        explained = int(resolve_targets(logits, target)[0])
+        return logits[0, explained]
+
+    _, rec = captured(vm, x, grad=True, score=score)
+    attn = attentions_of(rec, vm)
     if rgb is None:
         rgb = _tensor_view(vm, x)
     if logits is not None:

@@ -45,7 +45,7 @@ def _record(source: Source, name: str, status: str, reason: str | None = None, *
 # --------------------------------------------------------------------------------------------
 
 def _render_batch(out_dir: Path, jobs: list[dict], cmap: str, alpha: float, norm: str = "image") -> list[dict]:
-    from ._render import render_image
+    from ._draw import render_image
 
     records = []
     for job in jobs:

@@ -8,12 +8,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VitvizError
 from . import _manifest as mf
-from ._methods import Method, get_method
 from ._sources import Source, list_sources, output_names, parse_shard, shard_of
+
+if TYPE_CHECKING:  # the registry (vitviz.explain) loads when a run is planned
+    from ..explain import Method
 
 _TMP = re.compile(r"^\.(?P<final>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # _io.atomic_write_bytes' temp names
 
@@ -92,6 +94,7 @@ def plan_run(src: Any, vm: Any, out_dir: Any, *, methods: Any, options: dict[str
         VitvizError: as :func:`build_gallery`.
     """
     from ..batch import default_workers
+    from ..explain import get_method
 
     out_dir = Path(out_dir)
     names_wanted = [s.strip() for s in methods.split(",")] if isinstance(methods, str) else list(methods)

@@ -1,19 +1,37 @@
 """Run the model and the gallery's methods on one batch (main thread).
 
-Attention methods share one captured forward pass; grad methods add one backward pass of every
-image's predicted-class logit; ``needs="model"`` methods run the model themselves.
+The methods come from the one registry (:mod:`vitviz.explain`) and run through its engine
+(:func:`vitviz.explain.run_methods`): attention methods share one captured forward pass; grad
+methods add one backward pass of every image's predicted-class logit; ``needs="model"``
+methods run the model themselves.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from ..errors import VitvizError
-from ._methods import Method, MethodInput, MethodResult
+
+if TYPE_CHECKING:  # the registry (and torch) load when a batch runs, not when the gallery is imported
+    from ..explain import Method, MethodResult
 
 
 def per_image(method: Method, res: MethodResult, b: int) -> tuple[list[np.ndarray], list]:
-    """Split a method's batch result into ``b`` float32 arrays ``[gh, gw]`` / ``[K, gh, gw]``."""
+    """Split a method's batch result into ``b`` float32 arrays ``[gh, gw]`` / ``[K, gh, gw]``.
+
+    Args:
+        method: the method (for messages).
+        res: its result for the batch.
+        b: the batch size.
+
+    Returns:
+        ``(maps, [(names, text), ...])``, one entry per image.
+
+    Raises:
+        VitvizError: maps of another shape or count, or names / texts not one per image.
+    """
     import torch
 
     maps = res.maps
@@ -43,76 +61,43 @@ def per_image(method: Method, res: MethodResult, b: int) -> tuple[list[np.ndarra
 USE_STREAMS = True
 
 
-def forward(model, x):
-    """``model(x)``; a model that cannot be called so gets a typed error with the way out."""
-    try:
-        return model(x)
-    except VitvizError:
-        raise
-    except (TypeError, ValueError) as e:  # a model that needs other inputs (a captioner's ids)
-        raise VitvizError(
-            f"{model.name} could not run on a batch of shape {tuple(x.shape)} ({type(e).__name__}: {e}); "
-            "attention methods (rollout, cls, relevance, ...) call the model as model(images): "
-            "for a captioning model use --methods caption") from e
-
-
-def run_methods(model, x, methods: list[tuple[Method, dict]]):
+def run_methods(model: Any, x: Any, methods: list[tuple[Method, dict]]) -> tuple[Any, dict[str, MethodResult]]:
     """Run the shared forward pass (if any method needs it) and every method on one batch.
 
     Attention methods share one captured forward pass without gradients. With a grad method,
     the forward pass runs with gradients and one backward pass of every image's
     predicted-class logit follows (only the attention gradients are computed, no parameter
-    gradients). When every shared method streams, the capture keeps no layer. Captioning-style methods
-    run the model themselves.
+    gradients). When every shared method streams (and :data:`USE_STREAMS`), the capture keeps
+    no layer. Captioning-style methods run the model themselves. The engine is
+    :func:`vitviz.explain.run_methods`.
+
+    Args:
+        model: the :class:`vitviz.VisionModel`.
+        x: ``[B, 3, H, W]`` on the model's device and dtype.
+        methods: ``(method, options)`` pairs, each method once.
 
     Returns:
-        ``(model output or None, {method: MethodResult})``
+        ``(model output or None, {method name: MethodResult})``
+
+    Raises:
+        VitvizError: as :func:`vitviz.explain.run_methods`.
     """
-    import torch
+    from ..explain import run_methods as run
 
-    from ..attention import capture
-    from ..explain.relevance import backward_through_attention
-    from ..models import classifier_logits
-
-    results: dict[str, MethodResult] = {}
-    output = None
-    shared = [(m, o) for m, o in methods if m.needs in ("attention", "grad")]
-    grad = any(m.needs == "grad" for m, _ in shared)
-    streams: dict = {}
-    if shared and USE_STREAMS:
-        made = {m.name: (m.stream(model, **o) if m.stream is not None else None) for m, o in shared}
-        if all(s is not None for s in made.values()):
-            streams = made
-    kw = {"keep": "none", "streams": streams} if streams else {}
-    if grad:
-        xg = x.detach().requires_grad_(True)  # the graph exists even when the parameters are frozen
-        with torch.enable_grad(), capture(model, grad=True, **kw) as rec:
-            output = forward(model, xg)
-            logits = classifier_logits(output, min_classes=2)
-            if logits is None:
-                raise VitvizError(f"{', '.join(m.name for m, _ in shared if m.needs == 'grad')} explain "
-                                  "the predicted class and need classifier logits [B, classes]; "
-                                  "this model's output is not a classifier's")
-            target = logits.detach().argmax(dim=-1)  # [B]
-            score = logits.gather(1, target[:, None]).sum()  # each sample's own predicted logit
-            backward_through_attention(score, xg, rec, model.name)  # hooks store or stream dA
-    elif shared:
-        target = None
-        with torch.no_grad(), capture(model, **kw) as rec:
-            output = forward(model, x)
-    if shared:
-        with torch.no_grad():
-            for m, o in shared:
-                streamed = rec.stream(m.name) if streams else None
-                results[m.name] = m(MethodInput(model, x, rec, output, streamed=streamed, target=target), **o)
-    for m, o in methods:
-        if m.needs == "model":
-            with torch.no_grad():
-                results[m.name] = m(MethodInput(model, x, None, None), **o)
-    return output, results
+    done = run(model, x, methods, stream=USE_STREAMS)
+    return done.output, {m.name: r for (m, _), r in zip(methods, done.results)}
 
 
 def top5(model, output) -> list[list[dict]] | None:
+    """The top-5 classes per image (index, label, probability), or None for a non-classifier.
+
+    Args:
+        model: the :class:`vitviz.VisionModel` (its labels).
+        output: the model's output of the batch.
+
+    Returns:
+        One list of up to 5 dicts per image, or None.
+    """
     from ..models import classifier_logits
 
     logits = classifier_logits(output, min_classes=2)

@@ -27,7 +27,11 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def cache_dir() -> str:
-    """The Hugging Face hub cache in use now (``HF_HUB_CACHE``, else ``$HF_HOME/hub``)."""
+    """The Hugging Face hub cache in use now.
+
+    Returns:
+        Its folder: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``.
+    """
     from huggingface_hub import constants
 
     return constants.HF_HUB_CACHE
@@ -48,11 +52,29 @@ def is_offline() -> bool:
     return bool(check() if callable(check) else constants.HF_HUB_OFFLINE)
 
 
-def fixes(name: str) -> str:
-    """The ways out, in one sentence, for a model whose weights cannot be had."""
+def fixes(name: str, *, need_config: bool = False) -> str:
+    """The ways out, in one sentence, for a model whose weights cannot be had.
+
+    Args:
+        name: what the user asked for.
+        need_config: the model's ``config.json`` (its architecture) is what is missing, which
+            ``--weights`` and ``--random`` need too: those two are no way out then.
+    """
+    if need_config:
+        return (f"--random and --weights build the architecture from the model's config.json, so they need "
+                f"it too. Fix: run `vitviz fetch {name}` on a machine with network access and use its cache "
+                "here (same HF_HOME) with HF_HUB_OFFLINE=1; or pass a local model directory holding its "
+                "config.json as --model")
     return (f"Fix: pass --weights FILE; or run `vitviz fetch {name}` on a machine with network access "
             "and use its cache here (same HF_HOME) with HF_HUB_OFFLINE=1; or use --random for "
             "untrained weights")
+
+
+def _or_else(need_config: bool) -> str:
+    """The other ways out at the end of a refusal by the Hub."""
+    if need_config:
+        return "or pass a local model directory holding its config.json as --model"
+    return "or pass --weights FILE, or use --random"
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -100,7 +122,7 @@ def _network_reason(e: BaseException) -> str:
 
 
 def explain(e: BaseException, repo_id: str, filename: str, name: str,
-            *, revision: str | None = None) -> DownloadError | None:
+            *, revision: str | None = None, need_config: bool = False) -> DownloadError | None:
     """A :class:`DownloadError` for a failed Hub request, or None when ``e`` is no Hub failure.
 
     Walks the exception chain, so transformers' ``OSError`` wrappers are explained by the
@@ -113,16 +135,16 @@ def explain(e: BaseException, repo_id: str, filename: str, name: str,
     for c in _chain(e):
         if isinstance(c, hf.LocalEntryNotFoundError) or isinstance(c, hf.OfflineModeIsEnabled):
             if is_offline() or any(isinstance(x, hf.OfflineModeIsEnabled) for x in _chain(c)):
-                return _offline(name, repo_id, filename)
+                return _offline(name, repo_id, filename, need_config=need_config)
             return DownloadError(
                 f"could not download {where} for {name!r} from {endpoint()}: {_network_reason(c)}; "
-                f"it is not in the Hugging Face cache {cache}. {fixes(name)}",
+                f"it is not in the Hugging Face cache {cache}. {fixes(name, need_config=need_config)}",
                 reason="unreachable", repo_id=repo_id, filename=filename)
         if isinstance(c, hf.GatedRepoError):
             return DownloadError(
                 f"{repo_id} is a gated repo on {endpoint()} (HTTP {_status(c)}) and this machine is not "
                 f"allowed to read {filename or 'it'}: accept its terms at {endpoint()}/{repo_id}, then log in "
-                "with `hf auth login` or set HF_TOKEN. Or pass --weights FILE, or use --random",
+                f"with `hf auth login` or set HF_TOKEN; {_or_else(need_config)}",
                 reason="auth", repo_id=repo_id, filename=filename)
         if isinstance(c, hf.RepositoryNotFoundError):
             code = _status(c)
@@ -130,7 +152,7 @@ def explain(e: BaseException, repo_id: str, filename: str, name: str,
                 return DownloadError(
                     f"{endpoint()} refused {where} (HTTP {code}): the repo is private or gated, or does "
                     f"not exist. Log in with `hf auth login` or set HF_TOKEN to a token that can read "
-                    f"{repo_id}; check the name; or pass --weights FILE, or use --random",
+                    f"{repo_id}; check the name; {_or_else(need_config)}",
                     reason="auth", repo_id=repo_id, filename=filename)
             return DownloadError(
                 f"no repo {repo_id} on {endpoint()} (HTTP {code}, needed for {name!r}): check the name "
@@ -143,17 +165,19 @@ def explain(e: BaseException, repo_id: str, filename: str, name: str,
         if isinstance(c, hf.EntryNotFoundError):  # remote: the local one was handled above
             return DownloadError(
                 f"{repo_id} on {endpoint()} has no file {filename} (HTTP {_status(c) or 404}, needed "
-                f"for {name!r}); pass --weights FILE with the checkpoint, or use --random",
+                f"for {name!r}); "
+                + ("it is no transformers model; pass a local model directory holding its config.json as --model"
+                   if need_config else "pass --weights FILE with the checkpoint, or use --random"),
                 reason="no_file", repo_id=repo_id, filename=filename)
         if isinstance(c, hf.HfHubHTTPError) and _status(c) in (401, 403):
             return DownloadError(
                 f"{endpoint()} refused {where} (HTTP {_status(c)}): log in with `hf auth login` or set "
-                f"HF_TOKEN to a token that can read {repo_id}; or pass --weights FILE, or use --random",
+                f"HF_TOKEN to a token that can read {repo_id}; {_or_else(need_config)}",
                 reason="auth", repo_id=repo_id, filename=filename)
     if any(_is_network(c) for c in _chain(e)):
         return DownloadError(
             f"could not download {where} for {name!r} from {endpoint()}: {_network_reason(e)}; "
-            f"it is not in the Hugging Face cache {cache}. {fixes(name)}",
+            f"it is not in the Hugging Face cache {cache}. {fixes(name, need_config=need_config)}",
             reason="unreachable", repo_id=repo_id, filename=filename)
     hub_failure = any(type(c).__module__.split(".")[0] in ("huggingface_hub", "httpx", "httpx2",
                                                              "urllib", "socket", "ssl")
@@ -164,20 +188,23 @@ def explain(e: BaseException, repo_id: str, filename: str, name: str,
     return DownloadError(
         f"download of {where} from {endpoint()} failed: {_one_line(e)}. Nothing partial was kept as "
         f"weights (huggingface_hub writes *.incomplete files in {cache} and moves them into place "
-        f"only when complete): run the command again; {fixes(name)}",
+        f"only when complete): run the command again; {fixes(name, need_config=need_config)}",
         reason="failed", repo_id=repo_id, filename=filename)
 
 
-def _offline(name: str, repo_id: str, filename: str) -> DownloadError:
+def _offline(name: str, repo_id: str, filename: str, *, need_config: bool = False) -> DownloadError:
     where = f"{repo_id} ({filename})" if filename else repo_id
+    what = f"config.json (the architecture) of {name!r}" if need_config else f"pretrained weights for {name!r}"
     return DownloadError(
-        f"no pretrained weights for {name!r} on this machine (looked for {where} in the Hugging Face "
-        f"cache {cache_dir()}) and HF_HUB_OFFLINE is set, so nothing is downloaded. {fixes(name)}; "
+        f"no {what} on this machine (looked for {where} in the Hugging Face "
+        f"cache {cache_dir()}) and HF_HUB_OFFLINE is set, so nothing is downloaded. "
+        f"{fixes(name, need_config=need_config)}; "
         "or unset HF_HUB_OFFLINE on a machine with network access",
         reason="offline", repo_id=repo_id, filename=filename)
 
 
-def _probe(repo_id: str, filename: str, *, name: str, revision: str | None = None) -> None:
+def _probe(repo_id: str, filename: str, *, name: str, revision: str | None = None,
+           need_config: bool = False) -> None:
     """One metadata request (``HEAD``), bounded by ``HF_HUB_ETAG_TIMEOUT``, without retries.
 
     ``hf_hub_download`` retries a failed metadata call when nothing is cached (huggingface_hub
@@ -196,13 +223,14 @@ def _probe(repo_id: str, filename: str, *, name: str, revision: str | None = Non
     try:
         get_hf_file_metadata(url, **kwargs)
     except Exception as e:  # noqa: BLE001 - every Hub failure becomes one typed line
-        raise (explain(e, repo_id, filename, name, revision=revision) or DownloadError(
+        raise (explain(e, repo_id, filename, name, revision=revision, need_config=need_config) or DownloadError(
             f"could not download {repo_id}/{filename} for {name!r} from {endpoint()}: {_one_line(e, 100)}; "
-            f"it is not in the Hugging Face cache {cache_dir()}. {fixes(name)}",
+            f"it is not in the Hugging Face cache {cache_dir()}. {fixes(name, need_config=need_config)}",
             reason="unreachable", repo_id=repo_id, filename=filename)) from e
 
 
-def download(repo_id: str, filename: str, *, name: str, revision: str | None = None) -> str:
+def download(repo_id: str, filename: str, *, name: str, revision: str | None = None,
+             need_config: bool = False) -> str:
     """One file of a Hub repo into the standard cache (huggingface_hub, with its progress bar).
 
     Args:
@@ -210,6 +238,8 @@ def download(repo_id: str, filename: str, *, name: str, revision: str | None = N
         filename: path inside the repo.
         name: what the user asked for (for messages).
         revision: branch, tag or commit; None for ``main``.
+        need_config: the file is a model's ``config.json`` asked for to build an untrained
+            model or one from a weights file (the messages then say that those need it too).
 
     Returns:
         The local path of the file (inside the cache's ``snapshots/``).
@@ -227,14 +257,14 @@ def download(repo_id: str, filename: str, *, name: str, revision: str | None = N
         found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir(), revision=revision)
         if isinstance(found, str) and os.path.isfile(found):
             return found
-        raise _offline(name, repo_id, filename)
-    _probe(repo_id, filename, name=name, revision=revision)
+        raise _offline(name, repo_id, filename, need_config=need_config)
+    _probe(repo_id, filename, name=name, revision=revision, need_config=need_config)
     try:
         return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir(),
                                etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
                                library_name="vitviz", library_version=__version__)
     except Exception as e:  # noqa: BLE001 - every Hub failure becomes one typed line
-        err = explain(e, repo_id, filename, name, revision=revision)
+        err = explain(e, repo_id, filename, name, revision=revision, need_config=need_config)
         if err is None:
             raise
         raise err from e

@@ -25,6 +25,9 @@ _HF_WEIGHT_FILES = _hub.HF_WEIGHT_FILES
 def list_models() -> list[str]:
     """The model aliases vitviz knows (any timm name or transformers id works too).
 
+    Returns:
+        The aliases (``"b16"``, ...), then the bundled offline models (``"shapes-vit"``, ...).
+
     Example:
         >>> "b16" in vitviz.list_models()
         True
@@ -128,13 +131,24 @@ def timm_weights_location(model_id: str) -> tuple[str | None, str]:
     return None, "; ".join(sought) or f"no download source is known for {model_id}"
 
 
-def _missing_weights(name: str, sought: str) -> WeightsNotFoundError:
+def _missing_weights(name: str, sought: str, *, need_config: bool = False) -> WeightsNotFoundError:
+    what = f"config.json (the architecture) of {name!r}" if need_config else f"pretrained weights for {name!r}"
     return WeightsNotFoundError(
-        f"no pretrained weights for {name!r} on this machine (looked for {sought}). {_hub.fixes(name)}")
+        f"no {what} on this machine (looked for {sought}). {_hub.fixes(name, need_config=need_config)}")
 
 
 def weights_status(name: str) -> tuple[str, str | None]:
-    """``(model id, local weights path or None)`` for `vitviz models`."""
+    """Where a model's weights are, without downloading or importing a model library.
+
+    Args:
+        name: an alias, a bundled model, a timm name or a transformers id or folder.
+
+    Returns:
+        ``(model id, local weights path)``; the path is None when the weights are not cached.
+
+    Raises:
+        ModelNotFoundError: ``name`` leads to no known model (the message names close ones).
+    """
     r = resolve(name)
     if r.source == "zoo":
         from .bundled import ZOO
@@ -235,8 +249,6 @@ def load_model(name: str, *, weights=None, pretrained: bool = True, num_classes:
 
 
 def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
-    import timm
-
     from ._vision_model import wrap
 
     kwargs = {}
@@ -263,7 +275,7 @@ def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
             kwargs["img_size"] = inferred["img_size"]
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        model = timm.create_model(r.model_id, pretrained=False, **kwargs)
+        model = _create_timm(r, kwargs)
         load_into_timm(model, sd, source=str(weights))
     elif pretrained:
         path, sought = timm_weights_location(r.model_id)
@@ -272,8 +284,7 @@ def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         try:
-            model = timm.create_model(r.model_id, pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=path), **kwargs)
+            model = _create_timm(r, kwargs, pretrained=True, pretrained_cfg_overlay=dict(file=path))
         except (RuntimeError, OSError, ValueError) as e:
             raise CheckpointError(f"cached weights {path} for {r.model_id} could not be loaded: {e}; "
                                   "delete the file and download it again") from e
@@ -281,8 +292,71 @@ def _load_timm(r: Resolved, weights, pretrained, num_classes, image_size):
     else:
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        model = timm.create_model(r.model_id, pretrained=False, **kwargs)
-    return wrap(model, labels=labels, name=r.name)
+        model = _create_timm(r, kwargs)
+    vm = wrap(model, labels=labels, name=r.name)
+    size = kwargs.get("img_size")
+    if size is not None:
+        from ._preprocess import Preprocess, _timm_built_size
+
+        if _timm_built_size(model) is None:  # built for `size` but does not record it (MViTv2, MobileViT)
+            vm._preprocessor_factory = lambda: Preprocess.from_timm(model, size=size)
+    return vm
+
+
+def _create_timm(r: Resolved, kwargs: dict, **extra):
+    """``timm.create_model(r.model_id, **kwargs, **extra)``, checked against the asked size.
+
+    With ``kwargs["img_size"]``: a model that records the size it was built for
+    (``patch_embed.img_size``, its own ``img_size``) must record that size; one whose
+    constructor takes no ``img_size`` (DaViT, FastViT, TinyViT, NextViT, PVT v2), or takes it
+    without recording it (LeViT, MViTv2, MobileViT, EfficientFormer), is run once on a blank
+    input of that size: used at that size when it runs there, refused with the reason when
+    it does not (layers built for one resolution).
+    """
+    import timm
+
+    extra.setdefault("pretrained", False)
+    size = kwargs.get("img_size")
+    try:
+        model = timm.create_model(r.model_id, **kwargs, **extra)
+    except TypeError as e:
+        if size is None or "img_size" not in str(e):
+            raise VitvizError(f"timm could not build {r.model_id}: {e}") from e
+        rest = {k: v for k, v in kwargs.items() if k != "img_size"}
+        model = timm.create_model(r.model_id, **rest, **extra)
+    if size is not None:
+        from ._preprocess import _timm_built_size
+
+        hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        built = _timm_built_size(model)
+        if built is None:
+            _check_runs_at(model, r, hw)
+        elif built != hw:
+            raise VitvizError(f"{r.name} was built for {built[0]}x{built[1]} px and does not take "
+                              f"--image-size {size}; omit --image-size")
+    return model
+
+
+def _check_runs_at(model, r: Resolved, hw: tuple[int, int]) -> None:
+    """One forward pass on a blank ``hw`` input (eval mode, no gradients); a model whose layers
+    are built for another resolution fails it, and is refused with the reason."""
+    import torch
+
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *hw))
+    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
+        raise VitvizError(
+            f"{r.name} does not run at --image-size {hw[0] if hw[0] == hw[1] else hw} "
+            f"({' '.join(str(e).split())[:120]}): its layers are built for {_native_size(model)}; "
+            "omit --image-size") from None
+
+
+def _native_size(model) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return f"{size[-2]}x{size[-1]} px" if size else "its default size"
 
 
 def _imagenet_labels(model) -> list[str] | None:
@@ -311,13 +385,16 @@ def _hf_class(config):
     return AutoModel
 
 
-def _hf_load(load, r: Resolved, what: str, filename: str, online: bool, **kwargs):
+def _hf_load(load, r: Resolved, what: str, filename: str, online: bool, *, need_config: bool = False,
+             **kwargs):
     """``load(model_id, ...)`` (a transformers ``from_pretrained``) from the cache, else from the Hub.
 
     Returns ``(result, online)``: ``online`` turns True once the Hub has been asked, so that the
     model's other files (processor, tokenizer) are fetched the same way. The first Hub request
     of a model is one huggingface_hub download of ``config.json``: a missing network, a Hub
     that never answers, a missing or private repo fail there, fast and with one typed line.
+    ``need_config``: the config is loaded for an untrained model or a weights file (``--random``,
+    ``--weights``), and the messages say that those need it too, instead of suggesting them.
     """
     local_dir = Path(r.model_id).is_dir()
     cache = dict(cache_dir=_hf_cache_dir()) if not local_dir else {}
@@ -326,20 +403,23 @@ def _hf_load(load, r: Resolved, what: str, filename: str, online: bool, **kwargs
             return load(r.model_id, local_files_only=True, **cache, **kwargs), False
         except (OSError, ValueError) as e:
             if local_dir:
-                raise _missing_weights(r.name, f"the {what} of {r.model_id} in {r.model_id}") from e
+                raise _missing_weights(r.name, f"the {what} of {r.model_id} in {r.model_id}",
+                                       need_config=need_config) from e
             if _hub.is_offline():
-                raise _hub.explain(e, r.model_id, filename, r.name) or _missing_weights(
-                    r.name, f"the {what} of {r.model_id} in the Hugging Face cache {_hf_cache_dir()}") from e
-        _hub.download(r.model_id, "config.json", name=r.name)  # the probe: DownloadError when it fails
+                raise _hub.explain(e, r.model_id, filename, r.name, need_config=need_config) or _missing_weights(
+                    r.name, f"the {what} of {r.model_id} in the Hugging Face cache {_hf_cache_dir()}",
+                    need_config=need_config) from e
+        # the probe: DownloadError when it fails
+        _hub.download(r.model_id, "config.json", name=r.name, need_config=need_config)
     try:
         return load(r.model_id, **cache, **kwargs), True
     except (OSError, ValueError) as e:
-        err = _hub.explain(e, r.model_id, filename, r.name)
+        err = _hub.explain(e, r.model_id, filename, r.name, need_config=need_config)
         if err is not None:
             raise err from e
         raise WeightsNotFoundError(
             f"the {what} of {r.model_id} could not be loaded from {_hub.endpoint()}: "
-            f"{' '.join(str(e).split())[:200]}. {_hub.fixes(r.name)}") from e
+            f"{' '.join(str(e).split())[:200]}. {_hub.fixes(r.name, need_config=need_config)}") from e
 
 
 def _untied(model, missing, sd) -> list:
@@ -362,7 +442,8 @@ def _load_transformers(r: Resolved, weights, pretrained, num_classes, image_size
         raise VitvizError(
             "--image-size is supported for timm models; a transformers model takes other sizes when "
             "called with interpolate_pos_encoding=True")
-    config, online = _hf_load(AutoConfig.from_pretrained, r, "config", "config.json", False)
+    config, online = _hf_load(AutoConfig.from_pretrained, r, "config", "config.json", False,
+                              need_config=weights is not None or not pretrained)
     extra = {}
     if num_classes is not None:
         extra = dict(num_labels=num_classes)

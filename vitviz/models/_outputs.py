@@ -8,10 +8,16 @@ import torch
 
 
 def output_logits(output: Any) -> torch.Tensor | None:
-    """The logits tensor of a model output, any shape, or None.
+    """The logits tensor of a model output, any shape.
 
     Looks where the libraries put it: the output itself when it is a tensor, ``.logits``
     (transformers' ``ModelOutput``), or the first element of a tuple or list.
+
+    Args:
+        output: what the model returned.
+
+    Returns:
+        The tensor, or None when the output holds none there.
     """
     t = getattr(output, "logits", output)
     if isinstance(t, (tuple, list)) and t and isinstance(t[0], torch.Tensor):
@@ -26,6 +32,10 @@ def classifier_logits(output: Any, *, min_classes: int = 1) -> torch.Tensor | No
         output: what the model returned (a tensor, an object with ``.logits``, a tuple).
         min_classes: the fewest classes that count as a classifier (2 to show a prediction).
 
+    Returns:
+        The ``[B, C]`` floating-point logits, or None (no logits, another shape, an integer
+        tensor, or fewer than ``min_classes`` classes).
+
     Example:
         >>> classifier_logits(torch.zeros(2, 10)).shape
         torch.Size([2, 10])
@@ -39,13 +49,27 @@ def classifier_logits(output: Any, *, min_classes: int = 1) -> torch.Tensor | No
 
 
 def describe_output(output: Any) -> str:
-    """A short description of an output for error messages: its logits' shape or its type."""
+    """A short description of a model output, for error messages.
+
+    Args:
+        output: what the model returned.
+
+    Returns:
+        Its logits' shape (``"(2, 10)"``), or its type's name when it holds no logits.
+    """
     t = output_logits(output)
     return str(tuple(t.shape)) if t is not None else type(output).__name__
 
 
 def score_fn_scores(output: Any, score_fn: Any) -> torch.Tensor:
-    """``[B]`` per-sample scores from a user's ``score_fn(output)``, checked.
+    """Per-sample scores from a user's ``score_fn(output)``, checked.
+
+    Args:
+        output: what the model returned.
+        score_fn: ``score_fn(output)`` -> a ``[B]`` tensor of per-sample scores.
+
+    Returns:
+        The ``[B]`` scores.
 
     Raises:
         VitvizError: ``score_fn`` returned something other than a ``[B]`` tensor.

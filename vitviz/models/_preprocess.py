@@ -265,10 +265,19 @@ class Preprocess:
         return np.array(im, dtype=np.uint8)  # [H, W, 3]
 
     def normalize(self, rgb: np.ndarray) -> torch.Tensor:
-        """``[H, W, 3]`` uint8 → ``[3, H, W]`` float32: ``(x / 255 - mean) / std``.
+        """Normalise an image that is already resized and cropped: ``(x / 255 - mean) / std``.
 
         The operations are torchvision's ``to_tensor`` and ``Normalize`` in the same order
         and dtype, so the result is bit-identical to timm's transform.
+
+        Args:
+            rgb: ``[H, W, 3]`` uint8 RGB (what :meth:`view` returns).
+
+        Returns:
+            ``[3, H, W]`` float32.
+
+        Raises:
+            PreprocessError: ``rgb`` is not an ``HxWx3`` uint8 array.
         """
         if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
                 and rgb.shape[-1] == 3):
@@ -307,6 +316,10 @@ class Preprocess:
 
         Returns:
             ``torch.Tensor`` ``[B, 3, H, W]`` float32.
+
+        Raises:
+            PreprocessError: no images.
+            ImageError: an image cannot be read (the message names it).
         """
         xs = [self.normalize(self.view(im)) for im in images]  # B x [3, H, W]
         if not xs:
@@ -315,18 +328,28 @@ class Preprocess:
 
     # -- constructors from the model libraries -----------------------------------------------
     @classmethod
-    def from_timm(cls, model_or_config: Any) -> Preprocess:
+    def from_timm(cls, model_or_config: Any, *, size: SizeLike | None = None) -> Preprocess:
         """The evaluation transform of a timm model (``timm.data.resolve_model_data_config``).
 
-        Equals ``timm.data.create_transform(**cfg)`` on PIL images, bit for bit. When the
-        model was built at another size than its pretrained config states (e.g.
-        ``create_model(..., img_size=384)`` on a 224 config, whose data config still says
-        224), the model's own ``patch_embed.img_size`` wins, as the model cannot run on the
+        Equals ``timm.data.create_transform(**cfg)`` on PIL images, bit for bit. Every timm
+        model has a pretrained config, with or without a ``patch_embed`` (MaxViT, LeViT,
+        MobileViT, CoAtNet, Twins, ... too). When the model was built at another size than
+        its pretrained config states (e.g. ``create_model(..., img_size=384)`` on a 224
+        config, whose data config still says 224), the size the model records
+        (``patch_embed.img_size``, its own ``img_size``) wins, as the model cannot run on the
         other size; ``crop_pct`` and the rest are kept.
 
         Args:
             model_or_config: a timm model, or a data-config dict with ``input_size``,
                 ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``.
+            size: the input size the model was built for, when it does not record it
+                (``(H, W)`` or an int); overrides the config's ``input_size``.
+
+        Returns:
+            The :class:`Preprocess` of the model's evaluation transform.
+
+        Raises:
+            PreprocessError: a crop mode vitviz does not implement, or a malformed size.
         """
         if isinstance(model_or_config, Mapping):
             cfg = dict(model_or_config)
@@ -337,6 +360,8 @@ class Preprocess:
             built = _timm_built_size(model_or_config)
             if built is not None:
                 cfg["input_size"] = (cfg.get("input_size", (3,) + built)[0],) + built
+        if size is not None:
+            cfg["input_size"] = (3,) + _hw(size, "size")
         input_size = cfg.get("input_size", (3, 224, 224))
         size = _hw(tuple(input_size[-2:]), "input_size")
         crop_mode = cfg.get("crop_mode") or "center"
@@ -364,6 +389,12 @@ class Preprocess:
 
         Args:
             processor: an image processor instance, or a dict of its settings.
+
+        Returns:
+            The :class:`Preprocess` that does what the processor does.
+
+        Raises:
+            PreprocessError: not a processor, or a size that depends on each image.
         """
         if isinstance(processor, Mapping):
             d = dict(processor)
@@ -427,6 +458,12 @@ class Preprocess:
         Args:
             config: a transformers ``PretrainedConfig``; for encoder-decoder models the
                 vision encoder's config is used.
+
+        Returns:
+            The :class:`Preprocess` for ``config.image_size``.
+
+        Raises:
+            PreprocessError: the config states no ``image_size``.
         """
         vcfg = hf_vision_config(config)
         image_size = getattr(vcfg, "image_size", None)
@@ -486,13 +523,23 @@ def _hf_size(value: Any, *, int_is_shortest_edge: bool) -> dict | None:
 
 
 def _timm_built_size(model: Any) -> tuple[int, int] | None:
-    pe = getattr(model, "patch_embed", None)
-    img_size = getattr(pe, "img_size", None)
-    if img_size is None:
-        return None
-    if isinstance(img_size, (int, np.integer)):
-        return int(img_size), int(img_size)
-    return int(img_size[0]), int(img_size[1])
+    """The input size a timm model was built for, where the model records it: its patch
+    embedding's ``img_size`` (ViTs, Swin, PiT, ...), the model's own ``img_size`` (MaxViT,
+    CoAtNet), the first of its ``patch_embeds`` (Twins) or its ``pixel_embed`` (TNT)."""
+    holders = [getattr(model, "patch_embed", None), model]
+    embeds = getattr(model, "patch_embeds", None)
+    if isinstance(embeds, (list, tuple, torch.nn.ModuleList)) and len(embeds):
+        holders.append(embeds[0])
+    holders.append(getattr(model, "pixel_embed", None))
+    for holder in holders:
+        img_size = getattr(holder, "img_size", None) if holder is not None else None
+        if img_size is None:
+            continue
+        if isinstance(img_size, (int, np.integer)):
+            return int(img_size), int(img_size)
+        if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+            return int(img_size[0]), int(img_size[1])
+    return None
 
 
 def hf_vision_config(config: Any) -> Any:

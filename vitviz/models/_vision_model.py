@@ -97,6 +97,16 @@ class VisionModel:
         return torch.float32
 
     def to(self, *args, **kwargs) -> VisionModel:
+        """Move or cast the module in place, as ``nn.Module.to``.
+
+        Args:
+            *args: ``nn.Module.to``'s arguments (a device, a dtype, a tensor).
+            **kwargs: its keyword arguments.
+
+        Returns:
+            This :class:`VisionModel` (its inputs follow: :meth:`preprocess` uses the new device
+            and dtype).
+        """
         self.module.to(*args, **kwargs)
         return self
 
@@ -129,6 +139,13 @@ class VisionModel:
         Args:
             image: a path, a ``PIL.Image``, an ``HxWx3`` uint8 RGB array, or an already
                 preprocessed tensor (``[3, H, W]`` or ``[B, 3, H, W]``), passed through.
+
+        Returns:
+            ``[1, 3, H, W]`` (``[B, 3, H, W]`` for a batch tensor) on the model's device and dtype.
+
+        Raises:
+            LayoutError: an image for a model without a preprocessing configuration.
+            ImageError: the image cannot be read.
         """
         if isinstance(image, torch.Tensor):
             x = image if image.dim() == 4 else image.unsqueeze(0)
@@ -161,7 +178,18 @@ class VisionModel:
                            num_suffix=self.num_suffix)
 
     def layout_at(self, input_hw: tuple[int, int] | None) -> TokenLayout:
-        """The layout of every patch of an input of ``input_hw`` (the default size when None)."""
+        """The layout of every patch of an input of another size.
+
+        Args:
+            input_hw: ``(H, W)`` of the input, or None for the default size.
+
+        Returns:
+            The :class:`TokenLayout` of the input's patch grid (the default layout when the grid
+            is fixed or the patch size unknown).
+
+        Raises:
+            LayoutError: the default grid is unknown.
+        """
         layout = self.layout
         if input_hw is None or self._grid_fixed or self.patch_size is None:
             return layout
@@ -178,7 +206,17 @@ class VisionModel:
 
         The grid comes from a fixed grid the user stated, else from the input size and the
         patch size, else from the default grid. The number of prefix tokens comes from the
-        model, else from ``num_tokens - gh*gw``. A mismatch raises :class:`LayoutError`.
+        model, else from ``num_tokens - gh*gw``.
+
+        Args:
+            input_hw: ``(H, W)`` of the input, or None when unknown.
+            num_tokens: the length of the token sequence.
+
+        Returns:
+            The :class:`TokenLayout` of the sequence.
+
+        Raises:
+            LayoutError: the grid cannot be told, or ``num_tokens`` does not fit it.
         """
         if self._grid_fixed:
             grid = self._grid
@@ -212,7 +250,18 @@ class VisionModel:
         The grid is the factorisation ``gh * gw`` of the patch tokens whose aspect is nearest
         to the input's, accepted only when one stride ``s`` explains both sides up to the
         rounding of strided convolutions and pooling (``gh = H/s``, ``gw = W/s`` within one
-        token). Raises :class:`LayoutError` when none does.
+        token).
+
+        Args:
+            input_hw: ``(H, W)`` of the input.
+            num_tokens: the stage's sequence length.
+
+        Returns:
+            The stage's :class:`TokenLayout`.
+
+        Raises:
+            LayoutError: the input size is unknown, or no coarser grid of the input explains
+                ``num_tokens``.
         """
         name = self.name
         if input_hw is None:
@@ -333,7 +382,15 @@ def _describe_hf(module: nn.Module) -> dict:
 
 
 def describe(module: nn.Module) -> dict:
-    """What can be read off a module about its tokens: patch_size, grid, num_prefix, has_cls."""
+    """What can be read off a module about its tokens.
+
+    Args:
+        module: a timm, transformers or hand-written vision model.
+
+    Returns:
+        A dict with what was found of ``patch_size``, ``grid``, ``num_prefix``, ``has_cls``
+        (a key is missing when the module does not tell).
+    """
     if hasattr(module, "patch_embed") and hasattr(module, "num_prefix_tokens"):
         return _describe_timm(module)
     config = getattr(module, "config", None)
@@ -424,7 +481,7 @@ def wrap(
 def _default_preprocess(module: nn.Module, info: dict):
     from ._preprocess import Preprocess
 
-    if hasattr(module, "pretrained_cfg") and hasattr(module, "patch_embed"):
+    if _is_timm(module):  # with or without a patch_embed (MaxViT, LeViT, MobileViT, Twins, ...)
         return Preprocess.from_timm(module)
     config = getattr(module, "config", None)
     if config is not None and type(config).__module__.startswith("transformers"):
@@ -433,6 +490,13 @@ def _default_preprocess(module: nn.Module, info: dict):
         g, p = info["grid"], info["patch_size"]
         return Preprocess(size=(g[0] * p[0], g[1] * p[1]))
     return None
+
+
+def _is_timm(module: nn.Module) -> bool:
+    """A timm model: built by timm (its class comes from ``timm.``) and carrying the pretrained
+    config timm's data config is read from."""
+    return isinstance(getattr(module, "pretrained_cfg", None), dict) and any(
+        c.__module__.startswith("timm.") for c in type(module).__mro__)
 
 
 def _labels_of(module: nn.Module) -> list[str] | None:

@@ -71,6 +71,10 @@ def caption_strip(
         ``(fig, axes)``: the figure and a flat ``np.ndarray`` of the panels' axes, image
         panel first. ``plt.show()`` is never called.
 
+    Raises:
+        RenderError: maps that are not ``[W, gh, gw]``, not one map per word, a layout option
+            out of range, or too few axes.
+
     Shape:
         grids: ``[W, gh, gw]``
 

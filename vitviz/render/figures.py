@@ -1,10 +1,4 @@
 """Figures with matplotlib: grids of maps over the image, panels, position similarity,
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.colorbar import Colorbar
-    from matplotlib.figure import Figure
-    from matplotlib.image import AxesImage
 attention distance, entropy, mask contours.
 
 Every function takes ``ax=`` (draws into that axes) or makes its own figure, and returns
@@ -283,6 +277,10 @@ def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[
 
     Returns:
         ``(fig, ax)``
+
+    Raises:
+        RenderError: ``maps`` is not ``[rows, cols, gh, gw]``, a malformed image, an unknown
+            norm or a dpi out of range.
     """
     m = _numpy(maps)
     if m.ndim == 3:
@@ -401,8 +399,22 @@ def overlay_figure(image: ImageLike, heatmap: MapLike, *, cmap: str = "jet", alp
     ``dpi`` (smaller images are enlarged by a whole factor), next to a colour bar with the values
     of ``vmin .. vmax`` (default: the map's own range).
 
+    Args:
+        image: ``HxWx3`` uint8 RGB image the model saw.
+        heatmap: ``[gh, gw]`` map (tensor or array).
+        cmap, alpha: as :func:`vitviz.overlay`.
+        vmin, vmax: explicit scale; overrides ``norm``'s.
+        norm: ``"image"`` (the map's own range) or ``"none"`` (raw values on ``[0, 1]``).
+        label: what the colour bar measures.
+        title: axes title (wrapped to the image's width).
+        dpi: the resolution the figure is drawn and saved at.
+        ax: matplotlib axes to draw into.
+
     Returns:
         ``(fig, ax)``
+
+    Raises:
+        RenderError: a malformed image or map, an unknown norm, or a dpi out of range.
     """
     img = as_rgb_uint8(image)
     check_dpi(dpi)
@@ -435,6 +447,9 @@ def pos_similarity_grid(sim: MapLike, *, cmap: str = "viridis", colorbar: bool =
 
     Returns:
         ``(fig, ax)``
+
+    Raises:
+        RenderError: ``sim`` is not ``[gh*gw, gh, gw]``.
     """
     s = _numpy(sim).astype(np.float32)
     if s.ndim != 3 or s.shape[0] != s.shape[1] * s.shape[2]:
@@ -481,6 +496,9 @@ def distance_plot(distance: MapLike, *, unit: str = "pixels", title: str | None 
 
     Returns:
         ``(fig, ax)``
+
+    Raises:
+        RenderError: ``distance`` is not ``[L, H]``.
     """
     d = _numpy(distance)
     if d.ndim != 2:
@@ -519,6 +537,9 @@ def heatmap(values: MapLike, *, label: str = "", title: str | None = None, cmap:
 
     Returns:
         ``(fig, ax)``
+
+    Raises:
+        RenderError: ``values`` is not ``[L, H]``.
     """
     v = _numpy(values).astype(np.float64)
     if v.ndim != 2:
@@ -551,6 +572,13 @@ def entropy_heatmap(entropy: MapLike, *, normalized: bool = False, title: str | 
                     dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Axes]:
     """Attention entropy per layer and head (from :func:`~vitviz.analyze.stats.attention_entropy`).
 
+    Args:
+        entropy: ``[L, H]`` entropy per layer and head.
+        normalized: the entropy was divided by ``log N`` (labels the colour bar).
+        title: axes title.
+        dpi: the resolution the figure is drawn and saved at.
+        ax: matplotlib axes to draw into.
+
     Returns:
         ``(fig, ax)``
     """
@@ -571,6 +599,9 @@ def mask_contours(image: ImageLike, masks: MapLike, *, labels: Sequence[Any] | N
 
     Returns:
         ``(fig, ax)``
+
+    Raises:
+        RenderError: ``masks`` is not ``[gh, gw]`` or ``[K, gh, gw]``, or a malformed image.
     """
     import cv2
     import matplotlib
@@ -615,6 +646,17 @@ def figure_bytes(fig: Figure, fmt: str = "png", *, dpi: int = _DPI) -> bytes:
     Vector formats keep their text as text: SVG writes ``<text>`` elements (``svg.fonttype:
     none``) and PDF embeds TrueType fonts (``pdf.fonttype: 42``), so both can be searched and
     edited.
+
+    Args:
+        fig: the matplotlib figure.
+        fmt: ``"png"``, ``"jpg"``, ``"pdf"`` or ``"svg"``.
+        dpi: resolution of raster output (and of the images inside PDF / SVG).
+
+    Returns:
+        The encoded file's bytes.
+
+    Raises:
+        RenderError: an unknown format or a dpi out of range.
     """
     import matplotlib
 

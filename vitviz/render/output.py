@@ -63,11 +63,24 @@ class OutputOptions:
         return "jpg" if self.format == "jpg" else "png"
 
     def note(self, text: str) -> None:
+        """Keep a note for the command to print once (a repeated note is kept once).
+
+        Args:
+            text: the note.
+        """
         if text not in self.notes:
             self.notes.append(text)
 
     def scales(self, maps: Sequence[Any]) -> list[Scale]:
-        """The scale of each map of one method over the run (by ``norm``); notes are kept."""
+        """The scale of each map of one method over the run, by :attr:`norm`.
+
+        Args:
+            maps: the method's maps, each ``[gh, gw]``.
+
+        Returns:
+            One :class:`Scale` per map; the notes about them (constant maps, ...) are kept in
+            :attr:`notes`.
+        """
         scales, notes = map_scales(maps, self.norm)
         for n in notes:
             self.note(n)
@@ -75,8 +88,18 @@ class OutputOptions:
 
     def save_overlay(self, path: str | Path, view: np.ndarray, heat: MapLike, scale: Scale | None = None, *,
                      label: str = "") -> Path:
-        """Write the overlay of ``heat`` over ``view`` at the display size; returns the path
-        (its suffix set to :attr:`overlay_ext`)."""
+        """Write the overlay of a map over the image at the display size.
+
+        Args:
+            path: the file; its suffix is set to :attr:`overlay_ext`.
+            view: ``HxWx3`` uint8 RGB image the model saw.
+            heat: ``[gh, gw]`` map.
+            scale: the map's scale (from :meth:`scales`), or None for its own range.
+            label: what the colour bar measures (with ``colorbar``).
+
+        Returns:
+            The path written.
+        """
         from .._util.files import atomic_write_bytes
 
         path = Path(path).with_suffix(f".{self.overlay_ext}")
@@ -90,8 +113,48 @@ class OutputOptions:
         pic = overlay(big, heat, cmap=self.cmap, alpha=self.alpha, vmin=lo, vmax=hi)
         return atomic_write_bytes(path, encode_image(pic, self.overlay_ext))
 
+    def save_original_overlay(self, path: str | Path, original: np.ndarray, heat: MapLike,
+                              box: Sequence[float], *, label: str = "") -> Path:
+        """Write the overlay of a map over the original picture at its own resolution
+        (``--on-original``), with a colour bar when :attr:`colorbar` is set.
+
+        The map is drawn on its own scale (:func:`vitviz.render.overlay_region` scales each
+        map min-max), so the colour bar states the map's own range.
+
+        Args:
+            path: the file; its suffix is set to :attr:`overlay_ext`.
+            original: ``HxWx3`` uint8 RGB picture at its own size.
+            heat: ``[gh, gw]`` map.
+            box: the model's view on ``original`` (:meth:`vitviz.models.Preprocess.region`).
+            label: what the colour bar measures.
+
+        Returns:
+            The path written.
+        """
+        from .._util.files import atomic_write_bytes
+        from .overlay import as_map, overlay_region
+
+        path = Path(path).with_suffix(f".{self.overlay_ext}")
+        pic = overlay_region(original, heat, box, cmap=self.cmap, alpha=self.alpha)  # [H, W, 3]
+        if self.colorbar:
+            h = as_map(heat)
+            # the picture is already coloured: alpha=0 draws it as it is, next to the bar of
+            # the colours overlay_region used (cmap over the map's min..max)
+            fig, _ = overlay_figure(pic, h, cmap=self.cmap, alpha=0.0, vmin=float(h.min()),
+                                    vmax=float(h.max()), label=label, dpi=self.dpi)
+            return save_figure(fig, path, dpi=self.dpi, format=self.overlay_ext)
+        return atomic_write_bytes(path, encode_image(pic, self.overlay_ext))
+
     def save_figure(self, fig: Figure, path: str | Path) -> Path:
-        """Write a figure in :attr:`format` at :attr:`dpi`; returns the path."""
+        """Write a figure in :attr:`format` at :attr:`dpi`.
+
+        Args:
+            fig: the matplotlib figure.
+            path: the file; its suffix is set to the format's.
+
+        Returns:
+            The path written.
+        """
         return save_figure(fig, path, dpi=self.dpi, format=self.format)
 
 

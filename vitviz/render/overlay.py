@@ -1,8 +1,5 @@
 """Heatmaps over images with OpenCV, and the scale rules every renderer shares.
 
-if TYPE_CHECKING:
-    from matplotlib.colors import ListedColormap
-
 Scale: a map is drawn through a colour map after ``(value - vmin) / (vmax - vmin)``,
 clipped to ``[0, 1]``. ``norm`` says where ``vmin, vmax`` come from:
 
@@ -91,7 +88,17 @@ def scale_map(heatmap: MapLike, vmin: float | None = None, vmax: float | None = 
 
 
 def normalize_map(heatmap: MapLike) -> np.ndarray:
-    """Min-max scale a 2-D map to ``[0, 1]`` float32 (a constant map becomes zeros)."""
+    """Min-max scale a 2-D map to ``[0, 1]``.
+
+    Args:
+        heatmap: ``[gh, gw]`` map (tensor or array).
+
+    Returns:
+        ``[gh, gw]`` float32 in ``[0, 1]`` (a constant map becomes zeros).
+
+    Raises:
+        RenderError: the map is not 2-D or holds NaN or infinite values.
+    """
     return scale_map(heatmap)
 
 
@@ -112,7 +119,12 @@ class Scale:
         return self.vmax <= self.vmin
 
     def describe(self) -> str:
-        """A short text for a colour-bar label."""
+        """A short text for a colour-bar label.
+
+        Returns:
+            What the scale spans (``"min-max of this map"``, ``"one scale for all images"``,
+            ``"raw values"``).
+        """
         return {"image": "min-max of this map", "batch": "one scale for all images",
                 "none": "raw values"}[self.norm]
 
@@ -134,6 +146,9 @@ def map_scales(maps: Sequence[Any], norm: str = "image") -> tuple[list[Scale], l
     Returns:
         ``(scales, notes)``: one :class:`Scale` per map, and sentences about constant maps,
         a batch of one map (nothing shared) or values clipped by ``"none"``.
+
+    Raises:
+        RenderError: an unknown norm, or empty or non-finite maps.
 
     Example:
         >>> scales, notes = map_scales([m1, m2], "batch")
@@ -183,7 +198,18 @@ def mpl_colormap(cmap: str = "jet") -> ListedColormap:
 
 
 def colorize(unit_map: np.ndarray, cmap: str = "jet") -> np.ndarray:
-    """Map a ``[0, 1]`` float array to ``HxWx3`` uint8 RGB with an OpenCV or matplotlib colormap."""
+    """Colour a ``[0, 1]`` map with an OpenCV or matplotlib colour map.
+
+    Args:
+        unit_map: ``[H, W]`` float values in ``[0, 1]`` (clipped).
+        cmap: an OpenCV colour map name (``"jet"``, ``"viridis"``, ...) or any matplotlib one.
+
+    Returns:
+        ``[H, W, 3]`` uint8 RGB.
+
+    Raises:
+        RenderError: an unknown colour map.
+    """
     import cv2
 
     u8 = np.clip(np.rint(np.asarray(unit_map, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
@@ -215,6 +241,17 @@ def display_image(image: ImageLike, size: int | None = None, min_side: int = MIN
     reaches it (nearest neighbour: every input pixel becomes a clean block, e.g. 64 px -> 256 px,
     96 px -> 288 px); one between half and ``min_side`` is resized to exactly ``min_side``
     (bicubic, e.g. 224 px -> 256 px); larger images are returned unchanged.
+
+    Args:
+        image: ``HxWx3`` uint8 RGB image (or what :func:`vitviz.overlay` takes).
+        size: the short side to show it at, in pixels; None for the rule above.
+        min_side: the smallest short side shown without ``size``.
+
+    Returns:
+        ``[H', W', 3]`` uint8 RGB.
+
+    Raises:
+        RenderError: a malformed image or a size out of range.
 
     Shape:
         ``[H, W, 3]`` -> ``[H', W', 3]``
@@ -266,6 +303,10 @@ def overlay(image: ImageLike, heatmap: MapLike, *, cmap: str = "jet", alpha: flo
     Returns:
         ``HxWx3`` uint8 RGB array.
 
+    Raises:
+        RenderError: ``alpha`` outside ``[0, 1]``, a malformed image or map, or an unknown
+            colour map.
+
     Example:
         >>> vis = vitviz.overlay(img, vitviz.rollout(rec.attentions)[0], alpha=0.5)
         >>> same = vitviz.overlay(img, heat, vmin=0.0, vmax=0.05)   # a fixed scale
@@ -303,6 +344,9 @@ def overlay_region(image: ImageLike, heatmap: MapLike, box: Sequence[float], *, 
 
     Returns:
         ``HxWx3`` uint8 RGB array of ``image``'s size.
+
+    Raises:
+        RenderError: ``alpha`` outside ``[0, 1]``, a malformed box, image or map.
 
     Example:
         >>> pre = m.preprocessor

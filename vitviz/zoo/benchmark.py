@@ -1,9 +1,11 @@
 """Evaluate attention maps against ground truth on the bundled models' held-out scenes (map quality;
 the speed benchmarks are in ``benchmarks/``).
 
-For ``shapes-vit`` every analysis vitviz offers (rollout and its variants, CLS maps per
-layer, relevance and attention flow when those modules are installed) and two baselines (a
-random map and a centre prior) are scored on a fixed set of held-out scenes with the metrics
+For ``shapes-vit`` every registered map method with one map per image (the registry of
+:mod:`vitviz.explain`: rollout and its variants, CLS maps per layer, relevance, gradient
+rollout, attention flow when its solver is installed, the random and centre baselines, and any
+method registered with :func:`vitviz.explain.register_method`) is scored on a fixed set of
+held-out scenes with the metrics
 of :mod:`vitviz.evaluate.metrics` and deletion / insertion curves
 (:mod:`vitviz.evaluate.faithfulness`). For ``shapes-captioner`` the word maps of the teacher-forced
 ground-truth captions are scored by word grounding: does the map of a colour or shape word
@@ -14,13 +16,12 @@ Used by ``vitviz benchmark-maps`` and by the tests.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..evaluate import Table
 from ..evaluate.metrics import (
     centre_prior,
     energy_pointing,
@@ -30,6 +31,7 @@ from ..evaluate.metrics import (
     random_maps,
     word_grounding,
 )
+from ..explain import MethodInput, attentions_of, captured, get_method, list_methods, run_methods, single_map_method
 from .scenes import HELDOUT_SEEDS, Scene, make_dataset
 
 # metric name -> (column header, higher is better)
@@ -42,72 +44,112 @@ CLASSIFIER_METRICS = {
     "insertion": ("insertion AUC ↑", True),
 }
 
-
-@dataclass
-class Table:
-    """Rows of ``method -> {metric: mean}`` with the number of scenes scored."""
-
-    rows: dict[str, dict[str, float]] = field(default_factory=dict)
-    columns: dict[str, tuple[str, bool]] = field(default_factory=dict)
-    n: int = 0
-    notes: list[str] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
-
-    def format(self, markdown: bool = False) -> str:
-        """The table as fixed-width text (or a Markdown table)."""
-        cols = [c for c in self.columns if any(c in r for r in self.rows.values())]
-        heads = ["method"] + [self.columns[c][0] for c in cols]
-        body = [[name] + [f"{r[c]:.3f}" if c in r and not math.isnan(r[c]) else "-" for c in cols]
-                for name, r in self.rows.items()]
-        if markdown:
-            lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
-            lines += ["| " + " | ".join(row) + " |" for row in body]
-            return "\n".join(lines)
-        widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(heads)]
-        fmt = lambda row: "  ".join(v.ljust(widths[0]) if i == 0 else v.rjust(widths[i])  # noqa: E731
-                                    for i, v in enumerate(row))
-        lines = [fmt(heads), "  ".join("-" * w for w in widths)] + [fmt(row) for row in body]
-        return "\n".join(lines)
+CLASSIFIER_ROWS: tuple[tuple[str, str, dict], ...] = (
+    ("rollout", "rollout", {}),
+    ("rollout discard 0.5", "rollout", {"discard_ratio": 0.5}),
+    ("rollout discard 0.9", "rollout", {"discard_ratio": 0.9}),
+    ("rollout max, discard 0.9", "rollout", {"head_fusion": "max", "discard_ratio": 0.9}),
+    ("rollout min", "rollout", {"head_fusion": "min"}),
+    ("CLS attention, layer {layer}", "cls", {}),  # one row per layer
+    ("relevance (Chefer 2021)", "relevance", {}),
+    ("gradient rollout", "grad_rollout", {}),
+    ("attention flow", "flow", {}),
+    ("baseline: random", "random", {}),  # seeded with the batch's start
+    ("baseline: centre prior", "centre", {}),
+)
+"""The rows of ``vitviz benchmark-maps`` for a classifier: ``(row name, registered method,
+options)``. Registered methods not named here get one row under their own name."""
 
 
 def _masks(scenes: Sequence[Scene]) -> torch.Tensor:
     return torch.from_numpy(np.stack([s.mask for s in scenes]))  # [B, H, W] bool
 
 
-def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: bool = True,
-                       seed: int = 0) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every map of a batch: ``{method name: [B, gh, gw]}``, and notes on what was left out."""
-    from ..analyze import attention_flow, cls_maps, rollout
-    from ..attention import capture
-    from ..explain.relevance import relevance as explain_relevance
+def _classifier_rows(methods: Sequence[str] | None) -> list[tuple[str, str, dict]]:
+    """``(row, method, options)`` of the chosen methods: the standard rows, then one row per
+    other registered method (by default every one with one map per image that does not run
+    the model itself)."""
+    if methods is None:
+        extra = [n for n in list_methods() if get_method(n).single_map and get_method(n).needs != "model"]
+    else:
+        extra = list(dict.fromkeys(methods))
+        for name in extra:
+            get_method(name)  # an unknown name lists the close ones
+    rows = [r for r in CLASSIFIER_ROWS if r[1] in extra]
+    named = {r[1] for r in CLASSIFIER_ROWS}
+    return rows + [(n, n, {}) for n in extra if n not in named]
 
+
+def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: bool = True,
+                       seed: int = 0, methods: Sequence[str] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every map of a batch: ``{row name: [B, gh, gw]}``, and notes on what was left out.
+
+    The maps come from the registry of :mod:`vitviz.explain` (:data:`CLASSIFIER_ROWS`: rollout
+    variants, the CLS row of every layer with heads averaged, relevance, gradient rollout,
+    attention flow, the baselines; then every other registered method with one map per image).
+    The attention methods share one captured forward pass, the grad methods one forward and
+    one backward pass.
+
+    Args:
+        model: a :class:`vitviz.VisionModel` classifier.
+        x: ``[B, 3, H, W]`` inputs.
+        relevance: include the grad methods (relevance, gradient rollout).
+        flow: include attention flow.
+        seed: seed of the random baseline.
+        methods: only these registered methods (their standard rows, e.g. every rollout
+            variant for ``"rollout"``); default every registered method with one map per image
+            that does not run the model itself.
+
+    Returns:
+        ``({row name: [B, gh, gw]}, notes)``.
+
+    Raises:
+        VitvizError: an unknown or unsuitable method name (a method with a varying number of
+            maps per image).
+        CaptureError: the model ran no attention over image tokens.
+    """
     notes = []
-    with torch.no_grad(), capture(model) as rec:
-        model(x)
-    attn = rec.attentions  # [L, B, H, N, N]
-    b = x.shape[0]
-    grid = attn.layout.grid
+    rows = _classifier_rows(methods)
+    chosen = [(row, get_method(name), dict(opts)) for row, name, opts in rows]
+    if not relevance:
+        if any(m.needs == "grad" for _, m, _ in chosen):
+            notes.append("relevance and gradient rollout were skipped")
+        chosen = [c for c in chosen if c[1].needs != "grad"]
+    if not flow:
+        if any(m.extra == "flow" for _, m, _ in chosen):
+            notes.append("attention flow was skipped")
+        chosen = [c for c in chosen if c[1].extra != "flow"]
+    for _, m, _ in chosen:
+        single_map_method(m, "benchmark-maps")  # one map per image, its extra installed
+    for _, m, opts in chosen:
+        if m.name == "random":
+            opts.setdefault("seed", seed)
     maps: dict[str, torch.Tensor] = {}
-    maps["rollout"] = rollout(attn)
-    maps["rollout discard 0.5"] = rollout(attn, discard_ratio=0.5)
-    maps["rollout discard 0.9"] = rollout(attn, discard_ratio=0.9)
-    maps["rollout max, discard 0.9"] = rollout(attn, head_fusion="max", discard_ratio=0.9)
-    maps["rollout min"] = rollout(attn, head_fusion="min")
-    for layer in range(attn.num_layers):
-        maps[f"CLS attention, layer {layer}"] = cls_maps(attn, layer=layer).mean(1)  # [B, gh, gw]
-    if relevance:
-        maps["relevance (Chefer 2021)"] = explain_relevance(model, x, method="chefer")
-        maps["gradient rollout"] = explain_relevance(model, x, method="grad_rollout")
-    else:
-        notes.append("relevance and gradient rollout were skipped")
-    if flow:
-        maps["attention flow"] = attention_flow(attn)
-    else:
-        notes.append("attention flow was skipped")
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    maps["baseline: random"] = random_maps(b, grid, generator=g).to(x.device)
-    maps["baseline: centre prior"] = centre_prior(grid, device=x.device).expand(b, *grid)
-    return maps, notes
+    # the attention methods and the baselines: one captured pass, every layer kept (the CLS rows)
+    plain = [c for c in chosen if c[1].needs != "grad" and c[1].name != "cls"]
+    run = run_methods(model, x, [(m, m.options(o)) for _, m, o in plain], stream=False)
+    if any(m.name == "cls" for _, m, _ in chosen):
+        rec, output = run.rec, run.output
+        if rec is None:  # no other attention method: the pass of the CLS rows
+            output, rec = captured(model, x)
+        cls = next(m for _, m, _ in chosen if m.name == "cls")
+        inp = MethodInput(model, x, rec, output)
+        for layer in range(attentions_of(rec, model).num_layers):
+            maps[f"CLS attention, layer {layer}"] = cls(inp, layer=layer).maps.mean(1)  # [B, gh, gw] heads averaged
+    done = dict(zip((row for row, _, _ in plain), (r.maps for r in run.results)))
+    grads = [c for c in chosen if c[1].needs == "grad"]
+    if grads:  # one forward and one backward pass of each image's predicted class
+        run = run_methods(model, x, [(m, m.options(o)) for _, m, o in grads])
+        done.update(zip((row for row, _, _ in grads), (r.maps.detach() for r in run.results)))
+    ordered: dict[str, torch.Tensor] = {}
+    for row, m, _ in chosen:
+        if m.name == "cls":
+            ordered.update(maps)
+        else:
+            found = done[row]
+            ordered[row] = found.mean(1) if found.dim() == 4 else found  # [B, gh, gw]
+    return ordered, notes
 
 
 # Insertion starts from a blurred image. RISE's sigma (5 px at 224 px, i.e. 1.4 px at 64 px)
@@ -119,7 +161,7 @@ INSERTION_BLUR_SIGMA = 8.0
 def evaluate_classifier(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
                          batch_size: int = 50, steps: int = 16, deletion: bool = True,
                          blur_sigma: float = INSERTION_BLUR_SIGMA,
-                         relevance: bool = True, flow: bool = True,
+                         relevance: bool = True, flow: bool = True, methods: Sequence[str] | None = None,
                          progress: Callable[[int, int], None] | None = None) -> Table:
     """Score every map of ``shapes-vit`` on held-out classification scenes.
 
@@ -135,11 +177,15 @@ def evaluate_classifier(model=None, *, n: int = 200, seeds: Sequence[int] | None
         blur_sigma: blur of the insertion start image (default one patch, see
             :data:`INSERTION_BLUR_SIGMA`).
         relevance, flow: include those analyses when their modules are installed.
+        methods: only these registered map methods (see :func:`classifier_methods`).
         progress: called with ``(done, total)`` after every batch.
 
     Returns:
         :class:`Table` with one row per method; ``extra["accuracy"]`` is the classifier's
         accuracy on the same scenes.
+
+    Raises:
+        VitvizError: an unknown method, or one without one map per image.
     """
     from ..evaluate.faithfulness import deletion_insertion
     from ..models.bundled.shapes import to_input
@@ -162,7 +208,7 @@ def evaluate_classifier(model=None, *, n: int = 200, seeds: Sequence[int] | None
         with torch.no_grad():
             logits = model(x)
         correct += int((logits.argmax(-1) == labels).sum())
-        maps, notes = classifier_methods(model, x, relevance=relevance, flow=flow, seed=start)
+        maps, notes = classifier_methods(model, x, relevance=relevance, flow=flow, seed=start, methods=methods)
         for name, m in maps.items():
             m = m.detach().float()
             vals = {"pointing": pointing_game(m, masks), "iou": mask_iou(m, masks),
@@ -237,7 +283,6 @@ def evaluate_captioner(model=None, *, n: int = 200, seeds: Sequence[int] | None 
         exact-match rate on the same scenes.
     """
     from ..analyze.rollout import rollout_matrix
-    from ..attention import capture
     from ..models.bundled.shapes import caption_ids, to_input
     from .scenes import COLOURS, SHAPES
 
@@ -261,8 +306,8 @@ def evaluate_captioner(model=None, *, n: int = 200, seeds: Sequence[int] | None 
         x = to_input(np.stack([s.image for s in chunk]), device=model.device, dtype=model.dtype)
         ids = caption_ids([s.caption for s in chunk], tok).to(x.device)  # [B, T] words, EOS, PAD
         dec_in = torch.cat([torch.full_like(ids[:, :1], bos), ids[:, :-1]], 1)  # [B, T]
-        with torch.no_grad(), capture(model) as rec:
-            module(pixel_values=x, decoder_input_ids=dec_in, decoder_attention_mask=torch.ones_like(dec_in))
+        _, rec = captured(model, x, forward=lambda pixels, ids=dec_in: module(
+            pixel_values=pixels, decoder_input_ids=ids, decoder_attention_mask=torch.ones_like(ids)))
         with torch.no_grad():
             gen = module.generate(pixel_values=x, max_new_tokens=ids.shape[1])
         texts = tok.batch_decode(gen, skip_special_tokens=True)
@@ -271,7 +316,7 @@ def evaluate_captioner(model=None, *, n: int = 200, seeds: Sequence[int] | None 
         layout = cross.layout
         p = layout.num_prefix
         fused = cross.tensor.float().mean(2)  # [L, B, T, Ni]
-        roll = rollout_matrix(rec.attentions)  # [B, Ni, Ni]
+        roll = rollout_matrix(attentions_of(rec, model))  # [B, Ni, Ni]
         candidates = {f"cross-attention, layer {i}": fused[i] for i in range(fused.shape[0])}
         candidates["cross-attention, mean of layers"] = fused.mean(0)
         candidates["last layer ∘ encoder rollout"] = fused[-1] @ roll  # [B, T, Ni]

@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..evaluate import Table
 from ..evaluate.metrics import centre_prior, random_maps
-from .benchmark import Table
+from ..explain.text import METHODS  # the text-map methods: the "method" option of the registered method "text"
 from .scenes import COLOURS, HELDOUT_SEEDS, SHAPES, make_dataset
 
-METHODS = ("chefer", "legrad", "maskclip")
 TOLERANCE_PX = 4.0
 
 
@@ -70,7 +70,7 @@ def benchmark_clip(model=None, *, n: int = 200, seeds: Sequence[int] | None = No
     """Pointing game of each text-map method of ``shapes-clip`` on held-out caption scenes.
 
     Returns:
-        :class:`~vitviz.zoo.benchmark.Table` with a ``"pointing"`` column per method and
+        :class:`~vitviz.evaluate.Table` with a ``"pointing"`` column per method and
         baseline; ``extra["retrieval"]`` is the phrase-retrieval accuracy.
     """
     from ..explain.text import text_maps, towers

@@ -40,8 +40,8 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
     import torch
 
     from ..analyze import cls_maps, rollout
-    from ..attention import capture
     from ..evaluate.metrics import pointing_game
+    from ..explain import attentions_of, captured
     from ..models import load_model
     from ..models.bundled.shapes import to_input
     from ..render import figures
@@ -50,9 +50,9 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
     model = load_model("shapes-vit")
     scenes = make_dataset("classification", range(seed, seed + num_images))
     x = to_input(np.stack([s.image for s in scenes]))  # [B, 3, 64, 64]
-    with torch.no_grad(), capture(model) as rec:
-        probs = model(x).softmax(-1)  # [B, C]
-    attn = rec.attentions  # [L, B, H, N, N]
+    logits, rec = captured(model, x)
+    probs = logits.softmax(-1)  # [B, C]
+    attn = attentions_of(rec, model)  # [L, B, H, N, N]
     roll = rollout(attn)  # [B, gh, gw]
     roll_d = rollout(attn, discard_ratio=0.9)  # [B, gh, gw]
     last = cls_maps(attn, layer=-1)  # [B, H, gh, gw]

@@ -109,7 +109,12 @@ class Scene:
         return self.objects[0].mask
 
     def word_masks(self) -> list[np.ndarray | None]:
-        """For each word, the ``[H, W]`` bool mask of the object it names, or ``None``."""
+        """The mask of the object each caption word names.
+
+        Returns:
+            One entry per word of :attr:`words`: the ``[H, W]`` bool mask of the object it
+            names, or ``None`` (articles and relation words).
+        """
         return [None if k is None else self.objects[k].mask for k in self.word_objects]
 
 
@@ -124,9 +129,21 @@ def _rotate(points: np.ndarray, angle_deg: float) -> np.ndarray:
 
 
 def shape_outline(shape: str, size: float, angle: float = 0.0, n_circle: int = 96) -> np.ndarray:
-    """Vertices ``[V, 2]`` (x, y) of a shape centred at the origin, ``size`` = circumscribed diameter.
+    """The outline of a shape centred at the origin.
 
-    The circle's outline is a 96-gon; :func:`coverage` draws the exact disc.
+    The circle's outline is a polygon; :func:`coverage` draws the exact disc.
+
+    Args:
+        shape: one of :data:`SHAPES`.
+        size: the circumscribed diameter in pixels.
+        angle: rotation in degrees.
+        n_circle: vertices of the circle's polygon.
+
+    Returns:
+        ``[V, 2]`` float64 vertices ``(x, y)``.
+
+    Raises:
+        ValueError: an unknown shape.
     """
     r = size / 2.0
     if shape == "circle":
@@ -154,7 +171,18 @@ def shape_outline(shape: str, size: float, angle: float = 0.0, n_circle: int = 9
 
 
 def shape_area(shape: str, size: float) -> float:
-    """Exact area in pixels² of the shape (rotation does not change it)."""
+    """The exact area of a shape (rotation does not change it).
+
+    Args:
+        shape: one of :data:`SHAPES`.
+        size: the circumscribed diameter in pixels.
+
+    Returns:
+        The area in pixels².
+
+    Raises:
+        ValueError: an unknown shape.
+    """
     if shape == "circle":
         return math.pi * (size / 2.0) ** 2
     pts = shape_outline(shape, size)
@@ -183,8 +211,19 @@ def coverage(shape: str, size: float, center: Sequence[float], angle: float = 0.
     ``j + (k + 0.5) / ss``. The circle is an exact disc; the other shapes are the polygons
     of :func:`shape_outline`.
 
+    Args:
+        shape: one of :data:`SHAPES`.
+        size: the circumscribed diameter in pixels.
+        center: ``(x, y)`` of the shape's centre in pixels.
+        angle: rotation in degrees.
+        h, w: the image size.
+        ss: sub-pixels per side.
+
     Returns:
         ``[h, w]`` float32 in ``[0, 1]``.
+
+    Raises:
+        ValueError: an unknown shape.
     """
     out = np.zeros((h, w), dtype=np.float32)
     r = size / 2.0
@@ -246,6 +285,13 @@ def background(rng: np.random.Generator, h: int = IMAGE_SIZE, w: int = IMAGE_SIZ
     A linear gradient between two dull colours at a random angle, smooth colour noise (a
     coarse random grid resized bicubically), pixel noise, sometimes a stripe texture, and
     2-6 distractor strokes whose colours are drawn from the object colours half the time.
+
+    Args:
+        rng: the random generator the scene draws from.
+        h, w: the image size.
+
+    Returns:
+        ``[h, w, 3]`` float32 in ``[0, 255]``.
     """
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     a = rng.uniform(0, 2 * math.pi)
@@ -328,8 +374,16 @@ def caption_scene(seed: int, size: int = IMAGE_SIZE) -> Scene:
     differ in colour and in shape; they do not touch; the dominant axis of their
     displacement is at least 1.6 times the other one.
 
+    Args:
+        seed: any non-negative int; the scene is a pure function of it.
+        size: image side in pixels (shape sizes scale with it).
+
     Returns:
         :class:`Scene` with two objects; ``label`` is the shape of the first.
+
+    Raises:
+        RuntimeError: the two objects could not be placed (never seen: the sampler accepts
+            within a few tries).
     """
     rng = np.random.default_rng(seed)
     k = size / IMAGE_SIZE
@@ -362,6 +416,13 @@ def make_dataset(kind: str, seeds: Sequence[int], size: int = IMAGE_SIZE) -> lis
     Args:
         kind: ``"classification"`` or ``"caption"``.
         seeds: one scene per seed.
+        size: image side in pixels.
+
+    Returns:
+        One :class:`Scene` per seed, in order.
+
+    Raises:
+        ValueError: an unknown ``kind``.
     """
     if kind == "classification":
         fn = classification_scene

@@ -55,7 +55,8 @@ def add_original_argument(p: argparse.ArgumentParser) -> None:
     """--on-original of the commands that write one overlay per image."""
     p.add_argument("--on-original", action="store_true",
                    help="draw the overlay on the image at its own resolution (the model's centre-crop "
-                        "region mapped back onto it) instead of on the model's input view")
+                        "region mapped back onto it) instead of on the model's input view; each map on "
+                        "its own scale; not with --colorbar or --size")
 
 
 def check_render_arguments(args):
@@ -64,6 +65,14 @@ def check_render_arguments(args):
         return fail(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1:
         return fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    if getattr(args, "on_original", False) and getattr(args, "colorbar", False):
+        # nothing dropped silently: the photo-sized overlays are written without a figure around them
+        return fail("--colorbar is not drawn on --on-original overlays (each is the photo at its own size, "
+                    "every map on its own scale); drop --on-original for overlays with a colour bar, "
+                    "or --colorbar")
+    if getattr(args, "on_original", False) and getattr(args, "size", None) is not None:
+        return fail("--size does not apply to --on-original overlays, which keep the photo's own size; "
+                    "drop one of them")
     return check_output_arguments(args)
 
 
@@ -95,6 +104,96 @@ def output_options(args):
                          cmap=getattr(args, "cmap", "jet"), alpha=getattr(args, "alpha", 0.5))
 
 
+NAME_WITH_MODEL_HELP = (
+    "put the model in every file name: <name>_<model>_<what> instead of <name>_<what> (with --weights "
+    "<model>-<weights file name>, with --random <model>-random), so that runs of several models can "
+    "write to one --out; without it, a run overwrites the files of an earlier run of the same images "
+    "in that folder, whatever its model")
+
+
+def add_naming_argument(p: argparse.ArgumentParser) -> None:
+    """--name-with-model of the commands that write files named after each image."""
+    p.add_argument("--name-with-model", action="store_true", help=NAME_WITH_MODEL_HELP)
+
+
+def model_tag(args) -> str | None:
+    """The model's part of the file names with ``--name-with-model`` (None without it):
+    the model name made file-safe (``org/name`` -> ``org--name``, a local folder -> its name),
+    then ``-<weights file stem>`` or ``-random``."""
+    if not getattr(args, "name_with_model", False):
+        return None
+    import os
+    import re
+    from pathlib import Path
+
+    name = str(args.model)
+    if os.path.isdir(name):
+        name = Path(name).resolve().name
+    tag = name.replace("/", "--")
+    if getattr(args, "weights", None):
+        tag += f"-{Path(args.weights).stem}"
+    elif getattr(args, "random", False):
+        tag += "-random"
+    tag = re.sub(r"[^\w.\-]+", "_", tag).strip("._") or "model"
+    return tag[:100]
+
+
+def with_model(stem: str, tag: str | None) -> str:
+    """``<name>_<model>`` with ``--name-with-model``, else the image's stem as it is."""
+    return f"{stem}_{tag}" if tag else stem
+
+
+class Staging:
+    """Files of the batch writers (``rollout_files``, ``relevance_files``), which name them
+    ``<name>_<suffix>``, renamed to ``<name>_<model>_<suffix>`` with ``--name-with-model``.
+
+    The writers write into a hidden folder inside ``--out`` (``.vitviz-*``); each image's files
+    are moved into ``--out`` under their final names as soon as the image is done (a rename
+    within one file system: each file appears whole, and no file of another model is
+    overwritten on the way). Without a tag, the writers write into ``--out`` directly.
+
+    Use: ``with Staging(out, tag, suffix) as st: writer(..., st.folder, on_outcome=st.place)``.
+    """
+
+    def __init__(self, out, tag: str | None, suffix: str):
+        from pathlib import Path
+
+        self.out = Path(out)
+        self.tag = tag
+        self.suffix = suffix
+        self.folder = self.out
+
+    def __enter__(self) -> Staging:
+        if self.tag is not None:
+            import tempfile
+            from pathlib import Path
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=".vitviz-", dir=self.out))
+        return self
+
+    def place(self, outcome) -> None:
+        """Move one image's files to their final names (``on_outcome`` of the writers)."""
+        if self.folder == self.out:
+            return
+        import os
+
+        for i, path in enumerate(outcome.outputs):
+            if path.parent != self.folder:
+                continue
+            head, sep, tail = path.name.rpartition(f"_{self.suffix}")
+            name = f"{head}_{self.tag}{sep}{tail}" if sep else f"{path.stem}_{self.tag}{path.suffix}"
+            final = self.out / name
+            os.replace(path, final)
+            outcome.outputs[i] = final
+
+    def __exit__(self, *exc) -> None:
+        if self.folder != self.out:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def print_notes(output) -> None:
     """The notes collected while rendering (constant maps, a batch of one), one line each."""
     for n in output.notes:
@@ -116,12 +215,17 @@ def fail(message: str, code: int = 2) -> int:
 
 
 def report(outcomes) -> int:
-    """Print what was written and what was skipped; 1 when anything was skipped, else 0."""
+    """Print every file written and what was skipped; 1 when anything was skipped, else 0.
+
+    One line per file, ``IMAGE -> PATH``; the last file of an image (its figure or overlay)
+    carries the prediction: ``IMAGE -> PATH  [prediction]``.
+    """
     done = [o for o in outcomes if o.ok]
     skipped = [o for o in outcomes if not o.ok]
     for o in done:
         pred = f"  [{o.prediction}]" if o.prediction else ""
-        print(f"{o.source} -> {o.outputs[-1]}{pred}")
+        for i, path in enumerate(o.outputs):
+            print(f"{o.source} -> {path}{pred if i == len(o.outputs) - 1 else ''}")
     for o in skipped:
         print(f"vitviz: skipped {o.source}: {o.error}", file=sys.stderr)
     print(f"{len(done)} done, {len(skipped)} skipped", file=sys.stderr)

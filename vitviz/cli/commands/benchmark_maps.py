@@ -9,7 +9,8 @@ from ._common import fail
 NAME = "benchmark-maps"
 HELP = "score every attention map against ground-truth masks (bundled models)"
 DESCRIPTION = (
-    "Scores every analysis (rollout variants, CLS maps per layer, relevance, attention flow) "
+    "Scores every registered map method with one map per image (rollout variants, CLS maps per "
+    "layer, relevance, gradient rollout, attention flow, your own: see `vitviz methods`) "
     "and two baselines (random map, centre prior) on a fixed set of held-out scenes whose "
     "object masks are known: pointing game, share of the map's mass in the mask, IoU, mask "
     "AUC, and deletion / insertion AUC (RISE). With --model shapes-captioner: word grounding "
@@ -33,6 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-flow", action="store_true",
                    help="skip attention flow (one max-flow problem per patch: the slowest row)")
     p.add_argument("--no-relevance", action="store_true", help="skip relevance and gradient rollout")
+    p.add_argument("--methods", default=None, metavar="LIST",
+                   help="shapes-vit: only these comma-separated registered map methods (their standard rows, "
+                        "e.g. every rollout variant for rollout; see `vitviz methods`); default: every "
+                        "registered method with one map per image")
     p.add_argument("--sanity", action="store_true",
                    help="shapes-vit: instead, the sanity checks (model randomisation, token deletion / "
                         "insertion, ROAD) of every method; see `vitviz sanity`")
@@ -49,6 +54,17 @@ def run(args) -> int:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.steps < 1:
         return fail(f"--steps must be >= 1, got {args.steps}")
+    methods = None
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            return fail("--methods is empty; give registered map methods, e.g. --methods rollout,relevance")
+        if args.model != "shapes-vit":
+            return fail("--methods chooses the map methods of a classifier: use it with --model shapes-vit")
+        from ...explain import single_map_method
+
+        for name in methods:  # unknown names, per-word methods and missing extras fail before the model loads
+            single_map_method(name, "benchmark-maps")
     import time
 
     from tqdm.auto import tqdm
@@ -77,7 +93,7 @@ def run(args) -> int:
 
         bar.close()
         table = evaluate_sanity(model, n=args.num_images, road_images=args.road_images, steps=args.steps,
-                                 batch_size=args.batch_size,
+                                 batch_size=args.batch_size, methods=methods,
                                  progress=lambda m: print(f"[{time.time() - t0:6.1f} s] {m}", file=sys.stderr))
         print(f"shapes-vit, {table.n} held-out scenes (ROAD on {table.extra['road_images']}): rank correlation, "
               "SSIM and top-k overlap with the trained map after the head, then all layers, were re-initialised "
@@ -96,7 +112,7 @@ def run(args) -> int:
     elif args.model == "shapes-vit":
         table = evaluate_classifier(model, n=args.num_images, batch_size=args.batch_size,
                                      steps=args.steps, deletion=not args.no_deletion,
-                                     relevance=not args.no_relevance, flow=flow,
+                                     relevance=not args.no_relevance, flow=flow, methods=methods,
                                      progress=progress)
         head = f"shapes-vit, {table.n} held-out scenes, accuracy {table.extra['accuracy']:.3f}"
     else:

@@ -6,13 +6,16 @@ import sys
 
 from ._common import (
     add_model_arguments,
+    add_naming_argument,
     add_output_arguments,
     check_output_arguments,
     fail,
     load,
+    model_tag,
     output_options,
     print_notes,
     report,
+    with_model,
 )
 
 NAME = "caption"
@@ -21,7 +24,8 @@ DESCRIPTION = ("Generates a caption per image with an image-captioning transform
                "any transformers VisionEncoderDecoderModel or local model directory) and writes "
                "<name>_caption.png: the image, then one panel per word with the decoder's "
                "cross-attention of the step that predicted it. Sub-word pieces are merged into "
-               "words (--merge, default: mean of the pieces' maps).")
+               "words (--merge, default: mean of the pieces' maps). --name-with-model puts the model "
+               "after <name>. Prints every file written.")
 EXAMPLE = "vitviz caption girl.jpg street.png --model vit-gpt2 --num-beams 4 --out captions/"
 
 
@@ -46,6 +50,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-cols", type=int, default=6, metavar="N", help="panels per row")
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
     add_output_arguments(p)
+    add_naming_argument(p)
 
 
 def _layer(value: str):
@@ -55,6 +60,14 @@ def _layer(value: str):
         return int(value)
     except ValueError:
         return None
+
+
+def _decodable(module) -> bool:
+    """Whether vitviz.caption decodes the module without the Python-only ``decode=`` /
+    ``start_ids=``: a transformers encoder-decoder or BLIP captioner, or a ``generate()``."""
+    from ...explain.captioning._decoding import _hf_kind
+
+    return _hf_kind(module) is not None or callable(getattr(module, "generate", None))
 
 
 def run(args) -> int:
@@ -89,6 +102,11 @@ def run(args) -> int:
 
     output = output_options(args)
     model = load(args)
+    if not _decodable(model.module):  # before any image: the command line's own hint, not Python's
+        return fail(f"{model.name} is not a captioner the command line can decode: `vitviz caption` takes "
+                    "transformers VisionEncoderDecoderModel and BLIP captioners and models with a generate() "
+                    "method (e.g. --model vit-gpt2, blip-base, shapes-captioner, or a local model directory "
+                    "of one); other decoders are captioned from Python, with vitviz.caption(..., decode=...)")
     out = Path(args.out)
     waiting = []  # (outcome, stem, image, grids, words, title) for --norm batch
 
@@ -98,7 +116,8 @@ def run(args) -> int:
                                vmax=[s.vmax for s in scales], colorbar=output.colorbar, dpi=output.dpi)
         o.outputs.append(output.save_figure(fig, out / f"{stem}_caption"))
 
-    stems = unique_stems([str(s) for s in args.images])
+    tag = model_tag(args)
+    stems = [with_model(s, tag) for s in unique_stems([str(s) for s in args.images])]
     outcomes, noted = [], False
     for source, stem in zip(tqdm(args.images, unit="img", desc="caption", disable=len(args.images) < 2),
                             stems):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from ._common import (
     add_model_arguments,
+    add_naming_argument,
     add_render_arguments,
     check_render_arguments,
     fail,
     load,
+    model_tag,
     output_options,
     print_notes,
     report,
+    with_model,
 )
 
 NAME = "cls"
@@ -18,7 +21,10 @@ HELP = "per-head CLS attention maps of every layer, as a grid over each image"
 DESCRIPTION = ("What the CLS token (or another query) attends to, per layer and head: writes "
                "<name>_cls.png (layers x heads grid over the image) and <name>_cls.npy "
                "([layers, heads, gh, gw] raw maps). --mask T adds <name>_mask.png: per head, the "
-               "smallest set of patches holding a fraction T of the attention (DINO).")
+               "smallest set of patches holding a fraction T of the attention (DINO). Hierarchical "
+               "models (Swin, PiT, PVT, ...) get one figure and one .npy per stage of token grids: "
+               "<name>_stage<k>_cls.png / .npy. --name-with-model puts the model after <name>. "
+               "Prints every file written.")
 EXAMPLE = "vitviz cls cat.jpg --model dino-s16 --layer -1 --mask 0.6 --out maps/"
 
 QUERY_HELP = ("query row: cls, dist (distillation token), cls+dist, patches (mean of the patch rows), "
@@ -50,6 +56,7 @@ def add_arguments(p) -> None:
                    help="also draw per-head attention-mass masks keeping a fraction T, e.g. 0.6 "
                         "(of --layer, default the last layer)")
     add_render_arguments(p)
+    add_naming_argument(p)
 
 
 def run(args) -> int:
@@ -85,6 +92,7 @@ def run(args) -> int:
         except ValueError as e:
             return fail(f"--layer: {e}")
     out = Path(args.out)
+    tag = model_tag(args)
     outcomes, waiting = [], []  # waiting: (outcome, stem, view, maps, layers, what) for --norm batch
 
     def render(o, stem, view, maps, layers, what, scales):
@@ -101,6 +109,7 @@ def run(args) -> int:
         outcomes.append(o)
         if o.error:
             continue
+        stem = with_model(stem, tag)
         for k, attn in enumerate(stages):
             name = stem if len(stages) == 1 else f"{stem}_stage{k}"
             maps = all_layer_maps(attn, query=query)[:, 0].cpu().numpy()  # [L', H, gh, gw] (L' = 1 with --layer)

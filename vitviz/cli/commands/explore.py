@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_model_arguments, fail, load
+from ._common import add_model_arguments, add_naming_argument, fail, load, model_tag, with_model
 
 NAME = "explore"
 HELP = "interactive attention explorer: one self-contained HTML page per image"
@@ -13,7 +13,8 @@ DESCRIPTION = ("Writes one HTML file per image that works offline (from file://,
                "every layer and head (mean, max, each head), the rollout up to a layer, the Chefer "
                "relevance of the predicted class, the share of its attention on prefix tokens per "
                "layer, and the top-5 prediction. --out is the page (a name ending in .html, one "
-               "image) or a folder (<name>_explore.html per image).")
+               "image) or a folder (<name>_explore.html per image; <name>_<model>_explore.html with "
+               "--name-with-model).")
 EXAMPLE = "vitviz explore cat.jpg --model b16 --out cat.html"
 
 
@@ -27,6 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-mb", type=float, default=40.0, metavar="MB",
                    help="size each page stays under; per-head rows of the earliest layers are left "
                         "out when needed and the page says so (default 40)")
+    add_naming_argument(p)
 
 
 def run(args) -> int:
@@ -39,6 +41,9 @@ def run(args) -> int:
     if single and len(args.images) > 1:
         return fail(f"--out {args.out} names one page but {len(args.images)} images were given; "
                     "give a folder instead")
+    if single and args.name_with_model:
+        return fail(f"--name-with-model names the pages written into a folder; --out {args.out} is the "
+                    "page's own name: give a folder, or drop --name-with-model")
     if args.target is not None and args.target < 0:
         return fail(f"--class must be a class index >= 0, got {args.target}")
     if args.max_mb <= 0:
@@ -47,7 +52,8 @@ def run(args) -> int:
 
     model = load(args)
     skipped = 0
-    for src, stem in zip(args.images, unique_stems(args.images), strict=True):
+    tag = model_tag(args)
+    for src, stem in zip(args.images, [with_model(s, tag) for s in unique_stems(args.images)], strict=True):
         try:
             page = explore(model, src, target=args.target, max_bytes=int(args.max_mb * 1e6))
         except ImageError as e:

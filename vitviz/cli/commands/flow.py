@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from ._common import (
     add_model_arguments,
+    add_naming_argument,
     add_render_arguments,
     check_render_arguments,
     fail,
     load,
+    model_tag,
     output_options,
     print_notes,
     report,
+    with_model,
 )
 from .cls import QUERY_HELP, parse_query
 
@@ -18,7 +21,8 @@ NAME = "flow"
 HELP = "attention flow (Abnar & Zuidema 2020) per image, next to rollout"
 DESCRIPTION = ("Attention flow: the maximum flow from the CLS token through the attention graph "
                "(residual included) to every patch, normalised. Writes <name>_flow.png (overlay), "
-               "<name>_flow.npy (raw patch map) and <name>_flow_panels.png (image | rollout | flow).")
+               "<name>_flow.npy (raw patch map) and <name>_flow_panels.png (image | rollout | flow); "
+               "--name-with-model puts the model after <name>. Prints every file written.")
 EXAMPLE = "vitviz flow cat.jpg --model b16 --out maps/"
 
 
@@ -29,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean")
     p.add_argument("--start-layer", type=int, default=0, metavar="L")
     add_render_arguments(p)
+    add_naming_argument(p)
 
 
 def run(args) -> int:
@@ -54,6 +59,7 @@ def run(args) -> int:
     output = output_options(args)
     model = load(args)
     out = Path(args.out)
+    tag = model_tag(args)
     outcomes, waiting = [], []  # waiting: (outcome, stem, view, flow, roll) for --norm batch
 
     def render(o, stem, view, heat, roll, s_flow, s_roll):
@@ -68,6 +74,7 @@ def run(args) -> int:
         outcomes.append(o)
         if o.error:
             continue
+        stem = with_model(stem, tag)
         try:
             flow = attention_flow(attn, query=query, head_fusion=args.head_fusion,
                                   start_layer=args.start_layer, progress=True)[0]  # [gh, gw]

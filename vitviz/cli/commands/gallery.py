@@ -30,8 +30,9 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("gallery")
     g.add_argument("--out", metavar="DIR", help="gallery folder (created; re-running resumes)")
     g.add_argument("--methods", default="rollout,cls", metavar="LIST",
-                   help="comma-separated methods (default: rollout,cls; also relevance, grad_rollout, "
-                        "caption for captioners; see --list-methods)")
+                   help="comma-separated registered map methods (default: rollout,cls; also relevance, "
+                        "grad_rollout, flow, random, centre, caption for captioners, text for CLIP models; "
+                        "see `vitviz methods`)")
     g.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass")
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="decoding processes (0: decode in the main process; default min(4, CPUs-1))")
@@ -45,7 +46,7 @@ def add_arguments(p) -> None:
     g.add_argument("--explore", action="store_true",
                    help="also write each image's explorer page (explore/<name>.html, as `vitviz explore`), "
                         "linked from its large view")
-    g.add_argument("--list-methods", action="store_true", help="list the gallery methods and exit")
+    g.add_argument("--list-methods", action="store_true", help="list the map methods and exit (as `vitviz methods`)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed for --random weights, so shards and resumed runs build the same model")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -74,9 +75,11 @@ def _report_record(rec: dict, write) -> None:
 
 
 def run(args) -> int:
-    from ...gallery import get_method, list_methods, merge_gallery
+    from ...gallery import merge_gallery  # the registry (and torch) load only when methods are needed
 
     if args.list_methods:
+        from ...explain import get_method, list_methods
+
         for name in list_methods():
             m = get_method(name)
             print(f"{name:<12} {m.description}")
@@ -108,6 +111,7 @@ def run(args) -> int:
     for ok, message in checks:
         if not ok:
             return fail(message)
+    from ...explain import get_method
     from ...gallery import parse_shard
 
     shard = parse_shard(args.shard)

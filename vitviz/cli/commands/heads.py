@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from ._common import add_model_arguments, add_output_arguments, check_output_arguments, load, output_options, report
+from ._common import (
+    add_model_arguments,
+    add_naming_argument,
+    add_output_arguments,
+    check_output_arguments,
+    load,
+    model_tag,
+    output_options,
+    report,
+    with_model,
+)
 
 NAME = "heads"
 HELP = "per-head statistics: mean attention distance, entropy, attention on prefix tokens"
@@ -11,7 +21,8 @@ DESCRIPTION = ("Per layer and head: the mean attention distance in pixels (the V
                "entropy of the attention rows (nats) and the share of patch attention that goes to "
                "prefix tokens (CLS/distillation/registers). Writes <name>_heads.png and "
                "<name>_heads.json per image, and heads_mean.png / heads_mean.json averaged over all "
-               "images when there are several.")
+               "images when there are several; --name-with-model puts the model after <name> "
+               "(heads_mean_<model>). Prints every file written.")
 EXAMPLE = "vitviz heads photos/*.jpg --model b16 --out heads/"
 
 
@@ -21,6 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
     add_output_arguments(p, maps=False)
+    add_naming_argument(p)
 
 
 def _figure(dist, ent, share, unit: str, title: str, dpi: int = 100):
@@ -64,6 +76,7 @@ def run(args) -> int:
     patch = model.patch_size
     unit = "pixels" if patch is not None else "patches"
     out = Path(args.out)
+    tag = model_tag(args)
     outcomes, totals = [], []
     for o, stem, _view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="heads"):
         outcomes.append(o)
@@ -73,6 +86,7 @@ def run(args) -> int:
         ent = attention_entropy(attn)[:, 0]  # [L, H]
         share = prefix_attention_share(attn)[:, 0] if attn.layout.num_prefix else None  # [L, H]
         totals.append((dist, ent, share))
+        stem = with_model(stem, tag)
         body = json.dumps({"image": o.source, **_summary(dist, ent, share, unit)}, indent=1)
         o.outputs.append(atomic_write_bytes(out / f"{stem}_heads.json", body.encode()))
         fig = _figure(dist, ent, share, unit, Path(o.source).name, output.dpi)
@@ -84,8 +98,10 @@ def run(args) -> int:
         share = torch.stack([t[2] for t in totals]).mean(0) if totals[0][2] is not None else None
         body = json.dumps({"images": [o.source for o in outcomes if o.ok], **_summary(dist, ent, share, unit)},
                           indent=1)
-        atomic_write_bytes(out / "heads_mean.json", body.encode())
+        mean = with_model("heads_mean", tag)
+        js = atomic_write_bytes(out / f"{mean}.json", body.encode())
         png = output.save_figure(_figure(dist, ent, share, unit, f"mean over {len(totals)} images",
-                                         output.dpi), out / "heads_mean")
+                                         output.dpi), out / mean)
+        print(f"{len(totals)} images -> {js}")
         print(f"{len(totals)} images -> {png}")
     return code

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from ._common import (
+    Staging,
     add_model_arguments,
+    add_naming_argument,
     add_original_argument,
     add_render_arguments,
     check_render_arguments,
     fail,
     load,
+    model_tag,
     output_options,
     print_notes,
     report,
@@ -20,7 +23,8 @@ DESCRIPTION = ("Gradient-weighted, class-specific relevance over each image, fro
                "one backward pass: Chefer et al. 2021 'Generic Attention-model Explainability' "
                "(--method chefer, the default) or gradient rollout (--method grad_rollout). "
                "The explained class is each image's predicted class, or --class K. Writes "
-               "<name>_relevance.png / .npy (chefer) or <name>_grad_rollout.png / .npy.")
+               "<name>_relevance.png / .npy (chefer) or <name>_grad_rollout.png / .npy; with "
+               "--name-with-model <name>_<model>_relevance.png / .npy. Prints every file written.")
 EXAMPLE = "vitviz relevance cat.jpg dog.png --model b16 --class 281 --out maps/"
 
 
@@ -37,6 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--start-layer", type=int, default=0, metavar="L")
     add_render_arguments(p)
     add_original_argument(p)
+    add_naming_argument(p)
 
 
 def run(args) -> int:
@@ -56,9 +61,11 @@ def run(args) -> int:
 
     output = output_options(args)
     model = load(args)
-    outcomes = relevance_files(model, args.images, args.out, method=args.method, target=args.target,
-                               head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
-                               start_layer=args.start_layer, batch_size=args.batch_size,
-                               on_original=args.on_original, output=output)
+    suffix = "relevance" if args.method == "chefer" else args.method
+    with Staging(args.out, model_tag(args), suffix) as st:
+        outcomes = relevance_files(model, args.images, st.folder, method=args.method, target=args.target,
+                                   head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+                                   start_layer=args.start_layer, batch_size=args.batch_size,
+                                   on_original=args.on_original, output=output, on_outcome=st.place)
     print_notes(output)
     return report(outcomes)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from ._common import (
+    Staging,
     add_model_arguments,
+    add_naming_argument,
     add_original_argument,
     add_render_arguments,
     check_render_arguments,
     fail,
     load,
+    model_tag,
     output_options,
     print_notes,
     report,
@@ -17,7 +20,8 @@ from ._common import (
 NAME = "rollout"
 HELP = "attention rollout overlay per image"
 DESCRIPTION = ("Attention rollout (Abnar & Zuidema 2020) over each image: writes "
-               "<name>_rollout.png (overlay) and <name>_rollout.npy (raw patch map).")
+               "<name>_rollout.png (overlay) and <name>_rollout.npy (raw patch map); with "
+               "--name-with-model <name>_<model>_rollout.png / .npy. Prints every file written.")
 EXAMPLE = "vitviz rollout cat.jpg dog.png --model b16 --discard-ratio 0.9 --out maps/"
 
 
@@ -30,6 +34,7 @@ def add_arguments(p) -> None:
     p.add_argument("--start-layer", type=int, default=0, metavar="L")
     add_render_arguments(p)
     add_original_argument(p)
+    add_naming_argument(p)
 
 
 def run(args) -> int:
@@ -42,8 +47,10 @@ def run(args) -> int:
 
     output = output_options(args)
     model = load(args)
-    outcomes = rollout_files(model, args.images, args.out, head_fusion=args.head_fusion,
-                             discard_ratio=args.discard_ratio, start_layer=args.start_layer,
-                             batch_size=args.batch_size, on_original=args.on_original, output=output)
+    with Staging(args.out, model_tag(args), "rollout") as st:
+        outcomes = rollout_files(model, args.images, st.folder, head_fusion=args.head_fusion,
+                                 discard_ratio=args.discard_ratio, start_layer=args.start_layer,
+                                 batch_size=args.batch_size, on_original=args.on_original, output=output,
+                                 on_outcome=st.place)
     print_notes(output)
     return report(outcomes)

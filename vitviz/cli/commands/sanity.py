@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     add_model_arguments(p)
     p.add_argument("--methods", default="rollout,cls,relevance,grad_rollout,flow,random,centre",
-                   help="comma-separated: rollout, cls, relevance, grad_rollout, flow, random, centre")
+                   help="comma-separated registered map methods with one map per image (see `vitviz methods`; "
+                        "cls: its heads averaged); default: rollout,cls,relevance,grad_rollout,flow,random,centre")
     p.add_argument("--steps", type=int, default=16, metavar="S", help="token curve points minus one")
     p.add_argument("--road-steps", type=int, default=10, metavar="S", help="ROAD curve points minus one")
     p.add_argument("--road-images", type=int, default=None, metavar="N",
@@ -43,11 +44,15 @@ def run(args) -> int:
     if args.road_images is not None and args.road_images < 0:
         return fail(f"--road-images must be >= 0, got {args.road_images}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from ...evaluate.sanity import METHODS
+    from ...explain import get_method, list_methods
 
-    unknown = [m for m in methods if m not in METHODS]
+    fit = [n for n in list_methods() if get_method(n).single_map]  # the registry: one map per image
+    unknown = [m for m in methods if m not in fit]
     if not methods or unknown:
-        return fail(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+        return fail(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(fit)} "
+                    "(see `vitviz methods`)")
+    for m in methods:
+        get_method(m).check_installed(f"the map method {m!r}")  # a missing extra fails before the model loads
     import time
     from pathlib import Path
 

@@ -7,13 +7,16 @@ import warnings
 
 from ._common import (
     add_model_arguments,
+    add_naming_argument,
     add_output_arguments,
     check_output_arguments,
     fail,
     load,
+    model_tag,
     output_options,
     print_notes,
     report,
+    with_model,
 )
 
 NAME = "text"
@@ -23,7 +26,8 @@ DESCRIPTION = (
     "shapes-clip): which patches make the image match each --text. Methods: chefer (Chefer et al. "
     "2021, default), legrad (Bousselham et al. 2024), maskclip (Zhou et al. 2022). Writes "
     "<name>_text.png (a strip: the image, then one panel per text titled with the model's "
-    "image-text logit) and <name>_text.npy ([T, gh, gw] maps, in the order of --text).")
+    "image-text logit) and <name>_text.npy ([T, gh, gw] maps, in the order of --text); "
+    "--name-with-model puts the model after <name>. Prints every file written.")
 EXAMPLE = 'vitviz text shapes.png --model shapes-clip --text "a red circle" --text "a blue square"'
 
 
@@ -40,6 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
     add_output_arguments(p)
+    add_naming_argument(p)
 
 
 def run(args) -> int:
@@ -78,7 +83,8 @@ def run(args) -> int:
                                colorbar=output.colorbar, dpi=output.dpi, fontsize=9)
         o.outputs.append(output.save_figure(fig, out / f"{stem}_text"))
 
-    stems = unique_stems([str(s) for s in args.images])
+    tag = model_tag(args)
+    stems = [with_model(s, tag) for s in unique_stems([str(s) for s in args.images])]
     outcomes = []
     bar = tqdm(args.images, unit="img", desc="text", disable=len(args.images) < 2)
     for source, stem in zip(bar, stems, strict=True):

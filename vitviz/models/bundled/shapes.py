@@ -104,7 +104,7 @@ def load_tokenizer(path=None):
     """The captioner's tokenizer as a ``PreTrainedTokenizerFast`` (from the packaged file).
 
     Args:
-        path: a tokenizer JSON file; default: the one shipped in ``vitviz/zoo/weights``.
+        path: a tokenizer JSON file; default: the one shipped in ``vitviz/models/bundled/weights``.
     """
     return word_tokenizer(path, TOKENIZER_FILE, "the captioner's", "tools.train.train")
 

@@ -1,12 +1,17 @@
-"""The gallery's method registry: what can be drawn for every image.
+"""The one registry of map methods: every way vitviz turns a model and a batch into maps.
+
+A method is registered once, with what it needs, and every consumer reads it from here: the
+gallery (``vitviz gallery``), the sanity checks (:func:`vitviz.evaluate.randomization`,
+``vitviz sanity``), the map benchmark (``vitviz benchmark-maps``) and
+:func:`vitviz.explain.compute_maps`; ``vitviz methods`` lists them.
 
 A method turns one batch into maps. It receives a :class:`MethodInput` (the model, the
 input batch, the capture recording and the model's output) and returns a
-:class:`MethodResult` (or just a tensor): ``[B, gh, gw]`` for one map per image,
-``[B, K, gh, gw]`` for several (one per head, per word ...), or a list of ``B`` tensors
-``[K_i, gh, gw]`` when the count varies per image (caption words). The gallery renders
-one overlay PNG per image and method (several maps become a labelled grid) and saves the
-raw maps as ``.npy``.
+:class:`MethodResult` (or just a tensor): ``[B, gh, gw]`` for one map per image
+(``output="map"``), ``[B, K, gh, gw]`` for a fixed number of maps per image (one per head:
+``output="stack"``; consumers that need one map per image average them), or a list of ``B``
+tensors ``[K_i, gh, gw]`` when the count varies per image (caption words, texts:
+``output="list"``; only the gallery draws those).
 
 What a method needs from the forward pass is declared when it is registered:
 
@@ -19,19 +24,28 @@ What a method needs from the forward pass is declared when it is registered:
   and the method reads its result as ``inp.streamed``.
 * ``needs="grad"``: the shared forward pass runs with gradients under
   ``vitviz.capture(model, grad=True)``, followed by one backward pass of every image's
-  predicted-class logit (``inp.target``); ``inp.rec.attention_grads`` holds ``dA``. All grad
-  methods share that one backward pass. A grad method's ``stream=`` gives a gradient stream
-  (``update_grad``, e.g. :class:`vitviz.analyze.RelevanceStream`) computed as the backward
-  pass runs; when every shared method streams, no layer's attention or gradient is kept.
+  target logit (the predicted class unless a target is given; ``inp.target``);
+  ``inp.rec.attention_grads`` holds ``dA``. All grad methods share that one backward pass.
+  A grad method's ``stream=`` gives a gradient stream (``update_grad``, e.g.
+  :class:`vitviz.analyze.RelevanceStream`) computed as the backward pass runs; when every
+  shared method streams, no layer's attention or gradient is kept.
 * ``needs="model"``: no shared forward pass; the method runs the model itself (captioning:
-  generate, then read the cross-attention).
+  generate, then read the cross-attention). ``needs=("model", "texts")``: it also takes
+  the texts to locate (option ``texts``; CLIP / SigLIP text maps).
+* ``needs="none"``: the method ignores the model (the baselines ``random`` and ``centre``).
+
+This module imports no torch: ``vitviz gallery --merge`` and ``vitviz methods --help`` stay
+light. Running methods on a batch is :func:`vitviz.explain.run_methods` /
+:func:`vitviz.explain.compute_maps`.
 
 Example:
-    >>> from vitviz.gallery import register_method
+    >>> from vitviz.explain import register_method
     >>> @register_method("last_layer_mean", description="mean attention of the last layer")
     ... def _last(inp):
     ...     a = inp.attentions.tensor[-1].mean(1)            # [B, N, N]
-    ...     return vitviz.analyze.token_map(a, inp.attentions.layout)   # [B, gh, gw]
+    ...     return a[:, 0, 1:].reshape(-1, *inp.attentions.layout.grid)   # [B, gh, gw]
+    >>> vitviz.explain.compute_maps(m, x, "last_layer_mean").shape   # [B, gh, gw]
+    >>> vitviz.evaluate.randomization(m, x, "last_layer_mean")       # and every other consumer
 """
 
 from __future__ import annotations
@@ -42,12 +56,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CaptureError, VitvizError
+from ..errors import VitvizError
 
 if TYPE_CHECKING:  # torch stays out of `vitviz gallery --merge` and `--help`
     import torch
 
-NEEDS = ("attention", "grad", "model")
+NEEDS = ("attention", "grad", "model", "none")
+"""How a method runs: on the shared captured pass (attention), on it with one backward pass
+(grad), by running the model itself (model), or without the model (none)."""
+
+OUTPUTS = ("map", "stack", "list")
+"""What a method returns per batch: ``[B, gh, gw]`` (map), ``[B, K, gh, gw]`` (stack) or ``B``
+arrays ``[K_i, gh, gw]`` (list)."""
 
 
 @dataclass
@@ -58,11 +78,12 @@ class MethodInput:
         model: the :class:`vitviz.VisionModel`.
         x: ``[B, 3, H, W]`` input batch on the model's device and dtype.
         rec: the :class:`vitviz.Recording` of the shared forward pass (``None`` for
-            ``needs="model"`` methods).
+            ``needs="model"`` and ``needs="none"`` methods).
         output: the model's output for ``x`` (logits, or a transformers output object), or
-            ``None`` for ``needs="model"`` methods.
+            ``None`` for ``needs="model"`` and ``needs="none"`` methods.
         streamed: the result of this method's streaming analysis, when the capture streamed.
-        target: ``[B]`` the predicted classes whose logits were backpropagated (``needs="grad"``).
+        target: ``[B]`` the classes whose logits were backpropagated (``needs="grad"``: the
+            predicted ones unless targets were given), or the given targets otherwise.
     """
 
     model: Any
@@ -74,14 +95,15 @@ class MethodInput:
 
     @property
     def attentions(self):
-        """:class:`vitviz.AttentionMaps` ``[L, B, H, N, N]`` of the image encoder."""
-        maps = None if self.rec is None else self.rec.attentions
-        if maps is None:
-            raise CaptureError(
-                f"{getattr(self.model, 'name', 'the model')} ran no self-attention over image tokens "
-                "in the gallery's forward pass; attention methods (rollout, cls, ...) need a "
-                "Vision Transformer encoder")
-        return maps
+        """:class:`vitviz.AttentionMaps` ``[L, B, H, N, N]`` of the image encoder.
+
+        Raises:
+            CaptureError: no self-attention over image tokens was captured (the one error of
+                :func:`vitviz.explain.attentions_of`).
+        """
+        from ._shared import attentions_of
+
+        return attentions_of(self.rec, self.model)
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -109,7 +131,19 @@ class MethodResult:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered gallery method."""
+    """A registered map method (see :func:`register_method`).
+
+    Attributes:
+        name: the name used with ``--methods`` and ``method=``.
+        fn: ``fn(inp: MethodInput, **options) -> MethodResult | Tensor``.
+        needs: ``"attention"``, ``"grad"``, ``"model"`` or ``"none"`` (see :data:`NEEDS`).
+        description: one line for ``vitviz methods``.
+        defaults: the method's options and their default values.
+        stream: ``stream(model, **options)`` -> a streaming analysis, or ``None``.
+        extra: the optional vitviz extra it needs (``vitviz._util.extras``), if any.
+        texts: it takes texts to locate (option ``texts``).
+        output: ``"map"``, ``"stack"`` or ``"list"`` (see :data:`OUTPUTS`).
+    """
 
     name: str
     fn: Callable[..., Any]
@@ -118,17 +152,47 @@ class Method:
     defaults: dict = field(default_factory=dict)
     stream: Callable[..., Any] | None = None  # stream(model, **options) -> streaming analysis
     extra: str | None = None  # the optional vitviz extra it needs (vitviz._util.extras), if any
+    texts: bool = False  # takes the texts to locate (option "texts")
+    output: str = "map"  # "map" [B, gh, gw], "stack" [B, K, gh, gw], "list" B x [K_i, gh, gw]
 
-    def check_installed(self) -> None:
-        """Raise :class:`vitviz.errors.MissingExtraError` (naming ``pip install 'vitviz[EXTRA]'``)
-        when the optional package this method needs is not installed."""
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """What the method needs, as listed by ``vitviz methods``: the pass, then ``"texts"``."""
+        return (self.needs,) + (("texts",) if self.texts else ())
+
+    @property
+    def single_map(self) -> bool:
+        """True when the method gives one map per image, or a fixed stack of them that is
+        averaged into one (``output`` ``"map"`` or ``"stack"``): what the sanity checks and
+        ``benchmark-maps`` score. Caption words and text maps (``"list"``) are the gallery's."""
+        return self.output != "list"
+
+    def check_installed(self, what: str | None = None) -> None:
+        """Refuse the method when the optional package it needs is not installed.
+
+        Args:
+            what: how the error names the method (default ``"the gallery method 'NAME'"``).
+
+        Raises:
+            MissingExtraError: naming ``pip install 'vitviz[EXTRA]'``.
+        """
         if self.extra is not None:
             from .._util.extras import require_extra
 
-            require_extra(self.extra, f"the gallery method {self.name!r}")
+            require_extra(self.extra, what or f"the gallery method {self.name!r}")
 
     def options(self, given: dict | None = None) -> dict:
-        """The method's options: its defaults updated with ``given`` (unknown names refused)."""
+        """The method's options: its defaults updated with ``given``.
+
+        Args:
+            given: option name -> value (``None``: the defaults).
+
+        Returns:
+            A new dict of every option of the method.
+
+        Raises:
+            VitvizError: an option the method does not have (its options are listed).
+        """
         given = dict(given or {})
         unknown = sorted(set(given) - set(self.defaults))
         if unknown:
@@ -138,6 +202,8 @@ class Method:
         return {**self.defaults, **given}
 
     def __call__(self, inp: MethodInput, **options) -> MethodResult:
+        """Run the method on one batch with its options checked; a bare tensor becomes a
+        :class:`MethodResult`."""
         out = self.fn(inp, **self.options(options))
         return out if isinstance(out, MethodResult) else MethodResult(out)
 
@@ -145,59 +211,107 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, *, needs: str = "attention", description: str = "",
+def _parse_needs(needs: str | Sequence[str]) -> tuple[str, bool]:
+    items = [needs] if isinstance(needs, str) else list(needs)
+    kinds = [n for n in items if n in NEEDS]
+    other = [n for n in items if n not in NEEDS and n != "texts"]
+    if len(kinds) != 1 or other:
+        raise ValueError(f"needs must be one of {', '.join(NEEDS)}, optionally with 'texts' "
+                         f"(e.g. needs=('model', 'texts')), got {needs!r}")
+    return kinds[0], "texts" in items
+
+
+def register_method(name: str, *, needs: str | Sequence[str] = "attention", description: str = "",
                     replace: bool = False, stream: Callable[..., Any] | None = None,
-                    extra: str | None = None, **defaults) -> Callable:
+                    extra: str | None = None, output: str = "map", **defaults) -> Callable:
     """Decorator registering ``fn(inp: MethodInput, **options) -> MethodResult | Tensor``.
 
     Args:
         name: the name used with ``--methods`` (lower case, no commas).
-        needs: ``"attention"``, ``"grad"`` or ``"model"`` (see the module docstring).
-        description: one line for ``vitviz gallery --list-methods``.
+        needs: ``"attention"``, ``"grad"``, ``"model"`` or ``"none"`` (see the module
+            docstring), or a tuple of one of them and ``"texts"`` for a method that locates
+            texts (its option ``texts`` is added with the default ``()``).
+        description: one line for ``vitviz methods``.
         replace: allow replacing a registered method of the same name.
         stream: ``stream(model, **options)`` returning a streaming analysis (``update`` for
             ``needs="attention"``, ``update_grad`` for ``needs="grad"``) whose
             ``result(layout)`` the method then reads as ``inp.streamed``.
         extra: the optional vitviz extra the method needs (``"flow"``); a gallery that asks
             for the method without it fails before any image is read, naming the install.
+        output: ``"map"`` (``[B, gh, gw]``), ``"stack"`` (``[B, K, gh, gw]``) or ``"list"``
+            (``B`` arrays ``[K_i, gh, gw]``); the sanity checks and ``benchmark-maps`` take
+            ``"map"`` and ``"stack"`` methods.
         **defaults: the method's options and their default values.
+
+    Returns:
+        The decorator; it returns ``fn`` unchanged.
+
+    Raises:
+        ValueError: a bad name, ``needs``, ``output`` or ``extra``, or a name already
+            registered (without ``replace=True``).
     """
-    if needs not in NEEDS:
-        raise ValueError(f"needs must be one of {', '.join(NEEDS)}, got {needs!r}")
+    kind, texts = _parse_needs(needs)
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name or "") or name in ("input", "image", "images"):
         raise ValueError(f"invalid method name {name!r}: letters, digits, '_' and '-' only (it names "
                          "the method's output folder), not 'input'/'images'")
+    if texts:
+        defaults.setdefault("texts", ())
 
     def deco(fn: Callable) -> Callable:
         if name in _METHODS and not replace and _METHODS[name].fn is not fn:
-            raise ValueError(f"a gallery method named {name!r} is already registered; pass replace=True")
+            raise ValueError(f"a map method named {name!r} is already registered; pass replace=True")
         if extra is not None:
             from .._util.extras import EXTRAS
 
             if extra not in EXTRAS:
                 raise ValueError(f"unknown extra {extra!r} (known: {', '.join(sorted(EXTRAS))})")
-        _METHODS[name] = Method(name, fn, needs, description, dict(defaults), stream, extra)
+        _METHODS[name] = Method(name, fn, kind, description, dict(defaults), stream, extra, texts, output)
         return fn
 
     return deco
 
 
+def unregister_method(name: str) -> bool:
+    """Remove a registered method (a test's or a plugin's teardown).
+
+    Args:
+        name: the method's name.
+
+    Returns:
+        True when it was registered, False when there was nothing to remove.
+    """
+    return _METHODS.pop(name, None) is not None
+
+
 def list_methods() -> list[str]:
-    """Names of the registered gallery methods."""
+    """Names of the registered map methods, sorted.
+
+    Returns:
+        The names, for ``--methods``, ``method=`` and :func:`get_method`.
+    """
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> Method:
     """The method called ``name``; an unknown name lists the close ones.
 
+    Args:
+        name: a registered name (see :func:`list_methods`).
+
+    Returns:
+        The :class:`Method`.
+
     Raises:
         VitvizError: unknown name.
     """
-    if name in _METHODS:
+    if isinstance(name, str) and name in _METHODS:
         return _METHODS[name]
-    close = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(str(name), list(_METHODS), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise VitvizError(f"unknown gallery method {name!r}{hint} (available: {', '.join(sorted(_METHODS))})")
+    raise VitvizError(f"unknown map method {name!r}{hint} (registered: {', '.join(sorted(_METHODS))}; "
+                      "see `vitviz methods`)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +351,7 @@ class LayerStream:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the layers seen (a new forward pass)."""
         from collections import deque
 
         self.seen = 0
@@ -244,6 +359,7 @@ class LayerStream:
         self.recent = deque(maxlen=max(1, -self.layer))
 
     def update(self, attn_l, *, layer: int, layout, num_layers=None) -> None:
+        """Keep layer ``layer``'s attention ``[B, H, N, N]`` if it is the chosen one."""
         self.seen = max(self.seen, layer + 1)
         if self.layer >= 0:
             if layer == self.layer:
@@ -255,6 +371,11 @@ class LayerStream:
             self.recent.append((attn_l, layout))
 
     def result(self, layout):
+        """``[B, H, gh, gw]`` CLS maps of the kept layer.
+
+        Raises:
+            ValueError: the layer was not seen (out of range for the model's depth).
+        """
         from ..analyze.cls import cls_maps
         from ..types import AttentionMaps
 
@@ -273,7 +394,7 @@ def _cls_stream(model, *, layer: int):
 
 
 @register_method("cls", description="attention of the CLS token at one layer, one map per head",
-                 stream=_cls_stream, layer=-1)
+                 stream=_cls_stream, output="stack", layer=-1)
 def _cls(inp: MethodInput, *, layer: int):
     if inp.streamed is not None:
         maps = inp.streamed  # [B, H, gh, gw]
@@ -324,10 +445,10 @@ def _flow(inp: MethodInput, *, head_fusion: str, start_layer: int):
     return attention_flow(inp.attentions, head_fusion=head_fusion, start_layer=start_layer)  # [B, gh, gw]
 
 
-@register_method("caption", needs="model", max_new_tokens=20, num_beams=1, layer=-1, head_fusion="mean",
-                 description="caption under each image, one cross-attention map per word")
+@register_method("caption", needs="model", output="list", max_new_tokens=20, num_beams=1, layer=-1,
+                 head_fusion="mean", description="caption under each image, one cross-attention map per word")
 def _caption(inp: MethodInput, *, max_new_tokens: int, num_beams: int, layer: int, head_fusion: str):
-    from ..explain.captioning import caption
+    from .captioning import caption
 
     maps, names, texts = [], [], []
     for j in range(inp.x.shape[0]):  # vitviz.caption decodes one image at a time
@@ -339,10 +460,10 @@ def _caption(inp: MethodInput, *, max_new_tokens: int, num_beams: int, layer: in
     return MethodResult(maps, names=names, texts=texts)
 
 
-@register_method("text", needs="model", texts=(), method="chefer",
+@register_method("text", needs=("model", "texts"), output="list", method="chefer",
                  description="text -> image maps of a CLIP/SigLIP model, one per --texts entry (vitviz text)")
 def _text(inp: MethodInput, *, texts: Sequence[str], method: str):
-    from ..explain.text import text_maps
+    from .text import text_maps
 
     if not texts:
         raise VitvizError("the gallery method 'text' needs texts to locate: --texts \"a red circle\" "
@@ -353,3 +474,25 @@ def _text(inp: MethodInput, *, texts: Sequence[str], method: str):
         maps.append(res.maps)  # [T, gh, gw]
         names.append([f"{t} ({s:.2f})" for t, s in zip(texts, res.scores.tolist())])
     return MethodResult(maps, names=names)
+
+
+@register_method("random", needs="none", seed=0,
+                 description="baseline: one uniform random map per image (seeded), ignores the model")
+def _random(inp: MethodInput, *, seed: int):
+    import torch
+
+    from ._shared import grid_of
+    from .baselines import random_maps
+
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return random_maps(inp.x.shape[0], grid_of(inp.model, inp.x), generator=g).to(inp.x.device)  # [B, gh, gw]
+
+
+@register_method("centre", needs="none",
+                 description="baseline: a Gaussian bump at the image centre, ignores the model")
+def _centre(inp: MethodInput):
+    from ._shared import grid_of
+    from .baselines import centre_prior
+
+    grid = grid_of(inp.model, inp.x)
+    return centre_prior(grid, device=inp.x.device).expand(inp.x.shape[0], *grid).clone()  # [B, gh, gw]
