@@ -4,10 +4,14 @@
   ``reference/cli/index.md`` and one page per command, added to the nav under "Commands", so a
   new option or command is documented by the build that follows it.
 * The figures are drawn from the bundled models by ``docs/figures.py`` into a temporary folder and
-  published under ``figures/``; no figure is a hand-placed file.
+  published under ``figures/``; no figure is a hand-placed file. While writing (``mkdocs serve``
+  rebuilds on every change), ``VITVIZ_DOCS_FIGURES=DIR`` publishes the figures already drawn in DIR
+  (``python docs/figures.py DIR``) instead of drawing them again.
 * An API page holds a marker line ``<!-- api vitviz.PACKAGE -->`` that becomes the package's
   reference: first each of its names that ``vitviz`` re-exports (``::: vitviz.NAME``), then the
   package with the rest of its public names, taken from its ``__all__`` at build time.
+* ``<!-- api-index -->`` becomes a table of ``vitviz.__all__`` and ``<!-- models-table -->`` the
+  table of model names (the bundled models and the aliases), both read from the code.
 * After the build, every name in ``vitviz.__all__`` must have a reference entry (an anchor
   ``vitviz.<name>`` in some page) and a docstring; a missing one is a warning, which fails
   ``mkdocs build --strict``.
@@ -19,6 +23,7 @@ import argparse
 import html
 import importlib
 import importlib.util
+import os
 import re
 import sys
 import tempfile
@@ -179,9 +184,15 @@ def on_files(files: Files, config) -> Files:
     files.append(File.generated(config, f"{CLI_DIR}/index.md", content=index_page(parser, subs)))
     for name, sub in subs.items():
         files.append(File.generated(config, f"{CLI_DIR}/{name}.md", content=command_page(name, sub)))
-    _tmp = tempfile.TemporaryDirectory(prefix="vitviz-docs-figures-")
-    out = Path(_tmp.name)
-    for path in _figures_module().draw(out):
+    drawn = os.environ.get("VITVIZ_DOCS_FIGURES")
+    if drawn:
+        out = Path(drawn)
+        paths = sorted(p for p in out.rglob("*") if p.is_file())
+    else:
+        _tmp = tempfile.TemporaryDirectory(prefix="vitviz-docs-figures-")
+        out = Path(_tmp.name)
+        paths = _figures_module().draw(out)
+    for path in paths:
         files.append(File.generated(config, "figures/" + path.relative_to(out).as_posix(), abs_src_path=str(path)))
     return files
 
@@ -202,6 +213,26 @@ def public_names(package: str) -> list[str]:
     return list(names)
 
 
+def _shadowed(package: str, name: str) -> bool:
+    """True when ``package.name`` is a function or class that shares its name with a submodule
+    (``vitviz.analyze.rollout``): griffe reads the name as the submodule, Python as the function."""
+    import types
+
+    mod = importlib.import_module(package)
+    return (hasattr(mod, "__path__") and importlib.util.find_spec(f"{package}.{name}") is not None
+            and not isinstance(getattr(mod, name), types.ModuleType))
+
+
+def _entry(path: str, package: str, name: str) -> str:
+    """``::: path``; for a shadowed name, the object at its defining module, headed ``path`` and
+    with the anchor ``path`` (so that ``[path][]`` links to it)."""
+    if not _shadowed(package, name):
+        return f"::: {path}"
+    obj = getattr(importlib.import_module(package), name)
+    return (f"[](){{#{path}}}\n::: {obj.__module__}.{obj.__qualname__}\n"
+            f"    options:\n      heading: \"{path}\"\n      toc_label: \"{path}\"")
+
+
 def api_block(package: str) -> str:
     """The reference of one package: its names re-exported by ``vitviz`` (each with its
     ``vitviz.NAME`` entry), then the package itself with its other public names."""
@@ -210,13 +241,49 @@ def api_block(package: str) -> str:
     mod = importlib.import_module(package)
     names = public_names(package)
     at_root = [n for n in names if n in vitviz.__all__ and getattr(vitviz, n) is getattr(mod, n)]
-    rest = [n for n in names if n not in at_root]
-    blocks = [f"::: vitviz.{n}" for n in at_root]
+    shadowed = [n for n in names if n not in at_root and _shadowed(package, n)]
+    rest = [n for n in names if n not in at_root and n not in shadowed]
+    blocks = [_entry(f"vitviz.{n}", package, n) for n in at_root]
     blocks.append(f"::: {package}\n    options:\n      members: [{', '.join(rest)}]")
+    blocks += [_entry(f"{package}.{n}", package, n) for n in shadowed]
     return "\n\n".join(blocks)
 
 
+def api_index() -> str:
+    """A table of every name in ``vitviz.__all__``, linked to its entry, with its first docstring line."""
+    import inspect
+
+    import vitviz
+
+    rows = ["| name | what it is |", "|---|---|"]
+    for name in vitviz.__all__:
+        obj = getattr(vitviz, name)
+        if isinstance(obj, str):  # __version__
+            summary = f"the version of this vitviz, `{obj}`"
+        else:
+            summary = _escape((inspect.getdoc(obj) or "").strip().split("\n\n")[0])
+        rows.append(f"| [`vitviz.{name}`][vitviz.{name}] | {summary} |")
+    return "\n".join(rows)
+
+
+def models_table() -> str:
+    """The model names ``vitviz.load_model`` knows, from the zoo and the alias table."""
+    from vitviz.models import ALIASES
+    from vitviz.zoo import ZOO
+
+    rows = ["| name | source | model | what it is |", "|---|---|---|---|"]
+    rows += [f"| `{name}` | bundled with vitviz | `{name}` | {_escape(entry.about)} |" for name, entry in ZOO.items()]
+    for name, alias in ALIASES.items():
+        ids = ", ".join(f"`{i}`" + (f" ({size} px)" if len(alias.ids) > 1 else "")
+                        for size, i in sorted(alias.ids.items())) if getattr(alias, "ids", None) \
+            else f"`{alias.default_id}`"
+        rows.append(f"| `{name}` | {alias.source} | {ids} | {_escape(alias.about)} |")
+    return "\n".join(rows)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    markdown = markdown.replace("<!-- api-index -->", api_index())
+    markdown = markdown.replace("<!-- models-table -->", models_table())
     return API_MARKER.sub(lambda m: api_block(m.group(1)), markdown)
 
 
@@ -225,20 +292,22 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 
 def _undocumented(names: list[str]) -> list[str]:
-    import griffe
+    """The names whose object has no docstring of its own (a class does not inherit ``__doc__``)."""
+    import vitviz
 
-    package = griffe.load("vitviz", search_paths=[str(ROOT)], resolve_aliases=True,
-                          resolve_external=False)
-    missing = []
-    for name in names:
-        try:
-            obj = package[name]
-            doc = obj.docstring.value.strip() if obj.docstring else ""
-        except (KeyError, griffe.AliasResolutionError, griffe.CyclicAliasError):
-            doc = ""
-        if not doc:
-            missing.append(name)
-    return missing
+    return [n for n in names if not (getattr(getattr(vitviz, n), "__doc__", None) or "").strip()]
+
+
+def _kind(obj) -> str:
+    import inspect
+
+    if inspect.ismodule(obj):
+        return "module"
+    if inspect.isclass(obj):
+        return "class"
+    if callable(obj):
+        return "function"
+    return "attribute"
 
 
 def on_post_build(config) -> None:
@@ -246,15 +315,28 @@ def on_post_build(config) -> None:
     import vitviz
 
     site = Path(config["site_dir"])
-    ids: set[str] = set()
+    kinds: dict[str, set[str]] = {}  # anchor -> kinds of the entries it heads
     for page in site.rglob("*.html"):
-        ids.update(re.findall(r'id="(vitviz\.[\w.]+)"', page.read_text(encoding="utf-8")))
-    names = [n for n in vitviz.__all__ if n != "__version__"]  # a string, documented on the API index
-    no_entry = [n for n in names if f"vitviz.{n}" not in ids]
+        text = page.read_text(encoding="utf-8")
+        # an entry's heading is followed by <span class="doc doc-object-name doc-KIND-name">; an
+        # anchor placed before an entry by <div class="doc doc-object doc-KIND">
+        for anchor, named, placed in re.findall(
+                r'id="(vitviz\.[\w.]+)"[^>]*>(?:(?!id=").){0,400}?'
+                r'doc-(?:object-name doc-(\w+)-name|object doc-(\w+)")', text, re.S):
+            kinds.setdefault(anchor, set()).add(named or placed)
+        for anchor in re.findall(r'id="(vitviz\.[\w.]+)"', text):
+            kinds.setdefault(anchor, set())
+    names = list(vitviz.__all__)
+    no_entry = [n for n in names if f"vitviz.{n}" not in kinds]
     if no_entry:
         log.warning(f"these names of vitviz.__all__ have no reference entry (add `::: vitviz.NAME` "
                     f"to a page under docs/reference/api/): {', '.join(no_entry)}")
-    no_doc = _undocumented(names)
+    wrong = [f"vitviz.{n} (a {_kind(getattr(vitviz, n))}, documented as {'/'.join(sorted(kinds[f'vitviz.{n}']))})"
+             for n in names if f"vitviz.{n}" in kinds and kinds[f"vitviz.{n}"]
+             and _kind(getattr(vitviz, n)) not in kinds[f"vitviz.{n}"]]
+    if wrong:
+        log.warning(f"these reference entries document another object than the name: {', '.join(wrong)}")
+    no_doc = _undocumented([n for n in names if n != "__version__"])  # a string: no docstring of its own
     if no_doc:
         log.warning(f"these names of vitviz.__all__ have no docstring: {', '.join(no_doc)}")
     if _tmp is not None:

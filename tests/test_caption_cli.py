@@ -142,3 +142,44 @@ def test_captioner_alias_loads_from_the_local_cache_with_its_tokenizer(hf_cache)
 
     cap = caption(m, torch.randn(1, 3, 32, 32), max_new_tokens=3)
     assert cap.note is None and cap.tokens == m.tokenizer.convert_ids_to_tokens(cap.token_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# error hints fit the interface they are shown in
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offline", [False, True], ids=["unreachable", "HF_HUB_OFFLINE"])
+def test_random_without_the_config_does_not_suggest_random(hf_cache, monkeypatch, offline, tmp_path, capsys):
+    """--random builds the architecture from config.json: offline, that is what is missing, and
+    the message says so instead of suggesting --random (given) or --weights (needs it too)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    t0 = time.monotonic()
+    code = main(["caption", str(SAMPLES[0]), "--model", "vit-gpt2", "--random", "--out", str(tmp_path / "o")])
+    assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "nlpconnect/vit-gpt2-image-captioning" in err and "config.json" in err and str(hf_cache) in err
+    assert "vitviz fetch vit-gpt2" in err and "local model directory" in err
+    assert "use --random" not in err and "pass --weights FILE" not in err
+    # without --random the weights are missing too, and --random is a way out
+    code = main(["caption", str(SAMPLES[0]), "--model", "vit-gpt2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "use --random" in err and "--weights FILE" in err
+
+
+def test_not_a_captioner_gives_command_line_hints(tmp_path, capsys):
+    """The command line cannot pass decode= / start_ids=: it names the captioners it takes; the
+    Python API keeps its own hint (those arguments)."""
+    code = main(["caption", str(SAMPLES[0]), "--model", "shapes-vit", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not a captioner" in err
+    assert "start_ids" not in err and "decode=fn" not in err and "forward=" not in err
+    assert "--model vit-gpt2" in err and "shapes-captioner" in err
+    assert not (tmp_path / "o").exists()
+    from vitviz.explain.captioning import caption
+
+    with pytest.raises(vitviz.VitvizError, match=r"start_ids=\[bos_id\]"):
+        caption(vitviz.load_model("shapes-vit"), SAMPLES[0])

@@ -131,6 +131,11 @@ FAMILIES = [
                               (4, (2, 2), 0, None, 16)], windowed=True),
     Family("timm-efficientformer", lambda: timm_model("efficientformer_l1", 224),
            layers=1, stages=[(1, (7, 7), 0, None, 8)]),
+    # attention in its last stage only (stride 32)
+    Family("timm-fastvit", lambda: timm_model("fastvit_sa12", 64), layers=2, stages=[(2, (2, 2), 0, None, 16)]),
+    # its downsampling attention (queries 7x7 over keys 14x14) is read; the talking-heads layers are not
+    Family("timm-efficientformerv2", lambda: timm_model("efficientformerv2_s0", 224),
+           layers=5, stages=[(1, (7, 7), 0, (14, 14), 8)], skipped={"talking-heads attention": 4}),
     Family("hf-vit", lambda: hf_model(transformers.ViTModel,
                                       transformers.ViTConfig(image_size=32, patch_size=8, **TINY_HF), (1, 3, 32, 32)),
            layers=2, stages=[(2, (4, 4), 1, None, 2)]),
@@ -286,6 +291,40 @@ def test_efficientvit_msra_windows_and_cascaded_heads():
                                rtol=1e-5, atol=1e-6)
     for (_, _, got, _), ops in zip(records[1:], count.references[1:]):
         torch.testing.assert_close(got.double(), torch.stack(ops, dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_cascaded_heads_gradients_equal_autograd():
+    """With grad=True, each head of EfficientViT-MSRA's cascaded attention (a separate tensor of the
+    model's graph) gets its own gradient, placed in its head of the layer: equal to autograd's
+    gradient of the score with respect to that softmax output."""
+    model, x = timm_model("efficientvit_m0", 64, img_size=64)
+    for m in model.modules():  # its projections start at zero (BatchNorm weights 0): no gradient
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
+    softmaxes = []
+
+    class Keep(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.softmax:
+                out.retain_grad()
+                softmaxes.append(out)
+            return out
+
+    with torch.enable_grad():
+        with Keep():
+            model(x)[0, 1].backward()
+        model.zero_grad()
+        with vitviz.capture(model, grad=True) as rec:
+            score = model(x)[0, 1]
+            assert len(rec.grad_inputs()) == 24  # 6 layers x 4 heads, each the model's own tensor
+            score.backward()
+    grads = rec.passes[-1].grads
+    assert len(grads) == 6
+    for layer in range(6):
+        want = torch.stack([t.grad for t in softmaxes[4 * layer:4 * layer + 4]], dim=1)  # [B, 4, N, N]
+        assert want.abs().max() > 0
+        torch.testing.assert_close(grads[("image", layer)], want, rtol=1e-5, atol=1e-9)
 
 
 def test_convit_gpsa_records_the_gated_mixture():

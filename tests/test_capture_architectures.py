@@ -301,6 +301,8 @@ REFUSED = [
     ("hiera_tiny_224", dict(img_size=64), "mask units"),
     ("efficientvit_b0", dict(), "linear attention"),
     ("coat_lite_tiny", dict(img_size=64), "factorised"),
+    ("edgenext_xx_small", dict(), "cross-covariance"),
+    ("mobilevitv2_050", dict(), "separable self-attention"),
 ]
 
 
@@ -416,6 +418,9 @@ def test_every_family_gives_maps_or_a_vitviz_error(name, kw, size):
         with vitviz.capture(model) as rec:
             out = model(x)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        # every attention layer read or skipped with its reason (tests/test_capture_accounting.py
+        # writes down each family's exact outcome)
+        assert rec.complete and rec.unaccounted == []
         stages = rec.stages
         assert stages, "no stage and no error"
         for s in stages:  # every stage gives per-layer maps on its grid, rows of probabilities

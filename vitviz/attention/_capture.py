@@ -2,20 +2,32 @@
 
 Inside the ``with`` block, :class:`~vitviz.attention._mode.AttentionOps` (a ``TorchFunctionMode``,
 thread-local) sees the model's own attention calls and hands their probabilities to the
-capture's internal :class:`_Recorder`; the only hook on the model is a forward pre-hook on the
-root module that marks where a forward pass begins. No implementation flag or config of the
-model is switched. Adapters (:mod:`._adapter`) say what only the library knows: which
-modules are image self-attention, text self-attention or cross-attention. Calls in modules no
-adapter claims are decided per call: square (queries = keys) is image self-attention,
-otherwise cross-attention. A call is attributed to a layer by its role and call order.
+capture's internal :class:`_Recorder`. The mode is active for the whole block (not only inside
+the modules the adapters know), so that no attention op goes unseen. The hooks on the model are
+a forward pre-hook on the root module that marks where a forward pass begins, and a pre- and
+post-hook on every module that keep the stack of module calls running: each attention op is
+counted in the innermost module call that runs it (one attention layer per module call), and
+all are removed on exit. No implementation flag or config of the model is switched. Adapters
+(:mod:`._adapter`) say what only the library knows: which modules are image self-attention,
+text self-attention or cross-attention. Calls in modules no adapter claims are decided per
+call: square (queries = keys) is image self-attention, otherwise cross-attention. A call is
+attributed to a layer by its role and call order.
 
 Every image layer is placed on the image's token grid as it is recorded (:meth:`_Recorder.place`):
 the model's own layout for this input, else a stage of a hierarchical model (the patch grid
 coarsened by a whole factor); window attention (Swin, SAM, MaxViT, MobileViT: adapters name the
 window blocks) stitched into ``[B, H, N, N]`` over its stage's grid; a masked encoder's visible
 patches (ViT-MAE) scattered onto the full grid. :attr:`Recording.stages` groups the layers by
-their tokens; a layer that cannot be placed is counted and named in the error that
-:attr:`Recording.attentions` raises, never guessed.
+their tokens and heads; a layer that cannot be placed is counted and named in the error that
+:attr:`Recording.attentions` raises, never guessed (a video input is refused: its time axis is
+not supported yet).
+
+Nothing is silent: every attention layer of a pass is recorded, left out on request (``keep=``,
+streams, the fused kernel of a layer nothing needs, ``adapters=``), or listed in
+:attr:`Recording.skipped` with what it is and why it is not read (attention over channels or
+pixels, layers that cannot be placed, weights that are not probabilities).
+:attr:`Recording.complete` says whether that holds for every pass; when it does not, the
+capture warns once (:class:`~vitviz.errors.IncompleteCaptureWarning`) naming the modules.
 
 With ``grad=True`` the capture also reads the gradient of whatever is backpropagated inside
 the block with respect to each attention tensor, by a tensor hook on the exact tensor the
@@ -726,6 +738,9 @@ class Recording:
             respect to the attention probabilities of :attr:`attentions`.
         passes: every forward pass of the model, in order.
         sites: the modules whose attention calls were recorded or are known to the adapters.
+        skipped: ``(module, what, why)`` of every attention layer not read, with its reason.
+        complete: whether every attention layer was recorded, left out on request or skipped.
+        unaccounted: the modules of attention layers neither read nor explained.
     """
 
     def __init__(self, recorder: _Recorder):
@@ -1207,11 +1222,11 @@ def capture(model, *, adapters: list[str] | None = None, grad: bool = False, kee
         raise CaptureError(
             f"{vm.name} ran inside the capture but no attention call was seen"
             + (f" (attention modules: {known})" if known else "")
-            + "; vitviz reads F.scaled_dot_product_attention, a softmax whose result multiplies the "
-            "values, and nn.MultiheadAttention. Attention in an external kernel (xformers, "
-            "flash-attn called directly) or in a torch.compile'd function cannot be seen: run the "
-            "model with torch's own attention (e.g. model.set_attn_implementation('sdpa')) and "
-            "uncompiled")
+            + ": no F.scaled_dot_product_attention, no softmax over the last dimension of a 3-D or larger "
+            "tensor and no nn.MultiheadAttention ran in its forward pass. If the model has attention, it "
+            "runs where vitviz cannot see it, in an external kernel (xformers, flash-attn called directly) "
+            "or a torch.compile'd function: run the model with torch's own attention (e.g. "
+            "model.set_attn_implementation('sdpa')) and uncompiled")
     unaccounted = list(dict.fromkeys(name for _, names in accounts for name in names))
     if unaccounted:
         warnings.warn(

@@ -18,7 +18,8 @@ from ._windows import WindowScheme
 
 # class names of timm attention modules that have no ``fused_attn`` attribute (ConViT's GPSA and
 # MHSA, LeViT's subsampling AttentionDownsample included)
-_ATTENTION_CLASS = re.compile(r"(Attention|Attn|Attention2d|AttentionCl|AttentionDownsample|GPSA|MHSA)$")
+_ATTENTION_CLASS = re.compile(r"(Attention|Attn|Attention2d|AttentionCl|AttentionDownsample|Attention2dDownsample"
+                             r"|GPSA|MHSA)$")
 
 # attention that is not a token-to-token probability matrix over the image: (timm module,
 # class) -> (what it is, why it is not read). Their calls run untouched and are listed in
@@ -45,6 +46,18 @@ _NOT_OVER_TOKENS = {
     ("coat", "FactorAttnConvRelPosEnc"): ("factorised attention",
                                           "CoaT's factorised attention normalises the keys alone "
                                           "(softmax(K)ᵀV), so no token-to-token matrix exists"),
+    ("efficientformer_v2", "Attention2d"): ("talking-heads attention",
+                                            "EfficientFormerV2's attention mixes the heads after the softmax "
+                                            "(talking heads), so its weights are not probabilities over the tokens"),
+    ("edgenext", "CrossCovarianceAttn"): ("cross-covariance attention",
+                                          "EdgeNeXt's cross-covariance attention is a softmax over feature "
+                                          "channels (a d x d matrix per head), not over tokens"),
+    ("mobilevit", "LinearSelfAttention"): ("separable self-attention",
+                                           "MobileViTv2's separable self-attention weighs the tokens against one "
+                                           "latent query and sums them; it never forms token-to-token probabilities"),
+    ("global_context", "GlobalContext"): ("global context attention",
+                                          "GCNet's global context pools the pixels with one softmax per image (no "
+                                          "query-key product), not token-to-token attention"),
 }
 _TNT_INNER = ("inner attention",
               "TNT's inner attention is among the pixels inside each patch, not over the image's patches")
@@ -127,9 +140,11 @@ def _is_attention(m: nn.Module) -> bool:
 
 def _coarse_queries(m: nn.Module) -> bool:
     """Whether ``m`` pools its queries onto a coarser grid than its keys: LeViT's
-    AttentionDownsample (queries on every other token of each row and column), MViTv2's
-    attention with a query pooling (``pool_q``, at the stage transitions)."""
-    return type(m).__name__ == "AttentionDownsample" or getattr(m, "pool_q", None) is not None
+    AttentionDownsample (queries on every other token of each row and column), EfficientFormerV2's
+    Attention2dDownsample, MViTv2's attention with a query pooling (``pool_q``, at the stage
+    transitions)."""
+    return (type(m).__name__ in ("AttentionDownsample", "Attention2dDownsample")
+            or getattr(m, "pool_q", None) is not None)
 
 
 @register_adapter
