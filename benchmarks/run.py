@@ -33,7 +33,7 @@ import torch
 
 import vitviz
 from vitviz.analyze import RolloutStream, cls_maps, rollout
-from vitviz.explain.relevance import relevance
+from vitviz.explain import relevance
 
 
 def _build(model: str, size: int):

@@ -215,7 +215,7 @@ def public_names(package: str) -> list[str]:
 
 def _shadowed(package: str, name: str) -> bool:
     """True when ``package.name`` is a function or class that shares its name with a submodule
-    (``vitviz.analyze.rollout``): griffe reads the name as the submodule, Python as the function."""
+    (``vitviz.analyze._rollout``): griffe reads the name as the submodule, Python as the function."""
     import types
 
     mod = importlib.import_module(package)

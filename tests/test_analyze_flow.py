@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vitviz import AttentionMaps, TokenLayout
+from vitviz.analyze._rollout import rollout_matrix
 from vitviz.analyze.flow import attention_flow, flow_matrices, flow_values, layered_max_flow
-from vitviz.analyze.rollout import rollout_matrix
 
 # -- a textbook max-flow, written out for the tests ------------------------------------------------
 

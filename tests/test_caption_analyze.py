@@ -7,7 +7,7 @@ import torch
 from vitviz.analyze.cross import merge_pieces, word_grids
 from vitviz.errors import LayoutError
 from vitviz.explain.captioning import Word, split_words
-from vitviz.render.caption_strip import caption_strip
+from vitviz.render._caption_strip import caption_strip
 from vitviz.types import AttentionMaps, CrossAttentionMaps, TokenLayout
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from helpers import VOCAB, build_blip, build_ved, save_tiny_blip
 from PIL import Image
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.errors import WeightsNotFoundError
 from vitviz.models._loader import resolve
 

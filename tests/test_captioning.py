@@ -16,8 +16,8 @@ from helpers import build_blip, build_ved, hook_state
 from torch import nn
 
 import vitviz
+from vitviz.analyze._rollout import rollout_matrix
 from vitviz.analyze.cross import word_grids
-from vitviz.analyze.rollout import rollout_matrix
 from vitviz.errors import CaptureError, VitvizError
 from vitviz.explain.captioning import Caption, caption, greedy_decode
 from vitviz.types import TokenLayout

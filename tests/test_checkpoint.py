@@ -488,7 +488,7 @@ def test_full_size_b16_imagenet1k(tmp_path):
     assert rec.attentions.layout.grid == (24, 24)
     torch.testing.assert_close(rec.attentions.tensor, want_attn, atol=1e-6, rtol=1e-5)
 
-    from vitviz.cli.main import main
+    from vitviz.cli import main
 
     image = tmp_path / "pet.png"
     Image.fromarray((np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)).save(image)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitviz.cli.main import main
+from vitviz.cli import main
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 
@@ -110,7 +110,7 @@ def test_models_lists_aliases_and_cache_state(capsys, no_cache):
 
 def test_help_is_fast_and_imports_no_torch():
     # vitviz.cli re-exports main(), the function, under the module's name: import the module itself
-    code = ("import importlib, sys\nc = importlib.import_module('vitviz.cli.main')\n"
+    code = ("import importlib, sys\nc = importlib.import_module('vitviz.cli')\n"
             "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'timm', 'transformers', 'cv2') if m in sys.modules]\n"
             "print('HEAVY', heavy)\n")

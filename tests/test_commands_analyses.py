@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 TINY = ["--model", "ti16", "--random", "--image-size", "64"]  # ViT-Ti/16: 12 layers, 3 heads, 4x4 patches

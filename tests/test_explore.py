@@ -262,7 +262,7 @@ def test_tensor_input_and_a_model_without_classifier():
 
 
 def test_explore_command(tmp_path, capsys):
-    from vitviz.cli.main import main
+    from vitviz.cli import main
 
     a = tmp_path / "a.png"
     Image.fromarray(picture()).save(a)

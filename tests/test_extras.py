@@ -18,7 +18,7 @@ import torch
 
 import vitviz
 from vitviz._util.extras import EXTRAS, has_extra, require_extra
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.errors import MissingExtraError, VitvizError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_flow_command_in_a_fresh_process_without_ortools(tmp_path):
     code = ("import sys\n"
             "for n in ('ortools', 'ortools.graph', 'ortools.graph.python', 'ortools.graph.python.max_flow'):\n"
             "    sys.modules[n] = None\n"
-            "from vitviz.cli.main import main\n"
+            "from vitviz.cli import main\n"
             f"sys.exit(main(['flow', {str(SAMPLES[0])!r}, '--model', 'ti16', '--random', "
             f"'--out', {str(tmp_path)!r}]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -159,7 +159,7 @@ def test_import_and_help_do_not_import_the_optional_solver():
     (the README's import and --help times rely on it), and importing the attention-flow module
     imports torch but neither OR-tools nor open_clip (nor pandas, which OR-tools pulls)."""
     code = ("import sys, vitviz\n"
-            "from vitviz.cli.main import build_parser\n"
+            "from vitviz.cli import build_parser\n"
             "build_parser()[0].format_help()\n"
             f"print(sorted(m for m in {HEAVY} if m in sys.modules))\n"
             "import vitviz.analyze.flow\n"

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 
 IMG = Path(__file__).resolve().parent.parent / "vitviz" / "assets" / "shapes-circle-square.png"
 STEM = IMG.stem

@@ -124,3 +124,19 @@ def test_attention_maps_repr_png():
     assert other != png
     # models without a CLS token get the mean of the patch rows
     AttentionMaps(torch.softmax(torch.randn(2, 1, 2, 4, 4), -1), TokenLayout(num_prefix=0, grid=(2, 2)))._repr_png_()
+
+
+def test_a_one_by_one_grid_is_a_map():
+    # LeViT / EfficientViT at small inputs end on a 1x1 grid: a [1, 1] map, not a 0-D value
+    from vitviz import render as O
+
+    assert O.as_map(torch.tensor([[0.7]])).shape == (1, 1)
+    assert O.as_map(np.ones((1, 1, 1, 1), dtype=np.float32)).shape == (1, 1)
+    assert O.as_map(np.ones((1, 3, 4), dtype=np.float32)).shape == (3, 4)
+    assert O.as_map(np.ones((3, 4, 1), dtype=np.float32)).shape == (3, 4)
+    from vitviz.errors import RenderError
+
+    with pytest.raises(RenderError):
+        O.as_map(np.ones((2, 3, 4), dtype=np.float32))  # several maps are not one
+    out = O.overlay(IMAGE, torch.tensor([[0.7]]))
+    assert out.shape == IMAGE.shape and out.dtype == np.uint8

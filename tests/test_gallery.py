@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.errors import VitvizError
 from vitviz.gallery import (
     MethodResult,
@@ -416,7 +416,7 @@ _KILL_SCRIPT = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGTERM)
             report(rec, write)
         g._report_record = counting
-        from vitviz.cli.main import main
+        from vitviz.cli import main
         sys.exit(main(["gallery", src, "--model", "ti16", "--random", "--image-size", "64",
                        "--out", out, "--batch-size", "3", "--workers", "1", "--no-progress"]))
     torch.manual_seed(0)

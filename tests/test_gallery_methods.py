@@ -76,7 +76,7 @@ def test_streamed_capture_keeps_no_layer_and_equals_the_stored_path(model, folde
 
 def test_relevance_methods_equal_vitviz_relevance_with_one_backward(model, folder, tmp_path, monkeypatch):
     assert "relevance" in list_methods()
-    from vitviz.explain.relevance import relevance
+    from vitviz.explain import relevance
 
     backward, active = [], []
     real = torch.autograd.grad

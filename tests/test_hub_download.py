@@ -21,7 +21,7 @@ from helpers import save_tiny_blip
 from safetensors.torch import save_file
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.errors import DownloadError
 from vitviz.models._loader import fetch, weights_status
 
@@ -236,7 +236,7 @@ def test_hanging_hub_exits_2_within_the_timeout(tmp_path):
         env = dict(os.environ, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2")
         env.pop("HF_HUB_CACHE", None)
         env.pop("HF_HUB_OFFLINE", None)
-        code = ("import sys, time; from vitviz.cli.main import main; import timm, transformers; t0 = time.monotonic(); "
+        code = ("import sys, time; from vitviz.cli import main; import timm, transformers; t0 = time.monotonic(); "
                 "rc = main(sys.argv[1:]); print(f'elapsed {time.monotonic() - t0:.2f}'); sys.exit(rc)")
         proc = subprocess.run([sys.executable, "-c", code, "rollout", str(SAMPLES[0]), "--model", "ti16",
                                "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True,

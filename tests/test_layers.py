@@ -420,3 +420,33 @@ def test_the_name_check_strips_the_underscore_and_skips_commands(tmp_path):
         "models: vitviz/models, vitviz/render/models.py",  # a package counts too
         "posembed: vitviz/analyze/posembed.py, vitviz/models/_posembed.py",
     ]
+
+
+def shadowed_submodules() -> list[str]:
+    """Package attributes that hide a submodule of the same name (``vitviz.render.overlay`` the
+    function over ``vitviz/render/overlay.py``): then ``import vitviz.render.overlay as m`` gives the
+    function and ``monkeypatch.setattr("vitviz.render.overlay.x", ...)`` patches nothing."""
+    import importlib
+    import pkgutil
+
+    found = []
+    todo = ["vitviz"]
+    while todo:
+        pkg = importlib.import_module(todo.pop())
+        for info in pkgutil.iter_modules(pkg.__path__):
+            full = f"{pkg.__name__}.{info.name}"
+            if full in aliases(ROOT):
+                continue
+            mod = importlib.import_module(full)
+            attr = getattr(pkg, info.name, mod)
+            if attr is not mod:
+                found.append(f"{full} is also a {type(attr).__name__} exported by {pkg.__name__}")
+            if info.ispkg:
+                todo.append(full)
+    return found
+
+
+def test_no_package_exports_a_name_over_its_own_submodule():
+    found = shadowed_submodules()
+    assert not found, "rename the module (a package never shares its name with what it exports):\n" + \
+        "\n".join(found)

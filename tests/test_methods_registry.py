@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.errors import VitvizError
 from vitviz.evaluate.sanity import randomization, sanity_check
 from vitviz.explain import compute_maps, get_method, list_methods, register_method, unregister_method

@@ -17,10 +17,10 @@ from _figcheck import overlapping_labels, panel_sizes
 from PIL import Image
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.render import figures as F
 from vitviz.render import output as output_module
-from vitviz.render.overlay import display_image
+from vitviz.render._overlay import display_image
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 TINY = ["--model", "ti16", "--random", "--image-size", "64"]  # 12 layers, 3 heads, 4x4 patches

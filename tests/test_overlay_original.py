@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.errors import RenderError
 from vitviz.models import Preprocess
 from vitviz.render import overlay, overlay_region

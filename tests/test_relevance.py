@@ -16,6 +16,7 @@ from torch import nn
 
 import vitviz
 from vitviz import capture
+from vitviz.analyze._rollout import rollout, rollout_matrix
 from vitviz.analyze.gradient import (
     chefer_relevance,
     grad_rollout,
@@ -23,9 +24,8 @@ from vitviz.analyze.gradient import (
     relevance_map,
     relevance_matrix,
 )
-from vitviz.analyze.rollout import rollout, rollout_matrix
 from vitviz.errors import LayoutError, VitvizError
-from vitviz.explain.relevance import relevance, relevance_pass
+from vitviz.explain import relevance, relevance_pass
 from vitviz.types import AttentionMaps, TokenLayout
 
 ATOL = 1e-6
@@ -310,7 +310,7 @@ def test_backward_reaches_every_layer_when_the_input_is_cut_off_the_graph():
 # --------------------------------------------------------------------------------------------
 
 def test_cli_relevance_writes_png_and_npy(tmp_path, capsys):
-    from vitviz.cli.main import main
+    from vitviz.cli import main
 
     img = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(img)
@@ -340,7 +340,7 @@ def test_cli_relevance_writes_png_and_npy(tmp_path, capsys):
     (["--method", "grad_rollout", "--discard-ratio", "1.5"], "--discard-ratio"),
 ])
 def test_cli_bad_arguments_exit_2(tmp_path, capsys, args, needle):
-    from vitviz.cli.main import main
+    from vitviz.cli import main
 
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(img)

@@ -17,9 +17,9 @@ from PIL import Image
 import vitviz
 from vitviz.errors import RenderError, VitvizError
 from vitviz.render import figures as F
-from vitviz.render.caption_strip import caption_strip
+from vitviz.render._caption_strip import caption_strip
+from vitviz.render._overlay import colormap_lut, display_image, map_scales, scale_map
 from vitviz.render.output import OutputOptions
-from vitviz.render.overlay import colormap_lut, display_image, map_scales, scale_map
 
 IMAGE = np.zeros((64, 64, 3), dtype=np.uint8)
 IMAGE[:, :32] = (200, 40, 40)

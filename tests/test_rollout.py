@@ -168,7 +168,7 @@ def test_bad_discard_ratio():
 
 @pytest.mark.parametrize("ratio,start", [(0.0, 0), (0.9, 0), (0.5, 2), (0.5, -2)])
 def test_stream_equals_stored(ratio, start):
-    from vitviz.analyze.rollout import RolloutStream
+    from vitviz.analyze._rollout import RolloutStream
 
     layout = TokenLayout(num_prefix=1, grid=(3, 3))
     att = torch.softmax(torch.randn(5, 3, 2, 10, 10) * 2, dim=-1)

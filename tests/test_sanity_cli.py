@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.evaluate.sanity import sanity_check
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))

@@ -8,7 +8,7 @@ from helpers import tiny_word_clip
 from PIL import Image
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "vitviz" / "assets").glob("*.png"))
 TEXTS = ["a red triangle", "a blue circle"]

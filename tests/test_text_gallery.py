@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitviz
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.errors import VitvizError
 from vitviz.gallery import build_gallery, list_methods
 

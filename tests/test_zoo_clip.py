@@ -87,7 +87,7 @@ def test_about_line_states_the_shipped_number():
 
 
 def test_benchmark_maps_command(capsys):
-    from vitviz.cli.main import main
+    from vitviz.cli import main
 
     assert main(["benchmark-maps", "--model", "shapes-clip", "--num-images", "2", "--markdown"]) == 0
     out = capsys.readouterr().out

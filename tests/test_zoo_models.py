@@ -9,7 +9,7 @@ import torch
 
 import vitviz
 from tools.train.train import caption_scores, classifier_accuracy, rollout_pointing
-from vitviz.cli.main import main
+from vitviz.cli import main
 from vitviz.errors import CheckpointError, WeightsNotFoundError
 from vitviz.models.bundled.shapes import caption_ids, load_tokenizer, to_input
 from vitviz.zoo import WEIGHTS, ZOO

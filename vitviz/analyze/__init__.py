@@ -1,5 +1,13 @@
 """Analyzers: pure functions from attention tensors to maps. No models, no files, no plots."""
 
+from ._rollout import (
+    RolloutStream,
+    discard_smallest,
+    rollout,
+    rollout_matrices,
+    rollout_matrix,
+    token_map,
+)
 from ._tokens import HEAD_FUSIONS, QUERY_NAMES, Query, check_layer, check_options, fuse_heads, query_weights
 from .cls import all_layer_maps, cls_maps
 from .cross import encoder_decoder_relevance, merge_pieces, word_grids
@@ -15,14 +23,6 @@ from .gradient import (
 from .masks import mass_masks
 from .posembed import pos_similarity_matrix
 from .query import query_maps
-from .rollout import (
-    RolloutStream,
-    discard_smallest,
-    rollout,
-    rollout_matrices,
-    rollout_matrix,
-    token_map,
-)
 from .stats import attention_entropy, mean_attention_distance, prefix_attention_share
 
 __all__ = ["rollout", "rollout_matrix", "rollout_matrices", "RolloutStream", "cls_maps", "fuse_heads",

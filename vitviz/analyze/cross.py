@@ -28,8 +28,8 @@ import torch
 
 from ..errors import LayoutError
 from ..types import AttentionMaps, CrossAttentionMaps, TokenLayout
+from ._rollout import rollout_matrix
 from ._tokens import HEAD_FUSIONS, fuse_heads
-from .rollout import rollout_matrix
 
 MERGE_RULES = ("mean", "sum", "max")
 

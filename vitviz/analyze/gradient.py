@@ -23,7 +23,7 @@ the gradients ``dA = d score / d A`` of one forward and one backward pass (see
 
 Both maps: the CLS row over the patch tokens (prefix tokens such as distillation or register
 tokens dropped); models without a CLS token use the mean of the patch rows
-(:func:`vitviz.analyze.rollout.token_map`). Not rescaled: renderers do the scaling.
+(:func:`vitviz.analyze._rollout.token_map`). Not rescaled: renderers do the scaling.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 
 from ..errors import LayoutError
 from ..types import AttentionMaps, TokenLayout
+from ._rollout import residual_matrix, token_map
 from ._tokens import check_options, fuse_heads, query_weights
-from .rollout import residual_matrix, token_map
 
 METHODS = ("chefer", "grad_rollout")
 

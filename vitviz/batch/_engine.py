@@ -61,6 +61,21 @@ def decode(pre: Any, source: Any) -> tuple[np.ndarray, Any]:
     ``pre`` is a :class:`vitviz.Preprocess` (``x = pre.normalize(pre.view(source))``, equal to
     ``pre(source)[0]``) or a user-supplied callable without ``view()``: then the view is the
     image resized to the input size.
+
+    Args:
+        pre: a :class:`vitviz.Preprocess`, or a callable ``PIL.Image -> [1, 3, H, W]`` (or
+            ``[3, H, W]``) tensor.
+        source: anything :func:`vitviz.load_image` takes (a path, file object, ``PIL.Image``
+            or array).
+
+    Returns:
+        ``(view, x)``: ``view`` the ``[H, W, 3]`` uint8 image as the model sees it (resized and
+        cropped), ``x`` the ``[3, H, W]`` preprocessed tensor (float32 for a
+        :class:`vitviz.Preprocess`; whatever dtype a user callable gives).
+
+    Raises:
+        ImageError: the source cannot be read (from :func:`vitviz.load_image`; not raised
+            here directly). A user callable may raise anything.
     """
     if hasattr(pre, "view") and hasattr(pre, "normalize"):
         view = pre.view(source)  # [H, W, 3] uint8: resized and cropped, as the model sees it
@@ -107,6 +122,12 @@ class ImageSet:
 def collate(items: list[tuple[int, Any, Any, str | None, Any]]) -> dict[str, Any]:
     """Stack the readable images; keep the unreadable ones as ``(index, reason)``.
 
+    Args:
+        items: what :class:`ImageSet` gives per source: ``(index, x, view, None, original)``
+            for a readable image (``x [3, H, W]``, ``view [H, W, 3]`` uint8 tensor,
+            ``original`` ``[H0, W0, 3]`` uint8 or None) or ``(index, None, None, reason, None)``
+            for an unreadable one.
+
     Returns:
         ``{"index": [i, ...], "x": [B, 3, H, W] or None, "views": [B, H, W, 3] uint8 or None,
         "originals": [...], "failures": [(i, reason), ...]}``
@@ -124,13 +145,25 @@ def collate(items: list[tuple[int, Any, Any, str | None, Any]]) -> dict[str, Any
 
 
 def default_workers() -> int:
-    """Decoding processes of the gallery by default: ``min(4, CPUs - 1)``, at least 1."""
+    """Decoding processes of the gallery by default: ``min(4, CPUs - 1)``, at least 1.
+
+    Returns:
+        The number of DataLoader workers, in ``[1, 4]`` (``os.cpu_count()`` unknown counts as 2).
+    """
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def iter_batches(preprocessor: Any, sources: Sequence[Any], *, batch_size: int, workers: int = 0,
                  pin_memory: bool = False, keep_original: bool = False) -> Iterator[dict[str, Any]]:
     """Decode and batch ``sources`` in order (``workers`` processes; 0 decodes in this process).
+
+    Args:
+        preprocessor: a :class:`vitviz.Preprocess` or a callable (see :func:`decode`).
+        sources: the images, anything :func:`vitviz.load_image` takes.
+        batch_size: sources per batch (values below 1 count as 1).
+        workers: DataLoader worker processes; 0 decodes in this process.
+        pin_memory: pin the batches' tensors (for a faster copy to a GPU).
+        keep_original: also read each file at its own resolution (``"originals"``).
 
     Yields:
         one :func:`collate` batch per ``batch_size`` sources, in order.
@@ -151,6 +184,16 @@ def load_batches(model: Any, sources: Sequence[Any], *, batch_size: int = 8, des
                  progress: bool = True, keep_original: bool = False
                  ) -> Iterable[tuple[list[Item], Any]]:
     """Load, preprocess and batch images; unreadable ones are marked, not fatal.
+
+    Args:
+        model: a :class:`vitviz.VisionModel` (its ``preprocessor``, ``device``, ``dtype``).
+        sources: the images, anything :func:`vitviz.load_image` takes; a path names its
+            outcome, other sources are named ``image{i}``.
+        batch_size: sources per chunk.
+        desc: the progress bar's label.
+        progress: show a tqdm progress bar.
+        keep_original: also keep each file at its own resolution (``Item.original``,
+            ``[H0, W0, 3]`` uint8).
 
     Yields:
         ``(items, x)`` per chunk of ``batch_size`` sources, in order: every source of the
@@ -196,6 +239,20 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
         image (``[L, 1, H, N, N]``; with ``stages=True`` a list of them, one per stage of
         ``rec.stages``, for models whose layers attend over different token grids). For an
         unreadable image ``outcome.error`` is set and ``view`` and ``attn`` are ``None``.
+
+    Args:
+        model: a :class:`vitviz.VisionModel`.
+        sources: the images, anything :func:`vitviz.load_image` takes.
+        batch_size: images per captured forward pass.
+        desc: the progress bar's label.
+        progress: show a tqdm progress bar.
+        keep: the layers :func:`vitviz.capture` keeps (``"all"`` or a list of indices).
+        stages: yield one :class:`~vitviz.AttentionMaps` per stage (a list) instead of one.
+
+    Raises:
+        ImageError: the model has no preprocessing configuration (raised by
+            :func:`load_batches` before any image is read; an unreadable image is not an error).
+        CaptureError: the forward pass captured no attention (from the capture).
     """
     from ..explain import attentions_of, captured
     from ..types import AttentionMaps
@@ -220,7 +277,18 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
 # --------------------------------------------------------------------------------------------
 
 def predictions(model: Any, output: Any) -> list[str] | None:
-    """Top-1 class per sample ("label (p=0.93)"), when the output is classifier logits."""
+    """Top-1 class per sample ("label (p=0.93)"), when the output is classifier logits.
+
+    Args:
+        model: a :class:`vitviz.VisionModel` (its ``labels`` name the classes; without them,
+            or for an index past them, the class index is shown).
+        output: what the model returned for a batch (a ``[B, C]`` tensor, an object with
+            ``.logits``, a tuple).
+
+    Returns:
+        One ``"label (p=0.93)"`` string per sample (softmax probability of the top class), or
+        None when the output holds no ``[B, C]`` floating-point logits with ``C >= 2``.
+    """
     from ..models import classifier_logits
 
     t = classifier_logits(output, min_classes=2)
@@ -234,7 +302,15 @@ def predictions(model: Any, output: Any) -> list[str] | None:
 
 
 def num_classes(module: Any) -> int | None:
-    """Classifier size of a timm (``num_classes``) or transformers (``config.num_labels``) model."""
+    """Classifier size of a timm (``num_classes``) or transformers (``config.num_labels``) model.
+
+    Args:
+        module: the ``torch.nn.Module`` (``VisionModel.module``).
+
+    Returns:
+        The number of classes, or None when the module states no positive integer count (a
+        timm model with ``num_classes=0``, a transformers model without a ``classifier``).
+    """
     n = getattr(module, "num_classes", None)
     if n is None and getattr(module, "classifier", None) is not None:
         n = getattr(getattr(module, "config", None), "num_labels", None)

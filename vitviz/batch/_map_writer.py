@@ -132,7 +132,7 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
                     discard_ratio: float = 0.0, start_layer: int = 0, **kwargs) -> list[Outcome]:
     """Write a class-specific relevance overlay PNG and the raw ``[gh, gw]`` map per image.
 
-    One forward and one backward pass per batch (:func:`vitviz.explain.relevance.relevance_pass`).
+    One forward and one backward pass per batch (:func:`vitviz.explain.relevance_pass`).
 
     Args:
         model: a :class:`vitviz.VisionModel` with a classifier head.

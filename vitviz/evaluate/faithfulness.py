@@ -62,6 +62,17 @@ class Curves:
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with reflected borders (kernel radius ``ceil(3 sigma)``).
 
+    The radius is cut to ``H - 1`` (``W - 1``) along a side shorter than it, as reflect padding
+    needs; the kernel is renormalised over the full radius before the cut.
+
+    Args:
+        x: ``[B, C, H, W]`` floating-point images (any device).
+        sigma: the standard deviation in pixels; ``<= 0`` returns ``x`` unchanged.
+
+    Returns:
+        ``[B, C, H, W]``, same dtype and device as ``x``: a new tensor, or ``x`` itself when
+        ``sigma <= 0``.
+
     Shape:
         ``[B, C, H, W]`` -> ``[B, C, H, W]``
     """
@@ -88,6 +99,18 @@ def substrate(x: torch.Tensor, kind: Substrate, blur_sigma: float | None = None)
         kind: ``"zero"`` (zeros of the normalised input), ``"blur"`` (Gaussian blur,
             ``blur_sigma`` pixels, default ``max(H, W) / 45`` -- RISE's sigma 5 at 224 px),
             ``"mean"`` (each image's mean colour), a number, or a tensor broadcastable to ``x``.
+        blur_sigma: sigma of ``"blur"`` in pixels (ignored by the other kinds).
+
+    Returns:
+        ``[B, C, H, W]`` with the dtype and device of ``x``. ``"mean"`` and a tensor give an
+        expanded view (not writable in place); the other kinds a new tensor.
+
+    Raises:
+        ValueError: an unknown ``kind`` string.
+        RuntimeError: a tensor ``kind`` that does not broadcast to ``x`` (from ``expand_as``).
+
+    Shape:
+        x: ``[B, C, H, W]`` -> ``[B, C, H, W]``
     """
     if isinstance(kind, torch.Tensor):
         return kind.to(device=x.device, dtype=x.dtype).expand_as(x)

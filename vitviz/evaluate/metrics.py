@@ -131,8 +131,18 @@ def energy_pointing(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
     ``sum(map * mask) / sum(map)`` over the nearest-upsampled map; maps must be non-negative.
 
+    Args:
+        maps: ``[B, gh, gw]`` (or ``[gh, gw]``) non-negative patch maps, any scale.
+        masks: ``[B, H, W]`` (or ``[H, W]``) bool object masks at image resolution, at least
+            as large as the grid.
+
     Returns:
         ``[B]`` float32 in ``[0, 1]`` (NaN for an all-zero map).
+
+    Raises:
+        LayoutError: maps or masks that are not 2-D/3-D, a different number of maps and masks,
+            or masks smaller than the map grid.
+        ValueError: a negative map value, or NaN/infinite values in the maps.
     """
     maps, masks = _check(maps, masks)
     if (maps < 0).any():
@@ -145,6 +155,13 @@ def energy_pointing(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     """Min-max scale each map to ``[0, 1]``; a constant map becomes zeros.
+
+    Args:
+        maps: ``[B, gh, gw]`` patch maps, any real dtype; each sample is scaled over its own
+            values (for a ``[B, ...]`` tensor, over everything after the first dimension).
+
+    Returns:
+        ``[B, gh, gw]`` float32 in ``[0, 1]``, a new tensor of the shape of ``maps``.
 
     Shape:
         ``[B, gh, gw]`` -> ``[B, gh, gw]`` float32
@@ -189,8 +206,21 @@ def mask_auc(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     ``i, j`` with values ``v``, object pixel counts ``pos`` and background pixel counts
     ``neg`` (the Mann-Whitney statistic of the nearest-upsampled map).
 
+    The pairwise comparison runs in chunks of samples with a bounded ``[b, G, G]`` tensor.
+
+    Args:
+        maps: ``[B, gh, gw]`` (or ``[gh, gw]``) patch maps, any scale (only the order of the
+            values matters).
+        masks: ``[B, H, W]`` (or ``[H, W]``) bool object masks at image resolution, at least
+            as large as the grid.
+
     Returns:
         ``[B]`` float32 in ``[0, 1]``; NaN when the mask is empty or covers the whole image.
+
+    Raises:
+        LayoutError: maps or masks that are not 2-D/3-D, a different number of maps and masks,
+            or masks smaller than the map grid.
+        ValueError: NaN or infinite values in the maps.
     """
     maps, masks = _check(maps, masks)
     inside, total = patch_counts(masks, (maps.shape[-2], maps.shape[-1]))  # [B, gh, gw], [gh, gw]
@@ -225,6 +255,13 @@ def _auc_numerator(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tor
 def patch_order(maps: torch.Tensor) -> torch.Tensor:
     """Patch indices (row-major) from the most to the least important; ties keep index order.
 
+    Args:
+        maps: ``[B, gh, gw]`` patch maps, any scale.
+
+    Returns:
+        ``[B, gh*gw]`` int64: ``out[b, k]`` is the flat index ``y * gw + x`` of the ``k``-th most
+        important patch of sample ``b`` (a stable descending sort).
+
     Shape:
         ``[B, gh, gw]`` -> ``[B, gh*gw]`` long
     """
@@ -235,6 +272,17 @@ def step_counts(num_patches: int, steps: int) -> list[int]:
     """How many patches are removed (or revealed) at each of the ``steps + 1`` points of a curve.
 
     ``round(s * G / steps)`` for ``s = 0 .. steps``: from none to all.
+
+    Args:
+        num_patches: ``G``, the patches of the grid (``gh * gw``).
+        steps: ``S``, points of the curve minus one, at least 1.
+
+    Returns:
+        ``S + 1`` non-decreasing counts, the first 0 and the last ``G`` (Python's ``round``:
+        halves go to the even number).
+
+    Raises:
+        ValueError: ``steps < 1``.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -267,6 +315,16 @@ def step_masks(maps: torch.Tensor, steps: int | None = None) -> torch.Tensor:
 
 def curve_auc(scores: torch.Tensor) -> torch.Tensor:
     """Area under a curve sampled at evenly spaced points of ``[0, 1]`` (trapezoidal rule).
+
+    Args:
+        scores: ``[B, S+1]`` curve values (e.g. class probabilities), any real dtype; the
+            points are at ``s / S`` for ``s = 0 .. S``.
+
+    Returns:
+        ``[B]`` float32: the mean of the trapezoids (for probabilities, in ``[0, 1]``).
+
+    Raises:
+        ValueError: fewer than two points (``S + 1 < 2``).
 
     Shape:
         ``[B, S+1]`` -> ``[B]``
@@ -328,6 +386,12 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
 
     ``rank_i = 1 + #{j: v_j < v_i} + (#{j: v_j == v_i} - 1) / 2``, computed in chunks of rows
     with a bounded ``[b, G, G]`` comparison.
+
+    Args:
+        values: ``[B, G]`` rows of values to rank (any real dtype; compared as float32).
+
+    Returns:
+        ``[B, G]`` float32 ranks in ``[1, G]``; tied values share the mean of their ranks.
 
     Shape:
         ``[B, G]`` -> ``[B, G]`` float32

@@ -351,6 +351,23 @@ def noisy_linear_impute(x: torch.Tensor, remove: torch.Tensor, *, noise: float =
                         generator: torch.Generator | None = None, tol: float = 1e-4) -> torch.Tensor:
     """ROAD's noisy linear imputation: :func:`linear_impute` plus ``N(0, noise²)`` on the removed pixels.
 
+    The noise is drawn in float32 on the generator's device (the CPU without a generator), then
+    moved to the device and dtype of ``x``; kept pixels get none.
+
+    Args:
+        x: ``[B, C, H, W]`` images (input units, e.g. normalised).
+        remove: ``[B, H, W]`` bool, pixels to impute.
+        noise: standard deviation of the Gaussian noise on imputed pixels; ``0`` adds none.
+        generator: a ``torch.Generator`` for reproducible noise (default: the global one).
+        tol: as :func:`linear_impute`.
+
+    Returns:
+        ``[B, C, H, W]`` with the dtype and device of ``x``.
+
+    Raises:
+        LayoutError: ``remove`` is not a ``[B, H, W]`` tensor matching ``x`` (from
+            :func:`linear_impute`).
+
     Shape:
         x ``[B, C, H, W]``, remove ``[B, H, W]`` bool -> ``[B, C, H, W]``
     """

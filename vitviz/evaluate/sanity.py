@@ -150,6 +150,16 @@ def randomization_layers(module: nn.Module) -> list[Step]:
 
     A model without a classifier head (timm ``num_classes=0``) starts with its final norm.
 
+    Args:
+        module: the classifier's ``nn.Module`` (e.g. ``VisionModel.module``).
+
+    Returns:
+        ``[(name, items), ...]`` top first: ``name`` is ``"head"`` (or ``"final norm"`` without a
+        head), ``"block i"`` for ``i`` from the last block to 0, then ``"embeddings"``; ``items``
+        are the ``nn.Module`` s of the step, or for ``"embeddings"`` the remaining
+        ``nn.Parameter`` s. Steps without parameters (no head and no final norm; nothing left
+        for ``"embeddings"``) are left out.
+
     Raises:
         VitvizError: no blocks were found (pass ``layers=`` to :func:`randomization`).
     """
@@ -253,7 +263,13 @@ class Randomization:
     target: torch.Tensor | None = field(default=None, repr=False)
 
     def summary(self) -> list[dict]:
-        """One dict per step: name and the means over images (NaN-aware)."""
+        """One dict per step: name and the means over images (NaN-aware).
+
+        Returns:
+            ``S+1`` dicts in step order, ``{"step": name, "spearman": float, "ssim": float,
+            "topk": float}``: each the ``torch.nanmean`` over the ``B`` images (NaN when every
+            image's value is NaN, e.g. a constant map).
+        """
         return [{"step": s, "spearman": float(torch.nanmean(self.spearman[i])),
                  "ssim": float(torch.nanmean(self.ssim[i])), "topk": float(torch.nanmean(self.topk[i]))}
                 for i, s in enumerate(self.steps)]
@@ -409,7 +425,16 @@ class SanityReport:
     n: int = 0
 
     def rows(self) -> dict:
-        """``{method: {column: mean over images}}`` (NaN-aware)."""
+        """``{method: {column: mean over images}}`` (NaN-aware).
+
+        Returns:
+            One row per method of ``randomization``, in its order: a dict from
+            :data:`SANITY_COLUMNS` keys to floats. ``rand_head``/``rand_all``/``ssim_all``/
+            ``topk_all`` (the first and the last randomisation step; NaN-aware means) only when
+            there was a step beyond ``"trained"``; ``tok_del``/``tok_ins`` only for methods in
+            ``tokens``; ``road_morf``/``road_lerf`` only for methods in ``road`` (plain means
+            over images).
+        """
         out = {}
         for name, r in self.randomization.items():
             row = {}

@@ -8,7 +8,7 @@
 * the shared steps (:mod:`vitviz.explain._shared`): :func:`captured` (a model run under capture:
   ``(output, rec)``), :func:`attentions_of` (its attention, or the one "nothing captured"
   error), :func:`logits_of`, :func:`resolve_targets`, :func:`check_classifier`;
-* :mod:`vitviz.explain.relevance`: class-specific relevance (one forward, one backward, a pure map);
+* :func:`vitviz.explain.relevance`: class-specific relevance (one forward, one backward, a pure map);
 * :mod:`vitviz.explain.text`: text -> image maps of CLIP / SigLIP / open_clip models;
 * :mod:`vitviz.explain.captioning`: a caption and the cross-attention of every generated word;
 * :mod:`vitviz.explain.baselines`: maps that ignore the model (random, centre prior).
@@ -32,6 +32,7 @@ from ._methods import (
     register_method,
     unregister_method,
 )
+from ._relevance import RelevanceResult, relevance, relevance_pass
 from ._shared import (
     Target,
     as_vision_model,
@@ -47,7 +48,6 @@ from ._shared import (
 )
 from .baselines import centre_prior, random_maps
 from .captioning import Caption, Word, caption, greedy_decode, split_words
-from .relevance import RelevanceResult, relevance, relevance_pass
 from .text import METHODS as TEXT_METHODS
 from .text import TextMaps, explain_text, text_maps, towers
 

@@ -19,7 +19,7 @@ What a method needs from the forward pass is declared when it is registered:
   ``inp.attentions`` holds ``[L, B, H, N, N]``. A method that can work layer by layer also
   gives ``stream=`` (a factory of a streaming analysis with ``reset()``,
   ``update(attn, *, layer, num_layers, layout)``, ``result(layout)``, e.g.
-  :class:`vitviz.analyze.rollout.RolloutStream`): when every
+  :class:`vitviz.analyze._rollout.RolloutStream`): when every
   chosen attention method streams, the capture keeps no layer at all (memory ``O(B*N^2)``)
   and the method reads its result as ``inp.streamed``.
 * ``needs="grad"``: the shared forward pass runs with gradients under
@@ -319,7 +319,7 @@ def get_method(name: str) -> Method:
 # --------------------------------------------------------------------------------------------
 
 def _rollout_stream(model, *, head_fusion: str, discard_ratio: float, start_layer: int):
-    from ..analyze.rollout import RolloutStream
+    from ..analyze import RolloutStream
 
     return RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
 
@@ -329,7 +329,7 @@ def _rollout_stream(model, *, head_fusion: str, discard_ratio: float, start_laye
 def _rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, start_layer: int):
     if inp.streamed is not None:
         return inp.streamed  # [B, gh, gw], computed layer by layer during the forward pass
-    from ..analyze.rollout import rollout
+    from ..analyze import rollout
 
     return rollout(inp.attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
                    start_layer=start_layer)  # [B, gh, gw]
@@ -359,7 +359,19 @@ class LayerStream:
         self.recent = deque(maxlen=max(1, -self.layer))
 
     def update(self, attn_l, *, layer: int, layout, num_layers=None) -> None:
-        """Keep layer ``layer``'s attention ``[B, H, N, N]`` if it is the chosen one."""
+        """Keep layer ``layer``'s attention ``[B, H, N, N]`` if it is the chosen one.
+
+        Called by the capture as each image self-attention layer runs. With a non-negative
+        index only that layer is kept; with a negative one, the layer ``num_layers + layer``
+        when the depth is known, else the last ``-layer`` layers seen (a bounded queue).
+
+        Args:
+            attn_l: ``[B, H, N, N]`` the layer's attention on its own token grid (kept as
+                given, not copied).
+            layer: the layer's index in forward order.
+            layout: the :class:`~vitviz.TokenLayout` of this layer's tokens (kept with it).
+            num_layers: the depth of the model, when known before the pass ends.
+        """
         self.seen = max(self.seen, layer + 1)
         if self.layer >= 0:
             if layer == self.layer:
@@ -372,6 +384,15 @@ class LayerStream:
 
     def result(self, layout):
         """``[B, H, gh, gw]`` CLS maps of the kept layer.
+
+        Args:
+            layout: the layout of the last layer (the capture's argument; unused: the kept
+                layer is read on the layout it was given with in :meth:`update`).
+
+        Returns:
+            ``[B, H, gh, gw]`` float32 per-head attention of the CLS token (the mean of the patch
+            rows for a model without CLS) over the kept layer's patch grid, as
+            :func:`vitviz.cls_maps`; prefix tokens dropped, not rescaled.
 
         Raises:
             ValueError: the layer was not seen (out of range for the model's depth).

@@ -1,7 +1,7 @@
 """The steps every explanation shares: run a model under capture, read its attention, find its
 logits and the classes to explain.
 
-One of each, used by :mod:`vitviz.explain.relevance`, :mod:`vitviz.explain.text`, the
+One of each, used by :func:`vitviz.explain.relevance`, :mod:`vitviz.explain.text`, the
 gallery, the sanity checks and perturbation curves (:mod:`vitviz.evaluate`), the batch engine,
 the explorer and the benchmarks:
 

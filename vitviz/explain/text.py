@@ -2,7 +2,7 @@
 
 One map per text over the image's patch grid, for transformers ``CLIPModel`` and
 ``SiglipModel``, open_clip CLIP models and the bundled ``shapes-clip``. This module sits
-above ``hooks`` (capture) and ``analyze`` (the formulas), as :mod:`vitviz.explain.relevance` does: it
+above ``hooks`` (capture) and ``analyze`` (the formulas), as :func:`vitviz.explain.relevance` does: it
 knows, per model family, where the text tower, the vision tower, the pooling and the logit
 are (:class:`_Towers`); the attention and its gradients are read by :func:`vitviz.capture`.
 
@@ -271,7 +271,23 @@ class _OpenClipTowers(_Towers):
 
 
 def towers(model: Any) -> _Towers:
-    """The :class:`_Towers` of a contrastive image-text model, or a :class:`VitvizError`."""
+    """The :class:`_Towers` of a contrastive image-text model, or a :class:`VitvizError`.
+
+    Looks only at the model's attributes (nothing runs or changes): transformers-style
+    (``get_image_features``, ``get_text_features``, ``vision_model``, ``logit_scale``) first,
+    then open_clip-style (``encode_image``, ``encode_text``, ``visual``, ``logit_scale``).
+
+    Args:
+        model: a :class:`vitviz.VisionModel`, or a module (wrapped with :func:`vitviz.wrap`).
+
+    Returns:
+        A :class:`_HFTowers` (transformers ``CLIPModel`` / ``SiglipModel`` and models built like
+        them) or a :class:`_OpenClipTowers` (open_clip CLIP models, ``shapes-clip``).
+
+    Raises:
+        VitvizError: the model has neither set of attributes: it has no text tower (e.g. an
+            image classifier).
+    """
     vm = model if isinstance(model, VisionModel) else wrap(model)
     m = vm.module
     if all(hasattr(m, a) for a in ("get_image_features", "get_text_features", "vision_model", "logit_scale")):
@@ -330,7 +346,37 @@ def _block_outputs(blocks: list[nn.Module], store: dict[int, torch.Tensor], *, i
 
 def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
               start_layer: int | None = None) -> TextMaps:
-    """:func:`explain_text` that also returns the scores and any notes."""
+    """:func:`explain_text` that also returns the scores and any notes.
+
+    Args:
+        model: a contrastive image-text model (as :func:`explain_text`).
+        image: a path, PIL image, ``HxWx3`` uint8 array, or a preprocessed ``[1, 3, H, W]``.
+        texts: a string, a list of strings, or a ``LongTensor [T, L]`` (or ``[L]``) of token ids.
+        method: ``"chefer"``, ``"legrad"`` or ``"maskclip"`` (see :func:`explain_text`).
+        start_layer: first layer taken into account (chefer: default 0; legrad: default -2;
+            not accepted by maskclip).
+
+    Returns:
+        :class:`TextMaps`: ``maps`` ``[T, gh, gw]`` float32 (one per text over the image's
+        patch grid, prefix tokens dropped, not rescaled), ``scores`` ``[T]`` float32 (the
+        model's image-text logit of each text), ``texts`` (the strings, or None for token ids),
+        ``method`` and ``notes`` (e.g. texts truncated to the model's context, also warned).
+
+    Raises:
+        VitvizError: an unknown method, ``start_layer`` with maskclip (or out of range with
+            legrad), no text or texts that are neither strings nor integer token ids, token ids
+            longer than the model's context, strings for a model without a tokenizer, a model
+            without a text tower, a batch of more than one image, or captured layers that do not
+            match the vision tower's blocks (legrad).
+        ValueError: ``start_layer`` out of range with chefer (from the relevance stream).
+        MissingExtraError: an open_clip model without its own tokenizer and open_clip not
+            installed.
+        ImageError: the image cannot be read.
+        CaptureError: no self-attention of the vision tower was captured.
+
+    Shape:
+        image ``[1, 3, H, W]``, texts ``T`` -> maps ``[T, gh, gw]``, scores ``[T]``
+    """
     _check_method(method)
     if method == "maskclip" and start_layer is not None:
         raise VitvizError("start_layer does not apply to method='maskclip' (it reads the last layer only)")

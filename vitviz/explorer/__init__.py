@@ -39,7 +39,21 @@ class Explorer:
         self.html = page
 
     def save(self, path: Any) -> Path:
-        """Write the page to ``path`` (through a temporary file, then renamed); returns the path."""
+        """Write the page to ``path`` (through a temporary file, then renamed); returns the path.
+
+        The page is written as UTF-8; a missing parent folder is created, and an existing file
+        is replaced whole (never left half-written). The file gets the mode a plain ``open``
+        would give it (``0o666`` less the umask).
+
+        Args:
+            path: where the HTML file goes (``str`` or ``os.PathLike``).
+
+        Returns:
+            ``path`` as a :class:`pathlib.Path`.
+
+        Raises:
+            OSError: the folder cannot be created or the file cannot be written.
+        """
         return atomic_write_bytes(path, self.html.encode("utf-8"))
 
     def _repr_html_(self) -> str:

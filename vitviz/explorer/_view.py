@@ -258,7 +258,7 @@ def explore_payload(data: ExploreData, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
 
 def _lut() -> list[int]:
     """The colour table of the maps: 256 RGB triples (vitviz's default ``jet``), flat."""
-    from ..render.overlay import colorize
+    from ..render import colorize
 
     rgb = colorize(np.arange(256, dtype=np.float32)[None, :] / 255.0, "jet")  # [1, 256, 3]
     return [int(v) for v in rgb.reshape(-1)]

@@ -99,7 +99,7 @@ def render_image(out_dir: Path, name: str, view: np.ndarray, maps: dict, names: 
         ``(input image path, {method: {"png", "npy", "shape"[, "names"]}})``, paths relative
         to ``out_dir`` with ``/`` separators.
     """
-    from ..render.overlay import overlay
+    from ..render import overlay
 
     lo, hi = (0.0, 1.0) if norm == "none" else (None, None)
     image_rel = f"images/{name}.jpg"

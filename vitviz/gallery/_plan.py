@@ -45,7 +45,18 @@ def _clean_temps(folder: Path, finals: set[str]) -> None:
 
 def weights_fingerprint(module) -> str:
     """A short hash of a model's parameter names, shapes and first values: tells a resumed
-    run whether it has the same weights as the run it continues."""
+    run whether it has the same weights as the run it continues.
+
+    Every ``state_dict`` entry (parameters and buffers, in order) adds its name, shape and
+    dtype, and for floating-point tensors its first 64 values as float32; later values are
+    not read, so two models that differ only past them get the same fingerprint.
+
+    Args:
+        module: the ``nn.Module`` (e.g. ``VisionModel.module``), on any device.
+
+    Returns:
+        The first 16 hex digits of the SHA-1 of those bytes.
+    """
     import hashlib
 
     h = hashlib.sha1()

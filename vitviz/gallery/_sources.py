@@ -165,6 +165,14 @@ def output_names(sources: Sequence[Source]) -> list[str]:
     Derived from the whole key, so ``a/cat.jpg`` and ``b/cat.jpg`` stay apart; no path
     separators, no traversal, Unicode letters kept (see :func:`vitviz._util.files.safe_stem`);
     collisions get ``-2``, ``-3``, ... in key order.
+
+    Args:
+        sources: the gallery's images, sorted by ``key`` (what :func:`list_sources` returns).
+
+    Returns:
+        One stem per source, in the same order: the key with ``/`` turned into ``_``, its
+        extension dropped, unsafe characters replaced, at most 120 characters before a suffix;
+        unique without regard to case (``Cat`` and ``cat`` become ``Cat`` and ``cat-2``).
     """
     return unique_stems([s.key.replace("/", "_") for s in sources])
 
@@ -172,8 +180,16 @@ def output_names(sources: Sequence[Source]) -> list[str]:
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"K/N"`` -> ``(K, N)`` with ``1 <= K <= N``; ``None`` stays ``None``.
 
+    Args:
+        text: the ``--shard`` value: ``"K/N"`` (e.g. ``"2/8"``), a ``(K, N)`` tuple (checked
+            the same way), or None (no sharding).
+
+    Returns:
+        ``(K, N)`` as ints, K the 1-based shard and N the number of shards; None for None.
+
     Raises:
-        VitvizError: anything else, with the expected form.
+        VitvizError: anything else, with the expected form: not two integers separated by
+            ``/``, or not ``1 <= K <= N``.
     """
     if text is None:
         return None
@@ -194,6 +210,18 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def shard_of(key: str, num_shards: int) -> int:
     """The shard (1..N) an image belongs to: a hash of its key, so the split depends on
-    nothing but the key (not on the order, the machine or the other files)."""
+    nothing but the key (not on the order, the machine or the other files).
+
+    Args:
+        key: the image's :attr:`Source.key` (POSIX path relative to the gallery root).
+        num_shards: ``N``, at least 1.
+
+    Returns:
+        The shard number in ``[1, N]``: the first 8 bytes of the SHA-1 of the UTF-8 key, as a
+        big-endian integer, modulo ``N``, plus 1.
+
+    Raises:
+        ZeroDivisionError: ``num_shards == 0`` (:func:`parse_shard` never gives it).
+    """
     digest = hashlib.sha1(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % num_shards + 1

@@ -1,6 +1,20 @@
 """Renderers: RGB uint8 images and maps in, arrays or figures out."""
 
-from .caption_strip import caption_strip
+from ._caption_strip import caption_strip
+from ._overlay import (
+                      NORMS,
+                      SIZE_RANGE,
+                      Scale,
+                      as_map,
+                      colorize,
+                      colormap_lut,
+                      display_image,
+                      map_scales,
+                      normalize_map,
+                      overlay,
+                      overlay_region,
+                      scale_map,
+)
 from .figures import (
                       PANEL_IN,
                       distance_plot,
@@ -15,9 +29,9 @@ from .figures import (
                       save_figure,
 )
 from .output import OutputOptions
-from .overlay import NORMS, Scale, colorize, display_image, map_scales, normalize_map, overlay, overlay_region
 
 __all__ = ["overlay", "overlay_region", "colorize", "normalize_map", "display_image", "map_scales", "Scale",
-           "NORMS", "caption_strip", "distance_plot", "entropy_heatmap", "heatmap", "map_grid", "mask_contours",
+           "NORMS", "SIZE_RANGE", "as_map", "colormap_lut", "scale_map",
+           "caption_strip", "distance_plot", "entropy_heatmap", "heatmap", "map_grid", "mask_contours",
            "overlay_figure", "panels", "pos_similarity_grid", "save_figure", "figure_bytes",
            "OutputOptions", "PANEL_IN"]

@@ -12,7 +12,7 @@ Readable by construction: a figure a function makes itself uses matplotlib's con
 layout, gives every panel at least :data:`PANEL_IN` inches (at the ``dpi`` it is drawn and
 saved at: 250 px at 100 dpi), draws its tiles at that resolution, and wraps titles and labels
 to the width of their panel, so no two labels overlap. Scales follow the ``norm`` rules of
-:mod:`vitviz.render.overlay` and a colour bar (``colorbar=True``) states them.
+:mod:`vitviz.render._overlay` and a colour bar (``colorbar=True``) states them.
 
 Example:
     >>> fig, ax = map_grid(maps, image=view, row_labels=[f"layer {l}" for l in range(12)])
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..errors import RenderError
-from .overlay import (
+from ._overlay import (
     ImageLike,
     MapLike,
     Scale,
@@ -395,7 +395,7 @@ def overlay_figure(image: ImageLike, heatmap: MapLike, *, cmap: str = "jet", alp
     """One overlay with a colour bar that states its scale (``--colorbar`` of the commands).
 
     The overlay is drawn at its own pixel size (enlarge small images with
-    :func:`vitviz.render.overlay.display_image` first), at least :data:`PANEL_IN` inches at
+    :func:`vitviz.render._overlay.display_image` first), at least :data:`PANEL_IN` inches at
     ``dpi`` (smaller images are enlarged by a whole factor), next to a colour bar with the values
     of ``vmin .. vmax`` (default: the map's own range).
 

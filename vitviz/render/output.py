@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._overlay import NORMS, MapLike, Scale, check_norm, check_size, display_image, map_scales, overlay
 from .figures import _DPI, check_dpi, check_format, overlay_figure, save_figure
-from .overlay import NORMS, MapLike, Scale, check_norm, check_size, display_image, map_scales, overlay
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,7 +32,7 @@ class OutputOptions:
         dpi: resolution figures are drawn and saved at (50..600).
         size: short side of overlays in pixels; None: the image the model saw, enlarged to at
             least 256 px when smaller (:func:`vitviz.render.display_image`).
-        norm: ``"image"``, ``"batch"`` or ``"none"`` (see :mod:`vitviz.render.overlay`).
+        norm: ``"image"``, ``"batch"`` or ``"none"`` (see :mod:`vitviz.render._overlay`).
         colorbar: draw overlays as a figure with a colour bar that states the scale, and add one
             to panels and grids.
         cmap, alpha: as :func:`vitviz.overlay`.
@@ -132,7 +132,7 @@ class OutputOptions:
             The path written.
         """
         from .._util.files import atomic_write_bytes
-        from .overlay import as_map, overlay_region
+        from ._overlay import as_map, overlay_region
 
         path = Path(path).with_suffix(f".{self.overlay_ext}")
         pic = overlay_region(original, heat, box, cmap=self.cmap, alpha=self.alpha)  # [H, W, 3]

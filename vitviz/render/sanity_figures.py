@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._overlay import ImageLike
 from .figures import _numpy, map_grid, new_figure
-from .overlay import ImageLike
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -282,7 +282,7 @@ def evaluate_captioner(model=None, *, n: int = 200, seeds: Sequence[int] | None 
         ``"grounding_colour"`` and ``"grounding_shape"``); ``extra`` holds the greedy caption
         exact-match rate on the same scenes.
     """
-    from ..analyze.rollout import rollout_matrix
+    from ..analyze import rollout_matrix
     from ..models.bundled.shapes import caption_ids, to_input
     from .scenes import COLOURS, SHAPES
 

@@ -57,7 +57,7 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
     roll_d = rollout(attn, discard_ratio=0.9)  # [B, gh, gw]
     last = cls_maps(attn, layer=-1)  # [B, H, gh, gw]
     try:
-        from ..explain.relevance import relevance
+        from ..explain import relevance
 
         rel = relevance(model, x, method="chefer")  # [B, gh, gw]
     except ImportError:
@@ -116,7 +116,7 @@ def captioner_section(out: Path, num_images: int, seed: int) -> list[tuple[str, 
     """Caption strips of ``shapes-captioner``; returns ``(title, file, text)`` per figure."""
     from ..explain.captioning import caption
     from ..models import load_model
-    from ..render.caption_strip import caption_strip
+    from ..render import caption_strip
     from .scenes import make_dataset
 
     model = load_model("shapes-captioner")

@@ -78,8 +78,8 @@ def check_render_arguments(args):
 
 def check_output_arguments(args):
     """The exit status for bad --format / --dpi / --size / --norm (after printing), or None."""
+    from ...render import NORMS, SIZE_RANGE
     from ...render.figures import DPI_RANGE, FORMATS
-    from ...render.overlay import NORMS, SIZE_RANGE
 
     fmt = str(args.format).lower().lstrip(".")
     if fmt not in FORMATS and fmt != "jpeg":

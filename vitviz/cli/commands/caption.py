@@ -65,9 +65,9 @@ def _layer(value: str):
 def _decodable(module) -> bool:
     """Whether vitviz.caption decodes the module without the Python-only ``decode=`` /
     ``start_ids=``: a transformers encoder-decoder or BLIP captioner, or a ``generate()``."""
-    from ...explain.captioning._decoding import _hf_kind
+    from ...explain.captioning import decodes_without_help
 
-    return _hf_kind(module) is not None or callable(getattr(module, "generate", None))
+    return decodes_without_help(module)
 
 
 def run(args) -> int:
@@ -98,7 +98,7 @@ def run(args) -> int:
     from ...errors import ImageError
     from ...explain.captioning import caption
     from ...models import load_image
-    from ...render.caption_strip import caption_strip
+    from ...render import caption_strip
 
     output = output_options(args)
     model = load(args)

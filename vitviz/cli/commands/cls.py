@@ -79,8 +79,8 @@ def run(args) -> int:
     from ...analyze.masks import mass_masks
     from ...attention import count_layers
     from ...batch import iter_captures
+    from ...render import display_image
     from ...render.figures import map_grid, mask_contours
-    from ...render.overlay import display_image
 
     output = output_options(args)
     model = load(args)

@@ -50,11 +50,11 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..._util.files import save_npy
+    from ...analyze import rollout
     from ...analyze.flow import attention_flow
-    from ...analyze.rollout import rollout
     from ...batch import iter_captures
+    from ...render import display_image
     from ...render.figures import panels
-    from ...render.overlay import display_image
 
     output = output_options(args)
     model = load(args)

@@ -67,7 +67,7 @@ def run(args) -> int:
     from ...errors import ImageError
     from ...explain.text import text_maps, towers
     from ...models import load_image
-    from ...render.caption_strip import caption_strip
+    from ...render import caption_strip
 
     output = output_options(args)
     model = load(args)

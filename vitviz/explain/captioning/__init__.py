@@ -23,7 +23,7 @@ while choosing word ``t``. The end token is not a word and has no row.
 """
 
 from ._caption import Caption, caption
-from ._decoding import greedy_decode
+from ._decoding import decodes_without_help, greedy_decode
 from ._words import Word, split_words
 
-__all__ = ["caption", "Caption", "Word", "split_words", "greedy_decode"]
+__all__ = ["caption", "Caption", "Word", "split_words", "greedy_decode", "decodes_without_help"]

@@ -56,7 +56,23 @@ class Caption:
     relevance: CrossAttentionMaps | None = None
 
     def word_grids(self, **kwargs) -> torch.Tensor:
-        """:func:`vitviz.word_grids` of this caption (same arguments)."""
+        """:func:`vitviz.word_grids` of this caption (same arguments).
+
+        Args:
+            **kwargs: the keyword arguments of :func:`vitviz.word_grids` (``layer``,
+                ``head_fusion``, ``merge``, ``spans``, ``rollout``, ``method``; ``sample``
+                defaults to 0, the one sample a Caption holds).
+
+        Returns:
+            float32 patch maps, prefix tokens dropped, not re-normalised: ``[T, gh, gw]`` by
+            default (one per predicted token), ``[W, gh, gw]`` with ``merge``, with a leading
+            ``[L, ...]`` for ``layer=None`` and ``[H, ...]`` after it for ``head_fusion=None``.
+
+        Raises:
+            ValueError: an unknown method or head fusion, or options the method does not take.
+            LayoutError: a layer out of range, ``method="relevance"`` without relevance in the
+                caption, or ``merge=`` without word spans.
+        """
         from ...analyze.cross import word_grids
 
         return word_grids(self, **kwargs)
@@ -68,9 +84,22 @@ class Caption:
         Args:
             layer, head_fusion, rollout, method: as :func:`vitviz.word_grids`.
             merge: how sub-word maps are combined (``"mean"``, ``"sum"`` or ``"max"``).
-            **kwargs: passed to :func:`vitviz.render.caption_strip.caption_strip`.
+            **kwargs: passed to :func:`vitviz.render._caption_strip.caption_strip` (``title``
+                defaults to the caption's text).
+
+        Returns:
+            ``(fig, axes)``: the matplotlib figure and a flat ``np.ndarray`` of the panels'
+            axes, image panel first (one panel per word of ``self.words``, each its
+            ``[gh, gw]`` map over ``self.image``). ``plt.show()`` is never called.
+
+        Raises:
+            ImageError: the caption was made from a preprocessed tensor, so it holds no image.
+            LayoutError: as :meth:`word_grids` (a layer out of range, no relevance, no words).
+            ValueError: as :meth:`word_grids` (an unknown method, head fusion or merge).
+            RenderError: maps the strip cannot draw (e.g. ``layer=None`` gives more than one
+                map per word) or a layout option out of range.
         """
-        from ...render.caption_strip import caption_strip
+        from ...render import caption_strip
 
         if self.image is None:
             raise ImageError("<tensor>", "this caption was made from a preprocessed tensor, so the image "

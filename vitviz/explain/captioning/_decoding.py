@@ -28,6 +28,20 @@ def _hf_kind(module: nn.Module) -> str | None:
     return None
 
 
+def decodes_without_help(module: nn.Module) -> bool:
+    """Whether :func:`vitviz.caption` decodes ``module`` without the Python-only ``decode=`` /
+    ``start_ids=`` options: a transformers encoder-decoder or BLIP captioner, or a module with
+    ``generate()``.
+
+    Args:
+        module: the captioning model's ``torch.nn.Module``.
+
+    Returns:
+        True when the command line can caption with this model as it is.
+    """
+    return _hf_kind(module) is not None or callable(getattr(module, "generate", None))
+
+
 def _as_list(x) -> list[int]:
     if x is None:
         return []

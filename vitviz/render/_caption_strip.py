@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import RenderError
+from ._overlay import ImageLike, MapLike, as_map, as_rgb_uint8, overlay
 from .figures import _DPI, PANEL_IN, _fit, _tile_px, add_colorbar, check_dpi, figure_scales, wrap
-from .overlay import ImageLike, MapLike, as_map, as_rgb_uint8, overlay
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

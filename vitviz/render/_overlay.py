@@ -57,11 +57,28 @@ def as_rgb_uint8(image: ImageLike) -> np.ndarray:
 
 
 def as_map(heatmap: MapLike) -> np.ndarray:
-    """A finite 2-D float32 array from a ``[gh, gw]`` tensor or array (size-1 axes dropped)."""
+    """A finite 2-D float32 array from a ``[gh, gw]`` tensor or array.
+
+    Leading size-1 axes (batch, head) and a trailing size-1 axis are dropped; a ``1x1`` grid (LeViT or
+    EfficientViT at small inputs) stays ``[1, 1]``.
+
+    Args:
+        heatmap: ``[gh, gw]``, ``[1, ..., gh, gw]`` or ``[gh, gw, 1]`` tensor or array.
+
+    Returns:
+        ``[gh, gw]`` float32.
+
+    Raises:
+        RenderError: not 2-D after dropping those axes, or NaN / infinite values.
+    """
     if hasattr(heatmap, "detach"):  # torch.Tensor
         heatmap = heatmap.detach().float().cpu().numpy()
-    h = np.squeeze(np.asarray(heatmap, dtype=np.float32))
-    if h.ndim != 2:
+    h = np.asarray(heatmap, dtype=np.float32)
+    while h.ndim > 2 and h.shape[0] == 1:  # leading batch / head axes of size 1
+        h = h[0]
+    while h.ndim > 2 and h.shape[-1] == 1:  # a trailing channel axis of size 1
+        h = h[..., 0]
+    if h.ndim != 2:  # a 1x1 grid stays [1, 1]: squeezing it would leave a 0-D value
         raise RenderError(f"heatmap must be 2-D [gh, gw], got shape {np.shape(heatmap)}")
     if not np.isfinite(h).all():
         raise RenderError("heatmap contains NaN or infinite values")
@@ -72,8 +89,16 @@ def scale_map(heatmap: MapLike, vmin: float | None = None, vmax: float | None = 
     """``(h - vmin) / (vmax - vmin)`` clipped to ``[0, 1]`` as float32; a missing bound is the
     map's own minimum / maximum; ``vmin == vmax`` gives zeros (a flat map).
 
-    Shape:
-        ``[gh, gw]`` -> ``[gh, gw]``
+    Args:
+        heatmap: ``[gh, gw]`` map (tensor or array).
+        vmin: the value drawn as 0 (default: the map's minimum).
+        vmax: the value drawn as 1 (default: the map's maximum).
+
+    Returns:
+        ``[gh, gw]`` float32 in ``[0, 1]``.
+
+    Raises:
+        RenderError: non-finite bounds, ``vmin > vmax``, or a map that is not 2-D.
     """
     h = as_map(heatmap)
     lo = float(h.min()) if vmin is None else float(vmin)
@@ -185,7 +210,14 @@ def map_scales(maps: Sequence[Any], norm: str = "image") -> tuple[list[Scale], l
 
 
 def colormap_lut(cmap: str = "jet") -> np.ndarray:
-    """The ``[256, 3]`` uint8 RGB table that :func:`colorize` uses for ``cmap``."""
+    """The RGB table that :func:`colorize` uses for ``cmap``.
+
+    Args:
+        cmap: a colour map name :func:`colorize` accepts.
+
+    Returns:
+        ``[256, 3]`` uint8.
+    """
     lut: np.ndarray = colorize(np.linspace(0.0, 1.0, 256, dtype=np.float32)[None], cmap)[0]
     return lut
 
