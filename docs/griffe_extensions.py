@@ -5,6 +5,11 @@ reads differently:
 
 * ``Example:`` (singular) opens the examples. Griffe reads only ``Examples:`` as the examples
   section and would render the ``>>>`` lines as Markdown quotes; here it becomes ``Examples:``.
+* Sphinx roles (``:class:`AttentionMaps` ``, ``:func:`~vitviz.rollout` ``) become code spans:
+  Markdown has no roles, and the short names they hold are not all resolvable cross-references.
+* A Returns or Yields section opens with the shape of the result (``[B, gh, gw]`` float32: the
+  CLS row ...); griffe would read what comes before the colon as a type name. Here the colon
+  becomes a dash, so the shape stays in the description and the type comes from the signature.
 * One entry may document several parameters that share a description
   (``head_fusion, discard_ratio: as rollout``). Here it becomes one entry per name with that
   description, so each name is still checked against the signature (a name that is not a
@@ -50,10 +55,28 @@ def _split_grouped(lines: list[str]) -> list[str]:
     return out
 
 
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|const):`~?([^`]+)`")
+
+
+_RETURNS = re.compile(r"^(\s*)(Returns|Yields):\s*$")
+_SHAPE_FIRST = re.compile(r"^(\s+)([^:]*[`\[][^:]*):\s+(.*)$")
+
+
+def _shape_first(lines: list[str]) -> list[str]:
+    out = list(lines)
+    for i, line in enumerate(lines[:-1]):
+        if _RETURNS.match(line):
+            entry = _SHAPE_FIRST.match(lines[i + 1])
+            if entry:
+                out[i + 1] = f"{entry.group(1)}{entry.group(2)} — {entry.group(3)}"
+    return out
+
+
 def rewrite(text: str) -> str:
     """A vitviz docstring as griffe's Google parser expects it."""
+    text = _ROLE.sub(r"`\1`", text)
     lines = [re.sub(r"^(\s*)Example:\s*$", r"\1Examples:", line) for line in text.split("\n")]
-    return "\n".join(_split_grouped(lines))
+    return "\n".join(_shape_first(_split_grouped(lines)))
 
 
 class VitvizDocstrings(griffe.Extension):

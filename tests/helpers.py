@@ -319,3 +319,21 @@ class AttentionLayerCount(torch.overrides.TorchFunctionMode):
     def references(self) -> list[list[torch.Tensor]]:
         """Per layer (in the order of :attr:`layers`), the probabilities of each of its ops."""
         return [self.refs.get(key, []) for key in sorted(self.ops, key=lambda k: k[1])]
+
+
+class SdpaCalls(torch.overrides.TorchFunctionMode):
+    """The arguments of every ``F.scaled_dot_product_attention`` call of a forward pass, by name
+    (``query``, ``key``, ``value``, ``attn_mask``, ...), in call order, seen without vitviz: e.g. to
+    check that a model passes its relative-position bias as SDPA's mask.
+
+    Use: ``with SdpaCalls() as sdpa: model(x)``; then ``sdpa.calls`` is a list of dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls.append(dict(zip(AttentionLayerCount._SDPA_ARGS, args), **kwargs))
+        return func(*args, **kwargs)

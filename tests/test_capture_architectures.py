@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import transformers
-from helpers import hook_state, torch_function_modes
+from helpers import AttentionLayerCount, SdpaCalls, hook_state, torch_function_modes
 
 import vitviz
 from vitviz.attention import WindowScheme, stitch
@@ -181,18 +181,49 @@ def test_timm_pit_stages_keep_the_class_token():
     torch.testing.assert_close(vitviz.rollout(rec1.stages[1])[0], one[1], rtol=1e-5, atol=1e-6)
 
 
-def test_timm_sam_windowed_and_global_layers():
+def test_timm_sam_windowed_and_global_layers_exact():
+    """SAM (ViTDet): windowed layers (3x3 windows over the 4x4 grid, padded to 6x6) next to global
+    layers, its decomposed relative-position bias passed to SDPA as the float mask, fused attention
+    as the model has it. Every layer equals softmax(q kᵀ·scale + bias) recomputed here from the q, k
+    and mask of the model's own SDPA call (helpers.AttentionLayerCount), each window scattered onto
+    the grid by brute force."""
     model = timm_model("samvit_base_patch16", img_size=64, depth=4, embed_dim=32, num_heads=2,
                        global_attn_indexes=(1, 3), window_size=3)
-    x = torch.randn(1, 3, 64, 64)
+    torch.manual_seed(3)
+    for blk in model.blocks:  # SAM starts its relative-position tables at zero: give the bias values
+        torch.nn.init.normal_(blk.attn.rel_pos_h)
+        torch.nn.init.normal_(blk.attn.rel_pos_w)
+    assert all(b.attn.fused_attn for b in model.blocks)  # the fused path, as the model runs it
+    assert [b.window_size for b in model.blocks] == [3, 0, 3, 0]  # windowed, global, windowed, global
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with AttentionLayerCount(model, keep=True) as count, SdpaCalls() as sdpa:
+        ref_out = model(x)
+    assert len(sdpa.calls) == 4 and all(c["attn_mask"] is not None and c["attn_mask"].abs().max() > 0.1
+                                        for c in sdpa.calls)  # the bias is in the mask, and not zero
+    before = hook_state(model)
     with vitviz.capture(model) as rec:
-        model(x)
+        out = model(x)
+    assert hook_state(model) == before and torch_function_modes() == 0
+    assert all(b.attn.fused_attn for b in model.blocks)  # nothing switched
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert rec.complete and rec.skipped == []
     (stage,) = rec.stages  # windowed and global layers, all over the 4x4 grid
-    assert stage.layout.grid == (4, 4) and stage.num_layers == 4 and stage.num_heads == 2
-    a = stage.tensor[0, 0, :, 0]  # [H, N]: 3x3 windows over a padded 6x6 grid: token (0, 0) sees its window
-    torch.testing.assert_close(a[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].sum(-1), torch.ones(2))
+    assert stage.layout == vitviz.TokenLayout(0, (4, 4)) and stage.num_layers == 4 and stage.num_heads == 2
+    assert [name for name, _ in count.layers] == [f"blocks.{i}.attn" for i in range(4)]
+    for i, (block, (ref,)) in enumerate(zip(model.blocks, count.references)):
+        ref = ref.reshape(-1, 2, *ref.shape[-2:])  # SAM folds the heads into SDPA's batch: [B*nW, H, T, T]
+        if block.window_size:
+            assert ref.shape == (2 * 4, 2, 9, 9)  # 2 images x 4 windows
+            want = brute_stitch(ref, (4, 4), (3, 3), (0, 0), pad_first=False)
+        else:
+            want = ref
+        torch.testing.assert_close(stage.tensor[i].double(), want, rtol=1e-5, atol=1e-6)
+    a = stage.tensor[0, 0, :, 0]  # [H, N]: token (0, 0) sees only its own window's real tokens
     assert a[:, [3, 7, 11, 12, 13, 14, 15]].sum() == 0
-    torch.testing.assert_close(stage.tensor[1].sum(-1), torch.ones(1, 2, 16))  # a global layer
+    torch.testing.assert_close(a[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].sum(-1), torch.ones(2))  # no padding there
+    r = stage.tensor[0, 0, :, 3]  # token (0, 3): its window holds 6 padding tokens, whose share is dropped
+    assert (r[:, [3, 7, 11]].sum(-1) < 0.999).all() and r.sum() == r[:, [3, 7, 11]].sum()
+    torch.testing.assert_close(stage.tensor[1].sum(-1), torch.ones(2, 2, 16))  # a global layer
 
 
 # -- transformers: eager output_attentions ---------------------------------------------------
@@ -332,13 +363,39 @@ def test_sequences_vitviz_cannot_place_are_refused():
     assert hook_state(model) == before
 
 
-def test_cait_class_attention_is_read_as_pool():
+def test_cait_class_attention_exact_as_pool():
+    """CaiT's class attention (the CLS query over CLS + patches, fused attention as the model has
+    it) is rec.pool, each layer equal to softmax(q kᵀ·scale) recomputed here from the module's own
+    q and k projections at its input; its talking-heads self-attention is skipped with the reason."""
     model = timm_model("cait_xxs24_224", img_size=32, depth=1)
-    with vitviz.capture(model) as rec:
-        model(torch.randn(2, 3, 32, 32))
+    class_attn = [blk.attn for blk in model.blocks_token_only]
+    assert len(class_attn) == 2 and all(a.fused_attn for a in class_attn)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    hooks = [a.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
+             for i, a in enumerate(class_attn)]
+    try:
+        with vitviz.capture(model) as rec:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(a.fused_attn for a in class_attn)  # nothing switched
     pool = rec.pool  # two class-attention layers: the CLS query over CLS + 2x2 patches
-    assert tuple(pool.tensor.shape) == (2, 2, 4, 1, 5) and pool.layout.grid == (2, 2)
-    torch.testing.assert_close(pool.tensor.sum(-1), torch.ones(2, 2, 4, 1))
+    assert tuple(pool.tensor.shape) == (2, 2, 4, 1, 5) and pool.layout == vitviz.TokenLayout(1, (2, 2))
+    for i, m in enumerate(class_attn):
+        t = seen[i].double()  # [B, N, C]: CLS, then the patches
+        b, n, c = t.shape
+        heads, d = m.num_heads, c // m.num_heads
+        q = torch.nn.functional.linear(t[:, 0], m.q.weight.double(), None if m.q.bias is None else m.q.bias.double())
+        k = torch.nn.functional.linear(t, m.k.weight.double(), None if m.k.bias is None else m.k.bias.double())
+        q = q.reshape(b, heads, 1, d)  # [B, H, 1, d]
+        k = k.reshape(b, n, heads, d).transpose(1, 2)  # [B, H, N, d]
+        want = ((q @ k.transpose(-2, -1)) * d ** -0.5).softmax(-1)  # [B, H, 1, N]
+        assert want.std() > 1e-3  # not uniform: the comparison can fail
+        torch.testing.assert_close(pool.tensor[i].double(), want, rtol=1e-5, atol=1e-6)
+    assert [(name, what) for name, what, _ in rec.skipped] == [("blocks.0.attn", "talking-heads attention")]
+    assert all(why for _, _, why in rec.skipped) and rec.complete
 
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

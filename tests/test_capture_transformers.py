@@ -306,6 +306,7 @@ class ToyVision(PreTrainedModel):
         self.blocks = nn.ModuleList([nn.ModuleDict(dict(self_attn=ToyAttn(), xattn=ToyAttn(), other=ToyAttn()))
                                      for _ in range(2)])
         self.extra = ToyAttn()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))  # states the 1 prefix token of its inputs
         self.text = ToyText(transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
                                                     intermediate_size=8))
         self.post_init()

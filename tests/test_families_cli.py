@@ -59,12 +59,14 @@ FAMILIES = [
     Family("EVA02", "eva02_tiny_patch14_224", 28, ((12, 3, 2, 2),), (2, 2)),
     Family("DINOv2 (+registers)", "vit_small_patch14_reg4_dinov2", 28, ((12, 6, 2, 2),), (2, 2)),
     Family("FlexiViT", "flexivit_small", 32, ((12, 6, 2, 2),), (2, 2)),
-    # TNT: the 12 outer (patch) layers; the inner attention is among the pixels of a patch
-    Family("TNT", "tnt_s_patch16_224", 32, ((12, 6, 2, 2),), "inner attention"),
+    # TNT: the 12 outer (patch) layers; the inner attention, among the pixels of a patch, is in
+    # rec.skipped and does not stop rollout over the outer layers
+    Family("TNT", "tnt_s_patch16_224", 32, ((12, 6, 2, 2),), (2, 2)),
     # EfficientFormer: its one attention block, on the 7x7 grid of 224 px (its only size)
     Family("EfficientFormer", "efficientformer_l1", None, ((1, 8, 7, 7),), (7, 7)),
-    # VOLO: its 14 self-attention layers on the 4x4 grid (stride 16); outlook attention refused
-    Family("VOLO", "volo_d1_224", 64, ((14, 12, 4, 4),), "outlook attention"),
+    # VOLO: its 14 self-attention layers on the 4x4 grid (stride 16); the outlook attention of the
+    # stride-8 stage is in rec.skipped; rollout chains the self-attention layers, as in Python
+    Family("VOLO", "volo_d1_224", 64, ((14, 12, 4, 4),), (4, 4)),
     Family("SAM (ViTDet)", "samvit_base_patch16_224", 64, ((12, 12, 4, 4),), (4, 4)),
     # FastViT: attention in its last stage only (stride 32)
     Family("FastViT", "fastvit_sa12", 64, ((2, 16, 2, 2),), (2, 2)),

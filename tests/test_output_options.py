@@ -244,12 +244,26 @@ def test_gallery_norm_none_is_one_fixed_scale(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cmd", ["rollout", "relevance"])
-@pytest.mark.parametrize("extra, needle", [(["--colorbar"], "--colorbar is not drawn on --on-original"),
-                                           (["--size", "300"], "--size does not apply to --on-original")])
-def test_on_original_refuses_the_options_it_cannot_honour(cmd, extra, needle, tmp_path, capsys):
-    code, res = run([cmd, str(SAMPLES[0]), *VIT, "--on-original", *extra, "--out", str(tmp_path)], capsys)
-    assert code == 2 and needle in res.err and len(res.err.strip().splitlines()) == 1, res.err
+def test_on_original_refuses_the_size_it_cannot_honour(cmd, tmp_path, capsys):
+    code, res = run([cmd, str(SAMPLES[0]), *VIT, "--on-original", "--size", "300", "--out", str(tmp_path)],
+                    capsys)
+    assert code == 2 and "--size does not apply to --on-original" in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1, res.err
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("cmd", ["rollout", "relevance"])
+def test_on_original_draws_the_colour_bar(cmd, tmp_path, capsys):
+    """--on-original --colorbar: the photo at its own size with a bar beside it (wider than the photo),
+    where --on-original alone writes exactly the photo's size."""
+    plain, barred = tmp_path / "plain", tmp_path / "barred"
+    assert run([cmd, str(SAMPLES[0]), *VIT, "--on-original", "--out", str(plain)], capsys)[0] == 0
+    assert run([cmd, str(SAMPLES[0]), *VIT, "--on-original", "--colorbar", "--out", str(barred)], capsys)[0] == 0
+    (p,) = sorted(plain.glob("*.png"))
+    (b,) = sorted(barred.glob("*.png"))
+    photo = Image.open(SAMPLES[0]).size
+    assert Image.open(p).size == photo
+    assert Image.open(b).size[0] > Image.open(p).size[0] * 1.05  # the bar is drawn, not dropped
 
 
 def test_original_overlay_with_a_colour_bar(tmp_path):

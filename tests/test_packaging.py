@@ -84,7 +84,7 @@ def test_extras_as_designed(metadata):
     for name, extra in reqs:
         if extra is not None:
             by_extra.setdefault(extra, set()).add(name)
-    assert set(metadata.get_all("Provides-Extra")) == {"flow", "clip", "all", "dev"}
+    assert set(metadata.get_all("Provides-Extra")) == {"flow", "clip", "all", "dev", "docs"}
     for extra, names in EXTRA_REQUIREMENTS.items():
         assert by_extra[extra] == names, extra
     assert by_extra["all"] == set().union(*EXTRA_REQUIREMENTS.values())  # every optional part

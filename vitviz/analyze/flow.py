@@ -419,14 +419,15 @@ def _exact_values(caps: torch.Tensor, source: torch.Tensor, todo: torch.Tensor, 
     Max-flow is a combinatorial CPU algorithm: the capacities are copied to the CPU once.
     """
     import numpy as np
-    from tqdm.auto import tqdm
+
+    from .._util.progress import progress_bar
 
     caps_np = caps.detach().to("cpu", torch.float64).numpy()  # [B, L, N, N]
     source_np = source.detach().to("cpu", torch.float64).numpy()  # [B, N]
     pairs = todo.cpu().numpy()  # [T, 2]
     out = np.zeros(pairs.shape[0])
-    with tqdm(total=pairs.shape[0], disable=not progress, desc="attention flow", unit="token",
-              leave=False) as bar:
+    with progress_bar(total=pairs.shape[0], enabled=progress, desc="attention flow", unit="token",
+                      leave=False) as bar:
         for sample in np.unique(pairs[:, 0]):
             graph, bottom, scale, node_s, node_t = integer_graph(caps_np[sample], source_np[sample], tol)
             for r in np.flatnonzero(pairs[:, 0] == sample):

@@ -812,7 +812,10 @@ class Recording:
             raise UnplacedAttentionError(
                 f"{len(unplaced)} image attention layer(s) of {self.model.name} could not be placed on the image "
                 f"grid, so {what} would be incomplete: " + "; ".join(notes))
-        if notes and (p is None or not self._rec.kept(p, IMAGE)):
+        # attention beside the image's (TNT's inner, DaViT's channel attention) is in rec.skipped;
+        # it makes the result incomplete only when no image layer was placed at all (kept or streamed)
+        placed = p is not None and (bool(self._rec.kept(p, IMAGE)) or any(r == IMAGE for r, _ in p.layouts))
+        if notes and not placed:
             raise CaptureError(f"{self.model.name} has no attention over its image tokens, so {what} would be "
                                "incomplete: " + "; ".join(notes))
 

@@ -191,7 +191,8 @@ def load_batches(model: Any, sources: Sequence[Any], *, batch_size: int = 8, des
             outcome, other sources are named ``image{i}``.
         batch_size: sources per chunk.
         desc: the progress bar's label.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (only for two images or more, and only where
+            stderr is a terminal or a notebook runs the code: ``vitviz._util.progress``).
         keep_original: also keep each file at its own resolution (``Item.original``,
             ``[H0, W0, 3]`` uint8).
 
@@ -200,13 +201,14 @@ def load_batches(model: Any, sources: Sequence[Any], *, batch_size: int = 8, des
         chunk as an :class:`Item`, and ``x [B, 3, H, W]`` of the readable ones (in the same
         order, on the model's device and dtype), or None when none was readable.
     """
-    from tqdm.auto import tqdm
+    from .._util.progress import progress_bar
 
     if model.preprocessor is None:
         raise ImageError(model.name, "the model has no preprocessing configuration")
     names = [str(s) if isinstance(s, (str, Path)) else f"image{i}" for i, s in enumerate(sources)]
     stems = unique_stems(names)
-    bar = tqdm(total=len(sources), unit="img", disable=not progress, desc=desc)
+    # no bar for one image, nor where stderr is not a terminal
+    bar = progress_bar(total=len(sources), unit="img", enabled=progress, desc=desc, min_total=2)
     try:
         for batch in iter_batches(model.preprocessor, sources, batch_size=batch_size,
                                   keep_original=keep_original):
@@ -245,7 +247,7 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
         sources: the images, anything :func:`vitviz.load_image` takes.
         batch_size: images per captured forward pass.
         desc: the progress bar's label.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (as :func:`load_batches`).
         keep: the layers :func:`vitviz.capture` keeps (``"all"`` or a list of indices).
         stages: yield one :class:`~vitviz.AttentionMaps` per stage (a list) instead of one.
 

@@ -41,9 +41,7 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
     """
-    from .._util.files import atomic_write_bytes
-    from ..render import overlay_region
-    from ..render.output import OutputOptions, encode_image
+    from ..render.output import OutputOptions
 
     if output is None:
         output = OutputOptions(cmap=cmap, alpha=alpha)
@@ -64,11 +62,9 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
         if not on_original:
             o.outputs.append(output.save_overlay(path, it.view, heat, scale, label=suffix))
             return
-        h, w = it.original.shape[:2]
-        pic = overlay_region(it.original, heat, model.preprocessor.region((w, h)), cmap=output.cmap,
-                             alpha=output.alpha)
-        o.outputs.append(atomic_write_bytes(path.with_suffix(f".{output.overlay_ext}"),
-                                            encode_image(pic, output.overlay_ext)))
+        h, w = it.original.shape[:2]  # the photo at its own size; a colour bar when asked (--colorbar)
+        o.outputs.append(output.save_original_overlay(path, it.original, heat, model.preprocessor.region((w, h)),
+                                                      label=suffix))
 
     for items, x in load_batches(model, sources, batch_size=batch_size, desc=suffix, progress=progress,
                                  keep_original=on_original):

@@ -64,11 +64,34 @@ ScoreFn = Callable[[Any], torch.Tensor]
 # token selection
 # ---------------------------------------------------------------------------------------------
 
+def _whole_grid_needed(config: Any) -> str | None:
+    """Why a transformers model's layers need every patch token (so that tokens cannot be
+    dropped after its embeddings), or None."""
+    if config is None:
+        return None
+    if getattr(config, "depths", None) is not None or getattr(config, "window_size", None) is not None:
+        return "its layers attend within windows or on several grids of the whole image (Swin-like)"
+    if getattr(config, "use_relative_position_bias", False) or getattr(config, "use_shared_relative_position_bias",
+                                                                       False):
+        return "its relative position bias is laid out for the whole grid (BEiT-like)"
+    if getattr(config, "mask_ratio", 0) and float(config.mask_ratio) > 0:
+        return "its embeddings shuffle and mask the patches themselves (ViT-MAE)"
+    return None
+
+
 def token_site(module: nn.Module) -> tuple[nn.Module, str]:
     """The module whose output is the token sequence to select from, and how it was found.
 
+    Args:
+        module: the model's ``nn.Module``.
+
+    Returns:
+        ``(module, how)``: the module whose forward output holds the prefix and patch tokens,
+        and a few words on where it is.
+
     Raises:
-        VitvizError: neither a timm ``VisionTransformer``-like nor a transformers ViT-like model.
+        VitvizError: neither a timm ``VisionTransformer``-like nor a transformers ViT-like model,
+            or a transformers model whose layers need every patch token (Swin, BEiT, ViT-MAE).
     """
     try:
         from timm.models.vision_transformer import VisionTransformer
@@ -80,6 +103,11 @@ def token_site(module: nn.Module) -> tuple[nn.Module, str]:
         return module.patch_drop, "timm patch_drop (the model's own token-dropping slot)"
     for name, m in module.named_modules():
         if name.rsplit(".", 1)[-1] == "embeddings" and hasattr(m, "patch_embeddings"):
+            why = _whole_grid_needed(getattr(module, "config", None))
+            if why is not None:
+                raise VitvizError(
+                    f"{type(module).__name__}: token deletion drops patch tokens after the embeddings, but {why}; "
+                    "use pixel deletion (vitviz.evaluate.deletion_insertion) or ROAD (vitviz.evaluate.road)")
             return m, f"output of {name} (after the patch and position embeddings)"
     raise VitvizError(f"{type(module).__name__}: token deletion needs a timm VisionTransformer (its "
                       "patch_drop slot) or a transformers ViT (an 'embeddings' module with "
@@ -135,13 +163,20 @@ def _order(maps: torch.Tensor, order: str) -> torch.Tensor:
     raise VitvizError(f"order must be 'morf' or 'lerf', got {order!r}")
 
 
-def _check_maps(vm, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+def _check_maps(vm, x: torch.Tensor, maps: torch.Tensor, coarse: bool = False) -> torch.Tensor:
+    """``maps`` checked: ``[B, gh, gw]`` on the model's patch grid; with ``coarse`` also on a
+    coarser grid whose cells are whole blocks of pixels (a stage of a hierarchical model)."""
     g = grid_of(vm, x)
-    if not isinstance(maps, torch.Tensor) or maps.dim() != 3 or maps.shape[0] != x.shape[0] \
-            or tuple(maps.shape[-2:]) != tuple(g):
+    h, w = x.shape[-2:]
+    ok = isinstance(maps, torch.Tensor) and maps.dim() == 3 and maps.shape[0] == x.shape[0]
+    if ok and tuple(maps.shape[-2:]) != tuple(g):
+        ok = coarse and 1 <= maps.shape[-2] <= g[0] and 1 <= maps.shape[-1] <= g[1] \
+            and h % maps.shape[-2] == 0 and w % maps.shape[-1] == 0
+    if not ok:
         shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+        more = f", or a coarser grid that divides the {h}x{w} input" if coarse else ""
         raise LayoutError(f"expected maps [{x.shape[0]}, {g[0]}, {g[1]}] (one map per input on the model's "
-                          f"{g[0]}x{g[1]} patch grid), got {shape}")
+                          f"{g[0]}x{g[1]} patch grid{more}), got {shape}")
     if not torch.isfinite(maps).all():
         raise ValueError("maps contain NaN or infinite values")
     return maps.to(x.device)
@@ -414,7 +449,7 @@ class RoadCurves:
 @torch.no_grad()
 def road(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = None, steps: int | None = 10,
          noise: float = 0.01, seed: int = 0, score_fn: ScoreFn | None = None,
-         batch_size: int = 128) -> RoadCurves:
+         batch_size: int = 128, coarse: bool = False) -> RoadCurves:
     """ROAD (remove and debias): MoRF and LeRF curves with noisy linear imputation.
 
     Args:
@@ -426,13 +461,20 @@ def road(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = None, st
         noise: standard deviation of the noise added to imputed pixels (input units).
         seed: seed of the noise.
         batch_size: perturbed images per forward pass (and per imputation).
+        coarse: also take maps on a grid coarser than the model's patch grid whose cells are
+            whole blocks of pixels (the last stage of Swin, whose CLS-style maps are 2x2 where
+            the patch grid is 16x16); each step removes whole cells of that grid.
 
     Returns:
         :class:`RoadCurves`.
+
+    Raises:
+        LayoutError: images of another size than the model's, maps of another grid.
+        VitvizError: no classifier and no ``score_fn``; ``steps`` out of range.
     """
     vm = as_vision_model(model)
     x = prepare_inputs(vm, x)
-    maps = _check_maps(vm, x, maps)
+    maps = _check_maps(vm, x, maps, coarse=coarse)
     if batch_size < 1:
         raise VitvizError(f"batch_size must be >= 1, got {batch_size}")
     b, _, h, w = x.shape

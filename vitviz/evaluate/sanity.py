@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LayoutError, VitvizError
+from ..errors import LayoutError, MissingExtraError, VitvizError
 from ..explain import (
     Method,
     as_vision_model,
@@ -61,6 +61,7 @@ MapFn = Callable[[Any, torch.Tensor, torch.Tensor | None], torch.Tensor]
 _HEAD_NAMES = ("head", "classifier", "fc")
 _FINAL_NORM_NAMES = ("norm", "fc_norm", "layernorm", "post_layernorm", "final_layer_norm", "ln_post")
 _BLOCK_NAMES = ("blocks", "layer", "layers", "resblocks")
+_STAGE_NAMES = ("stages",)  # lists of stages of hierarchical models (also "layers": Swin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,13 +141,50 @@ def _named(module: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module
     return [(n, m) for n, m in module.named_modules() if n.rsplit(".", 1)[-1] in names]
 
 
+def _lists(module: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in _named(module, names)
+            if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
+
+
+def _block_list(stage: nn.Module) -> tuple[str, nn.Module] | None:
+    """The blocks of one stage of a hierarchical model: the longest list named like
+    :data:`_BLOCK_NAMES` inside it whose items are blocks (modules with submodules), or None."""
+    found = [(n, m) for n, m in _lists(stage, _BLOCK_NAMES)
+             if n and all(any(True for _ in b.children()) for b in m)]
+    return max(found, key=lambda nm: len(nm[1])) if found else None
+
+
+def _stage_steps(stages: nn.Module) -> list[Step] | None:
+    """The block steps of a list of stages (Swin, PVT, MaxViT: ``layers[s].blocks[i]``), top
+    first, or None when ``stages`` is not a list of at least two stages that each hold blocks.
+
+    Each stage's other layers (patch merging, its norm) go with its first block."""
+    inner = [_block_list(st) for st in stages]
+    if len(stages) < 2 or any(b is None for b in inner):
+        return None
+    steps: list[Step] = []
+    for s, (st, (bname, blocks)) in enumerate(zip(stages, inner)):
+        other = [c for n, c in st.named_children() if not (bname == n or bname.startswith(n + "."))]
+        other += list(st.parameters(recurse=False))
+        steps += [(f"stage {s} block {i}", [blocks[i]] + (other if i == 0 else [])) for i in range(len(blocks))]
+    return steps[::-1]
+
+
 def randomization_layers(module: nn.Module) -> list[Step]:
     """The re-initialisation steps of a classifier, top first.
 
     ``("head", [head, final norms])``, then ``("block i", [block i])`` for the last block down to
     the first, then ``("embeddings", [every parameter not in an earlier step])``. The blocks are the
     longest ``ModuleList`` (or ``Sequential``) named ``blocks`` / ``layer`` / ``layers`` /
-    ``resblocks``; the head is a module named ``head``, ``classifier`` or ``fc`` outside them.
+    ``resblocks``; the head is a module named ``head``, ``classifier`` or ``fc`` outside them, the
+    final norms the modules named ``norm``, ``fc_norm``, ``layernorm`` ... outside them and
+    outside the embeddings.
+
+    Hierarchical models (Swin, PVT, MaxViT ...), whose blocks sit in a list of stages
+    (``layers`` / ``stages``, each stage holding its own ``blocks``), get one step per block of
+    every stage, from the last stage's last block down: ``("stage 3 block 1", ...)`` ...
+    ``("stage 0 block 0", ...)``; each stage's other layers (patch merging) go with its first
+    block.
 
     A model without a classifier head (timm ``num_classes=0``) starts with its final norm.
 
@@ -155,29 +193,38 @@ def randomization_layers(module: nn.Module) -> list[Step]:
 
     Returns:
         ``[(name, items), ...]`` top first: ``name`` is ``"head"`` (or ``"final norm"`` without a
-        head), ``"block i"`` for ``i`` from the last block to 0, then ``"embeddings"``; ``items``
-        are the ``nn.Module`` s of the step, or for ``"embeddings"`` the remaining
-        ``nn.Parameter`` s. Steps without parameters (no head and no final norm; nothing left
-        for ``"embeddings"``) are left out.
+        head), ``"block i"`` for ``i`` from the last block to 0 (``"stage s block i"`` for
+        hierarchical models), then ``"embeddings"``; ``items`` are the ``nn.Module`` s of the
+        step (with a stage's first block, also the stage's other modules and parameters), or
+        for ``"embeddings"`` the remaining ``nn.Parameter`` s. Steps without parameters (no
+        head and no final norm; nothing left for ``"embeddings"``) are left out.
 
     Raises:
         VitvizError: no blocks were found (pass ``layers=`` to :func:`randomization`).
     """
-    lists = [(n, m) for n, m in _named(module, _BLOCK_NAMES)
-             if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
+    lists = _lists(module, _BLOCK_NAMES)
     if not lists:
         raise VitvizError(f"{type(module).__name__}: no transformer blocks found (a ModuleList named "
                           f"{', '.join(_BLOCK_NAMES)}); pass layers=[(name, [modules...]), ...], top first")
     bname, blocks = max(lists, key=lambda nm: len(nm[1]))
+    block_steps: list[Step] = [(f"block {i}", [blocks[i]]) for i in reversed(range(len(blocks)))]
+    # a list of stages that each hold blocks, with more blocks in all than the longest list
+    staged = [(n, m, st) for n, m in _lists(module, _BLOCK_NAMES + _STAGE_NAMES)
+              if (st := _stage_steps(m)) is not None]
+    if staged:
+        sname, smod, ssteps = max(staged, key=lambda t: len(t[2]))
+        if len(ssteps) > len(blocks):
+            bname, block_steps = sname, ssteps
     inside = lambda n: n == bname or n.startswith(bname + ".")  # noqa: E731
     heads = [(n, m) for n, m in _named(module, _HEAD_NAMES)
              if not inside(n) and any(True for _ in m.parameters())]
     head = [min(heads, key=lambda nm: nm[0].count("."))[1]] if heads else []
     head += [m for n, m in _named(module, _FINAL_NORM_NAMES)
-             if not inside(n) and any(True for _ in m.parameters())]
+             if not inside(n) and "embed" not in n and any(True for _ in m.parameters())]
     steps: list[Step] = [("head" if heads else "final norm", head)] if head else []
-    steps += [(f"block {i}", [blocks[i]]) for i in reversed(range(len(blocks)))]
-    seen = {id(p) for _, mods in steps for m in mods for p in m.parameters()}
+    steps += block_steps
+    seen = {id(p) for _, items in steps for it in items
+            for p in ([it] if isinstance(it, nn.Parameter) else it.parameters())}
     rest = [p for p in module.parameters() if id(p) not in seen]
     if rest:
         steps.append(("embeddings", rest))
@@ -405,6 +452,11 @@ SANITY_COLUMNS = {
 """Column key -> (header, higher is better) of :meth:`SanityReport.table`."""
 
 DEFAULT_METHODS = ("rollout", "cls", "relevance", "grad_rollout", "flow", "random", "centre")
+"""The methods :func:`sanity_check` tries when none are named. Those a model's token grids do not
+allow (rollout, relevance, gradient rollout and flow chain the layers over one set of tokens:
+not on Swin, PVT, ... whose stages have several grids; there CLS maps read the last stage) and
+those whose optional package is missing (flow: ``vitviz[flow]``) are left out, each with a note
+(:attr:`SanityReport.dropped`)."""
 
 
 @dataclass
@@ -413,9 +465,14 @@ class SanityReport:
 
     Attributes:
         randomization: ``{method: Randomization}`` (cascade).
-        tokens: ``{method: Curves}`` token deletion / insertion (MoRF).
+        tokens: ``{method: Curves}`` token deletion / insertion (MoRF); empty when the model has
+            no token slot (see :func:`vitviz.evaluate.perturbation.token_site`).
         road: ``{method: RoadCurves}`` (only for the first ``road_images`` inputs), may be empty.
         seconds: ``{method: seconds}`` wall time per method.
+        n: the number of images.
+        dropped: ``{method: reason}`` of the default methods left out (not installed, or not
+            possible on the model's token grids).
+        notes: one line per thing left out (methods, token curves), as printed by ``vitviz sanity``.
     """
 
     randomization: dict
@@ -423,6 +480,8 @@ class SanityReport:
     road: dict
     seconds: dict
     n: int = 0
+    dropped: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     def rows(self) -> dict:
         """``{method: {column: mean over images}}`` (NaN-aware).
@@ -460,21 +519,76 @@ class SanityReport:
         Returns:
             A :class:`vitviz.evaluate.Table` (``.format(markdown=True)`` for Markdown).
         """
-        return Table(self.rows(), dict(SANITY_COLUMNS), self.n)
+        return Table(self.rows(), dict(SANITY_COLUMNS), self.n, list(self.notes))
 
 
-def sanity_check(model, images, methods: Sequence[str | Method | MapFn] = DEFAULT_METHODS, *,
+def _reason(e: Exception) -> str:
+    """The first clause of an error's message: why a method cannot run (for one note line)."""
+    text = " ".join(str(e).split())
+    return text.split("; ")[0] if "; " in text else text
+
+
+def _choose_methods(vm, x: torch.Tensor, methods: Sequence[str | Method | MapFn] | None,
+                    target: torch.Tensor | None, say: Callable[[str], None]) -> tuple[list, dict]:
+    """The methods to run and ``{name: reason}`` of the default ones left out.
+
+    Named methods are checked and tried on the first image: one that cannot run raises its error
+    (before any work). Without names, :data:`DEFAULT_METHODS` are tried the same way and the ones
+    that cannot run are left out, each with a note."""
+    named = methods is not None
+    candidates = list(methods) if named else list(DEFAULT_METHODS)
+    dropped: dict[str, str] = {}
+    kept = []
+    for method in candidates:  # unknown names, per-word methods and missing extras: before any work
+        try:
+            fn = get_map_fn(method)
+        except MissingExtraError as e:
+            if named:
+                raise
+            dropped[_method_name(method)] = str(e)
+            say(f"{_method_name(method)} is skipped: {e}")
+            continue
+        kept.append((method, fn))
+    chosen = []
+    for method, fn in kept:  # what the model's token grids allow: tried on the first image
+        name = _method_name(method)
+        try:
+            m = fn(vm, x[:1], None if target is None else target[:1])
+            if not isinstance(m, torch.Tensor) or m.dim() != 3:
+                raise LayoutError(f"a map method must return [B, gh, gw], got "
+                                  f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+        except VitvizError as e:
+            if named:
+                raise
+            dropped[name] = _reason(e)
+            say(f"{name} is skipped on {vm.name}: {dropped[name]}")
+            continue
+        chosen.append(method)
+    if not chosen:
+        raise VitvizError(f"none of the map methods {', '.join(dropped)} can run on {vm.name}: "
+                          + "; ".join(f"{k}: {v}" for k, v in dropped.items()))
+    return chosen, dropped
+
+
+def sanity_check(model, images, methods: Sequence[str | Method | MapFn] | None = None, *,
                  randomize: bool = True, tokens: bool = True, road_images: int | None = None,
                  steps: int = 16, road_steps: int = 10, seed: int = 0, batch_size: int = 32,
-                 score_fn=None, progress: Callable[[str], None] | None = None) -> SanityReport:
+                 score_fn=None, progress: Callable[[str], None] | None = None,
+                 on_note: Callable[[str], None] | None = None) -> SanityReport:
     """Randomisation, token deletion / insertion and ROAD for several map methods on the same inputs.
 
     Args:
         model: a classifier (:class:`vitviz.VisionModel` or module).
         images: ``[B, 3, H, W]`` inputs at the model's size, or a list of images.
         methods: registered map methods with one map per image (``vitviz methods``), or map
-            functions ``fn(model, x, target) -> [B, gh, gw]``.
-        randomize, tokens: run the randomisation cascade / the token curves.
+            functions ``fn(model, x, target) -> [B, gh, gw]``; each is tried on the first image
+            before any other work, and one that cannot run raises. ``None``: the methods of
+            :data:`DEFAULT_METHODS` that the model allows and that are installed; the others are
+            left out with a note (e.g. on Swin: CLS maps of the last stage and the baselines).
+        randomize, tokens: run the randomisation cascade / the token curves. The token curves
+            are skipped, with a note, on a model without a token slot
+            (:func:`vitviz.evaluate.perturbation.token_site`: Swin, ConvNeXt-like ...); the
+            randomisation and ROAD work with any classifier.
         road_images: ROAD on the first ``road_images`` inputs only (``None``: all; ``0``: none);
             its imputation is the slowest part.
         steps: points of the token curves minus one; road_steps: of the ROAD curves.
@@ -482,30 +596,49 @@ def sanity_check(model, images, methods: Sequence[str | Method | MapFn] = DEFAUL
         batch_size: images per map computation (the curves batch ``8 * batch_size`` sequences).
         score_fn: for models without a classifier (token curves and ROAD).
         progress: called with each method's name when it starts.
+        on_note: called with each note (something left out, and why) when it is made; the
+            notes are also in :attr:`SanityReport.notes`.
 
     Returns:
         :class:`SanityReport`.
 
     Raises:
-        VitvizError: an unknown method or one without one map per image (before any work), a
-            model without a classifier and no ``score_fn``.
-        MissingExtraError: a method's optional package is not installed (before any work).
+        VitvizError: an unknown method, one without one map per image, or a named method that
+            cannot run on the model (all before any work); a model without a classifier and no
+            ``score_fn``; no default method can run.
+        MissingExtraError: a named method's optional package is not installed (before any work).
     """
     import time
 
-    from .perturbation import road, token_curves
+    from .perturbation import road, token_curves, token_site
 
-    for method in methods:
-        get_map_fn(method)  # unknown names, per-word methods and missing extras fail before any work
+    notes: list[str] = []
+
+    def say(text: str) -> None:
+        notes.append(text)
+        if on_note is not None:
+            on_note(text)
+
+    if methods is not None:
+        for method in methods:
+            get_map_fn(method)  # unknown names, per-word methods and missing extras fail before any work
     vm = as_vision_model(model)
     x = prepare_inputs(vm, images)
     b = x.shape[0]
     nr = b if road_images is None else max(0, min(int(road_images), b))
-    rand, tok, rd, secs = {}, {}, {}, {}
     with torch.no_grad():
         out = vm(x)
     target = None if score_fn is not None else resolve_targets(logits_of(out, what="sanity_check"), None)  # [B]
-    for method in methods:
+    chosen, dropped = _choose_methods(vm, x, methods, target, say)
+    if tokens:
+        try:
+            token_site(vm.module)
+        except VitvizError as e:
+            tokens = False
+            say(f"token deletion / insertion is skipped: {_reason(e)} (randomisation and ROAD run on any "
+                "classifier)")
+    rand, tok, rd, secs = {}, {}, {}, {}
+    for method in chosen:
         name = _method_name(method)
         if progress is not None:
             progress(name)
@@ -520,9 +653,9 @@ def sanity_check(model, images, methods: Sequence[str | Method | MapFn] = DEFAUL
         if nr:
             rd[name] = road(vm, x[:nr], maps[:nr], target=None if target is None else target[:nr],
                             steps=min(road_steps, maps[0].numel()), seed=seed, score_fn=score_fn,
-                            batch_size=8 * batch_size)
+                            batch_size=8 * batch_size, coarse=True)  # e.g. Swin's last stage: 2x2 cells
         secs[name] = time.perf_counter() - t0
-    return SanityReport(rand, tok, rd, secs, b)
+    return SanityReport(rand, tok, rd, secs, b, dropped, notes)
 
 
 __all__ = ["sanity_check", "SanityReport", "SANITY_COLUMNS", "DEFAULT_METHODS", "randomization", "Randomization",

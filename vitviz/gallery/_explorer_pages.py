@@ -18,13 +18,12 @@ def add_explorer_pages(vm, out_dir: Path, records: list[dict], *, progress: bool
     A record whose image can no longer be read keeps its maps and gets no page (the reason
     goes under ``"explore_error"``).
     """
-    from tqdm.auto import tqdm
-
+    from .._util.progress import progress_bar
     from ..explorer import explore
 
     todo = [r for r in records if r.get("status") == "done"
             and not (r.get("explore") and (out_dir / r["explore"]).is_file())]
-    for rec in tqdm(todo, desc="explore", unit="img", disable=not progress or not todo):
+    for rec in progress_bar(todo, desc="explore", unit="img", enabled=progress):
         rel = f"explore/{rec['name']}.html"
         try:
             page = explore(vm, rec["source"], title=str(rec["key"]))

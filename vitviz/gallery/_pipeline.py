@@ -15,7 +15,6 @@ While the threads render batch ``i`` the model already runs batch ``i + 1``; at 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -130,7 +129,8 @@ def build_gallery(
             is refused: the gallery renders while it runs, before the run's range is known.
         title: page title (default ``"vitviz gallery: <model_id>"``).
         model_id: the model name stored in ``gallery.json`` (default ``model.name``).
-        progress: show a tqdm progress bar with images/second.
+        progress: show a tqdm progress bar with images/second (where stderr is a terminal or
+            a notebook runs the code; never escape sequences in a log).
         render_threads: threads rendering and encoding while the model runs.
         threads: torch intra-op threads for the model during the run (restored afterwards).
             Default: torch's current setting. Decoding and rendering take a few percent of
@@ -155,8 +155,8 @@ def build_gallery(
         '998 done, 2 skipped, 0 failed in 61.0 s (1000 processed, 16.4 images/s)'
     """
     import torch
-    from tqdm.auto import tqdm
 
+    from .._util.progress import progress_bar
     from ..models import VisionModel, wrap
 
     t0 = time.perf_counter()
@@ -169,8 +169,8 @@ def build_gallery(
 
     new: dict[str, dict] = {}
     journal = mf.Journal(journal_path, initial=[kept[s.key] for s, _ in pairs if s.key in kept])
-    bar = tqdm(total=len(pairs), initial=len(kept), unit="img", desc="gallery",
-               disable=not progress, mininterval=0.5, file=sys.stderr)
+    bar = progress_bar(total=len(pairs), initial=len(kept), unit="img", desc="gallery",
+                       enabled=progress, mininterval=0.5)
     threads_before = torch.get_num_threads()
     try:
         if threads is not None:

@@ -21,9 +21,6 @@ from ..types import TokenLayout
 _PREFIX_PARAM_NAMES = ("cls_token", "class_token", "class_embedding", "dist_token", "distillation_token",
                        "reg_token", "register_tokens")
 _CLS_PARAM_NAMES = ("cls_token", "class_token", "class_embedding")
-# the most prefix tokens (CLS, distillation, registers) a layout is read with when the model does
-# not say how many it has: more "prefix" tokens than that means the sequence is another grid
-_MAX_PREFIX = 16
 
 
 def _pair(x) -> tuple[int, int]:
@@ -230,13 +227,18 @@ class VisionModel:
                 "pass grid=(rows, cols) (and num_prefix=) to vitviz.wrap"
             )
         num_prefix = self.num_prefix
-        if num_prefix is None:
-            num_prefix = num_tokens - grid[0] * grid[1] - self.num_suffix
-            if not 0 <= num_prefix <= _MAX_PREFIX:
-                raise LayoutError(
-                    f"{self.name}: {num_tokens} tokens do not hold a {grid[0]}x{grid[1]} patch grid after "
-                    f"0-{_MAX_PREFIX} prefix tokens; pass grid=(rows, cols) (and num_prefix=) to vitviz.wrap"
-                )
+        if num_prefix is None:  # never read off the count: N - gh*gw could be anything (a video's frames)
+            raise LayoutError(
+                f"{self.name}: the model does not say how many tokens precede its {grid[0]}x{grid[1]} patch grid "
+                f"in a {num_tokens}-token sequence (several CLS / register parameters at one depth); pass "
+                "num_prefix= (and grid=(rows, cols)) to vitviz.wrap")
+        expected = num_prefix + grid[0] * grid[1] + self.num_suffix
+        if num_tokens != expected:
+            raise LayoutError(
+                f"{self.name}: {num_tokens} tokens, but a {grid[0]}x{grid[1]} patch grid with the model's "
+                f"{num_prefix} prefix and {self.num_suffix} suffix tokens makes {expected}; a sequence with other "
+                "tokens (a video's time steps, tokens the model adds without a parameter) is not guessed: pass "
+                "grid=(rows, cols) and num_prefix= to vitviz.wrap if you know the layout")
         layout = TokenLayout(num_prefix, grid, has_cls=self.has_cls if num_prefix else None,
                              num_suffix=self.num_suffix)
         layout.check_tokens(num_tokens)
@@ -328,15 +330,23 @@ def _find_patch_conv(module: nn.Module) -> nn.Conv2d | None:
 def _count_prefix_params(module: nn.Module) -> int | None:
     """Count CLS / distillation / register tokens held as parameters, or None if unknown.
 
-    Only the shallowest parameters with those names count; when one name appears twice at
-    that depth (a container of several models), the count is unknown and is read off the
-    capture instead (``N - gh*gw``).
+    Only the shallowest parameters with those names count. No such parameter means no prefix
+    tokens (0): a sequence longer than the patch grid is then refused, never read as prefix
+    tokens (a video's second time step is not 16 register tokens). When one name appears twice
+    at that depth (a container of several models), the count is unknown (None) and the user
+    states it (``vitviz.wrap(..., num_prefix=)``).
+
+    Args:
+        module: the model.
+
+    Returns:
+        The number of prefix tokens, or None when the parameters do not tell.
     """
     found = [(n.count("."), n.rsplit(".", 1)[-1], p) for n, p in module.named_parameters()
              if n.rsplit(".", 1)[-1] in _PREFIX_PARAM_NAMES
              and (p.dim() >= 2 or n.endswith("class_embedding"))]  # CLIP: class_embedding is [D]
     if not found:
-        return None
+        return 0
     depth = min(d for d, _, _ in found)
     top = [(leaf, p) for d, leaf, p in found if d == depth]
     if len({leaf for leaf, _ in top}) != len(top):
@@ -370,7 +380,7 @@ def _describe_hf(module: nn.Module) -> dict:
     if getattr(cfg, "image_size", None) is not None:
         size = _pair(cfg.image_size)
         info["grid"] = (size[0] // info["patch_size"][0], size[1] // info["patch_size"][1])
-    # CLS (+ distillation / register tokens) parameters; else read off each capture: N - gh*gw
+    # CLS (+ distillation / register tokens) parameters; none: no prefix tokens
     prefix = _count_prefix_params(module)
     if prefix is not None:
         info["num_prefix"] = prefix

@@ -56,7 +56,7 @@ def add_original_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-original", action="store_true",
                    help="draw the overlay on the image at its own resolution (the model's centre-crop "
                         "region mapped back onto it) instead of on the model's input view; each map on "
-                        "its own scale; not with --colorbar or --size")
+                        "its own scale (--colorbar states it); not with --size")
 
 
 def check_render_arguments(args):
@@ -65,11 +65,6 @@ def check_render_arguments(args):
         return fail(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1:
         return fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    if getattr(args, "on_original", False) and getattr(args, "colorbar", False):
-        # nothing dropped silently: the photo-sized overlays are written without a figure around them
-        return fail("--colorbar is not drawn on --on-original overlays (each is the photo at its own size, "
-                    "every map on its own scale); drop --on-original for overlays with a colour bar, "
-                    "or --colorbar")
     if getattr(args, "on_original", False) and getattr(args, "size", None) is not None:
         return fail("--size does not apply to --on-original overlays, which keep the photo's own size; "
                     "drop one of them")

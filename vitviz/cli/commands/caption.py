@@ -90,9 +90,8 @@ def run(args) -> int:
                     "the encoder's attention")
     from pathlib import Path
 
-    from tqdm.auto import tqdm
-
     from ..._util.files import unique_stems
+    from ..._util.progress import progress_bar
     from ...analyze.cross import word_grids
     from ...batch import Outcome
     from ...errors import ImageError
@@ -119,7 +118,7 @@ def run(args) -> int:
     tag = model_tag(args)
     stems = [with_model(s, tag) for s in unique_stems([str(s) for s in args.images])]
     outcomes, noted = [], False
-    for source, stem in zip(tqdm(args.images, unit="img", desc="caption", disable=len(args.images) < 2),
+    for source, stem in zip(progress_bar(args.images, unit="img", desc="caption", min_total=2),
                             stems):
         o = Outcome(str(source))
         outcomes.append(o)

@@ -60,9 +60,8 @@ def run(args) -> int:
         return bad
     from pathlib import Path
 
-    from tqdm.auto import tqdm
-
     from ..._util.files import save_npy, unique_stems
+    from ..._util.progress import progress_bar
     from ...batch import Outcome
     from ...errors import ImageError
     from ...explain.text import text_maps, towers
@@ -86,7 +85,7 @@ def run(args) -> int:
     tag = model_tag(args)
     stems = [with_model(s, tag) for s in unique_stems([str(s) for s in args.images])]
     outcomes = []
-    bar = tqdm(args.images, unit="img", desc="text", disable=len(args.images) < 2)
+    bar = progress_bar(args.images, unit="img", desc="text", min_total=2)
     for source, stem in zip(bar, stems, strict=True):
         o = Outcome(str(source))
         outcomes.append(o)
