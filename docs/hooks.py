@@ -93,7 +93,7 @@ def _argument_rows(parser: argparse.ArgumentParser, actions: list[argparse.Actio
                 name += " " + formatter._format_args(a, a.dest.upper())
         else:
             name = formatter._format_args(a, a.dest)
-        if a.required:
+        if a.required and a.nargs not in ("?", "*"):
             default = "required"
         elif a.nargs == 0 or a.default in (None, argparse.SUPPRESS) or a.default == []:
             default = ""

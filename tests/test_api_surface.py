@@ -13,8 +13,9 @@ CONTRACT = {
 # every public name of the package root, exactly: adding one is a decision, removing one breaks users
 ALL = [
     "AttentionMaps", "Caption", "CaptureError", "CheckpointError", "CrossAttentionMaps", "Explorer", "ImageError",
-    "LayoutError", "MissingExtraError", "ModelNotFoundError", "Preprocess", "PreprocessError", "Recording",
-    "TextMaps", "TokenLayout", "VisionModel", "VitvizError", "WeightsNotFoundError", "attention_entropy",
+    "IncompleteCaptureWarning", "LayoutError", "MissingExtraError", "ModelNotFoundError", "Preprocess",
+    "PreprocessError", "Recording", "TextMaps", "TokenLayout", "UnplacedAttentionError", "VisionModel", "VitvizError",
+    "WeightsNotFoundError", "attention_entropy",
     "attention_flow", "build_gallery", "caption", "capture", "chefer_relevance", "cls_maps", "explain_text",
     "explore", "grad_rollout", "list_models", "load_image", "load_model", "mass_masks", "mean_attention_distance",
     "merge_gallery", "overlay", "pos_similarity", "prefix_attention_share", "query_maps", "relevance", "rollout",

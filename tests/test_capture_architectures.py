@@ -1,11 +1,21 @@
 """Every attention architecture: each layer on its own token grid, or a clear refusal.
 
-Exactness is checked against the library's own probabilities: timm's non-fused path (the input
-of ``attn_drop`` is the post-softmax attention) and transformers' eager ``output_attentions``.
-Window attention is checked against a brute-force scatter of each window's rows, written here
-independently of vitviz (an index grid pushed through the library's own shift, pad and
-partition), for both orders of shift and pad.
+Exactness is checked against probabilities computed without vitviz: timm's non-fused path (the
+input of ``attn_drop`` is the post-softmax attention), transformers' eager ``output_attentions``,
+the softmax recomputed in the test from the module's own q and k (CaiT's class attention), and,
+with fused attention left as the model has it, each attention op's own probabilities
+(helpers.AttentionLayerCount: a softmax's output, or softmax(q kᵀ·scale + mask) from the q, k and
+mask the model passed to SDPA: SAM, and ten more families in which every op is matched to a
+recorded or skipped layer). Window attention is checked against a brute-force scatter of each
+window's rows, written here independently of vitviz (an index grid pushed through the library's own
+shift, pad and partition), for both orders of shift and pad. Each family of the sweep has its
+outcome written down (maps with these grids, or a refusal with this reason).
 """
+
+import copy
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pytest
 import timm
@@ -43,12 +53,10 @@ def brute_stitch(windows, grid, window, shift, pad_first):
     b = windows.shape[0] // nw
     out = torch.zeros(b, windows.shape[1], h * w, h * w, dtype=windows.dtype)
     for s in range(b):
-        for k in range(nw):
-            for i in range(wh * ww):
-                for j in range(wh * ww):
-                    qi, kj = int(x[k, i]), int(x[k, j])
-                    if qi >= 0 and kj >= 0:
-                        out[s, :, qi, kj] = windows[s * nw + k, :, i, j]
+        for k in range(nw):  # window k's rows and columns go to its tokens; padding (-1) is dropped
+            real = x[k] >= 0  # [T]
+            ids = x[k][real].long()
+            out[s][:, ids[:, None], ids[None, :]] = windows[s * nw + k][:, real][:, :, real]
     return out
 
 
@@ -222,7 +230,7 @@ def test_timm_sam_windowed_and_global_layers_exact():
     assert a[:, [3, 7, 11, 12, 13, 14, 15]].sum() == 0
     torch.testing.assert_close(a[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]].sum(-1), torch.ones(2))  # no padding there
     r = stage.tensor[0, 0, :, 3]  # token (0, 3): its window holds 6 padding tokens, whose share is dropped
-    assert (r[:, [3, 7, 11]].sum(-1) < 0.999).all() and r.sum() == r[:, [3, 7, 11]].sum()
+    assert (r[:, [3, 7, 11]].sum(-1) < 0.999).all() and r[:, [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, 15]].sum() == 0
     torch.testing.assert_close(stage.tensor[1].sum(-1), torch.ones(2, 2, 16))  # a global layer
 
 
@@ -322,6 +330,83 @@ def test_transformers_swin_windows_equal_eager_attentions():
         expect = brute_stitch(eager[i].double(), grid, (window, window), (shift, shift), pad_first=True)
         torch.testing.assert_close(stages[i // 2].tensor[i % 2].double(), expect, rtol=1e-5, atol=1e-6)
     assert layers[1].shift_size > 0
+
+
+def test_transformers_swinv2_windows_equal_eager_attentions():
+    """transformers' Swinv2 (scaled cosine attention, continuous relative-position bias; eager is
+    its only implementation): every block's stitched windows equal the block's own eager attention
+    probabilities (output_attentions), scattered by brute force (pad, then shift)."""
+    torch.manual_seed(0)
+    cfg = transformers.Swinv2Config(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                    window_size=4)
+    model = transformers.Swinv2Model(cfg).eval()
+    impl = model.config._attn_implementation
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    layers = [b for st in model.encoder.layers for b in st.blocks]
+    ref = copy.deepcopy(model)  # transformers' own probabilities, from a copy (its hooks stay there)
+    eager = []
+    ref_layers = [b for st in ref.encoder.layers for b in st.blocks]
+    hooks = [b.attention.register_forward_hook(lambda m, a, o: eager.append(o[1])) for b in ref_layers]
+    ref_out = ref(x, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    assert len(eager) == 4 and torch.equal(ref_out.attentions[0], eager[1])
+    before = hook_state(model)
+    with vitviz.capture(model) as rec:
+        out = model(x)
+    assert hook_state(model) == before and model.config._attn_implementation == impl
+    torch.testing.assert_close(out.last_hidden_state, ref_out.last_hidden_state, rtol=1e-5, atol=1e-6)
+    assert rec.complete and rec.skipped == []
+    stages = rec.stages
+    assert [(s.layout.grid, s.layers, s.num_heads) for s in stages] == [((10, 10), (0, 1), 1), ((5, 5), (2, 3), 2)]
+    grids = [(10, 10), (10, 10), (5, 5), (5, 5)]
+    for i, (layer, grid) in enumerate(zip(layers, grids)):
+        window, shift = layer.window_size, layer.shift_size
+        expect = brute_stitch(eager[i].double(), grid, (window, window), (shift, shift), pad_first=True)
+        torch.testing.assert_close(stages[i // 2].tensor[i % 2].double(), expect, rtol=1e-5, atol=1e-6)
+    assert [b.shift_size for b in layers] == [0, 2, 0, 2]  # shifted blocks, and padded grids (10, 5), checked
+
+
+HIERARCHICAL = {  # transformers models whose keys are reduced to a coarser grid: (build, stages)
+    "pvt-v1": (lambda: transformers.PvtModel(transformers.PvtConfig(
+        image_size=64, num_encoder_blocks=4, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64],
+        num_attention_heads=[1, 2, 2, 4], sequence_reduction_ratios=[8, 4, 2, 1], patch_sizes=[4, 2, 2, 2],
+        strides=[4, 2, 2, 2], mlp_ratios=[2, 2, 2, 2])),
+        # the class token joins in the last stage
+        [((16, 16), 0, (2, 2), 1), ((8, 8), 0, (2, 2), 2), ((4, 4), 0, (2, 2), 2), ((2, 2), 1, None, 4)]),
+    "segformer": (lambda: transformers.SegformerModel(transformers.SegformerConfig(
+        num_encoder_blocks=4, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 2, 4],
+        sr_ratios=[8, 4, 2, 1], decoder_hidden_size=32)),
+        [((16, 16), 0, (2, 2), 1), ((8, 8), 0, (2, 2), 2), ((4, 4), 0, (2, 2), 2), ((2, 2), 0, None, 4)]),
+}
+
+
+@pytest.mark.parametrize("case", list(HIERARCHICAL))
+def test_transformers_reduced_keys_equal_eager_attentions(case):
+    """PVT v1 and Segformer (keys sequence-reduced to 2x2): each stage's layer equals transformers'
+    eager output_attentions of a copy with the same weights (the model itself stays on its own
+    implementation: SDPA for Segformer, eager for PVT v1)."""
+    build, expect = HIERARCHICAL[case]
+    torch.manual_seed(0)
+    model = build().eval()
+    impl = model.config._attn_implementation
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    ref_out = ref(x, output_attentions=True)
+    before = hook_state(model)
+    with vitviz.capture(model) as rec:
+        out = model(x)
+    assert hook_state(model) == before and model.config._attn_implementation == impl
+    torch.testing.assert_close(out.last_hidden_state, ref_out.last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert rec.complete and rec.skipped == []
+    stages = rec.stages
+    assert [(s.layout.grid, s.layout.num_prefix, None if s.square else s.keys.grid, s.num_heads)
+            for s in stages] == expect
+    assert len(ref_out.attentions) == len(stages) == 4
+    for s, want in zip(stages, ref_out.attentions):
+        assert s.num_layers == 1
+        torch.testing.assert_close(s.tensor[0], want, rtol=1e-5, atol=1e-6)
 
 
 # -- refusals and the promise: maps or a VitvizError -----------------------------------------
@@ -448,110 +533,194 @@ def test_yolos_detection_tokens_after_the_patches():
     assert vitviz.rollout(a).shape == (1, 4, 6)
 
 
-SWEEP = [
-    ("vit_tiny_patch16_224", dict(img_size=32, depth=1), 32),
-    ("swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1), embed_dim=16, num_heads=(1, 1), window_size=4), 64),
-    ("crossvit_tiny_240", dict(), 240),
-    ("twins_pcpvt_small", dict(img_size=64), 64),
-    ("levit_128s", dict(img_size=64), 64),
-    ("tnt_s_patch16_224", dict(img_size=32), 32),
-    ("efficientformer_l1", dict(), 224),
-    ("tiny_vit_5m_224", dict(), 224),
-    ("davit_tiny", dict(), 64),
-    ("mvitv2_tiny", dict(img_size=64), 64),
-    ("volo_d1_224", dict(img_size=64), 64),
-    ("nextvit_small", dict(), 64),
-    ("fastvit_t8", dict(), 64),
+# -- every family: its written-down outcome ------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """What one small model of a family gives, written down: a change fails the sweep.
+
+    ``layers``: the attention layers its forward pass runs (counted by helpers.AttentionLayerCount);
+    ``stages``: ``(layers, query grid, prefix tokens, key grid or None, heads)`` per stage, in order;
+    ``refused``: instead, a regex of the VitvizError raised by the capture or by ``rec.stages``;
+    ``pool``: ``(layers, heads)`` of ``rec.pool``; ``skipped``: ``{what: layers}`` of ``rec.skipped``.
+    """
+
+    layers: int
+    stages: list = field(default_factory=list)
+    refused: str | None = None
+    pool: tuple | None = None
+    skipped: dict = field(default_factory=dict)
+
+
+SWIN2 = dict(img_size=64, depths=(2, 2), embed_dim=16, num_heads=(1, 2), window_size=4)
+
+SWEEP = [  # (timm name, kwargs, input size, outcome)
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=1), 32, Outcome(1, [(1, (2, 2), 1, None, 3)])),
+    ("swinv2_tiny_window8_256", SWIN2, 64, Outcome(4, [(2, (16, 16), 0, None, 1), (2, (8, 8), 0, None, 2)])),
+    # every image layer unplaced: branch 0's 1 + 10x10 tokens are read as 101 tokens without a prefix
+    # (its class tokens sit in a ParameterList), branch 1 runs on the image resized to 112 px
+    ("crossvit_tiny_240", dict(img_size=120), 120,
+     Outcome(21, refused="could not be placed on the image grid",
+             skipped={"image attention": 15, "pooling attention": 6})),
+    ("twins_pcpvt_small", dict(img_size=64), 64,
+     Outcome(16, [(3, (16, 16), 0, (2, 2), 1), (4, (8, 8), 0, (2, 2), 2), (6, (4, 4), 0, (2, 2), 5),
+                  (3, (2, 2), 0, None, 8)])),
+    ("levit_128s", dict(img_size=64), 64,
+     Outcome(11, [(2, (4, 4), 0, None, 4), (1, (2, 2), 0, (4, 4), 8), (3, (2, 2), 0, None, 6),
+                  (1, (1, 1), 0, (2, 2), 16), (4, (1, 1), 0, None, 8)])),
+    ("tnt_s_patch16_224", dict(img_size=32), 32,
+     Outcome(24, [(12, (2, 2), 1, None, 6)], skipped={"inner attention": 12})),
+    ("efficientformer_l1", dict(), 224, Outcome(1, [(1, (7, 7), 0, None, 8)])),
+    ("tiny_vit_5m_224", dict(), 224,
+     Outcome(10, [(2, (28, 28), 0, None, 4), (6, (14, 14), 0, None, 5), (2, (7, 7), 0, None, 10)])),
+    ("davit_tiny", dict(), 64,
+     Outcome(12, [(1, (16, 16), 0, None, 3), (1, (8, 8), 0, None, 6), (3, (4, 4), 0, None, 12),
+                  (1, (2, 2), 0, None, 24)], skipped={"channel attention": 6})),
+    ("mvitv2_tiny", dict(img_size=64), 64,
+     Outcome(10, [(1, (16, 16), 0, (4, 4), 1), (1, (8, 8), 0, None, 2), (1, (8, 8), 0, (4, 4), 2),
+                  (1, (4, 4), 0, (8, 8), 4), (4, (4, 4), 0, None, 4), (1, (2, 2), 0, (4, 4), 8),
+                  (1, (2, 2), 0, None, 8)])),
+    ("volo_d1_224", dict(img_size=64), 64,
+     Outcome(20, [(14, (4, 4), 0, None, 12)], pool=(2, 12), skipped={"outlook attention": 4})),
+    ("nextvit_small", dict(), 64,
+     Outcome(4, [(1, (8, 8), 0, (2, 2), 6), (2, (4, 4), 0, (2, 2), 12), (1, (2, 2), 0, None, 24)])),
+    # the T8 variant has no attention stage at all (the SA variants do): an empty capture is an error
+    ("fastvit_t8", dict(), 64, Outcome(0, refused="no attention call was seen")),
 ]
 
 
-@pytest.mark.parametrize("name,kw,size", SWEEP, ids=[s[0] for s in SWEEP])
-def test_every_family_gives_maps_or_a_vitviz_error(name, kw, size):
+def stage_summary(stages):
+    return [(s.num_layers, s.layout.grid, s.layout.num_prefix, None if s.square else s.keys.grid, s.num_heads)
+            for s in stages]
+
+
+@pytest.mark.parametrize("name,kw,size,expect", SWEEP, ids=[s[0] for s in SWEEP])
+def test_every_family_gives_its_written_down_outcome(name, kw, size, expect):
+    """Maps with these layer counts and grids, or a refusal with this reason: a family that falls
+    from maps to a refusal (or the reverse), or whose grids, pool or skipped layers change, fails."""
     model = timm_model(name, **kw)
-    x = torch.randn(1, 3, size, size)
-    ref = model(x)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with AttentionLayerCount(model) as count:
+        ref = model(x)
+    assert len(count.layers) == expect.layers, count.layers
     before = hook_state(model)
+    rec = error = None
     try:
         with vitviz.capture(model) as rec:
             out = model(x)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-        # every attention layer read or skipped with its reason (tests/test_capture_accounting.py
-        # writes down each family's exact outcome)
-        assert rec.complete and rec.unaccounted == []
         stages = rec.stages
-        assert stages, "no stage and no error"
+    except VitvizError as e:
+        error = e
+    assert hook_state(model) == before and torch_function_modes() == 0
+    if expect.refused is not None:
+        assert error is not None, f"{name} gave maps where the refusal {expect.refused!r} is written down"
+        assert re.search(expect.refused, str(error)) and "Traceback" not in str(error), str(error)
+        captured = 0
+    else:
+        assert error is None, f"{name} fell from maps to a refusal: {error}"
+        assert stage_summary(stages) == expect.stages
         for s in stages:  # every stage gives per-layer maps on its grid, rows of probabilities
             maps = vitviz.cls_maps(s)
             assert maps.shape[-2:] == s.keys.grid and torch.isfinite(maps).all()
             assert s.tensor.sum(-1).max() <= 1 + 1e-4
-    except VitvizError as e:
-        assert str(e) and "Traceback" not in str(e)
-    assert hook_state(model) == before and torch_function_modes() == 0
+        captured = sum(s.num_layers for s in stages)
+    if expect.layers == 0:  # nothing ran: the capture itself refused
+        return
+    pool = rec.pool
+    assert (None if pool is None else (pool.num_layers, pool.tensor.shape[2])) == expect.pool
+    assert Counter(what for _, what, _ in rec.skipped) == Counter(expect.skipped)
+    assert all(why for _, _, why in rec.skipped)
+    # every attention layer read or skipped with its reason
+    assert rec.complete and rec.unaccounted == []
+    assert captured + (0 if pool is None else pool.num_layers) + len(rec.skipped) == expect.layers
 
 
-class SoftmaxLog(torch.overrides.TorchFunctionMode):
-    """Every softmax over the last dimension the model computes (its own probabilities, for the
-    families that always write the softmax out), in call order."""
+# -- ten more families: every attention op against its own probabilities ----------------------
 
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax) and out.dim() >= 3:
-            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
-            if dim is not None and dim % out.dim() == out.dim() - 1:
-                self.seen.append(out.detach().clone())
-        return out
+def block_grid(nhwc: bool):
+    """The token grid of a window block from its input: ``[B, H, W, C]`` or ``[B, C, H, W]``."""
+    return (lambda t: tuple(t.shape[1:3])) if nhwc else (lambda t: tuple(t.shape[2:4]))
 
 
-EXPLICIT = [  # families whose attention always computes softmax(q kᵀ) itself: (name, kwargs, size, windowed)
-    ("levit_128s", dict(img_size=64), 64, False),
-    ("tnt_s_patch16_224", dict(img_size=32), 32, False),
-    ("efficientformer_l1", dict(), 224, False),
-    ("mvitv2_tiny", dict(img_size=64), 64, False),
-    ("twins_pcpvt_small", dict(img_size=64), 64, False),
-    ("volo_d1_224", dict(img_size=64), 64, False),
-    ("nextvit_small", dict(), 64, False),
-    ("tiny_vit_5m_224", dict(), 224, True),
-    ("davit_tiny", dict(), 64, True),
-    ("swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1), embed_dim=16, num_heads=(1, 1), window_size=4),
-     64, True),
+EXPLICIT = [  # (name, kwargs, size, window blocks' input layout: None, "nhwc" or "nchw")
+    ("levit_128s", dict(img_size=64), 64, None),
+    ("tnt_s_patch16_224", dict(img_size=32), 32, None),
+    ("efficientformer_l1", dict(), 224, None),
+    ("mvitv2_tiny", dict(img_size=64), 64, None),
+    ("twins_pcpvt_small", dict(img_size=64), 64, None),
+    ("volo_d1_224", dict(img_size=64), 64, None),
+    ("nextvit_small", dict(), 64, None),
+    ("tiny_vit_5m_224", dict(), 224, "nhwc"),
+    ("davit_tiny", dict(), 64, "nchw"),
+    ("swinv2_tiny_window8_256", SWIN2, 64, "nhwc"),
 ]
+OUTCOMES = {name: expect for name, _, _, expect in SWEEP}
 
 
-@pytest.mark.parametrize("name,kw,size,windowed", EXPLICIT, ids=[e[0] for e in EXPLICIT])
-def test_every_family_exact_against_its_own_softmax(name, kw, size, windowed):
-    """Each recorded layer equals the next softmax of the same shape the model computed itself
-    (the fused path forced off where a module has one); window layers after a brute-force
-    scatter with the block's own window, shift and grid."""
+def pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[-1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+@pytest.mark.parametrize("name,kw,size,windows", EXPLICIT, ids=[e[0] for e in EXPLICIT])
+def test_every_attention_op_equals_its_own_probabilities(name, kw, size, windows):
+    """Fused attention left as the model has it. Every attention layer the forward pass runs
+    (helpers.AttentionLayerCount: each SDPA call and each softmax over the last dimension, in the
+    module call running it) is, in order, either a recorded layer of that module equal to the
+    probabilities of that op (a softmax's own output, or softmax(q kᵀ·scale + mask) recomputed from
+    SDPA's own arguments), window layers after a brute-force scatter with the block's own window,
+    shift and grid (its input), or in rec.skipped with its reason; and the count is the written-down
+    one."""
     model = timm_model(name, **kw)
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
-    x = torch.randn(1, 3, size, size)
-    log = SoftmaxLog()
-    with log:
-        model(x)
+    fused = {n: m.fused_attn for n, m in model.named_modules() if hasattr(m, "fused_attn")}
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    grids: dict[str, list] = {}  # window block name -> the grid of each of its calls
+    hooks = []
+    if windows:
+        read = block_grid(windows == "nhwc")
+        for n, m in model.named_modules():
+            if getattr(m, "window_size", None) and hasattr(m, "attn"):
+                hooks.append(m.register_forward_pre_hook(
+                    lambda mod, args, n=n: grids.setdefault(n, []).append(read(args[0]))))
+    try:
+        with AttentionLayerCount(model, keep=True) as count:
+            ref_out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
     with vitviz.capture(model) as rec:
-        model(x)
-    layers = [(s, i) for s in rec.stages for i in range(s.num_layers)]
-    assert layers
-    blocks = [m for m in model.modules() if hasattr(m, "window_size") and type(m).__name__.endswith("Block")]
-    pending = list(log.seen)
-    for n, (stage, i) in enumerate(layers):
-        got = stage.tensor[i]
-        if windowed:
-            block = blocks[n]
-            window = block.window_size if isinstance(block.window_size, tuple) else (block.window_size,) * 2
-            shift = getattr(block, "shift_size", 0)
-            shift = shift if isinstance(shift, tuple) else (shift, shift)
-            t = window[0] * window[1]
-            raw = next(r for r in pending if r.shape[-1] == t)
-            want = brute_stitch(raw.double(), stage.layout.grid, window, shift, pad_first=False)
+        out = model(x)
+    assert {n: m.fused_attn for n, m in model.named_modules() if hasattr(m, "fused_attn")} == fused
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    expect = OUTCOMES[name]
+    assert len(count.layers) == expect.layers  # the count, written down
+    assert Counter(what for _, what, _ in rec.skipped) == Counter(expect.skipped)
+    assert all(why for _, _, why in rec.skipped) and rec.complete and rec.unaccounted == []
+
+    p = rec.passes[-1]
+    records = iter(p.records)
+    skipped = Counter(n for n, _, _ in rec.skipped)
+    calls = Counter()
+    matched = 0
+    for (module, _), refs in zip(count.layers, count.references):
+        call = calls[module]
+        calls[module] += 1
+        if skipped[module]:  # left out, with its reason
+            skipped[module] -= 1
+            continue
+        _, site, got, _ = next(records)  # the next recorded layer is this module's call
+        assert site.name == module, (site.name, module)
+        (ref,) = refs
+        parent = module.rsplit(".", 1)[0]
+        if windows and parent in grids:
+            block = model.get_submodule(parent)
+            window, shift = pair(block.window_size), pair(getattr(block, "shift_size", 0))
+            want = brute_stitch(ref, grids[parent][call], window, shift, pad_first=False)
         else:
-            raw = next(r for r in pending if r.shape[1:] == got.shape[1:])
-            want = raw.double()
-        pending = pending[next(k for k, r in enumerate(pending) if r is raw) + 1:]
+            want = ref
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        matched += 1
+    assert next(records, None) is None and not +skipped  # every record and every skipped layer matched
+    assert matched + len(rec.skipped) == len(count.layers)
+    if windows:  # window layers were among those compared
+        assert sum(len(v) for v in grids.values()) > 0

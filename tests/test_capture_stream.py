@@ -198,3 +198,19 @@ def test_relevance_stream_errors(model):
         out.backward(retain_graph=True)
         with pytest.raises(CaptureError, match="second gradient"):
             out.backward()
+
+
+def test_a_stream_under_autograd_gives_the_no_grad_maps_and_a_differentiable_output():
+    # streams that fuse heads compute in place (out=), which autograd refuses: with gradients on
+    # (no torch.no_grad, as a user writes it) the capture takes the differentiable path instead
+    m = vitviz.load_model("shapes-vit")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with vitviz.capture(m, keep="none", streams={"r": RolloutStream()}) as rec:
+        out = m(x)
+    with torch.no_grad(), vitviz.capture(m, keep="none", streams={"r": RolloutStream()}) as rec0:
+        out0 = m(x)
+    assert out.requires_grad
+    torch.testing.assert_close(rec.stream("r"), rec0.stream("r"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.detach(), out0, atol=1e-5, rtol=0)
+    out.sum().backward()  # the graph is whole
+    assert all(p.grad is not None for p in m.module.parameters() if p.requires_grad)

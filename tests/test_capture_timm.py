@@ -4,7 +4,7 @@ eager), no flag switched, nothing left behind, layouts from the model."""
 import pytest
 import timm
 import torch
-from helpers import hook_state, torch_function_modes
+from helpers import AttentionLayerCount, SdpaCalls, hook_state, torch_function_modes
 
 import vitviz
 from vitviz.errors import CaptureError
@@ -45,6 +45,8 @@ CASES = [
     ("vit_tiny_patch16_224", dict(img_size=(48, 80)), 1, (48, 80), (3, 5)),
     ("vit_tiny_patch16_224", dict(img_size=64, dynamic_img_size=True), 1, (48, 96), (3, 6)),
     ("vit_tiny_patch16_224", dict(img_size=64, class_token=False, global_pool="avg"), 0, (64, 64), (4, 4)),
+    # FlexiViT: its position embedding holds only the patch positions (no_embed_class)
+    ("flexivit_small", dict(img_size=48), 1, (48, 48), (3, 3)),
 ]
 
 
@@ -93,25 +95,42 @@ def test_capture_equals_recomputation_and_output_unchanged(name, kw, prefix, hw,
 
 
 @pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
-def test_eva_and_beit(name):
+def test_eva_and_beit_equal_the_probabilities_of_their_sdpa_calls(name):
+    """EVA02 (RoPE on q and k) and BEiT (relative-position bias as SDPA's float mask), fused
+    attention left on: every layer equals softmax(q kᵀ·scale + mask) recomputed in the test from
+    the q, k and mask the model passed to SDPA (helpers.AttentionLayerCount, float64)."""
     model = tiny(name, img_size=56 if "patch14" in name else 64)
-    x = torch.randn(1, 3, *model.patch_embed.img_size)
-    with torch.no_grad():
-        ref = model(x)
+    if name.startswith("beit"):  # the tables start near zero: a bias that matters
+        torch.manual_seed(3)
+        for b in model.blocks:
+            torch.nn.init.normal_(b.attn.relative_position_bias_table)
+    assert all(b.attn.fused_attn for b in model.blocks)
+    x = torch.randn(2, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+    ropes = []
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a, kw: ropes.append(kw.get("rope")), with_kwargs=True)
+             for b in model.blocks]
+    try:
+        with torch.no_grad(), AttentionLayerCount(model, keep=True) as count, SdpaCalls() as sdpa:
+            ref = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(sdpa.calls) == len(count.layers) == 2
+    if name.startswith("eva"):  # the position information is RoPE applied to q and k
+        assert all(r is not None for r in ropes) and all(c["attn_mask"] is None for c in sdpa.calls)
+    else:  # the relative-position bias is the mask
+        assert all(c["attn_mask"] is not None and c["attn_mask"].abs().max() > 0.1 for c in sdpa.calls)
     with vitviz.capture(model) as rec, torch.no_grad():
         out = model(x)
-    assert torch.allclose(out, ref, atol=1e-5)
+    assert all(b.attn.fused_attn for b in model.blocks)  # nothing switched
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert rec.complete and rec.skipped == []
     t = rec.attentions.tensor
-    assert t.shape[:3] == (2, 1, 2)
-    assert torch.allclose(t.sum(-1), torch.ones_like(t.sum(-1)), atol=1e-5)
-    assert rec.attentions.layout.grid == tuple(model.patch_embed.grid_size)
-    # read at SDPA (RoPE'd q and k for EVA, the relative-position bias as BEiT's float mask):
-    # equal to the model's own non-fused softmax
-    for b in model.blocks:
-        b.attn.fused_attn = False
-    with vitviz.capture(model) as eager, torch.no_grad():
-        model(x)
-    assert torch.allclose(eager.attentions.tensor, t, atol=1e-6)
+    assert t.shape[:3] == (2, 2, 2)
+    assert rec.attentions.layout == vitviz.TokenLayout(1, tuple(model.patch_embed.grid_size))
+    assert [name for name, _ in count.layers] == ["blocks.0.attn", "blocks.1.attn"]
+    for layer, (want,) in enumerate(count.references):  # [B, H, N, N] float64
+        torch.testing.assert_close(t[layer].double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_batched_equals_one_by_one():

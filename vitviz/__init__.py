@@ -35,6 +35,8 @@ _EXPORTS = {
     "WeightsNotFoundError": "vitviz.errors",
     "PreprocessError": "vitviz.errors",
     "MissingExtraError": "vitviz.errors",
+    "UnplacedAttentionError": "vitviz.errors",
+    "IncompleteCaptureWarning": "vitviz.errors",
     # load
     "VisionModel": "vitviz.models",
     "wrap": "vitviz.models",
@@ -116,10 +118,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         CaptureError,
         CheckpointError,
         ImageError,
+        IncompleteCaptureWarning,
         LayoutError,
         MissingExtraError,
         ModelNotFoundError,
         PreprocessError,
+        UnplacedAttentionError,
         VitvizError,
         WeightsNotFoundError,
     )

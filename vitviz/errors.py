@@ -96,3 +96,9 @@ class UnplacedAttentionError(CaptureError, LayoutError):
 class IncompleteCaptureWarning(UserWarning):
     """A capture saw attention layers that it neither recorded nor could explain (they are not
     in ``rec.skipped``); ``rec.complete`` is False. The message names the modules."""
+
+
+class UnknownTokenWarning(UserWarning):
+    """A text given to a text-image model holds words its tokenizer does not know: they are read
+    as its unknown token (``[UNK]``), so the maps and scores do not see them. The message names
+    the words (:func:`vitviz.explain.text.unknown_words`)."""

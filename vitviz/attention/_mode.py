@@ -362,7 +362,9 @@ class AttentionOps(TorchFunctionMode):
                 rec.skip(role, ops=[op])
             return out
         fusion = rec.fused_heads(role, q)
-        if fusion is not None and q.dim() == 4 and a["dropout_p"] == 0:
+        differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if fusion is not None and q.dim() == 4 and a["dropout_p"] == 0 and not differentiable:
+            # computed in place (out=): no autograd, so only where the model's output needs no graph
             out, fused = sdpa_fused_heads(q, k, v, fusion=fusion, attn_mask=a["attn_mask"],
                                           is_causal=a["is_causal"], scale=a["scale"],
                                           enable_gqa=a["enable_gqa"])

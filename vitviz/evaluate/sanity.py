@@ -529,14 +529,15 @@ def _reason(e: Exception) -> str:
 
 
 def _choose_methods(vm, x: torch.Tensor, methods: Sequence[str | Method | MapFn] | None,
-                    target: torch.Tensor | None, say: Callable[[str], None]) -> tuple[list, dict]:
+                    target: torch.Tensor | None, say: Callable[[str], None],
+                    defaults: Sequence[str] = DEFAULT_METHODS) -> tuple[list, dict]:
     """The methods to run and ``{name: reason}`` of the default ones left out.
 
     Named methods are checked and tried on the first image: one that cannot run raises its error
-    (before any work). Without names, :data:`DEFAULT_METHODS` are tried the same way and the ones
-    that cannot run are left out, each with a note."""
+    (before any work). Without names, ``defaults`` are tried the same way and the ones that
+    cannot run are left out, each with a note."""
     named = methods is not None
-    candidates = list(methods) if named else list(DEFAULT_METHODS)
+    candidates = list(methods) if named else list(defaults)
     dropped: dict[str, str] = {}
     kept = []
     for method in candidates:  # unknown names, per-word methods and missing extras: before any work
@@ -561,7 +562,7 @@ def _choose_methods(vm, x: torch.Tensor, methods: Sequence[str | Method | MapFn]
             if named:
                 raise
             dropped[name] = _reason(e)
-            say(f"{name} is skipped on {vm.name}: {dropped[name]}")
+            say(f"{name} is skipped: {dropped[name]}")
             continue
         chosen.append(method)
     if not chosen:
@@ -574,7 +575,8 @@ def sanity_check(model, images, methods: Sequence[str | Method | MapFn] | None =
                  randomize: bool = True, tokens: bool = True, road_images: int | None = None,
                  steps: int = 16, road_steps: int = 10, seed: int = 0, batch_size: int = 32,
                  score_fn=None, progress: Callable[[str], None] | None = None,
-                 on_note: Callable[[str], None] | None = None) -> SanityReport:
+                 on_note: Callable[[str], None] | None = None,
+                 defaults: Sequence[str] = DEFAULT_METHODS) -> SanityReport:
     """Randomisation, token deletion / insertion and ROAD for several map methods on the same inputs.
 
     Args:
@@ -598,6 +600,8 @@ def sanity_check(model, images, methods: Sequence[str | Method | MapFn] | None =
         progress: called with each method's name when it starts.
         on_note: called with each note (something left out, and why) when it is made; the
             notes are also in :attr:`SanityReport.notes`.
+        defaults: the registered methods tried when ``methods`` is ``None`` (default
+            :data:`DEFAULT_METHODS`).
 
     Returns:
         :class:`SanityReport`.
@@ -629,7 +633,7 @@ def sanity_check(model, images, methods: Sequence[str | Method | MapFn] | None =
     with torch.no_grad():
         out = vm(x)
     target = None if score_fn is not None else resolve_targets(logits_of(out, what="sanity_check"), None)  # [B]
-    chosen, dropped = _choose_methods(vm, x, methods, target, say)
+    chosen, dropped = _choose_methods(vm, x, methods, target, say, defaults)
     if tokens:
         try:
             token_site(vm.module)

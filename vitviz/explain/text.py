@@ -28,7 +28,7 @@ from .._util.extras import require_extra
 from ..analyze.gradient import RelevanceStream
 from ..analyze.text_image import LeGradStream, patch_text_logits
 from ..attention import capture
-from ..errors import VitvizError
+from ..errors import UnknownTokenWarning, VitvizError
 from ..models import VisionModel, wrap
 from ._shared import captured
 
@@ -48,7 +48,8 @@ class TextMaps:
         scores: ``[T]`` float32, the model's image-text logit of each text.
         texts: the texts as given (strings), or None for token ids.
         method: the method that made the maps.
-        notes: what the user should know (e.g. texts truncated to the model's context).
+        notes: what the user should know (e.g. texts truncated to the model's context, words
+            outside the tokenizer's vocabulary).
     """
 
     maps: torch.Tensor
@@ -142,6 +143,21 @@ class _Towers:
         warnings.warn(note, stacklevel=3)
         return [note]
 
+    def _unknown(self, tok: Any, texts: list[str]) -> list[str]:
+        """Warn (:class:`vitviz.errors.UnknownTokenWarning`) naming the words of ``texts`` that the
+        tokenizer reads as its unknown token; the note, or nothing."""
+        words = unknown_words(tok, texts)
+        if not words:
+            return []
+        unk = getattr(tok, "unk_token", None) or "the unknown token"
+        vocab = _small_vocabulary(tok)
+        known = f"; the words it knows: {', '.join(vocab)}" if vocab else ""
+        note = (f"{len(words)} word(s) are not in {self.vm.name}'s vocabulary and were read as {unk}: "
+                + ", ".join(f'"{w}"' for w in words)
+                + f"; the maps and scores do not see them: use words the tokenizer knows{known}")
+        warnings.warn(note, UnknownTokenWarning, stacklevel=3)
+        return [note]
+
 
 class _HFTowers(_Towers):
     """transformers ``CLIPModel`` and ``SiglipModel`` (and models built like them)."""
@@ -201,7 +217,7 @@ class _HFTowers(_Towers):
             raise self._no_tokenizer()
         padding: bool | str = "max_length" if self.sigmoid else True
         lengths = [len(ids) for ids in tok(texts)["input_ids"]]
-        notes = self._truncated(texts, lengths)
+        notes = self._truncated(texts, lengths) + self._unknown(tok, texts)
         enc = tok(texts, padding=padding, truncation=True, max_length=self.context_length, return_tensors="pt")
         mask = None if self.sigmoid else enc.get("attention_mask")  # SigLIP is trained on padded text, unmasked
         return enc["input_ids"], mask, notes
@@ -266,8 +282,59 @@ class _OpenClipTowers(_Towers):
             ids = out if isinstance(out, torch.Tensor) else torch.as_tensor(out["input_ids"])
             notes = self._truncated(texts, [int(ids.shape[-1])] * len(texts)) if ids.shape[-1] > self.context_length \
                 else []
+            notes += self._unknown(tok, texts)
             ids = ids[:, :self.context_length]
         return ids.long(), None, notes
+
+
+def unknown_words(tokenizer: Any, texts: Sequence[str]) -> list[str]:
+    """The words of ``texts`` that ``tokenizer`` reads as its unknown token, each once, in order.
+
+    A word-level vocabulary (``shapes-clip``) has no token for words it was not built with:
+    ``"a dog on a skateboard"`` becomes ``[BOS] a [UNK] [UNK] a [UNK] [EOS]``. Byte-level BPE
+    tokenizers (CLIP's, open_clip's) have no unknown token and give ``[]``.
+
+    Args:
+        tokenizer: a transformers tokenizer (one with ``unk_token_id``; others give ``[]``).
+        texts: the texts.
+
+    Returns:
+        The unknown words as written in the texts (``"dog"``, ``"Circle."``).
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not callable(tokenizer):
+        return []
+    found: list[str] = []
+    enc = None
+    if getattr(tokenizer, "is_fast", False):  # exact spans from the offsets
+        try:
+            enc = tokenizer(list(texts), return_offsets_mapping=True, return_special_tokens_mask=True)
+        except (TypeError, ValueError, NotImplementedError, KeyError):
+            enc = None
+    if enc is not None and "offset_mapping" in enc and "special_tokens_mask" in enc:
+        for text, ids, spans, special in zip(texts, enc["input_ids"], enc["offset_mapping"],
+                                             enc["special_tokens_mask"], strict=True):
+            for i, (a, b), sp in zip(ids, spans, special, strict=True):
+                if i == unk and not sp and b > a:  # an unknown word, not the special token of a template
+                    found.append(text[a:b])
+    else:  # other tokenizers: word by word
+        for text in texts:
+            for word in text.split():
+                ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+                if unk in ids:
+                    found.append(word)
+    return list(dict.fromkeys(found))
+
+
+def _small_vocabulary(tokenizer: Any, most: int = 40) -> list[str]:
+    """The words of a small word-level vocabulary (at most ``most``, special tokens left out),
+    sorted; ``[]`` for a larger one."""
+    get = getattr(tokenizer, "get_vocab", None)
+    if not callable(get):
+        return []
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    words = sorted(w for w in get() if w not in special)
+    return words if len(words) <= most else []
 
 
 def towers(model: Any) -> _Towers:
@@ -360,7 +427,8 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
         :class:`TextMaps`: ``maps`` ``[T, gh, gw]`` float32 (one per text over the image's
         patch grid, prefix tokens dropped, not rescaled), ``scores`` ``[T]`` float32 (the
         model's image-text logit of each text), ``texts`` (the strings, or None for token ids),
-        ``method`` and ``notes`` (e.g. texts truncated to the model's context, also warned).
+        ``method`` and ``notes`` (e.g. texts truncated to the model's context, words outside the
+        tokenizer's vocabulary: also warned, the latter as :class:`vitviz.errors.UnknownTokenWarning`).
 
     Raises:
         VitvizError: an unknown method, ``start_layer`` with maskclip (or out of range with
@@ -454,7 +522,8 @@ def explain_text(model: Any, image: Any, texts: Texts, *, method: str = "chefer"
             transformers ``CLIPModel`` / ``SiglipModel``, an open_clip CLIP model, or
             ``vitviz.load_model("shapes-clip")``.
         image: a path, PIL image, ``HxWx3`` uint8 array, or a preprocessed ``[1, 3, H, W]``.
-        texts: a string, a list of strings (tokenized with the model's own tokenizer), or a
+        texts: a string, a list of strings (tokenized with the model's own tokenizer; words it
+            does not know are warned about, :class:`vitviz.errors.UnknownTokenWarning`), or a
             ``LongTensor [T, L]`` of token ids.
         method: what explains the image-text logit of each text:
 

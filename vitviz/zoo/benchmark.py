@@ -234,19 +234,40 @@ def evaluate_classifier(model=None, *, n: int = 200, seeds: Sequence[int] | None
 
 
 def evaluate_sanity(model=None, *, n: int = 200, seeds: Sequence[int] | None = None,
-                     methods: Sequence[str] | None = None, road_images: int | None = 20,
-                     steps: int = 16, road_steps: int = 10, batch_size: int = 50,
-                     progress: Callable[[str], None] | None = None) -> Table:
+                    methods: Sequence[str] | None = None, road_images: int | None = 20,
+                    steps: int = 16, road_steps: int = 10, batch_size: int = 50,
+                    progress: Callable[[str], None] | None = None, tokens: bool = True,
+                    leave_out: Sequence[str] = (), on_note: Callable[[str], None] | None = None) -> Table:
     """Sanity checks of every map method of ``shapes-vit`` on held-out scenes.
 
     Model-parameter randomisation (cascade, Adebayo et al. 2018), token deletion / insertion
     and ROAD (on the first ``road_images`` scenes: its imputation is the slow part) for
     rollout, CLS attention (last layer), relevance, gradient rollout, attention flow and the
-    random and centre baselines; see :func:`vitviz.evaluate.sanity.sanity_check`.
+    random and centre baselines; see :func:`vitviz.evaluate.sanity.sanity_check`. Attention
+    flow is left out, with a note, when its extra (``vitviz[flow]``) is not installed.
+
+    Args:
+        model: the classifier (default: the bundled ``shapes-vit``).
+        n: held-out scenes (the first ``n`` of :data:`HELDOUT_SEEDS`), unless ``seeds`` is given.
+        seeds: the scenes' seeds.
+        methods: registered map methods (each must run; a missing extra raises); default: those
+            of :data:`vitviz.evaluate.sanity.DEFAULT_METHODS` that are installed and run.
+        road_images: ROAD on the first ``road_images`` scenes (``None``: all; ``0``: none).
+        steps, road_steps: points of the token and ROAD curves minus one.
+        batch_size: images per map computation.
+        progress: called with each method's name when it starts.
+        tokens: compute the token deletion / insertion curves.
+        leave_out: default methods not to run (``--no-flow``, ``--no-relevance``).
+        on_note: called with each note (a method or the token curves left out, and why).
 
     Returns:
         :class:`Table` with the columns of :data:`vitviz.evaluate.sanity.SANITY_COLUMNS`;
-        ``extra["seconds"]`` holds the time per method and ``extra["road_images"]`` the count.
+        ``notes`` says what was left out; ``extra["seconds"]`` holds the time per method and
+        ``extra["road_images"]`` the count.
+
+    Raises:
+        VitvizError: an unknown method, or one that cannot run on the model.
+        MissingExtraError: a named method's optional package is not installed.
     """
     from ..evaluate.sanity import DEFAULT_METHODS, sanity_check
     from ..models.bundled.shapes import to_input
@@ -258,8 +279,9 @@ def evaluate_sanity(model=None, *, n: int = 200, seeds: Sequence[int] | None = N
     seeds = list(seeds) if seeds is not None else list(HELDOUT_SEEDS)[:n]
     scenes = make_dataset("classification", seeds)
     x = to_input(np.stack([s.image for s in scenes]), device=model.device, dtype=model.dtype)
-    rep = sanity_check(model, x, list(methods or DEFAULT_METHODS), road_images=road_images, steps=steps,
-                       road_steps=road_steps, batch_size=batch_size, progress=progress)
+    rep = sanity_check(model, x, None if methods is None else list(methods), road_images=road_images,
+                       steps=steps, road_steps=road_steps, tokens=tokens, batch_size=batch_size, progress=progress,
+                       on_note=on_note, defaults=[m for m in DEFAULT_METHODS if m not in set(leave_out)])
     table = rep.table()
     table.extra["seconds"] = rep.seconds
     table.extra["road_images"] = min(len(scenes), road_images if road_images is not None else len(scenes))

@@ -54,6 +54,10 @@ def run(args) -> int:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.steps < 1:
         return fail(f"--steps must be >= 1, got {args.steps}")
+    if args.sanity and args.model != "shapes-vit":
+        return fail("--sanity needs a classifier: use --model shapes-vit")
+    if args.sanity and args.road_images < 0:
+        return fail(f"--road-images must be >= 0, got {args.road_images}")
     methods = None
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -67,41 +71,46 @@ def run(args) -> int:
             single_map_method(name, "benchmark-maps")
     import time
 
-    from tqdm.auto import tqdm
-
     from ..._util.extras import EXTRAS, has_extra
+    from ..._util.progress import progress_bar
     from ...models import load_model
     from ...zoo.benchmark import evaluate_captioner, evaluate_classifier
 
     flow = not args.no_flow and has_extra("flow")
-    if not args.no_flow and not flow and args.model == "shapes-vit":
+    if not args.no_flow and not flow and args.model == "shapes-vit" and not args.sanity:
+        # --sanity: the sanity checks leave flow out themselves, with their own note
         print(f"vitviz: note: attention flow is skipped: its solver '{EXTRAS['flow'].distribution}' is "
               "not installed (pip install 'vitviz[flow]')", file=sys.stderr)
     model = load_model(args.model, weights=args.weights, device=args.device)
-    bar = tqdm(total=args.num_images, unit="img", desc=args.model, file=sys.stderr)
-
-    def progress(done, total):
-        bar.update(done - bar.n)
-
     t0 = time.time()
     if args.sanity:
-        if args.model != "shapes-vit":
-            return fail("--sanity needs a classifier: use --model shapes-vit")
-        if args.road_images < 0:
-            return fail(f"--road-images must be >= 0, got {args.road_images}")
         from ...zoo.benchmark import evaluate_sanity
 
-        bar.close()
+        leave_out = (["flow"] if args.no_flow else []) + (["relevance", "grad_rollout"] if args.no_relevance else [])
+        if methods is not None and any(m in leave_out for m in methods):
+            gone = [m for m in methods if m in leave_out]
+            methods = [m for m in methods if m not in leave_out]
+            if not methods:
+                return fail(f"--methods {args.methods} leaves nothing after --no-flow / --no-relevance")
+            print(f"vitviz: note: {', '.join(gone)} left out (--no-flow / --no-relevance)", file=sys.stderr)
         table = evaluate_sanity(model, n=args.num_images, road_images=args.road_images, steps=args.steps,
-                                 batch_size=args.batch_size, methods=methods,
+                                 batch_size=args.batch_size, methods=methods, tokens=not args.no_deletion,
+                                 leave_out=leave_out,
                                  progress=lambda m: print(f"[{time.time() - t0:6.1f} s] {m}", file=sys.stderr))
         print(f"shapes-vit, {table.n} held-out scenes (ROAD on {table.extra['road_images']}): rank correlation, "
               "SSIM and top-k overlap with the trained map after the head, then all layers, were re-initialised "
               "(lower: the map depends on the model); token and ROAD curves of the class probability")
         print(table.format(markdown=args.markdown))
+        for note in table.notes:
+            print(f"note: {note}")
         print("seconds per method: " + ", ".join(f"{k} {v:.1f}" for k, v in table.extra["seconds"].items()))
         print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
         return 0
+    bar = progress_bar(total=args.num_images, unit="img", desc=args.model)
+
+    def progress(done, total):
+        bar.update(done - bar.n)
+
     if args.model == "shapes-clip":  # text maps: their own benchmark (vitviz/zoo/benchmark_clip.py)
         from ...zoo.benchmark_clip import benchmark_clip
 

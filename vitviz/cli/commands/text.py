@@ -63,7 +63,7 @@ def run(args) -> int:
     from ..._util.files import save_npy, unique_stems
     from ..._util.progress import progress_bar
     from ...batch import Outcome
-    from ...errors import ImageError
+    from ...errors import ImageError, UnknownTokenWarning
     from ...explain.text import text_maps, towers
     from ...models import load_image
     from ...render import caption_strip
@@ -94,12 +94,13 @@ def run(args) -> int:
         except ImageError as e:
             o.error = e.reason
             continue
-        with warnings.catch_warnings():  # the notes are printed below, once
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(record=True) as caught:  # the notes are printed below, once
+            warnings.simplefilter("always", UserWarning)
             res = text_maps(model, img, args.texts, method=args.method, start_layer=args.start_layer)
+        unknown = {str(w.message) for w in caught if issubclass(w.category, UnknownTokenWarning)}
         for n in res.notes:
-            if n not in noted:
-                print(f"vitviz: note: {n}", file=sys.stderr)
+            if n not in noted:  # words outside the vocabulary: a warning (the map cannot see them)
+                print(f"vitviz: {'warning' if n in unknown else 'note'}: {n}", file=sys.stderr)
                 noted.add(n)
         maps = res.maps.detach().float().cpu().numpy()  # [T, gh, gw]
         o.outputs.append(save_npy(out / f"{stem}_text.npy", maps))
