@@ -223,8 +223,8 @@ def tiny_word_clip(tok, *, text_layers: int = 2, context: int = 6):
 class AttentionLayerCount(torch.overrides.TorchFunctionMode):
     """The attention layers one forward pass runs, counted without vitviz.
 
-    A layer is a module call inside which an attention op runs: an
-    ``F.scaled_dot_product_attention`` call, or a softmax over the last dimension of a 3-D or
+    A layer is a module call inside which an attention op runs: an ``F.scaled_dot_product_attention``
+    or ``F.multi_head_attention_forward`` call, or a softmax over the last dimension of a 3-D or
     larger tensor; every op inside one module call is one layer. The module running an op is
     the innermost module being called (forward pre- and post-hooks on every module keep a
     stack), not counting ``nn.Softmax`` / ``nn.Dropout`` / ``nn.Identity``.
@@ -298,6 +298,9 @@ class AttentionLayerCount(torch.overrides.TorchFunctionMode):
             what = f"sdpa {tuple(q.shape)}"
             if self.keep:
                 ref = self.sdpa_reference(args, kwargs)
+        elif func is torch.nn.functional.multi_head_attention_forward:
+            # nn.MultiheadAttention: its softmax runs inside this call, where no mode sees it
+            what = f"multi_head_attention_forward {tuple(args[0].shape)}"
         elif func in (torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax, torch.special.softmax) \
                 and isinstance(out, torch.Tensor) and out.dim() >= 3:
             dim = args[1] if len(args) > 1 else kwargs.get("dim")

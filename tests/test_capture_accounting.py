@@ -80,6 +80,10 @@ FAMILIES = [
     Family("timm-deit-distilled", lambda: timm_model("deit_tiny_distilled_patch16_224", 32, img_size=32, patch_size=8,
                                                      depth=2, embed_dim=32, num_heads=2),
            layers=2, stages=[(2, (4, 4), 2, None, 2)]),
+    # SigLIP's attention-pool (MAP) head: its latent query over the 2x2 patches is rec.pool
+    Family("timm-siglip", lambda: timm_model("vit_base_patch16_siglip_224", 32, img_size=32, depth=1, embed_dim=32,
+                                             num_heads=2),
+           layers=2, stages=[(1, (2, 2), 0, None, 2)], pool=(1, 2)),
     Family("timm-swin", lambda: timm_model("swin_tiny_patch4_window7_224", 64, img_size=64, depths=(2, 1),
                                            embed_dim=16, num_heads=(1, 2), window_size=4),
            layers=3, stages=[(2, (16, 16), 0, None, 1), (1, (8, 8), 0, None, 2)], windowed=True),
@@ -147,6 +151,20 @@ FAMILIES = [
                                         (1, 3, 64, 64)),
            layers=14, stages=[(4, (4, 4), 0, None, 4), (1, (2, 2), 0, (4, 4), 8), (4, (2, 2), 0, None, 8),
                               (1, (1, 1), 0, (2, 2), 16), (4, (1, 1), 0, None, 12)]),
+    Family("hf-data2vec-vision", lambda: hf_model(transformers.Data2VecVisionModel,
+                                                  transformers.Data2VecVisionConfig(image_size=32, patch_size=8,
+                                                                                    **TINY_HF), (1, 3, 32, 32)),
+           layers=2, stages=[(2, (4, 4), 1, None, 2)]),
+    # no CLS token: the patches alone
+    Family("hf-ijepa", lambda: hf_model(transformers.IJepaModel,
+                                        transformers.IJepaConfig(image_size=32, patch_size=8, **TINY_HF),
+                                        (1, 3, 32, 32)),
+           layers=2, stages=[(2, (4, 4), 0, None, 2)]),
+    # 5 detection tokens after the patches (TokenLayout num_suffix=5): the stage is the 4x4 grid
+    Family("hf-yolos", lambda: hf_model(transformers.YolosModel,
+                                        transformers.YolosConfig(image_size=[32, 32], patch_size=8,
+                                                                 num_detection_tokens=5, **TINY_HF), (1, 3, 32, 32)),
+           layers=2, stages=[(2, (4, 4), 1, None, 2)]),
     # no CLS token, 2 temporal x 4 x 4 tubelets: the layout is not guessed from the 32 tokens
     Family("hf-videomae", lambda: hf_model(transformers.VideoMAEModel,
                                            transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4,
@@ -415,3 +433,26 @@ def test_videomae_layout_is_refused_not_guessed():
         assert isinstance(e.value, UnplacedAttentionError)  # also a CaptureError
     assert rec.complete and len(rec.skipped) == 2
     assert all("4 frames" in why for _, _, why in rec.skipped)
+
+
+def test_transformers_siglip_pooling_head_is_rec_pool_equal_to_its_own_weights():
+    # SigLIP's multihead-attention pooling head is an nn.MultiheadAttention whose parent holds the
+    # learned probe: a pooling head (rec.pool), not cross-attention of a text that is not there
+    cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=32, patch_size=8)
+    m = transformers.SiglipVisionModel(cfg).eval()
+    vm = vitviz.wrap(m)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    count = AttentionLayerCount(m)
+    with torch.no_grad(), vitviz.capture(vm) as rec, count:
+        out = vm(x)
+    assert rec.cross is None and rec.complete and rec.skipped == []
+    assert [name for name, _ in count.layers] == [  # seen without vitviz: 2 encoder layers and the head
+        "encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "head.attention"]
+    assert [s.tensor.shape for s in rec.stages] == [(2, 2, 2, 16, 16)]
+    head = m.vision_model.head if hasattr(m, "vision_model") else m.head
+    with torch.no_grad():  # the reference: the module's own per-head weights for the same input
+        _, w = head.attention(head.probe.expand(2, -1, -1), out.last_hidden_state, out.last_hidden_state,
+                              need_weights=True, average_attn_weights=False)  # [B, H, 1, N]
+    assert rec.pool.tensor.shape == (1, 2, 2, 1, 16)
+    torch.testing.assert_close(rec.pool.tensor[0], w, atol=1e-6, rtol=0)

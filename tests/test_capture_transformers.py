@@ -3,7 +3,9 @@
 Every model is built from a tiny random config (no download). The source of truth is the
 same model, deep-copied, switched to eager by transformers itself and called with
 ``output_attentions=True`` (which leaves transformers' hooks on the copy, never on the
-model under test).
+model under test). Data2Vec-Vision, which transformers will not switch, is compared with
+another instance built eager with the same weights, and with the softmax recomputed from the q,
+k and mask of its own SDPA calls.
 """
 
 import copy
@@ -11,7 +13,7 @@ import copy
 import pytest
 import torch
 import transformers
-from helpers import TINY_VIT, build_blip, build_ved, hook_state
+from helpers import TINY_VIT, AttentionLayerCount, SdpaCalls, build_blip, build_ved, hook_state
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig
@@ -118,6 +120,9 @@ VISION_CASES = {
              (32, 32), {}, TokenLayout(1, (4, 4))),
     "clip-vision": (lambda: build("CLIPVisionModel", "CLIPVisionConfig"), (32, 32), {},
                     TokenLayout(1, (4, 4))),
+    # no CLS token; weights 10x the default init (with std 0.02 its attention is uniform to 4e-3)
+    "ijepa": (lambda: build("IJepaModel", "IJepaConfig", initializer_range=0.2), (32, 32), {},
+              TokenLayout(0, (4, 4))),
 }
 
 
@@ -155,6 +160,45 @@ def test_image_encoder_equals_output_attentions(case):
     assert no_transformers_hooks_flag(model)
     with torch.no_grad():
         assert torch.equal(model(x, **kwargs)[0], plain)
+
+
+def test_data2vec_vision_equals_eager_and_its_own_sdpa_calls():
+    """Data2Vec-Vision runs SDPA and transformers refuses to switch it to eager: two references.
+    transformers' eager ``output_attentions`` of another instance built eager with the same weights,
+    and softmax(q kᵀ·scale + bias) recomputed from the q, k and relative-position bias the model
+    passes to SDPA (helpers.AttentionLayerCount, float64)."""
+    cfg = dict(TINY_VIT, use_relative_position_bias=True, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.Data2VecVisionModel(transformers.Data2VecVisionConfig(**cfg)).eval()
+    with torch.no_grad():  # a relative-position bias that matters
+        for layer in model.encoder.layer:
+            nn.init.normal_(layer.attention.attention.relative_position_bias.relative_position_bias_table)
+    ref = transformers.Data2VecVisionModel(transformers.Data2VecVisionConfig(attn_implementation="eager", **cfg))
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)  # [B, 3, H, W]
+    impls_before = attn_impls(model)
+    assert set(impls_before.values()) == {"sdpa"}
+    with torch.no_grad():
+        ref_out = ref(x, output_attentions=True)
+        with AttentionLayerCount(model, keep=True) as count, SdpaCalls() as sdpa:
+            plain = model(x).last_hidden_state
+    assert len(sdpa.calls) == 2 and all(c["attn_mask"] is not None for c in sdpa.calls)  # the bias
+    hooks_before = hook_state(model)
+    with torch.no_grad(), capture(model) as rec:
+        out = model(x).last_hidden_state
+    assert attn_impls(model) == impls_before and hook_state(model) == hooks_before
+    assert rec.complete and rec.skipped == []
+    attn = rec.attentions
+    assert attn.layout == TokenLayout(1, (4, 4)) and attn.tensor.shape == (2, 2, 4, 17, 17)
+    expected = stack(ref_out.attentions)  # [L, B, H, N, N]
+    assert (expected - 1 / 17).abs().max() > 0.1  # far from uniform
+    torch.testing.assert_close(attn.tensor, expected, atol=ATOL, rtol=0)
+    for layer, (want,) in enumerate(count.references):  # [B, H, N, N] float64
+        torch.testing.assert_close(attn.tensor[layer].double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, ref_out.last_hidden_state, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ def test_the_check_comes_first_even_when_certificates_would_do(no_ortools):
 
 def test_flow_command_without_ortools_one_line_exit_2(no_ortools, tmp_path, capsys, monkeypatch):
     import vitviz.cli.commands._common as common
+    from vitviz.cli.commands import command_modules
+
+    command_modules()  # imported first, with the real `load`: a command imported under the patch would keep it
 
     def must_not_load(args):
         raise AssertionError("the model was loaded before the missing extra was reported")
@@ -167,3 +170,53 @@ def test_import_and_help_do_not_import_the_optional_solver():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "['torch']"]
+
+
+# ---- the sanity checks: extras checked before any work --------------------------------------------
+
+def test_sanity_command_names_flow_without_ortools_exit_2_before_the_model(no_ortools, tmp_path, capsys,
+                                                                          monkeypatch):
+    def must_not_load(args):
+        raise AssertionError("the model was loaded before the missing extra was reported")
+
+    monkeypatch.setattr("vitviz.cli.commands.sanity.load", must_not_load)
+    code = main(["sanity", str(SAMPLES[0]), "--model", "shapes-vit", "--methods", "rollout,flow",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("vitviz: error: ") and INSTALL_FLOW in err and "'flow'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sanity_command_default_flow_skipped_with_a_note(no_ortools, tmp_path, capsys):
+    code = main(["sanity", str(SAMPLES[0]), "--model", "shapes-vit", "--steps", "2", "--road-images", "0",
+                 "--no-randomization", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "flow" in line]
+    assert len(notes) == 1 and notes[0].startswith("vitviz: note: flow is skipped: ") and INSTALL_FLOW in notes[0]
+    rows = [line.split()[0] for line in out.splitlines()[3:]]  # the table's rows (after the title and header)
+    assert rows == ["rollout", "cls", "relevance", "grad_rollout", "random", "centre"]
+
+
+def test_sanity_check_python_defaults_and_named_flow(no_ortools):
+    from vitviz.evaluate.sanity import sanity_check
+
+    m = vitviz.load_model("shapes-vit")
+    x = m.preprocess(str(SAMPLES[0]))
+    with pytest.raises(MissingExtraError, match=r"vitviz\[flow\]"):
+        sanity_check(m, x, ["centre", "flow"])
+    rep = sanity_check(m, x, randomize=False, tokens=False, road_images=0)
+    assert "flow" not in rep.randomization and INSTALL_FLOW in rep.dropped["flow"]
+    assert [n for n in rep.notes if n.startswith("flow is skipped: ")] == [f"flow is skipped: {rep.dropped['flow']}"]
+
+
+def test_benchmark_maps_sanity_skips_flow_once_and_does_not_run_it(no_ortools, capsys):
+    code = main(["benchmark-maps", "--model", "shapes-vit", "--sanity", "--num-images", "2", "--steps", "2",
+                 "--road-images", "0", "--batch-size", "2", "--markdown"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "| flow |" not in out and "| rollout |" in out and "| centre |" in out
+    said = [line for line in (out + err).splitlines() if "flow" in line and "skipped" in line]
+    assert len(said) == 1 and said[0].startswith("note: flow is skipped: ") and INSTALL_FLOW in said[0]
+    assert "vitviz: error" not in err

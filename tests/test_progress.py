@@ -116,8 +116,10 @@ def test_rollout_progress_in_a_pipe(tmp_path, n):
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
-def test_on_a_terminal_the_bars_are_drawn(tmp_path):
-    """The other side of the rule: with stderr on a (pseudo-)terminal, two images get a bar."""
+@pytest.mark.parametrize("n", [1, 2])
+def test_on_a_terminal_the_bars_are_drawn(tmp_path, n):
+    """The other side of the rule: with stderr on a (pseudo-)terminal, two images get a bar, one
+    image none."""
     import fcntl
     import struct
     import termios
@@ -125,7 +127,7 @@ def test_on_a_terminal_the_bars_are_drawn(tmp_path):
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
     try:
-        out = _vitviz(["rollout", *map(str, SAMPLES), "--model", "shapes-vit", "--out", str(tmp_path / "o")],
+        out = _vitviz(["rollout", *map(str, SAMPLES[:n]), "--model", "shapes-vit", "--out", str(tmp_path / "o")],
                       tmp_path, stderr=slave)
         os.close(slave)
         chunks = []
@@ -141,4 +143,8 @@ def test_on_a_terminal_the_bars_are_drawn(tmp_path):
         os.close(master)
     err = b"".join(chunks).decode(errors="replace")
     assert out.returncode == 0, err
-    assert "%|" in err and "\r" in err  # tqdm's bar, redrawn in place
+    assert f"{n} done, 0 skipped" in err
+    if n == 1:
+        assert "%|" not in err  # one image: no bar
+    else:
+        assert "%|" in err and "\r" in err  # tqdm's bar, redrawn in place

@@ -81,3 +81,18 @@ def test_text_on_a_transformers_clip_directory_with_its_tokenizer(tmp_path):
     assert maps.shape == (2, 4, 4)
     np.testing.assert_allclose(maps, vitviz.explain_text(m, str(SAMPLES[0]), TEXTS, method="maskclip").numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_text_warns_once_naming_the_words_outside_the_vocabulary(tmp_path, capsys):
+    code = main(["text", str(SAMPLES[0]), str(SAMPLES[1]), "--model", "shapes-clip", "--random",
+                 "--text", "a dog on a skateboard", "--text", "a red circle", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("vitviz: warning: ")]
+    assert len(warned) == 1, err  # one line for the run, not one per image
+    assert '"dog", "on", "skateboard"' in warned[0] and "shapes-clip" in warned[0]
+    assert "circle\"" not in warned[0]  # a known word is not named
+    assert "Traceback" not in err
+    assert main(["text", str(SAMPLES[0]), "--model", "shapes-clip", "--random", "--text", "a red circle",
+                 "--out", str(tmp_path / "known")]) == 0
+    assert "warning" not in capsys.readouterr().err

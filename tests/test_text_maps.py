@@ -434,3 +434,78 @@ def test_eager_and_sdpa_models_give_the_same_maps(method):
 def test_maskclip_takes_no_start_layer():
     with pytest.raises(VitvizError, match="start_layer does not apply"):
         vitviz.explain_text(tiny_clip(), image(), IDS, method="maskclip", start_layer=0)
+
+
+# ---- words outside the tokenizer's vocabulary ------------------------------------------------------
+
+def test_words_outside_the_vocabulary_are_warned_by_name():
+    """shapes-clip's word-level vocabulary reads "a dog on a skateboard" as [BOS] a [UNK] [UNK] a
+    [UNK] [EOS]: the map cannot see the words, and the warning names them."""
+    from vitviz.errors import UnknownTokenWarning
+
+    m = vitviz.load_model("shapes-clip")
+    x = torch.zeros(1, 3, 64, 64)
+    assert m.tokenizer.convert_ids_to_tokens(m.tokenizer("a dog on a skateboard")["input_ids"]) == \
+        ["[BOS]", "a", "[UNK]", "[UNK]", "a", "[UNK]", "[EOS]"]
+    with pytest.warns(UnknownTokenWarning) as caught:
+        res = text_maps(m, x, ["a dog on a skateboard", "a red circle"], method="chefer")
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert '"dog", "on", "skateboard"' in msg and '"a"' not in msg and "\n" not in msg
+    assert "shapes-clip" in msg and "[UNK]" in msg and "circle" in msg  # the words it knows, listed
+    assert msg in res.notes and res.maps.shape[0] == 2
+    # as written: case and punctuation are part of a word-level token
+    assert vitviz.explain.text.unknown_words(m.tokenizer, ["A red Circle."]) == ["A", "Circle."]
+
+
+def test_known_words_and_token_ids_are_not_warned():
+    import warnings
+
+    from vitviz.errors import UnknownTokenWarning
+
+    m = vitviz.load_model("shapes-clip")
+    x = torch.zeros(1, 3, 64, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = text_maps(m, x, ["a red circle above a blue square"], method="maskclip")
+        text_maps(m, x, m.tokenizer(["a red circle"], return_tensors="pt")["input_ids"], method="maskclip")
+    assert not [w for w in caught if issubclass(w.category, UnknownTokenWarning)]
+    assert res.notes == []
+
+
+def test_unknown_words_leaves_out_a_template_token_that_is_also_the_unknown_token():
+    """CLIP's tokenizer uses <|endoftext|> both as its unknown and its end token, and byte-level BPE
+    never produces an unknown token: nothing is named."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from vitviz.explain.text import unknown_words
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *sorted(alphabet)])}
+    core = Tokenizer(models.BPE(vocab, [], unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    ids = tok("a dog on a skateboard")["input_ids"]
+    assert ids[-1] == tok.unk_token_id  # the end token is the unknown token's id
+    assert unknown_words(tok, ["a dog on a skateboard", "ünïcode ✓"]) == []
+
+
+def test_unknown_words_of_a_tokenizer_without_offsets():
+    """Tokenizers that give no offsets (slow ones, hand-written ones) are asked word by word."""
+    from vitviz.explain.text import unknown_words
+
+    class WordTokenizer:
+        unk_token, unk_token_id = "<unk>", 0
+        vocab = {"<unk>": 0, "a": 1, "red": 2, "circle": 3}
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [self.vocab.get(w, 0) for w in text.split()]}
+
+    assert unknown_words(WordTokenizer(), ["a red dog", "a cat on a red circle"]) == ["dog", "cat", "on"]
+    assert unknown_words(object(), ["a dog"]) == []  # no unknown token: nothing to name

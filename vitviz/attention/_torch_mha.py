@@ -8,14 +8,16 @@ the fused fast paths of ``MultiheadAttention`` and ``nn.TransformerEncoderLayer`
 This adapter only says what the call cannot: inside ``nn.TransformerDecoderLayer``,
 ``self_attn`` is the text self-attention (TEXT) and ``multihead_attn`` the cross-attention
 over the encoder tokens (CROSS); inside ``nn.TransformerEncoderLayer`` it is IMAGE. A standalone
-MHA is decided per call: IMAGE when ``query is key`` (self-attention), CROSS otherwise.
+MHA is decided per call: IMAGE when ``query is key`` (self-attention), CROSS otherwise. An MHA
+whose parent holds a learned ``probe`` query (transformers' SigLIP multihead-attention pooling
+head) is a pooling head: POOL, read as ``rec.pool`` like timm's attention-pool heads.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ._adapter import AUTO, CROSS, IMAGE, TEXT, Adapter, Site, register_adapter
+from ._adapter import AUTO, CROSS, IMAGE, POOL, TEXT, Adapter, Site, register_adapter
 
 _DECODER_ROLES = {"self_attn": TEXT, "multihead_attn": CROSS}
 
@@ -31,6 +33,8 @@ def _role_of(root: nn.Module, name: str) -> str:
         return _DECODER_ROLES[leaf]
     if isinstance(parent, nn.TransformerEncoderLayer) and leaf == "self_attn":
         return IMAGE
+    if isinstance(getattr(parent, "probe", None), nn.Parameter):  # a learned query pooling the tokens
+        return POOL
     return AUTO
 
 

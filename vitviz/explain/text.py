@@ -76,6 +76,9 @@ class _Towers:
 
     family = ""
     sigmoid = False  # the logit is that of a sigmoid (a learnt bias is added)
+    # MaskCLIP reads the last block's input (that block's attention read by its value path), or,
+    # for a tower pooled by an attention head (SigLIP), the last block's output (the head's value path)
+    dense_from_output = False
 
     def __init__(self, vm: VisionModel):
         self.vm = vm
@@ -104,7 +107,8 @@ class _Towers:
         raise NotImplementedError
 
     def dense(self, h: torch.Tensor) -> torch.Tensor:
-        """MaskCLIP patch embeddings ``[B, P, D]`` from the last block's input ``h`` ``[B, N, D]``."""
+        """MaskCLIP patch embeddings ``[B, P, D]`` from the last block's input ``h`` ``[B, N, D]``
+        (its output where :attr:`dense_from_output`)."""
         raise NotImplementedError
 
     def scale_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +171,7 @@ class _HFTowers(_Towers):
         m = self.model
         self.family = "siglip" if getattr(m, "logit_bias", None) is not None else "clip"
         self.sigmoid = self.family == "siglip"
+        self.dense_from_output = self.sigmoid
         self.tower = m.vision_model
         self.num_prefix = 0 if self.sigmoid else 1
         self.context_length = int(m.config.text_config.max_position_embeddings)
@@ -194,10 +199,10 @@ class _HFTowers(_Towers):
 
     def dense(self, h: torch.Tensor) -> torch.Tensor:
         if self.sigmoid:
-            # SigLIP pools with an attention head: its value path for every token (MaskCLIP's
-            # treatment of CLIP's attention pooling), then the head's own MLP residual
+            # SigLIP pools with an attention head: its value path for every token of the encoder's
+            # output h (MaskCLIP's treatment of CLIP's attention pooling), then the head's own MLP residual
             v = self._vision()
-            z = v.post_layernorm(h)  # [B, N, D]
+            z = v.post_layernorm(h)  # [B, N, D]: what the head reads
             att = v.head.attention  # nn.MultiheadAttention
             d = z.shape[-1]
             w_v = att.in_proj_weight[2 * d:]
@@ -466,7 +471,7 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
     store: dict[int, torch.Tensor] = {}
 
     if method == "maskclip":
-        handles = _block_outputs(blocks[-1:], store, inputs=True)
+        handles = _block_outputs(blocks[-1:], store, inputs=not tw.dense_from_output)
         try:
             image_emb, rec = captured(tower_vm, x, forward=tw.encode_image, keep="none")  # [1, D]
         finally:

@@ -103,7 +103,8 @@ def run(args) -> int:
     print(f"{model.name}, {x.shape[0]} images (ROAD on {len(next(iter(rep.road.values())).morf) if rep.road else 0})")
     print(text)
     out = Path(args.out)
-    written = [atomic_write_bytes(out / "sanity_table.md", (table.format(markdown=True) + "\n").encode())]
+    md = table.format(markdown=True) + "\n" + "".join(f"\n- note: {n}" for n in rep.notes) + ("\n" if rep.notes else "")
+    written = [atomic_write_bytes(out / "sanity_table.md", md.encode())]  # with what was left out, and why
     if not args.no_randomization:
         fig, _ = randomization_grid(rep.randomization, views[0], index=0, dpi=output.dpi)
         written.append(output.save_figure(fig, out / "sanity_randomization"))
