@@ -323,7 +323,7 @@ def test_killed_download_is_never_mistaken_for_complete(hub, ti16_file, monkeypa
     hub.stall["model.safetensors"] = 1
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_DOWNLOAD_TIMEOUT="60")
     env.pop("HF_HUB_OFFLINE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "vitviz.cli.main", "fetch", "ti16"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "vitviz.cli", "fetch", "ti16"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -359,7 +359,7 @@ def test_env_hf_home_and_offline_in_a_fresh_process(hub, ti16_file, tmp_path):
     hub.stop()
     env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1", HF_ENDPOINT=closed_port_url())
     env.pop("HF_HUB_CACHE", None)  # tmp_path/hub is HF_HOME/hub, where the fixture cached it
-    proc = subprocess.run([sys.executable, "-m", "vitviz.cli.main", "rollout", str(SAMPLES[0]), "--model", "ti16",
+    proc = subprocess.run([sys.executable, "-m", "vitviz.cli", "rollout", str(SAMPLES[0]), "--model", "ti16",
                            "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / f"{SAMPLES[0].stem}_rollout.npy").is_file()

@@ -435,7 +435,7 @@ def shadowed_submodules() -> list[str]:
         pkg = importlib.import_module(todo.pop())
         for info in pkgutil.iter_modules(pkg.__path__):
             full = f"{pkg.__name__}.{info.name}"
-            if full in aliases(ROOT):
+            if full in aliases(ROOT) or info.name == "__main__":  # __main__ runs the command on import
                 continue
             mod = importlib.import_module(full)
             attr = getattr(pkg, info.name, mod)

@@ -74,7 +74,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e) if isinstance(e, VitvizError) else f"{type(e).__name__}: {e} (run with --debug for the traceback)"
         print(f"vitviz: error: {msg}", file=sys.stderr)
         return e.exit_code if isinstance(e, VitvizError) else 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())
