@@ -27,7 +27,7 @@ browser:
 # ruff (style, imports, bugbear, pyupgrade) and mypy (strict on types.py, analyze/, render/);
 # both configured in pyproject.toml
 lint: $(STAMP)
-	$(PY) -m ruff check vitviz tests benchmarks
+	$(PY) -m ruff check vitviz tests benchmarks tools docs/hooks.py docs/figures.py docs/griffe_extensions.py
 	$(PY) -m mypy
 
 # the documentation site into site/, strict: a broken link, a docstring griffe cannot read, a name of
