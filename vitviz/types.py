@@ -112,6 +112,18 @@ def _as_tensor(x: object) -> torch.Tensor:
     return x
 
 
+def _row_sums(t: torch.Tensor) -> str:
+    """``"rows sum to 0.998-1.000"`` of an attention tensor (its last dim), for a one-line repr."""
+    if t.numel() == 0:
+        return "no rows"
+    s = t.detach().float().sum(-1)
+    return f"rows sum to {float(s.min()):.3f}-{float(s.max()):.3f}"
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
 @dataclass
 class AttentionMaps:
     """Self-attention probabilities of an image encoder.
@@ -201,6 +213,13 @@ class AttentionMaps:
     def __len__(self) -> int:
         return self.num_layers
 
+    def __repr__(self) -> str:
+        """One line: shape, dtype, layout(s), layers and row sums (never the raw tensor)."""
+        keys = "" if self.key_layout is None else f", key_layout={self.key_layout!r}"
+        layers = "" if self.layers is None else f", layers={self.layers[0]}-{self.layers[-1]}"
+        return (f"AttentionMaps({_shape(self.tensor)} [L, B, H, N, N] {str(self.tensor.dtype).replace('torch.', '')}, "
+                f"layout={self.layout!r}{keys}{layers}, {_row_sums(self.tensor)})")
+
     def to(self, *args: Any, **kwargs: Any) -> AttentionMaps:
         """The same maps moved or cast, as ``torch.Tensor.to``.
 
@@ -259,6 +278,17 @@ class CrossAttentionMaps:
                 raise LayoutError(
                     f"{len(self.tokens)} tokens given for {t.shape[-2]} cross-attention query rows"
                 )
+
+    def __repr__(self) -> str:
+        """One line: shape, dtype, layout, the first tokens and row sums (never the raw tensor).
+        Rows of a decoder-only model's map sum to less than 1 (the rest went to text tokens)."""
+        tokens = ""
+        if self.tokens is not None:
+            shown = ", ".join(repr(w) for w in list(self.tokens)[:5])
+            tokens = f", tokens=[{shown}{', ...' if len(self.tokens) > 5 else ''}]"
+        return (f"CrossAttentionMaps({_shape(self.tensor)} [L, B, H, T, Ni] "
+                f"{str(self.tensor.dtype).replace('torch.', '')}, layout={self.layout!r}{tokens}, "
+                f"{_row_sums(self.tensor)})")
 
     @property
     def num_layers(self) -> int:
