@@ -11,9 +11,9 @@ The images go through the model's own preprocessing (``m.preprocess(path)``): ti
 without a ``patch_embed`` (MaxViT, LeViT, MobileViT, EfficientFormer, DaViT, FastViT, CoAtNet,
 Twins) read timm's data config too, checked here against ``timm.data.create_transform``.
 
-Families marked ``# capture in progress (issue 24)`` give what holds today while their capture is
-being completed (ConViT's GPSA, Twins-SVT's locally-grouped attention, LeViT's subsampling
-attention, MViTv2's transitions, CoAtNet, EfficientViT-MSRA's ``v @ Aᵀ``).
+Since issue 24 the stages include ConViT's GPSA, Twins-SVT's locally-grouped attention, LeViT's
+subsampling attention, MViTv2's transitions, CoAtNet's stages and EfficientViT-MSRA's ``v @ Aᵀ``
+(each checked against its own probabilities in tests/test_capture_accounting.py).
 """
 
 from __future__ import annotations
@@ -83,12 +83,12 @@ FAMILIES = [
     Family("MobileViT", "mobilevit_xxs", 64, ((2, 4, 8, 8), (4, 4, 4, 4), (3, 4, 2, 2)), HIER),
     # PiT: CLS kept in every stage; grids (64 - 16) / 8 + 1 = 7, then pooled
     Family("PiT", "pit_ti_224", 64, ((2, 2, 7, 7), (6, 4, 4, 4), (4, 8, 2, 2)), HIER),
-    # capture in progress (issue 24): the subsampling layers (queries 4x4 / 2x2 over keys 8x8 / 4x4)
+    # the subsampling layers (queries 4x4 / 2x2 over keys 8x8 / 4x4)
     Family("LeViT", "levit_128s", 128,
            ((2, 4, 8, 8), (1, 8, 8, 8), (3, 6, 4, 4), (1, 16, 4, 4), (4, 8, 2, 2)), HIER),
     # NextViT: keys reduced to 2x2 in every stage
     Family("NextViT", "nextvit_small", 64, ((1, 6, 2, 2), (2, 12, 2, 2), (1, 24, 2, 2)), HIER),
-    # capture in progress (issue 24): the stage transitions (pooled queries)
+    # the stage transitions (pooled queries)
     Family("MViTv2", "mvitv2_tiny", 64,
            ((1, 1, 4, 4), (1, 2, 8, 8), (1, 2, 4, 4), (1, 4, 8, 8), (4, 4, 4, 4), (1, 8, 4, 4), (1, 8, 2, 2)),
            HIER),
@@ -96,15 +96,14 @@ FAMILIES = [
     Family("PVT v2", "pvt_v2_b0", 64, ((2, 1, 2, 2), (2, 2, 2, 2), (2, 5, 2, 2), (2, 8, 2, 2)), HIER),
     Family("Twins-PCPVT", "twins_pcpvt_small", 64, ((3, 1, 2, 2), (4, 2, 2, 2), (6, 5, 2, 2), (3, 8, 2, 2)),
            HIER),
-    # capture in progress (issue 24): locally-grouped (window) and global sub-sampled layers alternate
+    # locally-grouped (window) and global sub-sampled layers alternate
     Family("Twins-SVT", "twins_svt_small", 64,
            ((1, 2, 16, 16), (1, 2, 2, 2), (1, 4, 8, 8), (1, 4, 2, 2), (5, 8, 4, 4), (5, 8, 2, 2), (4, 16, 2, 2)),
            HIER),
-    # capture in progress (issue 24)
     Family("CoAtNet", "coatnet_pico_rw_224", 64, ((1, 4, 4, 4), (4, 8, 4, 4), (1, 8, 2, 2), (1, 16, 2, 2)), HIER),
-    # capture in progress (issue 24): 10 GPSA layers (before the CLS token joins), 2 MHSA layers
+    # 10 GPSA layers (before the CLS token joins), 2 MHSA layers
     Family("ConViT", "convit_tiny", 64, ((10, 4, 4, 4), (2, 4, 4, 4)), HIER),
-    # capture in progress (issue 24): attention applied as v @ Aᵀ; 224 px (at 64 px its last grid is 1x1)
+    # attention applied as v @ Aᵀ; 224 px (at 64 px its last grid is 1x1)
     Family("EfficientViT-MSRA", "efficientvit_m0", None, ((1, 4, 14, 14), (2, 4, 7, 7), (3, 4, 4, 4)), HIER),
 ]
 
