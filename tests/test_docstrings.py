@@ -103,7 +103,7 @@ def test_the_walk_reaches_the_public_api():
     assert len(names) >= 150
     for expected in ("vitviz.analyze._rollout.rollout", "vitviz.render._overlay.overlay",
                      "vitviz.models._loader.load_model", "vitviz.attention._capture.capture",
-                     "vitviz.attention._capture.Recording.stream", "vitviz.types.TokenLayout.check_tokens",
+                     "vitviz.attention._recording.Recording.stream", "vitviz.types.TokenLayout.check_tokens",
                      "vitviz.zoo.scenes.make_dataset", "vitviz.zoo.scenes.Scene.word_masks"):
         assert expected in names, expected
 

@@ -20,8 +20,10 @@ from ._adapter import (
     list_adapters,
     register_adapter,
 )
-from ._capture import Pass, Recording, capture
+from ._capture import capture
 from ._mode import sdpa_probabilities
+from ._recorder import Pass
+from ._recording import Recording
 from ._windows import WindowScheme, stitch
 
 __all__ = ["capture", "Recording", "Pass", "Adapter", "Site", "Windows", "WindowScheme", "stitch", "list_adapters",
