@@ -104,7 +104,7 @@ class Recording:
                 f"grid, so {what} would be incomplete: " + "; ".join(notes))
         # attention beside the image's (TNT's inner, DaViT's channel attention) is in rec.skipped;
         # it makes the result incomplete only when no image layer was placed at all (kept or streamed)
-        placed = p is not None and (bool(self._rec.kept(p, IMAGE)) or any(r == IMAGE for r, _ in p.layouts))
+        placed = p is not None and any(r == IMAGE for r, _ in p.layouts)  # kept or streamed: placed first
         if notes and not placed:
             raise CaptureError(f"{self.model.name} has no attention over its image tokens, so {what} would be "
                                "incomplete: " + "; ".join(notes))

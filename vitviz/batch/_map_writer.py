@@ -17,7 +17,7 @@ from ._engine import Outcome, check_class, load_batches, predictions
 def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
               batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, output=None,
               progress: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
-              on_original: bool = False) -> list[Outcome]:
+              on_original: bool = False, tag: str | None = None) -> list[Outcome]:
     """The shared loop: load and batch images, ``compute`` maps, write overlay + ``.npy``.
 
     Overlays follow ``output`` (:class:`vitviz.render.OutputOptions`): shown at least 256 px
@@ -28,7 +28,8 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
     Args:
         model: a :class:`vitviz.VisionModel`.
         sources: image paths (or PIL images / arrays).
-        out_dir: folder for ``<name>_<suffix>.png`` and ``<name>_<suffix>.npy``.
+        out_dir: folder for ``<name>_<suffix>.png`` and ``<name>_<suffix>.npy``
+            (``<name>_<tag>_<suffix>.*`` with ``tag``).
         compute: ``x [B, 3, H, W] -> (maps [B, gh, gw], per-sample labels list or None)``.
         suffix: the file-name suffix of the method.
         batch_size: images per forward pass.
@@ -37,6 +38,8 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
         on_original: draw the overlay on the image at its own resolution (the model's
             centre-crop region mapped back onto it, :func:`vitviz.render.overlay_region`, each
             map on its own scale) instead of on the model's view; the ``.npy`` map is the same.
+        tag: put between the image's name and the suffix (``--name-with-model``: the model), so
+            that runs of several models can share ``out_dir``.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
@@ -46,6 +49,7 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
     if output is None:
         output = OutputOptions(cmap=cmap, alpha=alpha)
     out_dir = Path(out_dir)
+    ending = suffix if tag is None else f"{tag}_{suffix}"  # of the file names; labels say the method
     outcomes = []
     deferred = []  # (outcome, item, map) waiting for the run's scale (norm="batch")
     if on_original and output.norm != "image":
@@ -58,7 +62,7 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
                 on_outcome(o)
 
     def write(o, it, heat, scale):
-        path = out_dir / f"{it.stem}_{suffix}"
+        path = out_dir / f"{it.stem}_{ending}"
         if not on_original:
             o.outputs.append(output.save_overlay(path, it.view, heat, scale, label=suffix))
             return
@@ -75,7 +79,7 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
             for j, it in enumerate(good):
                 o = it.outcome
                 o.prediction = labels[j] if labels else None
-                o.outputs.append(save_npy(out_dir / f"{it.stem}_{suffix}.npy", maps[j]))
+                o.outputs.append(save_npy(out_dir / f"{it.stem}_{ending}.npy", maps[j]))
                 if output.norm == "batch":
                     deferred.append((o, it, maps[j]))
                 else:
@@ -107,7 +111,7 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
         out_dir: folder for ``<name>_rollout.png`` and ``<name>_rollout.npy``.
         head_fusion, discard_ratio, start_layer: as :func:`vitviz.rollout`.
         **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome``,
-            ``on_original`` of :func:`map_files`.
+            ``on_original``, ``tag`` of :func:`map_files`.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
@@ -140,7 +144,7 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
         head_fusion, discard_ratio: gradient rollout only.
         start_layer: first layer taken into account.
         **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome``,
-            ``on_original`` of :func:`map_files`.
+            ``on_original``, ``tag`` of :func:`map_files`.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the

@@ -232,16 +232,11 @@ class VisionModel:
                 f"{self.name}: the model does not say how many tokens precede its {grid[0]}x{grid[1]} patch grid "
                 f"in a {num_tokens}-token sequence (several CLS / register parameters at one depth); pass "
                 "num_prefix= (and grid=(rows, cols)) to vitviz.wrap")
-        expected = num_prefix + grid[0] * grid[1] + self.num_suffix
-        if num_tokens != expected:
-            raise LayoutError(
-                f"{self.name}: {num_tokens} tokens, but a {grid[0]}x{grid[1]} patch grid with the model's "
-                f"{num_prefix} prefix and {self.num_suffix} suffix tokens makes {expected}; a sequence with other "
-                "tokens (a video's time steps, tokens the model adds without a parameter) is not guessed: pass "
-                "grid=(rows, cols) and num_prefix= to vitviz.wrap if you know the layout")
         layout = TokenLayout(num_prefix, grid, has_cls=self.has_cls if num_prefix else None,
                              num_suffix=self.num_suffix)
-        layout.check_tokens(num_tokens)
+        # other tokens (a video's time steps, tokens the model adds without a parameter) are refused,
+        # never taken for prefix tokens
+        layout.check_tokens(num_tokens, f"{self.name}'s token sequence")
         return layout
 
     def stage_layout(self, input_hw: tuple[int, int] | None, num_tokens: int) -> TokenLayout:

@@ -138,57 +138,6 @@ def with_model(stem: str, tag: str | None) -> str:
     return f"{stem}_{tag}" if tag else stem
 
 
-class Staging:
-    """Files of the batch writers (``rollout_files``, ``relevance_files``), which name them
-    ``<name>_<suffix>``, renamed to ``<name>_<model>_<suffix>`` with ``--name-with-model``.
-
-    The writers write into a hidden folder inside ``--out`` (``.vitviz-*``); each image's files
-    are moved into ``--out`` under their final names as soon as the image is done (a rename
-    within one file system: each file appears whole, and no file of another model is
-    overwritten on the way). Without a tag, the writers write into ``--out`` directly.
-
-    Use: ``with Staging(out, tag, suffix) as st: writer(..., st.folder, on_outcome=st.place)``.
-    """
-
-    def __init__(self, out, tag: str | None, suffix: str):
-        from pathlib import Path
-
-        self.out = Path(out)
-        self.tag = tag
-        self.suffix = suffix
-        self.folder = self.out
-
-    def __enter__(self) -> Staging:
-        if self.tag is not None:
-            import tempfile
-            from pathlib import Path
-
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix=".vitviz-", dir=self.out))
-        return self
-
-    def place(self, outcome) -> None:
-        """Move one image's files to their final names (``on_outcome`` of the writers)."""
-        if self.folder == self.out:
-            return
-        import os
-
-        for i, path in enumerate(outcome.outputs):
-            if path.parent != self.folder:
-                continue
-            head, sep, tail = path.name.rpartition(f"_{self.suffix}")
-            name = f"{head}_{self.tag}{sep}{tail}" if sep else f"{path.stem}_{self.tag}{path.suffix}"
-            final = self.out / name
-            os.replace(path, final)
-            outcome.outputs[i] = final
-
-    def __exit__(self, *exc) -> None:
-        if self.folder != self.out:
-            import shutil
-
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
 def print_notes(output) -> None:
     """The notes collected while rendering (constant maps, a batch of one), one line each."""
     for n in output.notes:

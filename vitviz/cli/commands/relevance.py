@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ._common import (
-    Staging,
     add_model_arguments,
     add_naming_argument,
     add_original_argument,
@@ -61,11 +60,9 @@ def run(args) -> int:
 
     output = output_options(args)
     model = load(args)
-    suffix = "relevance" if args.method == "chefer" else args.method
-    with Staging(args.out, model_tag(args), suffix) as st:
-        outcomes = relevance_files(model, args.images, st.folder, method=args.method, target=args.target,
-                                   head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
-                                   start_layer=args.start_layer, batch_size=args.batch_size,
-                                   on_original=args.on_original, output=output, on_outcome=st.place)
+    outcomes = relevance_files(model, args.images, args.out, method=args.method, target=args.target,
+                               head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+                               start_layer=args.start_layer, batch_size=args.batch_size,
+                               on_original=args.on_original, output=output, tag=model_tag(args))
     print_notes(output)
     return report(outcomes)

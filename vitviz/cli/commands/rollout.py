@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ._common import (
-    Staging,
     add_model_arguments,
     add_naming_argument,
     add_original_argument,
@@ -47,10 +46,9 @@ def run(args) -> int:
 
     output = output_options(args)
     model = load(args)
-    with Staging(args.out, model_tag(args), "rollout") as st:
-        outcomes = rollout_files(model, args.images, st.folder, head_fusion=args.head_fusion,
-                                 discard_ratio=args.discard_ratio, start_layer=args.start_layer,
-                                 batch_size=args.batch_size, on_original=args.on_original, output=output,
-                                 on_outcome=st.place)
+    outcomes = rollout_files(model, args.images, args.out, head_fusion=args.head_fusion,
+                             discard_ratio=args.discard_ratio, start_layer=args.start_layer,
+                             batch_size=args.batch_size, on_original=args.on_original, output=output,
+                             tag=model_tag(args))
     print_notes(output)
     return report(outcomes)
