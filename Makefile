@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[all,dev,docs]'
+	# lxt, the reference implementation of AttnLRP / CP-LRP that tests/test_lrp.py compares with (in a
+	# subprocess): without its declared dependencies (bitsandbytes, open_clip pins), which that test does not use
+	$(PY) -m pip install --no-deps 'lxt==2.1'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,8 +7,10 @@ machine too.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,51 @@ def _cpu_seconds() -> float:
     a = resource.getrusage(resource.RUSAGE_SELF)
     b = resource.getrusage(resource.RUSAGE_CHILDREN)
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+class ThreadCPU:
+    """CPU seconds used by this process's threads whose names start with ``prefix`` (the gallery's
+    render threads are ``vitviz-render_<i>``), read from /proc/self/task/<tid>/stat every
+    ``interval`` seconds while active (a thread's last figure is kept after it ends; at most
+    ``interval`` of its time can be missed). Linux only: ``seconds`` is None elsewhere."""
+
+    def __init__(self, prefix: str = "vitviz-render", interval: float = 0.02):
+        self.prefix, self.interval = prefix, interval
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.supported = os.path.isdir("/proc/self/task")
+
+    def _read(self) -> None:
+        for t in threading.enumerate():
+            if not t.name.startswith(self.prefix) or t.native_id is None:
+                continue
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            self.seen[t.native_id] = max(self.seen.get(t.native_id, 0.0),
+                                         (int(fields[11]) + int(fields[12])) / self._tick)  # utime + stime
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._read()
+
+    def __enter__(self) -> ThreadCPU:
+        if self.supported:
+            self._thread = threading.Thread(target=self._loop, name="benchmark-thread-cpu", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.supported:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def seconds(self) -> float | None:
+        return sum(self.seen.values()) if self.supported else None
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -54,7 +101,10 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
     Returns:
         ``{"images", "gallery", "forward", "decode_forward"`` (images/second),
         ``"ratio_forward", "ratio_decode_forward"`` (gallery / plain), ``"cpu_ms_per_image"``
-        (``{"gallery", "forward", "decode_forward"}``), ``"threads"}``.
+        (``{"gallery", "forward", "decode_forward", "render"}``: CPU time of this process, its
+        threads and its decoding workers; ``render`` is the gallery's render threads alone),
+        ``"render_share"`` (the render threads' share of the gallery's CPU time; None where
+        /proc is missing), ``"threads"}``.
 
     Example:
         >>> measure_throughput(vitviz.load_model("b16", pretrained=False), "photos/", "/tmp/g")
@@ -89,10 +139,15 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
                     n += len(b["index"])
         return n
 
+    render_cpu: list[float] = []
+
     def gallery() -> int:
         shutil.rmtree(out_dir, ignore_errors=True)
-        r = build_gallery(sources, model, out_dir, methods=methods, batch_size=batch_size,
-                          workers=workers, progress=False, **gallery_kwargs)
+        with ThreadCPU() as meter:
+            r = build_gallery(sources, model, out_dir, methods=methods, batch_size=batch_size,
+                              workers=workers, progress=False, **gallery_kwargs)
+        if meter.seconds is not None:
+            render_cpu.append(meter.seconds / max(r.processed, 1))
         return r.processed
 
     runs: dict[str, list] = {"gallery": []}
@@ -114,7 +169,10 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
         return max((v for k, v in med.items() if k.split("@")[0] == kind), key=lambda v: v[0])
 
     g, f, d = med["gallery"], best("forward"), best("decode_forward")
+    render = statistics.median(render_cpu) if render_cpu else None  # CPU seconds per image
     return {"images": len(paths), "gallery": g[0], "forward": f[0], "decode_forward": d[0],
             "ratio_forward": g[0] / f[0], "ratio_decode_forward": g[0] / d[0],
-            "cpu_ms_per_image": {"gallery": 1000 * g[1], "forward": 1000 * f[1], "decode_forward": 1000 * d[1]},
+            "cpu_ms_per_image": {"gallery": 1000 * g[1], "forward": 1000 * f[1], "decode_forward": 1000 * d[1],
+                                 "render": None if render is None else 1000 * render},
+            "render_share": None if render is None else render / g[1],
             "threads": {"default": default_threads, "gallery": gallery_threads}}

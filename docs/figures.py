@@ -52,6 +52,26 @@ def draw(out: Path) -> list[Path]:
         fig, _ = panels(m.preprocessor.view(image), maps)
         save(fig, name)
 
+    # the default overlay against the classic one (issue 30), on the demo's classifier scene 1 (seed
+    # 3_000_001), where jet at 0.5 drew the peak on the blue triangle as a dark hole
+    from vitviz.zoo.scenes import make_dataset
+
+    scene = make_dataset("classification", [3_000_001])[0]
+    x = m.preprocess(scene.image)
+    with torch.no_grad(), vitviz.capture(m) as rec:
+        logits = m(x)
+    maps = {"rollout": vitviz.rollout(rec.attentions)[0],
+            "rollout, discard 0.9": vitviz.rollout(rec.attentions, discard_ratio=0.9)[0],
+            "CLS, last layer": vitviz.cls_maps(rec.attentions, layer=-1)[0].mean(0),
+            "relevance (Chefer)": vitviz.relevance(m, x)[0]}
+    p = logits.softmax(-1)[0]
+    k = int(p.argmax())
+    title = f"truth: {scene.label_name}\npredicted: {m.labels[k]} ({float(p[k]):.0%})"
+    for name, look in (("overlay_before.png", {"cmap": "jet", "alpha": 0.5, "smooth": True}),
+                       ("overlay_after.png", {})):
+        fig, _ = panels(scene.image, maps, image_title=title, **look)
+        save(fig, name)
+
     # every head of every layer: what the CLS token looks at
     x = m.preprocess(TRIANGLE)
     with vitviz.capture(m) as rec:

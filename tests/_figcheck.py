@@ -11,24 +11,28 @@ import re
 
 def drawn_texts(fig) -> list:
     """``(text, bbox)`` of every non-empty text the figure draws (ticks outside the view,
-    hidden axes and switched-off axes draw nothing and are not listed)."""
+    hidden axes and switched-off axes draw nothing and are not listed).
+
+    Every ``Text`` whose ``draw`` runs is recorded, multi-line texts (wrapped titles) included:
+    the renderer is told which Text a line belongs to only for single-line texts."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
 
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     renderer = canvas.get_renderer()
     seen = {}
-    original = renderer.draw_text
+    original = Text.draw
 
-    def record(gc, x, y, s, prop, angle, ismath=False, mtext=None):
-        if mtext is not None and str(s).strip():
-            seen[id(mtext)] = mtext
-        return original(gc, x, y, s, prop, angle, ismath=ismath, mtext=mtext)
+    def record(self, renderer_):
+        if self.get_visible() and str(self.get_text()).strip():
+            seen[id(self)] = self
+        return original(self, renderer_)
 
-    renderer.draw_text = record
+    Text.draw = record
     try:
         fig.draw(renderer)
     finally:
-        del renderer.draw_text
+        Text.draw = original
     return [(t.get_text(), t.get_window_extent(renderer)) for t in seen.values()]
 
 

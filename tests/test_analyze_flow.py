@@ -11,6 +11,19 @@ from vitviz import AttentionMaps, TokenLayout
 from vitviz.analyze._rollout import rollout_matrix
 from vitviz.analyze.flow import attention_flow, flow_matrices, flow_values, layered_max_flow
 
+
+@pytest.fixture(autouse=True)
+def no_memo(monkeypatch):
+    """Every test here computes its values (the memo would answer a second call with the first's
+    values, and batched-vs-one-by-one would compare a result with itself); test_memo_* turn it on."""
+    import vitviz.analyze.flow as flow
+
+    monkeypatch.setattr(flow, "_MEMO_SAMPLES", 0)
+    flow._memo.clear()
+    yield
+    flow._memo.clear()
+
+
 # -- a textbook max-flow, written out for the tests ------------------------------------------------
 
 def edmonds_karp(arcs, s, t):
@@ -165,7 +178,7 @@ def paper_reference(att, query_w):
     ((1, 0), TokenLayout(num_prefix=1, grid=(2, 2))),
 ])
 def test_attention_flow_matches_the_paper_definition(query, layout):
-    from vitviz.analyze.query import query_weights
+    from vitviz.analyze import query_weights
 
     g = torch.Generator().manual_seed(11)
     n = layout.num_tokens
@@ -280,3 +293,62 @@ def test_vit_b16_size(peaked):
     roll = rollout_matrix(AttentionMaps(att, TokenLayout(num_prefix=1, grid=(14, 14))))[0, 0].double()
     assert (values[0] >= roll - 1e-6).all()
     assert (values[0] <= caps[0, 0].sum(0) + 1e-12).all() and (values <= 1 + 1e-12).all()
+
+
+# -- memo and threads ------------------------------------------------------------------------------
+
+def test_memo_answers_the_same_attention_without_solving(monkeypatch):
+    """A sample asked again (the cascade's head step: its attention is the trained model's) is
+    answered from the memo with the values computed the first time; a changed sample is solved."""
+    import vitviz.analyze.flow as flow
+
+    monkeypatch.setattr(flow, "_MEMO_SAMPLES", 4096)
+    g = torch.Generator().manual_seed(21)
+    layout = TokenLayout(num_prefix=1, grid=(3, 3))
+    att = torch.cat([peaked_attention(3, 2, 10, g) for _ in range(3)], dim=1)  # [3, 3, 2, 10, 10]
+    solved = []
+    solve = flow._solve
+
+    def counting(caps, source, *args):
+        solved.append(caps.shape[0])
+        return solve(caps, source, *args)
+
+    monkeypatch.setattr(flow, "_solve", counting)
+    first = flow_values(AttentionMaps(att, layout))  # [3, 10]
+    again = flow_values(AttentionMaps(att, layout))
+    assert solved == [3] and torch.equal(first, again)
+    changed = att.clone()
+    changed[:, 1] = torch.softmax(torch.randn(3, 2, 10, 10, generator=g, dtype=torch.float64), -1)
+    mixed = flow_values(AttentionMaps(changed, layout))
+    assert solved == [3, 1]  # only sample 1 was solved
+    assert torch.equal(mixed[[0, 2]], first[[0, 2]])
+    caps = flow_matrices(AttentionMaps(changed[:, 1:2], layout))
+    source = torch.zeros(1, 10, dtype=torch.float64)
+    source[:, 0] = 1.0
+    assert torch.allclose(mixed[1:2], layered_max_flow(caps, source, exact_only=True), atol=1e-9)
+    assert not torch.equal(mixed[1], first[1])
+    flow_values(AttentionMaps(att, layout), tol=1e-6)  # another tol is another question
+    assert solved == [3, 1, 1, 3]  # (the exact_only reference above solved its one sample)
+    monkeypatch.setattr(flow, "_MEMO_SAMPLES", 2)
+    flow_values(AttentionMaps(att, layout), tol=1e-7)
+    assert len(flow._memo) == 2  # bounded: the oldest entries go
+
+
+def test_threads_give_the_values_of_one_thread():
+    """The exact step solves samples in parallel threads; each value is that sample's max flow,
+    whatever the thread count (integer capacities: bit for bit)."""
+    g = torch.Generator().manual_seed(22)
+    att = torch.cat([peaked_attention(3, 2, 12, g) for _ in range(4)], dim=1)  # [3, 4, 2, 12, 12]
+    caps = flow_matrices(AttentionMaps(att, TokenLayout(num_prefix=0, grid=(3, 4))))
+    source = torch.rand(4, 12, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layered_max_flow(caps, source, exact_only=True)
+        torch.set_num_threads(3)
+        three = layered_max_flow(caps, source, exact_only=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    want = np.stack([textbook(caps[i].numpy(), source[i].numpy()) for i in range(4)])
+    assert np.allclose(three.numpy(), want, atol=1e-9)

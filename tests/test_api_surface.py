@@ -50,7 +50,7 @@ def test_signatures_of_the_contract():
     assert r["start_layer"].default == 0
     assert inspect.signature(vitviz.cls_maps).parameters["layer"].default == -1
     o = inspect.signature(vitviz.overlay).parameters
-    assert o["cmap"].default == "jet" and o["alpha"].default == 0.5
+    assert o["cmap"].default == "inferno" and o["alpha"].default is None and o["smooth"].default is False
     w = inspect.signature(vitviz.wrap).parameters
     assert {"grid", "num_prefix", "tokenizer"} <= set(w)
 

@@ -456,3 +456,16 @@ def test_transformers_siglip_pooling_head_is_rec_pool_equal_to_its_own_weights()
                               need_weights=True, average_attn_weights=False)  # [B, H, 1, N]
     assert rec.pool.tensor.shape == (1, 2, 2, 1, 16)
     torch.testing.assert_close(rec.pool.tensor[0], w, atol=1e-6, rtol=0)
+
+
+def test_the_module_tree_read_at_every_capture_is_named_modules_order():
+    """capture() reads the tree without names at each call (_tree) to tell whether it changed:
+    the same modules in the same order as named_modules(), shared modules once, empty slots skipped."""
+    from vitviz.attention._capture import _tree
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8,
+                              embed_dim=16, num_heads=2)
+    model.shared = model.blocks[0]  # one module under two parents
+    model.register_module("empty", None)
+    assert _tree(model) == [m for _, m in model.named_modules()]
+    assert len(_tree(model)) == len({id(m) for m in model.modules()})

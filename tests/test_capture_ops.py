@@ -393,16 +393,21 @@ def test_gradient_streams_run_the_fused_kernel_and_get_dout_times_v(monkeypatch)
     with vitviz.capture(model, grad=True) as rec:
         model(x)[:, 2].sum().backward()
     stored = relevance_map(rec.attentions, rec.attention_grads, method="chefer")
-    phases = []
-    real = ops.sdpa_probabilities
+    phases, backwards = [], []
+    real, real_backward = ops.sdpa_probabilities, ops.sdpa_backward
     monkeypatch.setattr(ops, "sdpa_probabilities",
                         lambda *a, **k: phases.append(torch.is_grad_enabled()) or real(*a, **k))
+    monkeypatch.setattr(ops, "sdpa_backward",
+                        lambda *a, **k: backwards.append(k.get("fusion")) or real_backward(*a, **k))
     stream = RelevanceStream("chefer")
     with vitviz.capture(model, grad=True, keep="none", streams={"r": stream}) as rec2:
         out = model(x)
-        assert not phases  # the forward pass ran the fused kernel only
+        assert not phases and not backwards  # the forward pass ran the fused kernel only
         out[:, 2].sum().backward()
-    assert len(phases) == 3  # A recomputed once per layer, as its gradient arrived
+    assert not phases  # A is never computed on its own ...
+    # ... but once per layer, as its gradient arrived, for the stream (only the fused
+    # mean_h[(A ⊙ dA)⁺]) and the gradients of q, k, v alike: SDPA's own backward did not run
+    assert backwards == [("mean", True)] * 3
     torch.testing.assert_close(rec2.stream("r"), stored, atol=1e-6, rtol=1e-5)
 
 

@@ -26,7 +26,7 @@ def no_cache(tmp_path, monkeypatch):
 
 def test_rollout_writes_png_and_npy(tmp_path, capsys):
     code = main(["rollout", str(SAMPLES[0]), "--model", "ti16", "--random", "--image-size", "96",
-                 "--discard-ratio", "0.9", "--out", str(tmp_path)])
+                 "--discard-ratio", "0.9", "--bare", "--out", str(tmp_path)])
     assert code == 0
     stem = SAMPLES[0].stem
     heat = np.load(tmp_path / f"{stem}_rollout.npy")

@@ -94,7 +94,7 @@ def test_distillation_query_on_a_distilled_model(tmp_path):
 
 def test_flow_files_equal_the_library(tmp_path, capsys):
     torch.manual_seed(0)
-    code = main(["flow", str(SAMPLES[0]), *TINY, "--out", str(tmp_path)])
+    code = main(["flow", str(SAMPLES[0]), *TINY, "--bare", "--out", str(tmp_path)])
     assert code == 0
     heat = np.load(tmp_path / f"{SAMPLES[0].stem}_flow.npy")
     _, attn = reference(0)

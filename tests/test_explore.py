@@ -101,7 +101,7 @@ def test_explore_matches_capture_rollout_and_relevance():
     e = vitviz.explore(m, img)
     d = e.data
     p = d.num_prefix
-    assert p == 3 and d.prefix_names == ["CLS", "reg 1", "reg 2"] and d.grid == (4, 4)
+    assert p == 3 and d.prefix_names == ["CLS", "reg 0", "reg 1"] and d.grid == (4, 4)
     x = m.preprocess(img)
     with torch.no_grad(), vitviz.capture(m) as rec:
         logits = m(x)
@@ -183,11 +183,11 @@ def test_per_head_rows_of_the_earliest_layers_are_dropped_to_fit():
     meta, blocks, = explore_payload(d, max_bytes=full - 1)  # no room for the first layer's heads
     num_layers = d.attention.shape[0]
     assert meta["head_layers"] == list(range(1, num_layers))  # the last layers are kept
-    assert "layer 1 were left out" in meta["dropped"][0]
+    assert "layer 0 were left out" in meta["dropped"][0]  # layers numbered from 0, as layer=
     page = render_explore(d, max_bytes=full - 1)
-    assert len(page) < full and "layer 1 were left out" in page
+    assert len(page) < full and "layer 0 were left out" in page
     meta, _ = explore_payload(d, max_bytes=1)
-    assert meta["head_layers"] == [] and "layers 1–3 were left out" in meta["dropped"][0]
+    assert meta["head_layers"] == [] and "layers 0–2 were left out" in meta["dropped"][0]
     assert "over the 1e-06 MB" in meta["dropped"][1]
 
 

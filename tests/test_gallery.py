@@ -330,10 +330,20 @@ def test_mixed_folder_good_done_bad_skipped_with_reasons(reference, folder):
         assert p.resolve().is_relative_to(out.resolve())
 
 
+def _decoded(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` through the gallery's JPEG encoder and back (int)."""
+    import io
+
+    from vitviz.gallery._draw import _jpeg
+
+    return np.asarray(Image.open(io.BytesIO(_jpeg(rgb)))).astype(int)
+
+
 def test_outputs_equal_the_analyzers_one_image_at_a_time(reference, folder, model):
     """Equivalence with the source of truth: each image alone through capture + rollout / cls_maps,
     its overlay through vitviz.overlay, its top-5 from the logits."""
-    from vitviz.gallery._draw import TILE_MAX, _tile_view
+    from vitviz.gallery._draw import TILE_SIDE, tile
+    from vitviz.render import display_image
 
     out, result = reference
     by_key = {r["key"]: r for r in result.done}
@@ -348,21 +358,101 @@ def test_outputs_equal_the_analyzers_one_image_at_a_time(reference, folder, mode
         np.testing.assert_allclose(np.load(out / rec["outputs"]["cls"]["npy"]), heads, rtol=1e-5, atol=1e-7)
         assert rec["outputs"]["cls"]["names"] == ["head 0", "head 1", "head 2"]
         view = model.preprocessor.view(folder / key)  # [64, 64, 3]
-        png = np.asarray(Image.open(out / rec["outputs"]["rollout"]["png"]))
-        np.testing.assert_array_equal(png, vitviz.overlay(view, np.load(out / rec["outputs"]["rollout"]["npy"])))
-        grid = np.asarray(Image.open(out / rec["outputs"]["cls"]["png"]))
-        tile0 = vitviz.overlay(_tile_view(view), np.load(out / rec["outputs"]["cls"]["npy"])[0])
-        assert max(tile0.shape[:2]) <= TILE_MAX
-        np.testing.assert_array_equal(grid[:tile0.shape[0], :tile0.shape[1]], tile0)
-        jpg = np.asarray(Image.open(out / rec["image"])).astype(int)  # JPEG of the view
-        assert jpg.shape == view.shape
+        shown = display_image(view)  # [256, 256, 3]: 4x4 blocks of the view
+        assert shown.shape == (256, 256, 3) and (shown[::4, ::4] == view).all()
+        # the pictures are JPEG: the decoded file is vitviz.overlay of the saved map, encoded
+        # (quality 90, 4:4:4; these noise images are JPEG's worst case: a few grey levels off)
+        heat = np.load(out / rec["outputs"]["rollout"]["npy"])
+        pic = np.asarray(Image.open(out / rec["outputs"]["rollout"]["overlay"])).astype(int)
+        assert rec["outputs"]["rollout"]["size"] == [256, 256] == list(pic.shape[:2])
+        want = vitviz.overlay(shown, heat)
+        np.testing.assert_array_equal(pic, _decoded(want))
+        assert np.abs(pic - want).mean() < 4
+        grid = np.asarray(Image.open(out / rec["outputs"]["cls"]["overlay"])).astype(int)
+        tiles = [vitviz.overlay(shown, h) for h in np.load(out / rec["outputs"]["cls"]["npy"])]
+        assert tiles[0].shape[:2] == (TILE_SIDE, TILE_SIDE)
+        np.testing.assert_array_equal(grid, _decoded(tile(tiles, rec["outputs"]["cls"]["names"])))
+        jpg = np.asarray(Image.open(out / rec["image"])).astype(int)  # JPEG of the view as shown
+        assert jpg.shape == shown.shape
         if key == "deep16.png":  # a smooth gradient: JPEG keeps it within a few grey levels
-            assert np.abs(jpg - view).mean() < 3
+            assert np.abs(jpg - shown).mean() < 3
         p = logits.softmax(-1)[0]
         top = p.topk(5)
         assert [t["index"] for t in rec["top5"]] == top.indices.tolist()
         np.testing.assert_allclose([t["prob"] for t in rec["top5"]], top.values.numpy(), atol=6e-5)
         assert rec["prediction"] == rec["top5"][0]
+
+
+def _dark_run_median(gray: np.ndarray) -> float:
+    """Median width of the horizontal runs of dark pixels (< 128): a text's stroke width."""
+    dark = np.pad(gray < 128, ((0, 0), (1, 1)))
+    d = np.diff(dark.astype(int), axis=1)
+    starts, ends = np.nonzero(d == 1), np.nonzero(d == -1)
+    return float(np.median(ends[1] - starts[1]))
+
+
+def test_pictures_are_at_least_256_px_and_grid_labels_are_text_at_their_size(reference):
+    """Every picture written (the input, each overlay, each grid) is at least 256 px on its short
+    side; a grid's tiles are exactly TILE_SIDE px, GAP px apart, each with its name drawn under it
+    at the picture's resolution: strokes about 1-2 px wide, as label_band draws them. The same
+    text drawn at a quarter of the size and enlarged 4x (the 64 px tiles of before) has strokes
+    of 4 px or more, so the check can fail."""
+    import math
+
+    from vitviz.gallery._draw import GAP, TILE_SIDE, _font, band_height, label_band, label_px
+
+    out, result = reference
+    px = label_px(TILE_SIDE)
+    band = band_height(px)
+    for rec in result.done:
+        for rel in [rec["image"]] + [o["overlay"] for o in rec["outputs"].values()]:
+            with Image.open(out / rel) as im:
+                assert min(im.size) >= 256, rel
+        cls = rec["outputs"]["cls"]
+        grid = np.asarray(Image.open(out / cls["overlay"]).convert("RGB")).astype(int)
+        k = len(cls["names"])
+        cols = math.ceil(math.sqrt(k))
+        rows = math.ceil(k / cols)
+        assert grid.shape[:2] == (rows * (TILE_SIDE + band + GAP) - GAP, cols * (TILE_SIDE + GAP) - GAP)
+        assert cls["size"] == list(grid.shape[:2])
+        for i, name in enumerate(cls["names"]):
+            r, c = divmod(i, cols)
+            y, x = r * (TILE_SIDE + band + GAP) + TILE_SIDE, c * (TILE_SIDE + GAP)
+            got = grid[y:y + band, x:x + TILE_SIDE]
+            assert np.abs(got - label_band(name, TILE_SIDE, _font(px), px)).mean() < 3, name
+            assert _dark_run_median(got.mean(-1)) <= 2.5
+    small = label_band("head 0", TILE_SIDE // 4, _font(px // 4), px // 4).mean(-1)
+    assert _dark_run_median(np.repeat(np.repeat(small, 4, 0), 4, 1)) >= 4
+
+
+def test_look_options_reach_the_pictures_and_are_part_of_the_settings(model, tmp_path):
+    """cmap / alpha / smooth are vitviz.overlay's: the classic look (jet, constant 0.5, smooth)
+    gives its picture, is stored in gallery.json, and resuming with the default look is refused."""
+    import io
+
+    from vitviz.gallery._draw import _jpeg
+    from vitviz.render import display_image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(_noise(40, 40, 70)).save(src / "a.png")
+    out = tmp_path / "g"
+    res = build_gallery(src, model, out, methods="rollout", cmap="jet", alpha=0.5, smooth=True, workers=0,
+                        progress=False, model_id=MODEL_ID)
+    rec = res.done[0]
+    shown = display_image(model.preprocessor.view(src / "a.png"))
+    heat = np.load(out / rec["outputs"]["rollout"]["npy"])
+    pic = np.asarray(Image.open(out / rec["outputs"]["rollout"]["overlay"]))
+    want = vitviz.overlay(shown, heat, cmap="jet", alpha=0.5, smooth=True)
+    np.testing.assert_array_equal(pic, np.asarray(Image.open(io.BytesIO(_jpeg(want)))))
+    assert not np.array_equal(want, vitviz.overlay(shown, heat, cmap="jet", alpha=0.5))  # smooth did something
+    cfg = json.loads((out / "gallery.json").read_text())
+    assert (cfg["cmap"], cfg["alpha"], cfg["smooth"]) == ("jet", 0.5, True)
+    with pytest.raises(VitvizError, match="smooth"):
+        build_gallery(src, model, out, methods="rollout", cmap="jet", alpha=0.5, workers=0, progress=False,
+                      model_id=MODEL_ID)
+    with pytest.raises(VitvizError, match="alpha must be in"):
+        build_gallery(src, model, tmp_path / "g2", methods="rollout", alpha=1.5, progress=False)
 
 
 def test_html_pages_escape_every_name_and_are_paged(reference):
@@ -383,7 +473,7 @@ def test_render_pages_pure_golden():
     recs = [{"key": "x<y>.png", "source": "s/x<y>.png", "status": "done", "image": "images/x_y.jpg",
              "prediction": {"index": 3, "label": "tabby & co", "prob": 0.5},
              "top5": [{"index": 3, "label": "tabby & co", "prob": 0.5}], "caption": None,
-             "outputs": {"rollout": {"png": "rollout/x_y.png", "npy": "rollout/x_y.npy"}}},
+             "outputs": {"rollout": {"overlay": "rollout/x_y.jpg", "npy": "rollout/x_y.npy", "size": [256, 320]}}},
             {"key": "bad.png", "source": "bad.png", "status": "skipped", "reason": "<b>broken</b>",
              "outputs": {}}]
     (name, page), = render_pages(recs, methods=["rollout"], page_size=5)
@@ -391,7 +481,9 @@ def test_render_pages_pure_golden():
     assert page.count('class="card ') == 2
     assert '<span class="pred">tabby &amp; co (50.0%)</span>' in page
     assert '<span class="why">&lt;b&gt;broken&lt;/b&gt;</span>' in page
-    assert 'src="rollout/x_y.png"' in page and "<b>broken" not in page
+    assert 'src="rollout/x_y.jpg"' in page and "<b>broken" not in page
+    # the large view shows the picture at its own size (never enlarged), no list of names under it
+    assert '<img src="rollout/x_y.jpg" width="320" height="256"' in page and 'class="names"' not in page
     two = render_pages(recs * 3, methods=["rollout"], page_size=4)
     assert [n for n, _ in two] == ["index.html", "index-2.html"]
     assert 'href="index-2.html"' in two[0][1] and 'href="index.html"' in two[1][1]
@@ -562,7 +654,7 @@ def test_cli_200_images_in_ci_time_then_resume_is_a_no_op(tmp_path, capsys):
     assert "200 done, 0 skipped, 0 failed" in err and "images/s" in err
     assert seconds < 90
     assert len(mf.read_records(out / "manifest.jsonl")) == 200
-    assert len(list((out / "rollout").glob("*.png"))) == 200 and len(list((out / "cls").glob("*.npy"))) == 200
+    assert len(list((out / "rollout").glob("*.jpg"))) == 200 and len(list((out / "cls").glob("*.npy"))) == 200
     assert len(list(out.glob("index*.html"))) == 2  # 100 per page
     code = main(["gallery", str(src), "--model", "ti16", "--random", "--image-size", "64", "--out", str(out),
                  "--no-progress"])

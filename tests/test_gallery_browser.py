@@ -108,6 +108,19 @@ def test_page_loads_from_file_url_counts_and_opens_the_view(gallery, browser):
     big = d.execute_script("return document.querySelector('#viewer-body img').getBoundingClientRect().width")
     thumb = d.execute_script("return document.querySelector('#grid img.t1').getBoundingClientRect().width")
     assert big > thumb  # larger than the thumbnail
+    # the input, the rollout overlay and the grid of heads: at least 256 px, shown at most at
+    # their own size (never enlarged), no list of names under the grid (its labels are in it)
+    sizes = d.execute_script(
+        "return Array.from(document.querySelectorAll('#viewer-body img')).map(i => "
+        "[i.getAttribute('src'), i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width, "
+        "i.getBoundingClientRect().height]);")
+    assert [s[0].split("/")[0] for s in sizes] == ["images", "rollout", "cls"]
+    for src, nw, nh, w, h in sizes:
+        assert min(nw, nh) >= 256, src
+        assert 0 < w <= nw + 0.5 and 0 < h <= nh + 0.5, (src, nw, w)
+        assert abs(w / h - nw / nh) < 0.02, src  # not stretched
+    assert [s[3] for s in sizes[:2]] == [256, 256]  # room to spare: at their own size exactly
+    assert d.find_elements(By.CSS_SELECTOR, "#viewer-body .names") == []
     d.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     wait.until(lambda drv: not viewer.is_displayed())
 

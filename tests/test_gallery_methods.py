@@ -169,7 +169,7 @@ def test_throughput_measurement_runs_and_reports_ratios(model, folder, tmp_path)
     for k in ("gallery", "forward", "decode_forward"):
         assert r[k] > 0 and r["cpu_ms_per_image"][k] > 0
     assert r["ratio_forward"] == pytest.approx(r["gallery"] / r["forward"])
-    assert len(list((tmp_path / "g" / "rollout").glob("*.png"))) == 4
+    assert len(list((tmp_path / "g" / "rollout").glob("*.jpg"))) == 4
 
 
 @pytest.mark.parametrize("layer", [0, 2, -1, -3])

@@ -108,8 +108,10 @@ def test_bundled_classifier_every_command_pdf(tmp_path, figures, capsys):
         code, _ = run([*args, *common], capsys)
         assert code == 0, args
     sa, sb = SAMPLES[0].stem, SAMPLES[1].stem
-    check_figures(figures, [f"{sa}_rollout", f"{sb}_rollout", f"{sa}_cls", f"{sa}_mask", f"{sa}_flow_panels",
-                            f"{sa}_flow", "shapes-vit_posembed", f"{sa}_heads", f"{sb}_heads", "heads_mean"])
+    # single overlays are figures by default (title, colour bar): read back like every other figure
+    check_figures(figures, [f"{sa}_rollout", f"{sb}_rollout", f"{sa}_relevance", f"{sa}_cls", f"{sa}_mask",
+                            f"{sa}_flow_panels", f"{sa}_flow", "shapes-vit_posembed", f"{sa}_heads", f"{sb}_heads",
+                            "heads_mean"])
     check_files(out, "pdf", 100)
     import pypdf
 
@@ -129,7 +131,8 @@ def test_tiny_timm_model_every_command_svg(tmp_path, figures, capsys):
         code, _ = run([*args, *common], capsys)
         assert code == 0, args
     sa = SAMPLES[0].stem
-    check_figures(figures, [f"{sa}_cls", f"{sa}_flow_panels", "ti16_posembed", f"{sa}_heads"])
+    check_figures(figures, [f"{sa}_rollout", f"{sa}_relevance", f"{sa}_cls", f"{sa}_flow", f"{sa}_flow_panels",
+                            "ti16_posembed", f"{sa}_heads"])
     check_files(out, "svg", 150)
     root = ET.parse(out / f"{sa}_cls.svg").getroot()
     words = " ".join("".join(e.itertext()) for e in root.iter() if e.tag.endswith("text"))
@@ -152,7 +155,7 @@ def test_norm_batch_same_value_same_colour_across_images(tmp_path, capsys):
     """The overlays of a --norm batch run equal vitviz.overlay with the run's min and max."""
     out = tmp_path / "o"
     code, _ = run(["rollout", str(SAMPLES[0]), str(SAMPLES[1]), *VIT, "--norm", "batch", "--alpha", "1",
-                   "--out", str(out)], capsys)
+                   "--bare", "--out", str(out)], capsys)
     assert code == 0
     model = vitviz.load_model("shapes-vit")
     heats = [np.load(out / f"{s.stem}_rollout.npy") for s in SAMPLES[:2]]
@@ -173,7 +176,7 @@ def test_norm_batch_single_image_says_nothing_is_shared(tmp_path, capsys):
 
 
 def test_size_and_jpg_overlays(tmp_path, capsys):
-    code, _ = run(["rollout", str(SAMPLES[0]), *VIT, "--size", "100", "--format", "jpg", "--out",
+    code, _ = run(["rollout", str(SAMPLES[0]), *VIT, "--size", "100", "--format", "jpg", "--bare", "--out",
                    str(tmp_path)], capsys)
     assert code == 0
     img = Image.open(tmp_path / f"{SAMPLES[0].stem}_rollout.jpg")
@@ -185,12 +188,15 @@ def test_constant_map_is_drawn_flat_with_a_note(tmp_path):
     from vitviz.render.output import OutputOptions
 
     model = vitviz.load_model("shapes-vit")
-    opts = OutputOptions()
+    opts = OutputOptions(bare=True)
     outcomes = map_files(model, [SAMPLES[0]], tmp_path, lambda x: (torch.full((x.shape[0], 8, 8), 0.25), None),
                          suffix="const", output=opts, progress=False)
     assert outcomes[0].ok and any("constant" in n for n in opts.notes)
     pic = np.asarray(Image.open(tmp_path / f"{SAMPLES[0].stem}_const.png").convert("RGB"))
     assert pic.shape == (256, 256, 3)
+    # flat: every value at the bottom of the scale, which the default opacity leaves as the image
+    view = display_image(model.preprocessor.view(vitviz.load_image(SAMPLES[0])))
+    np.testing.assert_array_equal(pic, view)
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -221,17 +227,18 @@ def test_gallery_norm_none_is_one_fixed_scale(tmp_path, capsys):
         shutil.copy(s, src / s.name)
     model = vitviz.load_model("shapes-vit")
     out = tmp_path / "g"
-    res = vitviz.build_gallery(src, model, out, methods=["rollout"], norm="none", alpha=1.0, workers=0,
-                               progress=False)
+    res = vitviz.build_gallery(src, model, out, methods=["rollout"], norm="none", cmap="jet", alpha=1.0,
+                               workers=0, progress=False)
     assert res.exit_code == 0
     for s in SAMPLES[:2]:
         heat = np.load(out / "rollout" / f"{s.stem}.npy")
-        view = model.preprocessor.view(vitviz.load_image(s))
-        got = np.asarray(Image.open(out / "rollout" / f"{s.stem}.png").convert("RGB"))
-        assert np.array_equal(got, vitviz.overlay(view, heat, alpha=1.0, vmin=0.0, vmax=1.0))
-        assert not np.array_equal(got, vitviz.overlay(view, heat, alpha=1.0))  # not min-max per image
+        view = vitviz.render.display_image(model.preprocessor.view(vitviz.load_image(s)))  # as the gallery shows it
+        got = np.asarray(Image.open(out / "rollout" / f"{s.stem}.jpg").convert("RGB")).astype(int)  # JPEG
+        assert np.abs(got - vitviz.overlay(view, heat, cmap="jet", alpha=1.0, vmin=0.0, vmax=1.0)).mean() < 2
+        assert np.abs(got - vitviz.overlay(view, heat, cmap="jet", alpha=1.0)).mean() > 20  # not min-max per image
     with pytest.raises(VitvizError, match="norm"):  # resuming with another scale is refused
-        vitviz.build_gallery(src, model, out, methods=["rollout"], alpha=1.0, workers=0, progress=False)
+        vitviz.build_gallery(src, model, out, methods=["rollout"], cmap="jet", alpha=1.0, workers=0,
+                             progress=False)
     with pytest.raises(VitvizError, match="'image' or 'none'"):
         vitviz.build_gallery(src, model, tmp_path / "g2", methods=["rollout"], norm="batch", workers=0,
                              progress=False)
@@ -254,16 +261,19 @@ def test_on_original_refuses_the_size_it_cannot_honour(cmd, tmp_path, capsys):
 
 @pytest.mark.parametrize("cmd", ["rollout", "relevance"])
 def test_on_original_draws_the_colour_bar(cmd, tmp_path, capsys):
-    """--on-original --colorbar: the photo at its own size with a bar beside it (wider than the photo),
-    where --on-original alone writes exactly the photo's size."""
-    plain, barred = tmp_path / "plain", tmp_path / "barred"
-    assert run([cmd, str(SAMPLES[0]), *VIT, "--on-original", "--out", str(plain)], capsys)[0] == 0
-    assert run([cmd, str(SAMPLES[0]), *VIT, "--on-original", "--colorbar", "--out", str(barred)], capsys)[0] == 0
+    """--on-original: the photo at its own size with a bar beside it (wider than the photo) by default
+    and with the old --colorbar, where --on-original --bare writes exactly the photo's size."""
+    plain, barred, old = tmp_path / "plain", tmp_path / "barred", tmp_path / "old"
+    assert run([cmd, str(SAMPLES[0]), *VIT, "--on-original", "--bare", "--out", str(plain)], capsys)[0] == 0
+    assert run([cmd, str(SAMPLES[0]), *VIT, "--on-original", "--out", str(barred)], capsys)[0] == 0
+    assert run([cmd, str(SAMPLES[0]), *VIT, "--on-original", "--colorbar", "--out", str(old)], capsys)[0] == 0
     (p,) = sorted(plain.glob("*.png"))
     (b,) = sorted(barred.glob("*.png"))
+    (o,) = sorted(old.glob("*.png"))
     photo = Image.open(SAMPLES[0]).size
     assert Image.open(p).size == photo
     assert Image.open(b).size[0] > Image.open(p).size[0] * 1.05  # the bar is drawn, not dropped
+    assert Image.open(o).size == Image.open(b).size  # --colorbar is the default now
 
 
 def test_original_overlay_with_a_colour_bar(tmp_path):
@@ -276,7 +286,7 @@ def test_original_overlay_with_a_colour_bar(tmp_path):
     photo = rng.integers(0, 255, (300, 420, 3), dtype=np.uint8)
     heat = rng.random((4, 4)).astype(np.float32)
     box = (60.0, 0.0, 360.0, 300.0)  # a centre crop
-    plain = OutputOptions().save_original_overlay(tmp_path / "plain", photo, heat, box)
+    plain = OutputOptions(bare=True).save_original_overlay(tmp_path / "plain", photo, heat, box)
     assert plain.name == "plain.png"
     np.testing.assert_array_equal(np.asarray(Image.open(plain).convert("RGB")), overlay_region(photo, heat, box))
 

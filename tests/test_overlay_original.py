@@ -108,7 +108,7 @@ def test_cli_on_original_writes_the_full_picture(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "ti16-64.safetensors"
     save_file(timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=3).state_dict(), str(weights))
-    base = ["rollout", str(src), "--model", "ti16", "--weights", str(weights)]
+    base = ["rollout", str(src), "--model", "ti16", "--weights", str(weights), "--bare"]
     assert main(base + ["--out", str(tmp_path / "view")]) == 0
     assert main(base + ["--on-original", "--out", str(tmp_path / "orig")]) == 0
     view_png = np.asarray(Image.open(tmp_path / "view" / "wide_rollout.png"))

@@ -120,6 +120,75 @@ def test_token_curves_batched_equals_one_by_one_and_lerf_is_reversed_insertion()
     assert lerf.insertion is None
 
 
+def _forward_log(model):
+    """Record (sequence length at the blocks, attn_mask given) of every forward pass of a timm ViT."""
+    log = []
+
+    def pre(mod, args, kwargs):
+        log.append([None, kwargs.get("attn_mask") is not None])
+
+    def tokens(mod, args, out):
+        log[-1][0] = out.shape[1]
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True), model.norm_pre.register_forward_hook(tokens)]
+    return log, handles
+
+
+@pytest.mark.parametrize("kw", [{}, {"name": "deit_tiny_distilled_patch16_224"}, {"reg_tokens": 2}])
+def test_token_curves_padded_batches_equal_every_sequence_alone(kw):
+    """Sequences of different lengths share a forward pass, padded and masked; every point equals
+    the model run on that sequence alone, built from the model's parts (timm_tokens, no mask)."""
+    model = tiny_timm(real_head=True, **kw)
+    x, maps = inputs(3), maps_of(3, seed=5)
+    log, handles = _forward_log(model)
+    try:
+        c = token_curves(model, x, maps, batch_size=16)  # 17 points, both curves: 102 sequences
+    finally:
+        for h in handles:
+            h.remove()
+    p = model.num_prefix_tokens
+    assert any(masked for _, masked in log[1:])  # padded passes happened (log[0]: the target pass)
+    lengths = {n for n, _ in log[1:]}
+    assert len(log) - 1 < 17 and len(lengths) < 17  # fewer passes than lengths (every length from p to p + 16)
+    order = vitviz.evaluate.patch_order(maps)  # [3, 16]
+    with torch.no_grad():
+        for s in range(17):
+            for i in range(3):
+                gone = timm_tokens(model, x[i:i + 1], order[i:i + 1, s:].sort(1).values).softmax(-1)
+                shown = timm_tokens(model, x[i:i + 1], order[i:i + 1, :s].sort(1).values).softmax(-1)
+                t = c.target[i]
+                assert c.deletion[i, s] == pytest.approx(float(gone[0, t]), abs=2e-6)
+                assert c.insertion[i, s] == pytest.approx(float(shown[0, t]), abs=2e-6)
+    assert p >= 1 and not any(m._forward_hooks for m in model.modules())
+
+
+def test_token_curves_pad_only_where_the_padding_stays_invisible():
+    """Average pooling would read padded tokens: there every pass holds one sequence length."""
+    model = tiny_timm(real_head=True, global_pool="avg")
+    x, maps = inputs(2), maps_of(2)
+    log, handles = _forward_log(model)
+    try:
+        c = token_curves(model, x, maps, steps=4, batch_size=16)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not any(masked for _, masked in log)
+    order = vitviz.evaluate.patch_order(maps)
+    with torch.no_grad():
+        mid = timm_tokens(model, x, order[:, 4:].sort(1).values).softmax(-1)
+    assert torch.allclose(c.deletion[:, 1], mid[torch.arange(2), c.target], atol=1e-6)
+
+
+def test_chunks_golden():
+    from vitviz.evaluate.perturbation import _chunks
+
+    # longest first; a batch stops at batch_size rows or when padding would exceed 1.25x its tokens
+    assert _chunks([5, 9, 9, 8, 2], 10, 1.0) == [[1, 2], [3], [0], [4]]
+    assert _chunks([5, 9, 9, 8, 2], 10, 1.25) == [[1, 2, 3, 0], [4]]  # 4*9=36 <= 1.25*31; then 5*9=45 > 1.25*33
+    assert _chunks([5, 9, 9, 8, 2], 2, 1.25) == [[1, 2], [3, 0], [4]]  # 2*8=16 <= 1.25*13
+    assert _chunks([], 4, 1.25) == []
+
+
 def test_token_curves_score_fn_and_no_classifier():
     headless = tiny_timm(num_classes=0)
     x = inputs(2)

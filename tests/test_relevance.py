@@ -318,14 +318,14 @@ def test_cli_relevance_writes_png_and_npy(tmp_path, capsys):
     bad.write_bytes(b"")
     out = tmp_path / "out"
     code = main(["relevance", str(img), str(bad), "--model", "ti16", "--random", "--image-size", "64",
-                 "--class", "7", "--out", str(out)])
+                 "--class", "7", "--bare", "--out", str(out)])
     assert code == 1  # one input skipped
     heat = np.load(out / "cat_relevance.npy")
     assert heat.shape == (4, 4) and np.isfinite(heat).all() and heat.std() > 0
     png = np.asarray(Image.open(out / "cat_relevance.png"))
     assert png.shape == (256, 256, 3) and png.std() > 0  # 64 px shown at 4x
     captured = capsys.readouterr()
-    assert "explained: 7" in captured.out and "skipped" in captured.err
+    assert "explained: class 7" in captured.out and "skipped" in captured.err
 
     code = main(["relevance", str(img), "--model", "ti16", "--random", "--image-size", "64",
                  "--method", "grad_rollout", "--discard-ratio", "0.5", "--out", str(out)])

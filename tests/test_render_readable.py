@@ -66,6 +66,7 @@ def test_constant_map_is_flat_not_nan():
     out = vitviz.overlay(IMAGE, flat, cmap="gray", alpha=1.0)
     assert (out == 0).all()  # the lowest colour, no division by zero
     assert (vitviz.overlay(IMAGE, flat, cmap="jet", alpha=1.0) == colormap_lut("jet")[0]).all()
+    assert np.array_equal(vitviz.overlay(IMAGE, flat), IMAGE)  # default opacity: the bottom leaves the image
     scales, notes = map_scales([flat, rand(1, 4, 4)], "image")
     assert scales[0].flat and not scales[1].flat
     assert any("constant" in n for n in notes)
@@ -114,7 +115,7 @@ def test_batch_norm_same_value_same_colour_in_two_images():
     ob = vitviz.overlay(img_b, b, alpha=1.0, vmin=scales[1].vmin, vmax=scales[1].vmax)
     y = x = 16  # the centre of the top-left quadrant of the 64 px image (patch 1.5, 1.5)
     assert np.array_equal(oa[y, x], ob[y, x])
-    assert np.array_equal(oa[y, x], colormap_lut("jet")[76])  # rint(0.3 * 255)
+    assert np.array_equal(oa[y, x], colormap_lut()[76])  # rint(0.3 * 255), the default colour map
     pa, pb = vitviz.overlay(img_a, a, alpha=1.0), vitviz.overlay(img_b, b, alpha=1.0)  # per image
     assert not np.array_equal(pa[y, x], pb[y, x])
 

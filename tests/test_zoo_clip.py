@@ -47,7 +47,8 @@ def test_phrases_retrieved_and_maps_point_at_the_named_object(clip):
 
 def test_benchmark_rows_and_baselines(clip):
     t = benchmark_clip(clip, seeds=list(FRESH_SEEDS)[10:13])
-    assert set(t.rows) == {"chefer", "legrad", "maskclip", "baseline: random", "baseline: centre prior"}
+    assert set(t.rows) == {"chefer", "legrad", "maskclip", "attnlrp", "cp-lrp", "baseline: random",
+                           "baseline: centre prior"}
     assert t.n == 3 and 0.0 <= t.extra["retrieval"] <= 1.0
     assert all(0.0 <= r["pointing"] <= 1.0 for r in t.rows.values())
 

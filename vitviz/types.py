@@ -139,6 +139,10 @@ class AttentionMaps:
         layers: which of the model's image self-attention layers these are (counted over the
             whole model, in the order they run), for one stage of a hierarchical model
             (``rec.stages``); None: every layer, in order.
+        rows: the token indices of the query rows the tensor holds, when it holds only some
+            (``vitviz.capture(m, rows="cls")``): ``[L, B, H, R, N]`` with row ``r`` the attention
+            of token ``rows[r]`` over all ``N`` keys of ``layout``. None: every row. CLS and query
+            maps read such maps; analyses that chain layers (rollout, flow) need every row.
 
     Example:
         >>> maps = AttentionMaps(torch.softmax(torch.randn(2, 1, 3, 5, 5), -1),
@@ -151,18 +155,23 @@ class AttentionMaps:
     layout: TokenLayout
     key_layout: TokenLayout | None = None
     layers: tuple[int, ...] | None = None
+    rows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.tensor = _as_tensor(self.tensor)
         t = self.tensor
         if self.key_layout == self.layout:
             self.key_layout = None
-        if t.dim() != 5 or (self.key_layout is None and t.shape[-1] != t.shape[-2]):
+        if self.rows is not None:
+            self._check_rows()
+        elif t.dim() != 5 or (self.key_layout is None and t.shape[-1] != t.shape[-2]):
             raise LayoutError(
                 f"AttentionMaps expects a [L, B, H, N, N] tensor (or [L, B, H, Nq, Nk] with key_layout=), "
                 f"got shape {tuple(t.shape)}"
             )
-        if self.key_layout is None:
+        if self.rows is not None:
+            pass  # checked by _check_rows
+        elif self.key_layout is None:
             self.layout.check_tokens(t.shape[-1])
         else:
             self.layout.check_tokens(t.shape[-2], "attention queries")
@@ -172,6 +181,34 @@ class AttentionMaps:
             if len(self.layers) != t.shape[0]:
                 raise LayoutError(f"{len(self.layers)} layer indices given for {t.shape[0]} layers")
 
+    def _check_rows(self) -> None:
+        t = self.tensor
+        if self.key_layout is not None:
+            raise LayoutError("AttentionMaps takes rows= or key_layout=, not both")
+        rows = tuple(int(r) for r in self.rows)  # type: ignore[union-attr]
+        if t.dim() != 5 or t.shape[-2] != len(rows):
+            raise LayoutError(f"AttentionMaps with rows={rows} expects a [L, B, H, {len(rows)}, N] tensor, "
+                              f"got shape {tuple(t.shape)}")
+        self.layout.check_tokens(t.shape[-1], "attention keys")
+        n = t.shape[-1]
+        if not rows or any(not 0 <= r < n for r in rows) or len(set(rows)) != len(rows):
+            raise LayoutError(f"rows must be distinct token indices in 0..{n - 1}, got {rows}")
+        self.rows = rows
+
+    def require_rows(self, what: str) -> None:
+        """Check that the tensor holds every query row (not a rows-only capture).
+
+        Args:
+            what: the analysis that needs every row, for the message.
+
+        Raises:
+            LayoutError: only some rows were captured (``rows=``).
+        """
+        if self.rows is not None:
+            raise LayoutError(
+                f"{what} needs the attention of every query token, but these maps hold only the rows of "
+                f"tokens {list(self.rows)} (vitviz.capture(..., rows=...)); capture without rows= for it")
+
     @property
     def keys(self) -> TokenLayout:
         """The layout of the key tokens (the query layout unless keys are reduced)."""
@@ -179,8 +216,8 @@ class AttentionMaps:
 
     @property
     def square(self) -> bool:
-        """Whether queries and keys are the same tokens (what rollout and flow need)."""
-        return self.key_layout is None
+        """Whether queries and keys are the same tokens, every row of them (what rollout and flow need)."""
+        return self.key_layout is None and self.rows is None
 
     def require_square(self, what: str) -> None:
         """Check that queries and keys are the same tokens (what rollout and flow chain).
@@ -189,8 +226,10 @@ class AttentionMaps:
             what: the analysis that needs it, for the message.
 
         Raises:
-            LayoutError: the keys are reduced (spatial-reduction attention).
+            LayoutError: the keys are reduced (spatial-reduction attention), or only some query
+                rows were captured.
         """
+        self.require_rows(what)
         if self.key_layout is not None:
             raise LayoutError(
                 f"{what} chains attention over one set of tokens, but these layers' keys are reduced to "
@@ -217,8 +256,10 @@ class AttentionMaps:
         """One line: shape, dtype, layout(s), layers and row sums (never the raw tensor)."""
         keys = "" if self.key_layout is None else f", key_layout={self.key_layout!r}"
         layers = "" if self.layers is None else f", layers={self.layers[0]}-{self.layers[-1]}"
-        return (f"AttentionMaps({_shape(self.tensor)} [L, B, H, N, N] {str(self.tensor.dtype).replace('torch.', '')}, "
-                f"layout={self.layout!r}{keys}{layers}, {_row_sums(self.tensor)})")
+        rows = "" if self.rows is None else f", rows={list(self.rows)}"
+        dims = "[L, B, H, N, N]" if self.rows is None else "[L, B, H, R, N]"
+        return (f"AttentionMaps({_shape(self.tensor)} {dims} {str(self.tensor.dtype).replace('torch.', '')}, "
+                f"layout={self.layout!r}{keys}{layers}{rows}, {_row_sums(self.tensor)})")
 
     def to(self, *args: Any, **kwargs: Any) -> AttentionMaps:
         """The same maps moved or cast, as ``torch.Tensor.to``.
@@ -230,7 +271,7 @@ class AttentionMaps:
         Returns:
             A new :class:`AttentionMaps` with the same layouts and layer indices.
         """
-        return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout, self.key_layout, self.layers)
+        return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout, self.key_layout, self.layers, self.rows)
 
     def _repr_png_(self) -> bytes:
         """PNG for notebooks: the CLS-row map (mean of the patch rows without CLS) of every
@@ -238,7 +279,7 @@ class AttentionMaps:
         from .analyze.cls import all_layer_maps
         from .render.figures import figure_png, map_grid
 
-        first = AttentionMaps(self.tensor[:, :1], self.layout, self.key_layout, self.layers)
+        first = AttentionMaps(self.tensor[:, :1], self.layout, self.key_layout, self.layers, self.rows)
         maps = all_layer_maps(first)[:, 0]  # [L, H, gh, gw] over the key grid
         names = self.layers if self.layers is not None else range(self.num_layers)
         what = "CLS attention" if self.layout.has_cls else "mean patch attention"

@@ -57,6 +57,38 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
 QUERY_NAMES = ("auto", "cls", "dist", "cls+dist", "patches", "prefix")
 
 
+def row_weights(layout: TokenLayout, rows: tuple[int, ...] | None, query: Query = "auto", *,
+                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """:func:`query_weights` over the query rows an attention tensor holds.
+
+    Args:
+        layout: the :class:`TokenLayout` of the sequence.
+        rows: the token indices of the rows held (``AttentionMaps.rows``), or None for every row.
+        query: as :func:`query_weights`.
+        dtype, device: of the returned tensor.
+
+    Returns:
+        ``[R]`` weights over the held rows (``[N]`` when ``rows`` is None), summing to 1.
+
+    Raises:
+        LayoutError: the query needs a row that is not held (a rows-only capture of other tokens).
+
+    Example:
+        >>> row_weights(TokenLayout(num_prefix=1, grid=(2, 2)), (0,), "cls")
+        tensor([1.])
+    """
+    w = query_weights(layout, query)  # [N] on the CPU: checked without a device sync
+    if rows is not None:
+        held = w[list(rows)]  # [R]
+        if float(w.sum() - held.sum()) > 1e-6:
+            needed = [int(i) for i in w.nonzero().flatten()]
+            raise LayoutError(f"query {query!r} reads the rows of tokens {needed[:8]}"
+                              + ("..." if len(needed) > 8 else "") + f", but only the rows of tokens {list(rows)} "
+                              "were captured (vitviz.capture(..., rows=...)); capture those rows too, or every row")
+        w = held
+    return w.to(dtype=dtype, device=device)
+
+
 Query = str | int | tuple[int, int] | torch.Tensor
 
 

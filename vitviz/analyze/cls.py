@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..types import AttentionMaps
-from ._tokens import Query, check_layer, query_weights
+from ._tokens import Query, check_layer, row_weights
 from .query import query_maps
 
 
@@ -18,7 +18,8 @@ def cls_maps(attn: AttentionMaps, *, layer: int = -1, query: Query = "auto") -> 
     see :func:`vitviz.analyze.query.query_weights`.
 
     Args:
-        attn: :class:`AttentionMaps` ``[L, B, H, N, N]``.
+        attn: :class:`AttentionMaps` ``[L, B, H, N, N]``, or ``[L, B, H, R, N]`` from
+            ``vitviz.capture(m, rows="cls")`` (the rows of some tokens only).
         layer: layer index (negative counts from the end).
         query: which query row(s) to read (default: CLS, else the mean of the patch rows).
 
@@ -44,8 +45,8 @@ def all_layer_maps(attn: AttentionMaps, *, query: Query = "auto") -> torch.Tenso
     Returns:
         ``[L, B, H, gh, gw]`` float32.
     """
-    a = attn.tensor.float()  # [L, B, H, Nq, Nk]
-    w = query_weights(attn.layout, query, dtype=a.dtype, device=a.device)  # [Nq]
+    a = attn.tensor.float()  # [L, B, H, Nq, Nk] (Nq = R rows held)
+    w = row_weights(attn.layout, attn.rows, query, dtype=a.dtype, device=a.device)  # [Nq]
     keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
     rows = torch.einsum("q,lbhqk->lbhk", w, a)[..., keys.patches]  # [L, B, H, P]
     return rows.reshape(*rows.shape[:3], *keys.grid)  # [L, B, H, gh, gw]

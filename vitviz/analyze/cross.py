@@ -105,6 +105,111 @@ def patch_grid(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return patches.reshape(*patches.shape[:-1], *layout.grid)
 
 
+def query_readback(qformer: CrossAttentionMaps, sample: int = 0) -> torch.Tensor:
+    """How much each Q-Former query took from each vision token (BLIP-2), for reading a language
+    model's attention over the queries back to patches.
+
+    The rule: the mean over the Q-Former's cross-attention layers and heads,
+    ``R[q, n] = mean_{l,h} A_l,h[q, n]``. Its rows sum to 1 (each layer's are probabilities over
+    the ``N`` vision tokens), so a word's map ``m = c · R`` (``c`` its attention over the queries)
+    keeps the word's total attention on the image tokens, ``Σ_n m[n] = Σ_q c[q]``, and spreads it
+    over the patches each query read from (the CLS column is dropped when drawing, as for every map).
+    The mean over layers and heads is the same head fusion the maps use by default; it is a
+    read-back of where the queries looked, not a causal attribution.
+
+    Args:
+        qformer: the Q-Former's cross-attention ``[Lq, B, H, Q, N]`` over the vision tokens' layout.
+        sample: which sample.
+
+    Returns:
+        ``[Q, N]`` float32.
+
+    Shape:
+        ``[Lq, B, H, Q, N]`` -> ``[Q, N]``
+
+    Example:
+        >>> query_readback(cap.qformer).shape   # 32 queries over 1 + 16x16 vision tokens
+        torch.Size([32, 257])
+    """
+    t = qformer.tensor
+    if not -t.shape[1] <= sample < t.shape[1]:
+        raise LayoutError(f"sample {sample} is out of range for {t.shape[1]} Q-Former samples")
+    return t[:, sample].float().mean(dim=(0, 1))  # [Q, N]
+
+
+def _overlap(fine: tuple[float, float, int], coarse: tuple[float, float, int]) -> torch.Tensor:
+    """``[nf, nc]``: the share of each coarse cell (along one axis) that falls in each fine cell.
+
+    ``fine`` and ``coarse`` are ``(start, stop, cells)`` of an axis in pixels; column ``j`` sums
+    to the part of coarse cell ``j`` that lies inside the fine axis (1 when it lies inside).
+    """
+    f0, f1, nf = fine
+    c0, c1, nc = coarse
+    fe = f0 + torch.arange(nf + 1, dtype=torch.float64) * ((f1 - f0) / nf)  # cell edges
+    ce = c0 + torch.arange(nc + 1, dtype=torch.float64) * ((c1 - c0) / nc)
+    lo = torch.maximum(fe[:-1, None], ce[None, :-1])
+    hi = torch.minimum(fe[1:, None], ce[None, 1:])
+    return ((hi - lo).clamp(min=0) / (ce[1:] - ce[:-1])[None, :]).float()  # [nf, nc]
+
+
+def place_grids(rows: torch.Tensor, grids: Sequence[Any], grid: int | None = None) -> torch.Tensor:
+    """Rows over the image keys of a vision-language model whose image tokens form several grids
+    (LLaVA-NeXT: the base image and the any-resolution tiles; Idefics3 / SmolVLM: the sub-images
+    and the global image), as maps on the picture.
+
+    Each grid (an :class:`~vitviz.explain.captioning.ImageGrid`: its first key, ``(gh, gw)``,
+    prefix and per-row newline tokens, and the ``region`` of the input it covers) gives its own
+    ``[gh, gw]`` map from its keys; prefix and newline tokens are on no grid and are left out.
+
+    The combined map (``grid=None``) is drawn on the finest grid: cells of the smallest grid cell
+    (LLaVA-NeXT: the tiles' unpadded grid; Idefics3: the sub-images side by side) over the
+    region all the grids cover together. It is the **sum** of every grid's map placed on it by
+    area: a cell's value is spread over the fine cells it overlaps, in proportion to the
+    overlap, ``m[i] = Σ_grids Σ_j a_j · |fine_i ∩ cell_j| / |cell_j|`` (per axis, in pixels of the
+    input). A grid on the fine cells lands on them as it is, and the total is kept: the combined
+    map sums to the attention on all the grids' tokens. Not re-normalised.
+
+    Args:
+        rows: ``[..., Ni]`` over the image keys.
+        grids: the grids, e.g. ``cap.image_grids``.
+        grid: ``None`` for the combined map, or the index of one grid for its own map.
+
+    Returns:
+        ``[..., gh, gw]`` of the fine grid (``grid=None``) or of grid ``grid``.
+
+    Raises:
+        LayoutError: a grid index out of range, or keys that do not fit the rows.
+
+    Example:
+        >>> a = torch.tensor([4.0, 0, 0, 0] + [1.0, 0, 0, 0, 9, 0, 0, 0, 0, 9])   # base 2x2 + tiles 2x4 (+ newlines)
+        >>> place_grids(a, cap.image_grids)[0]   # base cell (0, 0) spread over two tile cells
+        tensor([3., 2., 0., 0.])
+    """
+    grids = list(grids)
+    if grid is not None and not -len(grids) <= grid < len(grids):
+        raise LayoutError(f"grid {grid} is out of range for {len(grids)} image grids")
+    maps = []
+    for g in grids:
+        keys = g.keys().to(rows.device)
+        if int(keys.max()) >= rows.shape[-1]:
+            raise LayoutError(f"an image grid with keys up to {int(keys.max())} does not fit rows over "
+                              f"{rows.shape[-1]} image tokens")
+        maps.append(rows[..., keys].reshape(*rows.shape[:-1], *g.grid))  # [..., gh, gw]
+    if grid is not None:
+        return maps[grid]
+    ch, cw = min((float(g.cell[0]) * float(g.cell[1]), (float(g.cell[0]), float(g.cell[1]))) for g in grids)[1]
+    top, left = min(g.region[0] for g in grids), min(g.region[1] for g in grids)
+    bottom, right = max(g.region[2] for g in grids), max(g.region[3] for g in grids)
+    fh, fw = max(1, round((bottom - top) / ch)), max(1, round((right - left) / cw))
+    out = rows.new_zeros(*rows.shape[:-1], fh, fw, dtype=torch.float32)
+    for g, a in zip(grids, maps):
+        t, lft, b, r = g.region
+        my = _overlap((top, bottom, fh), (t, b, g.grid[0])).to(rows.device)  # [fh, gh]
+        mx = _overlap((left, right, fw), (lft, r, g.grid[1])).to(rows.device)  # [fw, gw]
+        out = out + my @ a.float() @ mx.T  # [..., fh, fw]
+    return out
+
+
 def _rollout_rows(rollout: object, cross: CrossAttentionMaps, sample: int,
                   head_fusion: str | None) -> torch.Tensor:
     """The encoder rollout matrix ``[Ni, Ni]`` of one sample, for composition."""
@@ -143,6 +248,7 @@ def word_grids(
     spans: Sequence[Any] | None = None,
     rollout: bool | AttentionMaps | torch.Tensor = False,
     method: str = "attention",
+    grid: int | None = None,
 ) -> torch.Tensor:
     """Patch maps of what the decoder looked at for every generated token (or word).
 
@@ -165,6 +271,9 @@ def word_grids(
             the gradient-weighted relevance ``cap.relevance`` of a Caption made with
             ``caption(..., relevance=True)`` (Chefer et al. 2021; it already runs through the
             encoder, so ``rollout`` must be False).
+        grid: a vision-language model whose image tokens form several grids (LLaVA-NeXT's base
+            image and tiles, ``cap.image_grids``): ``None`` (default) for the combined map on the
+            finest grid, or the index of one grid for its own map (:func:`place_grids`).
 
     Returns:
         float32 maps, prefix tokens dropped, not re-normalised:
@@ -215,6 +324,12 @@ def word_grids(
     if head_fusion is not None:
         a = fuse_heads(a, head_fusion)  # [L', T, Ni]
     if rollout is not False and rollout is not None:
+        if getattr(cap, "image_grids", None) is not None:
+            raise LayoutError(
+                "rollout= composes a captioner's cross-attention with its image encoder's rollout; the image "
+                "tokens of a decoder-only vision-language model are projected features of one vision-tower "
+                "layer, not its output tokens, so they are not composed: use rollout=False (or "
+                "method='relevance' with caption(..., relevance=True))")
         if rollout is True:
             encoder = getattr(cap, "encoder", None)
             if encoder is None:
@@ -224,7 +339,16 @@ def word_grids(
             rollout = encoder
         r = _rollout_rows(rollout, cross, sample, head_fusion).to(a)  # [Ni, Ni]
         a = a @ r  # [L', (H,) T, Ni]
-    grids = patch_grid(a, cross.layout)  # [L', (H,) T, gh, gw]
+    qformer = getattr(cap, "qformer", None)
+    if isinstance(qformer, CrossAttentionMaps):  # BLIP-2: the keys are the Q-Former's queries
+        a = a @ query_readback(qformer, sample).to(a)  # [L', (H,) T, N] over the vision tower's tokens
+        grids = patch_grid(a, qformer.layout)  # [L', (H,) T, gh, gw]
+    elif _several(getattr(cap, "image_grids", None)):  # LLaVA-NeXT: base image + tiles with newlines
+        grids = place_grids(a, cap.image_grids, grid)  # [L', (H,) T, gh, gw]
+    else:
+        if grid not in (None, 0, -1):
+            raise LayoutError(f"grid {grid} is out of range: this caption's image tokens form one grid")
+        grids = patch_grid(a, cross.layout)  # [L', (H,) T, gh, gw]
     if merge is not None:
         if spans is None:
             words = getattr(cap, "words", None)
@@ -233,6 +357,11 @@ def word_grids(
             spans = words
         grids = merge_pieces(grids, spans, merge, dim=-3)  # [L', (H,) W, gh, gw]
     return grids[0] if layer is not None else grids
+
+
+def _several(grids: Any) -> bool:
+    """Whether a caption's image tokens are not one plain grid (several grids, or newline tokens)."""
+    return grids is not None and (len(grids) > 1 or any(getattr(g, "newline", 0) for g in grids))
 
 
 # ---------------------------------------------------------------------------------------------

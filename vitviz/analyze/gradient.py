@@ -271,6 +271,44 @@ class RelevanceStream:
         """Forget the layers seen so far (a new forward pass)."""
         self.factors: dict[int, torch.Tensor] = {}  # layer -> [B, N, N] float32
 
+    @property
+    def grad_fusion(self) -> tuple[str, bool]:
+        """What of a layer this stream reads: ``(head_fusion, clamp_first)``, the head fusion of
+        ``A ⊙ dA`` with each head clamped at 0 first (Chefer: ``("mean", True)``) or not
+        (gradient rollout). A capture that computes the attention's backward pass itself hands
+        :meth:`update_grad_fused` that ``[B, N, N]`` fusion, computed a few heads at a time."""
+        return ("mean", True) if self.method == "chefer" else (self.head_fusion, False)
+
+    def update_grad_fused(self, fused: torch.Tensor, *, layer: int, num_layers: int,
+                          layout: TokenLayout) -> None:
+        """Fold in one layer given only ``fuse_h(A ⊙ dA)`` as :attr:`grad_fusion` says
+        (called by the capture in the backward pass instead of :meth:`update_grad`).
+
+        Args:
+            fused: ``[B, N, N]`` float32: ``mean_h[(A ⊙ dA)⁺]`` (Chefer) or ``fuse_h(A ⊙ dA)``
+                (gradient rollout, clamped here).
+            layer, num_layers, layout: as :meth:`update_grad`.
+
+        Raises:
+            ValueError: the layer already received a gradient in this pass.
+        """
+        if not self._take(layer, num_layers):
+            return
+        if self.method == "chefer":
+            self.factors[layer] = fused
+        else:
+            self.factors[layer] = residual_matrix(fused.clamp_(min=0), self.discard_ratio, bool(layout.has_cls))
+
+    def _take(self, layer: int, num_layers: int) -> bool:
+        """Whether ``layer`` is folded in (from ``start_layer`` on); refuses a second gradient."""
+        if layer < _start(num_layers, self.start_layer):
+            return False
+        if layer in self.factors:
+            raise ValueError(f"layer {layer} received a second gradient: a relevance stream takes "
+                             "one backward pass per forward pass (for gradients summed over several, "
+                             "use keep='all' and rec.attention_grads)")
+        return True
+
     def update_grad(self, attn_l: torch.Tensor, grad_l: torch.Tensor, *, layer: int, num_layers: int,
                     layout: TokenLayout) -> None:
         """Fold in one layer's attention and gradient (called by the capture in the backward pass).
@@ -285,12 +323,8 @@ class RelevanceStream:
         Raises:
             ValueError: the layer already received a gradient in this pass.
         """
-        if layer < _start(num_layers, self.start_layer):
+        if not self._take(layer, num_layers):
             return
-        if layer in self.factors:
-            raise ValueError(f"layer {layer} received a second gradient: a relevance stream takes "
-                             "one backward pass per forward pass (for gradients summed over several, "
-                             "use keep='all' and rec.attention_grads)")
         if self.method == "chefer":
             self.factors[layer] = chefer_layer(attn_l, grad_l)
         else:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from ..types import AttentionMaps
-from ._tokens import Query, check_layer, fuse_heads, query_weights
+from ._tokens import Query, check_layer, fuse_heads, row_weights
+from ._tokens import query_weights as query_weights  # where the module docstring points
 
 
 def query_maps(attn: AttentionMaps, query: Query = "auto", *, layer: int = -1,
@@ -37,7 +38,8 @@ def query_maps(attn: AttentionMaps, query: Query = "auto", *, layer: int = -1,
     patch tokens only (prefix tokens dropped), not rescaled.
 
     Args:
-        attn: :class:`AttentionMaps` ``[L, B, H, N, N]``.
+        attn: :class:`AttentionMaps` ``[L, B, H, N, N]`` (or ``[L, B, H, R, N]`` of a rows-only
+            capture that holds the query's rows).
         query: ``(row, col)`` of a patch, a token index, or a name (see :func:`query_weights`).
         layer: layer index (negative counts from the end).
         head_fusion: ``None`` keeps the heads; ``"mean"``, ``"max"`` or ``"min"`` fuses them.
@@ -53,8 +55,8 @@ def query_maps(attn: AttentionMaps, query: Query = "auto", *, layer: int = -1,
         >>> what.shape
         torch.Size([1, 12, 14, 14])
     """
-    a = attn.tensor[check_layer(attn.num_layers, layer)].float()  # [B, H, Nq, Nk]
-    w = query_weights(attn.layout, query, dtype=a.dtype, device=a.device)  # [Nq]
+    a = attn.tensor[check_layer(attn.num_layers, layer)].float()  # [B, H, Nq, Nk] (Nq = R rows held)
+    w = row_weights(attn.layout, attn.rows, query, dtype=a.dtype, device=a.device)  # [Nq]
     rows = torch.einsum("q,bhqk->bhk", w, a)  # [B, H, Nk]
     keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
     maps = rows[..., keys.patches].reshape(*rows.shape[:2], *keys.grid)  # [B, H, gh, gw]

@@ -51,6 +51,7 @@ def attention_entropy(attn: AttentionMaps, *, queries: str = "all", normalized: 
     Example:
         >>> attention_entropy(rec.attentions).mean(1)  # [L, H] averaged over the batch
     """
+    attn.require_rows("attention entropy")
     a = attn.tensor[..., _query_slice(attn.layout, queries), :].double()  # [L, B, H, Q, N]
     ent = -torch.where(a > 0, a * a.clamp_min(1e-300).log(), torch.zeros_like(a)).sum(-1)  # [L, B, H, Q]
     ent = ent.mean(-1)  # [L, B, H]
@@ -125,6 +126,7 @@ def prefix_attention_share(attn: AttentionMaps, *, queries: str = "patches",
     """
     layout = attn.layout
     p = layout.num_prefix
+    attn.require_rows("the prefix attention share")
     a = attn.tensor[..., _query_slice(layout, queries), :p].double()  # [L, B, H, Q, p]
     share = a.mean(-2)  # [L, B, H, p]
     return (share if per_token else share.sum(-1)).float()

@@ -7,7 +7,10 @@ the modules the adapters know), so that no attention op goes unseen. The hooks o
 a forward pre-hook on the root module that marks where a forward pass begins, and a pre- and
 post-hook on every module that keep the stack of module calls running: each attention op is
 counted in the innermost module call that runs it (one attention layer per module call), and
-all are removed on exit. No implementation flag or config of the model is switched. Adapters
+all are removed on exit. Modules that wrap one function (``nn.Softmax``, ``nn.Dropout``, and
+torch.nn's own ``Linear``, ``LayerNorm``, activations, ... whose ``forward`` is not overridden)
+get none: no attention op runs in them, and an op in them belongs to their caller. No
+implementation flag or config of the model is switched. Adapters
 (:mod:`._adapter`) say what only the library knows: which modules are image self-attention,
 text self-attention or cross-attention. Calls in modules no adapter claims are decided per
 call: square (queries = keys) is image self-attention, otherwise cross-attention. A call is
@@ -59,14 +62,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import nn
 
 from ..errors import CaptureError, IncompleteCaptureWarning
 from ..models import VisionModel, wrap
 from ._adapter import AUTO, CROSS, IMAGE, TEXT, Site, discover
 from ._mode import AttentionOps
-from ._recorder import _LEAF_MODULES, _input_hw, _Recorder
+from ._recorder import _input_hw, _Recorder, needs_call_hooks
 from ._recording import Recording
 from ._transformers import masking_embeddings, visible_patches, window_blocks
 
@@ -88,16 +90,38 @@ class _Setup:
     windows: dict = field(default_factory=dict)
     # embeddings of masked-image-modelling encoders (ViT-MAE) that say which patches are seen
     masking: list = field(default_factory=list)
+    # the modules whose calls are tracked (needs_call_hooks), in order
+    hooked: list = field(default_factory=list)
 
 
-def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: list[str] | None) -> _Setup:
+def _tree(root: nn.Module) -> list[nn.Module]:
+    """The modules of ``root`` in ``named_modules()`` order (each once), without building their
+    names: read at every capture to tell whether the tree changed."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack: list = [root]
+    pop, push, add = stack.pop, stack.extend, seen.add
+    while stack:
+        m = pop()
+        if m is None or id(m) in seen:  # an unset child slot, or a module shared by two parents
+            continue
+        add(id(m))
+        out.append(m)
+        children = m._modules
+        if children:
+            push(reversed(children.values()) if type(children) is dict else reversed(list(children.values())))
+    return out
+
+
+def _setup(vm: VisionModel, tree: list[nn.Module], adapters: list[str] | None) -> _Setup:
     """The model's :class:`_Setup`, kept on the :class:`VisionModel` while its module tree is the
     same (the same modules, by identity, and the same adapters)."""
-    key = (tuple(id(m) for _, m in named), tuple(adapters) if adapters else None)
+    key = (tuple(map(id, tree)), tuple(adapters) if adapters else None)
     cached = getattr(vm, "_capture_setup", None)
     if cached is not None and cached.key == key:
         return cached
     root = vm.module
+    named = list(root.named_modules())
     windows = window_blocks(root)
     sites = []
     for site in discover(root, adapters):
@@ -115,34 +139,44 @@ def _setup(vm: VisionModel, named: list[tuple[str, nn.Module]], adapters: list[s
             owner.setdefault(id(m), site)
     setup = _Setup(key, sites, {id(m): n for n, m in named}, {id(m): m for _, m in named}, owner,
                    {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)},
-                   windows, masking_embeddings(root))
+                   windows, masking_embeddings(root), [m for _, m in named if needs_call_hooks(m)])
     vm._capture_setup = setup
     return setup
 
 
-def _refuse_unseeable(vm: VisionModel, named: list[tuple[str, nn.Module]]) -> None:
+def _refuse_unseeable(vm: VisionModel, tree: list[nn.Module]) -> None:
     """A :class:`CaptureError` for attention the op level cannot see: a ``torch.compile``d
     module, or a transformers model set to an external kernel (flash-attention, flex, ...)."""
-    for name, m in named:
-        where = f"{vm.name}.{name}" if name else vm.name
-        if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None:
+    for m in tree:
+        attrs = m.__dict__  # plain attributes: no Module.__getattr__ miss per module
+        if attrs.get("_compiled_call_impl") is not None or type(m).__name__ == "OptimizedModule":
+            where = _where(vm, m)
             raise CaptureError(
                 f"{where} ({type(m).__name__}) is compiled with torch.compile: its attention runs "
                 "inside a compiled graph that vitviz cannot see; capture the uncompiled model "
                 "(for torch.compile(model), its ._orig_mod) and compile again afterwards")
-        config = getattr(m, "config", None)
+        config = attrs.get("config")
+        if config is None:
+            continue
         impl = getattr(config, "_attn_implementation_internal", None)
         if type(config).__module__.startswith("transformers") and isinstance(impl, str) \
                 and impl not in _VISIBLE_HF_IMPLEMENTATIONS:
+            where = _where(vm, m)
             raise CaptureError(
                 f"{where} ({type(m).__name__}) runs attention with the external kernel {impl!r}, "
                 "which vitviz cannot see; select a torch implementation first: "
                 "model.set_attn_implementation('sdpa') (or 'eager')")
 
 
+def _where(vm: VisionModel, module: nn.Module) -> str:
+    """``model.dotted.name`` of a module of the model, for a message."""
+    name = next((n for n, m in vm.module.named_modules() if m is module), "")
+    return f"{vm.name}.{name}" if name else vm.name
+
+
 @contextmanager
 def capture(model, *, adapters: list[str] | None = None, grad: bool = False, keep="all",
-            streams: dict | None = None) -> Iterator[Recording]:
+            streams: dict | None = None, rows=None) -> Iterator[Recording]:
     """Capture attention probabilities from every forward pass run inside the block.
 
     The model's own attention calls (``F.scaled_dot_product_attention``, a softmax whose result
@@ -168,6 +202,15 @@ def capture(model, *, adapters: list[str] | None = None, grad: bool = False, kee
             runs, and/or, with ``grad=True``, ``update_grad(attn, grad, *, layer, num_layers,
             layout)``, e.g. :class:`vitviz.analyze.RelevanceStream`, fed every layer's attention
             and gradient as the backward pass reaches it); read with ``rec.stream(name)``.
+        rows: keep only these query rows of the kept image self-attention layers: ``"cls"``
+            (token 0; the model must have a CLS token) or token indices (negative count from the
+            end). The model's fused kernel computes the output and vitviz only
+            ``softmax(q_rows·kᵀ·scale + mask)``, so no ``[N, N]`` map is formed where the model
+            calls ``F.scaled_dot_product_attention`` (eager models compute their full ``A``
+            anyway: its rows are kept). ``rec.attentions`` is then ``[L, B, H, R, N]`` with
+            ``.rows`` naming the tokens; :func:`vitviz.cls_maps` and :func:`vitviz.query_maps`
+            read it, analyses that chain layers (rollout, flow) refuse it. Layers whose keys
+            are reduced to a coarser grid keep every row. Not with ``grad=True``.
 
     Returns:
         A :class:`Recording` (``rec.attentions``, ``rec.cross``, ``rec.attention_grads``).
@@ -185,13 +228,18 @@ def capture(model, *, adapters: list[str] | None = None, grad: bool = False, kee
         ...     m(x)[0, 3].backward()
         >>> rec.attention_grads.tensor.shape  # d logit_3 / d attention
         torch.Size([12, 1, 12, 197, 197])
+        >>> with vitviz.capture(m, keep=[-1], rows="cls") as rec:  # the CLS row of the last layer only
+        ...     m(x)
+        >>> rec.attentions.tensor.shape  # [L, B, H, R, N]
+        torch.Size([1, 1, 12, 1, 197])
     """
     vm = model if isinstance(model, VisionModel) else wrap(model)
     root: nn.Module = vm.module
-    named = list(root.named_modules())
-    _refuse_unseeable(vm, named)  # compile and implementation settings may change between captures
-    setup = _setup(vm, named, adapters)
-    recorder = _Recorder(vm, setup, restricted=adapters is not None, grad=grad, keep=keep, streams=streams)
+    tree = _tree(root)
+    _refuse_unseeable(vm, tree)  # compile and implementation settings may change between captures
+    setup = _setup(vm, tree, adapters)
+    recorder = _Recorder(vm, setup, restricted=adapters is not None, grad=grad, keep=keep, streams=streams,
+                         rows=rows)
     ops = AttentionOps(recorder, recorder.modules)
     thread = threading.get_ident()
 
@@ -230,9 +278,8 @@ def capture(model, *, adapters: list[str] | None = None, grad: bool = False, kee
 
         handles = []
         stack.callback(lambda: [h.remove() for h in handles])
-        for _, m in named:
-            if not isinstance(m, (_LEAF_MODULES, torch.jit.ScriptModule)):
-                handles += [m.register_forward_pre_hook(call_in), m.register_forward_hook(call_out, always_call=True)]
+        for m in setup.hooked:
+            handles += [m.register_forward_pre_hook(call_in), m.register_forward_hook(call_out, always_call=True)]
         stack.enter_context(ops)
         stack.callback(ops.forget)
         stack.callback(recorder.call_stack.clear)

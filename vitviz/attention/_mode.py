@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 _SDPA = F.scaled_dot_product_attention
@@ -192,6 +193,186 @@ def _attention_grad(value: torch.Tensor, enable_gqa: bool, num_heads: int) -> Ca
     whose output ``out = A·v`` came from the fused kernel (``[..., L, dv] -> [..., L, S]``)."""
     v = _repeat_heads(value.detach(), num_heads) if enable_gqa else value.detach()
     return lambda d_out: torch.matmul(d_out.detach(), v.transpose(-2, -1))
+
+
+# bytes of float32 probabilities per block of sdpa_backward on the CPU. Measured on a 2-core
+# x86-64 CPU, one ViT-B/16 layer's backward: at 384 px blocks of 4-6 heads (5-8 MB) beat whole
+# samples by 1.3x and single heads too; at 224 px a whole sample (1.8 MB) is as fast. Larger blocks
+# also mean fewer small ops (each a parallel region, which stalls when a core is busy elsewhere).
+_BACKWARD_CHUNK_BYTES = 8 << 20
+
+
+def _chunks(batch: int, heads: int, length: int, source: int, device: torch.device):
+    """``(b0, b1, h0, h1)`` blocks of ``[B, H, L, S]``: on the CPU one sample and a few heads at a
+    time (about ``_BACKWARD_CHUNK_BYTES`` of float32 probabilities, so that a block stays in the
+    cache while it is used several times); elsewhere everything at once (a GPU runs one kernel per op)."""
+    if device.type != "cpu":
+        return [(0, batch, 0, heads)]
+    per = max(1, min(heads, _BACKWARD_CHUNK_BYTES // (length * source * 4)))
+    return [(i, i + 1, h0, min(heads, h0 + per)) for i in range(batch) for h0 in range(0, heads, per)]
+
+
+def sdpa_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, d_out: torch.Tensor, *,
+                  attn_mask=None, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+                  fusion: tuple[str, bool] | None = None, keep: bool = False):
+    """The backward pass of ``F.scaled_dot_product_attention`` from the probabilities recomputed
+    once, block by block, and what a gradient stream reads from them on the way.
+
+    With ``A = softmax(q kᵀ·s + mask)`` and ``out = A·v`` (SDPA's definition, dropout 0):
+    ``dA = dOut·vᵀ``, ``dV = Aᵀ·dOut``, ``dS = A ⊙ (dA − rowsum(dA ⊙ A))`` (the softmax's
+    Jacobian), ``dQ = dS·k·s`` and ``dK = dSᵀ·q·s`` (as FlashAttention's backward, Dao et al.
+    2022, Algorithm 4, which uses the equal ``rowsum(dOut ⊙ out)``). One pass over the blocks
+    gives the gradients and, for a stream, either ``fuse_h(A ⊙ dA)`` (``fusion``, each head
+    clamped at 0 first when its flag says so: Chefer et al. 2021's ``mean_h[(dA ⊙ A)⁺]``) or the
+    whole ``A`` and ``dA`` (``keep``). Half-precision inputs are computed in float32.
+
+    Args:
+        query, key, value: ``[B, Hq, L, d]``, ``[B, Hk, S, d]``, ``[B, Hk, S, dv]`` as the model
+            passed them.
+        d_out: ``[B, Hq, L, dv]`` the gradient with respect to the call's output.
+        attn_mask, is_causal, scale, enable_gqa: the call's own arguments.
+        fusion: ``(head_fusion, clamp_first)``: also return ``fuse_h(A ⊙ dA)`` (``"mean"``,
+            ``"max"`` or ``"min"`` over the heads, of ``(A ⊙ dA)⁺`` when ``clamp_first``).
+        keep: also return ``A`` and ``dA`` ``[B, Hq, L, S]`` float32.
+
+    Returns:
+        ``(dq, dk, dv, extra)`` with the gradients in the inputs' dtypes and ``extra`` the fused
+        ``[B, L, S]`` float32 (``fusion``), ``(A, dA)`` (``keep``) or None.
+    """
+    b, h, length, d = query.shape
+    source, heads_kv = key.shape[-2], key.shape[-3]
+    work = torch.float32 if query.dtype in _HALF else query.dtype
+    s = scale if scale is not None else 1.0 / math.sqrt(d)
+    if enable_gqa:
+        key, value = _repeat_heads(key, h), _repeat_heads(value, h)
+    device = query.device
+    dq = torch.empty(b, h, length, d, dtype=work, device=device)
+    dk = torch.empty(b, h, source, d, dtype=work, device=device)
+    dv = torch.empty(b, h, source, value.shape[-1], dtype=work, device=device)
+    fused = torch.empty(b, length, source, dtype=work, device=device) if fusion is not None else None
+    probs_all = torch.empty(b, h, length, source, dtype=torch.float32, device=device) if keep else None
+    grads_all = torch.empty_like(probs_all) if keep else None
+    blocked = ~torch.ones(length, source, dtype=torch.bool, device=device).tril() if is_causal else None
+    mask = None if attn_mask is None else attn_mask.expand(b, h, length, source)
+    chunks = _chunks(b, h, length, source, device)
+    # scratch reused by every block (no allocation, no page faults per block): A, dA, A ⊙ dA
+    # (then dS), and the clamped product / per-block head sum of the fusion
+    nb, nh = chunks[0][1] - chunks[0][0], chunks[0][3] - chunks[0][2]
+    scratch = torch.empty(4, nb, nh, length, source, dtype=work, device=device)
+    head_sum = torch.empty(nb, length, source, dtype=work, device=device) if fusion is not None else None
+    for b0, b1, h0, h1 in chunks:
+        qc = query[b0:b1, h0:h1].to(work)  # [b', h', L, d]
+        kc, vc = key[b0:b1, h0:h1].to(work), value[b0:b1, h0:h1].to(work)  # [b', h', S, d]
+        oc = d_out[b0:b1, h0:h1].to(work)  # [b', h', L, dv]
+        a, da, p, part = (t[:b1 - b0, :h1 - h0] for t in scratch)  # [b', h', L, S] each
+        if keep and work == torch.float32:  # computed where the caller keeps them
+            a, da = probs_all[b0:b1, h0:h1], grads_all[b0:b1, h0:h1]
+        torch.matmul(qc * s, kc.transpose(-2, -1), out=a)
+        if blocked is not None:
+            a.masked_fill_(blocked, float("-inf"))
+        if mask is not None:
+            m = mask[b0:b1, h0:h1]
+            if m.dtype == torch.bool:
+                a.masked_fill_(~m, float("-inf"))
+            else:
+                a.add_(m)
+        torch._softmax(a, -1, False, out=a)  # normalised in place
+        torch.matmul(oc, vc.transpose(-2, -1), out=da)  # dA = dOut·vᵀ
+        if keep and work != torch.float32:
+            probs_all[b0:b1, h0:h1] = a
+            grads_all[b0:b1, h0:h1] = da
+        torch.matmul(a.transpose(-2, -1), oc, out=dv[b0:b1, h0:h1])  # dV = Aᵀ·dOut
+        torch.mul(a, da, out=p)  # A ⊙ dA
+        if fusion is not None:
+            head_fusion, clamp_first = fusion
+            src = torch.clamp(p, min=0, out=part) if clamp_first else p
+            f, hs = fused[b0:b1], head_sum[:b1 - b0]  # [b', L, S]
+            first = h0 == 0
+            if head_fusion == "mean":
+                torch.sum(src, dim=1, out=f if first else hs)
+                if not first:
+                    f.add_(hs)
+            else:
+                reduce = torch.amax if head_fusion == "max" else torch.amin
+                reduce(src, dim=1, out=f if first else hs)
+                if not first:
+                    torch.maximum(f, hs, out=f) if head_fusion == "max" else torch.minimum(f, hs, out=f)
+        # dS = A ⊙ dA − A ⊙ rowsum(A ⊙ dA), in place of A ⊙ dA
+        p.addcmul_(a, p.sum(dim=-1, keepdim=True).expand_as(a), value=-1.0)
+        torch.matmul(p, kc, out=dq[b0:b1, h0:h1])  # dS·k
+        torch.matmul(p.transpose(-2, -1), qc, out=dk[b0:b1, h0:h1])  # dSᵀ·q
+    dq.mul_(s)
+    dk.mul_(s)
+    if h != heads_kv:  # GQA: each key / value head served h / Hk query heads: their gradients add up
+        dk = dk.view(b, heads_kv, h // heads_kv, source, d).sum(dim=2)
+        dv = dv.view(b, heads_kv, h // heads_kv, source, dv.shape[-1]).sum(dim=2)
+    if fused is not None and fusion is not None and fusion[0] == "mean":
+        fused.div_(h)
+    extra = fused.float() if fused is not None else ((probs_all, grads_all) if keep else None)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), extra
+
+
+class FusedCall:
+    """One SDPA call that ran the model's fused kernel under :class:`_SdpaReadInBackward`: its
+    inputs, kept for the gradient hook on its output, which computes the attention's backward
+    once (:func:`sdpa_backward`) and leaves ``dq, dk, dv`` here for the Function to return.
+
+    Internal; shared by the Function and the capture's tensor hook on the call's output."""
+
+    __slots__ = ("query", "key", "value", "attn_mask", "is_causal", "scale", "enable_gqa", "stash")
+
+    def __init__(self, query, key, value, attn_mask, is_causal, scale, enable_gqa):
+        self.query, self.key, self.value = query.detach(), key.detach(), value.detach()
+        self.attn_mask, self.is_causal, self.scale, self.enable_gqa = attn_mask, is_causal, scale, enable_gqa
+        self.stash: tuple | None = None
+
+    def read(self, d_out: torch.Tensor, *, fusion: tuple[str, bool] | None = None, keep: bool = False):
+        """The backward pass for ``d_out`` (the gradient of the call's output, as it arrives):
+        the gradients are left for the Function; returns what the streams read (see
+        :func:`sdpa_backward`: the fused ``[B, L, S]`` or ``(A, dA)``)."""
+        if self.query is None:
+            raise RuntimeError("FusedCall.read: this call's gradient was already read")
+        dq, dk, dv, extra = sdpa_backward(self.query, self.key, self.value, d_out, attn_mask=self.attn_mask,
+                                          is_causal=self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa,
+                                          fusion=fusion, keep=keep)
+        self.stash = (_identity(d_out), (dq, dk, dv))
+        self.query = self.key = self.value = None  # the Function keeps its own saved tensors
+        return extra
+
+    def gradients(self, query, key, value, d_out):
+        """``(dq, dk, dv)`` for ``d_out``: those the hook computed for this very gradient, else computed now."""
+        stash, self.stash = self.stash, None
+        if stash is not None and stash[0] == _identity(d_out):
+            return stash[1]
+        dq, dk, dv, _ = sdpa_backward(query, key, value, d_out, attn_mask=self.attn_mask, is_causal=self.is_causal,
+                                      scale=self.scale, enable_gqa=self.enable_gqa)
+        return dq, dk, dv
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """What tells one gradient tensor from another (storage, layout and version), with no sync."""
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
+
+
+class _SdpaReadInBackward(torch.autograd.Function):
+    """``F.scaled_dot_product_attention`` as the model called it (the fused kernel) whose backward
+    pass is :func:`sdpa_backward`: the probabilities that a gradient stream reads and the
+    gradients of q, k and v come from one recomputation of ``A`` instead of SDPA's own backward
+    beside vitviz's. The attention mask must not require grad (then SDPA itself runs)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, call: FusedCall):  # type: ignore[override]
+        ctx.call = call
+        ctx.save_for_backward(query, key, value)
+        return _SDPA(query, key, value, attn_mask=call.attn_mask, is_causal=call.is_causal, scale=call.scale,
+                     enable_gqa=call.enable_gqa)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):  # type: ignore[override]
+        query, key, value = ctx.saved_tensors
+        dq, dk, dv = ctx.call.gradients(query, key, value, d_out)
+        return dq, dk, dv, None
 
 
 def _mha_weights_view_base(weights: torch.Tensor) -> torch.Tensor | None:
@@ -349,6 +530,17 @@ class AttentionOps(TorchFunctionMode):
         heads = q.shape[-3] if q.dim() >= 4 else 1
         gqa = a["enable_gqa"] and q.dim() >= 4
         if not rec.needs(role, site):
+            mask = a["attn_mask"]
+            if (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and a["dropout_p"] == 0 and torch.is_grad_enabled()
+                    and (q.requires_grad or k.requires_grad or v.requires_grad)
+                    and not (isinstance(mask, torch.Tensor) and mask.requires_grad) and rec.wants_gradient(role)):
+                # the fused kernel forward; the backward pass recomputes A once for both the
+                # gradients of q, k, v and the stream's dA = dOut·vᵀ (SDPA's own backward does not run)
+                call = FusedCall(q, k, v, mask, a["is_causal"], a["scale"], gqa)
+                out = _SdpaReadInBackward.apply(q, k, v, call)
+                rec.record_from_output(site, role, out, None, call, num_keys=k.shape[-2], num_queries=q.shape[-2],
+                                       ops=[op], backward=call)
+                return out
             out = _SDPA(*args, **kwargs)  # the model's own fused kernel
             if a["dropout_p"] == 0 and out.requires_grad and rec.wants_gradient(role):
                 # gradients without materialising A in the forward pass: out = A·v, so
@@ -360,6 +552,22 @@ class AttentionOps(TorchFunctionMode):
                                        num_keys=k.shape[-2], num_queries=q.shape[-2], ops=[op])
             else:
                 rec.skip(role, ops=[op])
+            return out
+        rows = rec.rows_only(role, site, q.shape[-2], k.shape[-2]) if q.dim() == 4 else None
+        if rows is not None:
+            # the fused kernel gives the output; only the rows asked for are computed: [B, H, R, S]
+            out = _SDPA(*args, **kwargs)
+            select = rec.row_selector(rows, q.device)
+            mask = a["attn_mask"]
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-2] != 1:
+                mask = mask[..., select, :]  # [..., R, S]
+            if a["is_causal"]:  # token i keeps keys j <= i (top-left aligned; SDPA takes no mask with it)
+                index = torch.arange(q.shape[-2], device=q.device)[select]  # [R]
+                mask = torch.arange(k.shape[-2], device=q.device) <= index[:, None]  # [R, S]
+            with torch.no_grad():
+                probs = sdpa_probabilities(q[..., select, :], k, attn_mask=mask, scale=a["scale"],
+                                           enable_gqa=a["enable_gqa"])  # [B, H, R, S]
+            rec.record(site, role, probs, ops=[op], rows=rows, queries=q.shape[-2])
             return out
         fusion = rec.fused_heads(role, q)
         differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

@@ -60,6 +60,8 @@ class Pass:
     frames: int | None = None
     # the module calls of this pass inside which attention ops ran (the layers the pass ran), in order
     calls: list[_Call] = field(default_factory=list)
+    # (role, layer) -> the token indices of the query rows kept (capture(rows=...)); absent: every row
+    rows: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
 
     def of(self, role: str) -> list[torch.Tensor]:
         """The kept layers of one role.
@@ -116,6 +118,22 @@ class _Call:
 
 # modules that wrap one function: an op inside them belongs to the module that called them
 _LEAF_MODULES = (nn.Softmax, nn.Dropout, nn.Identity)
+# torch.nn's own modules whose forward (not overridden) is one function on tensors: no attention
+# op can run in them and they hold no modules, so their calls need no hooks (a module call with
+# hooks takes torch's slow path; a ViT block has ~10 such calls)
+_FUNCTION_FORWARDS = frozenset(c.forward for c in (
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.Embedding, nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.Softplus, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Unflatten))
+
+
+def needs_call_hooks(module: nn.Module) -> bool:
+    """Whether a module's calls are tracked (pre- and post-hook): not for leaves that wrap one
+    function (their ops belong to the module that called them) nor for TorchScript modules."""
+    return not (isinstance(module, (_LEAF_MODULES, torch.jit.ScriptModule))
+                or type(module).forward in _FUNCTION_FORWARDS)
 
 
 def _input_hw(args: tuple, kwargs: dict) -> tuple[tuple[int, int] | None, int | None, int | None]:
@@ -167,6 +185,18 @@ def _keep_spec(keep):
         raise ValueError(f"keep must be 'all', 'none' or a list of layer indices, got {keep!r}") from None
 
 
+def _rows_spec(rows):
+    """``capture(rows=)`` checked: None, ``"cls"`` or a tuple of token indices."""
+    if rows is None or rows == "cls":
+        return rows
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+        raise CaptureError(f"rows must be 'cls' or a list of token indices, got {rows!r}")
+    out = tuple(rows)
+    if not out or not all(isinstance(r, int) and not isinstance(r, bool) for r in out):
+        raise CaptureError(f"rows must be 'cls' or a non-empty list of int token indices, got {rows!r}")
+    return out
+
+
 def _selected(keep, index: int, num_layers: int) -> bool:
     """Whether layer ``index`` of ``num_layers`` (0: not known yet) is one that ``keep`` names."""
     if keep == "all":
@@ -196,13 +226,18 @@ class _Recorder:
     root module's pre-hook. Internal; users read the :class:`Recording`."""
 
     def __init__(self, model: VisionModel, setup: _Setup, *, restricted: bool, grad: bool,
-                 keep, streams: dict | None):
+                 keep, streams: dict | None, rows=None):
         sites = setup.sites
         self.model = model
         self.sites = list(sites)
         self.restricted = restricted  # adapters= given: calls outside their sites are ignored
         self.grad = grad
         self.keep = _keep_spec(keep)
+        self.rows = _rows_spec(rows)
+        if self.rows is not None and grad:
+            raise CaptureError("capture(rows=...) keeps some query rows without their gradients; "
+                               "use grad=True without rows= (gradients need every row)")
+        self.row_index: dict = {}  # (rows, device) -> index tensor, made once
         self.streams = dict(streams or {})
         self.forward_streams = [s for s in self.streams.values() if hasattr(s, "update")]
         self.grad_streams = [s for s in self.streams.values() if hasattr(s, "update_grad")]
@@ -403,9 +438,11 @@ class _Recorder:
         return role == IMAGE and bool(self.grad_streams) and torch.is_grad_enabled()
 
     def record_from_output(self, site: Site, role: str, out: torch.Tensor, grad_of, recompute,
-                           num_keys: int, num_queries: int | None = None, ops=()) -> None:
+                           num_keys: int, num_queries: int | None = None, ops=(), backward=None) -> None:
         """Count a layer that ran the fused kernel and hook its output: ``grad_of(dOut)`` is the
-        gradient with respect to the probabilities, ``recompute()`` the probabilities."""
+        gradient with respect to the probabilities, ``recompute()`` the probabilities; or, with
+        ``backward`` (a :class:`~._mode.FusedCall`), ``backward.read(dOut, ...)`` gives both
+        from the one recomputation that also answers the call's own backward pass."""
         p = self.current()
         if out.dim() > 4:  # more than one batch dimension ([B, windows, H, L, dv]): folded
             shape = (-1, *out.shape[-3:-1], num_keys)
@@ -421,7 +458,7 @@ class _Recorder:
         p, index = self.next_layer(role, num_keys)
         p.layouts[(role, index)] = layouts
         self.resolve(ops, RECORDED)
-        self.hook_grad(p, (role, index), out, recompute, store=False, grad_of=grad_of)
+        self.hook_grad(p, (role, index), out, recompute, store=False, grad_of=grad_of, backward=backward)
 
     def skip(self, role: str, ops=()) -> None:
         """Count a layer that ran on the fused kernel (nothing needs its probabilities: left out
@@ -448,13 +485,45 @@ class _Recorder:
             p.tokens[role] = int(num_keys)
         return p, index
 
+    def resolve_rows(self, num_tokens: int) -> tuple[int, ...]:
+        """The non-negative token indices of ``capture(rows=)`` in a sequence of ``num_tokens``."""
+        if self.rows == "cls":
+            if not self.model.layout.has_cls:
+                raise CaptureError(f"{self.model.name} has no CLS token ({self.model.layout}): "
+                                   "capture(rows='cls') has no row to keep; pass token indices, e.g. rows=[0]")
+            return (0,)
+        rows = tuple(r % num_tokens if -num_tokens <= r < num_tokens else r for r in self.rows)
+        if any(not 0 <= r < num_tokens for r in rows) or len(set(rows)) != len(rows):
+            raise CaptureError(f"capture(rows={list(self.rows)}): rows must be distinct token indices within "
+                               f"the {num_tokens} tokens of {self.model.name}'s attention")
+        return rows
+
+    def rows_only(self, role: str, site: Site, queries: int, keys: int) -> tuple[int, ...] | None:
+        """The rows to compute of the next layer of ``role`` when only those are needed (the
+        layer is kept with ``rows=``, on the image grid as it is, nothing else reads it); else None."""
+        if (self.rows is None or role != IMAGE or queries != keys or self.forward_streams or self.grad
+                or site.windows is not None or self.current().visible is not None):
+            return None
+        return self.resolve_rows(keys)
+
+    def row_selector(self, rows: tuple[int, ...], device):
+        """A slice (consecutive rows) or a cached index tensor on ``device`` that selects ``rows``."""
+        if rows == tuple(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        key = (rows, str(device))
+        index = self.row_index.get(key)
+        if index is None:
+            index = self.row_index[key] = torch.tensor(rows, device=device)
+        return index
+
     def buffer(self, role: str, shape: tuple, device) -> torch.Tensor | None:
         """Where the next layer of ``role`` may compute its probabilities ``shape`` (float32):
         its slice of the pass's ``[L, *shape]`` stack, allocated at the first layer, when every
         layer is kept, the depth is known and no gradient is read; else None."""
         n = self.num_layers.get(role, 0)
         p = self.current()
-        if self.keep != "all" or self.grad or role == POOL or not n or (p.batch is not None and shape[0] != p.batch):
+        if (self.keep != "all" or self.grad or role == POOL or not n or self.rows is not None
+                or (p.batch is not None and shape[0] != p.batch)):
             return None
         index = p.seen.get(role, 0)
         stack = p.stacks.get(role)
@@ -475,7 +544,8 @@ class _Recorder:
             out += list(dict.fromkeys(why for _, why in p.unplaced))
         return out
 
-    def record(self, site: Site, role: str, attn: torch.Tensor, graph=None, ops=()) -> None:
+    def record(self, site: Site, role: str, attn: torch.Tensor, graph=None, ops=(), rows=None,
+               queries: int | None = None) -> None:
         """Record one attention call.
 
         Args:
@@ -487,6 +557,8 @@ class _Recorder:
                 A list: the heads of ``attn``, each ``[B, Q, K]``, computed separately by the
                 model (EfficientViT-MSRA).
             ops: the mode's entries of the ops this layer was read from (accounted for here).
+            rows: ``attn`` holds only the rows of these tokens (``[B, H, R, K]``, of ``queries``
+                query tokens): a rows-only capture's layer, computed without its ``[Q, K]``.
         """
         p = self.current()
         if graph is None:
@@ -501,7 +573,8 @@ class _Recorder:
         placed, placer = attn, None
         if role in (IMAGE, POOL):
             try:
-                placer, layouts = self.place(p, site, role, tuple(attn.shape))
+                shape = tuple(attn.shape) if rows is None else (*attn.shape[:-2], queries, attn.shape[-1])
+                placer, layouts = self.place(p, site, role, shape)
             except LayoutError as e:  # counted, so that the other layers keep their indices
                 _, index = self.next_layer(role)
                 self._unplaced(p, role, index, e, ops)
@@ -517,8 +590,13 @@ class _Recorder:
                 stream.update(placed.detach(), layer=index, num_layers=self.num_layers[IMAGE] or None,
                               layout=layout)  # [B, H, N, N]
         kept = _selected(self.keep, index, self.num_layers.get(role, 0)) if role != POOL else self.keep == "all"
+        if kept and rows is None and self.rows is not None and role == IMAGE and layouts[1] is None:
+            rows = self.resolve_rows(placed.shape[-1])  # rows= of a layer computed whole: keep those rows
+            placed = placed[..., self.row_selector(rows, placed.device), :]  # [B, H, R, N]
         if kept:  # [B, H, Q, K]; detached float32 (no copy when already float32)
             p.records.append((role, site, placed.detach().float(), index))
+            if rows is not None:
+                p.rows[(role, index)] = rows
         streamed = role == IMAGE and bool(self.grad_streams)
         self.resolve(ops, RECORDED if kept or streamed or (role == IMAGE and self.forward_streams) else REQUESTED)
         if self.grad and role != POOL and (kept or streamed):
@@ -606,8 +684,17 @@ class _Recorder:
                 "each stage of rec.stages (vitviz.capture(m) keeps every layer)")
         return query
 
+    def grad_fusion(self, streams) -> tuple[str, bool] | None:
+        """The ``(head_fusion, clamp_first)`` that every gradient stream declares it needs of a
+        layer (``grad_fusion``: ``fuse_h`` of ``A ⊙ dA``, each head clamped at 0 first or not),
+        or None when one of them needs the heads."""
+        fusions = {getattr(s, "grad_fusion", None) for s in streams}
+        if len(fusions) != 1 or None in fusions or not all(hasattr(s, "update_grad_fused") for s in streams):
+            return None
+        return fusions.pop()
+
     def hook_grad(self, p: Pass, key: tuple[str, int], tensor: torch.Tensor, attn, store: bool,
-                  grad_of=None, place=None, shape=None) -> None:
+                  grad_of=None, place=None, shape=None, backward=None) -> None:
         """Put a tensor hook on ``tensor`` that receives ``d score / d attn`` of layer ``key``:
         stored in ``p.grads`` when ``store``, and given to the gradient streams (image layers).
 
@@ -615,9 +702,12 @@ class _Recorder:
         ``shape``, default ``attn.shape``; ``place`` maps its gradient onto ``attn``, e.g. window
         attention stitched on the grid), or, with ``grad_of``, the output of a fused call: then
         ``grad_of(gradient of tensor)`` is the gradient with respect to the attention and
-        ``attn`` a function recomputing the attention."""
-        shape = shape if shape is not None else (None if grad_of is not None else attn.shape)
-        if not tensor.requires_grad or (grad_of is None and tensor.numel() != shape.numel()):
+        ``attn`` a function recomputing the attention; or, with ``backward`` (a fused call whose
+        backward pass vitviz answers), ``backward.read(gradient of tensor)`` gives the streams
+        the attention and its gradient, or only their head fusion where every stream declares
+        one (:meth:`grad_fusion`), without a ``[B, H, N, N]`` tensor."""
+        shape = shape if shape is not None else (None if grad_of is not None or backward is not None else attn.shape)
+        if not tensor.requires_grad or (grad_of is None and backward is None and tensor.numel() != shape.numel()):
             return  # no graph (torch.no_grad, nothing requires grad): reported by attention_grads
         role, layer = key
         streams = self.grad_streams if role == IMAGE else []
@@ -625,9 +715,29 @@ class _Recorder:
         # function recomputing it), dropped (with the graph tensor) once the streams have it,
         # so that a layer's attention is freed as the backward pass leaves it instead of when
         # the block ends
-        held = {"attn": attn if grad_of is not None else attn.detach()} if streams else {}
+        held = {"attn": attn if grad_of is not None or backward is not None else attn.detach()} if streams else {}
+        fusion = self.grad_fusion(streams) if backward is not None else None
 
         def on_grad(g: torch.Tensor) -> None:
+            if backward is not None:
+                if "attn" not in held:
+                    raise CaptureError(
+                        f"layer {layer} received a second gradient: gradient streams take one "
+                        "backward pass per forward pass (to sum several, use keep='all' and "
+                        "rec.attention_grads without streams)")
+                held.pop("attn")
+                layout = self.stream_layout(p, layer, p.layouts[key], grad=True)
+                n = p.seen.get(role, 0)
+                if fusion is not None:  # [B, N, N]: fuse_h(A ⊙ dA), the heads never stored
+                    fused = backward.read(g.detach(), fusion=fusion)
+                    for stream in streams:
+                        stream.update_grad_fused(fused, layer=layer, num_layers=n, layout=layout)
+                else:  # [B, H, N, N] each
+                    value, grad = backward.read(g.detach(), keep=True)
+                    for stream in streams:
+                        stream.update_grad(value, grad, layer=layer, num_layers=n, layout=layout)
+                p.graph.pop(key, None)
+                return
             g = grad_of(g) if grad_of is not None else g.detach().reshape(shape)  # [B, (H,) Q, K]
             if place is not None:
                 g = place(g)  # [B, H, N, N] on the grid

@@ -83,14 +83,14 @@ class Recording:
         """The kept image layers of pass ``p``, grouped by their tokens, in order of appearance."""
         groups: dict = {}
         for i, t in self._rec.kept(p, IMAGE):  # a stage: one token grid (queries, keys) and head count
-            groups.setdefault((*p.layouts[(IMAGE, i)], t.shape[1]), []).append((i, t))
+            groups.setdefault((*p.layouts[(IMAGE, i)], t.shape[1], p.rows.get((IMAGE, i))), []).append((i, t))
         stages = []
-        for (query, key, _), layers in groups.items():
+        for (query, key, _, rows), layers in groups.items():
             if len(groups) == 1:  # every kept layer: the stack they were computed into, where they were
                 tensor = self._stacked(p, IMAGE, "image self-attention")
             else:
                 tensor = _stack([t for _, t in layers], "image self-attention")
-            stages.append(AttentionMaps(tensor, query, key, layers=tuple(i for i, _ in layers)))
+            stages.append(AttentionMaps(tensor, query, key, layers=tuple(i for i, _ in layers), rows=rows))
         return stages
 
     def _refuse(self, p: Pass | None, what: str) -> None:
@@ -180,7 +180,7 @@ class Recording:
                 "rec.attentions holds one grid: read rec.stages, one AttentionMaps per stage (maps per layer "
                 "on that layer's grid; rollout within a stage)")
         s = stages[0]
-        return AttentionMaps(s.tensor, s.layout, s.key_layout)
+        return AttentionMaps(s.tensor, s.layout, s.key_layout, rows=s.rows)
 
     @property
     def pool(self) -> CrossAttentionMaps | None:

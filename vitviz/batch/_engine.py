@@ -269,7 +269,7 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
             if it.view is None:
                 yield it.outcome, it.stem, None, None
             else:
-                mine = [AttentionMaps(a.tensor[:, j:j + 1], a.layout, a.key_layout, a.layers) for a in found]
+                mine = [AttentionMaps(a.tensor[:, j:j + 1], a.layout, a.key_layout, a.layers, a.rows) for a in found]
                 yield it.outcome, it.stem, it.view, mine if stages else mine[0]
                 j += 1
 

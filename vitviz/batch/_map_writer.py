@@ -15,9 +15,10 @@ from ._engine import Outcome, check_class, load_batches, predictions
 
 
 def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: str,
-              batch_size: int = 8, cmap: str = "jet", alpha: float = 0.5, output=None,
+              batch_size: int = 8, cmap: str = "inferno", alpha: float | None = None, output=None,
               progress: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
-              on_original: bool = False, tag: str | None = None) -> list[Outcome]:
+              on_original: bool = False, tag: str | None = None,
+              title: str | Callable[[], str] | None = None) -> list[Outcome]:
     """The shared loop: load and batch images, ``compute`` maps, write overlay + ``.npy``.
 
     Overlays follow ``output`` (:class:`vitviz.render.OutputOptions`): shown at least 256 px
@@ -40,6 +41,8 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
             map on its own scale) instead of on the model's view; the ``.npy`` map is the same.
         tag: put between the image's name and the suffix (``--name-with-model``: the model), so
             that runs of several models can share ``out_dir``.
+        title: the overlays' title (model, method, layers), or a function that gives it once the
+            first batch ran; each image's label from ``compute`` (its class) goes on a second line.
 
     Returns:
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``.
@@ -63,12 +66,14 @@ def map_files(model, sources: Sequence, out_dir, compute: Callable, *, suffix: s
 
     def write(o, it, heat, scale):
         path = out_dir / f"{it.stem}_{ending}"
+        head = title() if callable(title) else title
+        text = "\n".join(t for t in (head, o.prediction) if t) or None
         if not on_original:
-            o.outputs.append(output.save_overlay(path, it.view, heat, scale, label=suffix))
+            o.outputs.append(output.save_overlay(path, it.view, heat, scale, label=suffix, title=text))
             return
-        h, w = it.original.shape[:2]  # the photo at its own size; a colour bar when asked (--colorbar)
+        h, w = it.original.shape[:2]  # the photo at its own size
         o.outputs.append(output.save_original_overlay(path, it.original, heat, model.preprocessor.region((w, h)),
-                                                      label=suffix))
+                                                      label=suffix, title=text))
 
     for items, x in load_batches(model, sources, batch_size=batch_size, desc=suffix, progress=progress,
                                  keep_original=on_original):
@@ -119,17 +124,35 @@ def rollout_files(model, sources: Sequence, out_dir, *, head_fusion: str = "mean
     from ..analyze import RolloutStream
     from ..explain import captured
 
+    seen = [0]  # layers the stream folded (for the title)
+
     def compute(x):
         stream = RolloutStream(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
         logits, rec = captured(model, x, keep="none", streams={"rollout": stream})
-        return rec.stream("rollout"), predictions(model, logits)  # [B, gh, gw]
+        seen[0] = stream.layers_seen
+        preds = predictions(model, logits)
+        return rec.stream("rollout"), [f"predicted: {p}" for p in preds] if preds else None  # [B, gh, gw]
 
+    def title() -> str:
+        return f"rollout · {model.name} · {_layers(start_layer, seen[0] or None)}"
+
+    kwargs.setdefault("title", title)
     return map_files(model, sources, out_dir, compute, suffix="rollout", **kwargs)
+
+
+def _layers(start: int, depth: int | None) -> str:
+    """``"layers 0–11"`` (0-based, as ``layer=`` of the API), or ``"layers 3–"`` when the depth is
+    not known."""
+    if depth is None:
+        return f"layers {start}–"
+    first = start if start >= 0 else depth + start
+    return f"layer {first}" if first == depth - 1 else f"layers {first}–{depth - 1}"
 
 
 def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer",
                     target: int | None = None, head_fusion: str = "mean",
-                    discard_ratio: float = 0.0, start_layer: int = 0, **kwargs) -> list[Outcome]:
+                    discard_ratio: float = 0.0, start_layer: int = 0, gamma: float | None = None,
+                    **kwargs) -> list[Outcome]:
     """Write a class-specific relevance overlay PNG and the raw ``[gh, gw]`` map per image.
 
     One forward and one backward pass per batch (:func:`vitviz.explain.relevance_pass`).
@@ -139,10 +162,12 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
         sources: image paths (or PIL images / arrays).
         out_dir: folder for ``<name>_relevance.{png,npy}`` (``method="chefer"``) or
             ``<name>_grad_rollout.{png,npy}``.
-        method: ``"chefer"`` or ``"grad_rollout"``.
+        method: ``"chefer"``, ``"grad_rollout"``, ``"attnlrp"`` or ``"cp-lrp"``.
         target: class to explain for every image; None for each image's predicted class.
         head_fusion, discard_ratio: gradient rollout only.
-        start_layer: first layer taken into account.
+        start_layer: first layer taken into account (not the LRP methods).
+        gamma: ``"attnlrp"`` / ``"cp-lrp"`` only: the γ-rule on linear and convolution layers
+            (None: the plain gradient).
         **kwargs: ``batch_size``, ``cmap``, ``alpha``, ``output``, ``progress``, ``on_outcome``,
             ``on_original``, ``tag`` of :func:`map_files`.
 
@@ -150,19 +175,27 @@ def relevance_files(model, sources: Sequence, out_dir, *, method: str = "chefer"
         One :class:`Outcome` per source, in order; unreadable ones carry ``error``; the
         prediction says which class was explained.
     """
+    from ..attention import count_layers
     from ..explain import relevance_pass
+    from ..models import class_label, classifier_logits
 
     check_class(model, target)
 
     def compute(x):
         res = relevance_pass(model, x, target=target, method=method, head_fusion=head_fusion,
-                             discard_ratio=discard_ratio, start_layer=start_layer)
+                             discard_ratio=discard_ratio, start_layer=start_layer, gamma=gamma)
         preds = predictions(model, res.logits)
-        names = model.labels
-        explained = [f"explained: {names[k] if names and k < len(names) else k}"
-                     for k in (int(t) for t in res.target)]
-        labels = [f"{p}; {e}" for p, e in zip(preds, explained)] if preds else explained
+        logits = classifier_logits(res.logits, min_classes=2)
+        probs = logits.float().softmax(-1) if logits is not None else None  # [B, C]
+        top = probs.argmax(-1).tolist() if probs is not None else None  # [B] predicted classes
+        labels = []
+        for j, k in enumerate(int(t) for t in res.target):
+            line = "explained: " + class_label(model, k, probs[j, k].item() if probs is not None else None)
+            labels.append(f"{line}; predicted: {preds[j]}" if preds and top and top[j] != k else line)
         return res.maps, labels  # [B, gh, gw]
 
+    names = {"chefer": "relevance (chefer)", "grad_rollout": "gradient rollout"}
+    depth = count_layers(model.module)
+    kwargs.setdefault("title", f"{names.get(method, method)} · {model.name} · {_layers(start_layer, depth)}")
     suffix = "relevance" if method == "chefer" else method
     return map_files(model, sources, out_dir, compute, suffix=suffix, **kwargs)

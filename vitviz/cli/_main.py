@@ -16,6 +16,7 @@ examples:
   vitviz rollout photos/*.jpg --model b16 --weights my_finetune.pth --num-classes 37 --out maps/
   vitviz rollout cat.jpg --model deit-s-distilled --random      # untrained weights, no download
   vitviz relevance cat.jpg --model b16 --class 281              # class-specific relevance (Chefer et al. 2021)
+  vitviz relevance cat.jpg --model b16 --class "tabby cat"      # a class by name (vitviz classes b16 lists them)
   vitviz cls cat.jpg --model dino-s16 --mask 0.6               # per-head CLS maps + DINO masks
   vitviz flow cat.jpg --model b16                               # attention flow (max-flow)
   vitviz posembed --model b16                                   # position-embedding similarity
@@ -26,6 +27,7 @@ examples:
   vitviz fetch b16 vit-gpt2                                     # download now (login node), then HF_HUB_OFFLINE=1
   vitviz sanity cat.jpg --model b16 --methods rollout,relevance  # randomisation, token deletion, ROAD
   vitviz models                                                 # aliases and whether weights are cached
+  vitviz classes shapes-vit                                     # class names and indices (for --class)
   vitviz demo                                                   # bundled images, offline
 
 exit status: 0 all done, 1 some inputs skipped, 2 bad arguments / unknown model / missing weights,

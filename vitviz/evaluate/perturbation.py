@@ -16,8 +16,14 @@ the tokens are selected:
 * transformers ViT-style models (a submodule ``embeddings`` with ``patch_embeddings``): by a
   forward hook on the ``embeddings`` output (CLS + patches with position embeddings).
 
-All perturbed sequences of one length (any image, any step, deletion or insertion) run in the
-same forward pass, ``batch_size`` at a time; shorter sequences cost less.
+The perturbed sequences (any image, any step, deletion or insertion) run ``batch_size`` at a
+time, sorted by length so that shorter sequences cost less. On a timm ``VisionTransformer`` that
+reads its class token (``global_pool="token"``), sequences of different lengths share one
+forward pass: each is padded to the longest of its batch and the padding is masked out as keys
+(timm's own ``attn_mask``: a padded token is attended by nobody, so every real token, the class
+token included, gets the values it gets in its own shorter sequence); a batch pads at most a
+quarter more tokens than it holds. Elsewhere (average or attention pooling would read the
+padding; transformers ViTs take no mask) a forward pass holds sequences of one length only.
 
 **ROAD** (Rong et al. 2022, "A Consistent and Efficient Evaluation Strategy for Attribution
 Methods"): removed pixels are replaced by noisy linear imputation, each removed pixel being the
@@ -155,6 +161,84 @@ def forward_kept_tokens(model, x: torch.Tensor, keep: torch.Tensor):
         handle.remove()
 
 
+_PAD_WASTE = 1.25  # a padded batch holds at most this many times the tokens of its sequences
+
+
+def _pads(module: nn.Module) -> bool:
+    """Whether sequences of different lengths can share a forward pass, padded and masked.
+
+    True for a timm ``VisionTransformer`` with prefix tokens that reads them alone
+    (``global_pool="token"``, no attention pool) and passes ``attn_mask`` to every block: the
+    padding is then invisible to every real token. Average pooling, attention pooling or a block
+    without ``attn_mask`` would see it."""
+    import inspect
+
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    if not isinstance(module, VisionTransformer) or getattr(module, "global_pool", None) != "token":
+        return False
+    if getattr(module, "attn_pool", None) is not None or int(getattr(module, "num_prefix_tokens", 0)) < 1:
+        return False
+    takes_mask = lambda f: "attn_mask" in inspect.signature(f).parameters  # noqa: E731
+    blocks = getattr(module, "blocks", ())
+    return takes_mask(module.forward) and takes_mask(module.forward_features) and len(blocks) > 0 \
+        and all(takes_mask(b.forward) for b in blocks)
+
+
+def _chunks(lengths: list[int], batch_size: int, waste: float) -> list[list[int]]:
+    """Row indices in batches: longest first, at most ``batch_size`` rows, and at most ``waste``
+    times the tokens of its rows once padded to its longest (``waste=1``: one length per batch).
+
+    ``lengths`` are whole sequence lengths (prefix tokens included)."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    out: list[list[int]] = []
+    real = 0
+    for r in order:
+        cur = out[-1] if out else None
+        fits = cur is not None and (len(cur) + 1) * lengths[cur[0]] <= waste * (real + lengths[r])
+        if cur is not None and fits and len(cur) < batch_size:
+            cur.append(r)
+            real += lengths[r]
+        else:
+            out.append([r])
+            real = lengths[r]
+    return out
+
+
+@torch.no_grad()
+def _forward_padded(vm, site: nn.Module, x: torch.Tensor, keep: torch.Tensor, n_kept: torch.Tensor):
+    """The model's output with patch tokens ``keep[i, :n_kept[i]]`` kept for input ``i``, every
+    sequence padded to ``keep.shape[1]`` patch tokens and the padding masked out as keys
+    (timm ``attn_mask``). Only for models where :func:`_pads` holds.
+
+    Shape:
+        x ``[k, 3, H, W]``, keep ``[k, n]`` long (entries past ``n_kept`` ignored), n_kept ``[k]``
+    """
+    g = grid_of(vm, x)
+    n_patch = g[0] * g[1]
+    real = torch.arange(keep.shape[1], device=x.device)[None] < n_kept[:, None]  # [k, n]
+    keep = torch.where(real, keep, torch.zeros_like(keep))  # padding repeats patch 0: finite values
+    p = int(vm.module.num_prefix_tokens)
+    mask = torch.cat([torch.ones(x.shape[0], p, dtype=torch.bool, device=x.device), real], 1)  # [k, P+n]
+
+    def hook(mod, args, out):
+        seq = out  # [k, P+G, D]
+        if seq.dim() != 3 or seq.shape[1] != p + n_patch:
+            raise LayoutError(f"{vm.name}: expected [B, {p} + {n_patch}, D] tokens at {type(mod).__name__}, "
+                              f"got {tuple(seq.shape)}")
+        idx = torch.cat([torch.arange(p, device=seq.device).expand(seq.shape[0], p), keep + p], 1)  # [k, P+n]
+        return seq.gather(1, idx[:, :, None].expand(-1, -1, seq.shape[2]))  # [k, P+n, D]
+
+    handle = site.register_forward_hook(hook)
+    try:
+        # keys masked, queries not: a padded token's own row is computed and never read
+        return vm.module(x, attn_mask=mask[:, None, None, :])  # mask [k, 1, 1, P+n]
+    finally:
+        handle.remove()
+
+
 def _order(maps: torch.Tensor, order: str) -> torch.Tensor:
     if order == "morf":
         return patch_order(maps)  # [B, G] most relevant first
@@ -255,22 +339,30 @@ def token_curves(model, x, maps: torch.Tensor, *, target: torch.Tensor | None = 
     try:
         tgt = _targets(vm, x, target, score_fn, "token deletion")
         kinds = [k for k, on in (("deletion", deletion), ("insertion", insertion)) if on]
-        # every job: (kind, step); all images of a job share its kept count
-        by_len: dict[int, list[tuple[str, int]]] = {}
-        for kind in kinds:
-            for s, c in enumerate(counts):
-                by_len.setdefault(g - c if kind == "deletion" else c, []).append((kind, s))
+        # every row: (kind, step, image); its sequence keeps n patch tokens
+        rows = [(kind, s, i) for kind in kinds for s in range(len(counts)) for i in range(b)]
+        kept = [g - counts[s] if kind == "deletion" else counts[s] for kind, s, _ in rows]
+        site, _ = token_site(module)
+        pads = _pads(module)
+        prefix = int(getattr(module, "num_prefix_tokens", 0))
         out = {k: torch.empty(b, len(counts), device=x.device) for k in kinds}
-        for jobs in by_len.values():
-            rows = [(kind, s, i) for kind, s in jobs for i in range(b)]
-            for start in range(0, len(rows), batch_size):
-                part = rows[start:start + batch_size]
-                img = torch.tensor([i for _, _, i in part], device=x.device)  # [k]
-                keep = torch.stack([rank[i, counts[s]:] if kind == "deletion" else rank[i, :counts[s]]
-                                    for kind, s, i in part]).sort(1).values  # [k, n]
-                sc = _score(forward_kept_tokens(vm, x[img], keep), tgt, score_fn, img, "token deletion")
-                for (kind, s, i), v in zip(part, sc):
-                    out[kind][i, s] = v
+        for chunk in _chunks([prefix + n for n in kept], batch_size, _PAD_WASTE if pads else 1.0):
+            part = [rows[r] for r in chunk]
+            img = torch.tensor([i for _, _, i in part], device=x.device)  # [k]
+            n_max = kept[chunk[0]]  # longest first
+            keep = torch.stack([
+                torch.nn.functional.pad(
+                    (rank[i, counts[s]:] if kind == "deletion" else rank[i, :counts[s]]).sort().values,
+                    (0, n_max - kept[r]))
+                for r, (kind, s, i) in zip(chunk, part)])  # [k, n_max] kept patches in sequence order, then padding
+            if all(kept[r] == n_max for r in chunk):
+                output = forward_kept_tokens(vm, x[img], keep)
+            else:
+                n_kept = torch.tensor([kept[r] for r in chunk], device=x.device)  # [k]
+                output = _forward_padded(vm, site, x[img], keep, n_kept)
+            sc = _score(output, tgt, score_fn, img, "token deletion")
+            for (kind, s, i), v in zip(part, sc):
+                out[kind][i, s] = v
     finally:
         module.train(was_training)
     return Curves(out.get("deletion"), out.get("insertion"), tgt)

@@ -376,7 +376,7 @@ def randomization(model, images, method: str | Method | MapFn = "rollout", *, mo
         steps = steps[:num_steps]
     registered = None if callable(method) and not isinstance(method, Method) \
         else single_map_method(method, "randomization")
-    needs_target = registered is None or registered.needs == "grad"
+    needs_target = registered is None or registered.class_specific
     if target is None and needs_target:
         if registered is not None:
             check_classifier(vm, None, f"randomization of {registered.name}")

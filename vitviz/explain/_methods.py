@@ -143,6 +143,8 @@ class Method:
         extra: the optional vitviz extra it needs (``vitviz._util.extras``), if any.
         texts: it takes texts to locate (option ``texts``).
         output: ``"map"``, ``"stack"`` or ``"list"`` (see :data:`OUTPUTS`).
+        explains_class: it explains one class logit per image (``inp.target``, the predicted
+            class when None) although it runs the model itself.
     """
 
     name: str
@@ -154,6 +156,14 @@ class Method:
     extra: str | None = None  # the optional vitviz extra it needs (vitviz._util.extras), if any
     texts: bool = False  # takes the texts to locate (option "texts")
     output: str = "map"  # "map" [B, gh, gw], "stack" [B, K, gh, gw], "list" B x [K_i, gh, gw]
+    explains_class: bool = False  # a "model" method that explains one class logit per image (target=)
+
+    @property
+    def class_specific(self) -> bool:
+        """True when the method explains one class logit per image (``inp.target``): the grad
+        methods and the ``needs="model"`` methods registered with ``explains_class=True`` (LRP).
+        The sanity checks fix that class to the trained model's prediction."""
+        return self.needs == "grad" or self.explains_class
 
     @property
     def requirements(self) -> tuple[str, ...]:
@@ -223,7 +233,8 @@ def _parse_needs(needs: str | Sequence[str]) -> tuple[str, bool]:
 
 def register_method(name: str, *, needs: str | Sequence[str] = "attention", description: str = "",
                     replace: bool = False, stream: Callable[..., Any] | None = None,
-                    extra: str | None = None, output: str = "map", **defaults) -> Callable:
+                    extra: str | None = None, output: str = "map", explains_class: bool = False,
+                    **defaults) -> Callable:
     """Decorator registering ``fn(inp: MethodInput, **options) -> MethodResult | Tensor``.
 
     Args:
@@ -241,6 +252,9 @@ def register_method(name: str, *, needs: str | Sequence[str] = "attention", desc
         output: ``"map"`` (``[B, gh, gw]``), ``"stack"`` (``[B, K, gh, gw]``) or ``"list"``
             (``B`` arrays ``[K_i, gh, gw]``); the sanity checks and ``benchmark-maps`` take
             ``"map"`` and ``"stack"`` methods.
+        explains_class: a ``needs="model"`` method that explains one class logit per image
+            (``inp.target``; the predicted class when None), as LRP does: the sanity checks fix
+            that class, and ``benchmark-maps`` scores it by default.
         **defaults: the method's options and their default values.
 
     Returns:
@@ -267,7 +281,8 @@ def register_method(name: str, *, needs: str | Sequence[str] = "attention", desc
 
             if extra not in EXTRAS:
                 raise ValueError(f"unknown extra {extra!r} (known: {', '.join(sorted(EXTRAS))})")
-        _METHODS[name] = Method(name, fn, kind, description, dict(defaults), stream, extra, texts, output)
+        _METHODS[name] = Method(name, fn, kind, description, dict(defaults), stream, extra, texts, output,
+                                explains_class)
         return fn
 
     return deco
@@ -456,6 +471,22 @@ def _grad_rollout(inp: MethodInput, *, head_fusion: str, discard_ratio: float, s
     return relevance_map(inp.attentions, inp.rec.attention_grads, method="grad_rollout",
                          head_fusion=head_fusion, discard_ratio=discard_ratio,
                          start_layer=start_layer)  # [B, gh, gw]
+
+
+def _lrp(method: str):
+    def run(inp: MethodInput, *, gamma: float | None):
+        from ._relevance import relevance
+
+        return relevance(inp.model, inp.x, target=inp.target, method=method, gamma=gamma)  # [B, gh, gw]
+    return run
+
+
+register_method("attnlrp", needs="model", explains_class=True, gamma=None,
+                description="AttnLRP (Achtibat et al. 2024): LRP with attention-aware rules, per patch"
+                )(_lrp("attnlrp"))
+register_method("cp-lrp", needs="model", explains_class=True, gamma=None,
+                description="CP-LRP (Ali et al. 2022): LRP with attention held constant, per patch"
+                )(_lrp("cp-lrp"))
 
 
 @register_method("flow", head_fusion="mean", start_layer=0, extra="flow",

@@ -16,7 +16,8 @@ import torch
 
 from ..analyze.gradient import RelevanceStream
 from ..models import score_fn_scores
-from ._shared import Target, as_vision_model, captured, logits_of, resolve_targets
+from ._lrp import LRP_METHODS, lrp_gradient, patch_sums
+from ._shared import Target, as_vision_model, captured, grid_of, logits_of, resolve_targets
 
 __all__ = ["relevance", "relevance_pass", "RelevanceResult", "Target"]
 
@@ -37,9 +38,39 @@ class RelevanceResult:
     target: torch.Tensor | None
 
 
+def _lrp_pass(model, x, *, target: Target, method: str, pixels: bool, gamma: float | None,
+              score_fn: Callable[[Any], torch.Tensor] | None) -> RelevanceResult:
+    """AttnLRP / CP-LRP (:mod:`vitviz.explain._lrp`): one forward pass under the rules, one
+    backward pass; the relevance is ``Σ_c x ⊙ ∂score/∂x`` per pixel, summed within each patch
+    unless ``pixels``."""
+    if score_fn is not None and target is not None:
+        raise ValueError("give either target= or score_fn=, not both")
+    vm = as_vision_model(model)
+    x = vm.preprocess(x)  # [B, 3, H, W] on the model's device and dtype
+    explained: dict[str, Any] = {}
+
+    def score(output):
+        if score_fn is not None:
+            explained.update(target=None, logits=output)
+            return score_fn_scores(output, score_fn).sum()  # [B] -> one backward for all samples
+        logits = logits_of(output, what=f"relevance (method={method!r} explains a class logit)")  # [B, C]
+        t = resolve_targets(logits, target)  # [B]
+        explained.update(target=t, logits=logits)
+        return logits.gather(1, t[:, None]).squeeze(1).sum()  # each sample's own logit
+
+    grad, _ = lrp_gradient(vm, x, score, method=method, gamma=gamma, name=vm.name)
+    rel = (x.detach() * grad).sum(dim=1).float()  # [B, H, W]: Σ_c x ⊙ ∂score/∂x (lxt's convention)
+    maps = rel if pixels else patch_sums(rel, grid_of(vm, x))  # [B, H, W] or [B, gh, gw]
+    logits = explained["logits"]
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach()
+    return RelevanceResult(maps, logits, explained["target"])
+
+
 def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
                    head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
-                   score_fn: Callable[[Any], torch.Tensor] | None = None) -> RelevanceResult:
+                   score_fn: Callable[[Any], torch.Tensor] | None = None, pixels: bool = False,
+                   gamma: float | None = None) -> RelevanceResult:
     """:func:`relevance` that also returns the logits and the explained classes.
 
     One forward pass (eager attention, captured) and one backward pass that computes only
@@ -50,7 +81,7 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
     not interact in a ViT).
 
     Args:
-        model, x, target, method, head_fusion, discard_ratio, start_layer, score_fn: as
+        model, x, target, method, head_fusion, discard_ratio, start_layer, score_fn, pixels, gamma: as
             :func:`relevance`.
 
     Returns:
@@ -61,6 +92,15 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
         VitvizError: the output is not classifier logits, or a target is out of range.
         CaptureError: no attention could be captured with gradients.
     """
+    if method in LRP_METHODS:
+        if (head_fusion, discard_ratio, start_layer) != ("mean", 0.0, 0):
+            raise ValueError(f"head_fusion, discard_ratio and start_layer do not apply to method={method!r}")
+        return _lrp_pass(model, x, target=target, method=method, pixels=pixels, gamma=gamma, score_fn=score_fn)
+    if method not in ("chefer", "grad_rollout"):
+        raise ValueError(f"method must be one of chefer, grad_rollout, {', '.join(LRP_METHODS)}, got {method!r}")
+    if pixels or gamma is not None:
+        raise ValueError(f"pixels= and gamma= apply to the LRP methods ({', '.join(LRP_METHODS)}), "
+                         f"not to method={method!r}")
     # the map is computed in the backward pass as the gradients arrive (RelevanceStream):
     # neither the attention nor the gradients of all layers are kept or stacked
     stream = RelevanceStream(method, head_fusion=head_fusion, discard_ratio=discard_ratio,
@@ -92,8 +132,9 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
 
 def relevance(model, x, *, target: Target = None, method: str = "chefer",
               head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
-              score_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
-    """Class-specific relevance maps: Chefer et al. 2021 or gradient rollout.
+              score_fn: Callable[[Any], torch.Tensor] | None = None, pixels: bool = False,
+              gamma: float | None = None) -> torch.Tensor:
+    """Class-specific relevance maps: Chefer et al. 2021, gradient rollout, AttnLRP or CP-LRP.
 
     Args:
         model: a :class:`vitviz.VisionModel` or any classifier ``nn.Module`` vitviz can capture
@@ -102,14 +143,24 @@ def relevance(model, x, *, target: Target = None, method: str = "chefer",
         target: class to explain: None for each sample's predicted class, an int for all
             samples, or one int per sample.
         method: ``"chefer"`` (Chefer et al. 2021, ``R += mean_h[(dA⊙A)⁺]·R``) or
-            ``"grad_rollout"`` (vit-explain's gradient rollout).
+            ``"grad_rollout"`` (vit-explain's gradient rollout), ``"attnlrp"`` (Achtibat et al.
+            2024: layer-wise relevance propagation with attention-aware rules, applied at the op
+            level; nothing on the model is patched) or ``"cp-lrp"`` (Ali et al. 2022: the same with
+            the attention probabilities held constant).
         head_fusion, discard_ratio: gradient rollout only (as :func:`vitviz.rollout`).
         start_layer: first layer taken into account.
         score_fn: instead of a target class, a function of the model's output returning the
             ``[B]`` per-sample scores to explain.
+        pixels: LRP methods only: return the pixel relevance ``[B, H, W]``, the sum over
+            channels of ``x ⊙ ∂score/∂x`` under the rules (lxt's convention; the class token and
+            the position embeddings are not part of it). Default: that relevance summed within
+            each patch, ``[B, gh, gw]`` (equal sums).
+        gamma: LRP methods only: the γ-rule on linear and convolution layers with this γ
+            (lxt's recommendation for ViTs); None (default) for their plain gradient.
 
     Returns:
-        ``[B, gh, gw]`` float32 maps over the patch grid (prefix tokens dropped), not rescaled.
+        ``[B, gh, gw]`` float32 maps over the patch grid (prefix tokens dropped), not rescaled;
+        ``[B, H, W]`` with ``pixels=True``.
 
     Raises:
         VitvizError: the output is not classifier logits, or a target is out of range.
@@ -119,7 +170,8 @@ def relevance(model, x, *, target: Target = None, method: str = "chefer",
         >>> m = vitviz.load_model("b16")
         >>> heat = vitviz.relevance(m, m.preprocess("cat.jpg"))[0]  # predicted class
         >>> heat = vitviz.relevance(m, x, target=281, method="grad_rollout")[0]
+        >>> px = vitviz.relevance(m, x, method="attnlrp", pixels=True)[0]  # [H, W]
     """
     return relevance_pass(model, x, target=target, method=method, head_fusion=head_fusion,
                           discard_ratio=discard_ratio, start_layer=start_layer,
-                          score_fn=score_fn).maps
+                          score_fn=score_fn, pixels=pixels, gamma=gamma).maps

@@ -30,9 +30,10 @@ from ..analyze.text_image import LeGradStream, patch_text_logits
 from ..attention import capture
 from ..errors import UnknownTokenWarning, VitvizError
 from ..models import VisionModel, wrap
-from ._shared import captured
+from ._lrp import LRP_METHODS, lrp_gradient, patch_sums
+from ._shared import captured, grid_of
 
-METHODS = ("chefer", "legrad", "maskclip")
+METHODS = ("chefer", "legrad", "maskclip", "attnlrp", "cp-lrp")
 # LeGrad's default: the last two layers (the authors' wrapper starts at layer index -2)
 LEGRAD_START = -2
 
@@ -424,9 +425,10 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
         model: a contrastive image-text model (as :func:`explain_text`).
         image: a path, PIL image, ``HxWx3`` uint8 array, or a preprocessed ``[1, 3, H, W]``.
         texts: a string, a list of strings, or a ``LongTensor [T, L]`` (or ``[L]``) of token ids.
-        method: ``"chefer"``, ``"legrad"`` or ``"maskclip"`` (see :func:`explain_text`).
+        method: ``"chefer"``, ``"legrad"``, ``"maskclip"``, ``"attnlrp"`` or ``"cp-lrp"`` (see
+            :func:`explain_text`).
         start_layer: first layer taken into account (chefer: default 0; legrad: default -2;
-            not accepted by maskclip).
+            not accepted by maskclip and the LRP methods).
 
     Returns:
         :class:`TextMaps`: ``maps`` ``[T, gh, gw]`` float32 (one per text over the image's
@@ -453,6 +455,8 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
     _check_method(method)
     if method == "maskclip" and start_layer is not None:
         raise VitvizError("start_layer does not apply to method='maskclip' (it reads the last layer only)")
+    if method in LRP_METHODS and start_layer is not None:
+        raise VitvizError(f"start_layer does not apply to method={method!r} (LRP propagates through every layer)")
     vm = model if isinstance(model, VisionModel) else wrap(model)
     tw = towers(vm)
     ids, mask, strings, notes = _token_ids(tw, texts)
@@ -492,6 +496,12 @@ def text_maps(model: Any, image: Any, texts: Texts, *, method: str = "chefer",
         scores, rec = captured(tower_vm, xb, grad=True, forward=lambda t: tw.logits(tw.encode_image(t), text),
                                score=lambda out, _rec: out.sum(), keep="none", streams={"map": stream})  # [T]
         maps = rec.stream("map")  # [T, gh, gw]
+        return TextMaps(maps, scores.detach().float(), strings, method, notes)
+    if method in LRP_METHODS:  # the rules on the vision tower and the logit; the texts are constants
+        grad, scores = lrp_gradient(lambda t: tw.logits(tw.encode_image(t), text), xb, lambda out: out.sum(),
+                                    method=method, name=tower_vm.name)  # [T, 3, H, W], [T]
+        pixels = (xb * grad).sum(dim=1).float()  # [T, H, W]: Σ_c x ⊙ ∂s_t/∂x under the rules
+        maps = patch_sums(pixels, grid_of(tower_vm, xb))  # [T, gh, gw]
         return TextMaps(maps, scores.detach().float(), strings, method, notes)
     # LeGrad: one backward pass per layer, each of that layer's own pooled score
     xb = xb.requires_grad_(True)
@@ -543,6 +553,10 @@ def explain_text(model: Any, image: Any, texts: Texts, *, method: str = "chefer"
             - ``"maskclip"``: Zhou et al. 2022 (MaskCLIP): the logit of every patch embedding
               taken from the last layer's values through its output projection, the final
               norm and projection. No gradients.
+            - ``"attnlrp"`` / ``"cp-lrp"``: layer-wise relevance propagation of the logit
+              through the vision tower with AttnLRP's (Achtibat et al. 2024) or CP-LRP's (Ali et
+              al. 2022) rules (as :func:`vitviz.relevance`; the normalisation of the embedding
+              gets the identity rule), summed within each patch.
         start_layer: first layer taken into account (chefer: default 0; legrad: default -2).
 
     Returns:

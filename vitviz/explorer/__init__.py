@@ -113,12 +113,12 @@ def _tensor_view(vm: VisionModel, x: torch.Tensor) -> np.ndarray:
 
 
 def _prefix_names(vm: VisionModel, num_prefix: int, has_cls: bool) -> list[str]:
-    """Display names of the prefix tokens: CLS, the distillation token, then registers."""
+    """Display names of the prefix tokens: CLS, the distillation token, then registers ``reg 0``, ..."""
     names = ["CLS"] if has_cls and num_prefix else []
     params = (n.rsplit(".", 1)[-1] for n, _ in vm.module.named_parameters())
     if len(names) < num_prefix and any(n in ("dist_token", "distillation_token") for n in params):
         names.append("dist")
-    names += [f"reg {i + 1}" for i in range(num_prefix - len(names))]
+    names += [f"reg {i}" for i in range(num_prefix - len(names))]  # numbered from 0, as layers and heads
     return names
 
 

@@ -1,12 +1,15 @@
 """The attention explorer: one self-contained HTML page built from plain arrays.
 
-The page (template ``explore.html`` next to this file) shows the model's view of the image and,
+The page (template ``view.html`` next to this file) shows the model's view of the image and,
 over it, the attention of a query token the user picks (a click on a patch, or a CLS,
 distillation or register token) at a chosen layer and head, the rollout up to that layer, or
 the class relevance; beside it the share of the query's attention that goes to the prefix
-tokens in every layer, and the top-5 prediction. Everything is inline (script, style, the image
-as a PNG data URL, the numbers as base64): no request leaves the file, so it works from
-``file://`` and can be mailed.
+tokens in every layer (on a percent axis), and the top-5 prediction. The map is drawn as
+:func:`vitviz.overlay` draws it by default (its colour map, patch blocks, opacity growing with
+the value; the page's script repeats the formula, and a browser test checks the pixels against
+it). Layers, heads, patches and register tokens are numbered from 0, as ``layer=`` in the API.
+Everything is inline (script, style, the image as a PNG data URL, the numbers as base64): no
+request leaves the file, so it works from ``file://`` and can be mailed.
 
 Numbers are stored compactly: every attention row is split into its prefix keys (float32, so
 the prefix share is exact to float32) and its patch keys, quantised to uint8 from the row's
@@ -162,14 +165,14 @@ def _json_for_script(value: Any) -> str:
 
 
 def _ranges(layers: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"1–3, 6"`` (1-based, as on the page)."""
+    """``[0, 1, 2, 5]`` -> ``"0–2, 5"`` (0-based, as ``layer=`` in the API and on the page)."""
     spans: list[list[int]] = []
     for i in layers:
         if spans and spans[-1][1] == i - 1:
             spans[-1][1] = i
         else:
             spans.append([i, i])
-    return ", ".join(f"{a + 1}" if a == b else f"{a + 1}–{b + 1}" for a, b in spans)
+    return ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in spans)
 
 
 def _check(data: ExploreData) -> tuple[int, int, int]:
@@ -231,7 +234,7 @@ def explore_payload(data: ExploreData, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
         "has_relevance": data.relevance is not None, "relevance_class": data.relevance_class,
         "top5": [[str(c), float(v)] for c, v in data.top5], "image": _png_data_url(data.image),
         "size": [int(data.image.shape[0]), int(data.image.shape[1])], "dropped": [],
-        "notes": list(data.notes), "lut": _lut(),
+        "notes": list(data.notes), **_look(),
     }
     # an upper bound of everything but the per-head rows: template, names, metadata (with room
     # for the two notes on what was dropped and the list of kept layers), data elements
@@ -256,12 +259,16 @@ def explore_payload(data: ExploreData, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
     return meta, blocks
 
 
-def _lut() -> list[int]:
-    """The colour table of the maps: 256 RGB triples (vitviz's default ``jet``), flat."""
-    from ..render import colorize
+def _look() -> dict[str, Any]:
+    """How the page draws a map, the same as :func:`vitviz.overlay`'s default: ``lut`` (the colour
+    table of the default colour map, 256 RGB triples, flat), ``cmap`` (its name), and the opacity
+    ``a = alpha_max * u ** alpha_gamma`` of a value scaled to ``u`` in ``[0, 1]`` (the page's
+    opacity slider starts at ``alpha_max`` and sets the opacity at the peak)."""
+    from ..render import ALPHA_GAMMA, ALPHA_MAX, DEFAULT_CMAP, colormap_lut
 
-    rgb = colorize(np.arange(256, dtype=np.float32)[None, :] / 255.0, "jet")  # [1, 256, 3]
-    return [int(v) for v in rgb.reshape(-1)]
+    lut = colormap_lut(DEFAULT_CMAP)  # [256, 3] uint8
+    return {"lut": [int(v) for v in lut.reshape(-1)], "cmap": DEFAULT_CMAP,
+            "alpha_max": float(ALPHA_MAX), "alpha_gamma": float(ALPHA_GAMMA)}
 
 
 def render_explore(data: ExploreData, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str:

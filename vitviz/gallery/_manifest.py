@@ -140,7 +140,7 @@ def read_config(out_dir) -> dict | None:
 
 
 # settings that change the content of the outputs: a resumed run or a shard must match them
-_MUST_MATCH = ("model", "weights", "methods", "options", "input_size", "cmap", "alpha", "norm")
+_MUST_MATCH = ("model", "weights", "methods", "options", "input_size", "cmap", "alpha", "smooth", "norm")
 
 
 def check_or_write_config(out_dir, config: dict) -> None:

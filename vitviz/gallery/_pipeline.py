@@ -43,7 +43,8 @@ def _record(source: Source, name: str, status: str, reason: str | None = None, *
 # rendering (render threads)
 # --------------------------------------------------------------------------------------------
 
-def _render_batch(out_dir: Path, jobs: list[dict], cmap: str, alpha: float, norm: str = "image") -> list[dict]:
+def _render_batch(out_dir: Path, jobs: list[dict], cmap: str, alpha: float | None, norm: str = "image",
+                  smooth: bool = False) -> list[dict]:
     from ._draw import render_image
 
     records = []
@@ -58,7 +59,7 @@ def _render_batch(out_dir: Path, jobs: list[dict], cmap: str, alpha: float, norm
             continue
         try:
             image, outputs = render_image(out_dir, name, job["view"], job["maps"], job["names"],
-                                          cmap=cmap, alpha=alpha, norm=norm)
+                                          cmap=cmap, alpha=alpha, smooth=smooth, norm=norm)
         except OSError:
             raise  # disk full, permissions: the run cannot go on
         except Exception as e:  # noqa: BLE001 - one image's rendering problem, reported for it
@@ -87,8 +88,9 @@ def build_gallery(
     limit: int | None = None,
     shard: str | tuple[int, int] | None = None,
     page_size: int = 100,
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = "inferno",
+    alpha: float | None = None,
+    smooth: bool = False,
     norm: str = "image",
     title: str | None = None,
     model_id: str | None = None,
@@ -101,7 +103,8 @@ def build_gallery(
     """Maps for every image of a folder, list file or glob, and a static page to browse them.
 
     Writes into ``out_dir``: ``images/<name>.jpg`` (the input as the model saw it),
-    ``<method>/<name>.png`` (overlay; several maps as a labelled grid) and
+    ``<method>/<name>.jpg`` (overlay, at least 256 px on its short side; several maps as a
+    labelled grid of 256 px tiles) and
     ``<method>/<name>.npy`` (raw maps ``[gh, gw]`` or ``[K, gh, gw]``), ``manifest.jsonl``
     (one record per image: source, status, reason, prediction, top-5, caption, outputs),
     ``gallery.json`` (the settings) and ``index.html`` (+ ``index-2.html`` ... pages).
@@ -123,7 +126,8 @@ def build_gallery(
         shard: ``"K/N"`` or ``(K, N)``: only this shard's images (split by a hash of each
             key); the last shard to finish merges the index, or call :func:`merge_gallery`.
         page_size: images per HTML page.
-        cmap, alpha: overlay colour map and heatmap weight (as :func:`vitviz.overlay`).
+        cmap, alpha, smooth: how maps are drawn, as :func:`vitviz.overlay` (default: inferno,
+            opacity that grows with the value, patch blocks).
         norm: ``"image"`` (each map min-max scaled on its own) or ``"none"`` (raw values on a
             fixed ``[0, 1]`` scale: equal values have equal colours in every image). ``"batch"``
             is refused: the gallery renders while it runs, before the run's range is known.
@@ -163,7 +167,7 @@ def build_gallery(
     vm = model if isinstance(model, VisionModel) else wrap(model)
     plan = plan_run(src, vm, out_dir, methods=methods, options=options, batch_size=batch_size,
                     workers=workers, limit=limit, shard=shard, page_size=page_size, cmap=cmap,
-                    alpha=alpha, norm=norm, title=title, model_id=model_id)
+                    alpha=alpha, smooth=smooth, norm=norm, title=title, model_id=model_id)
     out_dir, pairs, kept, todo, shard = plan.out_dir, plan.pairs, plan.kept, plan.todo, plan.shard
     journal_path = plan.journal_path
 
@@ -177,7 +181,8 @@ def build_gallery(
             torch.set_num_threads(max(1, int(threads)))
         if todo:
             _process(vm, todo, plan.methods, out_dir, journal, new, bar, batch_size=batch_size,
-                     workers=plan.workers, cmap=cmap, alpha=alpha, norm=norm, render_threads=render_threads,
+                     workers=plan.workers, cmap=cmap, alpha=alpha, smooth=smooth, norm=norm,
+                     render_threads=render_threads,
                      on_record=on_record)
     except BaseException:
         bar.close()
@@ -211,7 +216,7 @@ def build_gallery(
 
 
 def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, workers, cmap, alpha,
-             render_threads, on_record, norm="image") -> None:
+             render_threads, on_record, norm="image", smooth=False) -> None:
     """Decode, run and render ``todo``; journal each batch's records as it completes."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -259,7 +264,7 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
                                  "names": {k: v[1][j][0] for k, v in split.items()},
                                  "texts": {k: v[1][j][1] for k, v in split.items()},
                                  "top5": top5[j] if top5 else None})
-                fut = pool.submit(_render_batch, out_dir, jobs, cmap, alpha, norm)
+                fut = pool.submit(_render_batch, out_dir, jobs, cmap, alpha, norm, smooth)
             pending.append((fut, skipped))
             drain(keep=max(1, render_threads))
             batch = next(it, None)

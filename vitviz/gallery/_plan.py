@@ -24,7 +24,7 @@ def _files_exist(out_dir: Path, rec: dict, methods: Sequence[str]) -> bool:
     outs = rec.get("outputs") or {}
     if rec.get("image") is None or set(outs) != set(methods):
         return False
-    paths = [rec["image"]] + [p for o in outs.values() for p in (o.get("png"), o.get("npy"))]
+    paths = [rec["image"]] + [p for o in outs.values() for p in (o.get("overlay"), o.get("npy"))]
     return all(isinstance(p, str) and (out_dir / p).is_file() for p in paths)
 
 
@@ -96,7 +96,8 @@ class Plan:
 
 def plan_run(src: Any, vm: Any, out_dir: Any, *, methods: Any, options: dict[str, Any] | None,
              batch_size: int, workers: int | None, limit: int | None, shard: Any, page_size: int,
-             cmap: str, alpha: float, norm: str, title: str | None, model_id: str | None) -> Plan:
+             cmap: str, alpha: float | None, norm: str, title: str | None, model_id: str | None,
+             smooth: bool = False) -> Plan:
     """Check the arguments of :func:`build_gallery`, list the images, check or write the
     gallery's settings and sort the images into finished (kept) and to do; temporary files
     that a killed run left for the outputs to redo are removed.
@@ -131,8 +132,8 @@ def plan_run(src: Any, vm: Any, out_dir: Any, *, methods: Any, options: dict[str
         raise VitvizError(f"limit must be at least 1, got {limit}")
     if page_size < 1:
         raise VitvizError(f"page_size must be at least 1, got {page_size}")
-    if not 0.0 <= alpha <= 1.0:
-        raise VitvizError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise VitvizError(f"alpha must be in [0, 1] or None (opacity that grows with the value), got {alpha}")
     if norm not in ("image", "none"):
         raise VitvizError(f"the gallery's norm is 'image' or 'none', got {norm!r}; it renders each "
                           "batch while the next one runs, before the whole run's range is known: "
@@ -161,6 +162,8 @@ def plan_run(src: Any, vm: Any, out_dir: Any, *, methods: Any, options: dict[str
               "methods": method_names, "options": {m.name: o for m, o in chosen},
               "input_size": list(vm.input_size) if vm.input_size else None,
               "cmap": cmap, "alpha": alpha, "title": title}
+    if smooth:  # as norm: only when set, so the description of a default gallery stays as it was
+        config["smooth"] = True
     if norm != "image":  # galleries written before the option had per-image scales: still resumable
         config["norm"] = norm
     mf.check_or_write_config(out_dir, config)
@@ -176,7 +179,7 @@ def plan_run(src: Any, vm: Any, out_dir: Any, *, methods: Any, options: dict[str
         else:
             todo.append((s, n))
     for folder in ["images"] + method_names:
-        ext = {"images": (".jpg",)}.get(folder, (".png", ".npy"))
+        ext = {"images": (".jpg",)}.get(folder, (".jpg", ".npy"))
         _clean_temps(out_dir / folder, {n + e for _, n in todo for e in ext})
     journal_path = out_dir / mf.journal_name(shard)
     own = {"manifest.jsonl", "gallery.json"} if shard is None else set()

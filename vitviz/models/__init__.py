@@ -2,6 +2,7 @@
 
 from ._aliases import ALIASES
 from ._checkpoint_read import read_state_dict
+from ._class_names import class_index, class_label
 from ._hub import cache_dir
 from ._image import load_image, to_rgb_array
 from ._loader import fetch, list_models, load_model, weights_status
@@ -13,4 +14,4 @@ from ._vision_model import VisionModel, describe, wrap
 __all__ = ["VisionModel", "wrap", "describe", "load_model", "list_models", "fetch", "load_image",
            "to_rgb_array", "Preprocess", "pos_similarity", "patch_position_embeddings", "ALIASES",
            "read_state_dict", "cache_dir", "weights_status", "classifier_logits", "output_logits",
-           "describe_output", "score_fn_scores"]
+           "describe_output", "score_fn_scores", "class_index", "class_label"]

@@ -2,6 +2,9 @@
 
 from ._caption_strip import caption_strip
 from ._overlay import (
+                      ALPHA_GAMMA,
+                      ALPHA_MAX,
+                      DEFAULT_CMAP,
                       NORMS,
                       SIZE_RANGE,
                       Scale,
@@ -31,7 +34,7 @@ from .figures import (
 from .output import OutputOptions
 
 __all__ = ["overlay", "overlay_region", "colorize", "normalize_map", "display_image", "map_scales", "Scale",
-           "NORMS", "SIZE_RANGE", "as_map", "colormap_lut", "scale_map",
+           "NORMS", "SIZE_RANGE", "DEFAULT_CMAP", "ALPHA_MAX", "ALPHA_GAMMA", "as_map", "colormap_lut", "scale_map",
            "caption_strip", "distance_plot", "entropy_heatmap", "heatmap", "map_grid", "mask_contours",
            "overlay_figure", "panels", "pos_similarity_grid", "save_figure", "figure_bytes",
            "OutputOptions", "PANEL_IN"]

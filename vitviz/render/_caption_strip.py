@@ -2,7 +2,8 @@
 
 Like the figures of Xu et al. 2015 ("Show, Attend and Tell"): every panel is the image the
 model saw with the word's cross-attention map over it (:func:`vitviz.overlay`: by default each
-map is min-max scaled on its own, upsampled bicubically, coloured and blended). Panels are at
+map is min-max scaled on its own, drawn as its patch blocks, coloured and blended with opacity
+that grows with the value). Panels are at
 least :data:`vitviz.render.figures.PANEL_IN` inches wide at the saved dpi, the words and the
 title are wrapped to their panel, and constrained layout keeps them apart.
 """
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import RenderError
-from ._overlay import ImageLike, MapLike, as_map, as_rgb_uint8, overlay
+from ._overlay import DEFAULT_ALPHA, DEFAULT_CMAP, ImageLike, MapLike, as_map, as_rgb_uint8, overlay
 from .figures import _DPI, PANEL_IN, _fit, _tile_px, add_colorbar, check_dpi, figure_scales, wrap
 
 if TYPE_CHECKING:
@@ -32,8 +33,9 @@ def caption_strip(
     show_image: bool = True,
     max_cols: int = 6,
     panel_size: float = PANEL_IN,
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float | None = DEFAULT_ALPHA,
+    smooth: bool = False,
     fontsize: int = 11,
     norm: str = "image",
     vmin: float | None = None,
@@ -56,7 +58,7 @@ def caption_strip(
         max_cols: panels per row; longer captions wrap onto more rows.
         panel_size: width of a panel in inches (the image is drawn at ``panel_size * dpi``
             pixels, small images enlarged).
-        cmap, alpha: as :func:`vitviz.overlay`.
+        cmap, alpha, smooth: as :func:`vitviz.overlay`.
         fontsize: size of the words.
         norm: ``"image"`` (each word's map min-max scaled on its own), ``"batch"`` (one scale
             for all words) or ``"none"`` (raw values on ``[0, 1]``).
@@ -130,7 +132,7 @@ def caption_strip(
         panels.append((img, "" if words else "(no words)"))
     for m, w, s in zip(maps, words, scales):
         flat = float(m.min()) == float(m.max()) or s.flat
-        panels.append((overlay(img, m, cmap=cmap, alpha=alpha, vmin=s.vmin, vmax=s.vmax),
+        panels.append((overlay(img, m, cmap=cmap, alpha=alpha, vmin=s.vmin, vmax=s.vmax, smooth=smooth),
                        f"{w} (constant map)" if flat else w))
     for ax, (picture, label) in zip(axs, panels):
         ax.imshow(picture, interpolation="nearest")

@@ -31,6 +31,8 @@ import numpy as np
 
 from ..errors import RenderError
 from ._overlay import (
+    DEFAULT_ALPHA,
+    DEFAULT_CMAP,
     ImageLike,
     MapLike,
     Scale,
@@ -42,6 +44,7 @@ from ._overlay import (
     mpl_colormap,
     overlay,
     scale_map,
+    upsample_map,
 )
 
 if TYPE_CHECKING:
@@ -255,17 +258,23 @@ def _tile_px(tile: int | None, dpi: int, image: np.ndarray | None = None) -> int
 
 
 def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[Any] | None = None,
-             col_labels: Sequence[Any] | None = None, cmap: str = "jet", alpha: float = 0.5,
-             tile: int | None = None, title: str | None = None, norm: str = "image",
+             col_labels: Sequence[Any] | None = None, cmap: str = DEFAULT_CMAP,
+             alpha: float | None = DEFAULT_ALPHA, smooth: bool = False, tile: int | None = None,
+             title: str | None = None, norm: str = "image",
              vmin: float | None = None, vmax: float | None = None, colorbar: bool = False, label: str = "attention",
              dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Axes]:
     """A ``rows x cols`` grid of maps, each over the image (e.g. layers x heads of CLS maps).
+
+    A grid much wider than high (one row of 24 heads, 2 layers x 24 heads) wraps: its columns
+    are cut into bands stacked top to bottom, each with its own column labels, so that the
+    figure is near-square (:func:`grid_bands`); a single row of at most 6 maps stays a strip.
+    With ``ax=`` the grid is drawn into that one axes unwrapped.
 
     Args:
         maps: ``[rows, cols, gh, gw]`` (tensor or array; ``[cols, gh, gw]`` is one row).
         image: ``HxWx3`` uint8 RGB image the model saw, or ``None`` for the coloured maps alone.
         row_labels, col_labels: tick labels (e.g. ``"layer 3"``, ``"head 7"``).
-        cmap, alpha: as :func:`vitviz.overlay`.
+        cmap, alpha, smooth: as :func:`vitviz.overlay`.
         tile: tile size in pixels (default: :data:`PANEL_IN` inches at ``dpi``).
         title: axes title (wrapped to the grid's width).
         norm: ``"image"`` (each map min-max scaled on its own), ``"batch"`` (one scale for all
@@ -276,7 +285,8 @@ def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[
         ax: matplotlib axes to draw into.
 
     Returns:
-        ``(fig, ax)``
+        ``(fig, ax)``; when the grid wraps, ``ax`` is the first band's axes (all are in
+        ``fig.axes``).
 
     Raises:
         RenderError: ``maps`` is not ``[rows, cols, gh, gw]``, a malformed image, an unknown
@@ -298,42 +308,95 @@ def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[
     else:
         s = tile / max(gh, gw)
         size = (max(1, round(gh * s)), max(1, round(gw * s)))
-    tiles = [[_tile(m[r, c], img, size, cmap, alpha, scales[r * cols + c]) for c in range(cols)]
+    tiles = [[_tile(m[r, c], img, size, cmap, alpha, scales[r * cols + c], smooth) for c in range(cols)]
              for r in range(rows)]
     gap = max(2, size[0] // 24)
-    mosaic = _mosaic(tiles, gap, 255)
     col_text = [wrap(c, size[1], FONT_PT, dpi) for c in col_labels] if col_labels is not None else []
     row_text = [str(r) for r in row_labels] if row_labels is not None else []
-    title_text = wrap(title, mosaic.shape[1], FONT_PT + 2, dpi) if title else ""
+    extra_w = 0.4 + max((len(t) for t in row_text), default=0) * 0.62 * FONT_PT / 72 + (1.3 if colorbar else 0.0)
     line = (FONT_PT + 2) * 1.6 / 72
-    w_in = mosaic.shape[1] / dpi + 0.4 + max((len(t) for t in row_text), default=0) * 0.62 * FONT_PT / 72 \
-        + (1.3 if colorbar else 0.0)
-    h_in = mosaic.shape[0] / dpi + 0.4 + line * (_label_lines(col_text) + _label_lines([title_text]))
-    fig, ax = _fig_ax(ax, w_in, h_in, dpi)
-    _show(ax, mosaic).set_gid(f"vitviz-mosaic-{rows}x{cols}")
-    _label_tiles(ax, rows, cols, size[0], size[1], gap, row_labels, col_labels, dpi=dpi)
+    bands = 1 if ax is not None else grid_bands(rows, cols, ((size[0] + gap) / dpi, (size[1] + gap) / dpi),
+                                                extra_w, line * (_label_lines(col_text) + 0.5))
+    per = -(-cols // bands)  # columns per band
+    mosaic_w = per * (size[1] + gap) - gap
+    title_text = wrap(title, mosaic_w, FONT_PT + 2, dpi) if title else ""
+    if bands == 1:
+        mosaic = _mosaic(tiles, gap, 255)
+        w_in = mosaic.shape[1] / dpi + extra_w
+        h_in = mosaic.shape[0] / dpi + 0.4 + line * (_label_lines(col_text) + _label_lines([title_text]))
+        fig, ax = _fig_ax(ax, w_in, h_in, dpi)
+        _show(ax, mosaic).set_gid(f"vitviz-mosaic-{rows}x{cols}")
+        _label_tiles(ax, rows, cols, size[0], size[1], gap, row_labels, col_labels, dpi=dpi)
+        if title:
+            ax.set_title(title_text, fontsize=FONT_PT + 2)
+        if colorbar:
+            add_colorbar(fig, ax, scales, cmap, label=label, length_px=mosaic.shape[0])
+        return fig, ax
+    # wrapped: the columns cut into `bands` bands stacked top to bottom, each an axes of its own with
+    # its column labels (and the row labels again); the last band is padded with blank tiles
+    blank = np.full_like(tiles[0][0], 255)
+    band_h = rows * (size[0] + gap) - gap
+    w_in = mosaic_w / dpi + extra_w
+    h_in = bands * (band_h / dpi + line * (_label_lines(col_text) + 0.5)) + 0.4 \
+        + line * _label_lines([title_text])
+    fig = new_figure(w_in * dpi, h_in * dpi, dpi, layout="compressed")
+    axes = list(np.asarray(fig.subplots(bands, 1, squeeze=False)).ravel())
+    for b, bax in enumerate(axes):
+        cs = list(range(b * per, min((b + 1) * per, cols)))
+        band = [[tiles[r][c] for c in cs] + [blank] * (per - len(cs)) for r in range(rows)]
+        _show(bax, _mosaic(band, gap, 255)).set_gid(f"vitviz-mosaic-{rows}x{per}")
+        labels = [col_labels[c] for c in cs] + [""] * (per - len(cs)) if col_labels is not None else None
+        _label_tiles(bax, rows, per, size[0], size[1], gap, row_labels, labels, dpi=dpi)
     if title:
-        ax.set_title(title_text, fontsize=FONT_PT + 2)
+        fig.suptitle(title_text, fontsize=FONT_PT + 2)
     if colorbar:
-        add_colorbar(fig, ax, scales, cmap, label=label, length_px=mosaic.shape[0])
-    return fig, ax
+        add_colorbar(fig, axes, scales, cmap, label=label, length_px=bands * band_h)
+    return fig, axes[0]
+
+
+MAX_ASPECT = 3.0  # no figure of maps is wider than this times its height ...
+STRIP_PANELS = 6  # ... except a single row of at most this many panels
+
+
+def grid_bands(rows: int, cols: int, tile_in: tuple[float, float], extra_w: float, band_label_h: float) -> int:
+    """How many bands to cut the columns of a ``rows x cols`` grid into so that the figure is
+    near-square: 1 when it is at most :data:`MAX_ASPECT` times wider than high (or a single row
+    of at most :data:`STRIP_PANELS`), else the count whose width / height is closest to 1.
+
+    Args:
+        rows, cols: the grid.
+        tile_in: ``(height, width)`` of a tile and its gap, in inches.
+        extra_w: width of the row labels, colour bar and margins, in inches.
+        band_label_h: height of a band's column labels, in inches.
+
+    Returns:
+        The number of bands (1: no wrapping).
+    """
+    import math
+
+    def aspect(k: int) -> float:
+        per = -(-cols // k)
+        return (per * tile_in[1] + extra_w) / (k * (rows * tile_in[0] + band_label_h) + 0.4)
+
+    if (rows == 1 and cols <= STRIP_PANELS) or aspect(1) <= MAX_ASPECT:
+        return 1
+    ks = sorted({-(-cols // per) for per in range(1, cols + 1)})  # distinct band counts
+    return min(ks, key=lambda k: (abs(math.log(aspect(k))), k))
 
 
 def _tile(heat: np.ndarray, image: np.ndarray | None, size: tuple[int, int], cmap: str,
-          alpha: float, scale: Scale | None = None) -> np.ndarray:
+          alpha: float | None, scale: Scale | None = None, smooth: bool = False) -> np.ndarray:
     """One ``size`` (h, w) RGB tile: the map over the image, or the coloured map alone."""
-    import cv2
-
     lo, hi = (scale.vmin, scale.vmax) if scale is not None else (None, None)
     if image is not None:
-        return overlay(image, heat, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
+        return overlay(image, heat, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi, smooth=smooth)
     unit = scale_map(heat, lo, hi)  # [gh, gw] in [0, 1]
-    up = cv2.resize(unit, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-    return colorize(up, cmap)
+    return colorize(upsample_map(unit, size[0], size[1], smooth=smooth), cmap)
 
 
-def panels(image: ImageLike, maps: Mapping[str, object] | Sequence[Any], *, cmap: str = "jet", alpha: float = 0.5,
-           tile: int | None = None, show_image: bool = True, image_title: str = "image",
+def panels(image: ImageLike, maps: Mapping[str, object] | Sequence[Any], *, cmap: str = DEFAULT_CMAP,
+           alpha: float | None = DEFAULT_ALPHA, smooth: bool = False, tile: int | None = None,
+           show_image: bool = True, image_title: str = "image",
            norm: str = "image", vmin: float | None = None, vmax: float | None = None, colorbar: bool = False,
            label: str = "",
            dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Any]:
@@ -342,6 +405,7 @@ def panels(image: ImageLike, maps: Mapping[str, object] | Sequence[Any], *, cmap
     Args:
         image: ``HxWx3`` uint8 RGB image.
         maps: ``{title: [gh, gw] map}`` or a sequence of ``(title, map)``.
+        cmap, alpha, smooth: as :func:`vitviz.overlay`.
         show_image: put the plain image first, titled ``image_title``.
         tile: panel size in pixels (default: :data:`PANEL_IN` inches at ``dpi``; small images
             are enlarged to it).
@@ -363,7 +427,8 @@ def panels(image: ImageLike, maps: Mapping[str, object] | Sequence[Any], *, cmap
     heats = [as_map(mp) for _, mp in items]
     scales = figure_scales(heats, norm, vmin, vmax)
     tiles = ([small] if show_image else []) + [
-        overlay(small, h, cmap=cmap, alpha=alpha, vmin=s.vmin, vmax=s.vmax) for h, s in zip(heats, scales)]
+        overlay(small, h, cmap=cmap, alpha=alpha, vmin=s.vmin, vmax=s.vmax, smooth=smooth)
+        for h, s in zip(heats, scales)]
     shared = len({(s.vmin, s.vmax) for s in scales}) <= 1
     titles = []
     for (t, _), h, s in zip(items, heats, scales):
@@ -388,11 +453,13 @@ def panels(image: ImageLike, maps: Mapping[str, object] | Sequence[Any], *, cmap
     return fig, ax
 
 
-def overlay_figure(image: ImageLike, heatmap: MapLike, *, cmap: str = "jet", alpha: float = 0.5,
+def overlay_figure(image: ImageLike, heatmap: MapLike, *, cmap: str = DEFAULT_CMAP,
+                   alpha: float | None = DEFAULT_ALPHA, smooth: bool = False,
                    vmin: float | None = None, vmax: float | None = None,
-                   norm: str = "image", label: str = "", title: str | None = None,
+                   norm: str = "image", label: str = "", title: str | None = None, colorbar: bool = True,
                    dpi: int = _DPI, ax: Axes | None = None) -> tuple[Figure, Axes]:
-    """One overlay with a colour bar that states its scale (``--colorbar`` of the commands).
+    """One overlay with a title and a colour bar that states its scale (what the commands write
+    for one map).
 
     The overlay is drawn at its own pixel size (enlarge small images with
     :func:`vitviz.render._overlay.display_image` first), at least :data:`PANEL_IN` inches at
@@ -402,11 +469,12 @@ def overlay_figure(image: ImageLike, heatmap: MapLike, *, cmap: str = "jet", alp
     Args:
         image: ``HxWx3`` uint8 RGB image the model saw.
         heatmap: ``[gh, gw]`` map (tensor or array).
-        cmap, alpha: as :func:`vitviz.overlay`.
+        cmap, alpha, smooth: as :func:`vitviz.overlay`.
         vmin, vmax: explicit scale; overrides ``norm``'s.
         norm: ``"image"`` (the map's own range) or ``"none"`` (raw values on ``[0, 1]``).
         label: what the colour bar measures.
         title: axes title (wrapped to the image's width).
+        colorbar: draw the colour bar.
         dpi: the resolution the figure is drawn and saved at.
         ax: matplotlib axes to draw into.
 
@@ -421,16 +489,21 @@ def overlay_figure(image: ImageLike, heatmap: MapLike, *, cmap: str = "jet", alp
     if max(img.shape[:2]) < PANEL_IN * dpi:
         img = _fit(img, _tile_px(None, dpi, img))
     (scale,) = figure_scales([as_map(heatmap)], norm, vmin, vmax)
-    pic = overlay(img, heatmap, cmap=cmap, alpha=alpha, vmin=scale.vmin, vmax=scale.vmax)
+    pic = overlay(img, heatmap, cmap=cmap, alpha=alpha, vmin=scale.vmin, vmax=scale.vmax, smooth=smooth)
     h, w = pic.shape[:2]
-    title_text = wrap(title, w, FONT_PT, dpi) if title else ""
+    own = ax is None  # a figure of its own: the title spans it, colour bar included
+    width_in = w / dpi + (1.6 if colorbar else 0.3)
+    title_text = wrap(title, 0.95 * width_in * dpi if own else w, FONT_PT, dpi) if title else ""
     line = FONT_PT * 1.6 / 72
-    fig, ax = _fig_ax(ax, w / dpi + 1.6, h / dpi + 0.3 + line * _label_lines([title_text]), dpi)
+    fig, ax = _fig_ax(ax, width_in, h / dpi + 0.3 + line * _label_lines([title_text]), dpi)
     ax.imshow(pic, interpolation="nearest")
     ax.set_axis_off()
-    if title:
+    if title and own:
+        fig.suptitle(title_text, fontsize=FONT_PT)
+    elif title:
         ax.set_title(title_text, fontsize=FONT_PT)
-    add_colorbar(fig, ax, [scale], cmap, label=label, length_px=h)
+    if colorbar:
+        add_colorbar(fig, ax, [scale], cmap, label=label, length_px=h)
     return fig, ax
 
 
@@ -545,7 +618,8 @@ def heatmap(values: MapLike, *, label: str = "", title: str | None = None, cmap:
     if v.ndim != 2:
         raise RenderError(f"values must be [L, H], got shape {v.shape}")
     rows, cols = v.shape
-    fig, ax = _fig_ax(ax, max(PANEL_IN + 1.6, 1.6 + 0.42 * cols), max(PANEL_IN + 1.0, 1.0 + 0.32 * rows), dpi)
+    w_in = max(PANEL_IN + 1.6, 1.6 + 0.42 * cols)
+    fig, ax = _fig_ax(ax, w_in, max(PANEL_IN + 1.0, 1.0 + 0.32 * rows, w_in / MAX_ASPECT), dpi)
     im = ax.imshow(v, cmap=cmap, aspect="auto", interpolation="nearest", vmin=vmin, vmax=vmax)
     ax.set_xticks(np.arange(0, cols, max(1, -(-cols // 16))))
     ax.set_yticks(np.arange(0, rows, max(1, -(-rows // 24))))

@@ -70,11 +70,10 @@ h1{font-size:18px;margin:0 0 4px}
 .detail h2{font-size:16px;margin:0 24px 4px 0;overflow-wrap:anywhere}
 .detail .src,.detail .why{color:#555;overflow-wrap:anywhere;margin:2px 0}
 .detail .why{color:#b00020}
-.views{display:flex;flex-wrap:wrap;gap:12px;margin-top:8px}
-.views figure{margin:0}
-.views img{width:min(420px,90vw);height:auto;max-height:75vh;object-fit:contain;display:block}
+.views{display:flex;flex-wrap:wrap;gap:12px;margin-top:8px;align-items:flex-start}
+.views figure{margin:0;max-width:100%}
+.views img{display:block;max-width:100%;height:auto}
 .views figcaption{font-weight:600;margin-bottom:2px}
-.views .names{font-size:12px;color:#555;max-width:560px}
 table.top5{border-collapse:collapse;margin-top:6px}
 table.top5 td,table.top5 th{border-bottom:1px solid #eee;padding:1px 8px;text-align:left}
 """
@@ -174,11 +173,15 @@ def _detail(rec: dict[str, Any], tabs: Sequence[str]) -> str:
             out = (rec.get("outputs") or {}).get(m)
             if not out:
                 continue
+            # shown at its own size (never enlarged: the pictures are drawn at the size they are
+            # shown at); a grid's labels are in the picture, drawn at its resolution
+            size = out.get("size")
+            dims = f' width="{int(size[1])}" height="{int(size[0])}"' if size else ""
             names = out.get("names")
-            names_html = f'<div class="names">{esc(", ".join(names))}</div>' if names else ""
+            tip = f' title="{esc(", ".join(names))}"' if names else ""  # whole names, should a label be cut
             parts.append(f'<figure><figcaption>{esc(m)} · <a href="{url(out["npy"])}">.npy</a>'
-                         f'</figcaption><img src="{url(out["png"])}" alt="{esc(m)}: {esc(rec["key"])}">'
-                         f'{names_html}</figure>')
+                         f'</figcaption><img src="{url(out["overlay"])}"{dims}{tip} '
+                         f'alt="{esc(m)}: {esc(rec["key"])}"></figure>')
         parts.append("</div>")
     parts.append("</div>")
     return "".join(parts)
@@ -196,7 +199,7 @@ def _card(rec: dict[str, Any], tabs: Sequence[str]) -> str:
         for i, m in enumerate(tabs, start=1):
             out = (rec.get("outputs") or {}).get(m)
             if out:
-                imgs.append(f'<img class="t t{i}" src="{url(out["png"])}" alt="{esc(m)}: {esc(key)}" '
+                imgs.append(f'<img class="t t{i}" src="{url(out["overlay"])}" alt="{esc(m)}: {esc(key)}" '
                             'loading="lazy">')
         thumb = f'<div class="thumb">{"".join(imgs)}</div>'
         pred = _prediction_text(rec)

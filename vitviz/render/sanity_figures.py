@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import RenderError
-from ._overlay import ImageLike
+from ._overlay import DEFAULT_ALPHA, DEFAULT_CMAP, ImageLike
 from .figures import _DPI, _numpy, check_dpi, map_grid, new_figure
 
 if TYPE_CHECKING:
@@ -39,8 +39,9 @@ def _on_one_grid(maps: list[np.ndarray]) -> np.ndarray:
     return np.stack(out)
 
 
-def randomization_grid(results: Mapping[str, Any], image: ImageLike | None = None, *, index: int = 0, cmap: str = "jet",
-                       alpha: float = 0.5, tile: int | None = None, dpi: int = _DPI,
+def randomization_grid(results: Mapping[str, Any], image: ImageLike | None = None, *, index: int = 0,
+                       cmap: str = DEFAULT_CMAP, alpha: float | None = DEFAULT_ALPHA, smooth: bool = False,
+                       tile: int | None = None, dpi: int = _DPI,
                        ax: Axes | None = None) -> tuple[Figure, Axes]:
     """One row per method, one column per randomisation step, for input ``index``.
 
@@ -52,7 +53,7 @@ def randomization_grid(results: Mapping[str, Any], image: ImageLike | None = Non
         results: ``{method: Randomization}`` with the same steps.
         image: ``HxWx3`` uint8 image the model saw (or ``None``).
         index: which input of the batch.
-        cmap, alpha: as :func:`vitviz.overlay`.
+        cmap, alpha, smooth: as :func:`vitviz.overlay`.
         tile: tile size in pixels (default: from ``dpi``).
         dpi: the resolution the figure is drawn and saved at.
         ax: matplotlib axes to draw into.
@@ -70,8 +71,8 @@ def randomization_grid(results: Mapping[str, Any], image: ImageLike | None = Non
     if any(results[n].steps != steps for n in names):
         raise RenderError("the randomization results of a figure must have the same steps")
     maps = _on_one_grid([_numpy(results[n].maps[:, index]) for n in names])  # [methods, S+1, gh, gw]
-    return map_grid(maps, image, row_labels=names, col_labels=steps, cmap=cmap, alpha=alpha, tile=tile,
-                    title="maps as the model is re-initialised from the top (cascade)", dpi=dpi, ax=ax)
+    return map_grid(maps, image, row_labels=names, col_labels=steps, cmap=cmap, alpha=alpha, smooth=smooth,
+                    tile=tile, title="maps as the model is re-initialised from the top (cascade)", dpi=dpi, ax=ax)
 
 
 def curves_figure(report: Any, *, width_px: int = 1500, height_px: int = 420,

@@ -53,6 +53,8 @@ CLASSIFIER_ROWS: tuple[tuple[str, str, dict], ...] = (
     ("CLS attention, layer {layer}", "cls", {}),  # one row per layer
     ("relevance (Chefer 2021)", "relevance", {}),
     ("gradient rollout", "grad_rollout", {}),
+    ("AttnLRP (Achtibat 2024)", "attnlrp", {}),
+    ("CP-LRP (Ali 2022)", "cp-lrp", {}),
     ("attention flow", "flow", {}),
     ("baseline: random", "random", {}),  # seeded with the batch's start
     ("baseline: centre prior", "centre", {}),
@@ -70,7 +72,8 @@ def _classifier_rows(methods: Sequence[str] | None) -> list[tuple[str, str, dict
     other registered method (by default every one with one map per image that does not run
     the model itself)."""
     if methods is None:
-        extra = [n for n in list_methods() if get_method(n).single_map and get_method(n).needs != "model"]
+        extra = [n for n in list_methods() if get_method(n).single_map
+                 and (get_method(n).needs != "model" or get_method(n).explains_class)]
     else:
         extra = list(dict.fromkeys(methods))
         for name in extra:
@@ -113,9 +116,9 @@ def classifier_methods(model, x: torch.Tensor, *, relevance: bool = True, flow: 
     rows = _classifier_rows(methods)
     chosen = [(row, get_method(name), dict(opts)) for row, name, opts in rows]
     if not relevance:
-        if any(m.needs == "grad" for _, m, _ in chosen):
-            notes.append("relevance and gradient rollout were skipped")
-        chosen = [c for c in chosen if c[1].needs != "grad"]
+        if any(m.class_specific for _, m, _ in chosen):
+            notes.append("relevance, gradient rollout and LRP were skipped")
+        chosen = [c for c in chosen if not c[1].class_specific]
     if not flow:
         if any(m.extra == "flow" for _, m, _ in chosen):
             notes.append("attention flow was skipped")

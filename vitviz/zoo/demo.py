@@ -70,7 +70,7 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
         panels.append(("relevance (Chefer)", rel))
     for i, s in enumerate(scenes):
         pred = int(probs[i].argmax())
-        fig, _ = figures.panels(s.image, [(name, maps[i]) for name, maps in panels], alpha=0.5,
+        fig, _ = figures.panels(s.image, [(name, maps[i]) for name, maps in panels],
                                 image_title=f"truth: {s.label_name}\npredicted: {model.labels[pred]} "
                                             f"({float(probs[i, pred]):.0%})")
         f = _save_fig(fig, out / f"classifier_{i}.png")
@@ -80,7 +80,7 @@ def classifier_section(out: Path, num_images: int, seed: int) -> list[tuple[str,
     all_cls = torch.stack([cls_maps(attn, layer=i)[0] for i in range(attn.num_layers)])  # [L, H, gh, gw]
     nl, nh = all_cls.shape[:2]
     fig, _ = figures.map_grid(all_cls, scenes[0].image, row_labels=[f"layer {i}" for i in range(nl)],
-                              col_labels=[f"head {h}" for h in range(nh)], alpha=0.6,
+                              col_labels=[f"head {h}" for h in range(nh)],
                               title=f"CLS attention of every head, scene {scenes[0].seed}")
     f = _save_fig(fig, out / "classifier_cls_heads.png")
     entries.append(("CLS attention of every head", f.name,
@@ -134,6 +134,14 @@ def captioner_section(out: Path, num_images: int, seed: int) -> list[tuple[str, 
     return entries
 
 
+def _inline(text: str) -> str:
+    """HTML of a caption: escaped, with `backtick spans` as <code> (the captions name commands)."""
+    parts = html.escape(text).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: keep it as it is
+        return html.escape(text)
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def _page(sections: list[tuple[str, str, list[tuple[str, str, str]]]]) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>vitviz demo</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -142,10 +150,10 @@ def _page(sections: list[tuple[str, str, list[tuple[str, str, str]]]]) -> str:
              "<p>Bundled models trained on synthetic scenes whose objects are known "
              "(<code>vitviz.zoo</code>); regenerate with <code>vitviz demo</code>.</p>"]
     for title, intro, entries in sections:
-        parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(intro)}</p>")
+        parts.append(f"<h2>{html.escape(title)}</h2><p>{_inline(intro)}</p>")
         for name, file, text in entries:
             parts.append(f"<figure><img src='{html.escape(file)}' alt='{html.escape(name)}'>"
-                         f"<figcaption><b>{html.escape(name)}</b>: {html.escape(text)}</figcaption></figure>")
+                         f"<figcaption><b>{html.escape(name)}</b>: {_inline(text)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

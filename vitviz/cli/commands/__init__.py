@@ -14,7 +14,7 @@ from types import ModuleType
 
 # the order in `vitviz --help`; commands not listed here follow in name order
 ORDER = ["rollout", "cls", "relevance", "flow", "posembed", "heads", "caption", "gallery",
-         "benchmark-maps", "sanity", "methods", "models", "fetch", "demo"]
+         "benchmark-maps", "sanity", "methods", "models", "classes", "fetch", "demo"]
 
 
 def command_modules() -> list[ModuleType]:

@@ -22,18 +22,38 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
                    help="cpu, cuda or mps (default: cuda when available)")
 
 
+def add_look_arguments(p) -> None:
+    """--cmap, --alpha and --smooth: how a map is drawn over the image (every command that draws
+    overlays; ``p`` is a parser or an argument group)."""
+    p.add_argument("--cmap", default="inferno", metavar="NAME",
+                   help="colour map (default inferno, perceptually uniform; jet, viridis, magma, ...)")
+    p.add_argument("--alpha", type=float, default=None, metavar="A",
+                   help="a constant weight of the colour in [0, 1] (e.g. --cmap jet --alpha 0.5 --smooth: the "
+                        "classic look); default: opacity that grows with the value, so low attention leaves "
+                        "the image as it is")
+    p.add_argument("--smooth", action="store_true",
+                   help="interpolate the map bicubically (default: each patch drawn as a block)")
+
+
+def check_alpha_argument(args):
+    """The exit status for a bad --alpha (after printing the error), or None."""
+    alpha = getattr(args, "alpha", None)
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        return fail(f"--alpha must be in [0, 1] (or left out: opacity that grows with the value), got {alpha}")
+    return None
+
+
 def add_render_arguments(p: argparse.ArgumentParser) -> None:
-    """--batch-size, --cmap, --alpha, --out and the output options of the commands that write
-    overlays."""
+    """--batch-size, --cmap, --alpha, --smooth, --out and the output options of the commands that
+    write overlays."""
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
-    p.add_argument("--cmap", default="jet")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
+    add_look_arguments(p)
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
     add_output_arguments(p)
 
 
 def add_output_arguments(p: argparse.ArgumentParser, maps: bool = True) -> None:
-    """--format, --dpi and, for commands that draw maps, --size, --norm, --colorbar."""
+    """--format, --dpi and, for commands that draw maps, --size, --norm, --colorbar, --bare."""
     g = p.add_argument_group("output")
     g.add_argument("--format", default="png", metavar="FMT",
                    help="figures as png, jpg, pdf or svg (default png); overlays stay raster "
@@ -47,8 +67,37 @@ def add_output_arguments(p: argparse.ArgumentParser, maps: bool = True) -> None:
         g.add_argument("--norm", default="image", metavar="RULE",
                        help="colour scale: image (min-max per image, default), batch (one scale "
                             "shared by all images of the run), none (raw values on [0, 1])")
-        g.add_argument("--colorbar", action="store_true",
-                       help="add a colour bar that states the scale to overlays and figures")
+        g.add_argument("--colorbar", action="store_true", default=True,
+                       help="a colour bar that states the scale on overlays and figures (the default; "
+                            "accepted for older scripts)")
+        g.add_argument("--bare", action="store_true",
+                       help="write single overlays as the plain overlay pixels (no title, no colour bar), "
+                            "for reuse in other figures; figures of several maps lose their colour bar")
+
+
+def add_class_argument(p: argparse.ArgumentParser, what: str = "class to explain") -> None:
+    """--class K or NAME (an index, or a class name for models that have them)."""
+    p.add_argument("--class", dest="target", default=None, metavar="K|NAME",
+                   help=f"{what}: an index, or a class name for models with names (list them with "
+                        "`vitviz classes MODEL`); default: each image's predicted class")
+
+
+def check_class_argument(args):
+    """The exit status for a negative --class index (after printing the error), or None; names are
+    checked once the model is loaded (:func:`class_target`)."""
+    t = getattr(args, "target", None)
+    if t is not None and str(t).strip().lstrip("-").isdigit() and int(t) < 0:
+        return fail(f"--class must be a class index >= 0 or a class name, got {t}")
+    return None
+
+
+def class_target(model, args):
+    """The class index --class names for ``model`` (None: the predicted class); an unknown name
+    raises a VitvizError listing the close ones."""
+    from ...models import class_index
+
+    t = getattr(args, "target", None)
+    return None if t is None else class_index(model, t)
 
 
 def add_original_argument(p: argparse.ArgumentParser) -> None:
@@ -56,13 +105,14 @@ def add_original_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-original", action="store_true",
                    help="draw the overlay on the image at its own resolution (the model's centre-crop "
                         "region mapped back onto it) instead of on the model's input view; each map on "
-                        "its own scale (--colorbar states it); not with --size")
+                        "its own scale (the colour bar states it); not with --size")
 
 
 def check_render_arguments(args):
     """The exit status for bad overlay arguments (after printing the error), or None."""
-    if not 0.0 <= args.alpha <= 1.0:
-        return fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    bad = check_alpha_argument(args)
+    if bad is not None:
+        return bad
     if args.batch_size < 1:
         return fail(f"--batch-size must be at least 1, got {args.batch_size}")
     if getattr(args, "on_original", False) and getattr(args, "size", None) is not None:
@@ -94,9 +144,11 @@ def output_options(args):
     """The :class:`vitviz.render.OutputOptions` the arguments describe."""
     from ...render.output import OutputOptions
 
+    bare = getattr(args, "bare", False)
     return OutputOptions(format=args.format, dpi=args.dpi, size=getattr(args, "size", None),
-                         norm=getattr(args, "norm", "image"), colorbar=getattr(args, "colorbar", False),
-                         cmap=getattr(args, "cmap", "jet"), alpha=getattr(args, "alpha", 0.5))
+                         norm=getattr(args, "norm", "image"), colorbar=getattr(args, "colorbar", True) and not bare,
+                         bare=bare, cmap=getattr(args, "cmap", "inferno"), alpha=getattr(args, "alpha", None),
+                         smooth=getattr(args, "smooth", False))
 
 
 NAME_WITH_MODEL_HELP = (

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 from ._common import (
+    add_look_arguments,
     add_model_arguments,
     add_naming_argument,
     add_output_arguments,
+    check_alpha_argument,
     check_output_arguments,
     fail,
     load,
@@ -21,7 +23,9 @@ from ._common import (
 NAME = "caption"
 HELP = "caption images and show the cross-attention of every word"
 DESCRIPTION = ("Generates a caption per image with an image-captioning transformer (ViT-GPT2, BLIP, "
-               "any transformers VisionEncoderDecoderModel or local model directory) and writes "
+               "any transformers VisionEncoderDecoderModel or local model directory) or a decoder-only "
+               "vision-language model (LLaVA-1.5 / NeXT, PaliGemma, Qwen2-VL, Idefics3 / SmolVLM, BLIP-2, "
+               "InstructBLIP; --prompt) and writes "
                "<name>_caption.png: the image, then one panel per word with the decoder's "
                "cross-attention of the step that predicted it. Sub-word pieces are merged into "
                "words (--merge, default: mean of the pieces' maps). --name-with-model puts the model "
@@ -32,6 +36,10 @@ EXAMPLE = "vitviz caption girl.jpg street.png --model vit-gpt2 --num-beams 4 --o
 def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     add_model_arguments(p)
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="decoder-only vision-language models (LLaVA, PaliGemma, Qwen2-VL, Idefics3, BLIP-2, ...): "
+                        "the text put into the model's chat template with the image (default: 'Describe the image.'); "
+                        "the model's processor files must be in its directory or cache")
     p.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="longest caption, in tokens")
     p.add_argument("--num-beams", type=int, default=1, metavar="K", help="beam search width (1: greedy)")
     p.add_argument("--layer", default="-1", metavar="L",
@@ -45,8 +53,7 @@ def add_arguments(p) -> None:
     p.add_argument("--relevance", action="store_true",
                    help="draw gradient-weighted relevance (Chefer et al. 2021) instead of raw "
                         "cross-attention: one backward pass per word")
-    p.add_argument("--cmap", default="jet")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
+    add_look_arguments(p)
     p.add_argument("--max-cols", type=int, default=6, metavar="N", help="panels per row")
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
     add_output_arguments(p)
@@ -70,6 +77,29 @@ def _decodable(module) -> bool:
     return decodes_without_help(module)
 
 
+def _vlm_options(args, model) -> dict | int:
+    """``prompt=`` and ``processor=`` for a decoder-only vision-language model, ``{}`` for other
+    captioners, or the exit status of a one-line error."""
+    from ...errors import VitvizError
+    from ...explain.captioning import load_processor, vlm_family
+
+    try:
+        family = vlm_family(model.module)
+    except VitvizError as e:
+        return fail(str(e))
+    if family is None:
+        if args.prompt is not None:
+            return fail("--prompt is for decoder-only vision-language models (LLaVA, PaliGemma, Qwen2-VL, Idefics3, "
+                        f"BLIP-2, ...); {model.name} is not one")
+        return {}
+    processor = load_processor(args.model)
+    if processor is None:
+        return fail(f"{model.name}: no processor files (preprocessor_config.json, tokenizer, chat template) were "
+                    f"found for {args.model}; the command line builds the prompt with the model's processor: save "
+                    "it next to the model (processor.save_pretrained(dir)), or caption from Python with input_ids=")
+    return dict(prompt=args.prompt, processor=processor)
+
+
 def run(args) -> int:
     layer = _layer(args.layer)
     if layer is None:
@@ -78,8 +108,9 @@ def run(args) -> int:
         return fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_beams < 1:
         return fail(f"--num-beams must be >= 1, got {args.num_beams}")
-    if not 0.0 <= args.alpha <= 1.0:
-        return fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    bad = check_alpha_argument(args)
+    if bad is not None:
+        return bad
     if args.max_cols < 1:
         return fail(f"--max-cols must be >= 1, got {args.max_cols}")
     bad = check_output_arguments(args)
@@ -106,13 +137,17 @@ def run(args) -> int:
                     "transformers VisionEncoderDecoderModel and BLIP captioners and models with a generate() "
                     "method (e.g. --model vit-gpt2, blip-base, shapes-captioner, or a local model directory "
                     "of one); other decoders are captioned from Python, with vitviz.caption(..., decode=...)")
+    vlm = _vlm_options(args, model)
+    if isinstance(vlm, int):
+        return vlm
     out = Path(args.out)
     waiting = []  # (outcome, stem, image, grids, words, title) for --norm batch
 
     def render(o, stem, image, grids, words, title, scales):
         fig, _ = caption_strip(image, grids, words, title=title, max_cols=args.max_cols, cmap=output.cmap,
-                               alpha=output.alpha, norm=output.norm, vmin=[s.vmin for s in scales],
-                               vmax=[s.vmax for s in scales], colorbar=output.colorbar, dpi=output.dpi)
+                               alpha=output.alpha, smooth=output.smooth, norm=output.norm,
+                               vmin=[s.vmin for s in scales], vmax=[s.vmax for s in scales],
+                               colorbar=output.colorbar, dpi=output.dpi)
         o.outputs.append(output.save_figure(fig, out / f"{stem}_caption"))
 
     tag = model_tag(args)
@@ -128,7 +163,7 @@ def run(args) -> int:
             o.error = e.reason
             continue
         cap = caption(model, img, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                      relevance=args.relevance)
+                      relevance=args.relevance, **vlm)
         if cap.note and not noted:
             print(f"vitviz: note: {cap.note}", file=sys.stderr)
             noted = True

@@ -98,7 +98,7 @@ def run(args) -> int:
     def render(o, stem, view, maps, layers, what, scales):
         fig, _ = map_grid(maps, view, row_labels=[f"layer {i}" for i in layers],
                           col_labels=[f"head {h}" for h in range(maps.shape[1])], cmap=output.cmap,
-                          alpha=output.alpha, title=f"{what} attention: {Path(o.source).name}",
+                          alpha=output.alpha, smooth=output.smooth, title=f"{what} attention: {Path(o.source).name}",
                           norm=output.norm, vmin=[s.vmin for s in scales], vmax=[s.vmax for s in scales],
                           colorbar=output.colorbar, label=f"{what} attention", dpi=output.dpi)
         o.outputs.append(output.save_figure(fig, out / f"{stem}_cls"))

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_model_arguments, add_naming_argument, fail, load, model_tag, with_model
+from ._common import (
+    add_class_argument,
+    add_model_arguments,
+    add_naming_argument,
+    check_class_argument,
+    class_target,
+    fail,
+    load,
+    model_tag,
+    with_model,
+)
 
 NAME = "explore"
 HELP = "interactive attention explorer: one self-contained HTML page per image"
@@ -23,8 +33,7 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--out", default="vitviz-out", metavar="PATH",
                    help="the page (ending in .html, one image) or a folder (default vitviz-out)")
-    p.add_argument("--class", dest="target", type=int, default=None, metavar="K",
-                   help="class the relevance explains (default: the predicted class)")
+    add_class_argument(p, "class the relevance explains")
     p.add_argument("--max-mb", type=float, default=40.0, metavar="MB",
                    help="size each page stays under; per-head rows of the earliest layers are left "
                         "out when needed and the page says so (default 40)")
@@ -44,18 +53,20 @@ def run(args) -> int:
     if single and args.name_with_model:
         return fail(f"--name-with-model names the pages written into a folder; --out {args.out} is the "
                     "page's own name: give a folder, or drop --name-with-model")
-    if args.target is not None and args.target < 0:
-        return fail(f"--class must be a class index >= 0, got {args.target}")
+    bad = check_class_argument(args)
+    if bad is not None:
+        return bad
     if args.max_mb <= 0:
         return fail(f"--max-mb must be positive, got {args.max_mb}")
     from ...explorer import explore
 
     model = load(args)
+    target = class_target(model, args)
     skipped = 0
     tag = model_tag(args)
     for src, stem in zip(args.images, [with_model(s, tag) for s in unique_stems(args.images)], strict=True):
         try:
-            page = explore(model, src, target=args.target, max_bytes=int(args.max_mb * 1e6))
+            page = explore(model, src, target=target, max_bytes=int(args.max_mb * 1e6))
         except ImageError as e:
             print(f"vitviz: skipped {src}: {e}", file=sys.stderr)
             skipped += 1

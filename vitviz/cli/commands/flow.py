@@ -61,20 +61,25 @@ def run(args) -> int:
     out = Path(args.out)
     tag = model_tag(args)
     outcomes, waiting = [], []  # waiting: (outcome, stem, view, flow, roll) for --norm batch
+    depth = [0]  # layers of the captured attention (for the title)
 
     def render(o, stem, view, heat, roll, s_flow, s_roll):
         fig, _ = panels(display_image(view, output.size), {"rollout": roll, "attention flow": heat},
-                        cmap=output.cmap, alpha=output.alpha, norm=output.norm,
+                        cmap=output.cmap, alpha=output.alpha, smooth=output.smooth, norm=output.norm,
                         vmin=[s_roll.vmin, s_flow.vmin], vmax=[s_roll.vmax, s_flow.vmax],
                         colorbar=output.colorbar, dpi=output.dpi)
         o.outputs.append(output.save_figure(fig, out / f"{stem}_flow_panels"))
-        o.outputs.append(output.save_overlay(out / f"{stem}_flow", view, heat, s_flow, label="attention flow"))
+        head = f"attention flow · {model.name} · layers {args.start_layer}–{depth[0] - 1}"
+        title = f"{head}\npredicted: {o.prediction}" if o.prediction else head
+        o.outputs.append(output.save_overlay(out / f"{stem}_flow", view, heat, s_flow, label="attention flow",
+                                             title=title))
 
     for o, stem, view, attn in iter_captures(model, args.images, batch_size=args.batch_size, desc="flow"):
         outcomes.append(o)
         if o.error:
             continue
         stem = with_model(stem, tag)
+        depth[0] = list(attn.layers)[-1] + 1 if attn.layers is not None else attn.num_layers
         try:
             flow = attention_flow(attn, query=query, head_fusion=args.head_fusion,
                                   start_layer=args.start_layer, progress=True)[0]  # [gh, gw]

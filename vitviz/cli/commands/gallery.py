@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ._common import add_model_arguments, fail, load
+from ._common import add_look_arguments, add_model_arguments, fail, load
 
 NAME = "gallery"
 HELP = "maps for a whole folder of images, with a browsable HTML page"
@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Maps for every image of a folder (recursive), a list file (one path per line) or a glob:
 images are decoded in background processes, the model runs in batches, overlays are
 rendered while the next batch runs. Writes DIR/index.html (open it in a browser, no server
-needed), DIR/<method>/<name>.png and .npy, DIR/images/<name>.jpg and DIR/manifest.jsonl.
+needed), DIR/<method>/<name>.jpg and .npy, DIR/images/<name>.jpg and DIR/manifest.jsonl.
 
 Re-running the same command resumes where it stopped. Unreadable images are skipped and
 listed (exit status 1). To scale past one machine, split the work into N shards, e.g. as a
@@ -62,8 +62,7 @@ def add_arguments(p) -> None:
                    help="text: the texts to locate (CLIP / SigLIP models), one map each")
     o.add_argument("--text-method", choices=["chefer", "legrad", "maskclip"], default="chefer",
                    help="text: how each text's map is made (see `vitviz text`)")
-    o.add_argument("--cmap", default="jet")
-    o.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
+    add_look_arguments(o)
     o.add_argument("--norm", default="image", metavar="RULE",
                    help="colour scale: image (min-max per image, default) or none (raw values on a "
                         "fixed [0, 1] scale, the same in every image)")
@@ -104,7 +103,8 @@ def run(args) -> int:
               (args.threads is None or args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
               (args.page_size >= 1, f"--page-size must be at least 1, got {args.page_size}"),
               (0.0 <= args.discard_ratio < 1.0, f"--discard-ratio must be in [0, 1), got {args.discard_ratio}"),
-              (0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1], got {args.alpha}"),
+              (args.alpha is None or 0.0 <= args.alpha <= 1.0,
+               f"--alpha must be in [0, 1] (or left out: opacity that grows with the value), got {args.alpha}"),
               (args.norm in ("image", "none"),
                f"--norm must be image or none for a gallery, got {args.norm!r} (it renders while it "
                "runs, before the run's range is known; none shares one fixed [0, 1] scale)")]
@@ -156,6 +156,7 @@ def run(args) -> int:
                                batch_size=args.batch_size, workers=args.workers, limit=args.limit,
                                threads=args.threads,
                                shard=shard, page_size=args.page_size, cmap=args.cmap, alpha=args.alpha,
+                               smooth=args.smooth,
                                norm=args.norm,
                                model_id=f"{args.model} ({weights})", progress=not args.no_progress,
                                explore=args.explore,

@@ -36,12 +36,13 @@ def add_arguments(p) -> None:
 
 
 def _figure(dist, ent, share, unit: str, title: str, dpi: int = 100):
-    from ...render.figures import distance_plot, entropy_heatmap, heatmap, new_figure, wrap
+    from ...render.figures import MAX_ASPECT, distance_plot, entropy_heatmap, heatmap, new_figure, wrap
 
     num_layers, num_heads = dist.shape
     cols = 3 if share is not None else 2
     width_in = 4.6 * cols + 0.6 + 0.3 * max(0, num_heads - 12)
-    fig = new_figure(width_in * dpi, (1.6 + max(4.2, 0.3 * num_layers)) * dpi, dpi)  # constrained layout
+    height_in = max(1.6 + max(4.2, 0.3 * num_layers), width_in / MAX_ASPECT)  # never wider than 3x its height
+    fig = new_figure(width_in * dpi, height_in * dpi, dpi)  # constrained layout
     axes = fig.subplots(1, cols)
     distance_plot(dist, unit=unit, ax=axes[0])
     entropy_heatmap(ent, ax=axes[1])

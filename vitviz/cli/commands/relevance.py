@@ -1,13 +1,16 @@
-"""`vitviz relevance`: class-specific relevance overlay per image (Chefer et al. 2021 / grad rollout)."""
+"""`vitviz relevance`: class-specific relevance overlay per image (Chefer et al. 2021 / grad rollout / LRP)."""
 
 from __future__ import annotations
 
 from ._common import (
+    add_class_argument,
     add_model_arguments,
     add_naming_argument,
     add_original_argument,
     add_render_arguments,
+    check_class_argument,
     check_render_arguments,
+    class_target,
     fail,
     load,
     model_tag,
@@ -20,9 +23,11 @@ NAME = "relevance"
 HELP = "class-specific relevance overlay per image (gradient-weighted attention)"
 DESCRIPTION = ("Gradient-weighted, class-specific relevance over each image, from one forward and "
                "one backward pass: Chefer et al. 2021 'Generic Attention-model Explainability' "
-               "(--method chefer, the default) or gradient rollout (--method grad_rollout). "
+               "(--method chefer, the default), gradient rollout (--method grad_rollout), or "
+               "layer-wise relevance propagation with AttnLRP's rules (--method attnlrp, Achtibat et al. "
+               "2024) or CP-LRP's (--method cp-lrp, Ali et al. 2022), summed per patch. "
                "The explained class is each image's predicted class, or --class K. Writes "
-               "<name>_relevance.png / .npy (chefer) or <name>_grad_rollout.png / .npy; with "
+               "<name>_relevance.png / .npy (chefer) or <name>_<method>.png / .npy; with "
                "--name-with-model <name>_<model>_relevance.png / .npy. Prints every file written.")
 EXAMPLE = "vitviz relevance cat.jpg dog.png --model b16 --class 281 --out maps/"
 
@@ -30,14 +35,16 @@ EXAMPLE = "vitviz relevance cat.jpg dog.png --model b16 --class 281 --out maps/"
 def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     add_model_arguments(p)
-    p.add_argument("--class", dest="target", type=int, default=None, metavar="K",
-                   help="class index to explain (default: each image's predicted class)")
-    p.add_argument("--method", choices=["chefer", "grad_rollout"], default="chefer")
+    add_class_argument(p)
+    p.add_argument("--method", choices=["chefer", "grad_rollout", "attnlrp", "cp-lrp"], default="chefer")
     p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean",
                    help="grad_rollout only: how heads of A*grad(A) are fused")
     p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
                    help="grad_rollout only: share of smallest entries zeroed per layer, in [0, 1)")
     p.add_argument("--start-layer", type=int, default=0, metavar="L")
+    p.add_argument("--gamma", type=float, default=None, metavar="G",
+                   help="attnlrp / cp-lrp only: the gamma rule on linear and convolution layers "
+                        "(default: the plain gradient)")
     add_render_arguments(p)
     add_original_argument(p)
     add_naming_argument(p)
@@ -49,20 +56,29 @@ def run(args) -> int:
     if args.method == "chefer" and (args.discard_ratio != 0.0 or args.head_fusion != "mean"):
         return fail("--head-fusion and --discard-ratio apply to --method grad_rollout; "
                     "chefer averages the clamped heads")
+    if args.method in ("attnlrp", "cp-lrp") and (args.discard_ratio != 0.0 or args.head_fusion != "mean"
+                                                or args.start_layer != 0):
+        return fail(f"--head-fusion, --discard-ratio and --start-layer do not apply to --method {args.method} "
+                    "(LRP propagates through every layer)")
+    if args.gamma is not None and args.method not in ("attnlrp", "cp-lrp"):
+        return fail(f"--gamma applies to --method attnlrp or cp-lrp, not {args.method}")
+    if args.gamma is not None and not args.gamma >= 0.0:
+        return fail(f"--gamma must be >= 0, got {args.gamma}")
     bad = check_render_arguments(args)
     if bad is not None:
         return bad
-    if args.target is not None and args.target < 0:
-        return fail(f"--class must be a class index >= 0, got {args.target}")
+    bad = check_class_argument(args)
+    if bad is not None:
+        return bad
     if args.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
     from ...batch import relevance_files
 
     output = output_options(args)
     model = load(args)
-    outcomes = relevance_files(model, args.images, args.out, method=args.method, target=args.target,
+    outcomes = relevance_files(model, args.images, args.out, method=args.method, target=class_target(model, args),
                                head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
-                               start_layer=args.start_layer, batch_size=args.batch_size,
+                               start_layer=args.start_layer, gamma=args.gamma, batch_size=args.batch_size,
                                on_original=args.on_original, output=output, tag=model_tag(args))
     print_notes(output)
     return report(outcomes)

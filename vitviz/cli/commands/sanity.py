@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_model_arguments, add_output_arguments, check_output_arguments, fail, load, output_options
+from ._common import (
+    add_look_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    check_alpha_argument,
+    check_output_arguments,
+    fail,
+    load,
+    output_options,
+)
 
 NAME = "sanity"
 HELP = "sanity checks of map methods: model randomisation, token deletion/insertion, ROAD"
@@ -41,6 +50,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
+    add_look_arguments(p)
     add_output_arguments(p, maps=False)
 
 
@@ -51,7 +61,7 @@ def run(args) -> int:
         return fail("--steps and --road-steps must be >= 1")
     if args.road_images is not None and args.road_images < 0:
         return fail(f"--road-images must be >= 0, got {args.road_images}")
-    bad = check_output_arguments(args)
+    bad = check_alpha_argument(args) or check_output_arguments(args)
     if bad is not None:
         return bad
     from ...explain import get_method, list_methods
@@ -106,7 +116,8 @@ def run(args) -> int:
     md = table.format(markdown=True) + "\n" + "".join(f"\n- note: {n}" for n in rep.notes) + ("\n" if rep.notes else "")
     written = [atomic_write_bytes(out / "sanity_table.md", md.encode())]  # with what was left out, and why
     if not args.no_randomization:
-        fig, _ = randomization_grid(rep.randomization, views[0], index=0, dpi=output.dpi)
+        fig, _ = randomization_grid(rep.randomization, views[0], index=0, cmap=output.cmap, alpha=output.alpha,
+                                    smooth=output.smooth, dpi=output.dpi)
         written.append(output.save_figure(fig, out / "sanity_randomization"))
     if rep.tokens or rep.road:
         fig, _ = curves_figure(rep, dpi=output.dpi)

@@ -6,9 +6,11 @@ import sys
 import warnings
 
 from ._common import (
+    add_look_arguments,
     add_model_arguments,
     add_naming_argument,
     add_output_arguments,
+    check_alpha_argument,
     check_output_arguments,
     fail,
     load,
@@ -36,20 +38,20 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--text", dest="texts", action="append", required=True, metavar="TEXT",
                    help="a text to locate; repeat for several (one panel each)")
-    p.add_argument("--method", choices=["chefer", "legrad", "maskclip"], default="chefer")
+    p.add_argument("--method", choices=["chefer", "legrad", "maskclip", "attnlrp", "cp-lrp"], default="chefer")
     p.add_argument("--start-layer", type=int, default=None, metavar="L",
                    help="first layer taken into account (chefer: 0, legrad: -2)")
     p.add_argument("--max-cols", type=int, default=6, metavar="N", help="panels per row of the strip")
-    p.add_argument("--cmap", default="jet")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
+    add_look_arguments(p)
     p.add_argument("--out", default="vitviz-out", metavar="DIR")
     add_output_arguments(p)
     add_naming_argument(p)
 
 
 def run(args) -> int:
-    if not 0.0 <= args.alpha <= 1.0:
-        return fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    bad = check_alpha_argument(args)
+    if bad is not None:
+        return bad
     if args.max_cols < 1:
         return fail(f"--max-cols must be >= 1, got {args.max_cols}")
     empty = [t for t in args.texts if not t.strip()]
@@ -79,7 +81,7 @@ def run(args) -> int:
         fig, _ = caption_strip(view, maps, titles, title=f"{model.name}: {args.method}", max_cols=args.max_cols,
                                cmap=output.cmap, alpha=output.alpha, norm=output.norm,
                                vmin=[s.vmin for s in scales], vmax=[s.vmax for s in scales],
-                               colorbar=output.colorbar, dpi=output.dpi, fontsize=9)
+                               colorbar=output.colorbar, smooth=output.smooth, dpi=output.dpi, fontsize=9)
         o.outputs.append(output.save_figure(fig, out / f"{stem}_text"))
 
     tag = model_tag(args)

@@ -20,10 +20,17 @@ the ``P`` given tokens are the start token (and a prompt). Word ``w_t`` is *pred
 the query at position ``P - 1 + t`` (the query reading ``s_{P-1}`` predicts ``w_0``). So
 ``Caption.cross`` row ``t`` is teacher-forced row ``P - 1 + t``: what the model looked at
 while choosing word ``t``. The end token is not a word and has no row.
+
+Decoder-only vision-language models (LLaVA-1.5 / NeXT, PaliGemma, Qwen2-VL, Idefics3, BLIP-2, ...) have no
+cross-attention:
+their row ``t`` is the language model's self-attention from the same position, over the
+image-token positions, read rows-only at the op (``_vlm.py``, ``_vlm_rows.py``).
 """
 
 from ._caption import Caption, caption
 from ._decoding import decodes_without_help, greedy_decode
+from ._vlm import ImageGrid, load_processor, vlm_family
 from ._words import Word, split_words
 
-__all__ = ["caption", "Caption", "Word", "split_words", "greedy_decode", "decodes_without_help"]
+__all__ = ["caption", "Caption", "Word", "split_words", "greedy_decode", "decodes_without_help", "ImageGrid",
+           "vlm_family", "load_processor"]

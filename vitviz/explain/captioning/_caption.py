@@ -12,6 +12,7 @@ from torch import nn
 
 from ...errors import CaptureError, ImageError, VitvizError
 from ...types import AttentionMaps, CrossAttentionMaps
+from .._lrp import LRP_METHODS
 from ._decoding import _hf_kind, _logits, decode_once
 from ._words import Word, split_words
 
@@ -40,7 +41,15 @@ class Caption:
             every encoder token for every predicted token (Chefer et al. 2021, encoder-decoder
             rules, :func:`vitviz.analyze.cross.encoder_decoder_relevance`), stored as
             :class:`CrossAttentionMaps` ``[1, 1, 1, T, Ni]`` (one "layer", one "head"): draw it
-            with ``word_grids(cap, method="relevance")``.
+            with ``word_grids(cap, method="relevance")``. With ``relevance="attnlrp"`` /
+            ``"cp-lrp"``: the LRP relevance of every patch instead (prefix tokens 0).
+        image_grids: decoder-only vision-language models: the grids of image tokens the language
+            model sees, each an :class:`~vitviz.explain.captioning.ImageGrid` (its first key in
+            ``cross``, ``(gh, gw)``, the region of the model's input it covers, pixels per token);
+            None for encoder-decoders (``cross.layout`` is the encoder's).
+        qformer: BLIP-2: the Q-Former's cross-attention ``[Lq, 1, H, Q, N]`` (its ``Q`` queries over
+            the vision tower's tokens, on their layout), through which :func:`vitviz.word_grids`
+            reads the language model's attention over the queries back to patches; else None.
     """
 
     text: str
@@ -54,6 +63,8 @@ class Caption:
     image: np.ndarray | None = None
     note: str | None = None
     relevance: CrossAttentionMaps | None = None
+    image_grids: tuple[Any, ...] | None = None
+    qformer: CrossAttentionMaps | None = None
 
     def word_grids(self, **kwargs) -> torch.Tensor:
         """:func:`vitviz.word_grids` of this caption (same arguments).
@@ -157,7 +168,10 @@ def caption(
     end_ids: Sequence[int] | None = None,
     prompt_len: int | None = None,
     keep_encoder: bool = True,
-    relevance: bool = False,
+    relevance: bool | str = False,
+    prompt: str | None = None,
+    input_ids: Any = None,
+    processor: Any = None,
     **generate_kwargs,
 ) -> Caption:
     """Caption an image and read, for every generated token, the decoder's cross-attention.
@@ -191,7 +205,33 @@ def caption(
             Chefer et al. 2021 per predicted token: the teacher-forced forward then runs with
             gradients (``vitviz.capture(..., grad=True)``), followed by one backward pass per
             token from its logit. The model's parameters must require grad (the default).
+            ``"attnlrp"`` / ``"cp-lrp"`` (encoder-decoder captioners): instead, the LRP relevance
+            of every image patch for every predicted token (:func:`vitviz.relevance`'s rules,
+            pixel relevance summed per patch; prefix tokens 0), from one forward and one
+            backward pass over ``T`` copies of the image (copy ``t`` explains token ``t``).
+        prompt: decoder-only vision-language models (LLaVA, PaliGemma, Qwen2-VL, Idefics3, BLIP-2, ...): the user's
+            text, put into the processor's chat template with the image (default
+            ``"Describe the image."``). Needs a processor.
+        input_ids: decoder-only vision-language models without a processor: the prompt's token
+            ids ``[S]`` or ``[1, S]``, including the model's image placeholders (one per image
+            token the language model sees); ``image`` is then a preprocessed ``[1, 3, H, W]``
+            tensor (or an image the model's preprocessing turns into one).
+        processor: the model's transformers ``AutoProcessor`` (image processor, tokenizer, chat
+            template), for ``prompt=``.
         **generate_kwargs: passed to transformers' / the model's ``generate``.
+
+    For a decoder-only vision-language model, ``cross`` row ``t`` is the language model's
+    self-attention from the position whose logits chose token ``t``, over the image-token
+    positions: raw weights, not renormalised (rows sum to less than 1; the rest went to text
+    tokens), on the grid of image tokens the language model sees (``Caption.image_grids`` says
+    which part of the input it covers). ``encoder`` is the vision tower's self-attention of the
+    same pass. BLIP-2's image tokens are its Q-Former's queries, not a grid: ``cross`` holds them as
+    they are and ``Caption.qformer`` the Q-Former's cross-attention, through which
+    :func:`vitviz.word_grids` reads them back to patches (:func:`vitviz.analyze.cross.query_readback`).
+    LLaVA-NeXT and Idefics3 / SmolVLM give several grids (``Caption.image_grids``; ``word_grids``
+    combines them, see :func:`vitviz.analyze.cross.place_grids`); InstructBLIP takes
+    ``qformer_input_ids=`` with ``input_ids=``. LLaVA-OneVision, Idefics2 and BLIP-2 / InstructBLIP
+    with Flan-T5 are refused with the reason.
 
     Returns:
         :class:`Caption` with ``cross`` ``[L, 1, H, T, Ni]``.
@@ -211,10 +251,36 @@ def caption(
 
     vm = model if isinstance(model, VisionModel) else wrap(model, tokenizer=tokenizer)
     module = vm.module
+    lrp = relevance if isinstance(relevance, str) else None
+    if lrp is not None and lrp not in LRP_METHODS:
+        raise VitvizError(f"relevance must be True, False or one of {', '.join(LRP_METHODS)}, got {relevance!r}")
     if int(max_new_tokens) < 1:
         raise VitvizError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if int(num_beams) < 1:
         raise VitvizError(f"num_beams must be >= 1, got {num_beams}")
+    from ._vlm import has_image_input, vlm_family
+
+    family = vlm_family(module)  # a decoder-only vision-language model; refused families raise
+    if family is not None:
+        unused = [k for k, v in (("decode", decode), ("forward", forward), ("start_ids", start_ids),
+                                 ("prompt_len", prompt_len)) if v is not None]
+        if unused:
+            raise VitvizError(f"{', '.join(unused)} do not apply to {type(module).__name__}: a vision-language model "
+                              "is decoded by its own generate() from its prompt (prompt= or input_ids=)")
+        if lrp is not None:
+            raise VitvizError(f"relevance={lrp!r} is for encoder-decoder captioners; {type(module).__name__} is a "
+                              "vision-language model: use relevance=True (Chefer's relevance)")
+        return _vlm_caption(vm, family, image, prompt=prompt, input_ids=input_ids, processor=processor,
+                            tokenizer=tokenizer, max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
+                            end_ids=end_ids, keep_encoder=keep_encoder, relevance=relevance,
+                            generate_kwargs=generate_kwargs)
+    if not has_image_input(module):
+        raise VitvizError(f"{vm.name} ({type(module).__name__}) has no image input: it is a text-only model; "
+                          "vitviz.caption needs an image captioner or a vision-language model")
+    if prompt is not None or input_ids is not None:
+        raise VitvizError(f"prompt= and input_ids= are for decoder-only vision-language models (captured: LLaVA-1.5, "
+                          "LLaVA-NeXT, PaliGemma, Qwen2-VL, Idefics3, BLIP-2, InstructBLIP); "
+                          f"{vm.name} ({type(module).__name__}) is not one")
     tok = tokenizer if tokenizer is not None else vm.tokenizer
     x, view = _input(vm, image)  # [1, 3, H, W]
     kind = _hf_kind(module)
@@ -240,7 +306,7 @@ def caption(
     # the query at position p - 1 + t predicted token t: feed up to the last such query
     inp = seq[:, :p + max(num - 1, 0)]  # [1, S']
     positions = [p - 1 + t for t in range(num)]  # the query that predicted token t
-    rec, rel = _teacher_forced(vm, x, inp, kind, forward, relevance, positions, predicted)
+    rec, rel = _teacher_forced(vm, x, inp, kind, forward, relevance is True, positions, predicted)
     cross = rec.cross
     if cross is None:
         raise CaptureError(
@@ -263,6 +329,8 @@ def caption(
         text = tok.decode(predicted, skip_special_tokens=True).strip()
     encoder = rec.attentions if keep_encoder else None
     rel_maps = None
+    if lrp is not None and num:
+        rel = _word_lrp(vm, x, inp, kind, forward, positions, predicted, cross.layout, lrp)  # [T, Ni]
     if relevance:
         if rel is None:  # an empty caption
             rel = rows.new_zeros(num, rows.shape[-1])
@@ -271,6 +339,30 @@ def caption(
                    words=words, ids=seq[0], token_ids=predicted, prompt_len=p, encoder=encoder,
                    image=view, note=note, relevance=rel_maps)
 
+
+
+def _vlm_caption(vm: Any, family: str, image: Any, **kwargs: Any) -> Caption:
+    """:func:`caption` for a decoder-only vision-language model (see ``_vlm.py``)."""
+    from ._vlm import vlm_caption
+
+    r = vlm_caption(vm, family, image, **kwargs)
+    tok = r["tokenizer"]
+    predicted = r["predicted"]
+    pieces, words = split_words(predicted, tok)
+    note = r["note"]
+    if tok is None:
+        note = "; ".join(n for n in (note, f"no tokenizer was found for {vm.name}: words are shown as token ids "
+                                           "(pass tokenizer= or processor=)") if n)
+        text = " ".join(pieces)
+    else:
+        text = tok.decode(predicted, skip_special_tokens=True).strip()
+    cross = CrossAttentionMaps(r["cross"], r["layout"], pieces)  # [L, 1, H, T, Ni]
+    rel = None
+    if r["relevance"] is not None:
+        rel = CrossAttentionMaps(r["relevance"][None, None, None], r["layout"], pieces)  # [1, 1, 1, T, Ni]
+    return Caption(text=text, tokens=pieces, cross=cross, words=words, ids=r["seq"][0], token_ids=predicted,
+                   prompt_len=r["prompt_len"], encoder=r["encoder"], image=r["view"], note=note,
+                   image_grids=r["grids"], relevance=rel, qformer=r["qformer"])
 
 
 def _teacher_forced(vm: Any, x: torch.Tensor, inp: torch.Tensor, kind: str | None, forward: Any,
@@ -291,6 +383,39 @@ def _teacher_forced(vm: Any, x: torch.Tensor, inp: torch.Tensor, kind: str | Non
         if relevance and rec.cross is not None and predicted:
             rel = _word_relevance(rec, _logits(out), positions, predicted)  # [T, Ni]
     return rec, rel
+
+
+def _word_lrp(vm: Any, x: torch.Tensor, inp: torch.Tensor, kind: str | None, forward: Any, positions: list[int],
+              predicted: list[int], layout: Any, method: str) -> torch.Tensor:
+    """LRP relevance (:mod:`vitviz.explain._lrp`) of every encoder token for every predicted token:
+    ``T`` copies of the image and the sequence in one batch, copy ``t`` scored by token ``t``'s
+    logit at the position that predicted it; the pixel relevance summed per patch, prefix tokens 0.
+
+    Returns:
+        ``[T, Ni]`` float32.
+    """
+    from .._lrp import lrp_gradient, patch_sums
+
+    num = len(predicted)
+    xb = x.detach().expand(num, *x.shape[1:]).contiguous()  # [T, 3, H, W]
+    ids = inp.expand(num, -1)  # [T, S']
+    rows = torch.arange(num, device=x.device)
+    pos = torch.tensor(positions, device=x.device)
+    tok = torch.tensor(predicted, device=x.device)
+    module = vm.module
+
+    def run(t: torch.Tensor) -> Any:
+        if kind == "encoder-decoder":
+            return module(pixel_values=t, decoder_input_ids=ids)
+        if kind == "blip":
+            return module(pixel_values=t, input_ids=ids)
+        return (forward or (lambda mod, px, i: mod(px, i)))(module, t, ids)
+
+    grad, _ = lrp_gradient(run, xb, lambda out: _logits(out)[rows, pos, tok].sum(), method=method, name=vm.name)
+    maps = patch_sums((xb * grad).sum(dim=1).float(), layout.grid)  # [T, gh, gw]
+    rel = maps.new_zeros(num, layout.num_tokens)  # [T, Ni]
+    rel[:, layout.patches] = maps.flatten(1)
+    return rel
 
 
 def _word_relevance(rec, logits: torch.Tensor, positions: list[int], targets: list[int]) -> torch.Tensor:
