@@ -483,7 +483,12 @@ class LoadMeter:
         if self._all is not None and after is not None and wall > 0:
             others = max(0.0, (after - self._all) - (_own_cpu_seconds() - self._own)) / wall
         cores = os.cpu_count() or 1
-        busy = (others is not None and others > 0.25) or (self.before is not None and self.before[0] > 0.5)
+        # the CPU time other processes took during the run decides; the load average (which still
+        # carries a run that just ended, this one's own included) only where /proc/stat is missing
+        if others is not None:
+            busy = others > 0.25
+        else:
+            busy = self.before is not None and self.before[0] > 0.5
         return dict(load_before=self.before, load_after=_loadavg(), wall_s=round(wall, 1),
                     other_cores=None if others is None else round(others, 2), cores=cores, busy=busy)
 
