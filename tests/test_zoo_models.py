@@ -222,3 +222,9 @@ def test_demo_writes_a_gallery(tmp_path, capsys):
     img = np.asarray(Image.open(out / "classifier_0.png").convert("RGB"))
     assert img.shape[0] > 100 and img.std() > 10  # a real figure, not a blank canvas
     assert not list(out.glob(".*tmp"))
+    # issue 30: no figure wider than 3x its height, except the classifier rows, one-row strips of
+    # the image and at most 5 maps (whose panels are about as wide as high, so under 6:1)
+    for name in pngs:
+        w, h = Image.open(out / name).size
+        limit = 6.0 if name.startswith("classifier_") and name[len("classifier_"):-4].isdigit() else 3.0
+        assert w <= limit * h, f"{name}: {w}x{h} px"
