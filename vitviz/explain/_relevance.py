@@ -38,6 +38,30 @@ class RelevanceResult:
     target: torch.Tensor | None
 
 
+class _Score:
+    """The scalar every relevance method differentiates: the sum over samples of each sample's
+    own target logit (or of ``score_fn``'s per-sample scores), remembering the logits and the
+    explained classes for the :class:`RelevanceResult`."""
+
+    def __init__(self, target: Target, score_fn: Callable[[Any], torch.Tensor] | None, what: str):
+        self.target, self.score_fn, self.what = target, score_fn, what
+        self.logits: Any = None
+        self.explained: torch.Tensor | None = None
+
+    def __call__(self, output) -> torch.Tensor:
+        if self.score_fn is not None:
+            self.logits = output
+            return score_fn_scores(output, self.score_fn).sum()  # [B] -> one backward for all samples
+        logits = logits_of(output, what=self.what)  # [B, C]
+        self.explained = resolve_targets(logits, self.target)  # [B]
+        self.logits = logits
+        return logits.gather(1, self.explained[:, None]).squeeze(1).sum()  # each sample's own logit
+
+    def result(self, maps: torch.Tensor) -> RelevanceResult:
+        logits = self.logits.detach() if isinstance(self.logits, torch.Tensor) else self.logits
+        return RelevanceResult(maps, logits, self.explained)
+
+
 def _lrp_pass(model, x, *, target: Target, method: str, pixels: bool, gamma: float | None,
               score_fn: Callable[[Any], torch.Tensor] | None) -> RelevanceResult:
     """AttnLRP / CP-LRP (:mod:`vitviz.explain._lrp`): one forward pass under the rules, one
@@ -47,24 +71,11 @@ def _lrp_pass(model, x, *, target: Target, method: str, pixels: bool, gamma: flo
         raise ValueError("give either target= or score_fn=, not both")
     vm = as_vision_model(model)
     x = vm.preprocess(x)  # [B, 3, H, W] on the model's device and dtype
-    explained: dict[str, Any] = {}
-
-    def score(output):
-        if score_fn is not None:
-            explained.update(target=None, logits=output)
-            return score_fn_scores(output, score_fn).sum()  # [B] -> one backward for all samples
-        logits = logits_of(output, what=f"relevance (method={method!r} explains a class logit)")  # [B, C]
-        t = resolve_targets(logits, target)  # [B]
-        explained.update(target=t, logits=logits)
-        return logits.gather(1, t[:, None]).squeeze(1).sum()  # each sample's own logit
-
+    score = _Score(target, score_fn, f"relevance (method={method!r} explains a class logit)")
     grad, _ = lrp_gradient(vm, x, score, method=method, gamma=gamma, name=vm.name)
     rel = (x.detach() * grad).sum(dim=1).float()  # [B, H, W]: Σ_c x ⊙ ∂score/∂x (lxt's convention)
     maps = rel if pixels else patch_sums(rel, grid_of(vm, x))  # [B, H, W] or [B, gh, gw]
-    logits = explained["logits"]
-    if isinstance(logits, torch.Tensor):
-        logits = logits.detach()
-    return RelevanceResult(maps, logits, explained["target"])
+    return score.result(maps)
 
 
 def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
@@ -109,25 +120,12 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
         raise ValueError("give either target= or score_fn=, not both")
     vm = as_vision_model(model)
     x = vm.preprocess(x)  # [B, 3, H, W] on the model's device and dtype
-    explained: dict[str, Any] = {}
-
-    def score(output, _rec):
-        if score_fn is not None:
-            explained.update(target=None, logits=output)
-            return score_fn_scores(output, score_fn).sum()  # [B] -> one backward for all samples
-        logits = logits_of(output, what="relevance (it explains a class logit)")  # [B, C]
-        t = resolve_targets(logits, target)  # [B]
-        explained.update(target=t, logits=logits)
-        return logits.gather(1, t[:, None]).squeeze(1).sum()  # each sample's own logit
-
+    score = _Score(target, score_fn, "relevance (it explains a class logit)")
     # the input is a leaf that requires grad so that the graph exists even when the parameters
     # are frozen; parameter gradients are never computed (only d score / d x is asked for)
-    _, rec = captured(vm, x, grad=True, score=score, keep="none", streams={"relevance": stream})
-    maps = rec.stream("relevance")  # [B, gh, gw]
-    logits = explained["logits"]
-    if isinstance(logits, torch.Tensor):
-        logits = logits.detach()
-    return RelevanceResult(maps, logits, explained["target"])
+    _, rec = captured(vm, x, grad=True, score=lambda output, _rec: score(output), keep="none",
+                      streams={"relevance": stream})
+    return score.result(rec.stream("relevance"))  # [B, gh, gw]
 
 
 def relevance(model, x, *, target: Target = None, method: str = "chefer",
