@@ -27,6 +27,12 @@ class TokenLayout:
     ``has_cls`` says whether the first prefix token is a CLS token; models with
     prefix tokens normally have one, models without prefix tokens do not.
 
+    A video model's patch tokens also have a time axis: ``frames`` temporal positions of
+    ``tubelet`` input frames each, so ``frames * gh * gw`` patch tokens, in the model's own
+    order: time-major ``(frame, row, col)`` (VideoMAE, ViViT) or space-major
+    ``(row, col, frame)`` (TimeSformer, ``time_major=False``). Maps over such a layout are
+    ``[..., frames, gh, gw]`` (:meth:`patch_map`).
+
     Args:
         num_prefix: number of non-patch tokens before the patches.
         grid: ``(gh, gw)`` patch rows and columns of *this* input (required: a layout has no
@@ -34,16 +40,26 @@ class TokenLayout:
             ``DeprecationWarning``, and will be refused in a later version).
         has_cls: whether token 0 is a CLS token (default: ``num_prefix > 0``).
         num_suffix: tokens after the patches (YOLOS' detection tokens); default 0.
+        frames: temporal token positions of a video model (input frames / ``tubelet``); 1 for
+            images.
+        tubelet: input frames per temporal position (VideoMAE and ViViT: 2; TimeSformer: 1).
+        time_major: the patch tokens run ``(frame, row, col)`` (True) or ``(row, col, frame)``
+            (False, TimeSformer).
 
     Example:
         >>> TokenLayout(num_prefix=2, grid=(14, 14)).num_tokens  # DeiT distilled
         198
+        >>> TokenLayout(num_prefix=0, grid=(14, 14), frames=8, tubelet=2).map_shape  # VideoMAE-B, 16 frames
+        (8, 14, 14)
     """
 
     num_prefix: int = 1
     grid: tuple[int, int] = None  # type: ignore[assignment]  # required; None only for the deprecation path
     has_cls: bool | None = field(default=None)
     num_suffix: int = 0
+    frames: int = 1
+    tubelet: int = 1
+    time_major: bool = True
 
     def __post_init__(self) -> None:
         if self.grid is None:
@@ -60,6 +76,12 @@ class TokenLayout:
         if int(self.num_suffix) < 0:
             raise LayoutError(f"num_suffix must be >= 0, got {self.num_suffix}")
         object.__setattr__(self, "num_suffix", int(self.num_suffix))
+        for name in ("frames", "tubelet"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or int(value) < 1:
+                raise LayoutError(f"{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "time_major", bool(self.time_major))
         if self.has_cls is None:
             object.__setattr__(self, "has_cls", self.num_prefix > 0)
         elif self.has_cls and self.num_prefix == 0:
@@ -67,11 +89,71 @@ class TokenLayout:
 
     def __repr__(self) -> str:
         suffix = f", num_suffix={self.num_suffix}" if self.num_suffix else ""
+        if self.is_video:
+            suffix += f", frames={self.frames}, tubelet={self.tubelet}"
+            suffix += "" if self.time_major else ", time_major=False"
         return f"TokenLayout(num_prefix={self.num_prefix}, grid={self.grid}, has_cls={self.has_cls}{suffix})"
 
     @property
+    def is_video(self) -> bool:
+        """Whether the patch tokens have a time axis (a video model's layout)."""
+        return self.frames > 1 or self.tubelet > 1
+
+    @property
+    def map_shape(self) -> tuple[int, ...]:
+        """The shape of a map over the patch tokens: ``(gh, gw)``, or ``(frames, gh, gw)`` for a video."""
+        return (self.frames, *self.grid) if self.is_video else self.grid
+
+    @property
     def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.frames * self.grid[0] * self.grid[1]
+
+    def patch_map(self, values: torch.Tensor) -> torch.Tensor:
+        """Values over the patch tokens laid out as a map.
+
+        Args:
+            values: ``[..., P]``, one value per patch token in the sequence's order.
+
+        Returns:
+            ``[..., gh, gw]``, or ``[..., frames, gh, gw]`` for a video (whatever the model's
+            token order).
+
+        Raises:
+            LayoutError: the last dimension is not the ``P`` patch tokens.
+        """
+        if values.shape[-1] != self.num_patches:
+            raise LayoutError(f"{values.shape[-1]} values do not fit the {self.num_patches} patch tokens of {self}")
+        lead = values.shape[:-1]
+        if self.time_major:
+            return values.reshape(*lead, *self.map_shape)
+        gh, gw = self.grid
+        return values.reshape(*lead, gh, gw, self.frames).movedim(-1, -3)  # (row, col, frame) -> (frame, row, col)
+
+    def patch_values(self, maps: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`patch_map`: ``[..., *map_shape]`` -> ``[..., P]`` in the sequence's order."""
+        shape = self.map_shape
+        if tuple(maps.shape[maps.dim() - len(shape):]) != tuple(shape):
+            raise LayoutError(f"maps of shape {tuple(maps.shape)} do not end in {tuple(shape)} ({self})")
+        lead = maps.shape[:maps.dim() - len(shape)]
+        if not self.time_major:
+            maps = maps.movedim(-3, -1)  # (frame, row, col) -> (row, col, frame)
+        return maps.reshape(*lead, self.num_patches)
+
+    def patch_index(self, row: int, col: int, frame: int = 0) -> int:
+        """The sequence index of the patch token at ``(row, col)`` of temporal position ``frame``.
+
+        Raises:
+            LayoutError: the position is outside the grid (negative counts from the end).
+        """
+        gh, gw = self.grid
+        t = self.frames
+        if not (-gh <= row < gh and -gw <= col < gw and -t <= frame < t):
+            where = f"({frame}, {row}, {col})" if self.is_video else f"({row}, {col})"
+            grid = f"{t}x{gh}x{gw} (frames x rows x cols)" if self.is_video else f"{gh}x{gw}"
+            raise LayoutError(f"patch {where} is outside the {grid} patch grid")
+        row, col, frame = row % gh, col % gw, frame % t
+        inner = (frame * gh + row) * gw + col if self.time_major else (row * gw + col) * t + frame
+        return self.num_prefix + inner
 
     @property
     def num_tokens(self) -> int:
@@ -93,9 +175,10 @@ class TokenLayout:
             LayoutError: ``n`` is not ``num_prefix + gh*gw + num_suffix``.
         """
         if n != self.num_tokens:
+            patches = f"{self.grid[0]}x{self.grid[1]}" if not self.is_video else f"{self.frames}x{self.grid[0]}x{self.grid[1]}"
             raise LayoutError(
                 f"{what} has {n} tokens but the layout {self} needs "
-                f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches"
+                f"{self.num_prefix} prefix + {patches} patches"
                 + (f" + {self.num_suffix} suffix" if self.num_suffix else "") + f" = {self.num_tokens}; "
                 "pass the right grid= / num_prefix= to vitviz.wrap or TokenLayout"
             )

@@ -168,7 +168,7 @@ def token_map(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         vec = rows[..., 0, layout.patches]  # [..., P]
     else:
         vec = rows[..., layout.patches, layout.patches].mean(dim=-2)  # [..., P]
-    return vec.reshape(*vec.shape[:-1], *layout.grid)
+    return layout.patch_map(vec)
 
 
 def rollout(attn: AttentionMaps, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
@@ -227,7 +227,7 @@ def _row_chain(matrices: Iterable[torch.Tensor], layout: TokenLayout) -> torch.T
         row = torch.bmm(row, a)  # [B, 1, N]
     if row is None:
         raise ValueError("no layer to roll out")
-    return row[:, 0, layout.patches].reshape(row.shape[0], *layout.grid)
+    return layout.patch_map(row[:, 0, layout.patches])  # [B, gh, gw] ([B, frames, gh, gw] for a video)
 
 
 class RolloutStream:

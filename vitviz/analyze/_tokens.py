@@ -148,13 +148,13 @@ def query_weights(layout: TokenLayout, query: Query = "auto", *, dtype: torch.dt
         w[query % n] = 1.0
         return w
     if isinstance(query, (tuple, list)):
-        if len(query) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in query):
-            raise ValueError(f"a patch query is (row, col) of two ints, got {query!r}")
-        gh, gw = layout.grid
-        row, col = query
-        if not (-gh <= row < gh and -gw <= col < gw):
-            raise LayoutError(f"patch ({row}, {col}) is outside the {gh}x{gw} patch grid")
-        w[p + (row % gh) * gw + (col % gw)] = 1.0
+        size = 3 if layout.is_video else 2
+        if len(query) != size or not all(isinstance(v, int) and not isinstance(v, bool) for v in query):
+            what = "(frame, row, col) of three ints (frame: the temporal token position)" if layout.is_video \
+                else "(row, col) of two ints"
+            raise ValueError(f"a patch query of {layout} is {what}, got {query!r}")
+        frame, (row, col) = (query[0], query[1:]) if layout.is_video else (0, query)
+        w[layout.patch_index(row, col, frame)] = 1.0
         return w
     if query == "auto":
         query = "cls" if layout.has_cls else "patches"

@@ -49,4 +49,4 @@ def all_layer_maps(attn: AttentionMaps, *, query: Query = "auto") -> torch.Tenso
     w = row_weights(attn.layout, attn.rows, query, dtype=a.dtype, device=a.device)  # [Nq]
     keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
     rows = torch.einsum("q,lbhqk->lbhk", w, a)[..., keys.patches]  # [L, B, H, P]
-    return rows.reshape(*rows.shape[:3], *keys.grid)  # [L, B, H, gh, gw]
+    return keys.patch_map(rows)  # [L, B, H, gh, gw] ([L, B, H, frames, gh, gw] for a video)

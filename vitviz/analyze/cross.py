@@ -101,8 +101,7 @@ def patch_grid(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         raise LayoutError(
             f"rows over {rows.shape[-1]} encoder tokens do not fit the layout {layout} "
             f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches)")
-    patches = rows[..., layout.patches]  # [..., gh*gw]
-    return patches.reshape(*patches.shape[:-1], *layout.grid)
+    return layout.patch_map(rows[..., layout.patches])  # [..., gh, gw]
 
 
 def query_readback(qformer: CrossAttentionMaps, sample: int = 0) -> torch.Tensor:

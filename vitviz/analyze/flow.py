@@ -181,7 +181,7 @@ def attention_flow(attn: AttentionMaps, *, query: Query = "auto", head_fusion: s
         values = values / values.sum(dim=-1, keepdim=True).clamp_min(_TINY)
     layout = attn.layout
     patches = values[:, layout.patches].float()  # [B, P]
-    return patches.reshape(patches.shape[0], *layout.grid)  # [B, gh, gw]
+    return layout.patch_map(patches)  # [B, gh, gw] ([B, frames, gh, gw] for a video)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -357,4 +357,4 @@ class RelevanceStream:
         for layer in sorted(self.factors, reverse=True):
             f = self.factors[layer]
             row = torch.baddbmm(row, row, f) if self.method == "chefer" else torch.bmm(row, f)
-        return row[:, 0, layout.patches].reshape(b, *layout.grid)
+        return layout.patch_map(row[:, 0, layout.patches])  # [B, gh, gw] ([B, frames, gh, gw] for a video)

@@ -59,7 +59,7 @@ def query_maps(attn: AttentionMaps, query: Query = "auto", *, layer: int = -1,
     w = row_weights(attn.layout, attn.rows, query, dtype=a.dtype, device=a.device)  # [Nq]
     rows = torch.einsum("q,bhqk->bhk", w, a)  # [B, H, Nk]
     keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
-    maps = rows[..., keys.patches].reshape(*rows.shape[:2], *keys.grid)  # [B, H, gh, gw]
+    maps = keys.patch_map(rows[..., keys.patches])  # [B, H, gh, gw] ([B, H, frames, gh, gw] for a video)
     if head_fusion is not None:
         maps = _fuse(maps, head_fusion)  # [B, gh, gw]
     return maps

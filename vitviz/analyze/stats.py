@@ -106,7 +106,12 @@ def mean_attention_distance(attn: AttentionMaps, *, patch_size: int | tuple[int,
     a = attn.tensor[..., layout.patches, layout.patches].double()  # [L, B, H, P, P]
     if renormalize:
         a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)
-    d = patch_distances(layout.grid, patch_size, device=a.device, dtype=a.dtype)  # [P, P]
+    d = patch_distances(layout.grid, patch_size, device=a.device, dtype=a.dtype)  # [gh*gw, gh*gw]
+    if layout.is_video:  # the distance within the frame, whatever the two tokens' temporal positions
+        gh, gw = layout.grid
+        where = torch.arange(gh * gw, device=a.device).reshape(gh, gw).expand(layout.frames, gh, gw)
+        spatial = layout.patch_values(where)  # [P]: each patch token's position in the frame
+        d = d[spatial][:, spatial]  # [P, P]
     per_query = torch.einsum("lbhqk,qk->lbhq", a, d)  # [L, B, H, P]
     return per_query.mean(-1).float()  # [L, B, H]
 

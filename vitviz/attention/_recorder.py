@@ -534,7 +534,7 @@ class _Recorder:
         return stack[index]
 
     def layout(self, p: Pass, num_tokens: int) -> TokenLayout:
-        return self.model.layout_for(p.input_hw, num_tokens)
+        return self.model.layout_for(p.input_hw, num_tokens, frames=p.frames)
 
     def notes(self, p: Pass | None = None) -> list[str]:
         """Why attention of this model is not on the image: its INNER sites' notes and the
@@ -628,6 +628,9 @@ class _Recorder:
                 a scheme vitviz does not know, tokens that tile no grid).
         """
         batch, queries, keys = shape[0], shape[-2], shape[-1]
+        if self.model.is_video and p.frames is not None and batch == p.batch and queries == keys:
+            # joint space-time attention (VideoMAE, ViViT): every token of the clip, in the model's order
+            return None, (self.token_layout(p, keys), None)
         if self.video_frames is not None or p.frames is not None:
             what = (f"the tokens of a video ({self.video_frames or p.frames} frames)" if self.video_frames is not None
                     else f"the tokens of a 5-D input ({p.frames} frames or tiles)")
@@ -660,8 +663,10 @@ class _Recorder:
         """The layout of ``num_tokens`` image tokens: the model's own layout for this input, else
         a stage of a hierarchical model (:meth:`VisionModel.stage_layout`)."""
         try:
-            return self.model.layout_for(p.input_hw, num_tokens)
+            return self.model.layout_for(p.input_hw, num_tokens, frames=p.frames)
         except LayoutError:
+            if self.model.is_video:
+                raise
             return self.model.stage_layout(p.input_hw, num_tokens)
 
     def stream_layout(self, p: Pass, index: int, layouts, grad: bool = False) -> TokenLayout:

@@ -59,11 +59,19 @@ class VisionModel:
         name: str | None = None,
         grid_fixed: bool = False,
         num_suffix: int = 0,
+        num_frames: int | None = None,
+        tubelet: int = 1,
+        time_major: bool = True,
     ):
         self.module = module.eval()
         self.patch_size = _pair(patch_size) if patch_size is not None else None
         self.num_prefix = num_prefix
         self.num_suffix = int(num_suffix)  # tokens after the patches (YOLOS detection tokens)
+        # a video model: the input frames it takes ([B, T, C, H, W]), the frames per temporal
+        # token position, and the order of its patch tokens ((frame, row, col) when time-major)
+        self.num_frames = int(num_frames) if num_frames is not None else None
+        self.tubelet = int(tubelet)
+        self.time_major = bool(time_major)
         self.has_cls = has_cls
         self.pad_to_patch = pad_to_patch
         self._preprocessor = preprocessor
@@ -145,7 +153,8 @@ class VisionModel:
             ImageError: the image cannot be read.
         """
         if isinstance(image, torch.Tensor):
-            x = image if image.dim() == 4 else image.unsqueeze(0)
+            batched = 5 if self.is_video else 4  # a clip is [T, C, H, W], a batch of clips [B, T, C, H, W]
+            x = image if image.dim() == batched else image.unsqueeze(0)
         else:
             if self.preprocessor is None:
                 raise LayoutError(
@@ -156,6 +165,23 @@ class VisionModel:
         return x.to(device=self.device, dtype=self.dtype)
 
     # -- layout ----------------------------------------------------------------------------
+    @property
+    def is_video(self) -> bool:
+        """Whether the model takes video clips ``[B, T, C, H, W]`` (VideoMAE, ViViT, TimeSformer)."""
+        return self.num_frames is not None
+
+    def _time(self, frames: int | None) -> dict:
+        """The time-axis fields of a layout for an input of ``frames`` frames (None: the model's
+        default clip length); nothing for an image model."""
+        if not self.is_video:
+            return {}
+        frames = self.num_frames if frames is None else int(frames)
+        if frames < self.tubelet or frames % self.tubelet:
+            raise LayoutError(f"{self.name}: a clip of {frames} frames does not split into tubelets of "
+                              f"{self.tubelet} frames; give a multiple of {self.tubelet} "
+                              f"(the model was built for {self.num_frames})")
+        return dict(frames=frames // self.tubelet, tubelet=self.tubelet, time_major=self.time_major)
+
     @property
     def layout(self) -> TokenLayout:
         """The token layout at the default input size."""
@@ -172,34 +198,40 @@ class VisionModel:
                 f"{self.name}: the number of prefix tokens is not known before a capture (it is "
                 "read off the captured attention); pass num_prefix= to vitviz.wrap")
         return TokenLayout(self.num_prefix, grid, has_cls=self.has_cls if self.num_prefix else None,
-                           num_suffix=self.num_suffix)
+                           num_suffix=self.num_suffix, **self._time(None))
 
-    def layout_at(self, input_hw: tuple[int, int] | None) -> TokenLayout:
+    def layout_at(self, input_hw: tuple[int, int] | None, frames: int | None = None) -> TokenLayout:
         """The layout of every patch of an input of another size.
 
         Args:
             input_hw: ``(H, W)`` of the input, or None for the default size.
+            frames: the input frames of a video model's clip (None: the model's clip length).
 
         Returns:
             The :class:`TokenLayout` of the input's patch grid (the default layout when the grid
             is fixed or the patch size unknown).
 
         Raises:
-            LayoutError: the default grid is unknown.
+            LayoutError: the default grid is unknown, or the frames do not split into tubelets.
         """
         layout = self.layout
+        if frames is not None and self.is_video:
+            layout = TokenLayout(layout.num_prefix, layout.grid, has_cls=layout.has_cls,
+                                 num_suffix=self.num_suffix, **self._time(frames))
         if input_hw is None or self._grid_fixed or self.patch_size is None:
             return layout
         return TokenLayout(layout.num_prefix, self._grid_from_hw(input_hw), has_cls=layout.has_cls,
-                           num_suffix=self.num_suffix)
+                           num_suffix=self.num_suffix, **self._time(frames))
 
     def _grid_from_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         ph, pw = self.patch_size
         rnd = math.ceil if self.pad_to_patch else math.floor
         return int(rnd(hw[0] / ph)), int(rnd(hw[1] / pw))
 
-    def layout_for(self, input_hw: tuple[int, int] | None, num_tokens: int) -> TokenLayout:
-        """The token layout of a sequence of ``num_tokens`` produced from an input of ``input_hw``.
+    def layout_for(self, input_hw: tuple[int, int] | None, num_tokens: int,
+                   frames: int | None = None) -> TokenLayout:
+        """The token layout of a sequence of ``num_tokens`` produced from an input of ``input_hw``
+        (of ``frames`` input frames, for a video model; None: its clip length).
 
         The grid comes from a fixed grid the user stated, else from the input size and the
         patch size, else from the default grid. The number of prefix tokens comes from the
@@ -208,6 +240,7 @@ class VisionModel:
         Args:
             input_hw: ``(H, W)`` of the input, or None when unknown.
             num_tokens: the length of the token sequence.
+            frames: the input frames of a video model's clip, when known.
 
         Returns:
             The :class:`TokenLayout` of the sequence.
@@ -233,7 +266,7 @@ class VisionModel:
                 f"in a {num_tokens}-token sequence (several CLS / register parameters at one depth); pass "
                 "num_prefix= (and grid=(rows, cols)) to vitviz.wrap")
         layout = TokenLayout(num_prefix, grid, has_cls=self.has_cls if num_prefix else None,
-                             num_suffix=self.num_suffix)
+                             num_suffix=self.num_suffix, **self._time(frames))
         # other tokens (a video's time steps, tokens the model adds without a parameter) are refused,
         # never taken for prefix tokens
         layout.check_tokens(num_tokens, f"{self.name}'s token sequence")
@@ -365,13 +398,28 @@ def _describe_timm(module: nn.Module) -> dict:
     return info
 
 
+# transformers video families whose token order is known: model_type -> time-major. VideoMAE
+# (Conv3d tubelets, flattened (t, h, w)) and ViViT (the same) run (frame, row, col); TimeSformer
+# keeps (row, col, frame) (its embeddings: per-patch time sequences, TimesformerEmbeddings)
+_VIDEO_FAMILIES = {"videomae": True, "vivit": True, "timesformer": False}
+
+
 def _describe_hf(module: nn.Module) -> dict:
     from ._preprocess import hf_vision_config
 
     cfg = hf_vision_config(module.config)
-    if getattr(cfg, "patch_size", None) is None:
+    video = _VIDEO_FAMILIES.get(getattr(cfg, "model_type", None))
+    tubelet = getattr(cfg, "tubelet_size", None)
+    if video is not None and isinstance(tubelet, (list, tuple)) and len(tubelet) == 3:
+        patch: Any = tubelet[1:]  # ViViT: tubelet_size [t, h, w] is the patch
+        tubelet = tubelet[0]
+    else:
+        patch = getattr(cfg, "patch_size", None)
+    if patch is None:
         return {}
-    info = dict(patch_size=_pair(cfg.patch_size))
+    info: dict = dict(patch_size=_pair(patch))
+    if video is not None:  # a video model whose token order vitviz knows
+        info.update(num_frames=int(cfg.num_frames), tubelet=int(tubelet or 1), time_major=video)
     if getattr(cfg, "image_size", None) is not None:
         size = _pair(cfg.image_size)
         info["grid"] = (size[0] // info["patch_size"][0], size[1] // info["patch_size"][1])
@@ -475,6 +523,9 @@ def wrap(
         has_cls=info.get("has_cls"),
         pad_to_patch=info.get("pad_to_patch", False),
         num_suffix=info.get("num_suffix", 0),
+        num_frames=info.get("num_frames"),
+        tubelet=info.get("tubelet", 1),
+        time_major=info.get("time_major", True),
         preprocessor=preprocess,
         preprocessor_factory=None if preprocess is not None else (lambda: _default_preprocess(module, info)),
         labels=labels,
