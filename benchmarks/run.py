@@ -75,15 +75,36 @@ def _sync(device: str) -> Callable[[], None]:
     return lambda: None
 
 
+# video models (transformers, random weights, the base configs of the papers: 12 layers, 12 heads,
+# width 768, 16 px patches) by name: (config class, model class, extra config); the clip length is --frames
+VIDEO_MODELS = {
+    "videomae-b16": ("VideoMAEConfig", "VideoMAEForVideoClassification", dict(patch_size=16, tubelet_size=2)),
+    "vivit-b16": ("VivitConfig", "VivitForVideoClassification", dict(tubelet_size=[2, 16, 16])),
+    "timesformer-b16": ("TimesformerConfig", "TimesformerForVideoClassification", dict(patch_size=16)),
+}
+FRAMES = 16  # the clip length of the video models (--frames)
+
+
 def _build(model: str, size: int, device: str = "cpu", dtype: str = "float32"):
-    m = vitviz.load_model(model, pretrained=False, image_size=size, device=device)
+    if model in VIDEO_MODELS:
+        import transformers
+
+        config_class, model_class, extra = VIDEO_MODELS[model]
+        config = getattr(transformers, config_class)(image_size=size, num_frames=FRAMES, hidden_size=768,
+                                                     num_hidden_layers=12, num_attention_heads=12,
+                                                     intermediate_size=3072, num_labels=400, **extra)
+        torch.manual_seed(0)
+        m = vitviz.wrap(getattr(transformers, model_class)(config).to(device))
+    else:
+        m = vitviz.load_model(model, pretrained=False, image_size=size, device=device)
     if DTYPES[dtype] != torch.float32:
         m.to(DTYPES[dtype])
     return m
 
 
-def _input(batch: int, size: int, device: str = "cpu", dtype: str = "float32") -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, DTYPES[dtype])
+def _input(batch: int, size: int, device: str = "cpu", dtype: str = "float32", video: bool = False) -> torch.Tensor:
+    shape = (batch, FRAMES, 3, size, size) if video else (batch, 3, size, size)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device, DTYPES[dtype])
 
 
 def _timed(calls: dict[str, Callable[[], object]], reps: int, runs: dict | None = None,
@@ -213,7 +234,7 @@ def bench(model: str, size: int, batch: int, reps: int, only: tuple = (), device
     ``torch.cuda.max_memory_allocated`` during one call, model and input included) and
     ``call_mb`` (how far the call raised it above what was allocated before)."""
     m = _build(model, size, device, dtype)
-    x = _input(batch, size, device, dtype)
+    x = _input(batch, size, device, dtype, video=model in VIDEO_MODELS)
     calls = {name: fn for name, fn in methods(m, x).items()
              if name == "forward (floor)" or not only or name.startswith(only)}
     runs: dict = {}
@@ -247,7 +268,7 @@ def call_overhead(model: str, reps: int, device: str = "cpu", dtype: str = "floa
     a ViT-B/16 runs 5 tokens, so the kernels cost next to nothing and what is left is the Python
     and bookkeeping work per call, what bounds capture on a GPU at small batches)."""
     m = _build(model, size, device, dtype)
-    x = _input(1, size, device, dtype)
+    x = _input(1, size, device, dtype, video=model in VIDEO_MODELS)
     with torch.no_grad(), vitviz.capture(m) as rec:
         m(x)
     calls_per_pass = sum(int(st.tensor.shape[0]) for st in rec.stages) if rec.stages else 0
@@ -298,7 +319,9 @@ def _child_peak(model: str, size: int, batch: int, method: str, dtype: str = "fl
     code = (f"import sys, torch; sys.path.insert(0, {os.getcwd()!r});"
             f"torch.set_num_threads({torch.get_num_threads()});"
             f"from benchmarks.run import _build, _input, methods, _reset_peak, _status_mb;"
-            f"m = _build({model!r}, {size}, 'cpu', {dtype!r}); x = _input({batch}, {size}, 'cpu', {dtype!r});"
+            f"import benchmarks.run; benchmarks.run.FRAMES = {FRAMES};"
+            f"m = _build({model!r}, {size}, 'cpu', {dtype!r});"
+            f"x = _input({batch}, {size}, 'cpu', {dtype!r}, video={model in VIDEO_MODELS});"
             f"call = methods(m, x)[{method!r}];"
             f"before = _status_mb('VmRSS'); _reset_peak(); call();"
             f"peak = _status_mb('VmHWM'); print(peak, peak - before)")
@@ -524,9 +547,12 @@ def main(argv=None) -> list[dict]:
 
 
 def _main(argv=None) -> list[dict]:
+    global FRAMES
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="s16,b16")
+    p.add_argument("--models", default="s16,b16",
+                   help="vitviz model names, or the video models " + ", ".join(VIDEO_MODELS) + " (clips of --frames)")
+    p.add_argument("--frames", type=int, default=FRAMES, metavar="T", help="input frames of the video models' clips")
     p.add_argument("--sizes", default="224,384")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--reps", type=int, default=5)
@@ -554,6 +580,7 @@ def _main(argv=None) -> list[dict]:
                    help='write {"machine": ..., "load": ..., "rows": [...]} as JSON')
     a = p.parse_args(argv)
     check_device(a.device)
+    FRAMES = a.frames
     if a.quick:
         a.models, a.sizes, a.batches, a.reps = "ti16", "64", "2", 1
         a.gallery, a.gallery_batch = a.gallery and 8, 4
