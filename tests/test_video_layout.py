@@ -145,3 +145,11 @@ def test_video_models_state_their_layout(family, want):
     if want.tubelet > 1:
         with pytest.raises(LayoutError, match="does not split into tubelets of 2 frames"):
             vm.layout_at((32, 32), frames=3)
+
+
+def test_image_only_views_refuse_a_video_model_with_the_reason():
+    vm = vitviz.wrap(_tiny("vivit"))
+    with pytest.raises(LayoutError, match="video model: its position embeddings run over the frames"):
+        vitviz.pos_similarity(vm)
+    with pytest.raises(vitviz.VitvizError, match="video model and the explorer shows one image"):
+        vitviz.explore(vm, torch.rand(1, 4, 3, 32, 32))

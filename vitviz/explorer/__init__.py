@@ -151,6 +151,10 @@ def explore(model: Any, image: Any, *, target: Target = None, title: str | None 
         >>> vitviz.explore(m, "scene.png").save("scene.html")
     """
     vm = as_vision_model(model)
+    if vm.is_video:
+        raise VitvizError(f"{vm.name} is a video model and the explorer shows one image; for a clip use "
+                          "`vitviz rollout clip.mp4 --model ...` (an overlay video and a frame strip) or "
+                          "vitviz.rollout / vitviz.cls_maps in Python")
     rgb, x, name = _inputs(vm, image)
     grads = None
     explained: int | None = None

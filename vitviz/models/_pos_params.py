@@ -173,13 +173,19 @@ def pos_similarity(m, *, grid: tuple[int, int] | None = None) -> torch.Tensor:
         ``[gh*gw, gh, gw]`` float32 in ``[-1, 1]``; ``[i]`` is patch ``i`` against every patch.
 
     Raises:
-        LayoutError: the model has no absolute position-embedding table.
+        LayoutError: the model has no absolute position-embedding table, or is a video model
+            (its table runs over frames and the grid).
 
     Example:
         >>> m = vitviz.load_model("b16", pretrained=False)
         >>> vitviz.pos_similarity(m).shape
         torch.Size([196, 14, 14])
     """
+    vm = m if isinstance(m, VisionModel) else wrap(m)
+    if vm.is_video:
+        raise LayoutError(f"{vm.name} is a video model: its position embeddings run over the frames of a clip as "
+                          "well as the patch grid, and pos_similarity draws one image grid; it is not supported "
+                          "for video models")
     _, _, native, _ = find_position_table(m)
     target = _pair(grid) if grid is not None else native
     return pos_similarity_matrix(patch_position_embeddings(m, grid=target), target)
