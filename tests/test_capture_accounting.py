@@ -165,11 +165,24 @@ FAMILIES = [
                                         transformers.YolosConfig(image_size=[32, 32], patch_size=8,
                                                                  num_detection_tokens=5, **TINY_HF), (1, 3, 32, 32)),
            layers=2, stages=[(2, (4, 4), 1, None, 2)]),
-    # no CLS token, 2 temporal x 4 x 4 tubelets: the layout is not guessed from the 32 tokens
+    # video, joint space-time: no CLS token, 2 temporal x 4 x 4 tubelets (the clip's layout read from the
+    # config and the input, never guessed from the 32 tokens)
     Family("hf-videomae", lambda: hf_model(transformers.VideoMAEModel,
                                            transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4,
                                                                        tubelet_size=2, **TINY_HF), (1, 4, 3, 32, 32)),
-           layers=2, refused="video layout .* is not supported yet", skipped={"attention over video tokens": 2}),
+           layers=2, stages=[(2, (4, 4), 0, None, 2)]),
+    Family("hf-vivit", lambda: hf_model(transformers.VivitModel,
+                                        transformers.VivitConfig(image_size=32, tubelet_size=[2, 8, 8], num_frames=4,
+                                                                 **TINY_HF), (1, 4, 3, 32, 32)),
+           layers=2, stages=[(2, (4, 4), 1, None, 2)]),
+    # divided space-time: a temporal and a spatial attention per block, each placed on the clip (4 x 4 x 4
+    # patches + CLS); compared with a brute-force scatter there
+    Family("hf-timesformer", lambda: hf_model(transformers.TimesformerModel,
+                                              transformers.TimesformerConfig(image_size=32, patch_size=8, num_frames=4,
+                                                                             **TINY_HF), (1, 4, 3, 32, 32)),
+           layers=4, stages=[(4, (4, 4), 1, None, 2)],
+           own_reference="test_video_capture::test_timesformer_divided_attention_equals_its_own_probabilities_and_a_"
+                         "brute_force_scatter"),
 ]
 
 
@@ -421,18 +434,25 @@ def test_mixed_weights_that_are_not_probabilities_are_skipped_with_the_reason():
             model(torch.randn(1, 4, 8))
 
 
-def test_videomae_layout_is_refused_not_guessed():
+def test_videomae_layout_is_read_not_guessed():
     model, x = hf_model(transformers.VideoMAEModel,
                         transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2,
                                                     **TINY_HF), (1, 4, 3, 32, 32))
     with vitviz.capture(model) as rec:
         model(x)
+    layout = rec.attentions.layout  # from the config (tubelets of 2, time-major) and the clip (4 frames)
+    assert layout == vitviz.TokenLayout(0, (4, 4), frames=2, tubelet=2) and layout.time_major
+    # 5 frames: the model floors them to the same 32 tokens (2 tubelets); which frames they hold is
+    # not guessed
+    five = torch.randn(1, 5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with vitviz.capture(model) as rec:
+        model(five)
     for read in (lambda: rec.stages, lambda: rec.attentions):
-        with pytest.raises(LayoutError, match="VideoMAEModel.*video layout") as e:
+        with pytest.raises(LayoutError, match="VideoMAEModel: a clip of 5 frames does not split into tubelets") as e:
             read()
         assert isinstance(e.value, UnplacedAttentionError)  # also a CaptureError
     assert rec.complete and len(rec.skipped) == 2
-    assert all("4 frames" in why for _, _, why in rec.skipped)
+    assert all(what == "attention over video tokens" and "5 frames" in why for _, what, why in rec.skipped)
 
 
 def test_transformers_siglip_pooling_head_is_rec_pool_equal_to_its_own_weights():

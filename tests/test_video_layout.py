@@ -153,3 +153,20 @@ def test_image_only_views_refuse_a_video_model_with_the_reason():
         vitviz.pos_similarity(vm)
     with pytest.raises(vitviz.VitvizError, match="video model and the explorer shows one image"):
         vitviz.explore(vm, torch.rand(1, 4, 3, 32, 32))
+
+
+def test_query_maps_fuse_heads_over_a_clip():
+    maps = _maps(TIME_MAJOR, seed=3)
+    per_head = vitviz.query_maps(maps, (1, 1, 2))  # [B, H, frames, gh, gw]
+    assert torch.equal(vitviz.query_maps(maps, (1, 1, 2), head_fusion="mean"), per_head.mean(1))
+    assert torch.equal(vitviz.query_maps(maps, (1, 1, 2), head_fusion="max"), per_head.amax(1))
+
+
+def test_preprocess_refuses_a_tensor_of_the_wrong_rank():
+    image_model = vitviz.load_model("shapes-vit")
+    with pytest.raises(LayoutError, match="takes images .* 5-D tensor .* needs a video model"):
+        image_model.preprocess(torch.rand(1, 4, 3, 64, 64))
+    video = vitviz.wrap(_tiny("videomae"))
+    assert video.preprocess(torch.rand(4, 3, 32, 32)).shape == (1, 4, 3, 32, 32)
+    with pytest.raises(LayoutError, match=r"takes clips \[T, C, H, W\]"):
+        video.preprocess(torch.rand(3, 32, 32))

@@ -175,7 +175,8 @@ class TokenLayout:
             LayoutError: ``n`` is not ``num_prefix + gh*gw + num_suffix``.
         """
         if n != self.num_tokens:
-            patches = f"{self.grid[0]}x{self.grid[1]}" if not self.is_video else f"{self.frames}x{self.grid[0]}x{self.grid[1]}"
+            patches = f"{self.grid[0]}x{self.grid[1]}"
+            patches = f"{self.frames}x{patches}" if self.is_video else patches
             raise LayoutError(
                 f"{what} has {n} tokens but the layout {self} needs "
                 f"{self.num_prefix} prefix + {patches} patches"
@@ -358,14 +359,19 @@ class AttentionMaps:
 
     def _repr_png_(self) -> bytes:
         """PNG for notebooks: the CLS-row map (mean of the patch rows without CLS) of every
-        layer and head of the first sample, as a layers x heads grid."""
+        layer and head of the first sample, as a layers x heads grid; for a clip, the maps of
+        its middle temporal token position (named in the title)."""
         from .analyze.cls import all_layer_maps
         from .render.figures import figure_png, map_grid
 
         first = AttentionMaps(self.tensor[:, :1], self.layout, self.key_layout, self.layers, self.rows)
-        maps = all_layer_maps(first)[:, 0]  # [L, H, gh, gw] over the key grid
+        maps = all_layer_maps(first)[:, 0]  # [L, H, gh, gw] ([L, H, frames, gh, gw] for a clip) over the key grid
         names = self.layers if self.layers is not None else range(self.num_layers)
         what = "CLS attention" if self.layout.has_cls else "mean patch attention"
+        if self.keys.is_video:
+            middle = self.keys.frames // 2
+            maps = maps[:, :, middle]  # [L, H, gh, gw]
+            what += f" on temporal position {middle} of {self.keys.frames}"
         gh, gw = self.keys.grid
         fig, _ = map_grid(maps, row_labels=[f"layer {i}" for i in names],
                           col_labels=[f"head {h}" for h in range(self.num_heads)], cmap="inferno",

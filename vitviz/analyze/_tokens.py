@@ -153,7 +153,8 @@ def query_weights(layout: TokenLayout, query: Query = "auto", *, dtype: torch.dt
             what = "(frame, row, col) of three ints (frame: the temporal token position)" if layout.is_video \
                 else "(row, col) of two ints"
             raise ValueError(f"a patch query of {layout} is {what}, got {query!r}")
-        frame, (row, col) = (query[0], query[1:]) if layout.is_video else (0, query)
+        where = [int(v) for v in query]
+        frame, row, col = where if layout.is_video else [0, *where]
         w[layout.patch_index(row, col, frame)] = 1.0
         return w
     if query == "auto":

@@ -66,6 +66,7 @@ def query_maps(attn: AttentionMaps, query: Query = "auto", *, layer: int = -1,
 
 
 def _fuse(maps: torch.Tensor, head_fusion: str) -> torch.Tensor:
-    """Fuse the head dim of ``[B, H, gh, gw]`` maps (same rule as :func:`fuse_heads`)."""
-    b, h, gh, gw = maps.shape
-    return fuse_heads(maps.reshape(b, h, gh * gw, 1), head_fusion).reshape(b, gh, gw)  # [B, gh, gw]
+    """Fuse the head dim of ``[B, H, gh, gw]`` (or ``[B, H, frames, gh, gw]``) maps (same rule as
+    :func:`fuse_heads`)."""
+    b, h, *shape = maps.shape
+    return fuse_heads(maps.reshape(b, h, -1, 1), head_fusion).reshape(b, *shape)  # [B, gh, gw]

@@ -79,7 +79,9 @@ class Site:
     (role AUTO: square calls are image self-attention, others cross-attention). An IMAGE
     site's calls with fewer queries than keys (class token, latents) have the role POOL;
     with more queries than keys, they are image attention over reduced keys (PVT-style).
-    ``windows`` describes window attention (Swin); ``note`` says why an INNER site's calls
+    ``windows`` describes window attention (Swin); ``divided``: ``"time"`` or ``"space"`` for
+    the two attentions of a divided space-time block (TimeSformer, placed by
+    :mod:`._divided`), else empty; ``note`` says why an INNER site's calls
     are not attention over the image's tokens, and ``what`` what they are (e.g. "channel
     attention"): both go into ``rec.skipped``. ``coarse_queries``: the site pools its queries
     onto a coarser grid than its keys (LeViT's subsampling attention, MViTv2's stage
@@ -92,6 +94,7 @@ class Site:
     role: str
     adapter: Adapter | None = field(repr=False)
     windows: Windows | None = None
+    divided: str = ""
     note: str = ""
     what: str = ""
     coarse_queries: bool = False

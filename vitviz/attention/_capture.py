@@ -20,10 +20,14 @@ Every image layer is placed on the image's token grid as it is recorded (:meth:`
 the model's own layout for this input, else a stage of a hierarchical model (the patch grid
 coarsened by a whole factor); window attention (Swin, SAM, MaxViT, MobileViT: adapters name the
 window blocks) stitched into ``[B, H, N, N]`` over its stage's grid; a masked encoder's visible
-patches (ViT-MAE) scattered onto the full grid. :attr:`Recording.stages` groups the layers by
+patches (ViT-MAE) scattered onto the full grid. A video model's clip ``[B, T, C, H, W]`` is one
+token grid with a time axis (``TokenLayout.frames``): joint space-time attention (VideoMAE, ViViT)
+as the model runs it, TimeSformer's divided attention (a temporal and a spatial attention per
+block) placed on the clip as block-sparse matrices (``_divided.py``), VideoMAE pre-training's
+visible tubes scattered like ViT-MAE's patches. :attr:`Recording.stages` groups the layers by
 their tokens and heads; a layer that cannot be placed is counted and named in the error that
-:attr:`Recording.attentions` raises, never guessed (a video input is refused: its time axis is
-not supported yet).
+:attr:`Recording.attentions` raises, never guessed (the tokens of other video models, whose order
+vitviz does not know, are refused).
 
 Nothing is silent: every attention layer of a pass is recorded, left out on request (``keep=``,
 streams, the fused kernel of a layer nothing needs, ``adapters=``), or listed in
@@ -70,7 +74,7 @@ from ._adapter import AUTO, CROSS, IMAGE, TEXT, Site, discover
 from ._mode import AttentionOps
 from ._recorder import _input_hw, _Recorder, needs_call_hooks
 from ._recording import Recording
-from ._transformers import masking_embeddings, visible_patches, window_blocks
+from ._transformers import divided_blocks, masking_embeddings, tube_masking, tube_order, visible_patches, window_blocks
 
 # implementations whose attention runs in kernels that the op level cannot see
 _VISIBLE_HF_IMPLEMENTATIONS = (None, "eager", "sdpa")
@@ -92,6 +96,13 @@ class _Setup:
     masking: list = field(default_factory=list)
     # the modules whose calls are tracked (needs_call_hooks), in order
     hooked: list = field(default_factory=list)
+    # id(module) -> "time" / "space": inside one of the two attentions of a divided space-time
+    # block (TimeSformer), placed on the clip by _divided.py
+    divided: dict = field(default_factory=dict)
+    # VideoMAE pre-training: the embeddings that drop the masked tubes (bool_masked_pos), and the
+    # ids of the modules of its decoder (visible tubes first, then the masked ones)
+    tubes: list = field(default_factory=list)
+    decoders: set = field(default_factory=set)
 
 
 def _tree(root: nn.Module) -> list[nn.Module]:
@@ -123,6 +134,7 @@ def _setup(vm: VisionModel, tree: list[nn.Module], adapters: list[str] | None) -
     root = vm.module
     named = list(root.named_modules())
     windows = window_blocks(root)
+    divided = divided_blocks(root)
     sites = []
     for site in discover(root, adapters):
         inner = [m for m in site.module.modules() if id(m) in windows and windows[id(m)].block is m
@@ -132,14 +144,17 @@ def _setup(vm: VisionModel, tree: list[nn.Module], adapters: list[str] | None) -
             sites += [replace(site, name=f"{site.name}.{names[id(m)]}", module=m, windows=windows[id(m)])
                       for m in inner]
         else:
-            sites.append(replace(site, windows=site.windows or windows.get(id(site.module))))
+            sites.append(replace(site, windows=site.windows or windows.get(id(site.module)),
+                                 divided=site.divided or divided.get(id(site.module), "")))
     owner: dict[int, Site] = {}
     for site in sites:  # every module inside a site belongs to that site
         for m in site.module.modules():
             owner.setdefault(id(m), site)
+    tubes, decoders = tube_masking(root)
     setup = _Setup(key, sites, {id(m): n for n, m in named}, {id(m): m for _, m in named}, owner,
                    {role: sum(1 for s in sites if s.role in (role, AUTO)) for role in (IMAGE, TEXT, CROSS)},
-                   windows, masking_embeddings(root), [m for _, m in named if needs_call_hooks(m)])
+                   windows, masking_embeddings(root), [m for _, m in named if needs_call_hooks(m)],
+                   divided=divided, tubes=tubes, decoders=decoders)
     vm._capture_setup = setup
     return setup
 
@@ -258,6 +273,14 @@ def capture(model, *, adapters: list[str] | None = None, grad: bool = False, kee
                     recorder.current().visible = visible_patches(output)
 
             stack.callback(module.register_forward_hook(seen).remove)
+        for module in setup.tubes:  # VideoMAE pre-training: the tubes its encoder sees (bool_masked_pos)
+            def tubes_seen(_module, args, kwargs):
+                if threading.get_ident() == thread:
+                    found = tube_order(args, kwargs)
+                    p = recorder.current()
+                    p.visible, p.order = found if found is not None else (None, None)
+
+            stack.callback(module.register_forward_pre_hook(tubes_seen, with_kwargs=True).remove)
         schemes = {id(w): w for w in [s.windows for s in setup.sites] + list(setup.windows.values()) if w}
         for windows in schemes.values():  # window attention: the grid each windowed block cuts
             def read(_module, args, kwargs, windows=windows):

@@ -21,6 +21,7 @@ from ..errors import CaptureError, LayoutError
 from ..models import VisionModel
 from ..types import TokenLayout
 from ._adapter import AUTO, CROSS, IMAGE, INNER, POOL, TEXT, Site
+from ._divided import DividedPlacer, DividedScheme
 from ._windows import scatter_visible, stitch
 
 if TYPE_CHECKING:  # the setup is built by capture(); only its type is named here
@@ -56,6 +57,8 @@ class Pass:
     unplaced: list[tuple[int, str]] = field(default_factory=list)
     # [B, V] grid indices of the patches a masked-image-modelling encoder sees (ViT-MAE), or None
     visible: torch.Tensor | None = None
+    # [B, N] VideoMAE pre-training's decoder token order (the visible tubes, then the masked ones)
+    order: torch.Tensor | None = None
     # frames of a video input ([B, T, C, H, W]), or None for images
     frames: int | None = None
     # the module calls of this pass inside which attention ops ran (the layers the pass ran), in order
@@ -247,6 +250,7 @@ class _Recorder:
             raise CaptureError("capture(grad=True) needs keep='all' (gradients are matched to kept "
                                "layers) or streams that take the gradients as they arrive")
         self.names, self.modules, self.windows = setup.names, setup.modules, setup.windows
+        self.divided, self.decoders = setup.divided, setup.decoders
         # the model has a text side (its cross-attention may have more queries than keys)
         self.text_side = model.tokenizer is not None or any(s.role in (TEXT, CROSS) for s in sites)
         self.owner = dict(setup.owner)  # generic sites are added as their calls are seen
@@ -376,7 +380,7 @@ class _Recorder:
             if self.restricted:
                 return None
             site = Site(self.names.get(id(module), type(module).__name__) or "<root>", module, AUTO, None,
-                        windows=self.windows.get(id(module)))
+                        windows=self.windows.get(id(module)), divided=self.divided.get(id(module), ""))
             self.owner[id(module)] = site
             self.sites.append(site)
         role = site.role
@@ -409,8 +413,9 @@ class _Recorder:
         """Whether the next layer of ``role`` (run by ``site``) needs its probabilities in the
         forward pass (else the fused kernel runs)."""
         if (self.grad_streams or self.forward_streams) and (
-                (site is not None and site.windows is not None) or self.current().visible is not None):
-            return True  # placed on the grid from the probabilities (windows, visible patches)
+                (site is not None and (site.windows is not None or site.divided))
+                or self.current().visible is not None):
+            return True  # placed on the grid from the probabilities (windows, divided, visible patches)
         if role == POOL:
             return self.keep == "all"
         if role == IMAGE and self.forward_streams:
@@ -502,7 +507,7 @@ class _Recorder:
         """The rows to compute of the next layer of ``role`` when only those are needed (the
         layer is kept with ``rows=``, on the image grid as it is, nothing else reads it); else None."""
         if (self.rows is None or role != IMAGE or queries != keys or self.forward_streams or self.grad
-                or site.windows is not None or self.current().visible is not None):
+                or site.windows is not None or site.divided or self.current().visible is not None):
             return None
         return self.resolve_rows(keys)
 
@@ -600,6 +605,9 @@ class _Recorder:
         streamed = role == IMAGE and bool(self.grad_streams)
         self.resolve(ops, RECORDED if kept or streamed or (role == IMAGE and self.forward_streams) else REQUESTED)
         if self.grad and role != POOL and (kept or streamed):
+            # the gradient placed on the grid as the gradient of the placed matrix (divided
+            # attention scales its CLS row; elsewhere the same placement as the probabilities)
+            grad_placer = getattr(placer, "grad", placer)
             if isinstance(graph, list):  # heads computed separately: a hook on each
                 if streamed:
                     raise CaptureError(
@@ -608,9 +616,9 @@ class _Recorder:
                         "keep='all' and read rec.attention_grads")
                 for i, head in enumerate(graph):
                     self.hook_grad(p, (role, index), head, placed, store=kept, shape=head.shape,
-                                   place=_head_placer(i, len(graph), placer))
+                                   place=_head_placer(i, len(graph), grad_placer))
             else:
-                self.hook_grad(p, (role, index), graph, placed, store=kept, place=placer, shape=attn.shape)
+                self.hook_grad(p, (role, index), graph, placed, store=kept, place=grad_placer, shape=attn.shape)
         # not kept: freed as soon as the model (and the backward pass) is done with it
 
     def place(self, p: Pass, site: Site, role: str, shape: tuple):
@@ -628,6 +636,21 @@ class _Recorder:
                 a scheme vitviz does not know, tokens that tile no grid).
         """
         batch, queries, keys = shape[0], shape[-2], shape[-1]
+        if site.divided and self.model.is_video:
+            return self.place_divided(p, site, shape)
+        if p.visible is not None and queries == keys:
+            full = self.model.layout_at(p.input_hw, frames=p.frames)
+            visible = p.visible
+            if keys == full.num_prefix + visible.shape[1] and batch == visible.shape[0]:
+                return (lambda a: scatter_visible(a, visible, full.num_prefix, full.num_patches)), (full, None)
+            order = p.order
+            if order is not None and keys == full.num_tokens:
+                if id(site.module) not in self.decoders:
+                    raise LayoutError(
+                        f"{self.model.name}: {site.name} ({type(site.module).__name__}) attends over every tube of a "
+                        "clip with masked tubes, outside VideoMAE's decoder: vitviz does not know their order")
+                # VideoMAE's decoder: the visible tubes, then the masked ones (a permutation of the grid)
+                return (lambda a: scatter_visible(a, order, full.num_prefix, full.num_patches)), (full, None)
         if self.model.is_video and p.frames is not None and batch == p.batch and queries == keys:
             # joint space-time attention (VideoMAE, ViViT): every token of the clip, in the model's order
             return None, (self.token_layout(p, keys), None)
@@ -635,18 +658,13 @@ class _Recorder:
             what = (f"the tokens of a video ({self.video_frames or p.frames} frames)" if self.video_frames is not None
                     else f"the tokens of a 5-D input ({p.frames} frames or tiles)")
             raise LayoutError(
-                f"{self.model.name}: {site.name} ({type(site.module).__name__}) attends over {what}; the video "
-                "layout (time x grid: which tokens belong to which frame) is not supported yet, so vitviz does not "
-                "place them on an image grid")
+                f"{self.model.name}: {site.name} ({type(site.module).__name__}) attends over {what} in a way vitviz "
+                "does not place (it reads joint space-time attention of VideoMAE and ViViT and TimeSformer's divided "
+                "attention; this model's token order is not known), so no image or clip layout is guessed")
         windows = site.windows
         scheme = windows.scheme() if windows is not None else None
         if scheme is not None and (p.batch is None or batch == p.batch * scheme.num_windows):
             return (lambda a: stitch(a, scheme)), (TokenLayout(0, scheme.grid), None)
-        if p.visible is not None and queries == keys:
-            full = self.model.layout_at(p.input_hw)
-            visible = p.visible
-            if keys == full.num_prefix + visible.shape[1] and batch == visible.shape[0]:
-                return (lambda a: scatter_visible(a, visible, full.num_prefix, full.num_patches)), (full, None)
         if p.batch is not None and batch != p.batch:
             raise LayoutError(
                 f"{site.name} ({type(site.module).__name__}) attends within {batch // max(p.batch, 1)} "
@@ -658,6 +676,27 @@ class _Recorder:
         if queries == keys:
             return None, (key_layout, None)
         return None, (self.token_layout(p, queries), key_layout)
+
+    def place_divided(self, p: Pass, site: Site, shape: tuple):
+        """Where a divided space-time layer (TimeSformer's temporal or spatial attention) lies on
+        the clip: ``(placer, (layout, None))`` (:mod:`._divided`).
+
+        Raises:
+            LayoutError: the input is not a clip, or the layer's sequences are not the clip's
+                (``B*gh*gw`` sequences of ``T`` tokens, or ``B*T`` of ``1 + gh*gw``).
+        """
+        where = f"{self.model.name}: {site.name} ({type(site.module).__name__}, divided {site.divided} attention)"
+        if p.frames is None or p.batch is None:
+            raise LayoutError(f"{where} ran without a clip [B, T, C, H, W] as the model's input; call the model "
+                              "itself with the clip inside the capture")
+        layout = self.model.layout_at(p.input_hw, frames=p.frames)
+        scheme = DividedScheme(site.divided, layout.grid, layout.frames)
+        if layout.num_prefix != 1 or layout.num_suffix or layout.time_major or not scheme.fits(shape, p.batch):
+            sequences, length = scheme.sequences(p.batch)
+            raise LayoutError(
+                f"{where} attends in {shape[0]} sequences of {shape[-2]}x{shape[-1]} tokens, not the {sequences} "
+                f"sequences of {length} tokens of {p.batch} clip(s) of {layout}; vitviz does not place them")
+        return DividedPlacer(scheme), (layout, None)
 
     def token_layout(self, p: Pass, num_tokens: int) -> TokenLayout:
         """The layout of ``num_tokens`` image tokens: the model's own layout for this input, else

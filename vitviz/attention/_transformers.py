@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._adapter import AUTO, CROSS, IMAGE, TEXT, Adapter, Site, Windows, register_adapter
@@ -266,3 +267,55 @@ def _windows(block: nn.Module) -> Windows | None:
         return int(dims[0]), int(dims[1])
 
     return Windows(block, read_grid, pad_first=True)
+
+
+def divided_blocks(root: nn.Module) -> dict[int, str]:
+    """``id(module) -> "time" | "space"`` for every module inside the two attentions of a
+    transformers divided space-time block (``TimesformerLayer`` with ``attention_type
+    "divided_space_time"``: ``temporal_attention`` over the frames of each patch, ``attention``
+    over each frame's patches), placed on the clip by :mod:`._divided`."""
+    if _transformers() is None:
+        return {}
+    found: dict[int, str] = {}
+    for block in root.modules():
+        if (type(block).__module__.startswith("transformers.")
+                and getattr(block, "attention_type", None) == "divided_space_time"
+                and isinstance(getattr(block, "temporal_attention", None), nn.Module)
+                and isinstance(getattr(block, "attention", None), nn.Module)):
+            for kind, part in (("time", block.temporal_attention), ("space", block.attention)):
+                for m in part.modules():
+                    found[id(m)] = kind
+    return found
+
+
+def tube_masking(root: nn.Module) -> tuple[list[nn.Module], set[int]]:
+    """VideoMAE's masked pre-training: ``(embeddings, decoder modules)``. The embeddings
+    (``VideoMAEEmbeddings``) keep only the tubes that ``bool_masked_pos`` does not mask, in
+    sequence order, and ``VideoMAEForPreTraining``'s decoder runs over the visible tubes followed
+    by the masked ones (``x_full = cat([visible, mask tokens])``, not put back in order): the ids
+    of every module inside a ``VideoMAEDecoder``."""
+    if _transformers() is None:
+        return [], set()
+    embeddings = [m for m in root.modules() if type(m).__module__.startswith("transformers.")
+                  and type(m).__name__ == "VideoMAEEmbeddings"]
+    decoders = {id(m) for d in root.modules() if type(d).__module__.startswith("transformers.")
+                and type(d).__name__ == "VideoMAEDecoder" for m in d.modules()}
+    return embeddings, decoders
+
+
+def tube_order(args: tuple, kwargs: dict) -> tuple[Any, Any] | None:
+    """``(visible, order)`` from a ``VideoMAEEmbeddings`` call's ``bool_masked_pos`` ``[B, N]``
+    (True: masked): ``[B, V]`` sequence indices of the visible tubes in order, and ``[B, N]`` the
+    decoder's token order (the visible tubes, then the masked ones); None without a mask."""
+    mask = kwargs["bool_masked_pos"] if "bool_masked_pos" in kwargs else (args[1] if len(args) > 1 else None)
+    if mask is None or getattr(mask, "dim", lambda: 0)() != 2:
+        return None
+    mask = mask.to(dtype=bool)
+    b = mask.shape[0]
+    shown = (~mask).sum(1)
+    if bool((shown != shown[0]).any()):
+        return None  # VideoMAE itself refuses clips with different counts of masked tubes
+    v = int(shown[0]) if b else 0
+    visible = (~mask).nonzero()[:, 1].view(b, v)  # row-major: each clip's visible tubes in order
+    masked = mask.nonzero()[:, 1].view(b, mask.shape[1] - v)
+    return visible, torch.cat([visible, masked], dim=1)

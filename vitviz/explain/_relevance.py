@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..analyze.gradient import RelevanceStream
+from ..errors import LayoutError
 from ..models import score_fn_scores
 from ._lrp import LRP_METHODS, lrp_gradient, patch_sums
 from ._shared import Target, as_vision_model, captured, grid_of, logits_of, resolve_targets
@@ -27,7 +28,7 @@ class RelevanceResult:
     """What one relevance pass produced.
 
     Attributes:
-        maps: ``[B, gh, gw]`` float32 relevance maps.
+        maps: ``[B, gh, gw]`` float32 relevance maps (``[B, frames, gh, gw]`` for a clip).
         logits: ``[B, C]`` the model's logits of this pass (detached), or the detached
             output when ``score_fn`` was used.
         target: ``[B]`` long, the explained class per sample (None with ``score_fn``).
@@ -62,20 +63,36 @@ class _Score:
         return RelevanceResult(maps, logits, self.explained)
 
 
+def _refuse_clip_for_images(vm, x) -> None:
+    """A clip ``[B, T, C, H, W]`` given to an image model: refused (its maps would need the
+    model's token order over time, which vitviz reads only for the video families it knows)."""
+    if isinstance(x, torch.Tensor) and x.dim() == 5 and not vm.is_video:
+        raise LayoutError(f"{vm.name} is an image model but the input is a clip {tuple(x.shape)} [B, T, C, H, W]; "
+                          "give images [B, C, H, W], or a video model (VideoMAE, ViViT, TimeSformer)")
+
+
 def _lrp_pass(model, x, *, target: Target, method: str, pixels: bool, gamma: float | None,
               score_fn: Callable[[Any], torch.Tensor] | None) -> RelevanceResult:
     """AttnLRP / CP-LRP (:mod:`vitviz.explain._lrp`): one forward pass under the rules, one
     backward pass; the relevance is ``Σ_c x ⊙ ∂score/∂x`` per pixel, summed within each patch
-    unless ``pixels``."""
+    unless ``pixels`` (a clip's: within each patch of each tubelet's frames, ``[B, frames, gh, gw]``)."""
     if score_fn is not None and target is not None:
         raise ValueError("give either target= or score_fn=, not both")
     vm = as_vision_model(model)
-    x = vm.preprocess(x)  # [B, 3, H, W] on the model's device and dtype
+    _refuse_clip_for_images(vm, x)
+    x = vm.preprocess(x)  # [B, 3, H, W] ([B, T, 3, H, W] a clip) on the model's device and dtype
     score = _Score(target, score_fn, f"relevance (method={method!r} explains a class logit)")
     grad, _ = lrp_gradient(vm, x, score, method=method, gamma=gamma, name=vm.name)
-    rel = (x.detach() * grad).sum(dim=1).float()  # [B, H, W]: Σ_c x ⊙ ∂score/∂x (lxt's convention)
-    maps = rel if pixels else patch_sums(rel, grid_of(vm, x))  # [B, H, W] or [B, gh, gw]
-    return score.result(maps)
+    # Σ_c x ⊙ ∂score/∂x (lxt's convention): [B, H, W], or [B, T, H, W] for a clip
+    rel = (x.detach() * grad).sum(dim=-3).float()
+    if pixels:
+        return score.result(rel)
+    if rel.dim() == 4:  # a clip: each temporal token position sums its tubelet's frames, then its patches
+        layout = vm.layout_at(tuple(x.shape[-2:]), frames=x.shape[1])  # LayoutError: frames not whole tubelets
+        b, _, h, w = rel.shape
+        tubes = rel.reshape(b * layout.frames, layout.tubelet, h, w).sum(1)  # [B*frames, H, W]
+        return score.result(patch_sums(tubes, grid_of(vm, x)).reshape(b, layout.frames, *grid_of(vm, x)))
+    return score.result(patch_sums(rel, grid_of(vm, x)))  # [B, gh, gw]
 
 
 def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
@@ -119,7 +136,8 @@ def relevance_pass(model, x, *, target: Target = None, method: str = "chefer",
     if score_fn is not None and target is not None:
         raise ValueError("give either target= or score_fn=, not both")
     vm = as_vision_model(model)
-    x = vm.preprocess(x)  # [B, 3, H, W] on the model's device and dtype
+    _refuse_clip_for_images(vm, x)
+    x = vm.preprocess(x)  # [B, 3, H, W] ([B, T, 3, H, W] a clip) on the model's device and dtype
     score = _Score(target, score_fn, "relevance (it explains a class logit)")
     # the input is a leaf that requires grad so that the graph exists even when the parameters
     # are frozen; parameter gradients are never computed (only d score / d x is asked for)
@@ -137,7 +155,8 @@ def relevance(model, x, *, target: Target = None, method: str = "chefer",
     Args:
         model: a :class:`vitviz.VisionModel` or any classifier ``nn.Module`` vitviz can capture
             (timm, transformers, torch ``MultiheadAttention``, pytorch_pretrained_vit, ...).
-        x: ``[B, 3, H, W]`` preprocessed input, or one image (path, PIL image, ``HxWx3`` array).
+        x: ``[B, 3, H, W]`` preprocessed input, or one image (path, PIL image, ``HxWx3`` array);
+            for a video model (VideoMAE, ViViT, TimeSformer) a clip ``[B, T, 3, H, W]``.
         target: class to explain: None for each sample's predicted class, an int for all
             samples, or one int per sample.
         method: ``"chefer"`` (Chefer et al. 2021, ``R += mean_h[(dA⊙A)⁺]·R``) or
@@ -158,7 +177,9 @@ def relevance(model, x, *, target: Target = None, method: str = "chefer",
 
     Returns:
         ``[B, gh, gw]`` float32 maps over the patch grid (prefix tokens dropped), not rescaled;
-        ``[B, H, W]`` with ``pixels=True``.
+        ``[B, H, W]`` with ``pixels=True``. For a clip: ``[B, frames, gh, gw]`` (one map per
+        temporal token position; the LRP methods sum each tubelet's frames), ``[B, T, H, W]``
+        with ``pixels=True``.
 
     Raises:
         VitvizError: the output is not classifier logits, or a target is out of range.

@@ -154,6 +154,12 @@ class VisionModel:
         """
         if isinstance(image, torch.Tensor):
             batched = 5 if self.is_video else 4  # a clip is [T, C, H, W], a batch of clips [B, T, C, H, W]
+            if image.dim() not in (batched - 1, batched):
+                what = "clips [T, C, H, W] or [B, T, C, H, W]" if self.is_video else "images [C, H, W] or [B, C, H, W]"
+                hint = ("; a video clip needs a video model (VideoMAE, ViViT, TimeSformer)"
+                        if image.dim() == 5 else "")
+                raise LayoutError(f"{self.name} takes {what}, got a {image.dim()}-D tensor of shape "
+                                  f"{tuple(image.shape)}{hint}")
             x = image if image.dim() == batched else image.unsqueeze(0)
         else:
             if self.preprocessor is None:
