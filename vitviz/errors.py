@@ -37,6 +37,12 @@ class ImageError(VitvizError, ValueError):
         super().__init__(f"{source}: {reason}")
 
 
+class VideoError(ImageError):
+    """A video file that cannot be used: unreadable, truncated, an unsupported codec, too few
+    frames for the model, or a still image where a video model needs a clip. The message names
+    the file, says what is wrong and what to do (an :class:`ImageError`, so a batch skips it)."""
+
+
 class LayoutError(VitvizError, ValueError):
     """The token layout of a model or an attention tensor is inconsistent."""
 

@@ -130,7 +130,17 @@ class TokenLayout:
         return values.reshape(*lead, gh, gw, self.frames).movedim(-1, -3)  # (row, col, frame) -> (frame, row, col)
 
     def patch_values(self, maps: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`patch_map`: ``[..., *map_shape]`` -> ``[..., P]`` in the sequence's order."""
+        """The inverse of :meth:`patch_map`: maps laid out on the grid back in the sequence's order.
+
+        Args:
+            maps: ``[..., gh, gw]``, or ``[..., frames, gh, gw]`` for a video.
+
+        Returns:
+            ``[..., P]``, one value per patch token in the model's token order.
+
+        Raises:
+            LayoutError: the maps do not end in :attr:`map_shape`.
+        """
         shape = self.map_shape
         if tuple(maps.shape[maps.dim() - len(shape):]) != tuple(shape):
             raise LayoutError(f"maps of shape {tuple(maps.shape)} do not end in {tuple(shape)} ({self})")
@@ -141,6 +151,13 @@ class TokenLayout:
 
     def patch_index(self, row: int, col: int, frame: int = 0) -> int:
         """The sequence index of the patch token at ``(row, col)`` of temporal position ``frame``.
+
+        Args:
+            row, col: the patch's grid position (negative counts from the end).
+            frame: its temporal position (0 for an image layout).
+
+        Returns:
+            The token's index in the sequence (prefix tokens counted).
 
         Raises:
             LayoutError: the position is outside the grid (negative counts from the end).

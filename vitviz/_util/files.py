@@ -82,6 +82,10 @@ def save_npy(path, array) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+# suffixes of video files (vitviz.models reads them for video models; the gallery lists them)
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
+                  ".ogv", ".ts")
+
 _UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
 
 

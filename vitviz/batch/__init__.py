@@ -22,7 +22,16 @@ from ._engine import (
     predictions,
 )
 from ._map_writer import map_files, relevance_files, rollout_files
+from ._video_files import (
+    check_video_model,
+    cls_video_files,
+    playback_fps,
+    relevance_video_files,
+    rollout_video_files,
+    video_files,
+)
 
 __all__ = ["Outcome", "Item", "ImageSet", "decode", "collate", "default_workers", "iter_batches", "load_batches",
            "iter_captures", "predictions", "num_classes", "check_class", "map_files", "rollout_files",
-           "relevance_files"]
+           "relevance_files", "video_files", "rollout_video_files", "cls_video_files", "relevance_video_files",
+           "check_video_model", "playback_fps"]

@@ -181,3 +181,57 @@ def render_image(out_dir: Path, name: str, view: np.ndarray, maps: dict[str, np.
             entry["names"] = [str(s) for s in labels]
         outputs[method] = entry
     return image_rel, outputs
+
+
+def render_clip(out_dir: Path, name: str, views: np.ndarray, maps: dict[str, np.ndarray], *, tubelet: int,
+                indices: Sequence[int], fps: float | None = None, cmap: str | None = None,
+                alpha: float | None = None, smooth: bool = False,
+                norm: str = "image") -> tuple[str, dict[str, dict[str, Any]]]:
+    """Write the outputs of one video clip (a video model's gallery item) and describe them.
+
+    The input picture is the strip of the clip: the first frame of each temporal position
+    (tubelet), each ``TILE_SIDE`` pixels on its short side and labelled with its source frames.
+    Per method: the same strip with the map of each position over it (the thumbnail), a looping
+    lossless WebP of every input frame with the map of its tubelet (:func:`vitviz.render.clip_overlays`,
+    shown in the large view) and the raw maps (``.npy``, ``[P, gh, gw]`` or ``[K, P, gh, gw]``).
+    Maps with several per position (``[K, P, gh, gw]``: heads) are drawn as their mean. One
+    colour scale per clip (``norm="none"``: ``[0, 1]``).
+
+    Args:
+        out_dir: the gallery folder.
+        name: the clip's safe output stem.
+        views: ``[T, H, W, 3]`` uint8, the frames as the model saw them.
+        maps: method -> ``[P, gh, gw]`` or ``[K, P, gh, gw]`` float32 (``P = T // tubelet``).
+        tubelet: input frames per temporal position.
+        indices: the source frame of each input frame (the labels).
+        fps: the animation's rate (None: :data:`vitviz.render.DEFAULT_FPS` of the writer).
+        cmap, alpha, smooth: as :func:`vitviz.overlay` (None: its defaults).
+        norm: ``"image"`` (min-max of the clip) or ``"none"``.
+
+    Returns:
+        ``(input strip path, {method: {"overlay", "animation", "npy", "shape", "size", "names"}})``,
+        paths relative to ``out_dir``.
+    """
+    from ..render import clip_overlays, encode_animation, frame_label, overlay
+
+    look: dict[str, Any] = {"alpha": alpha, "smooth": smooth}
+    if cmap is not None:
+        look["cmap"] = cmap
+    p = views.shape[0] // tubelet
+    labels = [frame_label(indices[t * tubelet:(t + 1) * tubelet]) for t in range(p)]
+    firsts = [_tile_view(views[t * tubelet]) for t in range(p)]  # P x [h, w, 3]
+    image_rel = f"images/{name}.jpg"
+    atomic_write_bytes(out_dir / image_rel, _jpeg(tile(firsts, labels)))
+    outputs: dict[str, dict[str, Any]] = {}
+    for method, m in maps.items():
+        pic_rel, anim_rel, npy_rel = f"{method}/{name}.jpg", f"{method}/{name}.webp", f"{method}/{name}.npy"
+        save_npy(out_dir / npy_rel, m)
+        movie = m if m.ndim == 3 else m.mean(0)  # [P, gh, gw]
+        lo, hi = (0.0, 1.0) if norm == "none" else (float(movie.min()), float(movie.max()))
+        picture = tile([overlay(firsts[t], movie[t], vmin=lo, vmax=hi, **look) for t in range(p)], labels)
+        atomic_write_bytes(out_dir / pic_rel, _jpeg(picture))
+        frames = clip_overlays(views, movie, tubelet=tubelet, vmin=lo, vmax=hi, **look)  # [T, H', W', 3]
+        atomic_write_bytes(out_dir / anim_rel, encode_animation(frames, fps, "webp"))
+        outputs[method] = {"overlay": pic_rel, "animation": anim_rel, "npy": npy_rel, "shape": list(m.shape),
+                           "size": [int(picture.shape[0]), int(picture.shape[1])], "names": labels}
+    return image_rel, outputs

@@ -222,6 +222,11 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
 
     from ..batch import iter_batches
 
+    if vm.is_video:
+        _process_clips(vm, todo, chosen, out_dir, journal, new, bar, cmap=cmap, alpha=alpha, smooth=smooth,
+                       norm=norm, on_record=on_record)
+        return
+
     device = vm.device
     it = iter_batches(vm.preprocessor, [s.path for s, _ in todo], batch_size=batch_size, workers=workers,
                       pin_memory=device.type == "cuda")
@@ -285,3 +290,42 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
         pool.shutdown(wait=True)
         del it
 
+
+def _process_clips(vm, todo, chosen, out_dir, journal, new, bar, *, cmap, alpha, smooth, norm, on_record) -> None:
+    """A video model's gallery: each video file read and sampled (:func:`vitviz.models.read_video`),
+    run as one clip and rendered (:func:`._draw.render_clip`: a strip thumbnail, the animation for the
+    large view, the raw maps); a file that cannot be used (a still image, a truncated video, too few
+    frames, ...) is recorded as skipped with its one-line reason."""
+    from ..batch import playback_fps
+    from ..errors import ImageError
+    from ..models import clip_input, read_video
+    from ._draw import render_clip
+
+    for s, n in todo:
+        try:
+            clip = read_video(s.path, vm.num_frames)
+            views, x = clip_input(vm.preprocessor, clip.frames)  # [T, h, w, 3], [T, 3, h, w]
+        except ImageError as e:
+            records = [_record(s, n, "skipped", e.reason)]
+        else:
+            x = x[None].to(device=vm.device, dtype=vm.dtype)  # [1, T, 3, h, w]
+            output, results = run_methods(vm, x, chosen)
+            top5 = top5_of(vm, output)
+            maps = {m.name: per_image(m, results[m.name], 1, frames=True)[0][0] for m, _ in chosen}
+            bad = [k for k, a in maps.items() if not np.isfinite(a).all()]
+            if bad:
+                records = [_record(s, n, "failed", f"method {', '.join(bad)} gave NaN or infinite values",
+                                   top5=top5[0] if top5 else None)]
+            else:
+                fps = playback_fps(clip.fps, clip.total, len(clip.indices), None)
+                image, outputs = render_clip(out_dir, n, views, maps, tubelet=vm.tubelet,
+                                             indices=clip.indices.tolist(), fps=fps, cmap=cmap, alpha=alpha,
+                                             smooth=smooth, norm=norm)
+                records = [_record(s, n, "done", top5=top5[0] if top5 else None, image=image, outputs=outputs)]
+        journal.append(records)
+        for r in records:
+            new[r["key"]] = r
+        bar.update(len(records))
+        if on_record is not None:
+            for r in records:
+                on_record(r)

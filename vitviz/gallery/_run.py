@@ -18,13 +18,15 @@ if TYPE_CHECKING:  # the registry (and torch) load when a batch runs, not when t
     from ..explain import Method, MethodResult
 
 
-def per_image(method: Method, res: MethodResult, b: int) -> tuple[list[np.ndarray], list]:
-    """Split a method's batch result into ``b`` float32 arrays ``[gh, gw]`` / ``[K, gh, gw]``.
+def per_image(method: Method, res: MethodResult, b: int, frames: bool = False) -> tuple[list[np.ndarray], list]:
+    """Split a method's batch result into ``b`` float32 arrays ``[gh, gw]`` / ``[K, gh, gw]``
+    (a video model's, ``frames=True``: ``[P, gh, gw]`` / ``[K, P, gh, gw]``).
 
     Args:
         method: the method (for messages).
         res: its result for the batch.
         b: the batch size.
+        frames: the maps have a time axis (a video model's clips).
 
     Returns:
         ``(maps, [(names, text), ...])``, one entry per image.
@@ -37,17 +39,19 @@ def per_image(method: Method, res: MethodResult, b: int) -> tuple[list[np.ndarra
     maps = res.maps
     if isinstance(maps, torch.Tensor):
         arr = maps.detach().float().cpu().numpy()  # [B, gh, gw] or [B, K, gh, gw]
-        per = list(arr) if arr.ndim in (3, 4) and arr.shape[0] == b else None
+        per = list(arr) if arr.ndim - frames in (3, 4) and arr.shape[0] == b else None
     elif isinstance(maps, (list, tuple)) and len(maps) == b:
         per = [m.detach().float().cpu().numpy() if isinstance(m, torch.Tensor)
                else np.asarray(m, dtype=np.float32) for m in maps]
     else:
         per = None
-    if per is None or any(m.ndim not in (2, 3) or min(m.shape[-2:]) < 1 for m in per):
+    if per is None or any(m.ndim - frames not in (2, 3) or min(m.shape[-2:]) < 1 for m in per):
         count = len(maps) if hasattr(maps, "__len__") else "?"
         shape = getattr(maps, "shape", None) or f"{type(maps).__name__} of {count}"
+        want = ("[B, frames, gh, gw] or [B, K, frames, gh, gw]" if frames else
+                "[B, gh, gw], [B, K, gh, gw] or B arrays [K, gh, gw]")
         raise VitvizError(f"gallery method {method.name!r} returned maps {shape} for a batch of {b}; "
-                          "expected [B, gh, gw], [B, K, gh, gw] or B arrays [K, gh, gw]")
+                          f"expected {want}")
     names = list(res.names) if res.names is not None else [None] * b
     texts = list(res.texts) if res.texts is not None else [None] * b
     if len(names) != b or len(texts) != b:

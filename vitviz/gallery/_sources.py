@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from .._util.files import unique_stems
+from .._util.files import VIDEO_SUFFIXES, unique_stems
 from ..errors import VitvizError
 
 # formats Pillow reads out of the box; files with other extensions in a folder are not images
@@ -27,6 +27,8 @@ IMAGE_EXTENSIONS = frozenset({
     ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm", ".tga", ".ico", ".qoi", ".avif", ".jp2",
     ".j2k", ".jpx", ".psd", ".sgi", ".pcx",
 })
+# video files are items too: a video model maps each clip, an image model reports it as skipped
+VIDEO_EXTENSIONS = frozenset(VIDEO_SUFFIXES)
 # a SRC file with one of these extensions holds one image path per line
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 _GLOB_CHARS = set("*?[")
@@ -56,7 +58,7 @@ def _is_hidden(name: str) -> bool:
 
 
 def _walk_folder(folder: str, exclude: str | None) -> list[str]:
-    """Image files under ``folder`` (recursive, hidden files and folders left out), sorted."""
+    """Image and video files under ``folder`` (recursive, hidden files and folders left out), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         keep = []
@@ -67,7 +69,7 @@ def _walk_folder(folder: str, exclude: str | None) -> list[str]:
             keep.append(d)
         dirnames[:] = sorted(keep)
         for f in filenames:
-            if not _is_hidden(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+            if not _is_hidden(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
                 found.append(os.path.join(dirpath, f))
     return found
 
@@ -99,7 +101,7 @@ def _expand(src: str, exclude: str | None) -> tuple[list[str], str | None]:
         ext = os.path.splitext(src)[1].lower()
         if ext in LIST_EXTENSIONS:
             return _read_list_file(src), None
-        if ext in IMAGE_EXTENSIONS:
+        if ext in IMAGE_EXTENSIONS or ext in VIDEO_EXTENSIONS:
             return [src], None
         raise SourceError(
             f"{src}: not a folder, an image or a list file ({', '.join(LIST_EXTENSIONS)}); "

@@ -196,6 +196,13 @@ def _not_an_image_reason(fh, name: str) -> str:
     except (OSError, ValueError, AttributeError):
         pass
     ext = os.path.splitext(name)[1]
+    from ._video_read import video_kind
+
+    video = video_kind(head, name)
+    if video is not None:
+        return (f"is a video ({video}), not an image, and the model takes still images; to map a video use a "
+                "video model (VideoMAE, ViViT, TimeSformer) with --model, or extract frames as images "
+                f"(ffmpeg -i {os.path.basename(name)} frame_%03d.png)")
     for magic, fmt in _SIGNATURES:
         if head.startswith(magic):
             return (f"starts like a {fmt} file but its header is truncated or corrupt; the file was "

@@ -18,6 +18,15 @@ from ._overlay import (
                       overlay_region,
                       scale_map,
 )
+from ._video_write import (
+                      clip_overlays,
+                      clip_strip,
+                      encode_animation,
+                      encode_mp4,
+                      frame_label,
+                      save_clip_animation,
+                      save_clip_video,
+)
 from .figures import (
                       PANEL_IN,
                       distance_plot,
@@ -37,4 +46,5 @@ __all__ = ["overlay", "overlay_region", "colorize", "normalize_map", "display_im
            "NORMS", "SIZE_RANGE", "DEFAULT_CMAP", "ALPHA_MAX", "ALPHA_GAMMA", "as_map", "colormap_lut", "scale_map",
            "caption_strip", "distance_plot", "entropy_heatmap", "heatmap", "map_grid", "mask_contours",
            "overlay_figure", "panels", "pos_similarity_grid", "save_figure", "figure_bytes",
-           "OutputOptions", "PANEL_IN"]
+           "OutputOptions", "PANEL_IN", "clip_overlays", "clip_strip", "encode_mp4", "encode_animation",
+           "save_clip_video", "save_clip_animation", "frame_label"]

@@ -272,7 +272,8 @@ def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[
 
     Args:
         maps: ``[rows, cols, gh, gw]`` (tensor or array; ``[cols, gh, gw]`` is one row).
-        image: ``HxWx3`` uint8 RGB image the model saw, or ``None`` for the coloured maps alone.
+        image: ``HxWx3`` uint8 RGB image the model saw, ``[cols, H, W, 3]``: one image per column
+            (a clip's frames, one per temporal position), or ``None`` for the coloured maps alone.
         row_labels, col_labels: tick labels (e.g. ``"layer 3"``, ``"head 7"``).
         cmap, alpha, smooth: as :func:`vitviz.overlay`.
         tile: tile size in pixels (default: :data:`PANEL_IN` inches at ``dpi``).
@@ -299,16 +300,22 @@ def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[
         raise RenderError(f"maps must be [rows, cols, gh, gw], got shape {m.shape}")
     rows, cols, gh, gw = m.shape
     check_dpi(dpi)
-    tile = _tile_px(tile, dpi, as_rgb_uint8(image) if image is not None else None)
+    per_col = image is not None and np.ndim(image) == 4  # one image per column (a clip's frames)
+    if per_col and len(image) != cols:  # type: ignore[arg-type]
+        raise RenderError(f"{len(image)} images for {cols} columns: give one image per column")  # type: ignore[arg-type]
+    first = image[0] if per_col else image  # type: ignore[index]
+    tile = _tile_px(tile, dpi, as_rgb_uint8(first) if first is not None else None)
     flat = [m[r, c] for r in range(rows) for c in range(cols)]
     scales = figure_scales(flat, norm, vmin, vmax)
-    img = _fit(as_rgb_uint8(image), tile) if image is not None else None
+    col_img = [_fit(as_rgb_uint8(im), tile) for im in image] if per_col else (  # type: ignore[union-attr]
+        [_fit(as_rgb_uint8(image), tile)] * cols if image is not None else [None] * cols)
+    img = col_img[0]
     if img is not None:
         size = img.shape[:2]
     else:
         s = tile / max(gh, gw)
         size = (max(1, round(gh * s)), max(1, round(gw * s)))
-    tiles = [[_tile(m[r, c], img, size, cmap, alpha, scales[r * cols + c], smooth) for c in range(cols)]
+    tiles = [[_tile(m[r, c], col_img[c], size, cmap, alpha, scales[r * cols + c], smooth) for c in range(cols)]
              for r in range(rows)]
     gap = max(2, size[0] // 24)
     col_text = [wrap(c, size[1], FONT_PT, dpi) for c in col_labels] if col_labels is not None else []

@@ -182,6 +182,10 @@ def _detail(rec: dict[str, Any], tabs: Sequence[str]) -> str:
             parts.append(f'<figure><figcaption>{esc(m)} · <a href="{url(out["npy"])}">.npy</a>'
                          f'</figcaption><img src="{url(out["overlay"])}"{dims}{tip} '
                          f'alt="{esc(m)}: {esc(rec["key"])}"></figure>')
+            if out.get("animation"):  # a video clip: every input frame with the map of its tubelet
+                parts.append(f'<figure><figcaption>{esc(m)} · every frame</figcaption>'
+                             f'<img class="anim" src="{url(out["animation"])}" '
+                             f'alt="{esc(m)} over every frame: {esc(rec["key"])}"></figure>')
         parts.append("</div>")
     parts.append("</div>")
     return "".join(parts)

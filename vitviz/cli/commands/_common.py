@@ -158,6 +158,32 @@ NAME_WITH_MODEL_HELP = (
     "in that folder, whatever its model")
 
 
+def add_video_arguments(p: argparse.ArgumentParser) -> None:
+    """--frame-stride and --animation of the commands that take video files (video models)."""
+    g = p.add_argument_group("video (VideoMAE, ViViT, TimeSformer models)",
+                             "video files, each sampled to the model's clip length and run as one clip "
+                             "(--batch-size applies to images)")
+    g.add_argument("--frame-stride", type=int, default=None, metavar="S",
+                   help="take the model's frames S apart from the middle of each video (default: spread "
+                        "evenly over the whole video, as transformers' video processors sample)")
+    g.add_argument("--animation", choices=["webp", "gif"], default="webp",
+                   help="the looping animation written next to the MP4 (default webp, lossless)")
+
+
+def check_video_arguments(args, model):
+    """The exit status for video options that do not fit ``model`` (after printing), or None."""
+    stride = getattr(args, "frame_stride", None)
+    if stride is not None and stride < 1:
+        return fail(f"--frame-stride must be at least 1, got {stride}")
+    if not getattr(model, "is_video", False):
+        if stride is not None:
+            return fail(f"--frame-stride applies to video models; {model.name} takes still images")
+        return None
+    if getattr(args, "on_original", False):
+        return fail("--on-original applies to images; video overlays are drawn on the frames as the model saw them")
+    return None
+
+
 def add_naming_argument(p: argparse.ArgumentParser) -> None:
     """--name-with-model of the commands that write files named after each image."""
     p.add_argument("--name-with-model", action="store_true", help=NAME_WITH_MODEL_HELP)

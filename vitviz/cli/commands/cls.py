@@ -6,7 +6,9 @@ from ._common import (
     add_model_arguments,
     add_naming_argument,
     add_render_arguments,
+    add_video_arguments,
     check_render_arguments,
+    check_video_arguments,
     fail,
     load,
     model_tag,
@@ -24,6 +26,9 @@ DESCRIPTION = ("What the CLS token (or another query) attends to, per layer and 
                "smallest set of patches holding a fraction T of the attention (DINO). Hierarchical "
                "models (Swin, PiT, PVT, ...) get one figure and one .npy per stage of token grids: "
                "<name>_stage<k>_cls.png / .npy. --name-with-model puts the model after <name>. "
+               "A video model (VideoMAE, ViViT, TimeSformer) takes video files and one layer (--layer, default the "
+               "last): <name>_cls.npy ([heads, frames, gh, gw]), <name>_cls.png (a row per head, a column per "
+               "temporal position) and <name>_cls.mp4 / .webp (the mean of the heads over every frame). "
                "Prints every file written.")
 EXAMPLE = "vitviz cls cat.jpg --model dino-s16 --layer -1 --mask 0.6 --out maps/"
 
@@ -57,6 +62,7 @@ def add_arguments(p) -> None:
                         "(of --layer, default the last layer)")
     add_render_arguments(p)
     add_naming_argument(p)
+    add_video_arguments(p)
 
 
 def run(args) -> int:
@@ -84,6 +90,19 @@ def run(args) -> int:
 
     output = output_options(args)
     model = load(args)
+    bad = check_video_arguments(args, model)
+    if bad is not None:
+        return bad
+    if model.is_video:
+        if args.mask is not None:
+            return fail("--mask applies to images; leave it out for a video model")
+        from ...batch import cls_video_files
+
+        outcomes = cls_video_files(model, args.images, args.out, layer=-1 if args.layer is None else args.layer,
+                                   query=query, stride=args.frame_stride, animation=args.animation,
+                                   output=output, tag=model_tag(args))
+        print_notes(output)
+        return report(outcomes)
     chosen = None
     if args.layer is not None:  # keep only that layer (memory of one layer, not of all L)
         try:

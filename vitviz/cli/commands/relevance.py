@@ -8,8 +8,10 @@ from ._common import (
     add_naming_argument,
     add_original_argument,
     add_render_arguments,
+    add_video_arguments,
     check_class_argument,
     check_render_arguments,
+    check_video_arguments,
     class_target,
     fail,
     load,
@@ -28,7 +30,9 @@ DESCRIPTION = ("Gradient-weighted, class-specific relevance over each image, fro
                "2024) or CP-LRP's (--method cp-lrp, Ali et al. 2022), summed per patch. "
                "The explained class is each image's predicted class, or --class K. Writes "
                "<name>_relevance.png / .npy (chefer) or <name>_<method>.png / .npy; with "
-               "--name-with-model <name>_<model>_relevance.png / .npy. Prints every file written.")
+               "--name-with-model <name>_<model>_relevance.png / .npy. A video classifier (VideoMAE, ViViT, "
+               "TimeSformer) takes video files: <name>_relevance.npy ([frames, gh, gw]), .mp4, .webp and .png "
+               "(the frame strip). Prints every file written.")
 EXAMPLE = "vitviz relevance cat.jpg dog.png --model b16 --class 281 --out maps/"
 
 
@@ -48,6 +52,7 @@ def add_arguments(p) -> None:
     add_render_arguments(p)
     add_original_argument(p)
     add_naming_argument(p)
+    add_video_arguments(p)
 
 
 def run(args) -> int:
@@ -76,6 +81,19 @@ def run(args) -> int:
 
     output = output_options(args)
     model = load(args)
+    bad = check_video_arguments(args, model)
+    if bad is not None:
+        return bad
+    if model.is_video:
+        from ...batch import relevance_video_files
+
+        outcomes = relevance_video_files(model, args.images, args.out, method=args.method,
+                                         target=class_target(model, args), head_fusion=args.head_fusion,
+                                         discard_ratio=args.discard_ratio, start_layer=args.start_layer,
+                                         gamma=args.gamma, stride=args.frame_stride, animation=args.animation,
+                                         output=output, tag=model_tag(args))
+        print_notes(output)
+        return report(outcomes)
     outcomes = relevance_files(model, args.images, args.out, method=args.method, target=class_target(model, args),
                                head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
                                start_layer=args.start_layer, gamma=args.gamma, batch_size=args.batch_size,

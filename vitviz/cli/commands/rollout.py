@@ -7,7 +7,9 @@ from ._common import (
     add_naming_argument,
     add_original_argument,
     add_render_arguments,
+    add_video_arguments,
     check_render_arguments,
+    check_video_arguments,
     fail,
     load,
     model_tag,
@@ -20,7 +22,9 @@ NAME = "rollout"
 HELP = "attention rollout overlay per image"
 DESCRIPTION = ("Attention rollout (Abnar & Zuidema 2020) over each image: writes "
                "<name>_rollout.png (overlay) and <name>_rollout.npy (raw patch map); with "
-               "--name-with-model <name>_<model>_rollout.png / .npy. Prints every file written.")
+               "--name-with-model <name>_<model>_rollout.png / .npy. A video model (VideoMAE, ViViT, TimeSformer) "
+               "takes video files: <name>_rollout.npy ([frames, gh, gw]), .mp4 and .webp (each frame with the "
+               "map of its tubelet) and .png (the frame strip). Prints every file written.")
 EXAMPLE = "vitviz rollout cat.jpg dog.png --model b16 --discard-ratio 0.9 --out maps/"
 
 
@@ -34,6 +38,7 @@ def add_arguments(p) -> None:
     add_render_arguments(p)
     add_original_argument(p)
     add_naming_argument(p)
+    add_video_arguments(p)
 
 
 def run(args) -> int:
@@ -46,6 +51,18 @@ def run(args) -> int:
 
     output = output_options(args)
     model = load(args)
+    bad = check_video_arguments(args, model)
+    if bad is not None:
+        return bad
+    if model.is_video:
+        from ...batch import rollout_video_files
+
+        outcomes = rollout_video_files(model, args.images, args.out, head_fusion=args.head_fusion,
+                                       discard_ratio=args.discard_ratio, start_layer=args.start_layer,
+                                       stride=args.frame_stride, animation=args.animation, output=output,
+                                       tag=model_tag(args))
+        print_notes(output)
+        return report(outcomes)
     outcomes = rollout_files(model, args.images, args.out, head_fusion=args.head_fusion,
                              discard_ratio=args.discard_ratio, start_layer=args.start_layer,
                              batch_size=args.batch_size, on_original=args.on_original, output=output,
