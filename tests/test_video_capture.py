@@ -531,3 +531,27 @@ def test_timesformer_encoder_called_without_the_clip_is_refused():
     with pytest.raises(UnplacedAttentionError, match="divided time attention.* ran without a clip"):
         _ = rec.attentions
     assert rec.complete and len(rec.skipped) == 4
+
+
+@pytest.mark.parametrize("kind", ["time", "space"])
+@pytest.mark.parametrize("fusion", [("mean", True), ("max", False), ("min", True)])
+def test_divided_product_equals_the_fusion_of_the_placed_matrices(kind, fusion):
+    # the gradient streams of a divided layer get fuse_h(M ⊙ dM) computed from the per-sequence
+    # tensors; it must equal the fusion of the placed probabilities times the placed gradient
+    from vitviz.analyze import fuse_heads
+    from vitviz.attention._divided import DividedScheme
+
+    scheme = DividedScheme(kind, (2, 3), 4)
+    sequences, length = scheme.sequences(2)
+    g = torch.Generator().manual_seed(7)
+    attn = torch.softmax(torch.randn(sequences, 3, length, length, generator=g), -1)
+    grad = torch.randn(sequences, 3, length, length, generator=g)
+    prod = scheme.place(attn) * scheme.place(grad, grad=True)  # [B, H, N, N]
+    want = fuse_heads(prod.clamp(min=0) if fusion[1] else prod, fusion[0])
+    got = scheme.product(attn, grad, fusion)
+    assert got.shape == (2, scheme.num_tokens, scheme.num_tokens)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    # the spatial CLS row takes part (its [0, 0] corner included); the temporal one is 1 x 0
+    assert (float(want[:, 0].abs().sum()) > 0) == (kind == "space")
+    if kind == "space" and fusion[0] != "min":  # (the min over heads of clamped values may be 0)
+        assert float(want[:, 0, 0].abs().sum()) > 0

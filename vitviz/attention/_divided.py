@@ -91,7 +91,42 @@ class DividedScheme:
         k = torch.where(j == 0, torch.zeros_like(j), 1 + (j - 1) * t + frame)
         return (q * n + k).reshape(-1)
 
-    def place(self, attn: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    def product(self, attn: torch.Tensor, grad: torch.Tensor, fusion: tuple[str, bool]) -> torch.Tensor:
+        """``fuse_h(M ⊙ dM)`` of the placed probabilities ``M`` and gradient ``dM``, each head
+        clamped at 0 first when ``fusion[1]``, without forming either ``[B, H, N, N]``.
+
+        The product is placed like the probabilities with the spatial CLS row unscaled (``M``
+        carries ``1/T`` of each frame's weight and ``dM`` ``T`` times its gradient, so
+        ``M ⊙ dM = A_t ⊙ dA_t`` there), except ``[0, 0]``: ``mean_t A_t[0, 0] · Σ_t dA_t[0, 0]``
+        per head (spatial) or ``1 · 0`` (temporal).
+
+        Args:
+            attn, grad: ``[B * S, H, L, L]`` the layer's probabilities and their gradient as the
+                model computed them.
+            fusion: ``(head_fusion, clamp_first)`` (:func:`vitviz.analyze.fuse_heads`).
+
+        Returns:
+            ``[B, N, N]`` float32.
+        """
+        from ..analyze import fuse_heads
+
+        head_fusion, clamp = fusion
+        a, g = attn.float(), grad.float()
+        prod = a * g  # [B*S, H, L, L]
+        if clamp:
+            prod.clamp_(min=0)
+        out = self.place(fuse_heads(prod, head_fusion).unsqueeze(1), mode="product")[:, 0]  # [B, N, N]
+        if self.kind == SPACE:
+            s, heads = a.shape[:2]
+            a00 = a[:, :, 0, 0].reshape(s // self.frames, self.frames, heads)  # [B, T, H]
+            g00 = g[:, :, 0, 0].reshape(s // self.frames, self.frames, heads)
+            corner = (a00.mean(1) * g00.sum(1)).unsqueeze(-1).unsqueeze(-1)  # [B, H, 1, 1]
+            if clamp:
+                corner = corner.clamp(min=0)
+            out[:, 0, 0] = fuse_heads(corner, head_fusion)[:, 0, 0]
+        return out
+
+    def place(self, attn: torch.Tensor, grad: bool = False, mode: str | None = None) -> torch.Tensor:
         """The layer's per-sequence attention (or its gradient, ``grad=True``) on the clip's grid.
 
         Args:
@@ -99,6 +134,9 @@ class DividedScheme:
                 per clip: :meth:`sequences`).
             grad: place a gradient ``d score / d attn`` (the CLS row scaled as described in the
                 module docstring) instead of probabilities.
+            mode: ``"probs"``, ``"grad"`` (as ``grad=True``) or ``"product"`` (a product of the
+                two, already fused over heads or not: the CLS row unscaled, ``[0, 0]`` left 0
+                for :meth:`product`); default from ``grad``.
 
         Returns:
             ``[B, H, N, N]`` in the dtype of ``attn``.
@@ -110,6 +148,7 @@ class DividedScheme:
         per, want = self.sequences(1)
         if s % per or length != want or attn.shape[-1] != want:
             raise ValueError(f"divided attention of shape {tuple(attn.shape)} does not fit {self}")
+        mode = mode or ("grad" if grad else "probs")
         b, t, p, n = s // per, self.frames, self.patches, self.num_tokens
         out = attn.new_zeros(b, heads, n * n)
         flat = self._patch_index(attn.device)
@@ -117,7 +156,7 @@ class DividedScheme:
             src = attn.reshape(b, p, heads, t, t).transpose(1, 2)  # [B, H, P, T, T]
             out[..., flat] = src.reshape(b, heads, -1)
             out = out.view(b, heads, n, n)
-            if not grad:  # the CLS token keeps its own value; its gradient row is zero (not used)
+            if mode == "probs":  # the CLS token keeps its own value; its gradient row is zero (not used)
                 out[:, :, 0, 0] = 1
             return out
         a = attn.reshape(b, t, heads, 1 + p, 1 + p)  # [B, T, H, 1+P, 1+P]
@@ -125,8 +164,9 @@ class DividedScheme:
         out = out.view(b, heads, n, n)
         cls = a[..., 0, :]  # [B, T, H, 1+P]: each frame's CLS row
         # M[0, 0] = mean_t A_t[0, 0] and M[0, (rc, t)] = A_t[0, 1+rc] / T; dM = T x those of dA
-        scale = float(t) if grad else 1.0 / t
-        out[:, :, 0, 0] = cls[..., 0].sum(1) * (1.0 if grad else scale)
+        scale = {"grad": float(t), "probs": 1.0 / t, "product": 1.0}[mode]
+        if mode != "product":  # a product's [0, 0] is not a placement of the frames' (see product)
+            out[:, :, 0, 0] = cls[..., 0].sum(1) * (1.0 if mode == "grad" else scale)
         out[:, :, 0, 1:] = (cls[..., 1:] * scale).permute(0, 2, 3, 1).reshape(b, heads, p * t)  # (rc, t) order
         return out
 

@@ -214,6 +214,18 @@ def _folded(f, shape: tuple):
     return lambda *args: f(*args).reshape(shape)
 
 
+class _PlacedLater:
+    """A divided layer's probabilities, placed on the clip when called (for a gradient stream,
+    in the backward pass), or never: streams that read only ``fuse_h(A ⊙ dA)`` get the product
+    placed from the per-sequence tensors (:meth:`DividedScheme.product`)."""
+
+    def __init__(self, placer: DividedPlacer, attn: torch.Tensor):
+        self.placer, self.attn = placer, attn.detach()
+
+    def __call__(self) -> torch.Tensor:
+        return self.placer(self.attn)
+
+
 def _head_placer(i: int, heads: int, place):
     """The gradient of head ``i`` of ``heads`` (``[B, Q, K]``) as a gradient of the whole layer
     (``[B, heads, Q, K]``, zero elsewhere), then put on the grid by ``place``."""
@@ -584,17 +596,24 @@ class _Recorder:
                 _, index = self.next_layer(role)
                 self._unplaced(p, role, index, e, ops)
                 return
-            if placer is not None:
+            if placer is not None and not isinstance(placer, DividedPlacer):
                 placed = placer(attn)  # [B, H, N, N] on the image's token grid
-        p, index = self.next_layer(role, placed.shape[-1])
+        # divided attention (a clip's [N, N] is mostly zeros) is placed only when it is read: at
+        # once when kept or streamed forward, else in the backward pass of the layer
+        deferred = isinstance(placer, DividedPlacer)
+        p, index = self.next_layer(role, layouts[0].num_tokens if deferred else placed.shape[-1])
         if role in (IMAGE, POOL):
             p.layouts[(role, index)] = layouts
+        kept = _selected(self.keep, index, self.num_layers.get(role, 0)) if role != POOL else self.keep == "all"
+        if deferred and (kept or (role == IMAGE and self.forward_streams)):
+            placed = placer(attn)  # [B, H, N, N] on the clip's tokens
+        elif deferred:
+            placed = _PlacedLater(placer, attn)
         if role == IMAGE and self.forward_streams:
             layout = self.stream_layout(p, index, layouts)
             for stream in self.forward_streams:  # streaming analyses see every layer
                 stream.update(placed.detach(), layer=index, num_layers=self.num_layers[IMAGE] or None,
                               layout=layout)  # [B, H, N, N]
-        kept = _selected(self.keep, index, self.num_layers.get(role, 0)) if role != POOL else self.keep == "all"
         if kept and rows is None and self.rows is not None and role == IMAGE and layouts[1] is None:
             rows = self.resolve_rows(placed.shape[-1])  # rows= of a layer computed whole: keep those rows
             placed = placed[..., self.row_selector(rows, placed.device), :]  # [B, H, R, N]
@@ -759,8 +778,9 @@ class _Recorder:
         # function recomputing it), dropped (with the graph tensor) once the streams have it,
         # so that a layer's attention is freed as the backward pass leaves it instead of when
         # the block ends
-        held = {"attn": attn if grad_of is not None or backward is not None else attn.detach()} if streams else {}
-        fusion = self.grad_fusion(streams) if backward is not None else None
+        held = {"attn": attn if grad_of is not None or backward is not None or callable(attn)
+                else attn.detach()} if streams else {}
+        fusion = self.grad_fusion(streams) if backward is not None else None  # of a fused call's backward
 
         def on_grad(g: torch.Tensor) -> None:
             if backward is not None:
@@ -783,6 +803,16 @@ class _Recorder:
                 p.graph.pop(key, None)
                 return
             g = grad_of(g) if grad_of is not None else g.detach().reshape(shape)  # [B, (H,) Q, K]
+            later = held.get("attn")
+            divided_fusion = self.grad_fusion(streams) if isinstance(later, _PlacedLater) and not store else None
+            if divided_fusion is not None:
+                held.pop("attn")  # a divided layer read only as fuse_h(A ⊙ dA): [B, N, N], no [B, H, N, N]
+                fused = later.placer.scheme.product(later.attn, g, divided_fusion)
+                layout = self.stream_layout(p, layer, p.layouts[key], grad=True)
+                for stream in streams:
+                    stream.update_grad_fused(fused, layer=layer, num_layers=p.seen.get(role, 0), layout=layout)
+                p.graph.pop(key, None)
+                return
             if place is not None:
                 g = place(g)  # [B, H, N, N] on the grid
             if g.dim() == 3:
@@ -794,8 +824,8 @@ class _Recorder:
                         "backward pass per forward pass (to sum several, use keep='all' and "
                         "rec.attention_grads without streams)")
                 value = held.pop("attn")
-                if grad_of is not None:
-                    value = value()  # recomputed from the call's q and k
+                if callable(value):
+                    value = value()  # recomputed from the call's q and k, or placed now
                 if value.dim() == 3:
                     value = value.unsqueeze(1)
                 layout = self.stream_layout(p, layer, p.layouts[key], grad=True)
