@@ -201,6 +201,10 @@ def test_timesformer_divided_attention_equals_its_own_probabilities_and_a_brute_
     with torch.no_grad(), vitviz.capture(model, keep="none", streams={"r": RolloutStream()}) as streamed:
         model(x)
     torch.testing.assert_close(streamed.stream("r"), vitviz.rollout(a), rtol=1e-5, atol=1e-6)
+    # (the mean over heads is placed once; a max over heads needs every head placed)
+    with torch.no_grad(), vitviz.capture(model, keep="none", streams={"r": RolloutStream(head_fusion="max")}) as top:
+        model(x)
+    torch.testing.assert_close(top.stream("r"), vitviz.rollout(a, head_fusion="max"), rtol=1e-5, atol=1e-6)
     # keep= and rows= act on the placed layers
     with torch.no_grad(), vitviz.capture(model, keep=[-1], rows="cls") as last:
         model(x)

@@ -605,7 +605,12 @@ class _Recorder:
         if role in (IMAGE, POOL):
             p.layouts[(role, index)] = layouts
         kept = _selected(self.keep, index, self.num_layers.get(role, 0)) if role != POOL else self.keep == "all"
-        if deferred and (kept or (role == IMAGE and self.forward_streams)):
+        if deferred and not kept and role == IMAGE and self.forward_streams and not self.grad_streams and all(
+                getattr(s, "fused_heads", None) == "mean" for s in self.forward_streams):
+            # streams that read only the mean over heads: placing is linear, so the mean of the
+            # placed heads is the placed mean ([B, 1, N, N]: one [N, N] per clip instead of H)
+            placed = placer(attn.mean(dim=1, keepdim=True))
+        elif deferred and (kept or (role == IMAGE and self.forward_streams)):
             placed = placer(attn)  # [B, H, N, N] on the clip's tokens
         elif deferred:
             placed = _PlacedLater(placer, attn)
