@@ -408,3 +408,57 @@ def test_gif_animation_loops_with_every_frame(tmp_path):
         assert im.info.get("duration") == 100  # ms per frame at 10 fps
     with pytest.raises(RenderError, match="animation format must be one of webp, gif"):
         encode_animation(frames, fmt="apng")
+
+
+# --------------------------------------------------------------------------------------------
+# ViViT and TimeSformer through the CLI, with their own image processors
+# --------------------------------------------------------------------------------------------
+
+def _family_dir(tmp_path, family):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(image_size=32, num_frames=FRAMES, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, num_labels=3)
+    if family == "vivit":  # ViViT's processor rescales to [-1, 1] (offset) with mean 0.5, std 0.5
+        model = tf.VivitForVideoClassification(tf.VivitConfig(tubelet_size=[2, 8, 8], **common))
+        proc = tf.VivitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:  # TimeSformer checkpoints ship VideoMAE's processor
+        model = tf.TimesformerForVideoClassification(tf.TimesformerConfig(patch_size=8, **common))
+        proc = tf.VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    d = tmp_path / family
+    model.eval().save_pretrained(d)
+    proc.save_pretrained(d)
+    return d, proc
+
+
+@pytest.mark.parametrize("family, frames", [("vivit", 2), ("timesformer", 4)])
+def test_vivit_and_timesformer_through_the_cli(family, frames, tmp_path, capsys):
+    d, proc = _family_dir(tmp_path, family)
+    vm = vitviz.load_model(str(d))
+    clip = write_video(tmp_path / "clip.mp4", 20)
+    indices = [0, 5, 10, 15]  # 4 of 20 frames, evenly spaced (test_sample_indices_golden)
+    views, x = reference_clip(vm, clip, indices)
+    # the frames go through the model's own processor's steps (to one uint8 level of the resize)
+    ref = proc([decode_all(clip)[i] for i in indices], return_tensors="pt").pixel_values
+    std = 0.5 * 127.5 / 255 if family == "vivit" else 0.225  # one uint8 level in the processor's units
+    assert ref.shape == x.shape and (ref - x).abs().max() <= 1.01 / 255 / std
+    for command, compute in (("rollout", lambda: None), ("relevance", lambda: vitviz.relevance(vm, x, target=1)[0])):
+        out = tmp_path / command
+        args = [command, str(clip), "--model", str(d), "--out", str(out)]
+        if command == "relevance":
+            args += ["--class", "1"]
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, err
+        maps = np.load(out / f"clip_{command}.npy")
+        assert maps.shape == (frames, *GRID)
+        if command == "rollout":
+            with vitviz.capture(vm) as rec:
+                vm(x)
+            want = vitviz.rollout(rec.attentions)[0]
+        else:
+            want = compute()
+        np.testing.assert_allclose(maps, want.numpy(), rtol=1e-4, atol=1e-6)
+        assert len(decode_all(out / f"clip_{command}.mp4")) == FRAMES
+        with Image.open(out / f"clip_{command}.webp") as im:
+            assert im.n_frames == FRAMES

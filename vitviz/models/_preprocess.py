@@ -382,8 +382,9 @@ class Preprocess:
 
         Reads ``do_resize``, ``size`` (``{"height", "width"}`` → squash, ``{"shortest_edge"}``
         → shorter side), ``resample``, ``do_center_crop`` / ``crop_size``, ``do_rescale`` /
-        ``rescale_factor``, ``do_normalize`` / ``image_mean`` / ``image_std``. A rescale
-        factor other than 1/255 is folded into mean and std. Sizes that depend on each image
+        ``rescale_factor`` (and ViViT's ``offset``, 1 subtracted after the rescale),
+        ``do_normalize`` / ``image_mean`` / ``image_std``. A rescale factor other than 1/255 and
+        an offset are folded into mean and std. Sizes that depend on each image
         (a shortest edge without a crop, ``longest_edge``, no resize at all) are refused:
         attention maps need one fixed patch grid.
 
@@ -434,10 +435,13 @@ class Preprocess:
         else:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         factor = float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else 1.0
-        if not math.isclose(factor * 255.0, 1.0, rel_tol=1e-9):
-            # x * factor == (x / 255) * (255 * factor): fold the factor into mean and std
+        # ViViT's processor subtracts 1 after the rescale (offset=True: [0, 255] -> [-1, 1])
+        shift = 1.0 if d.get("do_rescale", True) and d.get("offset", False) else 0.0
+        if not math.isclose(factor * 255.0, 1.0, rel_tol=1e-9) or shift:
+            # x * factor - shift == (x / 255) * (255 * factor) - shift: fold both into mean and std,
+            # ((x / 255) * k - shift - m) / s == ((x / 255) - (m + shift) / k) / (s / k)
             k = 255.0 * factor
-            mean = tuple(m / k for m in mean)
+            mean = tuple((m + shift) / k for m in mean)
             std = tuple(s / k for s in std)
         return cls(size=out_size, resize_mode=mode, crop_pct=1.0, interpolation=interp,
                    mean=mean, std=std, resize_size=resize_size, crop_offset="floor")
