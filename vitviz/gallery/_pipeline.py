@@ -235,13 +235,7 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
     pending: deque = deque()
 
     def commit(records: list[dict]) -> None:
-        journal.append(records)
-        for r in records:
-            new[r["key"]] = r
-        bar.update(len(records))
-        if on_record is not None:
-            for r in records:
-                on_record(r)
+        _commit(records, journal, new, bar, on_record)
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
@@ -322,10 +316,16 @@ def _process_clips(vm, todo, chosen, out_dir, journal, new, bar, *, cmap, alpha,
                                              indices=clip.indices.tolist(), fps=fps, cmap=cmap, alpha=alpha,
                                              smooth=smooth, norm=norm)
                 records = [_record(s, n, "done", top5=top5[0] if top5 else None, image=image, outputs=outputs)]
-        journal.append(records)
+        _commit(records, journal, new, bar, on_record)
+
+
+def _commit(records: list[dict], journal, new: dict, bar, on_record) -> None:
+    """Records of finished items: into the journal and ``new`` (by key), the progress bar and
+    ``on_record``."""
+    journal.append(records)
+    for r in records:
+        new[r["key"]] = r
+    bar.update(len(records))
+    if on_record is not None:
         for r in records:
-            new[r["key"]] = r
-        bar.update(len(records))
-        if on_record is not None:
-            for r in records:
-                on_record(r)
+            on_record(r)

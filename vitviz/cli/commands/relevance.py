@@ -77,26 +77,19 @@ def run(args) -> int:
         return bad
     if args.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
-    from ...batch import relevance_files
+    from ...batch import relevance_files, relevance_video_files
 
     output = output_options(args)
     model = load(args)
     bad = check_video_arguments(args, model)
     if bad is not None:
         return bad
-    if model.is_video:
-        from ...batch import relevance_video_files
-
-        outcomes = relevance_video_files(model, args.images, args.out, method=args.method,
-                                         target=class_target(model, args), head_fusion=args.head_fusion,
-                                         discard_ratio=args.discard_ratio, start_layer=args.start_layer,
-                                         gamma=args.gamma, stride=args.frame_stride, animation=args.animation,
-                                         output=output, tag=model_tag(args))
-        print_notes(output)
-        return report(outcomes)
-    outcomes = relevance_files(model, args.images, args.out, method=args.method, target=class_target(model, args),
-                               head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
-                               start_layer=args.start_layer, gamma=args.gamma, batch_size=args.batch_size,
-                               on_original=args.on_original, output=output, tag=model_tag(args))
+    if model.is_video:  # clips: one per forward pass, four files each
+        write, extra = relevance_video_files, dict(stride=args.frame_stride, animation=args.animation)
+    else:
+        write, extra = relevance_files, dict(batch_size=args.batch_size, on_original=args.on_original)
+    outcomes = write(model, args.images, args.out, method=args.method, target=class_target(model, args),
+                     head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, start_layer=args.start_layer,
+                     gamma=args.gamma, output=output, tag=model_tag(args), **extra)
     print_notes(output)
     return report(outcomes)

@@ -47,25 +47,18 @@ def run(args) -> int:
     bad = check_render_arguments(args)
     if bad is not None:
         return bad
-    from ...batch import rollout_files
+    from ...batch import rollout_files, rollout_video_files
 
     output = output_options(args)
     model = load(args)
     bad = check_video_arguments(args, model)
     if bad is not None:
         return bad
-    if model.is_video:
-        from ...batch import rollout_video_files
-
-        outcomes = rollout_video_files(model, args.images, args.out, head_fusion=args.head_fusion,
-                                       discard_ratio=args.discard_ratio, start_layer=args.start_layer,
-                                       stride=args.frame_stride, animation=args.animation, output=output,
-                                       tag=model_tag(args))
-        print_notes(output)
-        return report(outcomes)
-    outcomes = rollout_files(model, args.images, args.out, head_fusion=args.head_fusion,
-                             discard_ratio=args.discard_ratio, start_layer=args.start_layer,
-                             batch_size=args.batch_size, on_original=args.on_original, output=output,
-                             tag=model_tag(args))
+    if model.is_video:  # clips: one per forward pass, four files each
+        write, extra = rollout_video_files, dict(stride=args.frame_stride, animation=args.animation)
+    else:
+        write, extra = rollout_files, dict(batch_size=args.batch_size, on_original=args.on_original)
+    outcomes = write(model, args.images, args.out, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+                     start_layer=args.start_layer, output=output, tag=model_tag(args), **extra)
     print_notes(output)
     return report(outcomes)
