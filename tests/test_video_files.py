@@ -462,3 +462,24 @@ def test_vivit_and_timesformer_through_the_cli(family, frames, tmp_path, capsys)
         assert len(decode_all(out / f"clip_{command}.mp4")) == FRAMES
         with Image.open(out / f"clip_{command}.webp") as im:
             assert im.n_frames == FRAMES
+
+
+def test_cls_query_of_a_late_frame_through_the_cli(vm, model_dir, tmp_path, capsys):
+    clip = write_video(tmp_path / "clip.mp4", 12)
+    out = tmp_path / "out"
+    _, x = reference_clip(vm, clip, sample_indices(12, FRAMES).tolist())
+    code, _, err = run_cli(["cls", str(clip), "--model", str(model_dir), "--out", str(out), "--query", "1,0,3"],
+                           capsys)
+    assert code == 0, err
+    with vitviz.capture(vm) as rec:
+        vm(x)
+    want = vitviz.query_maps(rec.attentions, (1, 0, 3))[0]  # [H, frames, gh, gw]
+    np.testing.assert_allclose(np.load(out / "clip_cls.npy"), want.numpy(), rtol=1e-5, atol=1e-7)
+    # a clip's patch needs its frame; an image's patch has none
+    code, _, err = run_cli(["cls", str(clip), "--model", str(model_dir), "--out", str(out), "--query", "0,3"], capsys)
+    errors = [line for line in err.splitlines() if "error" in line]  # (transformers' loading bar aside)
+    assert code != 0 and len(errors) == 1 and "(frame, row, col)" in errors[0]
+    code, _, err = run_cli(["cls", "vitviz/assets/shapes-triangle.png", "--model", "shapes-vit", "--out", str(out),
+                            "--query", "1,0,3"], capsys)
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code != 0 and len(errors) == 1 and "(row, col)" in errors[0]

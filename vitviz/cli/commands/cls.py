@@ -33,19 +33,23 @@ DESCRIPTION = ("What the CLS token (or another query) attends to, per layer and 
 EXAMPLE = "vitviz cls cat.jpg --model dino-s16 --layer -1 --mask 0.6 --out maps/"
 
 QUERY_HELP = ("query row: cls, dist (distillation token), cls+dist, patches (mean of the patch rows), "
-              "prefix, auto (cls, else patches), ROW,COL of a patch, or a token index (default: auto)")
+              "prefix, auto (cls, else patches), ROW,COL of a patch (FRAME,ROW,COL for a video model, FRAME "
+              "the temporal position), or a token index (default: auto)")
 
 
 def parse_query(text: str):
-    """``"cls"`` / ``"3,7"`` (a patch) / ``"5"`` (a token index) -> a query for the analyzers."""
+    """``"cls"`` / ``"3,7"`` (a patch) / ``"1,3,7"`` (a patch of a clip's temporal position 1) /
+    ``"5"`` (a token index) -> a query for the analyzers."""
     t = text.strip().lower()
     if "," in t:
-        parts = t.split(",")
         try:
-            row, col = (int(p) for p in parts)
+            where = tuple(int(p) for p in t.split(","))
         except ValueError:
-            raise ValueError(f"a patch query is ROW,COL (two integers), got {text!r}") from None
-        return row, col
+            where = ()
+        if len(where) not in (2, 3):
+            raise ValueError(f"a patch query is ROW,COL (two integers), or FRAME,ROW,COL for a video model, "
+                             f"got {text!r}")
+        return where
     if t.lstrip("-").isdigit():
         return int(t)
     return t
