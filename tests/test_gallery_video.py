@@ -100,3 +100,36 @@ def test_image_model_gallery_skips_videos(tmp_path):
     assert recs["clip.mp4"]["status"] == "skipped"
     assert "is a video (MP4), not an image, and the model takes still images" in recs["clip.mp4"]["reason"]
     assert result.exit_code == 1
+
+
+def test_video_item_in_a_real_browser(video_model, tmp_path):
+    """The page opened from file:// in headless Chromium: the clip's card shows its strip, and its
+    large view plays the animations (loaded, at most at their own size)."""
+    from helpers import headless_chromium
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_video(src / "clip.mp4", 20)
+    out = tmp_path / "gallery"
+    result = build_gallery(src, video_model, out, methods="rollout,cls", workers=0, progress=False)
+    outputs = result.records[0]["outputs"]
+    shown = ("return Array.from(document.querySelectorAll(arguments[0])).filter(i => i.offsetParent !== null)"
+             ".map(i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.getBoundingClientRect().width]);")
+    with headless_chromium("1280,1600") as d:
+        d.get((out / "index.html").resolve().as_uri())
+        wait = WebDriverWait(d, 20)
+        wait.until(lambda drv: drv.execute_script("return document.readyState") == "complete")
+        d.find_element(By.CSS_SELECTOR, '.tabs button[data-name="rollout"]').click()
+        wait.until(lambda drv: all(c and w > 0 for _, c, w, _ in drv.execute_script(shown, "#grid img")))
+        assert [s[0] for s in d.execute_script(shown, "#grid img")] == [outputs["rollout"]["overlay"]]  # the strip
+        d.find_element(By.CSS_SELECTOR, "#grid .card").click()
+        wait.until(lambda drv: drv.find_element(By.ID, "viewer").is_displayed())
+        wait.until(lambda drv: all(c and w > 0 for _, c, w, _ in drv.execute_script(shown, "#viewer-body img")))
+        big = d.execute_script(shown, "#viewer-body img")
+        for m in ("rollout", "cls"):
+            assert outputs[m]["animation"] in [s[0] for s in big]
+        for src_, _, natural, width in big:
+            assert 0 < width <= natural + 0.5, src_
+        assert not [e for e in d.get_log("browser") if e.get("level") in ("SEVERE", "ERROR")]
