@@ -300,15 +300,12 @@ def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[
         raise RenderError(f"maps must be [rows, cols, gh, gw], got shape {m.shape}")
     rows, cols, gh, gw = m.shape
     check_dpi(dpi)
-    per_col = image is not None and np.ndim(image) == 4  # one image per column (a clip's frames)
-    if per_col and len(image) != cols:  # type: ignore[arg-type]
-        raise RenderError(f"{len(image)} images for {cols} columns: give one image per column")  # type: ignore[arg-type]
-    first = image[0] if per_col else image  # type: ignore[index]
-    tile = _tile_px(tile, dpi, as_rgb_uint8(first) if first is not None else None)
+    views = _column_views(image, cols)  # the image under each column, or None
+    tile = _tile_px(tile, dpi, views[0])
     flat = [m[r, c] for r in range(rows) for c in range(cols)]
     scales = figure_scales(flat, norm, vmin, vmax)
-    col_img = [_fit(as_rgb_uint8(im), tile) for im in image] if per_col else (  # type: ignore[union-attr]
-        [_fit(as_rgb_uint8(image), tile)] * cols if image is not None else [None] * cols)
+    fitted = {id(v): _fit(v, tile) for v in views if v is not None}  # each distinct view fitted once
+    col_img = [fitted[id(v)] if v is not None else None for v in views]
     img = col_img[0]
     if img is not None:
         size = img.shape[:2]
@@ -363,6 +360,18 @@ def map_grid(maps: Any, image: ImageLike | None = None, *, row_labels: Sequence[
 
 MAX_ASPECT = 3.0  # no figure of maps is wider than this times its height ...
 STRIP_PANELS = 6  # ... except a single row of at most this many panels
+
+
+def _column_views(image: Any, cols: int) -> list[np.ndarray | None]:
+    """The image under each of ``cols`` columns: one for all (``HxWx3``), one per column
+    (``[cols, H, W, 3]``: a clip's frames), or none."""
+    if image is None:
+        return [None] * cols
+    if np.ndim(image) == 4:
+        if len(image) != cols:
+            raise RenderError(f"{len(image)} images for {cols} columns: give one image per column")
+        return [as_rgb_uint8(im) for im in image]
+    return [as_rgb_uint8(image)] * cols
 
 
 def grid_bands(rows: int, cols: int, tile_in: tuple[float, float], extra_w: float, band_label_h: float) -> int:
