@@ -13,6 +13,8 @@ import secrets
 import unicodedata
 from pathlib import Path
 
+from ..errors import ImageError
+
 _TMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile's own alphabet (8 of them per name)
 
 
@@ -110,3 +112,35 @@ def unique_stems(names) -> list[str]:
         used.add(stem.lower())
         out.append(stem)
     return out
+
+
+def usable_file(name: str, error: type[ImageError] = ImageError, what: str = "image",
+                example: str = " (e.g. DIR/*.jpg)") -> int:
+    """The size of ``name`` once it is known to be a file that exists and is not empty.
+
+    Args:
+        name: the path.
+        error: the error raised (:class:`ImageError` or a subclass), as ``error(name, why)``.
+        what: what the file should be, for the messages (``"image"``, ``"video"``).
+        example: how to pass a folder's files, for the message.
+
+    Returns:
+        The file's size in bytes (at least 1).
+
+    Raises:
+        ImageError: (``error``) missing, a folder, unreadable or empty.
+    """
+    if not os.path.exists(name):
+        where = "" if os.path.isabs(name) else f" (relative paths start at {os.getcwd()})"
+        raise error(name, f"no such file; check the path{where}")
+    if os.path.isdir(name):
+        raise error(name, f"is a directory, not an {what} file; pass the {what} files inside it{example}, "
+                          "or use `vitviz gallery DIR` for a whole folder")
+    try:
+        size = os.path.getsize(name)
+    except OSError as e:
+        raise error(name, f"cannot be read ({e.strerror or e}); check its permissions") from e
+    if size == 0:
+        raise error(name, "the file is empty (0 bytes): it was not written completely or the "
+                          "download failed; re-create or re-download it")
+    return size

@@ -38,6 +38,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .._util.files import usable_file
 from ..errors import ImageError
 
 ImageSource = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
@@ -126,19 +127,7 @@ def _from_path(path) -> Image.Image:
     name = os.fspath(path)
     if isinstance(name, bytes):
         name = os.fsdecode(name)
-    if not os.path.exists(name):
-        where = "" if os.path.isabs(name) else f" (relative paths start at {os.getcwd()})"
-        raise ImageError(name, f"no such file; check the path{where}")
-    if os.path.isdir(name):
-        raise ImageError(name, "is a directory, not an image file; pass the image files inside it "
-                               "(e.g. DIR/*.jpg), or use `vitviz gallery DIR` for a whole folder")
-    try:
-        size = os.path.getsize(name)
-    except OSError as e:
-        raise ImageError(name, f"cannot be read ({e.strerror or e}); check its permissions") from e
-    if size == 0:
-        raise ImageError(name, "the file is empty (0 bytes): it was not written completely or the "
-                               "download failed; re-create or re-download it")
+    size = usable_file(name)
     try:
         fh = open(name, "rb")
     except OSError as e:

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from .._util.files import VIDEO_SUFFIXES  # the suffixes of video files (the content decides the rest)
+from .._util.files import VIDEO_SUFFIXES, usable_file  # the suffixes of video files (the content decides the rest)
 from ..errors import VideoError
 
 
@@ -268,20 +268,12 @@ def _quiet_opencv() -> Iterator[Any]:
 
 def _check_file(name: str) -> bytes:
     """The first bytes of a file that exists, is a file, is not empty and is not a still image."""
-    if not os.path.exists(name):
-        where = "" if os.path.isabs(name) else f" (relative paths start at {os.getcwd()})"
-        raise VideoError(name, f"no such file; check the path{where}")
-    if os.path.isdir(name):
-        raise VideoError(name, "is a directory, not a video file; pass the video files inside it, or use "
-                               "`vitviz gallery DIR` for a whole folder")
+    usable_file(name, VideoError, "video", example="")
     try:
         with open(name, "rb") as fh:
             head = fh.read(16)
     except OSError as e:
         raise VideoError(name, f"cannot be read ({e.strerror or e}); check its permissions") from e
-    if not head:
-        raise VideoError(name, "the file is empty (0 bytes): it was not written completely or the download "
-                               "failed; re-create or re-download it")
     content = video_kind(head)  # by the bytes alone
     if content is None:
         still = _still_image_format(name)

@@ -108,6 +108,14 @@ def add_original_argument(p: argparse.ArgumentParser) -> None:
                         "its own scale (the colour bar states it); not with --size")
 
 
+def writer_for(model, args, images, clips):
+    """``(write, extra)``: a command's image writer or, for a video model, its clip writer, with the
+    arguments only that one takes (clips: one per forward pass, four files each)."""
+    if model.is_video:
+        return clips, dict(stride=args.frame_stride, animation=args.animation)
+    return images, dict(batch_size=args.batch_size, on_original=args.on_original)
+
+
 def check_render_arguments(args):
     """The exit status for bad overlay arguments (after printing the error), or None."""
     bad = check_alpha_argument(args)

@@ -19,6 +19,7 @@ from ._common import (
     output_options,
     print_notes,
     report,
+    writer_for,
 )
 
 NAME = "relevance"
@@ -84,10 +85,7 @@ def run(args) -> int:
     bad = check_video_arguments(args, model)
     if bad is not None:
         return bad
-    if model.is_video:  # clips: one per forward pass, four files each
-        write, extra = relevance_video_files, dict(stride=args.frame_stride, animation=args.animation)
-    else:
-        write, extra = relevance_files, dict(batch_size=args.batch_size, on_original=args.on_original)
+    write, extra = writer_for(model, args, relevance_files, relevance_video_files)
     outcomes = write(model, args.images, args.out, method=args.method, target=class_target(model, args),
                      head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, start_layer=args.start_layer,
                      gamma=args.gamma, output=output, tag=model_tag(args), **extra)

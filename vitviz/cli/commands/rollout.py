@@ -16,6 +16,7 @@ from ._common import (
     output_options,
     print_notes,
     report,
+    writer_for,
 )
 
 NAME = "rollout"
@@ -54,10 +55,7 @@ def run(args) -> int:
     bad = check_video_arguments(args, model)
     if bad is not None:
         return bad
-    if model.is_video:  # clips: one per forward pass, four files each
-        write, extra = rollout_video_files, dict(stride=args.frame_stride, animation=args.animation)
-    else:
-        write, extra = rollout_files, dict(batch_size=args.batch_size, on_original=args.on_original)
+    write, extra = writer_for(model, args, rollout_files, rollout_video_files)
     outcomes = write(model, args.images, args.out, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
                      start_layer=args.start_layer, output=output, tag=model_tag(args), **extra)
     print_notes(output)
