@@ -340,3 +340,33 @@ class SdpaCalls(torch.overrides.TorchFunctionMode):
         if func is torch.nn.functional.scaled_dot_product_attention:
             self.calls.append(dict(zip(AttentionLayerCount._SDPA_ARGS, args), **kwargs))
         return func(*args, **kwargs)
+
+
+def write_video(path, frames, *, fourcc="mp4v", fps=10.0):
+    """A real video file written by OpenCV from RGB ``[H, W, 3]`` uint8 frames; returns its path."""
+    from pathlib import Path
+
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return Path(path)
+
+
+def decode_all(path):
+    """Every frame of a video, RGB, by a plain OpenCV loop (the reference reader)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return frames

@@ -2,12 +2,12 @@
 animation in the large view, the raw maps); bad files and, for an image model, video files are
 skipped with their reason."""
 
-from pathlib import Path
 
-import cv2
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import decode_all
 from PIL import Image
 
 import vitviz
@@ -29,26 +29,12 @@ def video_model():
 def write_video(path, n, *, fourcc="mp4v", size=(48, 40)):
     """A real video: a red square moving right, ``n`` frames at 10 fps."""
     w, h = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10.0, size)
-    assert writer.isOpened()
+    frames = []
     for i in range(n):
         f = np.full((h, w, 3), 40, np.uint8)
-        f[10:20, 2 * i:2 * i + 10] = (30, 30, 230)  # BGR red
-        writer.write(f)
-    writer.release()
-    return Path(path)
-
-
-def decoded(path):
-    cap = cv2.VideoCapture(str(path))
-    out = []
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    cap.release()
-    return out
+        f[10:20, 2 * i:2 * i + 10] = (230, 30, 30)  # RGB red
+        frames.append(f)
+    return helpers.write_video(path, frames, fourcc=fourcc)
 
 
 def test_video_model_gallery_items(video_model, tmp_path):
@@ -68,7 +54,7 @@ def test_video_model_gallery_items(video_model, tmp_path):
 
     outputs = recs["clip.mp4"]["outputs"]
     # the raw rollout equals vitviz.rollout on the clip sampled by the rule (frames 0, 5, 10, 15 of 20)
-    frames = decoded(src / "clip.mp4")
+    frames = decode_all(src / "clip.mp4")
     x = torch.stack([video_model.preprocessor(frames[i])[0] for i in (0, 5, 10, 15)])[None]
     with vitviz.capture(video_model) as rec:
         video_model(x)

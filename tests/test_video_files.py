@@ -14,10 +14,12 @@ import re
 from pathlib import Path
 
 import cv2
+import helpers
 import numpy as np
 import pytest
 import torch
 from _figcheck import overlapping_labels
+from helpers import decode_all
 from PIL import Image
 
 import vitviz
@@ -67,25 +69,7 @@ def moving_square(n, size=(64, 48)):
 
 
 def write_video(path, n, *, fourcc="mp4v", fps=10.0, size=(64, 48)):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
-    assert writer.isOpened()
-    for f in moving_square(n, size):
-        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    writer.release()
-    return Path(path)
-
-
-def decode_all(path):
-    """Every frame of a video, RGB, by a plain OpenCV loop (the reference reader)."""
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    cap.release()
-    return frames
+    return helpers.write_video(path, moving_square(n, size), fourcc=fourcc, fps=fps)
 
 
 def reference_clip(vm, path, indices):

@@ -121,7 +121,8 @@ def test_mean_attention_distance_of_a_video_is_spatial():
 
 
 def _tiny(family: str):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a core dependency of vitviz
+
     common = dict(image_size=32, num_frames=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=64)
     if family == "videomae":
