@@ -550,7 +550,7 @@ def test_divided_product_equals_the_fusion_of_the_placed_matrices(kind, fusion):
     g = torch.Generator().manual_seed(7)
     attn = torch.softmax(torch.randn(sequences, 3, length, length, generator=g), -1)
     grad = torch.randn(sequences, 3, length, length, generator=g)
-    prod = scheme.place(attn) * scheme.place(grad, grad=True)  # [B, H, N, N]
+    prod = scheme.place(attn) * scheme.place(grad, mode="grad")  # [B, H, N, N]
     want = fuse_heads(prod.clamp(min=0) if fusion[1] else prod, fusion[0])
     got = scheme.product(attn, grad, fusion)
     assert got.shape == (2, scheme.num_tokens, scheme.num_tokens)

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..analyze import fuse_heads
+
 TIME, SPACE = "time", "space"
 
 
@@ -108,8 +110,6 @@ class DividedScheme:
         Returns:
             ``[B, N, N]`` float32.
         """
-        from ..analyze import fuse_heads
-
         head_fusion, clamp = fusion
         a, g = attn.float(), grad.float()
         prod = a * g  # [B*S, H, L, L]
@@ -126,17 +126,16 @@ class DividedScheme:
             out[:, 0, 0] = fuse_heads(corner, head_fusion)[:, 0, 0]
         return out
 
-    def place(self, attn: torch.Tensor, grad: bool = False, mode: str | None = None) -> torch.Tensor:
-        """The layer's per-sequence attention (or its gradient, ``grad=True``) on the clip's grid.
+    def place(self, attn: torch.Tensor, mode: str = "probs") -> torch.Tensor:
+        """The layer's per-sequence attention (or its gradient, or their product) on the clip's grid.
 
         Args:
             attn: ``[B * S, H, L, L]`` as the model computed it (``S`` sequences of ``L`` tokens
                 per clip: :meth:`sequences`).
-            grad: place a gradient ``d score / d attn`` (the CLS row scaled as described in the
-                module docstring) instead of probabilities.
-            mode: ``"probs"``, ``"grad"`` (as ``grad=True``) or ``"product"`` (a product of the
-                two, already fused over heads or not: the CLS row unscaled, ``[0, 0]`` left 0
-                for :meth:`product`); default from ``grad``.
+            mode: ``"probs"`` (probabilities), ``"grad"`` (a gradient ``d score / d attn``, the
+                CLS row scaled as described in the module docstring) or ``"product"`` (a product
+                of the two, already fused over heads or not: the CLS row unscaled, ``[0, 0]``
+                left 0 for :meth:`product`).
 
         Returns:
             ``[B, H, N, N]`` in the dtype of ``attn``.
@@ -148,7 +147,6 @@ class DividedScheme:
         per, want = self.sequences(1)
         if s % per or length != want or attn.shape[-1] != want:
             raise ValueError(f"divided attention of shape {tuple(attn.shape)} does not fit {self}")
-        mode = mode or ("grad" if grad else "probs")
         b, t, p, n = s // per, self.frames, self.patches, self.num_tokens
         out = attn.new_zeros(b, heads, n * n)
         flat = self._patch_index(attn.device)
@@ -181,4 +179,4 @@ class DividedPlacer:
         return self.scheme.place(attn)
 
     def grad(self, g: torch.Tensor) -> torch.Tensor:
-        return self.scheme.place(g, grad=True)
+        return self.scheme.place(g, mode="grad")
