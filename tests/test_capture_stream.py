@@ -81,6 +81,53 @@ def test_layers_not_kept_stay_on_the_fused_kernel(model, monkeypatch):
     assert computed == 3
 
 
+class _Reader:
+    """A stream that reads only ``layers`` and notes what it was given."""
+
+    def __init__(self, layers):
+        self.layers, self.got = layers, []
+
+    def reset(self):
+        self.got = []
+
+    def update(self, attn, *, layer, num_layers, layout):
+        self.got.append((layer, tuple(attn.shape)))
+
+    def result(self, layout):
+        return self.got
+
+
+def test_a_stream_that_names_its_layers_leaves_the_others_on_the_fused_kernel(model, monkeypatch):
+    seen, computed, rec = _computed_during_forward(model, monkeypatch, keep="none", streams={"s": _Reader([1])})
+    assert seen == {0: True, 1: True, 2: True}  # nothing switched
+    assert computed == 1  # only layer 1's probabilities; layers 0 and 2 ran the fused kernel
+    assert rec.stream("s") == [(1, (1, 3, 18, 18))]  # called for its layer only, with every head
+    _, computed, rec = _computed_during_forward(model, monkeypatch, keep="none", streams={"s": _Reader([-1])})
+    assert computed == 1 and [layer for layer, _ in rec.stream("s")] == [2]  # -1: the last, the depth being known
+
+
+def test_rollout_with_the_last_layer_s_cls_maps_fuses_the_heads_of_every_other_layer(model, monkeypatch):
+    import vitviz.attention._mode as ops
+    from vitviz.explain import LayerStream
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), vitviz.capture(model) as ref:
+        model(x)
+    fused, full = [], []
+    real_fused, real_full = ops.sdpa_fused_heads, ops.sdpa_probabilities
+    monkeypatch.setattr(ops, "sdpa_fused_heads", lambda *a, **k: fused.append(1) or real_fused(*a, **k))
+    streams = {"r": RolloutStream(), "c": LayerStream(-1), "s": _Reader([-1])}
+    with torch.no_grad(), vitviz.capture(model, keep="none", streams=streams) as rec:
+        monkeypatch.setattr(ops, "sdpa_probabilities", lambda *a, **k: full.append(len(fused)) or real_full(*a, **k))
+        model(x)
+    monkeypatch.undo()
+    assert len(fused) == 2  # layers 0 and 1: the head mean, a few heads at a time
+    assert full[-1] == 2  # the last layer's per-head probabilities, computed after the two fused layers
+    assert rec.stream("s") == [(2, (2, 3, 18, 18))]
+    torch.testing.assert_close(rec.stream("r"), vitviz.rollout(ref.attentions), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(rec.stream("c"), cls_maps(ref.attentions, layer=-1), rtol=1e-5, atol=1e-6)
+
+
 def test_selected_layers_are_counted_in_the_order_they_run(model):
     class Reversed(torch.nn.Module):  # runs the blocks last to first
         def __init__(self, vit):

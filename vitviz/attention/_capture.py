@@ -49,7 +49,10 @@ passed in, so a stream needs no knowledge of the model in its constructor:
   before the pass ends). A stream that fuses the heads first may say so with a
   ``fused_heads`` attribute (``"mean"``, ``"max"`` or ``"min"``): when every stream says the
   same and nothing else needs the layer, it gets the fused ``[B, 1, N, N]`` instead, computed
-  a few heads at a time on the CPU without the ``[B, H, N, N]`` probabilities;
+  a few heads at a time on the CPU without the ``[B, H, N, N]`` probabilities. A stream that
+  reads only some layers may name them in a ``layers`` attribute (indices as ``keep=``,
+  negative ones from the end): it is not called for the others, and they are computed only
+  as the other streams and ``keep=`` need (on the fused kernel where nothing does);
 - ``update_grad(attn, grad, *, layer, num_layers, layout)``: every layer's attention with its
   gradient in the backward pass (``grad=True``; last layer first), e.g.
   :class:`vitviz.analyze.gradient.RelevanceStream`;

@@ -424,28 +424,34 @@ class _Recorder:
     def needs(self, role: str, site: Site | None = None) -> bool:
         """Whether the next layer of ``role`` (run by ``site``) needs its probabilities in the
         forward pass (else the fused kernel runs)."""
-        if (self.grad_streams or self.forward_streams) and (
-                (site is not None and (site.windows is not None or site.divided))
-                or self.current().visible is not None):
+        p = self.current()
+        read = role == IMAGE and bool(self.readers(p.seen.get(role, 0)))
+        if (self.grad_streams or read) and (
+                (site is not None and (site.windows is not None or site.divided)) or p.visible is not None):
             return True  # placed on the grid from the probabilities (windows, divided, visible patches)
         if role == POOL:
             return self.keep == "all"
-        if role == IMAGE and self.forward_streams:
-            return True
-        p = self.current()
-        return _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0))
+        return read or _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0))
+
+    def readers(self, index: int) -> list:
+        """The forward streams that read image layer ``index``: those without a ``layers``
+        attribute read every layer; ``layers`` names the others' layers as ``keep=`` does
+        (negative indices count from the end; every layer is read while the depth is not known)."""
+        n = self.num_layers.get(IMAGE, 0)
+        return [s for s in self.forward_streams if _selected(getattr(s, "layers", "all"), index, n)]
 
     def fused_heads(self, role: str, query: torch.Tensor) -> str | None:
         """The head fusion (``"mean"``/``"max"``/``"min"``) that is all the next layer of
-        ``role`` is needed for, or None: on the CPU, when every forward stream declares the
-        same ``fused_heads`` and the layer is neither kept nor needed by a gradient."""
+        ``role`` is needed for, or None: on the CPU, when every forward stream that reads the
+        layer declares the same ``fused_heads`` and the layer is neither kept nor needed by a
+        gradient."""
         if (role != IMAGE or not self.forward_streams or self.grad or query.device.type != "cpu"
                 or query.dtype != torch.float32):
             return None
-        fusions = {getattr(s, "fused_heads", None) for s in self.forward_streams}
+        p = self.current()
+        fusions = {getattr(s, "fused_heads", None) for s in self.readers(p.seen.get(role, 0))}
         if len(fusions) != 1 or None in fusions:
             return None
-        p = self.current()
         if _selected(self.keep, p.seen.get(role, 0), self.num_layers.get(role, 0)):
             return None
         return fusions.pop()
@@ -605,18 +611,19 @@ class _Recorder:
         if role in (IMAGE, POOL):
             p.layouts[(role, index)] = layouts
         kept = _selected(self.keep, index, self.num_layers.get(role, 0)) if role != POOL else self.keep == "all"
-        if deferred and not kept and role == IMAGE and self.forward_streams and not self.grad_streams and all(
-                getattr(s, "fused_heads", None) == "mean" for s in self.forward_streams):
+        readers = self.readers(index) if role == IMAGE else []
+        if deferred and not kept and readers and not self.grad_streams and all(
+                getattr(s, "fused_heads", None) == "mean" for s in readers):
             # streams that read only the mean over heads: placing is linear, so the mean of the
             # placed heads is the placed mean ([B, 1, N, N]: one [N, N] per clip instead of H)
             placed = placer(attn.mean(dim=1, keepdim=True))
-        elif deferred and (kept or (role == IMAGE and self.forward_streams)):
+        elif deferred and (kept or readers):
             placed = placer(attn)  # [B, H, N, N] on the clip's tokens
         elif deferred:
             placed = _PlacedLater(placer, attn)
-        if role == IMAGE and self.forward_streams:
+        if readers:
             layout = self.stream_layout(p, index, layouts)
-            for stream in self.forward_streams:  # streaming analyses see every layer
+            for stream in readers:  # streaming analyses see the layers they read
                 stream.update(placed.detach(), layer=index, num_layers=self.num_layers[IMAGE] or None,
                               layout=layout)  # [B, H, N, N]
         if kept and rows is None and self.rows is not None and role == IMAGE and layouts[1] is None:
@@ -627,7 +634,7 @@ class _Recorder:
             if rows is not None:
                 p.rows[(role, index)] = rows
         streamed = role == IMAGE and bool(self.grad_streams)
-        self.resolve(ops, RECORDED if kept or streamed or (role == IMAGE and self.forward_streams) else REQUESTED)
+        self.resolve(ops, RECORDED if kept or streamed or readers else REQUESTED)
         if self.grad and role != POOL and (kept or streamed):
             # the gradient placed on the grid as the gradient of the placed matrix (divided
             # attention scales its CLS row; elsewhere the same placement as the probabilities)

@@ -356,13 +356,16 @@ class LayerStream:
     seen are kept); ``result`` gives :func:`vitviz.cls_maps` of it.
 
     Memory: one layer (``|layer|`` layers for a negative index) instead of all ``L``. Each layer
-    is read on its own token grid (``per_layer_layouts``), so hierarchical models work too.
+    is read on its own token grid (``per_layer_layouts``), so hierarchical models work too. It
+    reads only its layer (``layers``, as ``keep=``): the other layers run as the capture's other
+    streams need them, or on the model's fused kernel.
     """
 
     per_layer_layouts = True
 
     def __init__(self, layer: int = -1):
         self.layer = int(layer)
+        self.layers = [self.layer]  # the layers the capture passes to update (every layer while the depth is unknown)
         self.reset()
 
     def reset(self) -> None:
