@@ -399,7 +399,7 @@ def test_pictures_are_at_least_256_px_and_grid_labels_are_text_at_their_size(ref
     of 4 px or more, so the check can fail."""
     import math
 
-    from vitviz.gallery._draw import GAP, TILE_SIDE, _font, band_height, label_band, label_px
+    from vitviz.gallery._draw import GAP, TILE_SIDE, band_height, label_band, label_px
 
     out, result = reference
     px = label_px(TILE_SIDE)
@@ -419,9 +419,9 @@ def test_pictures_are_at_least_256_px_and_grid_labels_are_text_at_their_size(ref
             r, c = divmod(i, cols)
             y, x = r * (TILE_SIDE + band + GAP) + TILE_SIDE, c * (TILE_SIDE + GAP)
             got = grid[y:y + band, x:x + TILE_SIDE]
-            assert np.abs(got - label_band(name, TILE_SIDE, _font(px), px)).mean() < 3, name
+            assert np.abs(got - label_band(name, TILE_SIDE, px)).mean() < 3, name
             assert _dark_run_median(got.mean(-1)) <= 2.5
-    small = label_band("head 0", TILE_SIDE // 4, _font(px // 4), px // 4).mean(-1)
+    small = label_band("head 0", TILE_SIDE // 4, px // 4).mean(-1)
     assert _dark_run_median(np.repeat(np.repeat(small, 4, 0), 4, 1)) >= 4
 
 

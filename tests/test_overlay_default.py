@@ -121,6 +121,56 @@ def test_blend_in_place_is_the_written_out_formula(alpha):
     np.testing.assert_array_equal(blend(img, unit, "inferno", alpha), expected)
 
 
+@pytest.mark.parametrize("cmap,alpha", [("inferno", None), ("inferno", 0.3), ("jet", 0.77), ("viridis", None),
+                                        ("Greens", 0.1), ("magma", 1.0)])
+def test_blocks_looked_up_in_a_table_are_the_written_out_formula(cmap, alpha, monkeypatch):
+    """Patch blocks over more pixels than a [patches, 3, 256] table has entries are drawn by
+    looking each pixel up in a per-patch table of blend's float32 arithmetic: the same bits as the
+    formula written out per pixel, at grids and sizes whose block edges fall between pixels too."""
+    import vitviz.render._overlay as ov
+    from vitviz.render._overlay import colorize
+
+    tables = []
+    real = ov._blend_table
+    monkeypatch.setattr(ov, "_blend_table", lambda *a: tables.append(1) or real(*a))
+    rng = np.random.default_rng(4)
+    for (h, w), (gh, gw) in [((256, 256), (14, 14)), ((97, 130), (3, 5)), ((300, 200), (7, 4)), ((64, 64), (1, 1))]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        heat = rng.random((gh, gw)).astype(np.float32) ** 2
+        unit = (heat - heat.min()) / (heat.max() - heat.min()) if gh * gw > 1 else np.zeros_like(heat)
+        rows = np.minimum(((np.arange(h) + 0.5) * gh / h).astype(int), gh - 1)
+        cols = np.minimum(((np.arange(w) + 0.5) * gw / w).astype(int), gw - 1)
+        up = unit[rows[:, None], cols[None, :]].astype(np.float32)  # [h, w] blocks, written out
+        a = float(alpha) if alpha is not None else (ALPHA_MAX * up ** ALPHA_GAMMA).astype(np.float32)[..., None]
+        written = (1.0 - a) * img.astype(np.float32) + a * colorize(up, cmap).astype(np.float32)
+        expected = np.clip(np.rint(written), 0, 255).astype(np.uint8)
+        before = len(tables)
+        np.testing.assert_array_equal(vitviz.overlay(img, heat, cmap=cmap, alpha=alpha), expected)
+        assert len(tables) == before + 1  # the table path drew it
+
+
+def test_colorize_is_opencv_s_colour_map_and_matplotlib_s_table():
+    """colorize looks levels up in a table made once per colour map: the same colours as OpenCV's
+    applyColorMap of the whole map, and as matplotlib's table for its own maps."""
+    import matplotlib
+
+    from vitviz.render._overlay import _CV2_MAPS, colorize
+
+    rng = np.random.default_rng(5)
+    unit = rng.random((37, 53)).astype(np.float32) * 1.2 - 0.1  # values outside [0, 1] are clipped
+    u8 = np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)
+    names = [n for n, attr in _CV2_MAPS.items() if hasattr(cv2, attr)]
+    assert "inferno" in names and "jet" in names
+    for name in names:
+        expected = cv2.cvtColor(cv2.applyColorMap(u8, getattr(cv2, _CV2_MAPS[name])), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(colorize(unit, name), expected, err_msg=name)
+    for name in ("Greens", "coolwarm"):
+        expected = (matplotlib.colormaps[name](np.arange(256))[:, :3][u8] * 255.0 + 0.5).astype(np.uint8)
+        np.testing.assert_array_equal(colorize(unit, name), expected, err_msg=name)
+    with pytest.raises(RenderError, match="unknown colormap"):
+        colorize(unit, "no-such-map")
+
+
 def test_default_opacity_golden():
     """alpha=None: a = ALPHA_MAX * u ** ALPHA_GAMMA per pixel; inferno by default."""
     assert DEFAULT_CMAP == "inferno"

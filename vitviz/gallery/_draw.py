@@ -64,13 +64,15 @@ def _font(px: int) -> Any:
     return ImageFont.load_default(px)  # Pillow's own scalable font
 
 
-def label_band(text: str, width: int, font: Any, px: int) -> np.ndarray:
-    """A white ``[band_height(px), width, 3]`` uint8 strip with ``text`` in black, drawn at this
-    size with ``font`` (``px`` pixels high). Text wider than the strip is cut and ends in an
-    ellipsis.
+@lru_cache(maxsize=1024)
+def label_band(text: str, width: int, px: int) -> np.ndarray:
+    """A white ``[band_height(px), width, 3]`` uint8 strip with ``text`` in black, ``px`` pixels
+    high. Text wider than the strip is cut and ends in an ellipsis. Read-only, and drawn once
+    per text and size (a gallery labels every image's heads alike).
     """
     from PIL import Image, ImageDraw
 
+    font = _font(px)
     band = band_height(px)
     pad = max(3, px // 3)
     s = str(text)
@@ -80,7 +82,9 @@ def label_band(text: str, width: int, font: Any, px: int) -> np.ndarray:
         s += "…"
     im = Image.new("RGB", (width, band), (255, 255, 255))
     ImageDraw.Draw(im).text((pad, band // 2), s, fill=(0, 0, 0), font=font, anchor="lm")
-    return np.asarray(im)
+    pixels = np.array(im)
+    pixels.flags.writeable = False
+    return pixels
 
 
 def label_px(tile_short: int) -> int:
@@ -106,7 +110,6 @@ def tile(images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np
     cols = math.ceil(math.sqrt(k))
     rows = math.ceil(k / cols)
     px = label_px(min(h, w))
-    font = _font(px) if names is not None else None
     band = band_height(px) if names is not None else 0
     out = np.full((rows * (h + band + GAP) - GAP, cols * (w + GAP) - GAP, 3), 255, np.uint8)
     for i, im in enumerate(images):
@@ -114,7 +117,7 @@ def tile(images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np
         y, x = r * (h + band + GAP), c * (w + GAP)
         out[y:y + h, x:x + w] = im
         if names is not None:
-            out[y + h:y + h + band, x:x + w] = label_band(names[i], w, font, px)
+            out[y + h:y + h + band, x:x + w] = label_band(str(names[i]), w, px)
     return out
 
 
