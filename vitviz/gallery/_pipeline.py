@@ -239,13 +239,13 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
-            fut, skipped = pending.popleft()
-            commit(skipped + (fut.result() if fut is not None else []))
+            futs, skipped = pending.popleft()
+            commit(skipped + [r for f in futs for r in f.result()])
 
     try:
         while batch is not None:
             skipped = [_record(todo[i][0], todo[i][1], "skipped", reason) for i, reason in batch["failures"]]
-            fut = None
+            futs = []
             if batch["index"]:
                 x = batch["x"].to(device=device, dtype=vm.dtype, non_blocking=True)  # [B, 3, H, W]
                 output, results = run_methods(vm, x, chosen)
@@ -263,16 +263,20 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
                                  "names": {k: v[1][j][0] for k, v in split.items()},
                                  "texts": {k: v[1][j][1] for k, v in split.items()},
                                  "top5": top5[j] if top5 else None})
-                fut = pool.submit(_render_batch, out_dir, jobs, cmap, alpha, norm, smooth)
-            pending.append((fut, skipped))
+                # in one part per thread: the batch's images spread over the threads (the last
+                # batch, which nothing overlaps, takes 1 / render_threads of the time)
+                size = -(-len(jobs) // max(1, render_threads))  # ceil: contiguous parts keep the order
+                futs = [pool.submit(_render_batch, out_dir, jobs[k:k + size], cmap, alpha, norm, smooth)
+                        for k in range(0, len(jobs), size)]
+            pending.append((futs, skipped))
             drain(keep=max(1, render_threads))
             batch = next(it, None)
         drain(keep=0)
     except BaseException:
         # finish what the threads have started (their files are whole either way) and journal it
-        for fut, skipped in list(pending):
+        for futs, skipped in list(pending):
             try:
-                records = skipped + (fut.result() if fut is not None else [])
+                records = skipped + [r for f in futs for r in f.result()]
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 continue
             journal.append(records)
