@@ -455,6 +455,28 @@ def test_look_options_reach_the_pictures_and_are_part_of_the_settings(model, tmp
         build_gallery(src, model, tmp_path / "g2", methods="rollout", alpha=1.5, progress=False)
 
 
+def test_opencv_threads_are_one_during_the_run_and_restored_after(model, folder, tmp_path):
+    """The render threads draw beside the model: OpenCV's own worker threads are off while the
+    gallery runs (read in on_record, called as batches finish) and back as they were after it;
+    the rendered images' records come in gallery order although each batch is split between the
+    render threads (a batch's skipped images are recorded first)."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    seen: list[tuple[int, str, str]] = []
+    try:
+        r = build_gallery(folder, model, tmp_path / "g", methods="rollout", batch_size=4, workers=0,
+                          render_threads=2, progress=False, limit=8,
+                          on_record=lambda rec: seen.append((cv2.getNumThreads(), rec["key"], rec["status"])))
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+    assert len(seen) == 8 and {n for n, _, _ in seen} == {1}
+    done = [k for _, k, status in seen if status == "done"]
+    assert len(done) >= 6 and done == [rec["key"] for rec in r.records if rec["status"] == "done"]
+
+
 def test_html_pages_escape_every_name_and_are_paged(reference):
     out, result = reference
     pages = sorted(out.glob("index*.html"))

@@ -135,7 +135,9 @@ def build_gallery(
         model_id: the model name stored in ``gallery.json`` (default ``model.name``).
         progress: show a tqdm progress bar with images/second (where stderr is a terminal or
             a notebook runs the code; never escape sequences in a log).
-        render_threads: threads rendering and encoding while the model runs.
+        render_threads: threads rendering and encoding while the model runs (each batch is
+            split between them). OpenCV's own threads are set to 1 during the run and
+            restored afterwards, so that they do not compete with the model.
         threads: torch intra-op threads for the model during the run (restored afterwards).
             Default: torch's current setting. Decoding and rendering take a few percent of
             the CPU time of a ViT's forward pass, so sharing the cores with them costs far
@@ -227,12 +229,18 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
                        norm=norm, on_record=on_record)
         return
 
+    import cv2
+
     device = vm.device
     it = iter_batches(vm.preprocessor, [s.path for s, _ in todo], batch_size=batch_size, workers=workers,
                       pin_memory=device.type == "cuda")
     batch = next(it, None)  # start the worker processes before any thread exists (fork safety)
     pool = ThreadPoolExecutor(max_workers=max(1, render_threads), thread_name_prefix="vitviz-render")
     pending: deque = deque()
+    # the render threads already run beside the model: OpenCV's own worker threads (which wait
+    # actively) would only compete with it for the cores; restored when the run ends
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
 
     def commit(records: list[dict]) -> None:
         _commit(records, journal, new, bar, on_record)
@@ -286,6 +294,7 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
         raise
     finally:
         pool.shutdown(wait=True)
+        cv2.setNumThreads(cv_threads)
         del it
 
 
