@@ -100,7 +100,9 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
 
     Returns:
         ``{"images", "gallery", "forward", "decode_forward"`` (images/second),
-        ``"ratio_forward", "ratio_decode_forward"`` (gallery / plain), ``"cpu_ms_per_image"``
+        ``"ratio_forward", "ratio_decode_forward"`` (gallery / plain, of the medians),
+        ``"ratio_forward_range", "ratio_decode_forward_range"`` (lowest and highest ratio of one
+        repetition's gallery to the same repetition's plain run), ``"cpu_ms_per_image"``
         (``{"gallery", "forward", "decode_forward", "render"}``: CPU time of this process, its
         threads and its decoding workers; ``render`` is the gallery's render threads alone),
         ``"render_share"`` (the render threads' share of the gallery's CPU time; None where
@@ -170,8 +172,15 @@ def measure_throughput(model, src, out_dir, *, methods="rollout,cls", batch_size
 
     g, f, d = med["gallery"], best("forward"), best("decode_forward")
     render = statistics.median(render_cpu) if render_cpu else None  # CPU seconds per image
+
+    def per_rep(kind: str) -> list[float]:  # each repetition's gallery / best plain rate of that repetition
+        plain = [max(v[i][0] for k, v in runs.items() if k.split("@")[0] == kind) for i in range(len(runs["gallery"]))]
+        return [run[0] / p for run, p in zip(runs["gallery"], plain)]
+
     return {"images": len(paths), "gallery": g[0], "forward": f[0], "decode_forward": d[0],
             "ratio_forward": g[0] / f[0], "ratio_decode_forward": g[0] / d[0],
+            "ratio_forward_range": (min(per_rep("forward")), max(per_rep("forward"))),
+            "ratio_decode_forward_range": (min(per_rep("decode_forward")), max(per_rep("decode_forward"))),
             "cpu_ms_per_image": {"gallery": 1000 * g[1], "forward": 1000 * f[1], "decode_forward": 1000 * d[1],
                                  "render": None if render is None else 1000 * render},
             "render_share": None if render is None else render / g[1],

@@ -48,6 +48,8 @@ def test_quick_benchmark_runs_every_method(tmp_path, capsys):
             "cls maps (rows='cls', last layer)"} <= methods
     gallery = [r for r in rows if r["method"] == "gallery"]
     assert len(gallery) == 1 and gallery[0]["gallery"] > 0 and gallery[0]["ratio_forward"] > 0
+    low, high = gallery[0]["ratio_decode_forward_range"]  # the per-repetition ratios around the median's
+    assert 0 < low <= high
     if os.path.isdir("/proc/self/task"):  # the render threads' CPU time, read from /proc
         assert 0 < gallery[0]["render_share"] < 1 and gallery[0]["cpu_ms_per_image_render"] > 0
         assert "% of the gallery's)" in next(line for line in out if "gallery rollout,cls" in line)
