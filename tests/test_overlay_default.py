@@ -134,7 +134,9 @@ def test_blocks_looked_up_in_a_table_are_the_written_out_formula(cmap, alpha, mo
     real = ov._blend_table
     monkeypatch.setattr(ov, "_blend_table", lambda *a: tables.append(1) or real(*a))
     rng = np.random.default_rng(4)
-    for (h, w), (gh, gw) in [((256, 256), (14, 14)), ((97, 130), (3, 5)), ((300, 200), (7, 4)), ((64, 64), (1, 1))]:
+    sizes = [((256, 256), (14, 14)), ((97, 130), (3, 5)), ((300, 200), (7, 4)), ((64, 64), (1, 1)),
+             ((1100, 1000), (14, 14))]  # the last above the sizes whose lookup offsets are kept
+    for (h, w), (gh, gw) in sizes:
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         heat = rng.random((gh, gw)).astype(np.float32) ** 2
         unit = (heat - heat.min()) / (heat.max() - heat.min()) if gh * gw > 1 else np.zeros_like(heat)

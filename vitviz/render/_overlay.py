@@ -434,14 +434,23 @@ def _block_cells(height: int, width: int, gh: int, gw: int) -> np.ndarray:
     return cells
 
 
-@lru_cache(maxsize=8)
 def _table_offsets(height: int, width: int, gh: int, gw: int) -> np.ndarray:
     """``[height, width, 3]`` int32, read-only: where each pixel's channel starts in the
-    ``[gh * gw, 3, 256]`` table of :func:`_blend_table` (add the pixel's value to look it up)."""
+    ``[gh * gw, 3, 256]`` table of :func:`_blend_table` (add the pixel's value to look it up).
+    Kept for sizes up to 1024 x 1024 pixels (12 MB each, the last 8 sizes), made anew above."""
+    if height * width <= 1 << 20:
+        return _kept_offsets(height, width, gh, gw)
+    return _offsets(height, width, gh, gw)
+
+
+def _offsets(height: int, width: int, gh: int, gw: int) -> np.ndarray:
     cells = _block_cells(height, width, gh, gw).astype(np.int32)
-    offsets = (cells[..., None] * 3 + np.arange(3, dtype=np.int32)) * 256  # [height, width, 3]
+    offsets: np.ndarray = (cells[..., None] * 3 + np.arange(3, dtype=np.int32)) * 256  # [height, width, 3]
     offsets.flags.writeable = False
     return offsets
+
+
+_kept_offsets = lru_cache(maxsize=8)(_offsets)
 
 
 _LEVELS = np.arange(256, dtype=np.float32)  # every uint8 value of an image channel
