@@ -618,7 +618,8 @@ def _main(argv=None) -> list[dict]:
             low, high = g["ratio_decode_forward_range"]
             print(f"{model:>5} {size:>4}px gallery rollout,cls: {g['gallery']:.2f} img/s vs plain batched "
                   f"inference {g['forward']:.2f} img/s = {g['ratio_forward']:.2f}x "
-                  f"(vs decode+forward {g['ratio_decode_forward']:.2f}x, {low:.2f}-{high:.2f}); CPU ms per image: gallery "
+                  f"(vs decode+forward {g['ratio_decode_forward']:.2f}x, {low:.2f}-{high:.2f}); "
+                  f"CPU ms per image: gallery "
                   f"{g['cpu_ms_per_image_gallery']:.0f}, decode+forward {g['cpu_ms_per_image_decode_forward']:.0f}"
                   + ("" if g["render_share"] is None else f", rendering {g['cpu_ms_per_image_render']:.0f} "
                      f"({100 * g['render_share']:.0f}% of the gallery's)"), flush=True)
