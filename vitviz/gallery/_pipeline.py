@@ -39,6 +39,12 @@ def _record(source: Source, name: str, status: str, reason: str | None = None, *
             "caption": caption, "image": image, "outputs": outputs or {}}
 
 
+def _not_finite(maps: dict[str, np.ndarray]) -> str | None:
+    """The reason an item failed when some method's maps hold NaN or infinite values, else None."""
+    bad = [m for m, a in maps.items() if not np.isfinite(a).all()]
+    return f"method {', '.join(bad)} gave NaN or infinite values" if bad else None
+
+
 # --------------------------------------------------------------------------------------------
 # rendering (render threads)
 # --------------------------------------------------------------------------------------------
@@ -50,12 +56,10 @@ def _render_batch(out_dir: Path, jobs: list[dict], cmap: str, alpha: float | Non
     records = []
     for job in jobs:
         src, name = job["source"], job["name"]
-        bad = [m for m, a in job["maps"].items() if not np.isfinite(a).all()]
+        bad = _not_finite(job["maps"])
         caption = next((t for t in job["texts"].values() if t), None)
         if bad:
-            records.append(_record(src, name, "failed",
-                                   f"method {', '.join(bad)} gave NaN or infinite values",
-                                   top5=job["top5"], caption=caption))
+            records.append(_record(src, name, "failed", bad, top5=job["top5"], caption=caption))
             continue
         try:
             image, outputs = render_image(out_dir, name, job["view"], job["maps"], job["names"],
@@ -319,10 +323,9 @@ def _process_clips(vm, todo, chosen, out_dir, journal, new, bar, *, cmap, alpha,
             output, results = run_methods(vm, x, chosen)
             top5 = top5_of(vm, output)
             maps = {m.name: per_image(m, results[m.name], 1, frames=True)[0][0] for m, _ in chosen}
-            bad = [k for k, a in maps.items() if not np.isfinite(a).all()]
+            bad = _not_finite(maps)
             if bad:
-                records = [_record(s, n, "failed", f"method {', '.join(bad)} gave NaN or infinite values",
-                                   top5=top5[0] if top5 else None)]
+                records = [_record(s, n, "failed", bad, top5=top5[0] if top5 else None)]
             else:
                 fps = playback_fps(clip.fps, clip.total, len(clip.indices), None)
                 image, outputs = render_clip(out_dir, n, views, maps, tubelet=vm.tubelet,
