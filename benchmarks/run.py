@@ -45,7 +45,7 @@ from collections.abc import Callable
 import torch
 
 import vitviz
-from vitviz.analyze import RolloutStream, cls_maps, rollout
+from vitviz.analyze import RolloutStream, all_layer_maps, cls_maps, rollout
 from vitviz.errors import VitvizError
 from vitviz.explain import relevance
 
@@ -165,6 +165,17 @@ def methods(m, x) -> dict[str, Callable[[], object]]:
             m(x)
         return rec
 
+    def stage_maps():  # every layer kept, then the CLS-row (no CLS: mean patch row) maps of every layer of
+        # every stage, as `vitviz cls` on a hierarchical model (Swin's windows read as windows)
+        with torch.no_grad(), vitviz.capture(m) as rec:
+            m(x)
+        return [all_layer_maps(s) for s in rec.stages]
+
+    def stage_tensors():  # every layer kept, then each stage's dense [L, B, H, N, N] (windows stitched)
+        with torch.no_grad(), vitviz.capture(m) as rec:
+            m(x)
+        return [s.tensor for s in rec.stages]
+
     def first_thing_users_write():  # every layer kept, then rollout of rec.attentions
         with torch.no_grad(), vitviz.capture(m) as rec:
             m(x)
@@ -217,6 +228,7 @@ def methods(m, x) -> dict[str, Callable[[], object]]:
     # rollout rows use discard_ratio 0.9 (the popular script's setting) unless "no discard"
     return {"forward (floor)": floor, "capture only (A at every layer)": capture_only,
             "capture (every layer kept)": capture_kept,
+            "capture + CLS maps of every stage's layers": stage_maps, "capture + dense stage tensors": stage_tensors,
             "capture + rollout (stored, no discard)": first_thing_users_write,
             "capture + rollout (stored, discard 0.9)": rollout_stored, "rollout (streaming)": streaming(0.9),
             "rollout (streaming, no discard)": streaming(0.0),

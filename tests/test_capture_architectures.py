@@ -22,9 +22,13 @@ import timm
 import torch
 import transformers
 from helpers import AttentionLayerCount, SdpaCalls, hook_state, torch_function_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitviz
+from vitviz.analyze import RolloutStream, all_layer_maps
 from vitviz.attention import WindowScheme, stitch
+from vitviz.attention import _windows as windows_module
+from vitviz.attention._windows import WindowedAttentionMaps, WindowedLayer
 from vitviz.errors import CaptureError, LayoutError, VitvizError
 
 
@@ -150,6 +154,108 @@ def test_timm_swin_windows_stitched_exactly():
     assert vitviz.cls_maps(stages[0]).shape == (2, 1, 14, 14)
     with pytest.raises(CaptureError, match="rec.stages"):
         _ = rec.attentions
+
+
+class _Shapes(TorchDispatchMode):
+    """The shape of every tensor an aten op returns while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def _maps_read(stage):
+    """Every CLS-row / query map of a stage: each patch's row of every layer, the mean of the patch
+    rows at every layer (all_layer_maps) and the one-line repr."""
+    gh, gw = stage.layout.grid
+    rows = [vitviz.query_maps(stage, (r, c), layer=i) for i in range(stage.num_layers)
+            for r in range(gh) for c in range(gw)]
+    return torch.stack(rows), all_layer_maps(stage), repr(stage)
+
+
+def _windowed_families():
+    timm_swin = timm_model("swin_tiny_patch4_window7_224", img_size=56, depths=(2, 2), embed_dim=16,
+                           num_heads=(1, 2), window_size=4)  # 14x14 and 7x7 grids padded to whole windows
+    torch.manual_seed(0)
+    hf_swin = transformers.SwinModel(transformers.SwinConfig(
+        image_size=40, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4)).eval()
+    maxvit = timm_model("maxvit_tiny_tf_224", img_size=64, depths=(1, 1, 1, 1))  # window and dilated grid
+    sam = timm_model("samvit_base_patch16", img_size=64, depth=4, embed_dim=32, num_heads=2,
+                     global_attn_indexes=(1, 3), window_size=3)  # window and global layers in one stage
+    return [("timm swin", timm_swin, 56), ("transformers swin", hf_swin, 40), ("maxvit", maxvit, 64),
+            ("sam", sam, 64)]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["timm-swin", "transformers-swin", "maxvit", "sam"])
+def test_window_layers_are_kept_as_windows_and_read_without_the_dense_matrix(case, monkeypatch):
+    """A kept window layer is stored as its windows ([B * nW, H, T, T], a 1/nW of the block-sparse
+    [N, N]): capturing, listing the stages, their repr and every CLS-row and query map form no
+    [N, N] tensor of a windowed grid; the maps equal those of the dense matrices, and the dense
+    tensor, stitched when first read, equals the stitch of the records (which the tests above check
+    against brute-force scatters of the model's own probabilities)."""
+    name, model, size = _windowed_families()[case]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    stitched = []
+    real = windows_module.stitch
+    monkeypatch.setattr(windows_module, "stitch", lambda w, scheme: stitched.append(scheme) or real(w, scheme))
+    with _Shapes() as spy:
+        with vitviz.capture(model) as rec:
+            model(x)
+        stages = rec.stages
+        read = [_maps_read(s) for s in stages]
+    assert stitched == []  # nothing was stitched
+    windowed = [s for s in stages if any(isinstance(p, WindowedLayer) for p in s.parts)]
+    assert windowed and all(isinstance(s, WindowedAttentionMaps) for s in windowed)
+    if "swin" in name:  # no [.., N, N] tensor of a windowed grid at all (Swin has no conv feature maps to confuse)
+        grids = {s.layout.num_tokens for s in windowed}
+        assert not [sh for sh in spy.shapes if len(sh) >= 3 and sh[-1] == sh[-2] and sh[-1] in grids]
+    for s in windowed:
+        for p in s.parts:
+            if isinstance(p, WindowedLayer):
+                t = p.scheme.window[0] * p.scheme.window[1]
+                assert p.windows.shape == (2 * p.scheme.num_windows, s.num_heads, t, t)
+    flat = [t for s in stages for t in s.tensor]
+    assert len(stitched) == sum(isinstance(p, WindowedLayer) for s in windowed for p in s.parts)  # once each
+    assert all(s.tensor is s.tensor for s in stages)  # then kept
+    records = [t for _, _, t, _ in rec.passes[-1].records]  # stitched (the form the tests above check)
+    assert len(flat) == len(records)
+    for got, want in zip(flat, records):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for s, (rows, means, text) in zip(stages, read):
+        dense = vitviz.AttentionMaps(s.tensor.clone(), s.layout, layers=s.layers)
+        torch.testing.assert_close(rows, _maps_read(dense)[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(means, all_layer_maps(dense), rtol=1e-5, atol=1e-7)
+        assert text.replace(", windows kept", "") == repr(dense), name
+
+
+def test_window_layers_read_by_a_stream_or_a_gradient_are_stitched_as_they_run():
+    """Streams and gradients read the dense matrix during the pass, so such layers are not kept as
+    windows; the streamed rollout of a windowed stage equals the rollout of its stored layers."""
+    model = timm_model("swin_tiny_patch4_window7_224", img_size=56, depths=(2,), embed_dim=16,
+                       num_heads=(1,), window_size=4)
+    x = torch.randn(2, 3, 56, 56)
+    with vitviz.capture(model) as rec:
+        model(x)
+    (stage,) = rec.stages
+    assert isinstance(stage, WindowedAttentionMaps)
+    want = vitviz.rollout(stage)
+    with torch.enable_grad(), vitviz.capture(model, grad=True) as rec_g:
+        model(x).sum().backward()
+    (stage_g,) = rec_g.stages
+    assert not isinstance(stage_g, WindowedAttentionMaps) and stage_g.tensor.shape[-1] == 196
+    torch.testing.assert_close(stage_g.tensor, stage.tensor, rtol=1e-5, atol=1e-6)
+    assert rec_g.attention_grads.tensor.shape == stage.tensor.shape
+    with vitviz.capture(model, keep="none", streams={"r": RolloutStream()}) as rec_s:
+        model(x)
+    assert not rec_s.passes[-1].entries  # nothing kept
+    torch.testing.assert_close(rec_s.stream("r"), want, rtol=1e-5, atol=1e-6)
 
 
 def test_timm_pvt_reduced_keys_exact():

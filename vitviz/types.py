@@ -343,6 +343,28 @@ class AttentionMaps:
         return self.tensor.shape[0]
 
     @property
+    def device(self) -> torch.device:
+        """Where the maps are."""
+        return self.tensor.device
+
+    def weighted_rows(self, weights: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """The query rows combined: ``sum_q weights[q] * tensor[..., q, :]`` (what CLS-row and
+        query maps read).
+
+        Args:
+            weights: ``[Nq]`` weights of the query rows held (``[R]`` with :attr:`rows`), on
+                :attr:`device`; their dtype is the result's.
+            layer: one layer's index, or None for every layer.
+
+        Returns:
+            ``[B, H, Nk]`` for one layer, ``[L, B, H, Nk]`` for all.
+        """
+        import torch
+
+        a = self.tensor if layer is None else self.tensor[layer]
+        return torch.einsum("q,...qk->...k", weights, a.to(weights.dtype))
+
+    @property
     def batch_size(self) -> int:
         return self.tensor.shape[1]
 
@@ -359,8 +381,13 @@ class AttentionMaps:
         layers = "" if self.layers is None else f", layers={self.layers[0]}-{self.layers[-1]}"
         rows = "" if self.rows is None else f", rows={list(self.rows)}"
         dims = "[L, B, H, N, N]" if self.rows is None else "[L, B, H, R, N]"
-        return (f"AttentionMaps({_shape(self.tensor)} {dims} {str(self.tensor.dtype).replace('torch.', '')}, "
-                f"layout={self.layout!r}{keys}{layers}{rows}, {_row_sums(self.tensor)})")
+        shape, sums, dtype = self._summary()
+        return (f"AttentionMaps([{', '.join(str(d) for d in shape)}] {dims} {str(dtype).replace('torch.', '')}, "
+                f"layout={self.layout!r}{keys}{layers}{rows}, {_row_sums(sums[..., None])})")
+
+    def _summary(self) -> tuple[list[int], torch.Tensor, torch.dtype]:
+        """``(shape, row sums, dtype)`` of the tensor, for the repr."""
+        return list(self.tensor.shape), self.tensor.detach().float().sum(-1), self.tensor.dtype
 
     def to(self, *args: Any, **kwargs: Any) -> AttentionMaps:
         """The same maps moved or cast, as ``torch.Tensor.to``.
@@ -374,6 +401,17 @@ class AttentionMaps:
         """
         return AttentionMaps(self.tensor.to(*args, **kwargs), self.layout, self.key_layout, self.layers, self.rows)
 
+    def samples(self, start: int, stop: int) -> AttentionMaps:
+        """The maps of samples ``start`` to ``stop - 1`` of the batch (the same layouts and layers).
+
+        Args:
+            start, stop: the samples, as a slice ``[start:stop]`` of the batch.
+
+        Returns:
+            :class:`AttentionMaps` ``[L, stop - start, H, N, N]`` (a view where the tensor allows).
+        """
+        return AttentionMaps(self.tensor[:, start:stop], self.layout, self.key_layout, self.layers, self.rows)
+
     def _repr_png_(self) -> bytes:
         """PNG for notebooks: the CLS-row map (mean of the patch rows without CLS) of every
         layer and head of the first sample, as a layers x heads grid; for a clip, the maps of
@@ -381,7 +419,7 @@ class AttentionMaps:
         from .analyze.cls import all_layer_maps
         from .render.figures import figure_png, map_grid
 
-        first = AttentionMaps(self.tensor[:, :1], self.layout, self.key_layout, self.layers, self.rows)
+        first = self.samples(0, 1)
         maps = all_layer_maps(first)[:, 0]  # [L, H, gh, gw] ([L, H, frames, gh, gw] for a clip) over the key grid
         names = self.layers if self.layers is not None else range(self.num_layers)
         what = "CLS attention" if self.layout.has_cls else "mean patch attention"

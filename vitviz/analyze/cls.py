@@ -45,8 +45,7 @@ def all_layer_maps(attn: AttentionMaps, *, query: Query = "auto") -> torch.Tenso
     Returns:
         ``[L, B, H, gh, gw]`` float32.
     """
-    a = attn.tensor.float()  # [L, B, H, Nq, Nk] (Nq = R rows held)
-    w = row_weights(attn.layout, attn.rows, query, dtype=a.dtype, device=a.device)  # [Nq]
+    w = row_weights(attn.layout, attn.rows, query, device=attn.device)  # [Nq] float32 (Nq = R rows held)
     keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
-    rows = torch.einsum("q,lbhqk->lbhk", w, a)[..., keys.patches]  # [L, B, H, P]
+    rows = attn.weighted_rows(w)[..., keys.patches]  # [L, B, H, P]
     return keys.patch_map(rows)  # [L, B, H, gh, gw] ([L, B, H, frames, gh, gw] for a video)

@@ -55,9 +55,9 @@ def query_maps(attn: AttentionMaps, query: Query = "auto", *, layer: int = -1,
         >>> what.shape
         torch.Size([1, 12, 14, 14])
     """
-    a = attn.tensor[check_layer(attn.num_layers, layer)].float()  # [B, H, Nq, Nk] (Nq = R rows held)
-    w = row_weights(attn.layout, attn.rows, query, dtype=a.dtype, device=a.device)  # [Nq]
-    rows = torch.einsum("q,bhqk->bhk", w, a)  # [B, H, Nk]
+    index = check_layer(attn.num_layers, layer)
+    w = row_weights(attn.layout, attn.rows, query, device=attn.device)  # [Nq] float32 (Nq = R rows held)
+    rows = attn.weighted_rows(w, index)  # [B, H, Nk] (window layers read from their windows)
     keys = attn.keys  # the key grid (coarser than the queries' where keys are reduced)
     maps = keys.patch_map(rows[..., keys.patches])  # [B, H, gh, gw] ([B, H, frames, gh, gw] for a video)
     if head_fusion is not None:

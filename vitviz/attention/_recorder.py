@@ -22,7 +22,7 @@ from ..models import VisionModel
 from ..types import TokenLayout
 from ._adapter import AUTO, CROSS, IMAGE, INNER, POOL, TEXT, Site
 from ._divided import DividedPlacer, DividedScheme
-from ._windows import scatter_visible, stitch
+from ._windows import Stitch, WindowedLayer, scatter_visible
 
 if TYPE_CHECKING:  # the setup is built by capture(); only its type is named here
     from ._capture import _Setup
@@ -35,8 +35,9 @@ class Pass:
 
     input_hw: tuple[int, int] | None = None
     batch: int | None = None  # images in the input
-    # (role, site, attention, layer index within the role) of the kept layers
-    records: list[tuple[str, Site, torch.Tensor, int]] = field(default_factory=list)
+    # (role, site, attention, layer index within the role) of the kept layers; a window layer's
+    # attention is its windows (WindowedLayer) until it is read dense (records)
+    entries: list[tuple[str, Site, torch.Tensor | WindowedLayer, int]] = field(default_factory=list)
     # with capture(grad=True), keyed by (role, layer): the layers whose tensor carried a
     # gradient hook, the gradients received so far (float32, shaped like the attention,
     # summed over backward calls), and the hooked graph tensors (only while the block runs)
@@ -66,6 +67,16 @@ class Pass:
     # (role, layer) -> the token indices of the query rows kept (capture(rows=...)); absent: every row
     rows: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
 
+    @property
+    def records(self) -> list[tuple[str, Site, torch.Tensor, int]]:
+        """``(role, site, attention, layer index within the role)`` of the kept layers, in the
+        order they ran; each attention ``[B, H, Q, K]`` on the image's token grid (window layers
+        stitched now, and kept stitched)."""
+        for k, (role, site, t, i) in enumerate(self.entries):
+            if isinstance(t, WindowedLayer):
+                self.entries[k] = (role, site, t.dense(), i)
+        return list(self.entries)  # type: ignore[arg-type]
+
     def of(self, role: str) -> list[torch.Tensor]:
         """The kept layers of one role.
 
@@ -86,7 +97,7 @@ class Pass:
         Returns:
             Each kept layer's index among the layers of that role, in the order they ran.
         """
-        return [i for r, _, _, i in self.records if r == role]
+        return [i for r, _, _, i in self.entries if r == role]
 
 
 # statuses of an attention op: read (kept, streamed or counted), left out on the user's request,
@@ -602,16 +613,23 @@ class _Recorder:
                 _, index = self.next_layer(role)
                 self._unplaced(p, role, index, e, ops)
                 return
-            if placer is not None and not isinstance(placer, DividedPlacer):
+            if placer is not None and not isinstance(placer, (DividedPlacer, Stitch)):
                 placed = placer(attn)  # [B, H, N, N] on the image's token grid
         # divided attention (a clip's [N, N] is mostly zeros) is placed only when it is read: at
         # once when kept or streamed forward, else in the backward pass of the layer
         deferred = isinstance(placer, DividedPlacer)
-        p, index = self.next_layer(role, layouts[0].num_tokens if deferred else placed.shape[-1])
+        windowed = isinstance(placer, Stitch)
+        p, index = self.next_layer(role, layouts[0].num_tokens if deferred or windowed else placed.shape[-1])
         if role in (IMAGE, POOL):
             p.layouts[(role, index)] = layouts
         kept = _selected(self.keep, index, self.num_layers.get(role, 0)) if role != POOL else self.keep == "all"
         readers = self.readers(index) if role == IMAGE else []
+        if windowed and kept and role == IMAGE and not (readers or self.grad or self.rows is not None):
+            # a window layer that only is kept: its windows, a 1/nW of the block-sparse [N, N],
+            # stitched when a dense map is read (Recording.stages gives WindowedAttentionMaps)
+            placed = WindowedLayer(attn.detach().float(), placer.scheme)  # [B * nW, H, T, T]
+        elif windowed:
+            placed = placer(attn)  # [B, H, N, N] on the stage's grid
         if deferred and not kept and readers and not self.grad_streams and all(
                 getattr(s, "fused_heads", None) == "mean" for s in readers):
             # streams that read only the mean over heads: placing is linear, so the mean of the
@@ -630,7 +648,8 @@ class _Recorder:
             rows = self.resolve_rows(placed.shape[-1])  # rows= of a layer computed whole: keep those rows
             placed = placed[..., self.row_selector(rows, placed.device), :]  # [B, H, R, N]
         if kept:  # [B, H, Q, K]; detached float32 (no copy when already float32)
-            p.records.append((role, site, placed.detach().float(), index))
+            p.entries.append((role, site, placed if isinstance(placed, WindowedLayer) else placed.detach().float(),
+                              index))
             if rows is not None:
                 p.rows[(role, index)] = rows
         streamed = role == IMAGE and bool(self.grad_streams)
@@ -695,7 +714,7 @@ class _Recorder:
         windows = site.windows
         scheme = windows.scheme() if windows is not None else None
         if scheme is not None and (p.batch is None or batch == p.batch * scheme.num_windows):
-            return (lambda a: stitch(a, scheme)), (TokenLayout(0, scheme.grid), None)
+            return Stitch(scheme), (TokenLayout(0, scheme.grid), None)
         if p.batch is not None and batch != p.batch:
             raise LayoutError(
                 f"{site.name} ({type(site.module).__name__}) attends within {batch // max(p.batch, 1)} "
@@ -867,8 +886,8 @@ class _Recorder:
             p.graph.clear()
         self.open = False
 
-    def kept(self, p: Pass, role: str) -> list[tuple[int, torch.Tensor]]:
+    def kept(self, p: Pass, role: str) -> list[tuple[int, torch.Tensor | WindowedLayer]]:
         """``(layer, attention)`` of the layers of ``role`` that ``keep`` names, now that the
-        pass has shown how many there are."""
+        pass has shown how many there are (window layers kept as windows are :class:`WindowedLayer`)."""
         n = p.seen.get(role, 0)
-        return [(i, t) for r, _, t, i in p.records if r == role and _selected(self.keep, i, n)]
+        return [(i, t) for r, _, t, i in p.entries if r == role and _selected(self.keep, i, n)]

@@ -12,6 +12,7 @@ from ..models import VisionModel
 from ..types import AttentionMaps, CrossAttentionMaps
 from ._adapter import CROSS, IMAGE, POOL, TEXT, Site
 from ._recorder import Pass, _Recorder, _stack
+from ._windows import WindowedAttentionMaps, WindowedLayer
 
 
 class Recording:
@@ -84,8 +85,11 @@ class Recording:
         groups: dict = {}
         for i, t in self._rec.kept(p, IMAGE):  # a stage: one token grid (queries, keys) and head count
             groups.setdefault((*p.layouts[(IMAGE, i)], t.shape[1], p.rows.get((IMAGE, i))), []).append((i, t))
-        stages = []
+        stages: list[AttentionMaps] = []
         for (query, key, _, rows), layers in groups.items():
+            if any(isinstance(t, WindowedLayer) for _, t in layers):  # window layers kept as windows
+                stages.append(WindowedAttentionMaps([t for _, t in layers], query, layers=tuple(i for i, _ in layers)))
+                continue
             if len(groups) == 1:  # every kept layer: the stack they were computed into, where they were
                 tensor = self._stacked(p, IMAGE, "image self-attention")
             else:
@@ -158,7 +162,8 @@ class Recording:
         of PiT, LeViT, Swin or PVT, a branch of CrossViT; CoAtNet's layers on one grid with two
         head counts are two stages), each with its own layout, ``key_layout`` (keys reduced to a
         coarser grid) and ``layers`` (their indices among all image layers). Window attention
-        (Swin) is stitched into ``[N, N]`` over its stage's grid. A plain ViT has one stage,
+        (Swin) is kept as its windows and stitched into ``[N, N]`` over its stage's grid when the
+        stage's ``tensor`` is first read (CLS-row and query maps read the windows). A plain ViT has one stage,
         equal to :attr:`attentions`. Empty when no image attention ran."""
         p = self._last_with(IMAGE)
         self._refuse(p, "rec.stages")
@@ -180,6 +185,8 @@ class Recording:
                 "rec.attentions holds one grid: read rec.stages, one AttentionMaps per stage (maps per layer "
                 "on that layer's grid; rollout within a stage)")
         s = stages[0]
+        if isinstance(s, WindowedAttentionMaps):
+            return WindowedAttentionMaps(s.parts, s.layout)
         return AttentionMaps(s.tensor, s.layout, s.key_layout, rows=s.rows)
 
     @property

@@ -17,9 +17,13 @@ one from every ``H/gh x W/gw`` block.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..types import AttentionMaps, TokenLayout
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,182 @@ def stitch(windows: torch.Tensor, scheme: WindowScheme) -> torch.Tensor:
     out = windows.new_zeros(b, heads, n * n)
     out[..., flat] = src  # every (query, key) pair of a window appears once
     return out.view(b, heads, n, n)
+
+
+class Stitch:
+    """The placer of a window layer: ``Stitch(scheme)(windows)`` is :func:`stitch`; the recorder
+    tells it from other placers to keep a layer as its windows (:class:`WindowedLayer`)."""
+
+    def __init__(self, scheme: WindowScheme):
+        self.scheme = scheme
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        return stitch(windows, self.scheme)
+
+
+@dataclass(frozen=True, eq=False)
+class WindowedLayer:
+    """One kept window-attention layer as the model computed it: ``[B * nW, H, T, T]`` and its
+    scheme, a ``1 / nW`` of the dense ``[B, H, N, N]`` that :meth:`dense` stitches.
+
+    Attributes:
+        windows: ``[B * nW, H, T, T]`` float probabilities, windows of one image consecutive.
+        scheme: the block's :class:`WindowScheme`.
+    """
+
+    windows: torch.Tensor
+    scheme: WindowScheme
+
+    @property
+    def shape(self) -> torch.Size:
+        """The dense shape ``[B, H, N, N]`` (``N`` tokens of the stage's grid)."""
+        n = self.scheme.grid[0] * self.scheme.grid[1]
+        return torch.Size((self.windows.shape[0] // self.scheme.num_windows, self.windows.shape[1], n, n))
+
+    def dense(self) -> torch.Tensor:
+        """``[B, H, N, N]``: :func:`stitch` of the windows."""
+        return stitch(self.windows, self.scheme)
+
+    def weighted_rows(self, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_q weights[q] * A[b, h, q, :]`` of the dense matrix, read from the windows.
+
+        Every grid token is one window's query and one window's key, so a window's rows, weighted
+        by its tokens' weights, land on its own tokens' keys; padding rows and keys drop out.
+
+        Args:
+            weights: ``[N]`` weights of the grid's query tokens (row-major).
+
+        Returns:
+            ``[B, H, N]`` in the dtype of ``weights``.
+        """
+        b, heads, n, _ = self.shape
+        nw, t = self.scheme.num_windows, self.windows.shape[-1]
+        index = self.scheme.token_index(self.windows.device)  # [nW, T], -1 for padding
+        valid = index >= 0
+        safe = index.clamp_min(0)
+        w = torch.where(valid, weights.to(self.windows.device)[safe], 0).to(weights.dtype)  # [nW, T]
+        a = self.windows.view(b, nw, heads, t, t).to(weights.dtype)
+        rows = torch.einsum("wq,bwhqk->bhwk", w, a)  # [B, H, nW, T] over each window's keys
+        rows = rows * valid.to(rows.dtype)  # keys that are padding: dropped, as stitch drops them
+        out = rows.new_zeros(b, heads, n)
+        out.index_add_(2, safe.reshape(-1), rows.reshape(b, heads, nw * t))  # each token is one window's key
+        return out
+
+    def row_sums(self) -> torch.Tensor:
+        """``[B, H, N]`` float32: the row sums of the dense matrix (padding keys dropped)."""
+        b, heads, n, _ = self.shape
+        nw, t = self.scheme.num_windows, self.windows.shape[-1]
+        index = self.scheme.token_index(self.windows.device)  # [nW, T]
+        valid = index >= 0
+        a = self.windows.detach().float().view(b, nw, heads, t, t)
+        sums = (a * valid.view(1, nw, 1, 1, t)).sum(-1).transpose(1, 2)  # [B, H, nW, T] per query
+        out = sums.new_zeros(b, heads, n)
+        keep = valid.reshape(-1)
+        out[..., index.reshape(-1)[keep]] = sums.reshape(b, heads, nw * t)[..., keep]
+        return out
+
+    def samples(self, start: int, stop: int) -> WindowedLayer:
+        """The layer of images ``start`` to ``stop - 1``."""
+        nw = self.scheme.num_windows
+        return WindowedLayer(self.windows[start * nw:stop * nw], self.scheme)
+
+    def to(self, *args: Any, **kwargs: Any) -> WindowedLayer:
+        return WindowedLayer(self.windows.to(*args, **kwargs), self.scheme)
+
+
+def dense(layer: torch.Tensor | WindowedLayer) -> torch.Tensor:
+    """A kept layer's ``[B, H, Q, K]`` tensor (a :class:`WindowedLayer` stitched)."""
+    return layer.dense() if isinstance(layer, WindowedLayer) else layer
+
+
+class WindowedAttentionMaps(AttentionMaps):
+    """:class:`~vitviz.AttentionMaps` of a stage whose window layers are kept as their windows.
+
+    The dense ``[L, B, H, N, N]`` :attr:`tensor` (block-sparse, ``nW`` times the memory of the
+    windows) is stitched when it is first read, and then kept. CLS-row and query maps
+    (:meth:`weighted_rows`) read the windows without it.
+
+    Args:
+        parts: per layer, a :class:`WindowedLayer` or a dense ``[B, H, N, N]`` tensor (a stage
+            may mix window and global layers, as SAM's encoder does).
+        layout: the stage's :class:`~vitviz.TokenLayout` (``N`` tokens).
+        layers: the layers' indices among the model's image layers, or None.
+    """
+
+    def __init__(self, parts: Sequence[torch.Tensor | WindowedLayer], layout: TokenLayout,
+                 layers: tuple[int, ...] | None = None):
+        shapes = {tuple(p.shape) for p in parts}
+        if not parts or len(shapes) != 1 or len(next(iter(shapes))) != 4:
+            raise ValueError(f"the layers of a stage must share one [B, H, N, N] shape, got {sorted(shapes)}")
+        layout.check_tokens(parts[0].shape[-1])
+        self._parts = list(parts)
+        self._dense: torch.Tensor | None = None
+        self.layout, self.key_layout, self.rows = layout, None, None
+        self.layers = None if layers is None else tuple(int(i) for i in layers)
+        if self.layers is not None and len(self.layers) != len(self._parts):
+            raise ValueError(f"{len(self.layers)} layer indices given for {len(self._parts)} layers")
+
+    @property
+    def parts(self) -> list[torch.Tensor | WindowedLayer]:
+        """Per layer, a :class:`WindowedLayer` or a dense ``[B, H, N, N]`` tensor."""
+        return list(self._parts)
+
+    @property  # type: ignore[override]
+    def tensor(self) -> torch.Tensor:
+        """``[L, B, H, N, N]``, stitched at the first read."""
+        if self._dense is None:
+            self._dense = torch.stack([dense(p) for p in self._parts])
+        return self._dense
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._parts)
+
+    @property
+    def device(self) -> torch.device:
+        first = self._parts[0]
+        return (first.windows if isinstance(first, WindowedLayer) else first).device
+
+    @property
+    def batch_size(self) -> int:
+        return self._parts[0].shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self._parts[0].shape[1]
+
+    def weighted_rows(self, weights: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        if self._dense is not None:
+            return super().weighted_rows(weights, layer)
+        parts = self._parts if layer is None else [self._parts[layer]]
+        rows = [p.weighted_rows(weights) if isinstance(p, WindowedLayer)
+                else torch.einsum("q,bhqk->bhk", weights, p.to(weights.dtype)) for p in parts]
+        return torch.stack(rows) if layer is None else rows[0]  # [L, B, H, N] or [B, H, N]
+
+    def to(self, *args: Any, **kwargs: Any) -> WindowedAttentionMaps:
+        return WindowedAttentionMaps([p.to(*args, **kwargs) for p in self._parts], self.layout, self.layers)
+
+    def samples(self, start: int, stop: int) -> WindowedAttentionMaps:
+        """The maps of images ``start`` to ``stop - 1``, their windows still windows."""
+        if self._dense is not None:
+            return WindowedAttentionMaps([t for t in self._dense[:, start:stop]], self.layout, self.layers)
+        return WindowedAttentionMaps([p.samples(start, stop) if isinstance(p, WindowedLayer) else p[start:stop]
+                                      for p in self._parts], self.layout, self.layers)
+
+    def _summary(self) -> tuple[list[int], torch.Tensor, torch.dtype]:
+        """As :class:`~vitviz.AttentionMaps`, with the row sums read from the windows (never stitched)."""
+        if self._dense is not None:
+            return super()._summary()
+        first = self._parts[0]
+        sums = torch.stack([p.row_sums() if isinstance(p, WindowedLayer) else p.detach().float().sum(-1)
+                            for p in self._parts])  # [L, B, H, N]
+        return ([len(self._parts), *first.shape], sums,
+                (first.windows if isinstance(first, WindowedLayer) else first).dtype)
+
+    def __repr__(self) -> str:
+        """As :class:`~vitviz.AttentionMaps`; ``windows kept`` while the dense tensor is not formed."""
+        text = super().__repr__()
+        return text if self._dense is not None else text[:-1] + ", windows kept)"
 
 
 def scatter_visible(attn: torch.Tensor, visible: torch.Tensor, num_prefix: int, num_patches: int) -> torch.Tensor:

@@ -257,7 +257,6 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
         CaptureError: the forward pass captured no attention (from the capture).
     """
     from ..explain import attentions_of, captured
-    from ..types import AttentionMaps
 
     for items, x in load_batches(model, sources, batch_size=batch_size, desc=desc, progress=progress):
         found: list = []
@@ -269,7 +268,7 @@ def iter_captures(model: Any, sources: Sequence[Any], *, batch_size: int = 8, de
             if it.view is None:
                 yield it.outcome, it.stem, None, None
             else:
-                mine = [AttentionMaps(a.tensor[:, j:j + 1], a.layout, a.key_layout, a.layers, a.rows) for a in found]
+                mine = [a.samples(j, j + 1) for a in found]  # (window layers stay windows)
                 yield it.outcome, it.stem, it.view, mine if stages else mine[0]
                 j += 1
 
