@@ -281,7 +281,7 @@ def _process(vm, todo, chosen, out_dir, journal, new, bar, *, batch_size, worker
                 futs = [pool.submit(_render_batch, out_dir, jobs[k:k + size], cmap, alpha, norm, smooth)
                         for k in range(0, len(jobs), size)]
             pending.append((futs, skipped))
-            drain(keep=int(os.environ.get("VZ_KEEP", max(1, render_threads))))
+            drain(keep=max(1, render_threads))
             batch = next(it, None)
         drain(keep=0)
     except BaseException:
