@@ -87,16 +87,18 @@ class WindowScheme:
         return index.reshape(self.num_windows, wh * ww)
 
 
-def stitch(windows: torch.Tensor, scheme: WindowScheme) -> torch.Tensor:
+def stitch(windows: torch.Tensor, scheme: WindowScheme, out: torch.Tensor | None = None) -> torch.Tensor:
     """Scatter window attention into a block-sparse matrix over the whole grid.
 
     Args:
         windows: ``[B * nW, heads, T, T]`` probabilities (``T = wh * ww``), windows of one image
             consecutive, in row-major window order (as ``window_partition`` cuts them).
         scheme: the block's :class:`WindowScheme`.
+        out: a zero-filled ``[B, heads, H*W, H*W]`` tensor to write into (e.g. one layer of a
+            stage's stack), or None for a new one.
 
     Returns:
-        ``[B, heads, H*W, H*W]`` in the dtype of ``windows``: entry ``[b, h, i, j]`` is the
+        ``[B, heads, H*W, H*W]`` in the dtype of ``windows`` (``out`` when given): entry ``[b, h, i, j]`` is the
         attention of grid token ``i`` to grid token ``j``, zero where they are in different
         windows; padding tokens dropped.
 
@@ -117,9 +119,10 @@ def stitch(windows: torch.Tensor, scheme: WindowScheme) -> torch.Tensor:
     keep = (valid[:, :, None] & valid[:, None, :]).reshape(-1)
     flat = flat[keep]
     src = windows.reshape(b, nw, heads, t * t).transpose(1, 2).reshape(b, heads, nw * t * t)[..., keep]
-    out = windows.new_zeros(b, heads, n * n)
-    out[..., flat] = src  # every (query, key) pair of a window appears once
-    return out.view(b, heads, n, n)
+    if out is None:
+        out = windows.new_zeros(b, heads, n, n)
+    out.view(b, heads, n * n)[..., flat] = src  # every (query, key) pair of a window appears once
+    return out
 
 
 class Stitch:
@@ -152,9 +155,9 @@ class WindowedLayer:
         n = self.scheme.grid[0] * self.scheme.grid[1]
         return torch.Size((self.windows.shape[0] // self.scheme.num_windows, self.windows.shape[1], n, n))
 
-    def dense(self) -> torch.Tensor:
-        """``[B, H, N, N]``: :func:`stitch` of the windows."""
-        return stitch(self.windows, self.scheme)
+    def dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, H, N, N]``: :func:`stitch` of the windows (into ``out``, zero-filled, when given)."""
+        return stitch(self.windows, self.scheme, out)
 
     def weighted_rows(self, weights: torch.Tensor) -> torch.Tensor:
         """``sum_q weights[q] * A[b, h, q, :]`` of the dense matrix, read from the windows.
@@ -244,7 +247,15 @@ class WindowedAttentionMaps(AttentionMaps):
     def tensor(self) -> torch.Tensor:
         """``[L, B, H, N, N]``, stitched at the first read."""
         if self._dense is None:
-            self._dense = torch.stack([dense(p) for p in self._parts])
+            first = self._parts[0]
+            like = first.windows if isinstance(first, WindowedLayer) else first
+            stack = like.new_zeros(len(self._parts), *first.shape)  # [L, B, H, N, N], each layer stitched in place
+            for layer, p in zip(stack, self._parts):
+                if isinstance(p, WindowedLayer):
+                    p.dense(out=layer)
+                else:
+                    layer.copy_(p)
+            self._dense = stack
         return self._dense
 
     @property
