@@ -204,7 +204,8 @@ def test_window_layers_are_kept_as_windows_and_read_without_the_dense_matrix(cas
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     stitched = []
     real = windows_module.stitch
-    monkeypatch.setattr(windows_module, "stitch", lambda w, scheme, out=None: stitched.append(scheme) or real(w, scheme, out))
+    monkeypatch.setattr(windows_module, "stitch",
+                        lambda w, scheme, out=None: stitched.append(scheme) or real(w, scheme, out))
     with _Shapes() as spy:
         with vitviz.capture(model) as rec:
             model(x)

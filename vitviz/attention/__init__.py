@@ -24,8 +24,9 @@ from ._capture import capture
 from ._mode import sdpa_probabilities
 from ._recorder import Pass
 from ._recording import Recording
-from ._windows import WindowScheme, stitch
+from ._windows import WindowedAttentionMaps, WindowedLayer, WindowScheme, stitch
 
-__all__ = ["capture", "Recording", "Pass", "Adapter", "Site", "Windows", "WindowScheme", "stitch", "list_adapters",
+__all__ = ["capture", "Recording", "Pass", "Adapter", "Site", "Windows", "WindowScheme", "stitch",
+           "WindowedAttentionMaps", "WindowedLayer", "list_adapters",
            "register_adapter", "discover", "count_layers", "sdpa_probabilities", "IMAGE", "TEXT", "CROSS", "AUTO",
            "POOL", "INNER"]

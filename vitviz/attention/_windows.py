@@ -156,7 +156,14 @@ class WindowedLayer:
         return torch.Size((self.windows.shape[0] // self.scheme.num_windows, self.windows.shape[1], n, n))
 
     def dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, H, N, N]``: :func:`stitch` of the windows (into ``out``, zero-filled, when given)."""
+        """The dense block-sparse matrix: :func:`stitch` of the windows.
+
+        Args:
+            out: a zero-filled ``[B, H, N, N]`` tensor to write into, or None for a new one.
+
+        Returns:
+            ``[B, H, N, N]``.
+        """
         return stitch(self.windows, self.scheme, out)
 
     def weighted_rows(self, weights: torch.Tensor) -> torch.Tensor:
@@ -185,7 +192,12 @@ class WindowedLayer:
         return out
 
     def row_sums(self) -> torch.Tensor:
-        """``[B, H, N]`` float32: the row sums of the dense matrix (padding keys dropped)."""
+        """The row sums of the dense matrix, read from the windows.
+
+        Returns:
+            ``[B, H, N]`` float32: each grid token's row summed over the real keys of its window
+            (padding keys dropped, as :func:`stitch` drops them).
+        """
         b, heads, n, _ = self.shape
         nw, t = self.scheme.num_windows, self.windows.shape[-1]
         index = self.scheme.token_index(self.windows.device)  # [nW, T]
@@ -198,11 +210,27 @@ class WindowedLayer:
         return out
 
     def samples(self, start: int, stop: int) -> WindowedLayer:
-        """The layer of images ``start`` to ``stop - 1``."""
+        """The layer of images ``start`` to ``stop - 1``.
+
+        Args:
+            start, stop: the images, as a slice ``[start:stop]`` of the batch.
+
+        Returns:
+            A new :class:`WindowedLayer` (a view of the windows).
+        """
         nw = self.scheme.num_windows
         return WindowedLayer(self.windows[start * nw:stop * nw], self.scheme)
 
     def to(self, *args: Any, **kwargs: Any) -> WindowedLayer:
+        """The layer moved or cast, as ``torch.Tensor.to``.
+
+        Args:
+            *args: ``torch.Tensor.to``'s arguments (a device, a dtype).
+            **kwargs: its keyword arguments.
+
+        Returns:
+            A new :class:`WindowedLayer` with the same scheme.
+        """
         return WindowedLayer(self.windows.to(*args, **kwargs), self.scheme)
 
 
@@ -264,6 +292,7 @@ class WindowedAttentionMaps(AttentionMaps):
 
     @property
     def device(self) -> torch.device:
+        """Where the maps are."""
         first = self._parts[0]
         return (first.windows if isinstance(first, WindowedLayer) else first).device
 
@@ -276,6 +305,16 @@ class WindowedAttentionMaps(AttentionMaps):
         return self._parts[0].shape[1]
 
     def weighted_rows(self, weights: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """As :meth:`vitviz.AttentionMaps.weighted_rows`, read from the windows (the dense tensor
+        once it is formed).
+
+        Args:
+            weights: ``[N]`` weights of the grid's query tokens, on :attr:`device`.
+            layer: one layer's index, or None for every layer.
+
+        Returns:
+            ``[B, H, N]`` for one layer, ``[L, B, H, N]`` for all.
+        """
         if self._dense is not None:
             return super().weighted_rows(weights, layer)
         parts = self._parts if layer is None else [self._parts[layer]]
@@ -284,10 +323,26 @@ class WindowedAttentionMaps(AttentionMaps):
         return torch.stack(rows) if layer is None else rows[0]  # [L, B, H, N] or [B, H, N]
 
     def to(self, *args: Any, **kwargs: Any) -> WindowedAttentionMaps:
+        """The same maps moved or cast (windows still windows), as ``torch.Tensor.to``.
+
+        Args:
+            *args: ``torch.Tensor.to``'s arguments (a device, a dtype).
+            **kwargs: its keyword arguments.
+
+        Returns:
+            A new :class:`WindowedAttentionMaps`.
+        """
         return WindowedAttentionMaps([p.to(*args, **kwargs) for p in self._parts], self.layout, self.layers)
 
     def samples(self, start: int, stop: int) -> WindowedAttentionMaps:
-        """The maps of images ``start`` to ``stop - 1``, their windows still windows."""
+        """The maps of images ``start`` to ``stop - 1``, their windows still windows.
+
+        Args:
+            start, stop: the images, as a slice ``[start:stop]`` of the batch.
+
+        Returns:
+            A new :class:`WindowedAttentionMaps`.
+        """
         if self._dense is not None:
             return WindowedAttentionMaps([t for t in self._dense[:, start:stop]], self.layout, self.layers)
         return WindowedAttentionMaps([p.samples(start, stop) if isinstance(p, WindowedLayer) else p[start:stop]
