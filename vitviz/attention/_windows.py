@@ -178,18 +178,12 @@ class WindowedLayer:
         Returns:
             ``[B, H, N]`` in the dtype of ``weights``.
         """
-        b, heads, n, _ = self.shape
+        b, heads, _, _ = self.shape
         nw, t = self.scheme.num_windows, self.windows.shape[-1]
         index = self.scheme.token_index(self.windows.device)  # [nW, T], -1 for padding
-        valid = index >= 0
-        safe = index.clamp_min(0)
-        w = torch.where(valid, weights.to(self.windows.device)[safe], 0).to(weights.dtype)  # [nW, T]
+        w = torch.where(index >= 0, weights.to(self.windows.device)[index.clamp_min(0)], 0).to(weights.dtype)
         a = self.windows.view(b, nw, heads, t, t).to(weights.dtype)
-        rows = torch.einsum("wq,bwhqk->bhwk", w, a)  # [B, H, nW, T] over each window's keys
-        rows = rows * valid.to(rows.dtype)  # keys that are padding: dropped, as stitch drops them
-        out = rows.new_zeros(b, heads, n)
-        out.index_add_(2, safe.reshape(-1), rows.reshape(b, heads, nw * t))  # each token is one window's key
-        return out
+        return self._on_grid(torch.einsum("wq,bwhqk->bhwk", w, a), index)  # each window's rows over its keys
 
     def row_sums(self) -> torch.Tensor:
         """The row sums of the dense matrix, read from the windows.
@@ -198,15 +192,20 @@ class WindowedLayer:
             ``[B, H, N]`` float32: each grid token's row summed over the real keys of its window
             (padding keys dropped, as :func:`stitch` drops them).
         """
-        b, heads, n, _ = self.shape
+        b, heads, _, _ = self.shape
         nw, t = self.scheme.num_windows, self.windows.shape[-1]
         index = self.scheme.token_index(self.windows.device)  # [nW, T]
-        valid = index >= 0
         a = self.windows.detach().float().view(b, nw, heads, t, t)
-        sums = (a * valid.view(1, nw, 1, 1, t)).sum(-1).transpose(1, 2)  # [B, H, nW, T] per query
-        out = sums.new_zeros(b, heads, n)
-        keep = valid.reshape(-1)
-        out[..., index.reshape(-1)[keep]] = sums.reshape(b, heads, nw * t)[..., keep]
+        sums = (a * (index >= 0).view(1, nw, 1, 1, t)).sum(-1).transpose(1, 2)  # [B, H, nW, T] per query
+        return self._on_grid(sums, index)
+
+    def _on_grid(self, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``[B, H, nW, T]`` values of the window tokens put on their grid tokens, ``[B, H, N]``
+        (padding tokens dropped; every grid token is one window token, so nothing is summed)."""
+        b, heads, n, _ = self.shape
+        keep = (index >= 0).reshape(-1)
+        out = values.new_zeros(b, heads, n)
+        out[..., index.reshape(-1)[keep]] = values.reshape(b, heads, -1)[..., keep]
         return out
 
     def samples(self, start: int, stop: int) -> WindowedLayer:
