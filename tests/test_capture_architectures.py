@@ -21,8 +21,7 @@ import pytest
 import timm
 import torch
 import transformers
-from helpers import AttentionLayerCount, SdpaCalls, hook_state, torch_function_modes
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import AttentionLayerCount, DispatchShapes, SdpaCalls, hook_state, torch_function_modes
 
 import vitviz
 from vitviz.analyze import RolloutStream, all_layer_maps
@@ -156,21 +155,6 @@ def test_timm_swin_windows_stitched_exactly():
         _ = rec.attentions
 
 
-class _Shapes(TorchDispatchMode):
-    """The shape of every tensor an aten op returns while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: set[tuple[int, ...]] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.add(tuple(t.shape))
-        return out
-
-
 def _maps_read(stage):
     """Every CLS-row / query map of a stage: each patch's row of every layer, the mean of the patch
     rows at every layer (all_layer_maps) and the one-line repr."""
@@ -206,7 +190,7 @@ def test_window_layers_are_kept_as_windows_and_read_without_the_dense_matrix(cas
     real = windows_module.stitch
     monkeypatch.setattr(windows_module, "stitch",
                         lambda w, scheme, out=None: stitched.append(scheme) or real(w, scheme, out))
-    with _Shapes() as spy:
+    with DispatchShapes() as spy:
         with vitviz.capture(model) as rec:
             model(x)
         stages = rec.stages

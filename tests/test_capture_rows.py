@@ -11,29 +11,13 @@ records the shape of every tensor any kernel returns, and hand-made maps.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import inputs, tiny_timm
+from helpers import DispatchShapes, inputs, tiny_timm
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitviz
 from vitviz.attention import sdpa_probabilities
 from vitviz.errors import CaptureError, LayoutError
 from vitviz.types import AttentionMaps, TokenLayout
-
-
-class _Shapes(TorchDispatchMode):
-    """The shape of every tensor any aten op returns while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
 
 
 def _square(shapes, n):
@@ -52,7 +36,7 @@ def test_cls_rows_equal_the_full_capture_and_no_n_by_n_tensor_is_formed(keep):
     x = inputs(2)
     n = 1 + 4 * 4
     full = _full(model, x)
-    spy = _Shapes()
+    spy = DispatchShapes()
     with torch.no_grad(), vitviz.capture(model, keep=keep, rows="cls") as rec, spy:
         out = model(x)
     assert not _square(spy.shapes, n)  # no [.., N, N] tensor on this path
@@ -70,7 +54,7 @@ def test_cls_rows_equal_the_full_capture_and_no_n_by_n_tensor_is_formed(keep):
 def test_the_spy_sees_n_by_n_in_a_full_capture():
     """The spy of the test above can fail: the full capture forms [N, N]."""
     model = tiny_timm(depth=2)
-    spy = _Shapes()
+    spy = DispatchShapes()
     with torch.no_grad(), vitviz.capture(model, keep=[-1]) as rec, spy:
         model(inputs(1))
     assert _square(spy.shapes, 17) and rec.attentions.rows is None
