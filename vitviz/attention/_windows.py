@@ -155,6 +155,16 @@ class WindowedLayer:
         n = self.scheme.grid[0] * self.scheme.grid[1]
         return torch.Size((self.windows.shape[0] // self.scheme.num_windows, self.windows.shape[1], n, n))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the windows are."""
+        return self.windows.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The windows' dtype (the dense matrix's)."""
+        return self.windows.dtype
+
     def dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense block-sparse matrix: :func:`stitch` of the windows.
 
@@ -233,11 +243,6 @@ class WindowedLayer:
         return WindowedLayer(self.windows.to(*args, **kwargs), self.scheme)
 
 
-def dense(layer: torch.Tensor | WindowedLayer) -> torch.Tensor:
-    """A kept layer's ``[B, H, Q, K]`` tensor (a :class:`WindowedLayer` stitched)."""
-    return layer.dense() if isinstance(layer, WindowedLayer) else layer
-
-
 class WindowedAttentionMaps(AttentionMaps):
     """:class:`~vitviz.AttentionMaps` of a stage whose window layers are kept as their windows.
 
@@ -274,9 +279,8 @@ class WindowedAttentionMaps(AttentionMaps):
     def tensor(self) -> torch.Tensor:
         """``[L, B, H, N, N]``, stitched at the first read."""
         if self._dense is None:
-            first = self._parts[0]
-            like = first.windows if isinstance(first, WindowedLayer) else first
-            stack = like.new_zeros(len(self._parts), *first.shape)  # [L, B, H, N, N], each layer stitched in place
+            first = self._parts[0]  # [L, B, H, N, N] below, each layer stitched in place
+            stack = torch.zeros(len(self._parts), *first.shape, dtype=first.dtype, device=first.device)
             for layer, p in zip(stack, self._parts):
                 if isinstance(p, WindowedLayer):
                     p.dense(out=layer)
@@ -292,8 +296,7 @@ class WindowedAttentionMaps(AttentionMaps):
     @property
     def device(self) -> torch.device:
         """Where the maps are."""
-        first = self._parts[0]
-        return (first.windows if isinstance(first, WindowedLayer) else first).device
+        return self._parts[0].device
 
     @property
     def batch_size(self) -> int:
@@ -354,8 +357,7 @@ class WindowedAttentionMaps(AttentionMaps):
         first = self._parts[0]
         sums = torch.stack([p.row_sums() if isinstance(p, WindowedLayer) else p.detach().float().sum(-1)
                             for p in self._parts])  # [L, B, H, N]
-        return ([len(self._parts), *first.shape], sums,
-                (first.windows if isinstance(first, WindowedLayer) else first).dtype)
+        return [len(self._parts), *first.shape], sums, first.dtype
 
     def __repr__(self) -> str:
         """As :class:`~vitviz.AttentionMaps`; ``windows kept`` while the dense tensor is not formed."""
